@@ -1,0 +1,59 @@
+# natsmesh developer entry points. `make test` is what CI runs (.ci/run).
+SHELL := /usr/bin/env bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST := $(BIN)/pytest -p no:cacheprovider
+
+.PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
+        test-unit test-integration test-e2e e2e-local e2e-kind bench clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+venv: ## create .venv from the hashed lock files
+	@hack/venv.sh
+
+tools: ## build kube-apiserver & co, etcd, kwok, helm, nats CLI into ~/.cache/natsmesh
+	@hack/tools.sh
+
+cluster-up: tools ## start the local control plane (kwok, two fake nodes)
+	@hack/cluster.sh up
+
+cluster-down: ## stop the local control plane and remove its state
+	@hack/cluster.sh down
+
+demo: venv tools ## the 5-minute demo on the local control plane
+	@hack/demo.sh up
+
+demo-down: ## remove everything the demo started
+	@hack/demo.sh down
+
+check: venv ## lint, format, types, CRD freshness
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/natsmesh crds --check
+
+crds: venv ## regenerate crds/ and docs/resources.md from the api models
+	$(BIN)/natsmesh crds
+
+test: check test-unit ## everything CI runs (one local cluster for both server tiers)
+	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-e2e
+
+test-unit: venv ## fast tier: pure logic, no servers (< 1 min)
+	$(PYTEST) tests/unit
+
+test-integration: venv tools ## real nats-server and real kube-apiserver
+	hack/with-cluster.sh $(PYTEST) tests/integration
+
+test-e2e e2e-local: venv tools ## the whole flow on the local control plane
+	hack/with-cluster.sh $(PYTEST) tests/e2e
+
+e2e-kind: ## the whole flow on kind with real pods (needs Docker)
+	NATSMESH_E2E_KIND=1 $(PYTEST) tests/e2e
+
+bench: venv ## benchmarks (not timed tests): sidecar and operator
+	$(BIN)/python bench/sidecar.py
+
+clean: ## remove local state (not the tool cache)
+	rm -rf .work .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,47 @@
+"""The ``natsmesh`` command: ``operator``, ``bootstrap``, ``crds`` and ``sidecar``.
+
+Each subcommand imports its implementation lazily, so ``natsmesh sidecar``
+never loads kopf or a Kubernetes client, and ``natsmesh crds`` starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+#: subcommand -> (module, function, one-line help). The function takes argv.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "operator": ("natsmesh_operator.main", "main", "run the kopf operator and webhooks"),
+    "bootstrap": (
+        "natsmesh_operator.wiring.bootstrap",
+        "main",
+        "create the NATS operator key, system account and server config",
+    ),
+    "crds": ("natsmesh_operator.crdgen", "main", "write or check crds/*.yaml from the models"),
+    "sidecar": ("natsmesh_sidecar.__main__", "main", "run the HTTP <-> NATS sidecar"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: natsmesh <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"natsmesh: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
+    return func(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

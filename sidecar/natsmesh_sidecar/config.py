@@ -1,0 +1,194 @@
+"""The sidecar's configuration: the one wire contract between operator and sidecar.
+
+Two parts:
+
+* :class:`SidecarSettings` -- static, from the environment the webhook injects
+  (identity, NATS URL, creds path, ports). Changing it means a new pod.
+* :class:`MeshTable` -- dynamic, compiled by the operator from NatsService and
+  NatsRoute resources and stored as JSON in the route KV bucket under the
+  sidecar's own service key. The sidecar watches that key and swaps the table
+  in without a restart (the xDS of this mesh). A file can stand in for the KV
+  entry (``NATSMESH_TABLE_FILE``) for tests and local runs.
+
+All durations are integer milliseconds on the wire: no parsing on the hot path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from natsmesh_sidecar import subjects
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------
+# Dynamic: the compiled table
+# --------------------------------------------------------------------------
+
+
+class Match(_Wire):
+    """Which requests a rule applies to; every given part must match."""
+
+    path_prefix: str = Field("/", alias="pathPrefix")
+    methods: tuple[str, ...] = ()
+    """Upper-case HTTP methods; empty means any."""
+    headers: Mapping[str, str] = Field(default_factory=dict)
+    """Exact header values; names are lower-case."""
+
+
+class WeightedDestination(_Wire):
+    version: str = subjects.DEFAULT_VERSION
+    weight: int = Field(100, ge=0, le=100)
+    subject: str
+    """Request subject of that version subset, precomputed by the operator."""
+
+
+class Retries(_Wire):
+    attempts: int = Field(0, ge=0, le=10)
+    """Extra attempts after the first one."""
+    per_try_timeout_ms: int = Field(0, ge=0, alias="perTryTimeoutMs")
+    """0 means the rule's whole timeout applies to each try."""
+    retry_on: tuple[str, ...] = Field(("noResponders", "timeout"), alias="retryOn")
+    """``noResponders``, ``timeout``, ``5xx`` or a literal status such as ``503``."""
+    backoff_base_ms: int = Field(25, ge=0, alias="backoffBaseMs")
+    backoff_max_ms: int = Field(250, ge=0, alias="backoffMaxMs")
+    retry_non_idempotent: bool = Field(False, alias="retryNonIdempotent")
+    """Retry POST/PATCH too; off by default because the app may have acted."""
+
+
+class FaultDelay(_Wire):
+    delay_ms: int = Field(ge=0, alias="delayMs")
+    percent: float = Field(ge=0, le=100)
+
+
+class FaultAbort(_Wire):
+    status: int = Field(ge=200, le=599)
+    percent: float = Field(ge=0, le=100)
+
+
+class Fault(_Wire):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+class CircuitBreaker(_Wire):
+    consecutive_failures: int = Field(5, ge=1, alias="consecutiveFailures")
+    open_ms: int = Field(10_000, ge=1, alias="openMs")
+    half_open_probes: int = Field(1, ge=1, alias="halfOpenProbes")
+
+
+class Rule(_Wire):
+    name: str = "default"
+    match: Match = Field(default_factory=lambda: Match())
+    destinations: tuple[WeightedDestination, ...]
+    timeout_ms: int = Field(15_000, ge=1, alias="timeoutMs")
+    retries: Retries = Field(default_factory=lambda: Retries())
+    fault: Fault | None = None
+    circuit_breaker: CircuitBreaker | None = Field(None, alias="circuitBreaker")
+
+
+class Destination(_Wire):
+    """Traffic policy for calls from this sidecar to one service."""
+
+    namespace: str
+    service: str
+    rules: tuple[Rule, ...]
+    """Ordered; the first whose match fits is used. The last is a catch-all."""
+
+
+class Delivery(_Wire):
+    """One event subscription, bound to a durable consumer the operator made."""
+
+    stream: str
+    consumer: str
+    topic: str
+    source: str
+    """``service.namespace`` of the publisher."""
+    path: str
+    """HTTP path on the app the event is POSTed to."""
+    mode: Literal["atMostOnce", "atLeastOnce", "exactlyOnce"] = "atLeastOnce"
+    max_deliver: int = Field(5, ge=1, alias="maxDeliver")
+    ack_wait_ms: int = Field(30_000, ge=1, alias="ackWaitMs")
+    backoff_ms: tuple[int, ...] = Field((), alias="backoffMs")
+    dead_letter_subject: str = Field(alias="deadLetterSubject")
+
+
+class Publication(_Wire):
+    topic: str
+    subject: str
+    stream: str
+
+
+class MeshTable(_Wire):
+    """Everything dynamic one sidecar needs; one KV value per service."""
+
+    namespace: str
+    service: str
+    generation: str = ""
+    """Content hash; the sidecar reports which table it runs."""
+    known: tuple[str, ...] = ()
+    """Every ``service.namespace`` in the mesh this sidecar may learn exists,
+    so an unknown host is a 404 while a known but forbidden one is a 403."""
+    destinations: Mapping[str, Destination] = Field(default_factory=dict)
+    """Keyed by ``service.namespace``: the services this sidecar may call."""
+    publishes: Mapping[str, Publication] = Field(default_factory=dict)
+    """Keyed by topic."""
+    subscriptions: tuple[Delivery, ...] = ()
+
+    def with_generation(self) -> MeshTable:
+        body = self.model_dump(by_alias=True, exclude={"generation"}, mode="json")
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        return self.model_copy(update={"generation": digest})
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> MeshTable:
+        return cls.model_validate_json(raw)
+
+
+# --------------------------------------------------------------------------
+# Static: the environment the webhook injects
+# --------------------------------------------------------------------------
+
+
+class SidecarSettings(_Wire):
+    """Read once at start from ``NATSMESH_*`` environment variables."""
+
+    service: str
+    namespace: str
+    version: str = subjects.DEFAULT_VERSION
+    nats_url: str = "nats://127.0.0.1:4222"
+    creds_file: str | None = None
+    """NATS user creds (JWT + seed); reloaded when the file changes."""
+    app_port: int = Field(8080, ge=1, le=65535)
+    app_host: str = "127.0.0.1"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(15001, ge=0, le=65535)
+    admin_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
+    admin_port: int = Field(15020, ge=0, le=65535)
+    table_file: str | None = None
+    """Static :class:`MeshTable` JSON instead of the KV watch."""
+    max_inflight: int = Field(256, ge=1)
+    """Concurrent calls into the app."""
+    drain_seconds: float = Field(20.0, ge=0)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:
+        env = os.environ if env is None else env
+        fields: dict[str, str] = {}
+        for name in cls.model_fields:
+            key = f"NATSMESH_{name.upper()}"
+            if key in env:
+                fields[name] = env[key]
+        return cls.model_validate(fields)

@@ -1,0 +1,8 @@
+"""Shared pytest setup: the real-server fixtures live in tests/fixtures/."""
+
+from __future__ import annotations
+
+pytest_plugins = [
+    "tests.fixtures.nats_server",
+    "tests.fixtures.cluster",
+]
