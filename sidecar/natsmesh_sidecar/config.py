@@ -175,7 +175,8 @@ class SidecarSettings(_Wire):
     app_host: str = "127.0.0.1"
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(15001, ge=0, le=65535)
-    admin_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
+    # All interfaces: probes and metric scrapes come from outside the pod.
+    admin_host: str = "0.0.0.0"
     admin_port: int = Field(15020, ge=0, le=65535)
     table_file: str | None = None
     """Static :class:`MeshTable` JSON instead of the KV watch."""

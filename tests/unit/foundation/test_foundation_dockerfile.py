@@ -1,4 +1,4 @@
-"""The Dockerfile cannot be built here (no Docker engine): its required properties are checked by reading it."""
+"""The Dockerfile cannot be built here (no Docker engine): its properties are checked by reading it."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def test_target_runs_as_numeric_non_root_user(target: str) -> None:
     users = [i.split()[1] for i in stages()[target] if i.startswith("USER ")]
     assert users, f"{target} has no USER"
     uid, _, gid = users[-1].partition(":")
-    assert uid.isdigit() and int(uid) != 0
+    assert uid.isdigit()
+    assert int(uid) != 0
     assert gid == "" or (gid.isdigit() and int(gid) != 0)
 
 

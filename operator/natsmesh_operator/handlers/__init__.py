@@ -1,0 +1,1 @@
+"""handlers layer; see the package docstring of natsmesh_operator."""

@@ -1,0 +1,1 @@
+"""webhook layer; see the package docstring of natsmesh_operator."""
