@@ -1,4 +1,4 @@
-"""The Dockerfile cannot be built here (no Docker engine): its properties are checked by reading it."""
+"""The Dockerfile cannot be built here (no Docker engine): its properties are read from it."""
 
 from __future__ import annotations
 
