@@ -1,0 +1,179 @@
+"""Sidecar injection: what the mutating webhook adds to a Pod.
+
+Pure functions over the Pod as a dict, so they are unit tested without a
+cluster and the webhook handler only decides *whether* to inject.
+
+The sidecar is a native Kubernetes sidecar: an init container with
+``restartPolicy: Always``, so it starts before the app containers and stops
+after them. It runs as a numeric non-root user with a read-only root
+filesystem and no capabilities, and gets the NATS creds Secret mounted
+read-only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SIDECAR_NAME = "natsmesh-sidecar"
+CREDS_VOLUME = "natsmesh-creds"
+CREDS_DIR = "/var/run/natsmesh/creds"
+CREDS_KEY = "user.creds"
+OUTBOUND_PORT = 15001
+ADMIN_PORT = 15020
+
+#: Annotations a workload author sets on the pod template.
+ANNOTATION_INJECT = "natsmesh.io/inject"
+"""``"false"`` opts a pod out of injection."""
+ANNOTATION_PROXY_ENV = "natsmesh.io/proxy-env"
+"""``"true"`` sets ``HTTP_PROXY`` in the app containers to the sidecar."""
+#: Annotations the webhook writes.
+ANNOTATION_INJECTED = "natsmesh.io/injected"
+ANNOTATION_SERVICE = "natsmesh.io/service"
+
+JsonDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InjectionSettings:
+    """How the injected sidecar container looks; set by the chart's values."""
+
+    image: str = "natsmesh/sidecar:0.1.0"
+    """Sidecar image reference."""
+    image_pull_policy: str = "IfNotPresent"
+    """Kubernetes imagePullPolicy of the sidecar."""
+    nats_url: str = "nats://nats.natsmesh-system.svc:4222"
+    """NATS URL as seen from application pods."""
+    cpu_request: str = "50m"
+    """CPU request of the sidecar."""
+    memory_request: str = "48Mi"
+    """Memory request (the sidecar idles well below this, see the README)."""
+    memory_limit: str = "96Mi"
+    """Memory limit; leaves head room for bursts of large bodies."""
+    run_as_user: int = 65532
+    """Numeric non-root user of the sidecar."""
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    """More ``NATSMESH_*`` settings for every sidecar (e.g. drain seconds)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The NatsService a pod belongs to."""
+
+    service: str
+    namespace: str
+    version: str
+    port: int
+    creds_secret: str
+
+
+def creds_secret_name(service: str) -> str:
+    return f"natsmesh-{service}-creds"
+
+
+def wants_injection(pod: Mapping[str, Any]) -> bool:
+    """False when the pod opted out or already has the sidecar."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    if str(annotations.get(ANNOTATION_INJECT, "")).lower() == "false":
+        return False
+    spec = pod.get("spec") or {}
+    names = [c.get("name") for c in (spec.get("initContainers") or [])]
+    return SIDECAR_NAME not in names
+
+
+def sidecar_container(target: Target, settings: InjectionSettings) -> JsonDict:
+    env = {
+        "NATSMESH_SERVICE": target.service,
+        "NATSMESH_NAMESPACE": target.namespace,
+        "NATSMESH_VERSION": target.version,
+        "NATSMESH_NATS_URL": settings.nats_url,
+        "NATSMESH_CREDS_FILE": f"{CREDS_DIR}/{CREDS_KEY}",
+        "NATSMESH_APP_PORT": str(target.port),
+        "NATSMESH_LISTEN_PORT": str(OUTBOUND_PORT),
+        "NATSMESH_ADMIN_PORT": str(ADMIN_PORT),
+        **settings.extra_env,
+    }
+    probe_port = {"port": ADMIN_PORT}
+    return {
+        "name": SIDECAR_NAME,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "restartPolicy": "Always",
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "ports": [
+            {"name": "mesh-outbound", "containerPort": OUTBOUND_PORT, "protocol": "TCP"},
+            {"name": "mesh-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+        ],
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", **probe_port},
+            "periodSeconds": 1,
+            "failureThreshold": 30,
+        },
+        "readinessProbe": {"httpGet": {"path": "/readyz", **probe_port}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", **probe_port}, "periodSeconds": 10},
+        "resources": {
+            "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
+            "limits": {"memory": settings.memory_limit},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_user,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": CREDS_VOLUME, "mountPath": CREDS_DIR, "readOnly": True}],
+    }
+
+
+def _with_proxy_env(container: JsonDict) -> JsonDict:
+    container = copy.deepcopy(container)
+    env = container.setdefault("env", [])
+    present = {e.get("name") for e in env}
+    proxy = f"http://127.0.0.1:{OUTBOUND_PORT}"
+    for name, value in (
+        ("HTTP_PROXY", proxy),
+        ("http_proxy", proxy),
+        ("NO_PROXY", "127.0.0.1,localhost"),
+        ("no_proxy", "127.0.0.1,localhost"),
+    ):
+        if name not in present:
+            env.append({"name": name, "value": value})
+    return container
+
+
+def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSettings) -> JsonDict:
+    """The changed top-level parts of the pod: ``metadata.annotations`` and ``spec.*`` lists.
+
+    Lists are returned whole (merge semantics replace lists), each built from
+    the pod's own list plus our additions, so nothing of the author's is lost.
+    """
+    spec = pod.get("spec") or {}
+    metadata = pod.get("metadata") or {}
+    annotations = dict(metadata.get("annotations") or {})
+    annotations[ANNOTATION_INJECTED] = "true"
+    annotations[ANNOTATION_SERVICE] = target.service
+
+    init = [*copy.deepcopy(spec.get("initContainers") or [])]
+    # Native sidecars start in order: ours goes first so that other init
+    # containers can already reach the mesh.
+    init.insert(0, sidecar_container(target, settings))
+
+    volumes = [v for v in copy.deepcopy(spec.get("volumes") or []) if v.get("name") != CREDS_VOLUME]
+    volumes.append(
+        {
+            "name": CREDS_VOLUME,
+            "secret": {"secretName": target.creds_secret, "defaultMode": 0o444},
+        }
+    )
+    result: JsonDict = {
+        "metadata": {"annotations": annotations},
+        "spec": {"initContainers": init, "volumes": volumes},
+    }
+    if str(annotations.get(ANNOTATION_PROXY_ENV, "")).lower() == "true":
+        result["spec"]["containers"] = [_with_proxy_env(c) for c in (spec.get("containers") or [])]
+    return result
