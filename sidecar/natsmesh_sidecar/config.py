@@ -120,6 +120,11 @@ class Delivery(_Wire):
     ack_wait_ms: int = Field(30_000, ge=1, alias="ackWaitMs")
     backoff_ms: tuple[int, ...] = Field((), alias="backoffMs")
     dead_letter_subject: str = Field(alias="deadLetterSubject")
+    """After the last allowed delivery fails, publish the message here
+    (JetStream publish, original headers kept) and then ``term`` it."""
+    api_prefix: str = Field(subjects.JS_API_PREFIX, alias="apiPrefix")
+    """JetStream API prefix to bind the consumer with: ``$JS.API`` for a
+    publisher in the same namespace, the imported prefix otherwise."""
 
 
 class Publication(_Wire):

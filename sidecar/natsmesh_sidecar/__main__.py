@@ -1,0 +1,93 @@
+"""``python -m natsmesh_sidecar`` / ``natsmesh sidecar``: run one sidecar from NATSMESH_* env.
+
+Memory is a target (DESIGN.md): nats-py imports aiohttp only for its websocket
+transport (about 10 MB RSS). The sidecar talks plain TCP/TLS to NATS, so unless
+the URL is ``ws://`` the import is blocked before nats is first imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger("natsmesh_sidecar")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _block_websocket_deps(nats_url: str) -> None:
+    if "ws://" in nats_url or "wss://" in nats_url:
+        return
+    # ``None`` in sys.modules makes ``import aiohttp`` raise ImportError, which
+    # nats.aio.transport handles by disabling only the websocket transport.
+    sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
+
+
+def _trim_heap() -> None:
+    """Hand back to the OS what import-time work (pydantic schema building) freed.
+
+    About 1 MB of RSS on glibc; a no-op elsewhere.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="natsmesh sidecar", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("NATSMESH_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        default=os.environ.get("NATSMESH_ACCESS_LOG", "1") in ("0", "false", "no"),
+        help="disable the per-request JSON access log",
+    )
+    args = parser.parse_args(argv)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+
+    _block_websocket_deps(os.environ.get("NATSMESH_NATS_URL", ""))
+    from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.config import SidecarSettings
+
+    try:
+        settings = SidecarSettings.from_env()
+    except ValueError as exc:
+        logger.error("invalid NATSMESH_* settings: %s", exc)
+        return 2
+    _trim_heap()
+    sidecar = Sidecar(
+        settings,
+        access_log=not args.no_access_log,
+        header_timeout=float(os.environ.get("NATSMESH_HEADER_TIMEOUT_SECONDS", "10")),
+    )
+    try:
+        import uvloop
+
+        return int(uvloop.run(sidecar.run()))
+    except ImportError:
+        return asyncio.run(sidecar.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

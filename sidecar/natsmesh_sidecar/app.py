@@ -1,0 +1,413 @@
+"""The sidecar process: wiring, NATS connection, table hot swap, creds reload, drain.
+
+:class:`Sidecar` owns every part and is what tests run in-process::
+
+    sidecar = Sidecar(settings, table=table)
+    await sidecar.start()
+    ...
+    await sidecar.stop()        # the SIGTERM drain
+
+Start order: admin server (probes answer at once, not ready yet), outbound
+listener (the app may start calling; requests fail fast with 503 until NATS is
+up), NATS connection with inbound subscription, micro discovery, table watch
+and event consumers. Ready means connected and subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import uuid
+from typing import Any
+
+import nats
+from nats import errors as nats_errors
+
+from natsmesh_sidecar import accesslog, permissions, resilience, subjects
+from natsmesh_sidecar.config import CircuitBreaker, Delivery, MeshTable, SidecarSettings
+from natsmesh_sidecar.events import EventConsumer, EventPublisher
+from natsmesh_sidecar.inbound import AppPool, InboundHandler
+from natsmesh_sidecar.metrics import AdminServer, Metrics
+from natsmesh_sidecar.micro import MicroService
+from natsmesh_sidecar.outbound import OutboundHandler, OutboundServer
+from natsmesh_sidecar.table import Router, empty_table, read_bytes, watch_file, watch_kv
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+#: Room kept for NATS headers when deciding 413 up front: the server counts
+#: headers and payload against max_payload together.
+HEADER_ROOM = 16 * 1024
+
+
+class Sidecar:
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        table: MeshTable | None = None,
+        *,
+        access_log: bool = True,
+        header_timeout: float = 10.0,
+        idle_timeout: float = 120.0,
+        creds_poll: float = 2.0,
+        table_poll: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.source = subjects.host_of(settings.namespace, settings.service)
+        self.subject = subjects.request_subject(
+            settings.namespace, settings.service, settings.version
+        )
+        self.instance_id = uuid.uuid4().hex[:22]
+        self.access_log = access_log
+        self.creds_poll = creds_poll
+        self.table_poll = table_poll
+        self.metrics = Metrics()
+        self._static_table = table
+        self.router = Router(table or empty_table(settings.namespace, settings.service))
+        self.permissions = permissions.Permissions.allow_all()
+        self.nc: Any = None
+        self._js: Any = None
+        self.sub: Any = None
+        self.breakers: dict[str, resilience.Breaker] = {}
+        self.events = EventPublisher(self)
+        self.pool = AppPool(settings.app_host, settings.app_port, settings.max_inflight)
+        self.inbound = InboundHandler(self, self.pool)
+        self.outbound = OutboundServer(
+            OutboundHandler(self), header_timeout=header_timeout, idle_timeout=idle_timeout
+        )
+        self.admin = AdminServer(self.metrics, self.healthy, self.ready)
+        self.micro = MicroService(
+            name=settings.service,
+            instance_id=self.instance_id,
+            subject=self.subject,
+            queue_group=subjects.queue_group(settings.service),
+            metadata={
+                "namespace": settings.namespace,
+                "version": settings.version,
+                "natsmesh.io/sidecar": "true",
+            },
+            stats=self._micro_stats,
+        )
+        self.consumers: dict[tuple[str, str], EventConsumer] = {}
+        self.outbound_port = 0
+        self.admin_port = 0
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._async_errors: list[str] = []
+
+    # -- state used by the handlers -------------------------------------------
+
+    def max_body(self) -> int:
+        nc = self.nc
+        limit = nc.max_payload if nc is not None and nc.max_payload else DEFAULT_MAX_PAYLOAD
+        return int(limit) - HEADER_ROOM
+
+    def js(self, prefix: str = subjects.JS_API_PREFIX) -> Any:
+        """A JetStream context on the current connection (per API prefix, cached)."""
+        cache = self._js
+        if cache is None or cache[0] is not self.nc:
+            cache = self._js = (self.nc, {})
+        ctx = cache[1].get(prefix)
+        if ctx is None:
+            ctx = cache[1][prefix] = self.nc.jetstream(prefix=prefix)
+        return ctx
+
+    def breaker(self, subject: str, config: CircuitBreaker | None) -> resilience.Breaker | None:
+        if config is None:
+            return None
+        b = self.breakers.get(subject)
+        if b is None or b.config != config:
+            b = self.breakers[subject] = resilience.Breaker(config)
+        return b
+
+    def report_circuit(self, subject: str, breaker: resilience.Breaker) -> None:
+        self.metrics.circuit.labels(subject).set(breaker.state)
+
+    def healthy(self) -> bool:
+        return not self.stopped.is_set()
+
+    def ready(self) -> bool:
+        nc = self.nc
+        return (not self.draining) and nc is not None and nc.is_connected and self.sub is not None
+
+    def _micro_stats(self) -> dict[str, Any]:
+        ib = self.inbound
+        return {
+            "num_requests": ib.served,
+            "num_errors": ib.errors,
+            "last_error": ib.last_error,
+            "processing_time": ib.processing_ns,
+            "data": {"table": self.router.table.generation, "inflight": ib.inflight},
+        }
+
+    # -- table ----------------------------------------------------------------
+
+    def apply_table(self, table: MeshTable) -> None:
+        s = self.settings
+        if table.namespace != s.namespace or table.service != s.service:
+            logger.error(
+                "route table for %s.%s ignored: this sidecar is %s",
+                table.service,
+                table.namespace,
+                self.source,
+            )
+            return
+        for dest in table.destinations.values():
+            for rule in dest.rules:
+                for wd in rule.destinations:
+                    # Subjects skip nats-py validation on the hot path, so check them once here.
+                    if not wd.subject or any(c in wd.subject for c in " \t\r\n"):
+                        logger.error("route table rejected: invalid subject %r", wd.subject)
+                        return
+        self.router = Router(table)
+        self.metrics.table_swaps.inc()
+        logger.info(
+            "route table %s applied (%d destinations)",
+            table.generation or "-",
+            len(table.destinations),
+        )
+        if self.nc is not None:
+            self._sync_consumers()
+
+    def _delete_table(self) -> None:
+        self.apply_table(empty_table(self.settings.namespace, self.settings.service))
+
+    def _sync_consumers(self) -> None:
+        if self.draining:
+            return
+        wanted: dict[tuple[str, str], Delivery] = {
+            (d.stream, d.consumer): d for d in self.router.table.subscriptions
+        }
+        for key, consumer in list(self.consumers.items()):
+            if key not in wanted or consumer.d != wanted[key]:
+                del self.consumers[key]
+                self._spawn(consumer.close(self.settings.drain_seconds))
+        for key, d in wanted.items():
+            if key not in self.consumers:
+                c = self.consumers[key] = EventConsumer(self, self.pool, d)
+                c.start()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        accesslog.setup(self.access_log)
+        if s.creds_file:
+            self.permissions = permissions.from_creds_file(s.creds_file)
+        if self._static_table is None and s.table_file:
+            try:
+                self.apply_table(MeshTable.from_json(read_bytes(s.table_file)))
+            except (OSError, ValueError) as exc:
+                logger.error("table file %s unusable at start: %s", s.table_file, exc)
+            self._spawn(watch_file(s.table_file, self.apply_table, self.table_poll, self._stop))
+        elif self._static_table is not None:
+            self.apply_table(self._static_table)
+        self.admin_port = await self.admin.start(s.admin_host, s.admin_port)
+        self.outbound_port = await self.outbound.start(s.listen_host, s.listen_port)
+        logger.info(
+            "sidecar %s: outbound on %s:%d, admin on %s:%d, app at %s:%d",
+            self.source,
+            s.listen_host,
+            self.outbound_port,
+            s.admin_host,
+            self.admin_port,
+            s.app_host,
+            s.app_port,
+        )
+        self._spawn(self._connect_loop())
+        if s.creds_file:
+            self._spawn(self._watch_creds(s.creds_file))
+
+    async def wait_ready(self, within: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not self.ready():
+            if loop.time() > deadline:
+                raise TimeoutError("sidecar not ready")
+            await asyncio.sleep(0.01)
+
+    async def _connect_loop(self) -> None:
+        """Connect (retrying until the server is there), then subscribe everything."""
+        s = self.settings
+        opts: dict[str, Any] = {
+            "servers": [s.nats_url],
+            "name": f"natsmesh-sidecar {self.source}",
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "connect_timeout": 2,
+            "ping_interval": 10,
+            "skip_subject_validation": True,
+            # The user may only read replies under its own inbox prefix.
+            "inbox_prefix": subjects.inbox_prefix(s.service),
+        }
+        if s.creds_file:
+            opts["user_credentials"] = s.creds_file
+        while not self._stop.is_set():
+            try:
+                nc = await nats.connect(**opts)
+                break
+            except Exception as exc:
+                logger.warning("NATS connect to %s failed: %s; retrying", s.nats_url, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 0.5)
+        else:
+            return
+        self.nc = nc
+        self._js = None
+        self.metrics.nats_connected.set(1)
+        self.sub = await nc.subscribe(
+            self.subject,
+            queue=subjects.queue_group(s.service),
+            cb=self.inbound.on_msg,
+            pending_msgs_limit=65536,
+            pending_bytes_limit=256 * 1024 * 1024,
+        )
+        await self.micro.start(nc)
+        await nc.flush()
+        logger.info("connected to %s; serving %s", s.nats_url, self.subject)
+        if self._static_table is None and not s.table_file:
+            self._spawn(
+                watch_kv(self.js(), s.service, self.apply_table, self._delete_table, self._stop)
+            )
+        self._sync_consumers()
+
+    async def _watch_creds(self, path: str) -> None:
+        """Poll the mounted creds (Secrets update in place) and reconnect on change."""
+        last = _mtime(path)
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.creds_poll)
+            now = _mtime(path)
+            if now == last or now is None:
+                continue
+            last = now
+            try:
+                self.permissions = permissions.from_creds_file(path)
+            except (OSError, ValueError) as exc:
+                logger.error("new creds at %s unreadable (%s); keeping the current ones", path, exc)
+                continue
+            nc = self.nc
+            if nc is not None:
+                # nats-py reads the creds file on every (re)connect: a reconnect
+                # presents the new JWT; subscriptions are restored by the client.
+                logger.info("creds changed; reconnecting with the new user JWT")
+                await nc.force_reconnect()
+
+    async def _on_error(self, exc: Exception) -> None:
+        text = str(exc)
+        kind = (
+            "permissions_violation"
+            if "permissions violation" in text.lower()
+            else type(exc).__name__
+        )
+        self.metrics.nats_errors.labels(kind).inc()
+        self._async_errors.append(text)
+        del self._async_errors[:-50]
+        if kind == "permissions_violation":
+            logger.error("NATS %s", text)
+        else:
+            logger.warning("NATS async error: %s", text or type(exc).__name__)
+
+    async def _on_disconnected(self) -> None:
+        self.metrics.nats_connected.set(0)
+        if self.draining:
+            return
+        logger.warning("NATS disconnected; requests fail fast with 503 until reconnected")
+        nc = self.nc
+        # Requests already sent will never get their reply on this connection:
+        # fail them now instead of letting each wait out its timeout.
+        resp_map = getattr(nc, "_resp_map", None) or {}
+        for fut in list(resp_map.values()):
+            if not fut.done():
+                fut.set_exception(nats_errors.ConnectionReconnectingError())
+
+    async def _on_reconnected(self) -> None:
+        self.metrics.nats_connected.set(1)
+        self.metrics.nats_reconnects.inc()
+        logger.info("NATS reconnected")
+
+    async def _on_closed(self) -> None:
+        self.metrics.nats_connected.set(0)
+
+    def inflight(self) -> int:
+        consumers = sum(c.inflight for c in self.consumers.values())
+        return self.outbound.handler.inflight + self.inbound.inflight + consumers
+
+    async def stop(self) -> None:
+        """Drain: take no new work, finish in-flight within the grace period, close."""
+        if self.draining:
+            await self.stopped.wait()
+            return
+        self.draining = True
+        grace = self.settings.drain_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        logger.info("draining (grace %.1fs, %d in flight)", grace, self.inflight())
+        self.outbound.stop_accepting()
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+        await self.micro.stop()
+        await asyncio.gather(
+            *(c.close(max(0.0, deadline - loop.time())) for c in self.consumers.values()),
+            return_exceptions=True,
+        )
+        # In-flight work is spread over connections, tasks and consumers; a
+        # short poll of one counter is simpler than an event per source.
+        while self.inflight() > 0 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if self.inflight():
+            logger.warning("drain grace over with %d requests in flight", self.inflight())
+        if self.inbound.tasks:
+            await asyncio.wait(list(self.inbound.tasks), timeout=max(0.05, deadline - loop.time()))
+        self._stop.set()
+        await self.outbound.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        nc = self.nc
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.flush(), 1.0)
+            except Exception as exc:
+                logger.debug("final flush: %s", exc)
+            with contextlib.suppress(Exception):
+                await nc.close()
+        self.pool.close()
+        await self.admin.stop()
+        self.stopped.set()
+        logger.info("sidecar stopped")
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT, then drain; the process exit code."""
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, signalled.set)
+        await self.start()
+        await signalled.wait()
+        logger.info("signal received")
+        await self.stop()
+        return 0
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None

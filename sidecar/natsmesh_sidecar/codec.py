@@ -1,0 +1,258 @@
+"""HTTP <-> NATS mapping: which headers travel, how status and errors come back.
+
+A request crosses the mesh as one NATS message whose headers carry the HTTP
+method, target and headers and whose payload is the body; the reply carries the
+status in ``Nm-Status`` and the response headers. Mesh-owned headers use the
+``Nm-`` prefix; callers cannot set them (the outbound side strips them) so the
+``Nm-Source`` a server sees is the one its peer sidecar wrote.
+
+nats-py keeps headers in a ``dict[str, str]``: multi-valued HTTP headers would
+collapse, so every repeat of a name travels as ``Nm-Dup-<n>-<name>``; and a few
+names mean something to NATS itself (``Status``, ``Description``, ``Nats-*``)
+so an app header with such a name travels escaped as ``Nm-Esc-<name>``.
+
+Strings are decoded as latin-1 on the HTTP side: nats-py encodes header values
+as UTF-8 and decodes them back, so every HTTP byte survives the round trip.
+Everything here runs per request: no JSON, no regex except to validate untrusted
+names on the way into the app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+
+logger = logging.getLogger(__name__)
+
+H_METHOD = "Nm-Method"
+H_TARGET = "Nm-Target"
+H_SOURCE = "Nm-Source"
+H_STATUS = "Nm-Status"
+H_ERROR = "Nm-Error"
+H_TIMEOUT = "Nm-Timeout-Ms"
+DUP_PREFIX = "Nm-Dup-"
+ESC_PREFIX = "Nm-Esc-"
+MESH_PREFIX_LOWER = "nm-"
+
+REQUEST_ID = "X-Request-Id"
+TRACEPARENT = "traceparent"
+
+#: Connection-scoped headers never forwarded (RFC 9110 7.6.1); the length is
+#: recomputed on each hop because the body is re-framed.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+#: Names with a meaning inside NATS (nats-py treats ``Status: 503`` as "no
+#: responders"), so app headers with these names are escaped.
+NATS_RESERVED = frozenset({"status", "description"})
+
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+REASONS: dict[int, str] = {
+    100: "Continue",
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No Content",
+    206: "Partial Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    413: "Content Too Large",
+    418: "I'm a teapot",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def reason(status: int) -> bytes:
+    return REASONS.get(status, "Unknown").encode()
+
+
+def escape_name(name: str) -> str:
+    """The NATS header key for an app header ``name`` (first occurrence)."""
+    low = name.lower()
+    if low in NATS_RESERVED or low.startswith("nats-") or low.startswith(MESH_PREFIX_LOWER):
+        return ESC_PREFIX + name
+    return name
+
+
+def http_to_nats(
+    headers: Iterable[tuple[str, str]], out: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Map forwardable HTTP headers into a NATS header dict (repeats kept)."""
+    out = {} if out is None else out
+    seen: dict[str, int] | None = None
+    for name, value in headers:
+        key = escape_name(name)
+        if key in out:
+            # Rare: a repeated header. Count per name so each gets its own key.
+            seen = {} if seen is None else seen
+            n = seen.get(key, 1)
+            seen[key] = n + 1
+            key = f"{DUP_PREFIX}{n}-{key}"
+        out[key] = value
+    return out
+
+
+def nats_to_http(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The app-level headers of a NATS message, mesh headers removed."""
+    out: list[tuple[str, str]] = []
+    for key, value in headers.items():
+        if key[:3] in ("Nm-", "nm-", "NM-"):
+            if key.startswith(ESC_PREFIX):
+                out.append((key[len(ESC_PREFIX) :], value))
+            elif key.startswith(DUP_PREFIX):
+                rest = key[len(DUP_PREFIX) :]
+                _, _, name = rest.partition("-")
+                if name.startswith(ESC_PREFIX):
+                    name = name[len(ESC_PREFIX) :]
+                if name:
+                    out.append((name, value))
+            continue
+        out.append((key, value))
+    return out
+
+
+def valid_header(name: bytes, value: bytes) -> bool:
+    """Whether a header from an untrusted message can be written to HTTP safely."""
+    return _TOKEN_RE.fullmatch(name) is not None and _BAD_VALUE_RE.search(value) is None
+
+
+def valid_method(method: str) -> bool:
+    return (
+        0 < len(method) <= 32
+        and _TOKEN_RE.fullmatch(method.encode("latin-1", "replace")) is not None
+    )
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def next_traceparent(incoming: str | None) -> str:
+    """W3C traceparent for the next hop: same trace, new span (parent) id.
+
+    A missing or malformed header starts a new sampled trace.
+    """
+    if incoming is not None and len(incoming) >= 55:
+        parts = incoming.split("-")
+        if (
+            len(parts) >= 4
+            and len(parts[0]) == 2
+            and parts[0] != "ff"
+            and len(parts[1]) == 32
+            and len(parts[2]) == 16
+            and len(parts[3]) == 2
+            and _is_hex(parts[1])
+            and _is_hex(parts[3])
+            and parts[1] != "0" * 32
+        ):
+            return f"00-{parts[1]}-{os.urandom(8).hex()}-{parts[3]}"
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+def _is_hex(value: str) -> bool:
+    try:
+        int(value, 16)
+    except ValueError:
+        return False
+    return value == value.lower()
+
+
+def error_body(error: str, message: str, request_id: str) -> bytes:
+    # Error path only: JSON is fine here.
+    return json.dumps({"error": error, "message": message, "requestId": request_id}).encode()
+
+
+def render_response(
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    *,
+    keep_alive: bool,
+    head: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response with a recomputed Content-Length."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
+    for name, value in headers:
+        if name.lower() in HOP_BY_HOP:
+            continue
+        parts.append(
+            b"%s: %s\r\n" % (name.encode("latin-1", "replace"), value.encode("latin-1", "replace"))
+        )
+    if status >= 200 and status not in (204, 304):
+        parts.append(b"content-length: %d\r\n" % len(body))
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head and status not in (204, 304):
+        parts.append(body)
+    return b"".join(parts)
+
+
+def render_request(
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    host: str,
+) -> bytes | None:
+    """An HTTP/1.1 request to the app, or None when the input is not safe to send."""
+    m = method.encode("latin-1", "replace")
+    t = target.encode("latin-1", "replace")
+    if not valid_method(method) or not t.startswith(b"/") or _BAD_VALUE_RE.search(t) or b" " in t:
+        return None
+    parts = [b"%s %s HTTP/1.1\r\n" % (m, t)]
+    has_host = False
+    for name, value in headers:
+        n = name.encode("latin-1", "replace")
+        v = value.encode("latin-1", "replace")
+        low = name.lower()
+        if low in HOP_BY_HOP:
+            continue
+        if not valid_header(n, v):
+            logger.debug("dropping invalid header %r", n)
+            continue
+        if low == "host":
+            has_host = True
+        parts.append(b"%s: %s\r\n" % (n, v))
+    if not has_host:
+        parts.append(b"host: %s\r\n" % host.encode())
+    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        parts.append(b"content-length: %d\r\n" % len(body))
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)

@@ -1,0 +1,320 @@
+"""Events: ``POST /_events/<topic>`` -> JetStream, and durable subscriptions -> the app.
+
+Publishing answers 202 only after the stream acknowledged the message, so an
+accepted event survives a server restart; ``Idempotency-Key`` becomes
+``Nats-Msg-Id`` and the stream's duplicate window stores a repeat once.
+
+Subscriptions bind to pull consumers the operator created (the sidecar never
+creates or changes them; its user may not be allowed to). A 2xx from the app
+acks; anything else naks with the configured backoff; exactly-once mode waits
+for the server to confirm the ack (double ack); on the last allowed delivery
+a failing message goes to the dead-letter subject and is terminated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from nats import errors as nats_errors
+from nats.js import errors as js_errors
+
+from natsmesh_sidecar import accesslog, codec, subjects
+from natsmesh_sidecar.config import Delivery
+from natsmesh_sidecar.inbound import AppError, AppPool
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.outbound import Request
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT = 5.0
+_JSON = [("content-type", "application/json")]
+
+
+class EventPublisher:
+    def __init__(self, app: Sidecar) -> None:
+        self.app = app
+
+    async def publish_http(
+        self, req: Request, rid: str
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        app = self.app
+        if req.method != "POST":
+            return (
+                405,
+                [*_JSON, ("allow", "POST")],
+                codec.error_body("method_not_allowed", "events are published with POST", rid),
+            )
+        topic = req.path[len("/_events/") :]
+        if not subjects.is_topic(topic):
+            return (
+                400,
+                list(_JSON),
+                codec.error_body("bad_request", f"invalid topic {topic!r}", rid),
+            )
+        pub = app.router.table.publishes.get(topic)
+        if pub is None:
+            return (
+                404,
+                list(_JSON),
+                codec.error_body(
+                    "unknown_topic", f"{app.source} does not publish topic {topic}", rid
+                ),
+            )
+        if not app.permissions.can_publish(pub.subject):
+            return (
+                403,
+                list(_JSON),
+                codec.error_body(
+                    "forbidden", f"{app.source} is not permitted to publish to {pub.subject}", rid
+                ),
+            )
+        if len(req.body) > app.max_body():
+            return (
+                413,
+                list(_JSON),
+                codec.error_body("payload_too_large", "event exceeds max_payload", rid),
+            )
+        nc = app.nc
+        if nc is None or not nc.is_connected:
+            return (
+                503,
+                [*_JSON, ("retry-after", "1")],
+                codec.error_body("nats_unavailable", "NATS connection is down; retry shortly", rid),
+            )
+        headers = {
+            codec.REQUEST_ID: rid,
+            codec.TRACEPARENT: codec.next_traceparent(req.special.get("traceparent")),
+            codec.H_SOURCE: app.source,
+        }
+        ctype = req.special.get("content-type")
+        if ctype:
+            headers["Content-Type"] = ctype
+        key = req.special.get("idempotency-key")
+        if key:
+            headers["Nats-Msg-Id"] = key
+        try:
+            ack = await app.js().publish(
+                pub.subject, req.body, timeout=PUBLISH_TIMEOUT, stream=pub.stream, headers=headers
+            )
+        except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
+            return (
+                503,
+                [*_JSON, ("retry-after", "1")],
+                codec.error_body("no_stream", f"no stream accepts {pub.subject}", rid),
+            )
+        except nats_errors.TimeoutError:
+            return (
+                504,
+                list(_JSON),
+                codec.error_body("timeout", "the stream did not acknowledge in time", rid),
+            )
+        except js_errors.APIError as exc:
+            return 502, list(_JSON), codec.error_body("stream_error", str(exc), rid)
+        except (
+            nats_errors.ConnectionClosedError,
+            nats_errors.ConnectionReconnectingError,
+            nats_errors.ConnectionDrainingError,
+            nats_errors.OutboundBufferLimitError,
+        ):
+            return (
+                503,
+                [*_JSON, ("retry-after", "1")],
+                codec.error_body("nats_unavailable", "NATS connection is down; retry shortly", rid),
+            )
+        app.metrics.events_published.labels(topic).inc()
+        body = json.dumps(
+            {"stream": ack.stream, "seq": ack.seq, "duplicate": bool(ack.duplicate)}
+        ).encode()
+        return 202, list(_JSON), body
+
+
+class EventConsumer:
+    """Pulls one durable consumer and delivers to the app's path."""
+
+    def __init__(self, app: Sidecar, pool: AppPool, delivery: Delivery, batch: int = 16) -> None:
+        self.app = app
+        self.pool = pool
+        self.d = delivery
+        self.batch = batch
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.inflight = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self, grace: float) -> None:
+        """Stop fetching; let deliveries in hand finish within ``grace``."""
+        self.stop.set()
+        if self.task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), grace)
+        except TimeoutError:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+    async def _run(self) -> None:
+        d = self.d
+        while not self.stop.is_set():
+            try:
+                # Consumers of another namespace's stream are reached through
+                # the imported JetStream API prefix the operator wired.
+                js = self.app.js(d.api_prefix)
+                psub = await js.pull_subscribe_bind(durable=d.consumer, stream=d.stream)
+                logger.info("bound to consumer %s/%s for topic %s", d.stream, d.consumer, d.topic)
+                try:
+                    while not self.stop.is_set():
+                        try:
+                            msgs = await psub.fetch(batch=self.batch, timeout=1.0)
+                        except nats_errors.TimeoutError:
+                            continue
+                        await asyncio.gather(*(self.deliver(m) for m in msgs))
+                finally:
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.stop.is_set():
+                    break
+                logger.warning("consumer %s/%s: %s; retrying", d.stream, d.consumer, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 1.0)
+
+    async def deliver(self, msg: Msg) -> str:
+        """Deliver one message; returns ``delivered``, ``retry``, ``dead`` or ``dropped``."""
+        d = self.d
+        app = self.app
+        t0 = time.perf_counter()
+        self.inflight += 1
+        try:
+            meta: Any = msg.metadata
+            num = int(meta.num_delivered)
+            seq = int(meta.sequence.stream)
+        except Exception:
+            num, seq = 1, 0
+        hdrs = msg.headers or {}
+        rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
+        try:
+            if d.mode == "atMostOnce":
+                await msg.ack()
+            status, err = await self._post(msg, hdrs, rid, num, seq)
+            ok = 200 <= status < 300
+            result: str
+            if d.mode == "atMostOnce":
+                result = "delivered" if ok else "dropped"
+            elif ok:
+                if d.mode == "exactlyOnce":
+                    await msg.ack_sync()
+                else:
+                    await msg.ack()
+                result = "delivered"
+            elif num >= d.max_deliver:
+                await self._dead_letter(msg, hdrs, status, err, num, seq)
+                await msg.term()
+                result = "dead"
+            else:
+                delay = None
+                if d.backoff_ms:
+                    delay = d.backoff_ms[min(num - 1, len(d.backoff_ms) - 1)] / 1000.0
+                await msg.nak(delay=delay)
+                result = "retry"
+        except Exception as exc:
+            # Ack/nak lost (e.g. NATS went away): the server redelivers after ackWait.
+            logger.warning("event %s seq %d: %s", d.topic, seq, exc)
+            status, result = 0, "error"
+        finally:
+            self.inflight -= 1
+        app.metrics.events_delivered.labels(d.topic, result).inc()
+        if result == "dead":
+            app.metrics.events_dead.labels(d.topic).inc()
+        if app.access_log:
+            accesslog.log(
+                request_id=rid,
+                direction="event",
+                source=d.source,
+                destination=app.source,
+                route=d.topic,
+                method="POST",
+                path=d.path,
+                status=status,
+                duration_s=time.perf_counter() - t0,
+                attempts=num,
+                error="" if result == "delivered" else result,
+            )
+        return result
+
+    async def _post(
+        self, msg: Msg, hdrs: dict[str, str], rid: str, num: int, seq: int
+    ) -> tuple[int, str]:
+        d = self.d
+        headers = [(k, v) for k, v in codec.nats_to_http(hdrs) if not k.lower().startswith("nats-")]
+        headers += [
+            ("Nm-Event-Topic", d.topic),
+            ("Nm-Event-Source", d.source),
+            ("Nm-Event-Seq", str(seq)),
+            ("Nm-Event-Delivery", str(num)),
+            ("Idempotency-Key", hdrs.get("Nats-Msg-Id") or f"{d.stream}:{seq}"),
+        ]
+        if codec.REQUEST_ID not in hdrs:
+            headers.append((codec.REQUEST_ID, rid))
+        app = self.app
+        data = codec.render_request(
+            "POST", d.path, headers, msg.data, f"{app.settings.app_host}:{app.settings.app_port}"
+        )
+        if data is None:
+            return 400, "bad_path"
+        try:
+            resp = await self.pool.request(
+                data, head=False, limit_s=max(0.1, d.ack_wait_ms / 1000.0 * 0.9), retry_stale=True
+            )
+        except TimeoutError:
+            return 504, "app_timeout"
+        except AppError as exc:
+            return 502, str(exc)
+        return resp.status, ""
+
+    async def _dead_letter(
+        self, msg: Msg, hdrs: dict[str, str], status: int, err: str, num: int, seq: int
+    ) -> None:
+        d = self.d
+        headers = {k: v for k, v in hdrs.items() if not k.startswith("Nats-")}
+        headers.update(
+            {
+                "Nm-Dead-Topic": d.topic,
+                "Nm-Dead-Stream": d.stream,
+                "Nm-Dead-Seq": str(seq),
+                "Nm-Dead-Deliveries": str(num),
+                "Nm-Dead-Status": str(status),
+                "Nm-Dead-Reason": err or f"app answered {status}",
+                # A crash between this publish and the term must not store it twice.
+                "Nats-Msg-Id": f"dlq-{d.stream}-{seq}",
+            }
+        )
+        try:
+            await self.app.js().publish(
+                d.dead_letter_subject, msg.data, timeout=PUBLISH_TIMEOUT, headers=headers
+            )
+        except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
+            # No stream keeps dead letters: still tell whoever listens.
+            nc = self.app.nc
+            if nc is not None:
+                await nc.publish(d.dead_letter_subject, msg.data, headers=headers)
+        logger.warning(
+            "event %s seq %d dead-lettered to %s after %d deliveries",
+            d.topic,
+            seq,
+            d.dead_letter_subject,
+            num,
+        )

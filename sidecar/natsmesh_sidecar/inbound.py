@@ -1,0 +1,330 @@
+"""Inbound: NATS requests on the service subject become HTTP calls to the app.
+
+The queue subscription uses a callback; the callback only takes a concurrency
+slot and starts a task, so slow app calls never block the subscription (and a
+full set of slots is natural back-pressure: nats-py buffers, then the server
+would see a slow consumer). App calls go over a keep-alive pool of raw asyncio
+Protocol connections parsed with httptools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from natsmesh_sidecar import accesslog, codec
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from natsmesh_sidecar.app import Sidecar
+
+logger = logging.getLogger(__name__)
+
+MAX_RESPONSE_HEADER_BYTES = 256 * 1024
+
+
+class AppError(Exception):
+    """The app could not be reached or answered garbage (a 502)."""
+
+
+class AppResponse:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class _AppConnection(asyncio.Protocol):
+    """One keep-alive connection to the app; one request at a time."""
+
+    def __init__(self, pool: AppPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.future: asyncio.Future[AppResponse] | None = None
+        self.closed = False
+        self.head = False
+        self.received = 0
+        self.reuse = True
+        self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self._header_bytes = 0
+        self._complete_on_close = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        fut = self.future
+        if fut is not None and not fut.done():
+            if self._complete_on_close:
+                # A response delimited by the connection closing.
+                self._finish()
+            else:
+                fut.set_exception(AppError("app closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.future is None:
+            # Bytes nobody asked for: the connection is out of step; drop it.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.reuse = False
+            if not self.future.done():
+                self.future.set_exception(AppError(f"malformed response from app: {exc}"))
+            self.close()
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._body = []
+        self._header_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_RESPONSE_HEADER_BYTES:
+            raise AppError("response headers too large")
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if self.head or status in (204, 304) or 100 <= status < 200:
+            if 100 <= status < 200:
+                # Interim response (100 Continue): wait for the real one.
+                return
+            self._finish()
+            # llhttp does not know the request was HEAD; a fresh parser makes
+            # sure it does not wait for a body the app will never send.
+            self.parser = httptools.HttpResponseParser(self)
+            return
+        self._complete_on_close = not any(
+            n.lower() in ("content-length", "transfer-encoding") for n, _ in self._headers
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.future is not None and not self.future.done():
+            self._finish()
+
+    def _finish(self) -> None:
+        fut = self.future
+        if fut is None or fut.done():
+            return
+        if not self.parser.should_keep_alive() or self._complete_on_close:
+            self.reuse = False
+        status = self.parser.get_status_code()
+        fut.set_result(AppResponse(status, self._headers, b"".join(self._body)))
+
+    def close(self) -> None:
+        self.reuse = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+class AppPool:
+    """Keep-alive connections to the app, at most ``limit`` requests at once."""
+
+    def __init__(self, host: str, port: int, limit: int) -> None:
+        self.host = host
+        self.port = port
+        self.idle: collections.deque[_AppConnection] = collections.deque()
+        self.slots = asyncio.Semaphore(limit)
+        self.limit = limit
+
+    async def _connect(self) -> _AppConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await loop.create_connection(
+                lambda: _AppConnection(self), self.host, self.port
+            )
+        except OSError as exc:
+            raise AppError(
+                f"app unreachable at {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
+        return proto
+
+    async def request(
+        self, data: bytes, *, head: bool, limit_s: float, retry_stale: bool
+    ) -> AppResponse:
+        async with self.slots:
+            return await self._request(data, head=head, limit_s=limit_s, retry_stale=retry_stale)
+
+    async def _request(
+        self, data: bytes, *, head: bool, limit_s: float, retry_stale: bool
+    ) -> AppResponse:
+        while True:
+            reused = False
+            conn: _AppConnection | None = None
+            while self.idle:
+                c = self.idle.pop()
+                if not c.closed:
+                    conn, reused = c, True
+                    break
+            if conn is None:
+                conn = await self._connect()
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[AppResponse] = loop.create_future()
+            conn.future = fut
+            conn.head = head
+            conn.received = 0
+            assert conn.transport is not None
+            conn.transport.write(data)
+            try:
+                resp = await asyncio.wait_for(fut, limit_s)
+            except TimeoutError:
+                conn.close()
+                raise
+            except AppError:
+                conn.close()
+                # The app may close an idle keep-alive connection just as we reuse
+                # it: nothing was answered, so one fresh try is safe.
+                if reused and conn.received == 0 and retry_stale:
+                    continue
+                raise
+            conn.future = None
+            if conn.reuse and not conn.closed:
+                self.idle.append(conn)
+            else:
+                conn.close()
+            return resp
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+
+class InboundHandler:
+    """The queue-subscription callback and the per-message app call."""
+
+    def __init__(self, app: Sidecar, pool: AppPool) -> None:
+        self.app = app
+        self.pool = pool
+        self.inflight = 0
+        self.served = 0
+        self.errors = 0
+        self.last_error = ""
+        self.processing_ns = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.app_host = f"{app.settings.app_host}:{app.settings.app_port}"
+        self.gate = asyncio.Semaphore(app.settings.max_inflight)
+
+    async def on_msg(self, msg: Msg) -> None:
+        # Returning quickly keeps the subscription flowing; when every slot is
+        # taken, waiting here is the back-pressure (nats-py buffers meanwhile).
+        await self.gate.acquire()
+        self.inflight += 1
+        task = asyncio.get_running_loop().create_task(self._serve(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, msg: Msg) -> None:
+        app = self.app
+        t0 = time.perf_counter()
+        app.metrics.inflight_in.inc()
+        hdrs = msg.headers or {}
+        rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
+        source = hdrs.get(codec.H_SOURCE, "-")
+        method = hdrs.get(codec.H_METHOD, "")
+        target = hdrs.get(codec.H_TARGET, "")
+        status = 500
+        error = ""
+        try:
+            status, rh, body, error = await self._call_app(msg, hdrs, rid, method, target)
+            if msg.reply:
+                rh[codec.H_STATUS] = str(status)
+                if error:
+                    rh[codec.H_ERROR] = error
+                nc = app.nc
+                if nc is not None and not nc.is_closed:
+                    await nc.publish(msg.reply, body, headers=rh)
+        except Exception as exc:
+            error = error or "internal"
+            status = 500
+            logger.exception("inbound request failed")
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            nc = app.nc
+            if msg.reply and nc is not None and nc.is_connected:
+                # Never leave the caller waiting out its timeout for a bug here.
+                _, rh, body, _ = self._error(500, "internal", "sidecar error", rid)
+                rh[codec.H_STATUS] = "500"
+                rh[codec.H_ERROR] = "internal"
+                with contextlib.suppress(Exception):
+                    await nc.publish(msg.reply, body, headers=rh)
+        finally:
+            self.inflight -= 1
+            self.gate.release()
+            app.metrics.inflight_in.dec()
+            elapsed = time.perf_counter() - t0
+            self.served += 1
+            self.processing_ns += int(elapsed * 1e9)
+            if status >= 500:
+                self.errors += 1
+            app.metrics.observe("inbound", source, app.source, status, elapsed)
+            if app.access_log:
+                accesslog.log(
+                    request_id=rid,
+                    direction="inbound",
+                    source=source,
+                    destination=app.source,
+                    route=app.settings.version,
+                    method=method,
+                    path=target.split("?", 1)[0],
+                    status=status,
+                    duration_s=elapsed,
+                    error=error,
+                )
+
+    async def _call_app(
+        self, msg: Msg, hdrs: dict[str, str], rid: str, method: str, target: str
+    ) -> tuple[int, dict[str, str], bytes, str]:
+        """(status, reply NATS headers, body, error code)."""
+        if not method or not target:
+            return self._error(400, "bad_request", "message lacks Nm-Method/Nm-Target", rid)
+        headers = codec.nats_to_http(hdrs)
+        if codec.REQUEST_ID not in hdrs:
+            headers.append((codec.REQUEST_ID, rid))
+        data = codec.render_request(method, target, headers, msg.data, self.app_host)
+        if data is None:
+            return self._error(400, "bad_request", "invalid method or target", rid)
+        try:
+            timeout = int(hdrs.get(codec.H_TIMEOUT, "0")) / 1000.0
+        except ValueError:
+            timeout = 0.0
+        if timeout <= 0:
+            timeout = 30.0
+        try:
+            resp = await self.pool.request(
+                data, head=method == "HEAD", limit_s=timeout, retry_stale=True
+            )
+        except TimeoutError:
+            return self._error(504, "app_timeout", "the app did not answer in time", rid)
+        except AppError as exc:
+            self.last_error = str(exc)
+            return self._error(502, "app_unreachable", str(exc), rid)
+        out = codec.http_to_nats(resp.headers)
+        return resp.status, out, resp.body, ""
+
+    def _error(
+        self, status: int, code: str, message: str, rid: str
+    ) -> tuple[int, dict[str, str], bytes, str]:
+        return (
+            status,
+            {"content-type": "application/json", codec.REQUEST_ID: rid},
+            codec.error_body(code, message, rid),
+            code,
+        )

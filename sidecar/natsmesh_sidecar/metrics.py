@@ -1,0 +1,142 @@
+"""Prometheus metrics and the admin HTTP server (/metrics, /healthz, /readyz).
+
+Each sidecar instance owns a registry (tests run several in one process). Label
+children are cached in plain dicts: ``Counter.labels()`` costs a lock and a
+tuple build per call, too much for every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+logger = logging.getLogger(__name__)
+
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        p = "natsmesh_sidecar_"
+        self.requests = Counter(
+            p + "requests",
+            "Requests handled",
+            ["direction", "source", "destination", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            p + "request_duration_seconds",
+            "Request latency as seen by this sidecar",
+            ["direction", "source", "destination", "status"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            p + "inflight_requests", "Requests in flight", ["direction"], registry=r
+        )
+        self.retries = Counter(p + "retries", "Retried attempts", ["destination"], registry=r)
+        self.circuit = Gauge(
+            p + "circuit_state",
+            "Circuit state per destination subject (0 closed, 1 open, 2 half-open)",
+            ["destination"],
+            registry=r,
+        )
+        self.events_published = Counter(
+            p + "events_published", "Events acknowledged by JetStream", ["topic"], registry=r
+        )
+        self.events_delivered = Counter(
+            p + "events_delivered", "Event deliveries to the app", ["topic", "result"], registry=r
+        )
+        self.events_dead = Counter(
+            p + "events_dead_lettered",
+            "Events sent to the dead-letter subject",
+            ["topic"],
+            registry=r,
+        )
+        self.nats_connected = Gauge(p + "nats_connected", "1 while connected to NATS", registry=r)
+        self.nats_reconnects = Counter(p + "nats_reconnects", "NATS reconnections", registry=r)
+        self.nats_errors = Counter(
+            p + "nats_async_errors", "Asynchronous NATS errors", ["kind"], registry=r
+        )
+        self.table_swaps = Counter(p + "table_updates", "Route tables applied", registry=r)
+        self._req: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self.inflight_out = self.inflight.labels("outbound")
+        self.inflight_in = self.inflight.labels("inbound")
+
+    def observe(
+        self, direction: str, source: str, destination: str, status: int, seconds: float
+    ) -> None:
+        key = (direction, source, destination, status)
+        pair = self._req.get(key)
+        if pair is None:
+            labels = (direction, source, destination, str(status))
+            pair = (self.requests.labels(*labels), self.latency.labels(*labels))
+            # Unknown hosts come from clients: cap label sets, fold the rest.
+            if len(self._req) < 2000:
+                self._req[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class AdminServer:
+    """A tiny HTTP/1.0-style server: one request per connection, GET only."""
+
+    def __init__(
+        self, metrics: Metrics, healthy: Callable[[], bool], ready: Callable[[], bool]
+    ) -> None:
+        self.metrics = metrics
+        self.healthy = healthy
+        self.ready = ready
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._handle, host, port)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            parts = head.split(b" ", 2)
+            path = parts[1].decode("latin-1") if len(parts) > 1 else "/"
+            path = path.split("?", 1)[0]
+            ctype = b"text/plain; charset=utf-8"
+            if path == "/metrics":
+                status, body = 200, self.metrics.render()
+                ctype = b"text/plain; version=0.0.4; charset=utf-8"
+            elif path == "/healthz":
+                ok = self.healthy()
+                status, body = (200, b"ok\n") if ok else (503, b"unhealthy\n")
+            elif path == "/readyz":
+                ok = self.ready()
+                status, body = (200, b"ready\n") if ok else (503, b"not ready\n")
+            else:
+                status, body = 404, b"not found\n"
+            writer.write(
+                b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, ctype, len(body), body)
+            )
+            await writer.drain()
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
+            pass
+        except Exception:
+            logger.exception("admin request failed")
+        finally:
+            writer.close()

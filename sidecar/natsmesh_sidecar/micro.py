@@ -1,0 +1,114 @@
+"""NATS micro service discovery ($SRV.PING/INFO/STATS) for the sidecar.
+
+Implemented directly rather than with ``nats.micro``: the inbound path is our
+own queue subscription (so it keeps its fast callback), and this only needs to
+answer the three discovery verbs with the sidecar's own counters. The JSON
+shapes are the ``io.nats.micro.v1`` schema that ``nats micro ls/info/stats``
+reads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "$SRV"
+VERSION = "0.1.0"
+
+
+class MicroService:
+    def __init__(
+        self,
+        *,
+        name: str,
+        instance_id: str,
+        subject: str,
+        queue_group: str,
+        metadata: dict[str, str],
+        stats: Callable[[], dict[str, Any]],
+        description: str = "natsmesh sidecar",
+    ) -> None:
+        self.name = name
+        self.id = instance_id
+        self.subject = subject
+        self.queue_group = queue_group
+        self.metadata = metadata
+        self.stats = stats
+        self.description = description
+        self.started = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+        self.subs: list[Any] = []
+
+    def subjects(self) -> list[str]:
+        out = []
+        for verb in ("PING", "INFO", "STATS"):
+            out += [
+                f"{API_PREFIX}.{verb}",
+                f"{API_PREFIX}.{verb}.{self.name}",
+                f"{API_PREFIX}.{verb}.{self.name}.{self.id}",
+            ]
+        return out
+
+    async def start(self, nc: Any) -> None:
+        for subject in self.subjects():
+            verb = subject.split(".")[1]
+            self.subs.append(await nc.subscribe(subject, cb=self._handler(verb, nc)))
+
+    async def stop(self) -> None:
+        for sub in self.subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                logger.debug("micro unsubscribe: %s", exc)
+        self.subs.clear()
+
+    def _identity(self, kind: str) -> dict[str, Any]:
+        return {
+            "type": f"io.nats.micro.v1.{kind}_response",
+            "name": self.name,
+            "id": self.id,
+            "version": VERSION,
+            "metadata": self.metadata,
+        }
+
+    def _endpoint(self) -> dict[str, Any]:
+        return {
+            "name": "http",
+            "subject": self.subject,
+            "queue_group": self.queue_group,
+            "metadata": {},
+        }
+
+    def response(self, verb: str) -> dict[str, Any]:
+        if verb == "PING":
+            return self._identity("ping")
+        if verb == "INFO":
+            return {
+                **self._identity("info"),
+                "description": self.description,
+                "endpoints": [self._endpoint()],
+            }
+        s = self.stats()
+        served = int(s.get("num_requests", 0))
+        total_ns = int(s.get("processing_time", 0))
+        ep = {
+            **self._endpoint(),
+            "num_requests": served,
+            "num_errors": int(s.get("num_errors", 0)),
+            "last_error": str(s.get("last_error", "")),
+            "processing_time": total_ns,
+            "average_processing_time": total_ns // served if served else 0,
+            "data": s.get("data"),
+        }
+        return {**self._identity("stats"), "started": self.started, "endpoints": [ep]}
+
+    def _handler(self, verb: str, nc: Any) -> Callable[[Any], Any]:
+        async def handle(msg: Any) -> None:
+            if msg.reply:
+                await nc.publish(msg.reply, json.dumps(self.response(verb)).encode())
+
+        return handle

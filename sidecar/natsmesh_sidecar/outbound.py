@@ -1,0 +1,587 @@
+"""Outbound: the app's HTTP calls on 127.0.0.1:15001 become NATS requests.
+
+:class:`OutboundConnection` is a raw asyncio Protocol fed to httptools: no
+framework, no per-request task unless a request is actually waiting on NATS.
+Pipelined requests queue per connection and are answered strictly in order.
+Untrusted input is bounded: URL and header bytes, body size (413 above the NATS
+max_payload), and a header deadline against slowloris clients (408).
+
+:class:`OutboundHandler` turns one parsed request into a response: resolve the
+host in the route table, check the sidecar's own publish permissions, apply the
+rule's circuit breaker, faults, timeout and retries, and map the reply back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, cast
+
+import httptools
+from nats import errors as nats_errors
+
+from natsmesh_sidecar import accesslog, codec, resilience
+from natsmesh_sidecar.table import FORBIDDEN, UNKNOWN
+
+if TYPE_CHECKING:
+    from natsmesh_sidecar.app import Sidecar
+
+logger = logging.getLogger(__name__)
+
+MAX_URL = 8192
+EVENTS_PREFIX = "/_events/"
+#: Headers the handler needs by name; everything else is only forwarded.
+_SPECIAL = frozenset({"host", "x-request-id", "traceparent", "idempotency-key", "content-type"})
+_DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
+
+
+class Request:
+    __slots__ = ("body", "headers", "host", "keep_alive", "method", "path", "special", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        host: str,
+        headers: list[tuple[str, str]],
+        special: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path = target.split("?", 1)[0]
+        self.host = host
+        self.headers = headers
+        self.special = special
+        self.body = body
+        self.keep_alive = keep_alive
+
+    def lower_headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.headers} | self.special
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing with an HTTP error."""
+
+
+class OutboundConnection(asyncio.Protocol):
+    """One client connection; keep-alive and pipelining-safe."""
+
+    def __init__(self, server: OutboundServer) -> None:
+        self.server = server
+        self.handler = server.handler
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: collections.deque[Request | bytes] = collections.deque()
+        self.busy = False
+        self.closed = False
+        self.stopped = False
+        self.paused = False
+        self.eof = False
+        self.in_headers = False
+        self.started = 0.0
+        self.last = 0.0
+        self.reject: tuple[int, str, str] | None = None
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._special: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_len = 0
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        self.last = self.started = time.monotonic()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+
+    def eof_received(self) -> bool | None:
+        # A half-closing client (shutdown(SHUT_WR)) still wants its answers:
+        # keep the transport open until the queued requests are answered.
+        self.eof = True
+        if self.busy or self.queue:
+            return True
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        self.last = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "bad_request", "protocol upgrades and CONNECT are not supported")
+        except httptools.HttpParserCallbackError:
+            status, code, message = self.reject or (400, "bad_request", "malformed HTTP request")
+            self._fail(status, code, message)
+        except httptools.HttpParserError as exc:
+            self._fail(400, "bad_request", f"malformed HTTP request: {exc}")
+
+    # -- httptools callbacks -----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_headers = True
+        self.started = time.monotonic()
+        self._url = b""
+        self._headers = []
+        self._special = {}
+        self._header_bytes = 0
+        self._body = []
+        self._body_len = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_URL:
+            self.reject = (414, "uri_too_long", "request target too long")
+            raise _Reject
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.server.max_header_bytes:
+            self.reject = (431, "headers_too_large", "request headers too large")
+            raise _Reject
+        n = name.decode("latin-1")
+        low = n.lower()
+        v = value.decode("latin-1")
+        if low in _SPECIAL:
+            self._special[low] = v
+            if low == "host":
+                self._headers.append((n, v))
+        elif low in _DROP or low.startswith(codec.MESH_PREFIX_LOWER):
+            return
+        else:
+            self._headers.append((n, v))
+
+    def on_headers_complete(self) -> None:
+        self.in_headers = False
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.handler.app.max_body():
+            self.reject = (413, "payload_too_large", "request body exceeds the NATS max_payload")
+            raise _Reject
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        method = parser.get_method().decode("latin-1")
+        url = self._url.decode("latin-1")
+        host = self._special.get("host", "")
+        if not url.startswith("/"):
+            # Absolute-form (an HTTP_PROXY client): the URL names the destination.
+            try:
+                parsed = httptools.parse_url(self._url)
+            except httptools.HttpParserInvalidURLError:
+                self.reject = (400, "bad_request", "invalid request target")
+                raise _Reject from None
+            if parsed.host:
+                host = parsed.host.decode("latin-1")
+            url = (parsed.path or b"/").decode("latin-1")
+            if parsed.query:
+                url += "?" + parsed.query.decode("latin-1")
+        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        req = Request(
+            method, url, host, self._headers, self._special, body, parser.should_keep_alive()
+        )
+        self.queue.append(req)
+        if len(self.queue) > 32 and not self.paused and self.transport is not None:
+            # A client pipelining faster than we answer: stop reading until we catch up.
+            self.paused = True
+            self.transport.pause_reading()
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._run())
+
+    # -- responses ----------------------------------------------------------
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        """Answer an unparseable request after the ones before it, then close."""
+        self.stopped = True
+        rid = codec.new_request_id()
+        body = codec.error_body(code, message, rid)
+        resp = codec.render_response(
+            status,
+            [("content-type", "application/json"), ("x-request-id", rid)],
+            body,
+            keep_alive=False,
+        )
+        self.handler.app.metrics.observe("outbound", self.handler.app.source, "-", status, 0.0)
+        logger.info("rejected request: %d %s", status, message)
+        self.queue.append(resp)
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self.queue:
+                item = self.queue.popleft()
+                if isinstance(item, bytes):
+                    self._write(item)
+                    self._close()
+                    return
+                resp = await self.handler.handle(item)
+                if self.closed:
+                    return
+                self._write(resp)
+                if not item.keep_alive or self.server.draining:
+                    self._close()
+                    return
+                if self.paused and len(self.queue) < 8 and self.transport is not None:
+                    self.paused = False
+                    self.transport.resume_reading()
+            if self.eof:
+                self._close()
+        except Exception:
+            logger.exception("outbound connection failed")
+            self._close()
+        finally:
+            self.busy = False
+            self.last = time.monotonic()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        self.stopped = True
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def sweep(self, now: float) -> None:
+        """Called periodically: enforce the header deadline and the idle timeout."""
+        if self.closed or self.busy:
+            return
+        if self.in_headers and now - self.started > self.server.header_timeout:
+            self._fail(408, "request_timeout", "request headers not received in time")
+        elif not self.in_headers and not self.queue and now - self.last > self.server.idle_timeout:
+            self._close()
+        elif (
+            self.in_headers is False
+            and self._body_len
+            and now - self.last > self.server.header_timeout
+        ):
+            # A body that stalls half-way is the same attack as slow headers.
+            self._fail(408, "request_timeout", "request body not received in time")
+
+
+class OutboundServer:
+    """The listener plus its connection set (for sweeping and draining)."""
+
+    def __init__(
+        self,
+        handler: OutboundHandler,
+        *,
+        max_header_bytes: int = 64 * 1024,
+        header_timeout: float = 10.0,
+        idle_timeout: float = 120.0,
+    ) -> None:
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.connections: set[OutboundConnection] = set()
+        self.server: asyncio.Server | None = None
+        self.draining = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: OutboundConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+        self._sweeper = loop.create_task(self._sweep())
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        period = max(0.05, min(1.0, self.header_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.sweep(now)
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        # Idle keep-alive connections would otherwise hold the drain open.
+        for conn in list(self.connections):
+            if not conn.busy and not conn.queue:
+                conn._close()
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn._close()
+
+
+class OutboundHandler:
+    """Turns one request into one response; never raises."""
+
+    def __init__(self, app: Sidecar) -> None:
+        self.app = app
+        self.inflight = 0
+        self._rand = random.random
+
+    async def handle(self, req: Request) -> bytes:
+        app = self.app
+        t0 = time.perf_counter()
+        rid = req.special.get("x-request-id") or codec.new_request_id()
+        self.inflight += 1
+        app.metrics.inflight_out.inc()
+        dest_key = "-"
+        route = "-"
+        attempts = 0
+        error = ""
+        status = 500
+        try:
+            if req.path.startswith(EVENTS_PREFIX):
+                dest_key = "_events"
+                status, headers, body = await app.events.publish_http(req, rid)
+            else:
+                status, headers, body, dest_key, route, attempts, error = await self._call(req, rid)
+            if error:
+                headers.append(("x-request-id", rid))
+            resp = codec.render_response(
+                status, headers, body, keep_alive=req.keep_alive, head=req.method == "HEAD"
+            )
+        except Exception as exc:
+            logger.exception("outbound request failed")
+            status, error = 500, "internal"
+            resp = codec.render_response(
+                500,
+                [("content-type", "application/json"), ("x-request-id", rid)],
+                codec.error_body("internal", f"sidecar error: {type(exc).__name__}", rid),
+                keep_alive=False,
+            )
+        finally:
+            self.inflight -= 1
+            app.metrics.inflight_out.dec()
+        elapsed = time.perf_counter() - t0
+        app.metrics.observe("outbound", app.source, dest_key, status, elapsed)
+        if app.access_log:
+            accesslog.log(
+                request_id=rid,
+                direction="outbound",
+                source=app.source,
+                destination=dest_key,
+                route=route,
+                method=req.method,
+                path=req.path,
+                status=status,
+                duration_s=elapsed,
+                attempts=attempts,
+                error=error,
+            )
+        return resp
+
+    def _error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        rid: str,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        headers = [("content-type", "application/json")]
+        if extra:
+            headers.extend(extra)
+        return status, headers, codec.error_body(code, message, rid)
+
+    async def _call(
+        self, req: Request, rid: str
+    ) -> tuple[int, list[tuple[str, str]], bytes, str, str, int, str]:
+        """(status, headers, body, destination, route, attempts, error code)."""
+        app = self.app
+        router = app.router
+        found, dest_key, dest = router.resolve(req.host)
+        if dest is None:
+            if not req.host:
+                s, h, b = self._error(400, "bad_request", "no Host header and no absolute URI", rid)
+                return s, h, b, "-", "-", 0, "bad_request"
+            if found == FORBIDDEN:
+                s, h, b = self._error(
+                    403, "forbidden", f"{app.source} may not call {dest_key}", rid
+                )
+                return s, h, b, dest_key, "-", 0, "forbidden"
+            assert found == UNKNOWN
+            s, h, b = self._error(404, "unknown_service", f"no service {dest_key} in the mesh", rid)
+            return s, h, b, "-", "-", 0, "unknown_service"
+
+        rule = resilience.select_rule(
+            dest.rules,
+            req.method,
+            req.path,
+            req.lower_headers() if _needs_headers(dest) else req.special,
+        )
+        if rule is None:
+            s, h, b = self._error(
+                404, "no_route", f"no route of {dest_key} matches {req.path}", rid
+            )
+            return s, h, b, dest_key, "-", 0, "no_route"
+        target = resilience.pick_destination(rule.destinations, self._rand())
+        if target is None:
+            s, h, b = self._error(
+                503, "no_destination", f"route {rule.name} has no weighted destination", rid
+            )
+            return s, h, b, dest_key, rule.name, 0, "no_destination"
+        subject = target.subject
+        if not app.permissions.can_publish(subject):
+            s, h, b = self._error(
+                403, "forbidden", f"{app.source} is not permitted to publish to {subject}", rid
+            )
+            return s, h, b, dest_key, rule.name, 0, "forbidden"
+        if len(req.body) > app.max_body():
+            s, h, b = self._error(
+                413, "payload_too_large", "request body exceeds the NATS max_payload", rid
+            )
+            return s, h, b, dest_key, rule.name, 0, "payload_too_large"
+
+        breaker = app.breaker(subject, rule.circuit_breaker)
+        now = time.monotonic()
+        if breaker is not None and not breaker.allow(now):
+            s, h, b = self._error(
+                503,
+                "circuit_open",
+                f"circuit to {subject} is open",
+                rid,
+                [("retry-after", str(breaker.retry_after(now)))],
+            )
+            return s, h, b, dest_key, rule.name, 0, "circuit_open"
+
+        if rule.fault is not None:
+            delay, abort = resilience.fault_decision(rule.fault, self._rand(), self._rand())
+            if delay:
+                await asyncio.sleep(delay)
+            if abort is not None:
+                s, h, b = self._error(
+                    abort, "fault_injected", f"fault injected by route {rule.name}", rid
+                )
+                return s, h, b, dest_key, rule.name, 0, "fault_injected"
+
+        hdrs = codec.http_to_nats(req.headers)
+        hdrs[codec.H_METHOD] = req.method
+        hdrs[codec.H_TARGET] = req.target
+        hdrs[codec.H_SOURCE] = app.source
+        hdrs[codec.REQUEST_ID] = rid
+        hdrs[codec.TRACEPARENT] = codec.next_traceparent(req.special.get("traceparent"))
+        for name in ("content-type",):
+            v = req.special.get(name)
+            if v is not None:
+                hdrs[name] = v
+
+        retries = rule.retries
+        deadline = time.monotonic() + rule.timeout_ms / 1000.0
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            per_try = remaining
+            if retries.per_try_timeout_ms:
+                per_try = min(remaining, retries.per_try_timeout_ms / 1000.0)
+            hdrs[codec.H_TIMEOUT] = str(int(per_try * 1000))
+            outcome, reply = await self._attempt(subject, req.body, per_try, hdrs)
+            if breaker is not None:
+                breaker.record(not resilience.is_failure(outcome), time.monotonic())
+                app.report_circuit(subject, breaker)
+            if outcome == "unavailable":
+                s, h, b = self._error(
+                    503,
+                    "nats_unavailable",
+                    "NATS connection is down; retry shortly",
+                    rid,
+                    [("retry-after", "1")],
+                )
+                return s, h, b, dest_key, rule.name, attempt + 1, "nats_unavailable"
+            if outcome == "too_large":
+                s, h, b = self._error(
+                    413, "payload_too_large", "request exceeds the NATS max_payload", rid
+                )
+                return s, h, b, dest_key, rule.name, attempt + 1, "payload_too_large"
+            if attempt < retries.attempts and resilience.retryable(outcome, retries, req.method):
+                backoff = resilience.backoff_seconds(attempt, retries, self._rand())
+                if time.monotonic() + backoff < deadline:
+                    attempt += 1
+                    app.metrics.retries.labels(dest_key).inc()
+                    await asyncio.sleep(backoff)
+                    continue
+            break
+
+        attempts = attempt + 1
+        if outcome == resilience.NO_RESPONDERS:
+            s, h, b = self._error(503, "no_responders", f"no instance of {subject} is serving", rid)
+            return s, h, b, dest_key, rule.name, attempts, "no_responders"
+        if outcome == resilience.TIMEOUT:
+            s, h, b = self._error(
+                504, "timeout", f"{subject} did not answer within {rule.timeout_ms} ms", rid
+            )
+            return s, h, b, dest_key, rule.name, attempts, "timeout"
+        assert reply is not None
+        rh = reply.headers or {}
+        try:
+            status = int(rh.get(codec.H_STATUS, "502"))
+        except ValueError:
+            status = 502
+        return (
+            status,
+            codec.nats_to_http(rh),
+            reply.data,
+            dest_key,
+            rule.name,
+            attempts,
+            rh.get(codec.H_ERROR, ""),
+        )
+
+    async def _attempt(
+        self, subject: str, body: bytes, limit_s: float, hdrs: dict[str, str]
+    ) -> tuple[str | int, _Reply | None]:
+        nc = self.app.nc
+        if nc is None or not nc.is_connected:
+            return "unavailable", None
+        if limit_s <= 0:
+            return resilience.TIMEOUT, None
+        try:
+            msg = await nc.request(subject, body, timeout=limit_s, headers=hdrs)
+        except nats_errors.NoRespondersError:
+            return resilience.NO_RESPONDERS, None
+        except nats_errors.TimeoutError:
+            return resilience.TIMEOUT, None
+        except nats_errors.MaxPayloadError:
+            return "too_large", None
+        except (
+            nats_errors.ConnectionClosedError,
+            nats_errors.ConnectionDrainingError,
+            nats_errors.ConnectionReconnectingError,
+            nats_errors.OutboundBufferLimitError,
+            nats_errors.StaleConnectionError,
+        ):
+            return "unavailable", None
+        rh = msg.headers
+        try:
+            status = int(rh.get(codec.H_STATUS, "502")) if rh else 502
+        except ValueError:
+            status = 502
+        return status, msg
+
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg as _Reply
+else:
+    _Reply = object
+
+
+def _needs_headers(dest: object) -> bool:
+    rules = getattr(dest, "rules", ())
+    return any(r.match.headers for r in rules)

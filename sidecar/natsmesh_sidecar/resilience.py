@@ -1,0 +1,159 @@
+"""Traffic policy decisions: rule match, weighted split, retries, circuit breaker, faults.
+
+Everything here is pure (time and randomness are passed in) so it is unit tested
+without servers; :mod:`natsmesh_sidecar.outbound` applies the decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from natsmesh_sidecar.config import CircuitBreaker, Fault, Match, Retries, Rule, WeightedDestination
+
+logger = logging.getLogger(__name__)
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+NO_RESPONDERS = "noResponders"
+TIMEOUT = "timeout"
+
+
+def matches(match: Match, method: str, path: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request fits a rule's match; header names in ``headers`` are lower-case."""
+    if match.methods and method not in match.methods:
+        return False
+    if not path.startswith(match.path_prefix):
+        return False
+    return all(headers.get(name) == value for name, value in match.headers.items())
+
+
+def select_rule(
+    rules: Sequence[Rule], method: str, path: str, headers: Mapping[str, str]
+) -> Rule | None:
+    for rule in rules:
+        if matches(rule.match, method, path, headers):
+            return rule
+    return None
+
+
+def pick_destination(
+    destinations: Sequence[WeightedDestination], r: float
+) -> WeightedDestination | None:
+    """Weighted choice with ``r`` uniform in [0, 1); None when all weights are 0."""
+    if len(destinations) == 1:
+        return destinations[0] if destinations[0].weight > 0 else None
+    total = sum(d.weight for d in destinations)
+    if total <= 0:
+        return None
+    point = r * total
+    acc = 0.0
+    for d in destinations:
+        acc += d.weight
+        if point < acc:
+            return d
+    return destinations[-1]
+
+
+def is_idempotent(method: str) -> bool:
+    return method in IDEMPOTENT_METHODS
+
+
+def retryable(outcome: str | int, retries: Retries, method: str) -> bool:
+    """Whether an attempt's outcome (status code or ``timeout``/``noResponders``) may be retried."""
+    if retries.attempts <= 0:
+        return False
+    # A request that reached the app may have acted; no responders means it
+    # never reached anyone, so that one is always safe to repeat.
+    if not retries.retry_non_idempotent and not is_idempotent(method) and outcome != NO_RESPONDERS:
+        return False
+    if isinstance(outcome, str):
+        return outcome in retries.retry_on
+    if "5xx" in retries.retry_on and 500 <= outcome <= 599:
+        return True
+    return str(outcome) in retries.retry_on
+
+
+def backoff_seconds(attempt: int, retries: Retries, r: float) -> float:
+    """Exponential backoff with jitter for retry number ``attempt`` (0-based)."""
+    base = retries.backoff_base_ms * (2**attempt)
+    capped = min(float(retries.backoff_max_ms), float(base))
+    # Half fixed, half jitter: keeps a floor yet spreads synchronized retries.
+    return capped * (0.5 + 0.5 * r) / 1000.0
+
+
+def fault_decision(fault: Fault | None, r_delay: float, r_abort: float) -> tuple[float, int | None]:
+    """(delay seconds, abort status or None) for one request."""
+    if fault is None:
+        return 0.0, None
+    delay = 0.0
+    if fault.delay is not None and r_delay * 100 < fault.delay.percent:
+        delay = fault.delay.delay_ms / 1000.0
+    abort = None
+    if fault.abort is not None and r_abort * 100 < fault.abort.percent:
+        abort = fault.abort.status
+    return delay, abort
+
+
+CLOSED = 0
+OPEN = 1
+HALF_OPEN = 2
+STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
+
+
+class Breaker:
+    """Circuit breaker of one destination subject: closed, open, half-open.
+
+    ``consecutive_failures`` failures open it for ``open_ms``; then up to
+    ``half_open_probes`` requests go through; a probe's success closes it, a
+    failure opens it again.
+    """
+
+    __slots__ = ("config", "failures", "opened_at", "probes", "state")
+
+    def __init__(self, config: CircuitBreaker) -> None:
+        self.config = config
+        self.state = CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self.probes = 0
+
+    def allow(self, now: float) -> bool:
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN:
+            if now - self.opened_at < self.config.open_ms / 1000.0:
+                return False
+            self.state = HALF_OPEN
+            self.probes = 0
+        if self.probes < self.config.half_open_probes:
+            self.probes += 1
+            return True
+        return False
+
+    def retry_after(self, now: float) -> int:
+        """Whole seconds until a probe may go through (at least 1)."""
+        left = self.config.open_ms / 1000.0 - (now - self.opened_at)
+        return max(1, int(left + 0.999))
+
+    def record(self, ok: bool, now: float) -> None:
+        if ok:
+            self.failures = 0
+            if self.state != CLOSED:
+                logger.info("circuit closed")
+            self.state = CLOSED
+            return
+        self.failures += 1
+        if self.state == HALF_OPEN or self.failures >= self.config.consecutive_failures:
+            if self.state != OPEN:
+                logger.warning("circuit opened after %d failures", self.failures)
+            self.state = OPEN
+            self.opened_at = now
+            self.probes = 0
+
+
+def is_failure(outcome: str | int) -> bool:
+    """What counts against a circuit: no answer, or a server-side 5xx."""
+    if isinstance(outcome, str):
+        return True
+    return outcome >= 500

@@ -1,0 +1,40 @@
+"""The sidecar's import graph stays lean: no kopf, no Kubernetes client, no operator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+FORBIDDEN = (
+    "kopf",
+    "kubernetes",
+    "kubernetes_asyncio",
+    "lightkube",
+    "natsmesh_operator",
+    "aiohttp",
+)
+
+
+def test_main_module_imports_nothing_forbidden() -> None:
+    code = (
+        "import sys, json\n"
+        "import natsmesh_sidecar.__main__ as m\n"
+        "m._block_websocket_deps('nats://127.0.0.1:4222')\n"
+        "import natsmesh_sidecar.app\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    mods = json.loads(out)
+    bad = [m for m in mods if m.split(".")[0] in FORBIDDEN and sys.modules.get(m) is not None]
+    bad = [m for m in bad if m.split(".")[0] != "aiohttp"] + [
+        m for m in mods if m == "aiohttp.client"
+    ]
+    assert bad == []
+    assert "natsmesh_sidecar.outbound" in mods

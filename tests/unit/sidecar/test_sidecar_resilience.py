@@ -1,0 +1,95 @@
+"""Pure policy: rule match, weighted split, retries, backoff, breaker, faults."""
+
+from __future__ import annotations
+
+import pytest
+
+from natsmesh_sidecar import resilience as r
+from natsmesh_sidecar.config import CircuitBreaker, Fault, Match, Retries, Rule, WeightedDestination
+
+pytestmark = pytest.mark.unit
+
+
+def wd(version: str, weight: int) -> WeightedDestination:
+    return WeightedDestination(version=version, weight=weight, subject=f"mesh.ns.svc.{version}")
+
+
+def test_select_rule_first_match_wins() -> None:
+    rules = [
+        Rule(
+            name="api-post",
+            match=Match(pathPrefix="/api", methods=("POST",)),
+            destinations=(wd("v1", 100),),
+        ),
+        Rule(name="beta", match=Match(headers={"x-beta": "1"}), destinations=(wd("v2", 100),)),
+        Rule(name="default", destinations=(wd("v1", 100),)),
+    ]
+    assert r.select_rule(rules, "POST", "/api/x", {}).name == "api-post"  # type: ignore[union-attr]
+    assert r.select_rule(rules, "GET", "/api/x", {"x-beta": "1"}).name == "beta"  # type: ignore[union-attr]
+    assert r.select_rule(rules, "GET", "/api/x", {}).name == "default"  # type: ignore[union-attr]
+    assert r.select_rule(rules[:1], "GET", "/", {}) is None
+
+
+def test_weighted_pick() -> None:
+    ds = [wd("v1", 80), wd("v2", 20)]
+    assert r.pick_destination(ds, 0.0).version == "v1"  # type: ignore[union-attr]
+    assert r.pick_destination(ds, 0.79).version == "v1"  # type: ignore[union-attr]
+    assert r.pick_destination(ds, 0.8).version == "v2"  # type: ignore[union-attr]
+    assert r.pick_destination(ds, 0.999).version == "v2"  # type: ignore[union-attr]
+    assert r.pick_destination([wd("v1", 0)], 0.5) is None
+    assert r.pick_destination([wd("v1", 0), wd("v2", 0)], 0.5) is None
+
+
+def test_retryable_rules() -> None:
+    rt = Retries(attempts=2, retryOn=("timeout", "noResponders", "5xx", "429"))
+    assert r.retryable("timeout", rt, "GET")
+    assert r.retryable(503, rt, "GET")
+    assert r.retryable(429, rt, "GET")
+    assert not r.retryable(404, rt, "GET")
+    assert not r.retryable("timeout", rt, "POST")
+    assert r.retryable("noResponders", rt, "POST")  # never reached an app
+    assert r.retryable("timeout", rt.model_copy(update={"retry_non_idempotent": True}), "POST")
+    assert not r.retryable("timeout", Retries(attempts=0), "GET")
+
+
+def test_backoff_grows_and_caps() -> None:
+    rt = Retries(attempts=5, backoffBaseMs=10, backoffMaxMs=50)
+    assert r.backoff_seconds(0, rt, 1.0) == pytest.approx(0.010)
+    assert r.backoff_seconds(1, rt, 1.0) == pytest.approx(0.020)
+    assert r.backoff_seconds(5, rt, 1.0) == pytest.approx(0.050)
+    assert r.backoff_seconds(1, rt, 0.0) == pytest.approx(0.010)
+
+
+def test_breaker_cycle() -> None:
+    b = r.Breaker(CircuitBreaker(consecutiveFailures=2, openMs=1000, halfOpenProbes=1))
+    assert b.allow(0.0)
+    b.record(False, 0.0)
+    assert b.state == r.CLOSED
+    b.record(False, 0.1)
+    assert b.state == r.OPEN
+    assert not b.allow(0.5)
+    assert b.retry_after(0.5) == 1
+    assert b.allow(1.2)  # half-open probe
+    assert b.state == r.HALF_OPEN
+    assert not b.allow(1.2)  # only one probe
+    b.record(False, 1.3)
+    assert b.state == r.OPEN
+    assert b.allow(2.4)
+    b.record(True, 2.5)
+    assert b.state == r.CLOSED
+    assert b.allow(2.5)
+
+
+def test_fault_decision() -> None:
+    f = Fault.model_validate(
+        {"delay": {"delayMs": 100, "percent": 50}, "abort": {"status": 503, "percent": 10}}
+    )
+    assert r.fault_decision(f, 0.2, 0.05) == (0.1, 503)
+    assert r.fault_decision(f, 0.7, 0.5) == (0.0, None)
+    assert r.fault_decision(None, 0.0, 0.0) == (0.0, None)
+
+
+def test_is_failure() -> None:
+    assert r.is_failure("timeout")
+    assert r.is_failure(502)
+    assert not r.is_failure(404)
