@@ -1,0 +1,126 @@
+{{/* Chart name, truncated to a DNS label. */}}
+{{- define "natsmesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: <release>-<chart>, or the release name when it
+already contains the chart name. Truncated so suffixes like "-nats-bootstrap"
+still fit 63 characters.
+*/}}
+{{- define "natsmesh.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "natsmesh.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every object carries. */}}
+{{- define "natsmesh.labels" -}}
+helm.sh/chart: {{ include "natsmesh.chart" . }}
+app.kubernetes.io/name: {{ include "natsmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: natsmesh
+{{- end }}
+
+{{/* Selector labels; pass (dict "ctx" $ "component" "operator"). */}}
+{{- define "natsmesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "natsmesh.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Full labels of one component; pass (dict "ctx" $ "component" "operator"). */}}
+{{- define "natsmesh.componentLabels" -}}
+{{ include "natsmesh.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "natsmesh.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "natsmesh.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "natsmesh.operatorImage" -}}
+{{- printf "%s:%s" .Values.image.operator.repository (.Values.image.operator.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "natsmesh.sidecarImage" -}}
+{{- printf "%s:%s" .Values.image.sidecar.repository (.Values.image.sidecar.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "natsmesh.natsName" -}}
+{{- printf "%s-nats" (include "natsmesh.fullname" .) }}
+{{- end }}
+
+{{/* The NATS URL the operator uses: the in-chart client Service, or the external URL. */}}
+{{- define "natsmesh.natsUrl" -}}
+{{- if .Values.nats.enabled }}
+{{- printf "nats://%s.%s.svc:4222" (include "natsmesh.natsName" .) .Release.Namespace }}
+{{- else }}
+{{- required "nats.external.url is required when nats.enabled is false" .Values.nats.external.url }}
+{{- end }}
+{{- end }}
+
+{{- define "natsmesh.sidecarNatsUrl" -}}
+{{- default (include "natsmesh.natsUrl" .) .Values.sidecar.natsUrl }}
+{{- end }}
+
+{{/* True ("true") when the chart's hook Job creates the bootstrap Secret. */}}
+{{- define "natsmesh.bootstrapManaged" -}}
+{{- if or .Values.nats.enabled (not .Values.nats.external.bootstrapSecret) }}true{{ end }}
+{{- end }}
+
+{{/* Name of the Secret with the NATS bootstrap material (release namespace). */}}
+{{- define "natsmesh.bootstrapSecret" -}}
+{{- if and (not .Values.nats.enabled) .Values.nats.external.bootstrapSecret }}
+{{- .Values.nats.external.bootstrapSecret }}
+{{- else }}
+{{- printf "%s-nats-bootstrap" (include "natsmesh.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "natsmesh.webhookService" -}}
+{{- printf "%s-webhook" (include "natsmesh.fullname" .) }}
+{{- end }}
+
+{{- define "natsmesh.webhookSecret" -}}
+{{- printf "%s-webhook-tls" (include "natsmesh.fullname" .) }}
+{{- end }}
+
+{{/* Restricted-profile container securityContext (uid 65532 unless overridden). */}}
+{{- define "natsmesh.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: {{ .uid | default 65532 }}
+runAsGroup: {{ .uid | default 65532 }}
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "natsmesh.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid | default 65532 }}
+runAsGroup: {{ .uid | default 65532 }}
+fsGroup: {{ .uid | default 65532 }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}

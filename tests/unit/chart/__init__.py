@@ -1,0 +1,1 @@
+"""Template tests of charts/natsmesh: pytest over `helm template` / `helm lint` output."""

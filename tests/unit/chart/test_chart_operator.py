@@ -1,0 +1,147 @@
+"""The operator Deployment honours the env/image contract with natsmesh_operator."""
+
+from __future__ import annotations
+
+import pytest
+
+from .render import FULLNAME, env, operator_container, render
+from .values_sets import EXTERNAL_URL, VALUE_SETS
+
+pytestmark = pytest.mark.unit
+
+IN_CHART_URL = "nats://nm-natsmesh-nats.mesh.svc:4222"
+
+
+def test_env_contract_with_defaults() -> None:
+    container = operator_container(render())
+    assert env(container) == {
+        "NATSMESH_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        "NATSMESH_NATS_URL": IN_CHART_URL,
+        "NATSMESH_SIDECAR_NATS_URL": IN_CHART_URL,
+        "NATSMESH_BOOTSTRAP_SECRET": f"{FULLNAME}-nats-bootstrap",
+        "NATSMESH_SIDECAR_IMAGE": "natsmesh/sidecar:0.1.0",
+        "NATSMESH_SIDECAR_IMAGE_PULL_POLICY": "IfNotPresent",
+        "NATSMESH_SIDECAR_CPU_REQUEST": "10m",
+        "NATSMESH_SIDECAR_MEMORY_REQUEST": "32Mi",
+        "NATSMESH_SIDECAR_MEMORY_LIMIT": "64Mi",
+        "NATSMESH_WEBHOOK_PORT": "9443",
+        "NATSMESH_WEBHOOK_CERT_DIR": "/tls",
+        "NATSMESH_METRICS_PORT": "8080",
+        "NATSMESH_PEERING": "natsmesh",
+        "NATSMESH_LOG_FORMAT": "json",
+    }
+
+
+def test_image_and_entrypoint() -> None:
+    container = operator_container(render())
+    assert container["image"] == "natsmesh/operator:0.1.0"
+    assert container["command"] == ["python", "-m", "natsmesh_operator.cli"]
+    assert container["args"] == ["operator"]
+
+
+def test_values_flow_into_env() -> None:
+    container = operator_container(
+        render(
+            {
+                "image": {
+                    "operator": {"repository": "reg/op", "tag": "v9"},
+                    "sidecar": {"repository": "reg/sc", "tag": "v8", "pullPolicy": "Always"},
+                },
+                "sidecar": {
+                    "natsUrl": "nats://edge:4222",
+                    "resources": {"cpuRequest": "5m", "memoryLimit": "48Mi"},
+                },
+                "operator": {"peering": "other", "logFormat": "text"},
+            }
+        )
+    )
+    values = env(container)
+    assert container["image"] == "reg/op:v9"
+    assert values["NATSMESH_SIDECAR_IMAGE"] == "reg/sc:v8"
+    assert values["NATSMESH_SIDECAR_IMAGE_PULL_POLICY"] == "Always"
+    assert values["NATSMESH_SIDECAR_NATS_URL"] == "nats://edge:4222"
+    assert values["NATSMESH_NATS_URL"] == IN_CHART_URL
+    assert values["NATSMESH_SIDECAR_CPU_REQUEST"] == "5m"
+    assert values["NATSMESH_SIDECAR_MEMORY_LIMIT"] == "48Mi"
+    assert values["NATSMESH_PEERING"] == "other"
+    assert values["NATSMESH_LOG_FORMAT"] == "text"
+
+
+def test_external_nats_env() -> None:
+    values = env(operator_container(render(VALUE_SETS["nats-external"])))
+    assert values["NATSMESH_NATS_URL"] == EXTERNAL_URL
+    assert values["NATSMESH_SIDECAR_NATS_URL"] == EXTERNAL_URL
+    assert values["NATSMESH_BOOTSTRAP_SECRET"] == f"{FULLNAME}-nats-bootstrap"
+    values = env(operator_container(render(VALUE_SETS["nats-external-secret"])))
+    assert values["NATSMESH_BOOTSTRAP_SECRET"] == "my-nats-bootstrap"
+
+
+def test_deployment_is_highly_available() -> None:
+    manifest = render()
+    deployment = manifest.get("Deployment", f"{FULLNAME}-operator")
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    selector = spec["selector"]["matchLabels"]
+    assert selector["app.kubernetes.io/component"] == "operator"
+    assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+    anti = pod["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
+    assert anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    spread = pod["topologySpreadConstraints"][0]
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == selector
+    pdb = manifest.get("PodDisruptionBudget", f"{FULLNAME}-operator")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == selector
+
+
+def test_single_replica_without_pdb() -> None:
+    manifest = render(VALUE_SETS["operator-single-no-pdb"])
+    assert manifest.get("Deployment")["spec"]["replicas"] == 1
+    assert all(
+        p["metadata"]["name"] != f"{FULLNAME}-operator" for p in manifest.all("PodDisruptionBudget")
+    )
+
+
+def test_probes_ports_and_mounts() -> None:
+    manifest = render()
+    container = operator_container(manifest)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"webhook": 9443, "metrics": 8080}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["webhook-tls"]["mountPath"] == "/tls"
+    assert mounts["webhook-tls"]["readOnly"]
+    volumes = {
+        v["name"]: v for v in manifest.get("Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
+    assert volumes["webhook-tls"]["secret"]["secretName"] == f"{FULLNAME}-webhook-tls"
+    assert "emptyDir" in volumes["tmp"]
+
+
+def test_metrics_service() -> None:
+    service = render().get("Service", f"{FULLNAME}-metrics")
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+
+
+def test_peering_object_is_a_post_install_hook() -> None:
+    peering = render().get("ClusterKopfPeering")
+    assert peering["apiVersion"] == "kopf.dev/v1"
+    assert peering["metadata"]["name"] == "natsmesh"
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert (
+        render({"operator": {"peering": "other"}}).get("ClusterKopfPeering")["metadata"]["name"]
+        == "other"
+    )
+
+
+def test_pod_scheduling_values() -> None:
+    pod = render(VALUE_SETS["everything-on"]).get("Deployment")["spec"]["template"]
+    assert pod["metadata"]["labels"]["a"] == "b"
+    assert pod["spec"]["priorityClassName"] == "system-cluster-critical"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
