@@ -4,5 +4,6 @@ from __future__ import annotations
 
 pytest_plugins = [
     "tests.fixtures.nats_server",
+    "tests.fixtures.nats_operator",
     "tests.fixtures.cluster",
 ]

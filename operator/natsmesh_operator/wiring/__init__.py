@@ -1,0 +1,1 @@
+"""wiring layer; see the package docstring of natsmesh_operator."""

@@ -1,0 +1,119 @@
+"""JetStream object specs as the server's own JSON, and how to compare them.
+
+We speak the JetStream API JSON directly (not the client's typed configs):
+durations are nanoseconds exactly as the server stores them, so "is the live
+object what we want?" is a plain comparison of the fields we own and an
+unchanged object is never updated. Fields the server adds (defaults, its own
+``_nats.*`` metadata) are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from natsmesh_operator.wiring.plan import ConsumerPlan, StreamPlan
+from natsmesh_sidecar import subjects
+
+log = logging.getLogger(__name__)
+
+MANAGED_KEY = "natsmesh.io/managed"
+MANAGED_META = {MANAGED_KEY: "true"}
+NS_PER_MS = 1_000_000
+
+#: Changing these needs a new stream/consumer (data loss): reported, not done.
+STREAM_IMMUTABLE = ("storage", "retention")
+CONSUMER_IMMUTABLE = ("deliver_policy", "ack_policy")
+
+ROUTES_HISTORY = 5
+
+
+def stream_config(s: StreamPlan) -> dict[str, Any]:
+    st = s.settings
+    return {
+        "name": s.name,
+        "description": s.description,
+        "subjects": list(s.subjects),
+        "retention": st.retention,
+        "storage": st.storage,
+        "num_replicas": st.replicas,
+        "max_age": st.max_age_ms * NS_PER_MS,
+        "max_bytes": st.max_bytes,
+        "max_msgs": st.max_msgs,
+        "duplicate_window": min(st.duplicate_window_ms, st.max_age_ms or st.duplicate_window_ms)
+        * NS_PER_MS,
+        "discard": "old",
+        "metadata": dict(MANAGED_META),
+    }
+
+
+def routes_stream_config(replicas: int = 1) -> dict[str, Any]:
+    """The route KV bucket as a stream, shaped like the clients' KV buckets."""
+    return {
+        "name": subjects.routes_stream(),
+        "description": "natsmesh: compiled route tables, one key per service",
+        "subjects": [f"$KV.{subjects.ROUTES_BUCKET}.>"],
+        "retention": "limits",
+        "storage": "file",
+        "num_replicas": replicas,
+        "max_msgs_per_subject": ROUTES_HISTORY,
+        "discard": "new",
+        "allow_rollup_hdrs": True,
+        "deny_delete": True,
+        "allow_direct": True,
+        "duplicate_window": 120 * 1_000_000_000,
+        "max_age": 0,
+        "metadata": dict(MANAGED_META),
+    }
+
+
+def consumer_config(c: ConsumerPlan) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "name": c.name,
+        "durable_name": c.name,
+        "description": c.description,
+        "filter_subject": c.filter_subject,
+        "deliver_policy": c.deliver_policy,
+        "ack_policy": "explicit" if c.ack_explicit else "none",
+        "replay_policy": "instant",
+        "metadata": dict(MANAGED_META),
+    }
+    if c.ack_explicit:
+        cfg["ack_wait"] = c.ack_wait_ms * NS_PER_MS
+        cfg["max_deliver"] = c.max_deliver
+        if c.backoff_ms:
+            cfg["backoff"] = [b * NS_PER_MS for b in c.backoff_ms]
+            # The server replaces ack_wait by the first backoff step.
+            cfg["ack_wait"] = c.backoff_ms[0] * NS_PER_MS
+    return cfg
+
+
+def differences(wanted: Mapping[str, Any], live: Mapping[str, Any]) -> list[str]:
+    """Names of the fields we own whose live value differs from the wanted one."""
+    out = []
+    for key, value in wanted.items():
+        have = live.get(key)
+        if key == "metadata":
+            have_meta = have if isinstance(have, dict) else {}
+            if any(have_meta.get(k) != v for k, v in value.items()):
+                out.append(key)
+        elif key == "subjects":
+            if sorted(value) != sorted(have or []):
+                out.append(key)
+        elif key == "description":
+            if (have or "") != value:
+                out.append(key)
+        elif key in {"backoff"}:
+            if list(have or []) != list(value):
+                out.append(key)
+        elif have != value:
+            out.append(key)
+    if "backoff" not in wanted and live.get("backoff"):
+        out.append("backoff")
+    return out
+
+
+def is_managed(config: Mapping[str, Any]) -> bool:
+    meta = config.get("metadata")
+    return isinstance(meta, dict) and meta.get(MANAGED_KEY) == "true"

@@ -1,0 +1,115 @@
+"""CRD models -> intents (handlers.intents) -> plan: the shop as resources.
+
+A contract test between the api models, the handler's conversion and the wiring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from natsmesh_operator.api import NatsRoute, NatsService
+from natsmesh_operator.handlers.intents import route_intent, service_intent
+from natsmesh_operator.wiring.plan import plan
+
+pytestmark = pytest.mark.unit
+
+
+def svc(name: str, spec: dict[str, Any]) -> NatsService:
+    body = {
+        "apiVersion": "natsmesh.io/v1alpha1",
+        "kind": "NatsService",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080, **spec},
+    }
+    return NatsService.from_body(body)
+
+
+def test_shop_resources_plan_like_the_shop_intents() -> None:
+    resources = [
+        svc("gateway", {"allowSameNamespace": False}),
+        svc(
+            "orders",
+            {
+                "allowSameNamespace": False,
+                "allowedCallers": [{"service": "gateway"}],
+                "events": {"publishes": [{"topic": "order.created"}], "stream": {"maxAge": "24h"}},
+            },
+        ),
+        svc(
+            "payments",
+            {
+                "allowSameNamespace": False,
+                "allowedCallers": [{"service": "orders"}],
+                "events": {
+                    "subscriptions": [
+                        {
+                            "topic": "order.created",
+                            "service": "orders",
+                            "path": "/events/order-created",
+                            "maxDeliver": 3,
+                            "ackWait": "10s",
+                            "backoff": ["1s", "5s"],
+                        }
+                    ]
+                },
+            },
+        ),
+        svc(
+            "orders-v2",
+            {
+                "service": "orders",
+                "version": "v2",
+                "allowSameNamespace": False,
+                "allowedCallers": [{"service": "gateway"}],
+                "events": {"publishes": [{"topic": "order.created"}], "stream": {"maxAge": "24h"}},
+            },
+        ),
+    ]
+    intents = [service_intent(r) for r in resources]
+    orders_v2 = intents[-1]
+    assert (orders_v2.name, orders_v2.version, orders_v2.resource) == ("orders", "v2", "orders-v2")
+    assert intents[1].publishes[0].stream.max_age_ms == 24 * 3600 * 1000
+    (sub,) = intents[2].subscriptions
+    assert (sub.max_deliver, sub.ack_wait_ms, sub.backoff_ms) == (3, 10_000, (1000, 5000))
+
+    route = NatsRoute.from_body(
+        {
+            "apiVersion": "natsmesh.io/v1alpha1",
+            "kind": "NatsRoute",
+            "metadata": {"name": "orders-canary", "namespace": "shop"},
+            "spec": {
+                "service": "orders",
+                "rules": [
+                    {
+                        "name": "canary",
+                        "destinations": [
+                            {"version": "v1", "weight": 80},
+                            {"version": "v2", "weight": 20},
+                        ],
+                        "timeout": "3s",
+                        "retries": {"attempts": 1, "perTryTimeout": "1s", "retryOnCodes": [503]},
+                        "fault": {"abort": {"httpStatus": 503, "percent": 5}},
+                        "circuitBreaker": {"consecutiveFailures": 4, "openDuration": "30s"},
+                    }
+                ],
+            },
+        }
+    )
+    p = plan(intents, [route_intent(route)])
+    assert p.problems == ()
+    (rule,) = p.tables[("shop", "gateway")].destinations["orders.shop"].rules
+    assert [(d.subject, d.weight) for d in rule.destinations] == [
+        ("mesh.shop.orders.v1", 80),
+        ("mesh.shop.orders.v2", 20),
+    ]
+    assert rule.timeout_ms == 3000
+    assert rule.retries.per_try_timeout_ms == 1000
+    assert "503" in rule.retries.retry_on
+    assert rule.fault
+    assert rule.fault.abort
+    assert rule.fault.abort.status == 503
+    assert rule.circuit_breaker
+    assert rule.circuit_breaker.open_ms == 30_000
+    assert {u.resource for u in p.users} == {"gateway", "orders", "orders-v2", "payments"}

@@ -1,0 +1,298 @@
+"""Planning: permissions derivation, exports/imports, tables and problems."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natsmesh_operator.wiring import users
+from natsmesh_operator.wiring.accounts import account_claims
+from natsmesh_operator.wiring.desired import (
+    CallerRef,
+    Publish,
+    ServiceIntent,
+    StreamSettings,
+    Subscribe,
+)
+from natsmesh_operator.wiring.keys import Key, KeyRing, Role
+from natsmesh_operator.wiring.permissions import may_publish
+from natsmesh_operator.wiring.plan import Export, Import, plan
+from natsmesh_sidecar import subjects
+from tests.fixtures.nats_operator import shop_intents
+
+pytestmark = pytest.mark.unit
+
+
+def test_worked_example_orders_permissions() -> None:
+    """The example docs/wiring.md walks through, exactly."""
+    p = plan(shop_intents())
+    assert p.problems == ()
+    perms = p.user("shop", "orders").permissions
+    assert perms.pub_allow == (
+        "mesh.shop.payments.*",
+        "events.shop.orders.order.created",
+        "$JS.API.STREAM.INFO.KV_natsmesh-routes",
+        "$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.orders",
+        "$JS.API.CONSUMER.CREATE.KV_natsmesh-routes.*.$KV.natsmesh-routes.orders",
+    )
+    assert perms.sub_allow == (
+        "mesh.shop.orders.v1 orders",
+        "_INBOX.orders.>",
+        "$KV.natsmesh-routes.orders",
+        "$SRV.PING",
+        "$SRV.INFO",
+        "$SRV.STATS",
+        "$SRV.*.orders",
+        "$SRV.*.orders.*",
+    )
+    assert perms.allow_responses
+
+
+def test_worked_example_payments_consumer_permissions() -> None:
+    p = plan(shop_intents())
+    pub = p.user("shop", "payments").permissions.pub_allow
+    consumer = "payments--orders--order_created"
+    assert f"$JS.API.CONSUMER.MSG.NEXT.EVENTS_orders.{consumer}" in pub
+    assert f"$JS.API.CONSUMER.INFO.EVENTS_orders.{consumer}" in pub
+    assert f"$JS.ACK.EVENTS_orders.{consumer}.>" in pub
+    assert f"deadletter.shop.payments.{consumer}" in pub
+    assert not any("inventory" in s for s in pub)
+    assert not any(s.startswith("mesh.") for s in pub), "payments calls nobody"
+
+
+@pytest.mark.parametrize(
+    ("caller", "target", "allowed"),
+    [
+        ("gateway", "orders", True),
+        ("orders", "payments", True),
+        ("gateway", "payments", False),
+        ("payments", "orders", False),
+        ("inventory", "orders", False),
+        ("orders", "orders", False),
+    ],
+)
+def test_may_publish_follows_allowed_callers(caller: str, target: str, allowed: bool) -> None:
+    perms = plan(shop_intents()).user("shop", caller).permissions
+    assert may_publish(perms, subjects.request_subject("shop", target, "v7")) is allowed
+
+
+def test_default_policy_is_same_namespace_only() -> None:
+    p = plan([ServiceIntent("a", "x"), ServiceIntent("a", "y"), ServiceIntent("b", "z")])
+    assert p.user("a", "x").permissions.pub_allow[:2] == ("mesh.a.x.*", "mesh.a.y.*")
+    assert not any(s.startswith("mesh.a.") for s in p.user("b", "z").permissions.pub_allow)
+    # As in the CRD, "the whole namespace" includes the service itself.
+    assert "mesh.a.x.*" in p.user("a", "x").permissions.pub_allow
+    assert p.tables[("b", "z")].known == ("z.b",)
+    assert set(p.tables[("a", "x")].destinations) == {"x.a", "y.a"}
+
+
+def test_cross_namespace_caller_is_an_export_and_import() -> None:
+    intents = [
+        ServiceIntent("shop", "orders", allowed_callers=(CallerRef("frontend", "web"),)),
+        ServiceIntent("web", "frontend"),
+    ]
+    p = plan(intents)
+    assert p.accounts["shop"].exports == (
+        Export("mesh.shop.orders.*", "service", "orders requests"),
+    )
+    assert p.accounts["web"].imports == (
+        Import("mesh.shop.orders.*", "shop", "", "service", "orders.shop"),
+    )
+    ring = KeyRing()
+    claims = account_claims(
+        p.accounts["web"], ring.account("web").public, lambda ns: ring.account(ns).public
+    )
+    (imp,) = claims["nats"]["imports"]
+    assert imp["account"] == ring.account("shop").public
+    assert imp["type"] == "service"
+    assert claims["nats"]["limits"]["disk_storage"] > 0, "JetStream on"
+    assert p.tables[("web", "frontend")].known == ("frontend.web", "orders.shop")
+
+
+def test_cross_namespace_subscription_exports_the_consumer_api() -> None:
+    intents = [
+        *shop_intents(),
+        ServiceIntent(
+            "web",
+            "audit",
+            subscriptions=(Subscribe("order.created", "orders", "/a", namespace="shop"),),
+        ),
+    ]
+    intents = [
+        replace(i, allowed_callers=(CallerRef("gateway"), CallerRef("audit", "web")))
+        if i.name == "orders"
+        else i
+        for i in intents
+    ]
+    p = plan(intents)
+    assert p.problems == ()
+    consumer = "web_audit--orders--order_created"
+    (c,) = [c for c in p.consumers if c.name == consumer]
+    assert c.namespace == "shop"
+    assert c.subscriber == ("web", "audit")
+    exported = {e.subject: e.response_type for e in p.accounts["shop"].exports}
+    assert exported[f"$JS.API.CONSUMER.MSG.NEXT.EVENTS_orders.{consumer}"] == "Stream"
+    assert f"$JS.ACK.EVENTS_orders.{consumer}.>" in exported
+    local = {i.local_subject for i in p.accounts["web"].imports}
+    assert f"natsmesh.jsapi.shop.CONSUMER.MSG.NEXT.EVENTS_orders.{consumer}" in local
+    assert any(s.name == "DLQ_audit" and s.namespace == "web" for s in p.streams)
+
+
+# ------------------------------------------------------------------ problems
+
+
+def reasons(intents: list[ServiceIntent]) -> list[tuple[str, str]]:
+    return [(p.name, p.reason) for p in plan(intents).problems]
+
+
+def test_two_services_claiming_one_subject() -> None:
+    a = ServiceIntent("shop", "orders", resource="orders")
+    b = ServiceIntent("shop", "orders", resource="orders-copy")
+    p = plan([b, a])
+    (problem,) = p.problems
+    assert (problem.name, problem.reason) == ("orders-copy", "SubjectConflict")
+    assert "mesh.shop.orders.v1" in problem.message
+    assert "orders" in problem.message
+    assert [u.resource for u in p.users] == ["orders"]
+
+
+def test_subscription_to_a_topic_nobody_publishes() -> None:
+    intents = [
+        *shop_intents(),
+        ServiceIntent("shop", "mailer", subscriptions=(Subscribe("order.paid", "orders", "/x"),)),
+    ]
+    p = plan(intents)
+    (problem,) = p.problems
+    assert (problem.name, problem.reason, problem.condition) == (
+        "mailer",
+        "UnknownTopic",
+        "StreamsReady",
+    )
+    assert "order.paid" in problem.message
+    assert ("shop", "mailer") in p.tables, "the service itself is still planned"
+    assert not p.tables[("shop", "mailer")].subscriptions
+
+
+def test_subscription_to_an_unknown_service() -> None:
+    assert reasons(
+        [ServiceIntent("shop", "mailer", subscriptions=(Subscribe("x", "ghost", "/x"),))]
+    ) == [("mailer", "UnknownService")]
+
+
+def test_backoff_longer_than_max_deliver() -> None:
+    bad = Subscribe("order.created", "orders", "/x", max_deliver=2, backoff_ms=(1, 2))
+    intents = [
+        replace(i, subscriptions=(bad,)) if i.name == "payments" else i for i in shop_intents()
+    ]
+    assert reasons(intents) == [("payments", "InvalidSubscription")]
+
+
+def test_conflicting_stream_settings_of_one_service() -> None:
+    i = ServiceIntent(
+        "shop",
+        "orders",
+        publishes=(Publish("a"), Publish("b", StreamSettings(storage="memory"))),
+    )
+    p = plan([i])
+    assert [(x.reason) for x in p.problems] == ["ConflictingStreamSettings"]
+    assert p.streams[0].subjects == ("events.shop.orders.a",)
+
+
+def test_version_subsets_must_agree() -> None:
+    v1 = ServiceIntent("shop", "orders", "v1", allowed_callers=(CallerRef("gateway"),))
+    v2 = replace(v1, version="v2", resource="orders-v2")
+    v2_bad = replace(v2, allowed_callers=())
+    assert plan([v1, v2]).problems == ()
+    assert reasons([v1, v2_bad]) == [("orders-v2", "InconsistentSubsets")]
+    subs = {u.version: u.permissions.sub_allow[0] for u in plan([v1, v2]).users}
+    assert subs == {"v1": "mesh.shop.orders.v1 orders", "v2": "mesh.shop.orders.v2 orders"}
+
+
+@pytest.mark.parametrize(
+    ("intent", "reason"),
+    [
+        (ServiceIntent("Shop", "orders"), "InvalidName"),
+        (ServiceIntent("shop", "or.ders"), "InvalidName"),
+        (ServiceIntent("shop", "orders", version="v.1"), "InvalidVersion"),
+        (ServiceIntent("shop", "orders", publishes=(Publish("a..b"),)), "InvalidTopic"),
+    ],
+)
+def test_malformed_input(intent: ServiceIntent, reason: str) -> None:
+    assert [p.reason for p in plan([intent]).problems] == [reason]
+
+
+names = st.sampled_from(["a", "b", "orders", "x-y", "BAD", "", "a.b"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            ServiceIntent,
+            namespace=st.sampled_from(["ns1", "ns2", "NS"]),
+            name=names,
+            version=st.sampled_from(["v1", "v2", "v.3"]),
+            allowed_callers=st.lists(
+                st.builds(CallerRef, names, st.none() | st.sampled_from(["ns1", "ns2"]))
+            ).map(tuple),
+            allow_same_namespace=st.booleans(),
+            publishes=st.lists(st.builds(Publish, st.sampled_from(["t", "u.v", "..", "T"]))).map(
+                tuple
+            ),
+            subscriptions=st.lists(
+                st.builds(
+                    Subscribe,
+                    topic=st.sampled_from(["t", "u.v", "nope"]),
+                    service=names,
+                    path=st.sampled_from(["/", "x"]),
+                    namespace=st.none() | st.sampled_from(["ns1", "ns2"]),
+                    max_deliver=st.integers(-1, 4),
+                    backoff_ms=st.lists(st.integers(0, 5), max_size=4).map(tuple),
+                )
+            ).map(tuple),
+        ),
+        max_size=6,
+    )
+)
+def test_any_input_gives_a_plan_never_an_exception(intents: list[ServiceIntent]) -> None:
+    p = plan(intents)
+    for problem in p.problems:
+        assert problem.reason
+        assert problem.message
+        assert str(problem)
+    for u in p.users:
+        assert all(" " not in s for s in u.permissions.pub_allow)
+    # Every planned consumer's stream is planned too.
+    streams = {(s.namespace, s.name) for s in p.streams}
+    assert all((c.namespace, c.stream) in streams for c in p.consumers)
+
+
+# ------------------------------------------------------------------- users
+
+
+def test_needs_reissue() -> None:
+    p = plan(shop_intents())
+    account = Key.create(Role.ACCOUNT)
+    user = p.user("shop", "orders")
+    issued = users.issue(user, account, ttl_seconds=1000, now=10_000)
+    check = users.needs_reissue
+    assert check(issued.creds, user, account.public, ttl_seconds=1000, now=10_100) == ""
+    assert check(issued.creds, user, account.public, ttl_seconds=1000, now=10_800) == (
+        "expires soon"
+    )
+    assert check(None, user, account.public) == "no credentials yet"
+    other = Key.create(Role.ACCOUNT).public
+    assert check(issued.jwt, user, other, ttl_seconds=1000) == "signed by another account key"
+    # payments stops admitting orders: orders' creds must be re-issued.
+    changed = plan(
+        [replace(i, allowed_callers=()) if i.name == "payments" else i for i in shop_intents()]
+    ).user("shop", "orders")
+    assert check(issued.creds, changed, account.public, ttl_seconds=1000, now=10_100) == (
+        "permissions changed"
+    )
+    forever = users.issue(user, account)
+    assert check(forever.creds, user, account.public) == ""
+    assert check(forever.creds, user, account.public, ttl_seconds=60) == "expiry policy changed"
