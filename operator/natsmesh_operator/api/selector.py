@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal, Self
 
 from pydantic import ConfigDict, Field, model_validator
@@ -81,3 +82,20 @@ class LabelSelector(ApiModel):
         if not self.match_labels and not self.match_expressions:
             raise ValueError(_SELECTOR_EMPTY)
         return self
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """Whether a pod with ``labels`` is selected (Kubernetes semantics)."""
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            value = labels.get(req.key)
+            if req.operator == "In" and not (present and value in req.values):
+                return False
+            if req.operator == "NotIn" and present and value in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True

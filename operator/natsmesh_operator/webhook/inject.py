@@ -32,6 +32,7 @@ ANNOTATION_PROXY_ENV = "natsmesh.io/proxy-env"
 #: Annotations the webhook writes.
 ANNOTATION_INJECTED = "natsmesh.io/injected"
 ANNOTATION_SERVICE = "natsmesh.io/service"
+LABEL_INJECTED = "natsmesh.io/injected"
 
 JsonDict = dict[str, Any]
 
@@ -157,6 +158,9 @@ def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSetting
     annotations = dict(metadata.get("annotations") or {})
     annotations[ANNOTATION_INJECTED] = "true"
     annotations[ANNOTATION_SERVICE] = target.service
+    # A label too, so a PodMonitor can select injected pods.
+    labels = dict(metadata.get("labels") or {})
+    labels[LABEL_INJECTED] = "true"
 
     init = [*copy.deepcopy(spec.get("initContainers") or [])]
     # Native sidecars start in order: ours goes first so that other init
@@ -171,7 +175,7 @@ def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSetting
         }
     )
     result: JsonDict = {
-        "metadata": {"annotations": annotations},
+        "metadata": {"annotations": annotations, "labels": labels},
         "spec": {"initContainers": init, "volumes": volumes},
     }
     if str(annotations.get(ANNOTATION_PROXY_ENV, "")).lower() == "true":

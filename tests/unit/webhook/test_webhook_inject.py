@@ -75,6 +75,7 @@ def test_app_containers_untouched_without_proxy_annotation() -> None:
     out = inject.injection(pod(), TARGET, InjectionSettings())
     assert "containers" not in out["spec"]
     assert out["metadata"]["annotations"][inject.ANNOTATION_INJECTED] == "true"
+    assert out["metadata"]["labels"] == {"app": "orders", inject.LABEL_INJECTED: "true"}
 
 
 def test_proxy_env_annotation_sets_http_proxy_but_keeps_existing_env() -> None:

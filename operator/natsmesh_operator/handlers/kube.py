@@ -1,0 +1,123 @@
+"""The operator's own Kubernetes calls (lightkube): resources, Secrets, events.
+
+kopf watches and patches the custom resources it handles; everything else the
+operator reads or writes goes through here, so the handlers stay readable
+and tests can point one client at the local control plane.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from lightkube import AsyncClient, KubeConfig
+from lightkube.core.exceptions import ApiError
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.models.meta_v1 import ObjectMeta, OwnerReference
+from lightkube.resources.core_v1 import Secret
+
+from natsmesh_operator.api import GROUP, VERSION, NatsRoute, NatsService
+
+logger = logging.getLogger(__name__)
+
+NatsServiceRes = create_namespaced_resource(GROUP, VERSION, "NatsService", "natsservices")
+NatsRouteRes = create_namespaced_resource(GROUP, VERSION, "NatsRoute", "natsroutes")
+
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+LABEL_CREDS = "natsmesh.io/creds"
+LABEL_SERVICE = "natsmesh.io/resource"
+
+
+def client_from_env() -> AsyncClient:
+    """In-cluster service account, else ``KUBECONFIG``/``~/.kube/config``."""
+    return AsyncClient(config=KubeConfig.from_env(), field_manager="natsmesh-operator")
+
+
+def body_of(obj: Any) -> dict[str, Any]:
+    data: dict[str, Any] = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    return data
+
+
+async def list_services(kube: AsyncClient) -> list[tuple[NatsService, Mapping[str, Any]]]:
+    """Every NatsService not being deleted, with its raw body (uid, …)."""
+    out: list[tuple[NatsService, Mapping[str, Any]]] = []
+    async for obj in kube.list(NatsServiceRes, namespace="*"):
+        body = body_of(obj)
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        out.append((NatsService.from_body(body), body))
+    return out
+
+
+async def list_routes(kube: AsyncClient) -> list[tuple[NatsRoute, Mapping[str, Any]]]:
+    """Every NatsRoute not being deleted, with its raw body."""
+    out: list[tuple[NatsRoute, Mapping[str, Any]]] = []
+    async for obj in kube.list(NatsRouteRes, namespace="*"):
+        body = body_of(obj)
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        out.append((NatsRoute.from_body(body), body))
+    return out
+
+
+def decode_secret(secret: Secret) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+async def read_secret(kube: AsyncClient, name: str, namespace: str) -> dict[str, str] | None:
+    try:
+        secret = await kube.get(Secret, name, namespace=namespace)
+    except ApiError as exc:
+        if exc.status.code == 404:
+            return None
+        raise
+    return decode_secret(secret)
+
+
+async def list_creds_secrets(kube: AsyncClient) -> list[Secret]:
+    return [s async for s in kube.list(Secret, namespace="*", labels={LABEL_CREDS: "true"})]
+
+
+def owner_reference(body: Mapping[str, Any]) -> OwnerReference:
+    meta = body["metadata"]
+    return OwnerReference(
+        apiVersion=str(body.get("apiVersion", f"{GROUP}/{VERSION}")),
+        kind=str(body.get("kind", "NatsService")),
+        name=meta["name"],
+        uid=meta["uid"],
+        controller=True,
+        blockOwnerDeletion=True,
+    )
+
+
+async def write_secret(
+    kube: AsyncClient,
+    name: str,
+    namespace: str,
+    data: Mapping[str, str],
+    *,
+    labels: Mapping[str, str],
+    owner: OwnerReference | None = None,
+) -> None:
+    """Create or replace a Secret (server-side apply: one field manager, no races)."""
+    secret = Secret(
+        metadata=ObjectMeta(
+            name=name,
+            namespace=namespace,
+            labels={LABEL_MANAGED: "natsmesh", **labels},
+            ownerReferences=[owner] if owner else None,
+        ),
+        type="Opaque",
+        data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    )
+    await kube.apply(secret, force=True)
+
+
+async def delete_secret(kube: AsyncClient, name: str, namespace: str) -> None:
+    try:
+        await kube.delete(Secret, name, namespace=namespace)
+    except ApiError as exc:
+        if exc.status.code != 404:
+            raise

@@ -1,0 +1,369 @@
+"""The mesh reconciler: one serialized, coalescing pass over the whole mesh.
+
+NATS state is not per object: a service's permissions depend on who lists it
+as a caller, imports on other namespaces' exports, route tables on every
+NatsService of a service. So handlers do not apply anything themselves; they
+ask for a *pass* and wait for one that started after their change:
+
+1. list every NatsService and NatsRoute from the API server (a complete,
+   fresh snapshot: pruning is only ever against the whole truth, so an
+   operator restart can never delete a stream it has not "seen" yet);
+2. compute the plan (:func:`natsmesh_operator.wiring.plan.plan`, pure);
+3. apply it (:class:`~natsmesh_operator.wiring.apply.Applier`: only what
+   differs is pushed, so a pass over an unchanged mesh writes nothing);
+4. issue, rotate or remove the creds Secrets.
+
+Requests that arrive during a pass are served together by the next one, so
+a burst of 1,000 applies costs a handful of passes, not 1,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightkube import AsyncClient
+
+from natsmesh_operator.api import NatsRoute, NatsService
+from natsmesh_operator.handlers import intents, kube, status
+from natsmesh_operator.handlers.metrics import METRICS
+from natsmesh_operator.webhook.inject import CREDS_KEY, creds_secret_name
+from natsmesh_operator.wiring import jwt, users
+from natsmesh_operator.wiring.apply import (
+    Applier,
+    ApplyFailed,
+    ApplyReport,
+    admin_creds,
+    connect_creds,
+)
+from natsmesh_operator.wiring.bootstrap import FILES, Bootstrap, _resolver_dir_of
+from natsmesh_operator.wiring.keys import Key, KeyRing, Role
+from natsmesh_operator.wiring.plan import MeshPlan, plan
+
+logger = logging.getLogger(__name__)
+
+KEYS_SECRET = "natsmesh-keys"  # noqa: S105 - a Secret name, not a secret
+"""Secret (operator namespace) with the account seeds and revoked user keys."""
+REVOCATIONS_KEY = "revocations.json"
+ENDPOINTS_CACHE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class CredsOutcome:
+    """What happened to one service's creds Secret in a pass."""
+
+    ok: bool
+    reason: str
+    message: str
+
+
+@dataclass
+class PassResult:
+    """Everything a handler needs to write its status after a pass."""
+
+    started: float
+    plan: MeshPlan | None = None
+    report: ApplyReport | None = None
+    creds: dict[tuple[str, str], CredsOutcome] = field(default_factory=dict)
+    fatal: str | None = None
+    """Set when the pass could not run at all (NATS or the API unreachable)."""
+
+    def namespace_errors(self, namespace: str) -> list[str]:
+        if self.report is None:
+            return []
+        return [f"{e.what}: {e.message}" for e in self.report.errors if e.namespace == namespace]
+
+
+def bootstrap_from_secret(data: Mapping[str, str]) -> Bootstrap:
+    missing = [f for f in FILES.values() if f not in data]
+    if missing:
+        raise ValueError(f"bootstrap Secret lacks {', '.join(missing)}: run natsmesh bootstrap")
+    return Bootstrap(
+        operator=Key.from_seed(data[FILES["operator_seed"]].strip(), Role.OPERATOR),
+        operator_jwt=data[FILES["operator_jwt"]].strip(),
+        system_account=Key.from_seed(data[FILES["system_account_seed"]].strip(), Role.ACCOUNT),
+        system_account_jwt=data[FILES["system_account_jwt"]].strip(),
+        system_user_creds=data[FILES["system_user_creds"]],
+        resolver_dir=_resolver_dir_of(data[FILES["auth_conf"]]),
+    )
+
+
+class MeshReconciler:
+    def __init__(
+        self,
+        *,
+        kube_client: AsyncClient,
+        nats_url: str,
+        operator_namespace: str,
+        bootstrap_secret: str,
+    ) -> None:
+        self.kube = kube_client
+        self.nats_url = nats_url
+        self.operator_namespace = operator_namespace
+        self.bootstrap_secret = bootstrap_secret
+        self._requested = 0
+        self._done = 0
+        self._wakeup = asyncio.Event()
+        self._finished = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._keys: KeyRing | None = None
+        self._revocations: dict[str, dict[str, int]] = {}
+        self.last: PassResult | None = None
+        self._endpoints: dict[str, tuple[float, dict[tuple[str, str], int]]] = {}
+
+    # ------------------------------------------------------------ scheduling
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="natsmesh-mesh-reconciler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def request(self) -> PassResult:
+        """Wait for a pass that started after this call; return its result."""
+        self.start()
+        self._requested += 1
+        mine = self._requested
+        self._wakeup.set()
+        async with self._finished:
+            await self._finished.wait_for(lambda: self._done >= mine)
+        assert self.last is not None
+        return self.last
+
+    async def recent(self, max_age: float) -> PassResult:
+        """The last result if younger than ``max_age`` seconds, else a new pass."""
+        if self.last is not None and time.monotonic() - self.last.started < max_age:
+            return self.last
+        return await self.request()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            upto = self._requested
+            started = time.monotonic()
+            result = await self._pass_and_report(started)
+            METRICS.pass_duration.observe(time.monotonic() - started)
+            METRICS.passes.labels(result="error" if result.fatal else "ok").inc()
+            self.last = result
+            async with self._finished:
+                self._done = upto
+                self._finished.notify_all()
+
+    async def _pass_and_report(self, started: float) -> PassResult:
+        try:
+            services = await kube.list_services(self.kube)
+            routes = await kube.list_routes(self.kube)
+        except Exception as exc:
+            return PassResult(started=started, fatal=f"Kubernetes API unreachable: {exc}")
+        try:
+            result = await self._pass(started, services, routes)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a pass must never kill the loop
+            logger.exception("mesh pass failed")
+            result = PassResult(started=started, fatal=f"{type(exc).__name__}: {exc}")
+        try:
+            # Every resource whose status changed, not only the one that asked:
+            # a new caller or publisher changes other services' conditions too.
+            await status.write_all(self.kube, result, services, routes)
+        except Exception:
+            logger.exception("writing statuses failed")
+        return result
+
+    # ------------------------------------------------------------ one pass
+
+    async def _load_keys(self) -> KeyRing:
+        if self._keys is None:
+            data = await kube.read_secret(self.kube, KEYS_SECRET, self.operator_namespace) or {}
+            revocations = data.pop(REVOCATIONS_KEY, "{}")
+            self._revocations = json.loads(revocations)
+            self._keys = KeyRing(data)
+        return self._keys
+
+    async def _save_keys(self, keys: KeyRing) -> None:
+        data = dict(keys.dump())
+        data[REVOCATIONS_KEY] = json.dumps(self._revocations, sort_keys=True)
+        await kube.write_secret(self.kube, KEYS_SECRET, self.operator_namespace, data, labels={})
+        keys.created.clear()
+
+    async def _pass(
+        self,
+        started: float,
+        services: list[tuple[NatsService, Mapping[str, Any]]],
+        routes: list[tuple[NatsRoute, Mapping[str, Any]]],
+    ) -> PassResult:
+        boot_data = await kube.read_secret(
+            self.kube, self.bootstrap_secret, self.operator_namespace
+        )
+        if boot_data is None:
+            return PassResult(
+                started=started,
+                fatal=f"bootstrap Secret {self.operator_namespace}/{self.bootstrap_secret} "
+                "not found: run `natsmesh bootstrap`",
+            )
+        boot = bootstrap_from_secret(boot_data)
+        mesh = plan(
+            [intents.service_intent(svc) for svc, _ in services],
+            [intents.route_intent(r) for r, _ in routes],
+        )
+        keys = await self._load_keys()
+        secrets = await kube.list_creds_secrets(self.kube)
+        wanted = {(str(s.metadata.namespace), str(s.metadata.name)) for s, _ in services}
+        stale = [
+            s
+            for s in secrets
+            if s.metadata is not None
+            and (
+                str(s.metadata.namespace),
+                (s.metadata.labels or {}).get(kube.LABEL_SERVICE, ""),
+            )
+            not in wanted
+        ]
+        # Users of deleted services are revoked in their account before the
+        # Secret goes, so a copied creds file stops working too.
+        for secret in stale:
+            self._revoke(secret)
+        try:
+            async with Applier(
+                url=self.nats_url,
+                operator=boot.operator,
+                system_creds=boot.system_user_creds,
+                keyring=keys,
+            ) as applier:
+                report = await applier.apply(mesh, prune=True, revocations=self._revocations)
+        except ApplyFailed as exc:
+            return PassResult(
+                started=started, plan=mesh, fatal=f"NATS unreachable at {self.nats_url}: {exc}"
+            )
+        if keys.created:
+            await self._save_keys(keys)
+        result = PassResult(started=started, plan=mesh, report=report)
+        by_key = {
+            (str(s.metadata.namespace), str(s.metadata.name)): s
+            for s in secrets
+            if s.metadata is not None
+        }
+        bodies = {(str(svc.metadata.namespace), str(svc.metadata.name)): b for svc, b in services}
+        for svc, _ in services:
+            key = (str(svc.metadata.namespace), str(svc.metadata.name))
+            result.creds[key] = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
+        for secret in stale:
+            assert secret.metadata is not None
+            await kube.delete_secret(
+                self.kube, str(secret.metadata.name), str(secret.metadata.namespace)
+            )
+        if stale:
+            await self._save_keys(keys)
+        METRICS.managed.labels(kind="NatsService").set(len(services))
+        METRICS.managed.labels(kind="NatsRoute").set(len(routes))
+        if report.changed:
+            logger.info("mesh pass applied %s", {k: len(v) for k, v in report.changes.items()})
+        return result
+
+    def _revoke(self, secret: Any) -> None:
+        data = kube.decode_secret(secret)
+        creds = data.get(CREDS_KEY)
+        if not creds:
+            return
+        try:
+            token, _ = jwt.parse_creds(creds)
+            decoded = jwt.decode(token, verify_signature=False)
+        except jwt.JwtError:
+            return
+        ns = str(secret.metadata.namespace)
+        self._revocations.setdefault(ns, {})[decoded.subject] = int(time.time())
+        logger.info("revoking user %s of %s/%s", decoded.subject, ns, secret.metadata.name)
+
+    async def _ensure_creds(
+        self,
+        svc: NatsService,
+        body: Mapping[str, Any],
+        mesh: MeshPlan,
+        keys: KeyRing,
+        existing: Mapping[tuple[str, str], Any],
+    ) -> CredsOutcome:
+        ns, name = str(svc.metadata.namespace), str(svc.metadata.name)
+        try:
+            user = mesh.user(ns, name)
+        except KeyError:
+            problems = mesh.problems_for("NatsService", ns, name)
+            why = "; ".join(p.message for p in problems) or "the service has no NATS user"
+            return CredsOutcome(False, "NoUser", why)
+        account = keys.account(ns)
+        secret_name = creds_secret_name(name)
+        secret = existing.get((ns, secret_name))
+        current = kube.decode_secret(secret).get(CREDS_KEY) if secret is not None else None
+        why = users.needs_reissue(current, user, account.public)
+        if not why:
+            return CredsOutcome(True, "CredentialsIssued", f"Secret {secret_name} is current")
+        user_key = None
+        if current:
+            try:
+                # Same identity, new JWT: permission changes need no new key.
+                user_key = Key.from_seed(jwt.parse_creds(current)[1], Role.USER)
+            except (jwt.JwtError, ValueError):
+                user_key = None
+        issued = users.issue(user, account, user_key=user_key)
+        try:
+            await kube.write_secret(
+                self.kube,
+                secret_name,
+                ns,
+                {CREDS_KEY: issued.creds},
+                labels={kube.LABEL_CREDS: "true", kube.LABEL_SERVICE: name},
+                owner=kube.owner_reference(body),
+            )
+        except Exception as exc:
+            return CredsOutcome(False, "SecretWriteFailed", f"writing Secret {secret_name}: {exc}")
+        METRICS.creds_issued.inc()
+        logger.info("issued creds for %s/%s (%s)", ns, name, why)
+        return CredsOutcome(True, "CredentialsIssued", f"Secret {secret_name} issued ({why})")
+
+    # ------------------------------------------------------------ endpoints
+
+    async def endpoints(self, namespace: str, *, wait: float = 0.3) -> dict[tuple[str, str], int]:
+        """Live sidecars per ``(service, version)``: replies to ``$SRV.PING`` in the account.
+
+        Cached for a few seconds per namespace, so N services' timers cost
+        one ping per namespace, not N.
+        """
+        cached = self._endpoints.get(namespace)
+        if cached is not None and time.monotonic() - cached[0] < ENDPOINTS_CACHE_SECONDS:
+            return cached[1]
+        keys = await self._load_keys()
+        counts: dict[tuple[str, str], int] = {}
+        nc = await connect_creds(self.nats_url, admin_creds(keys.account(namespace)))
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("$SRV.PING", b"", reply=inbox)
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except TimeoutError:
+                    break
+                try:
+                    info = json.loads(msg.data)
+                    meta = info.get("metadata") or {}
+                    key = (str(info["name"]), str(meta.get("version", "")))
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if meta.get("natsmesh.io/sidecar") == "true":
+                    counts[key] = counts.get(key, 0) + 1
+        finally:
+            await nc.close()
+        self._endpoints[namespace] = (time.monotonic(), counts)
+        return counts

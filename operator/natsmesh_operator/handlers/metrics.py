@@ -1,0 +1,60 @@
+"""Prometheus metrics of the operator (served on the metrics port at /metrics).
+
+A registry of our own, not the global one, so tests can read exact values and
+nothing a library registers leaks into the operator's exposition.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.reconciles = Counter(
+            "natsmesh_operator_reconciles",
+            "Handler runs by kind and result",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.reconcile_duration = Histogram(
+            "natsmesh_operator_reconcile_duration_seconds",
+            "Handler duration by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.passes = Counter(
+            "natsmesh_operator_mesh_passes", "Mesh passes by result", ["result"], registry=r
+        )
+        self.pass_duration = Histogram(
+            "natsmesh_operator_mesh_pass_duration_seconds", "Mesh pass duration", registry=r
+        )
+        self.managed = Gauge(
+            "natsmesh_operator_managed_objects", "Managed resources by kind", ["kind"], registry=r
+        )
+        self.creds_issued = Counter(
+            "natsmesh_operator_creds_issued", "Creds Secrets issued or re-issued", registry=r
+        )
+        self.admissions = Counter(
+            "natsmesh_operator_webhook_admissions",
+            "Admission reviews by webhook and outcome",
+            ["webhook", "outcome"],
+            registry=r,
+        )
+        self.admission_duration = Histogram(
+            "natsmesh_operator_webhook_duration_seconds",
+            "Admission review duration",
+            ["webhook"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.rollouts = Counter(
+            "natsmesh_operator_rollout_restarts",
+            "Workloads restarted for (un)injection",
+            ["kind"],
+            registry=r,
+        )
+
+
+METRICS = OperatorMetrics()

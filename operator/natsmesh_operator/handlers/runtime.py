@@ -1,0 +1,187 @@
+"""What the handlers share while the operator runs: clients, the reconciler, servers.
+
+Built in kopf's startup handler (so everything lives on kopf's event loop)
+and kept in ``memo.runtime``; closed in the cleanup handler.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from lightkube import AsyncClient
+from lightkube.core.exceptions import ApiError
+from lightkube.models.admissionregistration_v1 import (
+    MutatingWebhook,
+    RuleWithOperations,
+    ValidatingWebhook,
+    WebhookClientConfig,
+)
+from lightkube.models.meta_v1 import LabelSelector, LabelSelectorRequirement, ObjectMeta
+from lightkube.resources.admissionregistration_v1 import (
+    MutatingWebhookConfiguration,
+    ValidatingWebhookConfiguration,
+)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from natsmesh_operator.api import GROUP, VERSION
+from natsmesh_operator.handlers import kube as kube_mod
+from natsmesh_operator.handlers.mesh import MeshReconciler
+from natsmesh_operator.handlers.metrics import METRICS
+from natsmesh_operator.settings import OperatorSettings
+from natsmesh_operator.webhook.server import WebhookServer
+from natsmesh_operator.webhook.tls import ServingCert
+
+logger = logging.getLogger(__name__)
+
+WEBHOOK_CONFIG_NAME = "natsmesh-local"
+
+
+@dataclass
+class Runtime:
+    settings: OperatorSettings
+    kube: AsyncClient
+    mesh: MeshReconciler
+    webhook: WebhookServer | None = None
+    _metrics_runner: web.AppRunner | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, settings: OperatorSettings) -> Runtime:
+        kube = kube_mod.client_from_env()
+        mesh = MeshReconciler(
+            kube_client=kube,
+            nats_url=settings.nats.url,
+            operator_namespace=settings.namespace,
+            bootstrap_secret=settings.nats.bootstrap_secret,
+        )
+        webhook = None
+        if settings.webhook.enabled:
+            cert_dir = settings.webhook.cert_dir
+            webhook = WebhookServer(
+                kube=kube,
+                injection=settings.injection,
+                operator_namespace=settings.namespace,
+                cert=ServingCert(cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key")
+                if cert_dir
+                else None,
+                addr=settings.webhook.addr,
+                port=settings.webhook.port,
+            )
+        return cls(settings=settings, kube=kube, mesh=mesh, webhook=webhook)
+
+    async def start(self) -> None:
+        self.mesh.start()
+        await self._start_metrics()
+        if self.webhook is not None:
+            await self.webhook.start()
+            if self.settings.webhook.self_register_url:
+                await self.register_webhooks(self.settings.webhook.self_register_url)
+
+    async def stop(self) -> None:
+        await self.mesh.stop()
+        if self.webhook is not None:
+            await self.webhook.stop()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        await self.kube.close()
+
+    # ------------------------------------------------------------ metrics/health
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        body = generate_latest(METRICS.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _health(self, _: web.Request) -> web.Response:
+        last = self.mesh.last
+        if last is not None and last.fatal:
+            # Alive (a restart would not help), but say why we are degraded.
+            return web.json_response({"status": "degraded", "reason": last.fatal})
+        return web.json_response({"status": "ok"})
+
+    async def _start_metrics(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._health)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        port = self.settings.metrics_port
+        await web.TCPSite(self._metrics_runner, "0.0.0.0", port).start()
+        logger.info("metrics and health on :%s", port)
+
+    # ------------------------------------------------------------ local test bed
+
+    async def register_webhooks(self, url: str) -> None:
+        """Write webhook configurations pointing at ``url`` (the chart does this in a cluster)."""
+        cert = self.webhook.cert if self.webhook else None
+        ca_b64 = base64.b64encode(cert.ca_bundle()).decode() if cert else None
+        not_ours = LabelSelectorRequirement(
+            key="kubernetes.io/metadata.name",
+            operator="NotIn",
+            values=[self.settings.namespace, "kube-system"],
+        )
+        mutating = MutatingWebhookConfiguration(
+            metadata=ObjectMeta(name=WEBHOOK_CONFIG_NAME),
+            webhooks=[
+                MutatingWebhook(
+                    name="inject.natsmesh.io",
+                    admissionReviewVersions=["v1"],
+                    sideEffects="None",
+                    failurePolicy=self.settings.webhook.failure_policy,
+                    timeoutSeconds=5,
+                    reinvocationPolicy="Never",
+                    clientConfig=WebhookClientConfig(url=f"{url}/inject", caBundle=ca_b64),
+                    namespaceSelector=LabelSelector(
+                        matchLabels={"natsmesh.io/inject": "enabled"},
+                        matchExpressions=[not_ours],
+                    ),
+                    rules=[
+                        RuleWithOperations(
+                            apiGroups=[""],
+                            apiVersions=["v1"],
+                            operations=["CREATE"],
+                            resources=["pods"],
+                            scope="Namespaced",
+                        )
+                    ],
+                )
+            ],
+        )
+        validating = ValidatingWebhookConfiguration(
+            metadata=ObjectMeta(name=WEBHOOK_CONFIG_NAME),
+            webhooks=[
+                ValidatingWebhook(
+                    name="validate.natsmesh.io",
+                    admissionReviewVersions=["v1"],
+                    sideEffects="None",
+                    failurePolicy=self.settings.webhook.failure_policy,
+                    timeoutSeconds=5,
+                    clientConfig=WebhookClientConfig(url=f"{url}/validate", caBundle=ca_b64),
+                    rules=[
+                        RuleWithOperations(
+                            apiGroups=[GROUP],
+                            apiVersions=[VERSION],
+                            operations=["CREATE", "UPDATE"],
+                            resources=["natsservices", "natsroutes"],
+                            scope="Namespaced",
+                        )
+                    ],
+                )
+            ],
+        )
+        for obj in (mutating, validating):
+            await self.kube.apply(obj, force=True)
+        logger.info("registered webhooks at %s", url)
+
+    async def unregister_webhooks(self) -> None:
+        for kind in (MutatingWebhookConfiguration, ValidatingWebhookConfiguration):
+            with contextlib.suppress(ApiError):
+                await self.kube.delete(kind, WEBHOOK_CONFIG_NAME)
+
+
+def from_memo(memo: Any) -> Runtime:
+    runtime: Runtime = memo.runtime
+    return runtime

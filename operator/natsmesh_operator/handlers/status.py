@@ -1,0 +1,229 @@
+"""Status conditions from a mesh pass, per the Kubernetes API conventions.
+
+Pure functions: a pass result and the resource in, the new ``status.conditions``
+out. ``lastTransitionTime`` only moves when a condition's status changes, so
+a drift check that finds everything well writes nothing new.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lightkube import AsyncClient
+from lightkube.core.exceptions import ApiError
+from lightkube.types import PatchType
+
+from natsmesh_operator.api import NatsRoute, NatsService
+from natsmesh_operator.handlers import kube
+from natsmesh_operator.handlers.intents import service_name
+from natsmesh_operator.wiring.errors import Problem
+from natsmesh_sidecar import subjects
+
+if TYPE_CHECKING:
+    from natsmesh_operator.handlers.mesh import PassResult
+
+logger = logging.getLogger(__name__)
+
+JsonDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: str
+    ok: bool
+    reason: str
+    message: str
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge(
+    previous: Sequence[Mapping[str, Any]], new: Iterable[Cond], generation: int
+) -> list[JsonDict]:
+    """New conditions, keeping ``lastTransitionTime`` of unchanged statuses."""
+    old = {c.get("type"): c for c in previous}
+    out: list[JsonDict] = []
+    stamp = now()
+    for c in new:
+        status = "True" if c.ok else "False"
+        before = old.get(c.type)
+        since = (
+            before.get("lastTransitionTime", stamp)
+            if before is not None and before.get("status") == status
+            else stamp
+        )
+        out.append(
+            {
+                "type": c.type,
+                "status": status,
+                "reason": c.reason,
+                "message": c.message[:32000],
+                "lastTransitionTime": since,
+                "observedGeneration": generation,
+            }
+        )
+    return out
+
+
+def _problems(problems: Iterable[Problem], condition: str) -> list[Problem]:
+    return [p for p in problems if p.condition == condition]
+
+
+def service_conditions(result: PassResult, namespace: str, name: str) -> list[Cond]:
+    """CredentialsReady, StreamsReady, RoutesReady and the summary Ready."""
+    if result.fatal:
+        retry = Cond("Ready", False, "NatsUnavailable", result.fatal)
+        return [
+            Cond("CredentialsReady", False, "NatsUnavailable", result.fatal),
+            Cond("StreamsReady", False, "NatsUnavailable", result.fatal),
+            Cond("RoutesReady", False, "NatsUnavailable", result.fatal),
+            retry,
+        ]
+    assert result.plan is not None
+    problems = result.plan.problems_for("NatsService", namespace, name)
+    errors = result.namespace_errors(namespace)
+    creds = result.creds.get((namespace, name))
+    conds = [
+        Cond("CredentialsReady", creds.ok, creds.reason, creds.message)
+        if creds
+        else Cond("CredentialsReady", False, "Pending", "creds not issued yet"),
+    ]
+    stream_problems = _problems(problems, "StreamsReady")
+    js_errors = [e for e in errors if "stream" in e or "consumer" in e or "jetstream" in e]
+    if stream_problems or js_errors:
+        why = "; ".join([p.message for p in stream_problems] + js_errors)
+        conds.append(Cond("StreamsReady", False, "StreamsFailed", why))
+    else:
+        conds.append(Cond("StreamsReady", True, "StreamsApplied", "streams and consumers match"))
+    route_problems = _problems(problems, "RoutesReady")
+    if route_problems:
+        conds.append(
+            Cond("RoutesReady", False, route_problems[0].reason, route_problems[0].message)
+        )
+    else:
+        conds.append(Cond("RoutesReady", True, "TableStored", "route table stored in KV"))
+    other = [p for p in problems if p.condition not in ("StreamsReady", "RoutesReady")]
+    failing = [c for c in conds if not c.ok]
+    if other:
+        conds.append(Cond("Ready", False, other[0].reason, "; ".join(p.message for p in other)))
+    elif failing:
+        conds.append(Cond("Ready", False, failing[0].reason, failing[0].message))
+    elif errors:
+        conds.append(Cond("Ready", False, "ApplyFailed", "; ".join(errors)))
+    else:
+        conds.append(Cond("Ready", True, "Reconciled", "NATS user, streams and routes applied"))
+    return conds
+
+
+def route_conditions(result: PassResult, namespace: str, name: str) -> list[Cond]:
+    if result.fatal:
+        return [Cond("Ready", False, "NatsUnavailable", result.fatal)]
+    assert result.plan is not None
+    problems = result.plan.problems_for("NatsRoute", namespace, name)
+    if problems:
+        return [Cond("Ready", False, problems[0].reason, "; ".join(p.message for p in problems))]
+    errors = result.namespace_errors(namespace)
+    if errors:
+        return [Cond("Ready", False, "ApplyFailed", "; ".join(errors))]
+    return [Cond("Ready", True, "Compiled", "compiled into the callers' route tables")]
+
+
+def _same(conditions: Sequence[Mapping[str, Any]], previous: Sequence[Mapping[str, Any]]) -> bool:
+    def key(cs: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted(
+            (
+                c.get("type"),
+                c.get("status"),
+                c.get("reason"),
+                c.get("message"),
+                c.get("observedGeneration"),
+            )
+            for c in cs
+        )
+
+    return key(conditions) == key(previous)
+
+
+def service_status(
+    result: PassResult, svc: NatsService, current: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The status fields to write, or {} when nothing changed."""
+    ns, name = str(svc.metadata.namespace), str(svc.metadata.name)
+    generation = int(svc.metadata.generation or 0)
+    previous = current.get("conditions") or []
+    conditions = merge(previous, service_conditions(result, ns, name), generation)
+    wanted: dict[str, Any] = {
+        "subject": subjects.request_subject(ns, service_name(svc), svc.spec.version),
+        "observedGeneration": generation,
+    }
+    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+    if not _same(conditions, previous):
+        changed["conditions"] = conditions
+    return changed
+
+
+def route_status(
+    result: PassResult, route: NatsRoute, current: Mapping[str, Any]
+) -> dict[str, Any]:
+    ns, name = str(route.metadata.namespace), str(route.metadata.name)
+    generation = int(route.metadata.generation or 0)
+    previous = current.get("conditions") or []
+    conditions = merge(previous, route_conditions(result, ns, name), generation)
+    wanted: dict[str, Any] = {"ruleCount": len(route.spec.rules), "observedGeneration": generation}
+    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+    if not _same(conditions, previous):
+        changed["conditions"] = conditions
+    return changed
+
+
+async def write_all(
+    client: AsyncClient,
+    result: PassResult,
+    services: Sequence[tuple[NatsService, Mapping[str, Any]]],
+    routes: Sequence[tuple[NatsRoute, Mapping[str, Any]]],
+) -> int:
+    """Patch the status of every resource whose status changed; returns how many."""
+    writes = 0
+    todo: list[tuple[Any, str, str, dict[str, Any]]] = []
+    for svc, body in services:
+        fields = service_status(result, svc, body.get("status") or {})
+        if fields:
+            todo.append(
+                (
+                    kube.NatsServiceRes.Status,
+                    str(svc.metadata.name),
+                    str(svc.metadata.namespace),
+                    fields,
+                )
+            )
+    for route, body in routes:
+        fields = route_status(result, route, body.get("status") or {})
+        if fields:
+            todo.append(
+                (
+                    kube.NatsRouteRes.Status,
+                    str(route.metadata.name),
+                    str(route.metadata.namespace),
+                    fields,
+                )
+            )
+    for res, name, namespace, fields in todo:
+        try:
+            await client.patch(
+                res,
+                name,
+                {"status": fields},
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+            )
+            writes += 1
+        except ApiError as exc:
+            if exc.status.code != 404:  # deleted meanwhile: nothing to report on
+                logger.warning("writing status of %s/%s failed: %s", namespace, name, exc)
+    return writes

@@ -1,0 +1,98 @@
+"""``natsmesh operator``: run the kopf operator, the webhook server and metrics.
+
+Configuration comes from ``NATSMESH_*`` variables (see
+:mod:`natsmesh_operator.settings`); the Helm chart and the local test bed
+set the same ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import sys
+from typing import Any
+
+import kopf
+
+from natsmesh_operator.handlers import route, service
+from natsmesh_operator.handlers.runtime import Runtime, from_memo
+from natsmesh_operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+FINALIZER = "natsmesh.io/finalizer"
+
+
+def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        cfg: OperatorSettings = memo.config
+        settings.persistence.finalizer = FINALIZER
+        # Our CRDs' status schema is strict (no `status.kopf`), so kopf keeps
+        # its progress and last-handled state in annotations.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="natsmesh.io"
+        )
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="natsmesh.io", key="last-handled-configuration"
+        )
+        settings.posting.level = logging.INFO
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.peering.name = cfg.peering or "natsmesh"
+        settings.peering.mandatory = cfg.peering is not None
+        settings.peering.standalone = cfg.peering is None
+        runtime = Runtime.build(cfg)
+        memo.runtime = runtime
+        await runtime.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        await from_memo(memo).stop()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # No Kubernetes client library is installed (lightkube is ours), so
+        # kopf's own minimal login: the pod's service account, else KUBECONFIG.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    service.register(registry, settings)
+    route.register(registry, settings)
+    return registry
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="natsmesh operator", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    settings = OperatorSettings.from_env()
+    log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(verbose=args.verbose, log_format=log_format)
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logger.info(
+        "natsmesh operator starting: %s",
+        {k: v for k, v in dataclasses.asdict(settings).items() if k != "injection"},
+    )
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    registry = build_registry(settings)
+    kopf.run(
+        registry=registry,
+        clusterwide=True,
+        standalone=settings.peering is None,
+        peering_name=settings.peering,
+        memo=kopf.Memo(config=settings),
+        liveness_endpoint=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,119 @@
+"""Operator settings: one dataclass per concern, read from ``NATSMESH_*`` variables.
+
+The Helm chart sets these variables; the local test bed sets them the same
+way, so the operator never has two configuration paths.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from natsmesh_operator.webhook.inject import InjectionSettings
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    """How the operator reaches NATS and where the bootstrap material lives."""
+
+    url: str = "nats://127.0.0.1:4222"
+    """NATS URL the operator connects to (as the system account's user)."""
+    bootstrap_secret: str = "natsmesh-nats-bootstrap"  # noqa: S105 - a Secret name
+    """Secret in the operator namespace made by ``natsmesh bootstrap``: the
+    operator seed (signs account JWTs) and the system user's creds."""
+    connect_timeout: float = 2.0
+    """Seconds per connection attempt; a failure is reported in conditions."""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """The admission webhook server."""
+
+    port: int = 9443
+    """HTTPS port of the webhook server."""
+    # All interfaces: the API server connects from outside the pod.
+    addr: str = "0.0.0.0"
+    """Listen address."""
+    cert_dir: Path | None = None
+    """Directory with ``tls.crt``, ``tls.key`` and ``ca.crt``; re-read on change."""
+    self_register_url: str | None = None
+    """Local test bed only: the operator writes its own webhook configurations
+    with this URL as clientConfig (the chart writes them in a cluster)."""
+    failure_policy: str = "Fail"
+    """failurePolicy of self-registered configurations."""
+    enabled: bool = True
+    """Serve admission at all."""
+
+
+@dataclass(frozen=True)
+class ReconcileSettings:
+    """Timing of reconciliation and drift repair."""
+
+    drift_interval: float = 60.0
+    """Seconds between drift checks of each NatsService (deleted Secrets,
+    streams or consumers are recreated)."""
+    retry_delay: float = 10.0
+    """Seconds before retrying after NATS or the API server failed."""
+    endpoints_interval: float = 15.0
+    """Seconds between live-endpoint counts ($SRV.PING) written to status."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    namespace: str = "natsmesh-system"
+    """The operator's own namespace: never injected, holds the bootstrap Secret."""
+    peering: str | None = "natsmesh"
+    """kopf peering name; None runs standalone (one replica, tests)."""
+    metrics_port: int = 8080
+    """Port of /metrics and /healthz."""
+    log_format: str = "json"
+    """``json`` or ``plain``."""
+    nats: NatsSettings = field(default_factory=NatsSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    injection: InjectionSettings = field(default_factory=InjectionSettings)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        e = os.environ if env is None else env
+
+        def get(name: str, default: str) -> str:
+            return e.get(f"NATSMESH_{name}", default)
+
+        nats_url = get("NATS_URL", NatsSettings.url)
+        cert_dir = e.get("NATSMESH_WEBHOOK_CERT_DIR")
+        peering = get("PEERING", "natsmesh")
+        return cls(
+            namespace=get("OPERATOR_NAMESPACE", cls.namespace),
+            peering=None if peering in ("", "none", "standalone") else peering,
+            metrics_port=int(get("METRICS_PORT", str(cls.metrics_port))),
+            log_format=get("LOG_FORMAT", cls.log_format),
+            nats=NatsSettings(
+                url=nats_url,
+                bootstrap_secret=get("BOOTSTRAP_SECRET", NatsSettings.bootstrap_secret),
+            ),
+            webhook=WebhookSettings(
+                port=int(get("WEBHOOK_PORT", str(WebhookSettings.port))),
+                addr=get("WEBHOOK_ADDR", WebhookSettings.addr),
+                cert_dir=Path(cert_dir) if cert_dir else None,
+                self_register_url=e.get("NATSMESH_WEBHOOK_SELF_REGISTER_URL") or None,
+                failure_policy=get("WEBHOOK_FAILURE_POLICY", WebhookSettings.failure_policy),
+                enabled=get("WEBHOOK_ENABLED", "true").lower() == "true",
+            ),
+            injection=InjectionSettings(
+                image=get("SIDECAR_IMAGE", InjectionSettings.image),
+                image_pull_policy=get(
+                    "SIDECAR_IMAGE_PULL_POLICY", InjectionSettings.image_pull_policy
+                ),
+                nats_url=get("SIDECAR_NATS_URL", nats_url),
+                cpu_request=get("SIDECAR_CPU_REQUEST", InjectionSettings.cpu_request),
+                memory_request=get("SIDECAR_MEMORY_REQUEST", InjectionSettings.memory_request),
+                memory_limit=get("SIDECAR_MEMORY_LIMIT", InjectionSettings.memory_limit),
+            ),
+            reconcile=ReconcileSettings(
+                drift_interval=float(get("DRIFT_INTERVAL", str(ReconcileSettings.drift_interval))),
+                retry_delay=float(get("RETRY_DELAY", str(ReconcileSettings.retry_delay))),
+            ),
+        )

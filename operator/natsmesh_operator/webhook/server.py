@@ -1,0 +1,196 @@
+"""The admission webhook server: ``POST /inject`` (pods) and ``POST /validate``.
+
+A small aiohttp app on kopf's event loop rather than kopf's admission
+support, because we need the request's namespace (a pod being created by a
+ReplicaSet may not carry one in its body), certificate reload on rotation
+(cert-manager renews files in place), and stateless answers any replica can
+give (the NatsServices of the namespace are read from the API server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from lightkube import AsyncClient
+from lightkube.resources.core_v1 import Pod
+
+from natsmesh_operator.api import NatsRoute, NatsService
+from natsmesh_operator.handlers import kube as kube_mod
+from natsmesh_operator.handlers.metrics import METRICS
+from natsmesh_operator.webhook import admission, inject
+from natsmesh_operator.webhook.tls import ServingCert
+
+logger = logging.getLogger(__name__)
+
+CERT_CHECK_SECONDS = 10.0
+
+
+async def _services(kube: AsyncClient, namespace: str) -> list[NatsService]:
+    out = []
+    async for obj in kube.list(kube_mod.NatsServiceRes, namespace=namespace):
+        body = kube_mod.body_of(obj)
+        if not body.get("metadata", {}).get("deletionTimestamp"):
+            out.append(NatsService.from_body(body))
+    return out
+
+
+class WebhookServer:
+    def __init__(
+        self,
+        *,
+        kube: AsyncClient,
+        injection: inject.InjectionSettings,
+        operator_namespace: str,
+        cert: ServingCert | None,
+        addr: str,
+        port: int,
+    ) -> None:
+        self.kube = kube
+        self.injection = injection
+        self.operator_namespace = operator_namespace
+        self.cert = cert
+        self.addr = addr
+        self.port = port
+        self._runner: web.AppRunner | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._cert_seen: tuple[float, float] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    # --------------------------------------------------------------- lifecycle
+
+    def _load_cert(self) -> None:
+        assert self.cert is not None
+        assert self._ssl is not None
+        self._ssl.load_cert_chain(str(self.cert.certfile), str(self.cert.keyfile))
+        self._cert_seen = self.cert.fingerprint()
+
+    async def _watch_cert(self) -> None:
+        assert self.cert is not None
+        while True:
+            await asyncio.sleep(CERT_CHECK_SECONDS)
+            try:
+                if self.cert.fingerprint() != self._cert_seen:
+                    # New handshakes use the new chain; open connections finish.
+                    self._load_cert()
+                    logger.info("webhook certificate reloaded from %s", self.cert.certfile)
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning("webhook certificate reload failed: %s", exc)
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_post("/inject", self.handle_inject)
+        app.router.add_post("/validate", self.handle_validate)
+        app.router.add_get("/healthz", self.handle_health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        if self.cert is not None:
+            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._load_cert()
+            self._watch = asyncio.create_task(self._watch_cert())
+        site = web.TCPSite(self._runner, self.addr, self.port, ssl_context=self._ssl)
+        await site.start()
+        logger.info("webhook server on %s:%s (tls=%s)", self.addr, self.port, bool(self._ssl))
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --------------------------------------------------------------- handlers
+
+    async def handle_health(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _review(self, request: web.Request) -> Mapping[str, Any]:
+        body = await request.json()
+        review = body.get("request")
+        if not isinstance(review, dict) or "uid" not in review:
+            raise web.HTTPBadRequest(text="not an AdmissionReview request")
+        return review
+
+    async def handle_inject(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        review = await self._review(request)
+        outcome = "skipped"
+        try:
+            response = await self.inject(review)
+            if "patch" in response["response"]:
+                outcome = "injected"
+        except Exception as exc:
+            # Never block pod creation on our own bug; failurePolicy decides
+            # for transport errors, this is the "answer but do nothing" path.
+            logger.exception("injection failed")
+            outcome = "error"
+            response = admission.review_response(
+                review["uid"], warnings=[f"natsmesh: sidecar not injected: {exc}"]
+            )
+        METRICS.admissions.labels(webhook="inject", outcome=outcome).inc()
+        METRICS.admission_duration.labels(webhook="inject").observe(time.perf_counter() - started)
+        return web.json_response(response)
+
+    async def inject(self, review: Mapping[str, Any]) -> dict[str, Any]:
+        uid = review["uid"]
+        pod = review.get("object") or {}
+        namespace = review.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+        if (
+            not namespace
+            or namespace == self.operator_namespace
+            or namespace in admission.NEVER_INJECTED
+            or review.get("operation") != "CREATE"
+            or not inject.wants_injection(pod)
+        ):
+            return admission.review_response(uid)
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        owner = admission.owner_of(labels, await _services(self.kube, namespace))
+        if owner is None:
+            return admission.review_response(uid)
+        changes = inject.injection(pod, admission.target_of(owner), self.injection)
+        return admission.review_response(uid, patch=admission.json_patch(changes))
+
+    async def handle_validate(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        review = await self._review(request)
+        try:
+            response = await self.validate(review)
+            outcome = "allowed" if response["response"]["allowed"] else "denied"
+        except Exception as exc:
+            logger.exception("validation failed")
+            outcome = "error"
+            response = admission.review_response(
+                review["uid"], warnings=[f"natsmesh: cross-resource validation skipped: {exc}"]
+            )
+        METRICS.admissions.labels(webhook="validate", outcome=outcome).inc()
+        METRICS.admission_duration.labels(webhook="validate").observe(time.perf_counter() - started)
+        return web.json_response(response)
+
+    async def validate(self, review: Mapping[str, Any]) -> dict[str, Any]:
+        uid = review["uid"]
+        obj = review.get("object")
+        if not obj or review.get("operation") not in ("CREATE", "UPDATE"):
+            return admission.review_response(uid)
+        namespace = review.get("namespace") or obj.get("metadata", {}).get("namespace")
+        services = await _services(self.kube, namespace)
+        if obj.get("kind") == "NatsRoute":
+            route = NatsRoute.from_body(obj)
+            return admission.review_response(
+                uid, warnings=admission.route_warnings(route, services)
+            )
+        svc = NatsService.from_body(obj)
+        pods = [
+            dict((p.metadata.labels if p.metadata else None) or {})
+            async for p in self.kube.list(Pod, namespace=namespace)
+        ]
+        errors = admission.validate_service(svc, services, pods)
+        if errors:
+            return admission.review_response(uid, allowed=False, message="; ".join(errors))
+        return admission.review_response(uid)
