@@ -218,6 +218,34 @@ def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen
     )
 
 
+def profile(out: str, pids: dict[str, int], seconds: float) -> list[subprocess.Popen[bytes]]:
+    """Attach py-spy (a local dev tool, not a dependency) to each sidecar for ``seconds``."""
+    spy = Path(sys.executable).parent / "py-spy"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                str(spy),
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(int(seconds)),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                str(Path(out) / f"sidecar-{k}.txt"),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for k, pid in pids.items()
+    ]
+
+
 async def wait_port(port: int, within: float = 15.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -338,6 +366,14 @@ async def main(args: argparse.Namespace) -> int:
         peak = {"A": 0.0, "B": 0.0}
         for name, t in targets.items():
             cpu0 = (cpu_seconds(sidecar_a.pid), cpu_seconds(sidecar_b.pid))
+            who = {
+                "nats-server": procs[0].pid,
+                "app": procs[1].pid,
+                "responder": procs[2].pid,
+                "load generator": os.getpid(),
+            }
+            box0 = {k: cpu_seconds(pid) for k, pid in who.items()}
+            t_box = time.perf_counter()
             sampler_stop = asyncio.Event()
 
             async def sample(stop: asyncio.Event) -> None:
@@ -347,10 +383,17 @@ async def main(args: argparse.Namespace) -> int:
                     await asyncio.sleep(0.2)
 
             sampler = asyncio.create_task(sample(sampler_stop))
+            spies = []
+            if args.profile and name == "sidecars":
+                spies = profile(args.profile, {"A": sidecar_a.pid, "B": sidecar_b.pid}, phase + 1)
             rps, lat, err = await max_throughput(t.call, CONNS, phase + 2)  # type: ignore[attr-defined]
             sampler_stop.set()
             await sampler
+            for spy in spies:
+                spy.wait(30)
             cpu1 = (cpu_seconds(sidecar_a.pid), cpu_seconds(sidecar_b.pid))
+            box_s = time.perf_counter() - t_box
+            box = {k: (cpu_seconds(pid) - box0[k]) / box_s for k, pid in who.items()}
             rows[name]["max"] = {
                 "rps": rps,
                 "p50": pct(lat, 50),
@@ -359,6 +402,7 @@ async def main(args: argparse.Namespace) -> int:
             }
             if name == "sidecars":
                 dur = phase + 2
+                rows[name]["max"]["other_cpu"] = box  # type: ignore[index]
                 rows[name]["max"]["sidecar_cpu"] = {  # type: ignore[index]
                     "A": (cpu1[0] - cpu0[0]) / dur,
                     "B": (cpu1[1] - cpu0[1]) / dur,
@@ -420,6 +464,13 @@ def report(r: dict[str, object]) -> None:
             if cpu[k] > 0:
                 per_core = rps / cpu[k]
                 print(f"  sidecar {k}: {cpu[k]:.2f} cores busy -> {per_core:.0f} req/s per core")
+    other = paths["sidecars"]["max"].get("other_cpu")
+    if isinstance(other, dict) and isinstance(cpu, dict):
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in other.items())
+        total = sum(other.values()) + cpu["A"] + cpu["B"]
+        print(
+            f"  cores busy during that run: {parts}; with the sidecars {total:.2f} of {r['cpus']}"
+        )
     idle: dict[str, float] = r["rss_idle_mb"]  # type: ignore[assignment]
     loaded: dict[str, float] = r["rss_loaded_mb"]  # type: ignore[assignment]
     print(
@@ -438,6 +489,12 @@ def cli() -> int:
         "--access-log", action="store_true", help="keep the sidecars' access log on (to /dev/null)"
     )
     parser.add_argument("--json", help="also write the figures as JSON here")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy (pip install py-spy) the sidecars during the max-throughput run; "
+        "raw collapsed stacks go to DIR/sidecar-{A,B}.txt",
+    )
     args = parser.parse_args()
     import uvloop
 

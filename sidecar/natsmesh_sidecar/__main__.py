@@ -39,7 +39,7 @@ def _block_websocket_deps(nats_url: str) -> None:
 
 
 def _trim_heap() -> None:
-    """Hand back to the OS what import-time work (pydantic schema building) freed.
+    """Hand back to the OS what import-time work freed.
 
     About 1 MB of RSS on glibc; a no-op elsewhere.
     """
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _block_websocket_deps(os.environ.get("NATSMESH_NATS_URL", ""))
     from natsmesh_sidecar.app import Sidecar
-    from natsmesh_sidecar.config import SidecarSettings
+    from natsmesh_sidecar.wire import Settings
 
     try:
-        settings = SidecarSettings.from_env()
+        settings = Settings.from_env()
     except ValueError as exc:
         logger.error("invalid NATSMESH_* settings: %s", exc)
         return 2

@@ -27,13 +27,20 @@ import nats
 from nats import errors as nats_errors
 
 from natsmesh_sidecar import accesslog, permissions, resilience, subjects
-from natsmesh_sidecar.config import CircuitBreaker, Delivery, MeshTable, SidecarSettings
 from natsmesh_sidecar.events import EventConsumer, EventPublisher
 from natsmesh_sidecar.inbound import AppPool, InboundHandler
 from natsmesh_sidecar.metrics import AdminServer, Metrics
 from natsmesh_sidecar.micro import MicroService
+from natsmesh_sidecar.natsfast import FastPath, violation_subject
 from natsmesh_sidecar.outbound import OutboundHandler, OutboundServer
-from natsmesh_sidecar.table import Router, empty_table, read_bytes, watch_file, watch_kv
+from natsmesh_sidecar.table import KvWatch, Router, empty_table, read_bytes, watch_file
+from natsmesh_sidecar.wire import (
+    CircuitBreaker,
+    Delivery,
+    Settings,
+    coerce_table,
+    parse_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +53,8 @@ HEADER_ROOM = 16 * 1024
 class Sidecar:
     def __init__(
         self,
-        settings: SidecarSettings,
-        table: MeshTable | None = None,
+        settings: object,
+        table: object | None = None,
         *,
         access_log: bool = True,
         header_timeout: float = 10.0,
@@ -55,7 +62,9 @@ class Sidecar:
         creds_poll: float = 2.0,
         table_poll: float = 1.0,
     ) -> None:
-        self.settings = settings
+        # config.SidecarSettings / config.MeshTable (tests, tools) are accepted
+        # and converted: the sidecar itself runs on the pydantic-free wire types.
+        settings = self.settings = Settings.coerce(settings)
         self.source = subjects.host_of(settings.namespace, settings.service)
         self.subject = subjects.request_subject(
             settings.namespace, settings.service, settings.version
@@ -65,10 +74,15 @@ class Sidecar:
         self.creds_poll = creds_poll
         self.table_poll = table_poll
         self.metrics = Metrics()
-        self._static_table = table
-        self.router = Router(table or empty_table(settings.namespace, settings.service))
+        self._static_table = None if table is None else coerce_table(table)
+        self.router = Router(
+            self._static_table or empty_table(settings.namespace, settings.service)
+        )
         self.permissions = permissions.Permissions.allow_all()
         self.nc: Any = None
+        self.fast: FastPath | None = None
+        self.creds: permissions.Creds | None = None
+        self.kv_watch: KvWatch | None = None
         self._js: Any = None
         self.sub: Any = None
         self.breakers: dict[str, resilience.Breaker] = {}
@@ -79,6 +93,9 @@ class Sidecar:
             OutboundHandler(self), header_timeout=header_timeout, idle_timeout=idle_timeout
         )
         self.admin = AdminServer(self.metrics, self.healthy, self.ready)
+        # Read at scrape time: no lock and no call per request.
+        self.metrics.inflight_out.set_function(lambda: float(self.outbound.handler.inflight))
+        self.metrics.inflight_in.set_function(lambda: float(self.inbound.pending()))
         self.micro = MicroService(
             name=settings.service,
             instance_id=self.instance_id,
@@ -147,7 +164,9 @@ class Sidecar:
 
     # -- table ----------------------------------------------------------------
 
-    def apply_table(self, table: MeshTable) -> None:
+    def apply_table(self, table: object) -> None:
+        """Swap in a table (a wire.MeshTable, or a config.MeshTable from tests/tools)."""
+        table = coerce_table(table)
         s = self.settings
         if table.namespace != s.namespace or table.service != s.service:
             logger.error(
@@ -203,10 +222,11 @@ class Sidecar:
         s = self.settings
         accesslog.setup(self.access_log)
         if s.creds_file:
-            self.permissions = permissions.from_creds_file(s.creds_file)
+            self.creds = permissions.Creds.read(s.creds_file)
+            self.permissions = self.creds.permissions
         if self._static_table is None and s.table_file:
             try:
-                self.apply_table(MeshTable.from_json(read_bytes(s.table_file)))
+                self.apply_table(parse_table(read_bytes(s.table_file)))
             except (OSError, ValueError) as exc:
                 logger.error("table file %s unusable at start: %s", s.table_file, exc)
             self._spawn(watch_file(s.table_file, self.apply_table, self.table_poll, self._stop))
@@ -254,8 +274,10 @@ class Sidecar:
             # The user may only read replies under its own inbox prefix.
             "inbox_prefix": subjects.inbox_prefix(s.service),
         }
-        if s.creds_file:
-            opts["user_credentials"] = s.creds_file
+        if self.creds is not None:
+            # Signed from the in-memory copy checked when the file was read.
+            opts["user_jwt_cb"] = self._user_jwt
+            opts["signature_cb"] = self._sign
         while not self._stop.is_set():
             try:
                 nc = await nats.connect(**opts)
@@ -269,21 +291,30 @@ class Sidecar:
         self.nc = nc
         self._js = None
         self.metrics.nats_connected.set(1)
-        self.sub = await nc.subscribe(
-            self.subject,
-            queue=subjects.queue_group(s.service),
-            cb=self.inbound.on_msg,
-            pending_msgs_limit=65536,
-            pending_bytes_limit=256 * 1024 * 1024,
+        fast = FastPath(nc)
+        await fast.start(subjects.inbox_prefix(s.service))
+        self.fast = fast
+        self.sub = await fast.subscribe(
+            self.subject, subjects.queue_group(s.service), self.inbound.on_msg
         )
         await self.micro.start(nc)
         await nc.flush()
         logger.info("connected to %s; serving %s", s.nats_url, self.subject)
         if self._static_table is None and not s.table_file:
-            self._spawn(
-                watch_kv(self.js(), s.service, self.apply_table, self._delete_table, self._stop)
-            )
+            self.kv_watch = KvWatch(s.service, self.apply_table, self._delete_table)
+            try:
+                await self.kv_watch.start(nc)
+            except Exception as exc:
+                logger.error("route table watch on %s failed: %s", self.kv_watch.subject, exc)
         self._sync_consumers()
+
+    def _user_jwt(self) -> bytearray:
+        assert self.creds is not None
+        return self.creds.user_jwt()
+
+    def _sign(self, nonce: str) -> bytes:
+        assert self.creds is not None
+        return self.creds.sign(nonce)
 
     async def _watch_creds(self, path: str) -> None:
         """Poll the mounted creds (Secrets update in place) and reconnect on change."""
@@ -296,14 +327,18 @@ class Sidecar:
                 continue
             last = now
             try:
-                self.permissions = permissions.from_creds_file(path)
+                creds = permissions.Creds.read(path)
             except (OSError, ValueError) as exc:
                 logger.error("new creds at %s unreadable (%s); keeping the current ones", path, exc)
                 continue
+            if self.creds is not None and creds.jwt == self.creds.jwt:
+                continue
+            self.creds = creds
+            self.permissions = creds.permissions
             nc = self.nc
             if nc is not None:
-                # nats-py reads the creds file on every (re)connect: a reconnect
-                # presents the new JWT; subscriptions are restored by the client.
+                # The connection signs with self.creds: a reconnect presents the
+                # new JWT; nats-py restores the subscriptions.
                 logger.info("creds changed; reconnecting with the new user JWT")
                 await nc.force_reconnect()
 
@@ -319,6 +354,13 @@ class Sidecar:
         del self._async_errors[:-50]
         if kind == "permissions_violation":
             logger.error("NATS %s", text)
+            found = violation_subject(text)
+            if found is not None and found[0] == "publish":
+                # The server refused what our JWT view allowed: answer the
+                # waiting requests now (403, not a timeout) and refuse it up front.
+                self.permissions.learn_denied(found[1])
+                if self.fast is not None:
+                    self.fast.fail_subject(found[1])
         else:
             logger.warning("NATS async error: %s", text or type(exc).__name__)
 
@@ -330,6 +372,8 @@ class Sidecar:
         nc = self.nc
         # Requests already sent will never get their reply on this connection:
         # fail them now instead of letting each wait out its timeout.
+        if self.fast is not None:
+            self.fast.fail_all()
         resp_map = getattr(nc, "_resp_map", None) or {}
         for fut in list(resp_map.values()):
             if not fut.done():
@@ -339,13 +383,16 @@ class Sidecar:
         self.metrics.nats_connected.set(1)
         self.metrics.nats_reconnects.inc()
         logger.info("NATS reconnected")
+        if self.kv_watch is not None and self.nc is not None:
+            # Puts made while we were away are not replayed to a subscription.
+            self._spawn(self.kv_watch.refresh(self.nc))
 
     async def _on_closed(self) -> None:
         self.metrics.nats_connected.set(0)
 
     def inflight(self) -> int:
         consumers = sum(c.inflight for c in self.consumers.values())
-        return self.outbound.handler.inflight + self.inbound.inflight + consumers
+        return self.outbound.handler.inflight + self.inbound.pending() + consumers
 
     async def stop(self) -> None:
         """Drain: take no new work, finish in-flight within the grace period, close."""

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 
 logger = logging.getLogger(__name__)
@@ -159,7 +158,13 @@ def valid_method(method: str) -> bool:
 
 
 def new_request_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID string; ``str(uuid.uuid4())`` costs about 3x more."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+#: RFC 4122 variant bits (10xx) on the first hex digit of the fourth group.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def next_traceparent(incoming: str | None) -> str:

@@ -24,8 +24,8 @@ from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
 from natsmesh_sidecar import accesslog, codec, subjects
-from natsmesh_sidecar.config import Delivery
 from natsmesh_sidecar.inbound import AppError, AppPool
+from natsmesh_sidecar.wire import Delivery
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg

@@ -21,13 +21,15 @@ import httptools
 from natsmesh_sidecar import accesslog, codec
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
     from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.natsfast import Reply as Msg
 
 logger = logging.getLogger(__name__)
 
 MAX_RESPONSE_HEADER_BYTES = 256 * 1024
+#: Messages held while every app slot is busy (what nats-py's pending limit
+#: was before); beyond it a request is answered 503 at once.
+MAX_BACKLOG = 65536
 
 
 class AppError(Exception):
@@ -184,8 +186,10 @@ class AppPool:
             conn.received = 0
             assert conn.transport is not None
             conn.transport.write(data)
+            # A timer handle, not asyncio.wait_for: no extra task or waiter per call.
+            timer = loop.call_later(limit_s, _expire, fut)
             try:
-                resp = await asyncio.wait_for(fut, limit_s)
+                resp = await fut
             except TimeoutError:
                 conn.close()
                 raise
@@ -196,6 +200,8 @@ class AppPool:
                 if reused and conn.received == 0 and retry_stale:
                     continue
                 raise
+            finally:
+                timer.cancel()
             conn.future = None
             if conn.reuse and not conn.closed:
                 self.idle.append(conn)
@@ -206,6 +212,11 @@ class AppPool:
     def close(self) -> None:
         while self.idle:
             self.idle.pop().close()
+
+
+def _expire(fut: asyncio.Future[AppResponse]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class InboundHandler:
@@ -221,21 +232,53 @@ class InboundHandler:
         self.processing_ns = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.app_host = f"{app.settings.app_host}:{app.settings.app_port}"
-        self.gate = asyncio.Semaphore(app.settings.max_inflight)
+        self.limit = app.settings.max_inflight
+        #: Messages taken from NATS while every slot was busy, served in order.
+        self.backlog: collections.deque[Msg] = collections.deque()
 
-    async def on_msg(self, msg: Msg) -> None:
-        # Returning quickly keeps the subscription flowing; when every slot is
-        # taken, waiting here is the back-pressure (nats-py buffers meanwhile).
-        await self.gate.acquire()
+    def on_msg(self, msg: Msg) -> None:
+        """Called straight from the NATS parser: start the app call, never block.
+
+        At ``max_inflight`` calls the message waits in :attr:`backlog`; a
+        finishing call starts the next one.
+        """
+        if self.inflight >= self.limit:
+            if len(self.backlog) >= MAX_BACKLOG:
+                self._overloaded(msg)
+                return
+            self.backlog.append(msg)
+            return
+        self._start(msg)
+
+    def _overloaded(self, msg: Msg) -> None:
+        fast = self.app.fast
+        self.errors += 1
+        self.last_error = "overloaded"
+        if not msg.reply or fast is None:
+            return
+        rid = msg.headers.get(codec.REQUEST_ID) or codec.new_request_id()
+        _, rh, body, _ = self._error(503, "overloaded", "sidecar backlog full", rid)
+        rh[codec.H_STATUS] = "503"
+        rh[codec.H_ERROR] = "overloaded"
+        fast.publish(msg.reply, "", rh, body)
+
+    def _start(self, msg: Msg) -> None:
         self.inflight += 1
         task = asyncio.get_running_loop().create_task(self._serve(msg))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self.backlog and self.inflight < self.limit:
+            self._start(self.backlog.popleft())
+
+    def pending(self) -> int:
+        return self.inflight + len(self.backlog)
 
     async def _serve(self, msg: Msg) -> None:
         app = self.app
         t0 = time.perf_counter()
-        app.metrics.inflight_in.inc()
         hdrs = msg.headers or {}
         rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
         source = hdrs.get(codec.H_SOURCE, "-")
@@ -249,26 +292,24 @@ class InboundHandler:
                 rh[codec.H_STATUS] = str(status)
                 if error:
                     rh[codec.H_ERROR] = error
-                nc = app.nc
-                if nc is not None and not nc.is_closed:
-                    await nc.publish(msg.reply, body, headers=rh)
+                fast = app.fast
+                if fast is not None:
+                    fast.publish(msg.reply, "", rh, body)
         except Exception as exc:
             error = error or "internal"
             status = 500
             logger.exception("inbound request failed")
             self.last_error = f"{type(exc).__name__}: {exc}"
-            nc = app.nc
-            if msg.reply and nc is not None and nc.is_connected:
+            fast = app.fast
+            if msg.reply and fast is not None:
                 # Never leave the caller waiting out its timeout for a bug here.
                 _, rh, body, _ = self._error(500, "internal", "sidecar error", rid)
                 rh[codec.H_STATUS] = "500"
                 rh[codec.H_ERROR] = "internal"
                 with contextlib.suppress(Exception):
-                    await nc.publish(msg.reply, body, headers=rh)
+                    fast.publish(msg.reply, "", rh, body)
         finally:
             self.inflight -= 1
-            self.gate.release()
-            app.metrics.inflight_in.dec()
             elapsed = time.perf_counter() - t0
             self.served += 1
             self.processing_ns += int(elapsed * 1e9)

@@ -21,13 +21,13 @@ import time
 from typing import TYPE_CHECKING, cast
 
 import httptools
-from nats import errors as nats_errors
 
 from natsmesh_sidecar import accesslog, codec, resilience
 from natsmesh_sidecar.table import FORBIDDEN, UNKNOWN
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.natsfast import Reply
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,6 @@ class OutboundHandler:
         t0 = time.perf_counter()
         rid = req.special.get("x-request-id") or codec.new_request_id()
         self.inflight += 1
-        app.metrics.inflight_out.inc()
         dest_key = "-"
         route = "-"
         attempts = 0
@@ -369,7 +368,6 @@ class OutboundHandler:
             )
         finally:
             self.inflight -= 1
-            app.metrics.inflight_out.dec()
         elapsed = time.perf_counter() - t0
         app.metrics.observe("outbound", app.source, dest_key, status, elapsed)
         if app.access_log:
@@ -493,7 +491,7 @@ class OutboundHandler:
                 per_try = min(remaining, retries.per_try_timeout_ms / 1000.0)
             hdrs[codec.H_TIMEOUT] = str(int(per_try * 1000))
             outcome, reply = await self._attempt(subject, req.body, per_try, hdrs)
-            if breaker is not None:
+            if breaker is not None and outcome != "permission_violation":
                 breaker.record(not resilience.is_failure(outcome), time.monotonic())
                 app.report_circuit(subject, breaker)
             if outcome == "unavailable":
@@ -505,6 +503,16 @@ class OutboundHandler:
                     [("retry-after", "1")],
                 )
                 return s, h, b, dest_key, rule.name, attempt + 1, "nats_unavailable"
+            if outcome == "permission_violation":
+                # The server refused the publish (its JWT view is narrower than
+                # ours was); the sidecar now knows and refuses up front.
+                s, h, b = self._error(
+                    403,
+                    "permission_violation",
+                    f"NATS refused {app.source} publishing to {subject}",
+                    rid,
+                )
+                return s, h, b, dest_key, rule.name, attempt + 1, "permission_violation"
             if outcome == "too_large":
                 s, h, b = self._error(
                     413, "payload_too_large", "request exceeds the NATS max_payload", rid
@@ -546,40 +554,25 @@ class OutboundHandler:
 
     async def _attempt(
         self, subject: str, body: bytes, limit_s: float, hdrs: dict[str, str]
-    ) -> tuple[str | int, _Reply | None]:
-        nc = self.app.nc
-        if nc is None or not nc.is_connected:
+    ) -> tuple[str | int, Reply | None]:
+        app = self.app
+        nc = app.nc
+        fast = app.fast
+        if nc is None or fast is None or not nc.is_connected:
             return "unavailable", None
         if limit_s <= 0:
             return resilience.TIMEOUT, None
-        try:
-            msg = await nc.request(subject, body, timeout=limit_s, headers=hdrs)
-        except nats_errors.NoRespondersError:
-            return resilience.NO_RESPONDERS, None
-        except nats_errors.TimeoutError:
-            return resilience.TIMEOUT, None
-        except nats_errors.MaxPayloadError:
+        if len(body) > nc.max_payload:
             return "too_large", None
-        except (
-            nats_errors.ConnectionClosedError,
-            nats_errors.ConnectionDrainingError,
-            nats_errors.ConnectionReconnectingError,
-            nats_errors.OutboundBufferLimitError,
-            nats_errors.StaleConnectionError,
-        ):
-            return "unavailable", None
-        rh = msg.headers
+        reply = await fast.request(subject, hdrs, body, limit_s)
+        if isinstance(reply, str):
+            # TIMEOUT and NO_RESPONDERS are resilience's names too.
+            return reply, None
         try:
-            status = int(rh.get(codec.H_STATUS, "502")) if rh else 502
+            status = int(reply.headers.get(codec.H_STATUS, "502"))
         except ValueError:
             status = 502
-        return status, msg
-
-
-if TYPE_CHECKING:
-    from nats.aio.msg import Msg as _Reply
-else:
-    _Reply = object
+        return status, reply
 
 
 def _needs_headers(dest: object) -> bool:

@@ -48,6 +48,10 @@ class Permissions:
             self._cache[subject] = ok
         return ok
 
+    def learn_denied(self, subject: str) -> None:
+        """The server refused a publish we allowed: refuse it up front from now on."""
+        self._cache[subject] = False
+
     def _decide(self, subject: str) -> bool:
         for pattern in self.deny:
             if subject_matches(pattern, subject):
@@ -94,9 +98,52 @@ def from_claims(claims: dict[str, object]) -> Permissions:
     return Permissions([str(a) for a in allow], [str(d) for d in deny])
 
 
+def seed_from_creds(text: str) -> str:
+    """The user nkey seed of a ``.creds`` file (the line after its BEGIN marker)."""
+    lines = [line.strip() for line in text.splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith("-----BEGIN USER NKEY SEED"):
+            for candidate in lines[i + 1 :]:
+                if candidate:
+                    if not candidate.startswith("SU"):
+                        break
+                    return candidate
+    raise ValueError("no user nkey seed in creds file")
+
+
+class Creds:
+    """A creds file read once and checked whole: JWT, seed and the permissions in it.
+
+    The NATS connection signs with these in-memory copies, so a reconnect never
+    reads a file that is being rewritten.
+    """
+
+    __slots__ = ("jwt", "permissions", "seed")
+
+    def __init__(self, text: str) -> None:
+        self.jwt = jwt_from_creds(text)
+        self.seed = seed_from_creds(text)
+        self.permissions = from_claims(decode_claims(self.jwt))
+
+    @classmethod
+    def read(cls, path: str) -> Creds:
+        with open(path, encoding="utf-8") as f:
+            creds = cls(f.read())
+        logger.info("creds loaded from %s: %r", path, creds.permissions)
+        return creds
+
+    def user_jwt(self) -> bytearray:
+        return bytearray(self.jwt.encode())
+
+    def sign(self, nonce: str) -> bytes:
+        import nkeys
+
+        kp = nkeys.from_seed(bytearray(self.seed.encode()))
+        try:
+            return base64.b64encode(kp.sign(nonce.encode()))
+        finally:
+            kp.wipe()
+
+
 def from_creds_file(path: str) -> Permissions:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    perms = from_claims(decode_claims(jwt_from_creds(text)))
-    logger.info("permissions loaded from %s: %r", path, perms)
-    return perms
+    return Creds.read(path).permissions

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from natsmesh_sidecar.config import CircuitBreaker, Fault, Match, Retries, Rule, WeightedDestination
+from natsmesh_sidecar.wire import CircuitBreaker, Fault, Match, Retries, Rule, WeightedDestination
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from natsmesh_sidecar import subjects
-from natsmesh_sidecar.config import Destination, MeshTable
+from natsmesh_sidecar.wire import Destination, MeshTable, parse_table
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ async def watch_file(path: str, on_table: OnTable, poll: float, stop: asyncio.Ev
         try:
             mtime = os.stat(path).st_mtime
             if mtime != last:
-                on_table(MeshTable.from_json(read_bytes(path)))
+                on_table(parse_table(read_bytes(path)))
                 last = mtime
         except FileNotFoundError:
             logger.warning("table file %s missing", path)
@@ -108,52 +108,85 @@ async def watch_file(path: str, on_table: OnTable, poll: float, stop: asyncio.Ev
             await asyncio.wait_for(stop.wait(), poll)
 
 
-async def watch_kv(
-    js: Any,
-    service: str,
-    on_table: OnTable,
-    on_delete: Callable[[], None],
-    stop: asyncio.Event,
-    retry: float = 2.0,
-    on_ready: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Follow the service's key in the routes bucket; reconnects and missing buckets retried."""
-    key = subjects.routes_key(service)
-    while not stop.is_set():
-        watcher = None
+class KvWatch:
+    """Follow the service's key in the routes bucket with the least privilege.
+
+    The user may not create an unfiltered consumer on the bucket (that would
+    read every service's table), so no ordered-consumer watch: a plain
+    subscription on the key's own subject (``$KV.natsmesh-routes.<service>``:
+    every put of the operator arrives there) plus a direct get of the last
+    value at start and after every reconnect (puts while disconnected are
+    not replayed to a plain subscription). Both are exactly what the user's
+    JWT allows.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        on_table: OnTable,
+        on_delete: Callable[[], None],
+        *,
+        parse: Callable[[bytes], MeshTable] = parse_table,
+    ) -> None:
+        self.service = service
+        self.subject = subjects.routes_key_subject(service)
+        self.direct = (
+            f"{subjects.JS_API_PREFIX}.DIRECT.GET.{subjects.routes_stream()}.{self.subject}"
+        )
+        self.on_table = on_table
+        self.on_delete = on_delete
+        self.parse = parse
+        self.sub: Any = None
+        self.last: bytes | None = None
+
+    async def start(self, nc: Any) -> None:
+        self.sub = await nc.subscribe(self.subject, cb=self._on_msg)
+        await nc.flush()
+        await self.refresh(nc)
+
+    async def _on_msg(self, msg: Any) -> None:
+        self._apply(msg.headers or {}, msg.data)
+
+    async def refresh(self, nc: Any, wait: float = 2.0) -> None:
+        """Read the key's current value (a direct get); a miss is logged, never raised."""
         try:
-            kv = await js.key_value(subjects.ROUTES_BUCKET)
-            watcher = await kv.watch(key)
-            if on_ready is not None:
-                await on_ready()
-            while not stop.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)
-                except Exception as exc:
-                    if type(exc).__name__ == "TimeoutError":
-                        continue
-                    raise
-                if entry is None:
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    logger.warning("route table key %s deleted", key)
-                    on_delete()
-                    continue
-                try:
-                    on_table(MeshTable.from_json(entry.value))
-                except Exception:
-                    logger.exception(
-                        "route table revision %s invalid; keeping previous", entry.revision
-                    )
-        except asyncio.CancelledError:
-            raise
+            msg = await nc.request(self.direct, b"", timeout=wait)
         except Exception as exc:
+            logger.warning("route table %s: direct get failed: %s", self.subject, exc)
+            return
+        hdrs = msg.headers or {}
+        if hdrs.get("Status") == "404":
+            logger.warning("route table key %s not found; waiting for the operator", self.service)
+            return
+        if hdrs.get("Status"):
             logger.warning(
-                "route table watch on %s/%s failed: %s; retrying", subjects.ROUTES_BUCKET, key, exc
+                "route table %s: direct get answered %s %s",
+                self.subject,
+                hdrs.get("Status"),
+                hdrs.get("Description", ""),
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), retry)
-        finally:
-            if watcher is not None:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
+            return
+        self._apply(hdrs, msg.data)
+
+    def _apply(self, hdrs: dict[str, str], data: bytes) -> None:
+        op = hdrs.get("KV-Operation", "")
+        if op in ("DEL", "PURGE") or not data:
+            logger.warning("route table key %s deleted", self.service)
+            self.last = None
+            self.on_delete()
+            return
+        if data == self.last:
+            return
+        try:
+            table = self.parse(data)
+        except Exception:
+            logger.exception("route table for %s invalid; keeping the previous one", self.service)
+            return
+        self.last = data
+        self.on_table(table)
+
+    async def stop(self) -> None:
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+            self.sub = None

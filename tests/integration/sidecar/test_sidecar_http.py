@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -363,7 +364,7 @@ async def test_hot_swap_table_without_dropping(nats_server: NatsServer) -> None:
         task = asyncio.create_task(load())
         old = mesh.caller.router.table
         for i in range(20):
-            t = old.model_copy(update={"generation": f"g{i}"})
+            t = dataclasses.replace(old, generation=f"g{i}")
             mesh.caller.apply_table(t)
             await asyncio.sleep(0.01)
         stop.set()

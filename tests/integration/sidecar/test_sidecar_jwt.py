@@ -1,0 +1,396 @@
+"""Two sidecars with real user JWTs on an operator-mode nats-server.
+
+The NATS wiring library plans the shop example (gateway -> orders -> payments),
+pushes the account, creates the route KV bucket and writes every service's
+table into it; the users' creds are issued from the plan and written to files
+the sidecars read, as the mounted Secret would be. No static tables: each
+sidecar follows its own KV key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from natsmesh_operator.wiring import users
+from natsmesh_operator.wiring.apply import admin_creds
+from natsmesh_operator.wiring.plan import MeshPlan, plan
+from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
+from natsmesh_sidecar import permissions, subjects
+from natsmesh_sidecar.app import Sidecar
+from natsmesh_sidecar.config import Fault, FaultAbort, Match, MeshTable
+from tests.fixtures.nats_operator import OperatorNats, shop_intents
+from tests.integration.sidecar.sidecar_harness import (
+    Client,
+    Response,
+    TestApp,
+    destination,
+    request,
+    settings,
+)
+
+pytestmark = pytest.mark.integration
+
+NS = "shop"
+
+
+def write_creds(path: Path, creds: str) -> None:
+    """Atomically, as the kubelet updates a mounted Secret (a rename, never a torn file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(creds)
+    os.replace(tmp, path)
+
+
+@dataclass
+class JwtMesh:
+    on: OperatorNats
+    plan: MeshPlan
+    app: TestApp
+    gateway: Sidecar  # the caller
+    orders: Sidecar  # in front of the app
+    creds: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.gateway.outbound_port
+
+    async def apply(self, p: MeshPlan, **kw: object) -> None:
+        async with self.on.applier() as a:
+            report = await a.apply(p, **kw)  # type: ignore[arg-type]
+            assert report.ok, report.errors
+        self.plan = p
+
+    async def put_table(self, table: MeshTable) -> None:
+        """Write a table the way the operator does, as the account's admin user."""
+        nc = await self.on.connect(admin_creds(self.on.keyring.account(NS)))
+        try:
+            kv = await nc.jetstream().key_value(subjects.ROUTES_BUCKET)
+            await kv.put(table.service, table.to_json())
+        finally:
+            await nc.close()
+
+
+async def wait_for(cond: object, within: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not cond():  # type: ignore[operator]
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def issue(mesh_or_on: OperatorNats, p: MeshPlan, service: str) -> users.IssuedUser:
+    ring = mesh_or_on.keyring
+    return users.issue(p.user(NS, service), ring.account(NS), user_key=ring.user(NS, service))
+
+
+@pytest.fixture
+async def jwt_mesh(nats_operator: OperatorNats, tmp_path: Path) -> AsyncIterator[JwtMesh]:
+    p = plan(shop_intents(NS))
+    assert not p.problems
+    async with nats_operator.applier() as a:
+        report = await a.apply(p)
+        assert report.ok, report.errors
+    creds = {}
+    for svc in ("gateway", "orders"):
+        creds[svc] = tmp_path / f"{svc}.creds"
+        write_creds(creds[svc], issue(nats_operator, p, svc).creds)
+    app = await TestApp().start()
+    orders = Sidecar(
+        settings("orders", NS, nats_operator.url, app.port, creds_file=str(creds["orders"])),
+        creds_poll=0.1,
+    )
+    gateway = Sidecar(
+        settings("gateway", NS, nats_operator.url, creds_file=str(creds["gateway"])),
+        creds_poll=0.1,
+    )
+    mesh = JwtMesh(nats_operator, p, app, gateway, orders, creds)
+    await orders.start()
+    await gateway.start()
+    try:
+        await orders.wait_ready()
+        await gateway.wait_ready()
+        want = p.tables[(NS, "gateway")].generation
+        await wait_for(
+            lambda: gateway.router.table.generation == want, 10, "gateway's table from the KV"
+        )
+        yield mesh
+    finally:
+        await gateway.stop()
+        await orders.stop()
+        await app.stop()
+
+
+def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
+    value = sidecar.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def test_allowed_call_succeeds_through_the_servers_permissions(jwt_mesh: JwtMesh) -> None:
+    r = await request(jwt_mesh.port, "POST", "/orders", host="orders", body=b"hello")
+    assert r.status == 200, r.body
+    assert r.header("x-app") == "echo"
+    got = jwt_mesh.app.requests[-1]
+    assert got.body == b"hello"
+    assert got.header("x-request-id") == r.header("x-request-id") or got.header("x-request-id")
+    assert jwt_mesh.gateway.permissions.restricted
+    assert jwt_mesh.gateway.permissions.can_publish(subjects.request_subject(NS, "orders"))
+    assert (
+        metric(
+            jwt_mesh.gateway,
+            "natsmesh_sidecar_nats_async_errors_total",
+            kind="permissions_violation",
+        )
+        == 0
+    )
+    assert (
+        metric(
+            jwt_mesh.orders,
+            "natsmesh_sidecar_nats_async_errors_total",
+            kind="permissions_violation",
+        )
+        == 0
+    )
+
+
+async def test_forbidden_destination_is_403_from_the_sidecars_own_jwt(jwt_mesh: JwtMesh) -> None:
+    # The planned table already knows payments is not callable ...
+    r = await request(jwt_mesh.port, "GET", "/x", host="payments")
+    assert r.status == 403
+    assert r.json()["error"] == "forbidden"
+    # ... and when a table claims it is (table and JWT out of step, e.g. the
+    # operator wrote the table before re-issuing creds), the JWT still decides.
+    base = jwt_mesh.plan.tables[(NS, "gateway")]
+    drifted = base.model_copy(
+        update={
+            "destinations": {
+                **base.destinations,
+                "payments.shop": destination(NS, "payments", timeoutMs=5000),
+            },
+            "generation": "drifted",
+        }
+    )
+    await jwt_mesh.put_table(drifted)
+    await wait_for(
+        lambda: jwt_mesh.gateway.router.table.generation == "drifted", 5, "the drifted table"
+    )
+    t0 = time.monotonic()
+    r = await request(jwt_mesh.port, "GET", "/x", host="payments")
+    assert r.status == 403
+    assert r.json()["error"] == "forbidden"
+    assert "not permitted to publish" in str(r.json()["message"])
+    assert time.monotonic() - t0 < 1.0  # decided locally: never the 5 s timeout
+    # Nothing was sent, so the server had nothing to refuse.
+    await asyncio.sleep(0.2)
+    assert (
+        metric(
+            jwt_mesh.gateway,
+            "natsmesh_sidecar_nats_async_errors_total",
+            kind="permissions_violation",
+        )
+        == 0
+    )
+
+
+async def test_server_permissions_violation_is_surfaced(
+    jwt_mesh: JwtMesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Force a publish the JWT forbids: the server's async error becomes a fast 403,
+    an error log line and the metric, never a request left to time out."""
+    base = jwt_mesh.plan.tables[(NS, "gateway")]
+    drifted = base.model_copy(
+        update={
+            "destinations": {
+                **base.destinations,
+                "payments.shop": destination(NS, "payments", timeoutMs=5000),
+            },
+            "generation": "drifted",
+        }
+    )
+    await jwt_mesh.put_table(drifted)
+    await wait_for(
+        lambda: jwt_mesh.gateway.router.table.generation == "drifted", 5, "the drifted table"
+    )
+    # The sidecar's view of its JWT goes stale (as if it read an older, wider one).
+    jwt_mesh.gateway.permissions = permissions.Permissions.allow_all()
+    subject = subjects.request_subject(NS, "payments")
+    caplog.set_level(logging.INFO, logger="natsmesh_sidecar")
+    t0 = time.monotonic()
+    r = await request(jwt_mesh.port, "GET", "/x", host="payments")
+    elapsed = time.monotonic() - t0
+    assert r.status == 403, r.body
+    assert r.json()["error"] == "permission_violation"
+    assert elapsed < 2.0  # not the rule's 5 s timeout
+    assert (
+        metric(
+            jwt_mesh.gateway,
+            "natsmesh_sidecar_nats_async_errors_total",
+            kind="permissions_violation",
+        )
+        >= 1
+    )
+    logged = [
+        rec
+        for rec in caplog.records
+        if rec.levelno >= logging.ERROR and "permissions violation" in rec.getMessage().lower()
+    ]
+    assert logged
+    assert subject in logged[0].getMessage()
+    # Learned: the next call is refused before it is sent.
+    before = metric(
+        jwt_mesh.gateway, "natsmesh_sidecar_nats_async_errors_total", kind="permissions_violation"
+    )
+    r = await request(jwt_mesh.port, "GET", "/x", host="payments")
+    assert r.status == 403
+    await asyncio.sleep(0.2)
+    after = metric(
+        jwt_mesh.gateway, "natsmesh_sidecar_nats_async_errors_total", kind="permissions_violation"
+    )
+    assert after == before
+    # And the allowed destination is unaffected.
+    r = await request(jwt_mesh.port, "GET", "/ok", host="orders")
+    assert r.status == 200
+
+
+class Load:
+    """A few keep-alive clients calling orders in a loop, recording every answer."""
+
+    def __init__(self, port: int, clients: int = 4) -> None:
+        self.port = port
+        self.clients = clients
+        self.results: list[tuple[float, int, bytes]] = []
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def _worker(self) -> None:
+        client = await Client.open(self.port)
+        try:
+            for _ in range(100_000):  # bounded; stopped long before
+                if self.stop.is_set():
+                    return
+                try:
+                    r: Response = await client.request("GET", "/ok", host="orders", wait=5.0)
+                    self.results.append((time.monotonic(), r.status, r.body))
+                except (ConnectionError, TimeoutError) as exc:
+                    self.results.append((time.monotonic(), 0, repr(exc).encode()))
+                    client.close()
+                    client = await Client.open(self.port)
+                await asyncio.sleep(0.002)
+        finally:
+            client.close()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._worker()) for _ in range(self.clients)]
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), 10)
+
+    def statuses(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for _, s, _ in self.results:
+            out[s] = out.get(s, 0) + 1
+        return out
+
+
+async def test_route_table_change_in_kv_is_hot_applied_without_dropping_requests(
+    jwt_mesh: JwtMesh,
+) -> None:
+    chaos = RouteIntent(
+        NS,
+        "orders",
+        rules=(
+            RouteRule(
+                name="chaos",
+                destinations=(RouteDestination("v1"),),
+                match=Match(path_prefix="/chaos"),
+                fault=Fault(abort=FaultAbort(status=418, percent=100)),
+            ),
+        ),
+    )
+    new_plan = plan(shop_intents(NS), [chaos])
+    assert not new_plan.problems
+    want = new_plan.tables[(NS, "gateway")].generation
+    assert want != jwt_mesh.plan.tables[(NS, "gateway")].generation
+    assert (await request(jwt_mesh.port, "GET", "/chaos/1", host="orders")).status == 200
+
+    load = Load(jwt_mesh.port)
+    load.start()
+    await asyncio.sleep(0.3)
+    swaps = metric(jwt_mesh.gateway, "natsmesh_sidecar_table_updates_total")
+    await jwt_mesh.apply(new_plan)  # the Applier writes the changed KV values
+    await wait_for(lambda: jwt_mesh.gateway.router.table.generation == want, 5, "the new table")
+    r = await request(jwt_mesh.port, "GET", "/chaos/1", host="orders")
+    assert r.status == 418
+    assert r.json()["error"] == "fault_injected"
+    await asyncio.sleep(0.3)
+    await load.finish()
+    assert metric(jwt_mesh.gateway, "natsmesh_sidecar_table_updates_total") == swaps + 1
+    # Not one request of the steady load was dropped or failed across the swap.
+    assert load.statuses() == {200: len(load.results)}
+    assert len(load.results) > 50
+
+
+def connected_user(mesh: JwtMesh, name: str) -> str:
+    url = f"{mesh.on.server.monitor_url}/connz?auth=1&limit=1024"
+    with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310
+        connz = json.load(r)
+    users_seen = [
+        c.get("authorized_user", "") for c in connz["connections"] if c.get("name") == name
+    ]
+    assert len(users_seen) == 1, users_seen
+    return str(users_seen[0])
+
+
+async def test_creds_reload_reconnects_with_the_reissued_jwt(jwt_mesh: JwtMesh) -> None:
+    """Rotate gateway's user (new key, new JWT), then revoke the old key: the
+    sidecar must be on the new one by then and serve throughout, with at most a
+    short, bounded window of fast 503s while it reconnects."""
+    ring = jwt_mesh.on.keyring
+    name = f"natsmesh-sidecar gateway.{NS}"
+    old_key, new_key = ring.rotate_user(NS, "gateway")
+    assert old_key is not None
+    assert connected_user(jwt_mesh, name) == old_key.public
+    reconnects = metric(jwt_mesh.gateway, "natsmesh_sidecar_nats_reconnects_total")
+
+    load = Load(jwt_mesh.port)
+    load.start()
+    await asyncio.sleep(0.3)
+    reissued = users.issue(jwt_mesh.plan.user(NS, "gateway"), ring.account(NS), user_key=new_key)
+    write_creds(jwt_mesh.creds["gateway"], reissued.creds)
+    await wait_for(
+        lambda: metric(jwt_mesh.gateway, "natsmesh_sidecar_nats_reconnects_total") > reconnects,
+        5,
+        "the reconnect with the new creds",
+    )
+    await wait_for(jwt_mesh.gateway.ready, 5, "ready again")
+    assert connected_user(jwt_mesh, name) == new_key.public
+    # The old key is now useless to anyone; the sidecar is not affected.
+    await jwt_mesh.apply(jwt_mesh.plan, revocations={NS: {old_key.public: int(time.time())}})
+    await asyncio.sleep(0.5)
+    await load.finish()
+
+    statuses = load.statuses()
+    assert set(statuses) <= {200, 503}, statuses
+    failed = [(t, body) for t, s, body in load.results if s == 503]
+    for _, body in failed:
+        assert json.loads(body)["error"] in ("nats_unavailable", "no_responders")
+    if failed:
+        window = failed[-1][0] - failed[0][0]
+        assert window < 2.0, f"503s for {window:.2f}s"
+    # Served before, and keeps serving after the rotation and the revocation.
+    assert statuses[200] > 50
+    assert all(s == 200 for _, s, _ in load.results[-10:])
+    r = await request(jwt_mesh.port, "GET", "/after", host="orders")
+    assert r.status == 200
+    assert jwt_mesh.gateway.permissions.can_publish(subjects.request_subject(NS, "orders"))
