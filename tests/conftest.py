@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.nats_server",
     "tests.fixtures.nats_operator",
     "tests.fixtures.cluster",
+    "tests.fixtures.operator",
 ]

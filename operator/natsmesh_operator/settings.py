@@ -115,5 +115,8 @@ class OperatorSettings:
             reconcile=ReconcileSettings(
                 drift_interval=float(get("DRIFT_INTERVAL", str(ReconcileSettings.drift_interval))),
                 retry_delay=float(get("RETRY_DELAY", str(ReconcileSettings.retry_delay))),
+                endpoints_interval=float(
+                    get("ENDPOINTS_INTERVAL", str(ReconcileSettings.endpoints_interval))
+                ),
             ),
         )

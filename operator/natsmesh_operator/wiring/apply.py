@@ -111,15 +111,30 @@ class ApplyFailed(RuntimeError):
     """The NATS system could not be reached at all (not a refused step)."""
 
 
+async def _quiet_error(exc: Exception) -> None:
+    # nats-py's default callback logs a full traceback for every failed
+    # attempt; the caller reports the outcome once, with its cause.
+    log.debug("nats connection error: %s", exc)
+
+
 async def connect_creds(url: str | list[str], creds: str, **kwargs: Any) -> NATS:
-    """Connect with a creds body held in memory (no temp file with a seed)."""
+    """Connect with a creds body held in memory (no temp file with a seed).
+
+    Fails fast when NATS is down: nats-py's initial connect otherwise retries
+    each server ``max_reconnect_attempts`` (60) times, even with
+    ``allow_reconnect=False`` -- two minutes before an error.
+    """
     servers = url if isinstance(url, list) else [url]
-    nc: NATS = await nats.connect(
-        servers=servers,
-        user_credentials=RawCredentials(creds),
-        allow_reconnect=False,
-        connect_timeout=kwargs.pop("connect_timeout", 3),
+    options: dict[str, Any] = {
+        "allow_reconnect": False,
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.1,
+        "connect_timeout": 3,
+        "error_cb": _quiet_error,
         **kwargs,
+    }
+    nc: NATS = await nats.connect(
+        servers=servers, user_credentials=RawCredentials(creds), **options
     )
     return nc
 
