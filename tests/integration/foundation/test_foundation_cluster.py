@@ -55,9 +55,7 @@ def test_scheduled_pod_runs_on_a_fake_node(cluster: Cluster, namespace: str) -> 
         "spec": {"containers": [{"name": "c", "image": "example.invalid/none:1"}]},
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
-    cluster.kubectl(
-        "wait", "-n", namespace, "--for=condition=Ready", "pod/probe", "--timeout=60s"
-    )
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/probe", "--timeout=60s")
     got = json.loads(cluster.kubectl("get", "-n", namespace, "pod/probe", "-o", "json").stdout)
     assert got["spec"]["nodeName"].startswith("kwok-node-")
     assert got["status"]["phase"] == "Running"
