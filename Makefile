@@ -33,9 +33,11 @@ check: venv ## lint, format, types, CRD freshness
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/natsmesh crds --check
+	$(BIN)/natsmesh crds --check --dir charts/natsmesh/files/crds --no-docs
 
-crds: venv ## regenerate crds/ and docs/resources.md from the api models
+crds: venv ## regenerate crds/, the chart's copy and docs/resources.md from the api models
 	$(BIN)/natsmesh crds
+	$(BIN)/natsmesh crds --dir charts/natsmesh/files/crds --no-docs
 
 test: check test-unit ## everything CI runs (one local cluster for both server tiers)
 	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-e2e
@@ -54,6 +56,7 @@ e2e-kind: ## the whole flow on kind with real pods (needs Docker)
 
 bench: venv ## benchmarks (not timed tests): sidecar and operator
 	$(BIN)/python bench/sidecar.py
+	hack/with-cluster.sh $(BIN)/python bench/operator.py
 
 clean: ## remove local state (not the tool cache)
 	rm -rf .work .mypy_cache .ruff_cache .pytest_cache

@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "operator": ("natsmesh_operator.main", "main", "run the kopf operator and webhooks"),
     "bootstrap": (
-        "natsmesh_operator.wiring.bootstrap",
+        "natsmesh_operator.bootstrap_cli",
         "main",
-        "create the NATS operator key, system account and server config",
+        "create the NATS operator key, system account and server config (--apply: as a Secret)",
     ),
     "crds": ("natsmesh_operator.crdgen", "main", "write or check crds/*.yaml from the models"),
     "sidecar": ("natsmesh_sidecar.__main__", "main", "run the HTTP <-> NATS sidecar"),

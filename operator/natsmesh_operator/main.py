@@ -85,7 +85,8 @@ def main(argv: list[str]) -> int:
     registry = build_registry(settings)
     kopf.run(
         registry=registry,
-        clusterwide=True,
+        clusterwide=not settings.watch_namespaces,
+        namespaces=settings.watch_namespaces,
         standalone=settings.peering is None,
         peering_name=settings.peering,
         memo=kopf.Memo(config=settings),

@@ -6,6 +6,7 @@ way, so the operator never has two configuration paths.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,10 +71,19 @@ class OperatorSettings:
     """Port of /metrics and /healthz."""
     log_format: str = "json"
     """``json`` or ``plain``."""
+    watch_namespaces: tuple[str, ...] = ()
+    """Namespace globs the operator manages (``NATSMESH_WATCH_NAMESPACES``,
+    comma-separated); empty means every namespace. One operator per set of
+    namespaces: two operators managing the same namespace would fight."""
     nats: NatsSettings = field(default_factory=NatsSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     injection: InjectionSettings = field(default_factory=InjectionSettings)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+
+    def watches(self, namespace: str) -> bool:
+        return not self.watch_namespaces or any(
+            fnmatch.fnmatchcase(namespace, pattern) for pattern in self.watch_namespaces
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -90,6 +100,9 @@ class OperatorSettings:
             peering=None if peering in ("", "none", "standalone") else peering,
             metrics_port=int(get("METRICS_PORT", str(cls.metrics_port))),
             log_format=get("LOG_FORMAT", cls.log_format),
+            watch_namespaces=tuple(
+                n.strip() for n in get("WATCH_NAMESPACES", "").split(",") if n.strip()
+            ),
             nats=NatsSettings(
                 url=nats_url,
                 bootstrap_secret=get("BOOTSTRAP_SECRET", NatsSettings.bootstrap_secret),

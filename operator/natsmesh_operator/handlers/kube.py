@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lightkube import AsyncClient, KubeConfig
@@ -40,23 +40,35 @@ def body_of(obj: Any) -> dict[str, Any]:
     return data
 
 
-async def list_services(kube: AsyncClient) -> list[tuple[NatsService, Mapping[str, Any]]]:
-    """Every NatsService not being deleted, with its raw body (uid, …)."""
+Watched = Callable[[str], bool]
+
+
+def _skip(body: Mapping[str, Any], watched: Watched) -> bool:
+    meta = body.get("metadata", {})
+    return bool(meta.get("deletionTimestamp")) or not watched(str(meta.get("namespace")))
+
+
+async def list_services(
+    kube: AsyncClient, watched: Watched
+) -> list[tuple[NatsService, Mapping[str, Any]]]:
+    """Every watched NatsService not being deleted, with its raw body (uid, …)."""
     out: list[tuple[NatsService, Mapping[str, Any]]] = []
     async for obj in kube.list(NatsServiceRes, namespace="*"):
         body = body_of(obj)
-        if body.get("metadata", {}).get("deletionTimestamp"):
+        if _skip(body, watched):
             continue
         out.append((NatsService.from_body(body), body))
     return out
 
 
-async def list_routes(kube: AsyncClient) -> list[tuple[NatsRoute, Mapping[str, Any]]]:
-    """Every NatsRoute not being deleted, with its raw body."""
+async def list_routes(
+    kube: AsyncClient, watched: Watched
+) -> list[tuple[NatsRoute, Mapping[str, Any]]]:
+    """Every watched NatsRoute not being deleted, with its raw body."""
     out: list[tuple[NatsRoute, Mapping[str, Any]]] = []
     async for obj in kube.list(NatsRouteRes, namespace="*"):
         body = body_of(obj)
-        if body.get("metadata", {}).get("deletionTimestamp"):
+        if _skip(body, watched):
             continue
         out.append((NatsRoute.from_body(body), body))
     return out
@@ -76,8 +88,12 @@ async def read_secret(kube: AsyncClient, name: str, namespace: str) -> dict[str,
     return decode_secret(secret)
 
 
-async def list_creds_secrets(kube: AsyncClient) -> list[Secret]:
-    return [s async for s in kube.list(Secret, namespace="*", labels={LABEL_CREDS: "true"})]
+async def list_creds_secrets(kube: AsyncClient, watched: Watched) -> list[Secret]:
+    return [
+        s
+        async for s in kube.list(Secret, namespace="*", labels={LABEL_CREDS: "true"})
+        if s.metadata is not None and watched(str(s.metadata.namespace))
+    ]
 
 
 def owner_reference(body: Mapping[str, Any]) -> OwnerReference:

@@ -102,7 +102,9 @@ class MeshReconciler:
         nats_url: str,
         operator_namespace: str,
         bootstrap_secret: str,
+        watched: kube.Watched = lambda _: True,
     ) -> None:
+        self.watched = watched
         self.kube = kube_client
         self.nats_url = nats_url
         self.operator_namespace = operator_namespace
@@ -163,8 +165,8 @@ class MeshReconciler:
 
     async def _pass_and_report(self, started: float) -> PassResult:
         try:
-            services = await kube.list_services(self.kube)
-            routes = await kube.list_routes(self.kube)
+            services = await kube.list_services(self.kube, self.watched)
+            routes = await kube.list_routes(self.kube, self.watched)
         except Exception as exc:
             return PassResult(started=started, fatal=f"Kubernetes API unreachable: {exc}")
         try:
@@ -219,7 +221,7 @@ class MeshReconciler:
             [intents.route_intent(r) for r, _ in routes],
         )
         keys = await self._load_keys()
-        secrets = await kube.list_creds_secrets(self.kube)
+        secrets = await kube.list_creds_secrets(self.kube, self.watched)
         wanted = {(str(s.metadata.namespace), str(s.metadata.name)) for s, _ in services}
         stale = [
             s

@@ -38,7 +38,10 @@ from natsmesh_operator.webhook.tls import ServingCert
 
 logger = logging.getLogger(__name__)
 
-WEBHOOK_CONFIG_NAME = "natsmesh-local"
+
+def webhook_config_name(operator_namespace: str) -> str:
+    """Self-registered configurations are named per operator, so test beds can share a cluster."""
+    return f"natsmesh-{operator_namespace}"
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Runtime:
             nats_url=settings.nats.url,
             operator_namespace=settings.namespace,
             bootstrap_secret=settings.nats.bootstrap_secret,
+            watched=settings.watches,
         )
         webhook = None
         if settings.webhook.enabled:
@@ -65,6 +69,7 @@ class Runtime:
                 kube=kube,
                 injection=settings.injection,
                 operator_namespace=settings.namespace,
+                watched=settings.watches,
                 cert=ServingCert(cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key")
                 if cert_dir
                 else None,
@@ -124,7 +129,7 @@ class Runtime:
             values=[self.settings.namespace, "kube-system"],
         )
         mutating = MutatingWebhookConfiguration(
-            metadata=ObjectMeta(name=WEBHOOK_CONFIG_NAME),
+            metadata=ObjectMeta(name=webhook_config_name(self.settings.namespace)),
             webhooks=[
                 MutatingWebhook(
                     name="inject.natsmesh.io",
@@ -151,7 +156,7 @@ class Runtime:
             ],
         )
         validating = ValidatingWebhookConfiguration(
-            metadata=ObjectMeta(name=WEBHOOK_CONFIG_NAME),
+            metadata=ObjectMeta(name=webhook_config_name(self.settings.namespace)),
             webhooks=[
                 ValidatingWebhook(
                     name="validate.natsmesh.io",
@@ -179,7 +184,7 @@ class Runtime:
     async def unregister_webhooks(self) -> None:
         for kind in (MutatingWebhookConfiguration, ValidatingWebhookConfiguration):
             with contextlib.suppress(ApiError):
-                await self.kube.delete(kind, WEBHOOK_CONFIG_NAME)
+                await self.kube.delete(kind, webhook_config_name(self.settings.namespace))
 
 
 def from_memo(memo: Any) -> Runtime:

@@ -49,12 +49,14 @@ class WebhookServer:
         injection: inject.InjectionSettings,
         operator_namespace: str,
         cert: ServingCert | None,
+        watched: kube_mod.Watched = lambda _: True,
         addr: str,
         port: int,
     ) -> None:
         self.kube = kube
         self.injection = injection
         self.operator_namespace = operator_namespace
+        self.watched = watched
         self.cert = cert
         self.addr = addr
         self.port = port
@@ -146,6 +148,7 @@ class WebhookServer:
             not namespace
             or namespace == self.operator_namespace
             or namespace in admission.NEVER_INJECTED
+            or not self.watched(namespace)
             or review.get("operation") != "CREATE"
             or not inject.wants_injection(pod)
         ):
@@ -179,6 +182,8 @@ class WebhookServer:
         if not obj or review.get("operation") not in ("CREATE", "UPDATE"):
             return admission.review_response(uid)
         namespace = review.get("namespace") or obj.get("metadata", {}).get("namespace")
+        if not namespace or not self.watched(namespace):
+            return admission.review_response(uid)
         services = await _services(self.kube, namespace)
         if obj.get("kind") == "NatsRoute":
             route = NatsRoute.from_body(obj)

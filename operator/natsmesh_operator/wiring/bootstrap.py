@@ -2,7 +2,7 @@
 
 Creates (or, if the output already holds them, re-uses: never rotate the root
 of trust by accident) the operator key pair and JWT, the system account and a
-system user, and an ``auth.conf`` fragment for nats-server in operator mode
+system user, and an ``resolver.conf`` fragment for nats-server in operator mode
 with the full resolver (accounts pushed at run time, kept in the resolver's
 directory, deletions allowed) and the system account preloaded.
 
@@ -36,7 +36,7 @@ FILES = {
     "system_account_seed": "sys.nk",
     "system_account_jwt": "sys.jwt",
     "system_user_creds": "sys.creds",
-    "auth_conf": "auth.conf",
+    "auth_conf": "resolver.conf",
 }
 
 

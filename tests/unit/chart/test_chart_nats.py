@@ -165,6 +165,9 @@ def test_bootstrap_hook_job() -> None:
     assert container["command"] == ["python", "-m", "natsmesh_operator.cli"]
     assert container["args"] == [
         "bootstrap",
+        "--apply",
+        "--resolver-dir",
+        "/data/resolver",
         "--secret",
         BOOTSTRAP_SECRET,
         "--namespace",

@@ -24,7 +24,7 @@ def test_bootstrap_writes_a_consistent_trust_chain(tmp_path: Path) -> None:
     assert sys_acc.subject == boot.system_account.public
     user_jwt, _ = jwt.parse_creds(boot.system_user_creds)
     assert jwt.decode(user_jwt).issuer == boot.system_account.public
-    conf = (tmp_path / "auth.conf").read_text()
+    conf = (tmp_path / "resolver.conf").read_text()
     assert "type: full" in conf
     assert "allow_delete: true" in conf
     assert '"/x/jwt"' in conf

@@ -1,0 +1,161 @@
+"""Operator benchmark: apply-to-Ready latency and a 1,000-service reconcile.
+
+Runs the real operator (a subprocess) against the local control plane in
+``NATSMESH_KUBECONFIG`` and an operator-mode nats-server, like the
+integration tests do:
+
+1. latency: N NatsServices applied one after another; for each, the time
+   from the create call returning to ``Ready=True`` in its status (p50/p95);
+2. scale: M NatsServices created at once (bounded concurrency); the time
+   until all are Ready, and the operator's peak RSS (``VmHWM``).
+
+    hack/with-cluster.sh .venv/bin/python bench/operator.py [--latency 100] [--scale 1000]
+
+Targets (DESIGN.md): apply-to-Ready p95 <= 1 s; 1,000 services <= 60 s with
+RSS <= 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lightkube import AsyncClient, KubeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from natsmesh_operator.handlers.kube import NatsServiceRes  # noqa: E402
+from tests.fixtures.cluster import Cluster  # noqa: E402
+
+MAX_WAIT = 180.0
+
+
+def service(name: str, namespace: str) -> Any:
+    return NatsServiceRes(
+        metadata={"name": name, "namespace": namespace},
+        spec={"selector": {"matchLabels": {"app": name}}, "port": 8080},
+    )
+
+
+def ready(obj: Any) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def current_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def latency(kube: AsyncClient, namespace: str, count: int) -> list[float]:
+    out = []
+    for i in range(count):
+        name = f"lat-{i}"
+        await kube.create(service(name, namespace))
+        started = time.perf_counter()
+        deadline = started + MAX_WAIT
+        while time.perf_counter() < deadline:
+            obj = await kube.get(NatsServiceRes, name, namespace=namespace)
+            if ready(obj.to_dict()):  # type: ignore[no-untyped-call]
+                out.append(time.perf_counter() - started)
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise SystemExit(f"{name} not Ready after {MAX_WAIT}s")
+    return out
+
+
+async def scale(kube: AsyncClient, namespace: str, count: int) -> float:
+    started = time.perf_counter()
+    sem = asyncio.Semaphore(16)
+
+    async def create(i: int) -> None:
+        async with sem:
+            await kube.create(service(f"svc-{i}", namespace))
+
+    await asyncio.gather(*(create(i) for i in range(count)))
+    deadline = started + MAX_WAIT
+    while time.perf_counter() < deadline:
+        items = [o.to_dict() async for o in kube.list(NatsServiceRes, namespace=namespace)]  # type: ignore[no-untyped-call]
+        if len(items) == count and all(ready(o) for o in items):
+            return time.perf_counter() - started
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"{count} services not all Ready after {MAX_WAIT}s")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) -> None:
+    kube = AsyncClient(config=KubeConfig.from_file(str(cluster.kubeconfig)))
+    try:
+        if args.latency:
+            ns = f"{scope}-lat-{uuid.uuid4().hex[:5]}"
+            cluster.kubectl("create", "namespace", ns)
+            lat = await latency(kube, ns, args.latency)
+            print(
+                f"apply -> Ready over {len(lat)} services, one at a time: "
+                f"p50 {statistics.median(lat) * 1000:.0f} ms, p95 {pct(lat, 0.95) * 1000:.0f} ms, "
+                f"max {max(lat) * 1000:.0f} ms   (target p95 <= 1000 ms)"
+            )
+            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        if args.scale:
+            ns = f"{scope}-scale-{uuid.uuid4().hex[:5]}"
+            cluster.kubectl("create", "namespace", ns)
+            before = current_rss_mb(pid)
+            took = await scale(kube, ns, args.scale)
+            print(
+                f"{args.scale} services created at once -> all Ready in {took:.1f} s "
+                f"(target <= 60 s); operator RSS {before:.0f} MB before, peak "
+                f"{peak_rss_mb(pid):.0f} MB (target <= 150 MB)"
+            )
+            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    finally:
+        await kube.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latency", type=int, default=100, help="services for the latency run")
+    parser.add_argument("--scale", type=int, default=1000, help="services for the scale run")
+    args = parser.parse_args()
+    kubeconfig = os.environ.get("NATSMESH_KUBECONFIG")
+    if not kubeconfig:
+        print("set NATSMESH_KUBECONFIG (run under hack/with-cluster.sh)", file=sys.stderr)
+        return 2
+    cluster = Cluster(Path(kubeconfig))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    from tests.fixtures.operator import start_operator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        op = start_operator(cluster, Path(tmp), drift_interval=60, endpoints_interval=15)
+        try:
+            assert op.proc is not None
+            asyncio.run(run(args, cluster, op.proc.pid, op.scope))
+        finally:
+            op.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""Operator settings come from NATSMESH_* variables, with safe defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from natsmesh_operator.settings import OperatorSettings
+
+
+def test_defaults_are_cluster_wide_with_peering() -> None:
+    s = OperatorSettings.from_env({})
+    assert s.peering == "natsmesh"
+    assert s.watch_namespaces == ()
+    assert s.watches("anything")
+    assert s.webhook.failure_policy == "Fail"
+    assert s.injection.nats_url == s.nats.url
+
+
+def test_environment_overrides() -> None:
+    s = OperatorSettings.from_env(
+        {
+            "NATSMESH_PEERING": "standalone",
+            "NATSMESH_WATCH_NAMESPACES": "shop-*, team-a",
+            "NATSMESH_NATS_URL": "nats://nats:4222",
+            "NATSMESH_SIDECAR_NATS_URL": "nats://nats.mesh.svc:4222",
+            "NATSMESH_WEBHOOK_CERT_DIR": "/tls",
+            "NATSMESH_DRIFT_INTERVAL": "5",
+        }
+    )
+    assert s.peering is None
+    assert s.watches("shop-1")
+    assert s.watches("team-a")
+    assert not s.watches("team-b")
+    assert not s.watches("kube-system")
+    assert s.nats.url == "nats://nats:4222"
+    assert s.injection.nats_url == "nats://nats.mesh.svc:4222"
+    assert s.webhook.cert_dir == Path("/tls")
+    assert s.reconcile.drift_interval == 5.0

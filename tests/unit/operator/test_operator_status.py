@@ -1,0 +1,36 @@
+"""Status conditions follow the API conventions and only move when something changed."""
+
+from __future__ import annotations
+
+from natsmesh_operator.handlers import status
+from natsmesh_operator.handlers.mesh import PassResult
+
+OLD = "2026-01-01T00:00:00Z"
+
+
+def test_transition_time_kept_while_status_unchanged() -> None:
+    previous = [{"type": "Ready", "status": "True", "lastTransitionTime": OLD}]
+    merged = status.merge(previous, [status.Cond("Ready", True, "Reconciled", "ok")], 3)
+    assert merged[0]["lastTransitionTime"] == OLD
+    assert merged[0]["observedGeneration"] == 3
+    flipped = status.merge(previous, [status.Cond("Ready", False, "NatsUnavailable", "down")], 3)
+    assert flipped[0]["lastTransitionTime"] != OLD
+    assert flipped[0]["status"] == "False"
+
+
+def test_fatal_pass_marks_every_condition_false_with_the_cause() -> None:
+    result = PassResult(started=0.0, fatal="NATS unreachable at nats://x:4222: refused")
+    conds = status.service_conditions(result, "shop", "orders")
+    assert [c.type for c in conds] == ["CredentialsReady", "StreamsReady", "RoutesReady", "Ready"]
+    assert all(not c.ok and c.reason == "NatsUnavailable" for c in conds)
+    assert "nats://x:4222" in conds[-1].message
+    route = status.route_conditions(result, "shop", "orders")
+    assert route[0].reason == "NatsUnavailable"
+
+
+def test_unchanged_conditions_compare_equal() -> None:
+    a = status.merge([], [status.Cond("Ready", True, "Reconciled", "ok")], 1)
+    b = status.merge(a, [status.Cond("Ready", True, "Reconciled", "ok")], 1)
+    assert status._same(a, b)
+    c = status.merge(a, [status.Cond("Ready", True, "Reconciled", "other")], 1)
+    assert not status._same(a, c)

@@ -1,0 +1,136 @@
+"""Admission decisions: pod ownership, selector overlap, route warnings, patches, restarts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from natsmesh_operator.api import LabelSelector, NatsRoute, NatsService
+from natsmesh_operator.handlers.rollout import wants_restart
+from natsmesh_operator.webhook import admission
+
+
+def svc(name: str, labels: dict[str, str], version: str = "v1", **spec: Any) -> NatsService:
+    return NatsService.from_body(
+        {
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": labels}, "port": 8080, "version": version, **spec},
+        }
+    )
+
+
+def sel(labels: dict[str, str], **expr: Any) -> LabelSelector:
+    body: dict[str, Any] = {"matchLabels": labels}
+    if expr:
+        body["matchExpressions"] = [expr]
+    return LabelSelector.model_validate(body)
+
+
+def test_owner_of_picks_the_selecting_service() -> None:
+    services = [svc("orders", {"app": "orders"}), svc("payments", {"app": "payments"})]
+    owner = admission.owner_of({"app": "payments", "x": "1"}, services)
+    assert owner is not None
+    assert owner.metadata.name == "payments"
+    assert admission.owner_of({"app": "web"}, services) is None
+
+
+def test_target_uses_mesh_service_name_and_resource_secret() -> None:
+    canary = svc("orders-v2", {"app": "orders", "version": "v2"}, version="v2", service="orders")
+    target = admission.target_of(canary)
+    assert (target.service, target.version, target.creds_secret) == (
+        "orders",
+        "v2",
+        "natsmesh-orders-v2-creds",
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ({"app": "x"}, {"app": "x", "tier": "web"}, True),
+        ({"app": "x", "version": "v1"}, {"app": "x", "version": "v2"}, False),
+        ({"app": "x"}, {"app": "y"}, False),
+        ({"app": "x"}, {"team": "t"}, True),
+    ],
+)
+def test_selectors_overlap(a: dict[str, str], b: dict[str, str], overlap: bool) -> None:
+    assert admission.selectors_overlap(sel(a), sel(b)) is overlap
+
+
+def test_expression_selector_matches_with_kubernetes_semantics() -> None:
+    s = sel({"app": "orders"}, key="version", operator="In", values=["v2"])
+    assert s.matches({"app": "orders", "version": "v2"})
+    assert not s.matches({"app": "orders", "version": "v1"})
+    assert not s.matches({"app": "orders"})
+    n = sel({"app": "orders"}, key="canary", operator="DoesNotExist")
+    assert n.matches({"app": "orders"})
+    assert not n.matches({"app": "orders", "canary": "yes"})
+
+
+def test_validate_service_refuses_overlap_with_existing_pods() -> None:
+    existing = svc("a", {"app": "x"})
+    new = svc("b", {"tier": "web"})
+    errors = admission.validate_service(new, [existing], [{"app": "x", "tier": "web"}])
+    assert len(errors) == 1
+    assert "overlaps NatsService 'a' (1 existing pods match both)" in errors[0]
+    assert admission.validate_service(svc("a", {"app": "x"}), [existing], []) == []
+
+
+def test_route_warnings() -> None:
+    route = NatsRoute.from_body(
+        {
+            "metadata": {"name": "orders", "namespace": "shop"},
+            "spec": {
+                "service": "orders",
+                "rules": [
+                    {
+                        "destinations": [
+                            {"version": "v1", "weight": 90},
+                            {"version": "v2", "weight": 10},
+                        ]
+                    }
+                ],
+            },
+        }
+    )
+    assert "no NatsService serves 'orders'" in admission.route_warnings(route, [])[0]
+    only_v1 = [svc("orders", {"app": "orders"})]
+    assert "version(s) v2" in admission.route_warnings(route, only_v1)[0]
+    both = [*only_v1, svc("orders-v2", {"app": "o2"}, version="v2", service="orders")]
+    assert admission.route_warnings(route, both) == []
+
+
+def test_review_response_and_patch_shape() -> None:
+    ops = admission.json_patch({"metadata": {"labels": {"a": "b"}}, "spec": {"volumes": []}})
+    assert ops == [
+        {"op": "add", "path": "/metadata/labels", "value": {"a": "b"}},
+        {"op": "add", "path": "/spec/volumes", "value": []},
+    ]
+    denied = admission.review_response("u1", allowed=False, message="no")
+    assert denied["response"]["status"]["message"] == "no"
+    assert denied["response"]["allowed"] is False
+    patched = admission.review_response("u2", patch=ops, warnings=["w"])
+    assert patched["response"]["patchType"] == "JSONPatch"
+    assert patched["response"]["warnings"] == ["w"]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "pods", "injecting", "expected"),
+    [
+        ({}, [False], True, True),
+        ({}, [True], True, False),
+        ({"natsmesh.io/restart": "false"}, [False], True, False),
+        ({}, [True], False, True),
+        ({}, [], True, False),
+    ],
+)
+def test_wants_restart(
+    annotations: dict[str, str], pods: list[bool], injecting: bool, expected: bool
+) -> None:
+    selector = sel({"app": "orders"})
+    assert (
+        wants_restart(annotations, {"app": "orders"}, pods, selector, injecting=injecting)
+        is expected
+    )
+    assert not wants_restart(annotations, {"app": "web"}, pods, selector, injecting=injecting)
