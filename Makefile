@@ -56,7 +56,7 @@ e2e-kind: ## the whole flow on kind with real pods (needs Docker)
 
 bench: venv ## benchmarks (not timed tests): sidecar and operator
 	$(BIN)/python bench/sidecar.py
-	hack/with-cluster.sh $(BIN)/python bench/operator.py
+	hack/with-cluster.sh $(BIN)/python -m bench.operator
 
 clean: ## remove local state (not the tool cache)
 	rm -rf .work .mypy_cache .ruff_cache .pytest_cache

@@ -9,7 +9,10 @@ integration tests do:
 2. scale: M NatsServices created at once (bounded concurrency); the time
    until all are Ready, and the operator's peak RSS (``VmHWM``).
 
-    hack/with-cluster.sh .venv/bin/python bench/operator.py [--latency 100] [--scale 1000]
+    hack/with-cluster.sh .venv/bin/python -m bench.operator [--latency 100] [--scale 1000]
+
+(A module run, not `python bench/operator.py`: a script named operator.py would
+shadow the standard library's `operator` module.)
 
 Targets (DESIGN.md): apply-to-Ready p95 <= 1 s; 1,000 services <= 60 s with
 RSS <= 150 MB.
