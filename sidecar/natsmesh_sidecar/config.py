@@ -16,7 +16,6 @@ All durations are integer milliseconds on the wire: no parsing on the hot path.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from typing import Literal
@@ -150,8 +149,10 @@ class MeshTable(_Wire):
     subscriptions: tuple[Delivery, ...] = ()
 
     def with_generation(self) -> MeshTable:
-        body = self.model_dump(by_alias=True, exclude={"generation"}, mode="json")
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        # Serialized by pydantic-core (fast); field and key order are fixed
+        # because the operator builds every mapping in sorted order.
+        body = self.model_dump_json(by_alias=True, exclude={"generation"})
+        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
         return self.model_copy(update={"generation": digest})
 
     def to_json(self) -> bytes:

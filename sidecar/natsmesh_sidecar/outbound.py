@@ -476,7 +476,8 @@ class OutboundHandler:
         hdrs[codec.H_SOURCE] = app.source
         hdrs[codec.REQUEST_ID] = rid
         hdrs[codec.TRACEPARENT] = codec.next_traceparent(req.special.get("traceparent"))
-        for name in ("content-type",):
+        # Special headers the parser keeps aside; the app still needs them.
+        for name in ("content-type", "idempotency-key"):
             v = req.special.get(name)
             if v is not None:
                 hdrs[name] = v

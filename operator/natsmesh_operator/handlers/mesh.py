@@ -52,6 +52,7 @@ KEYS_SECRET = "natsmesh-keys"  # noqa: S105 - a Secret name, not a secret
 """Secret (operator namespace) with the account seeds and revoked user keys."""
 REVOCATIONS_KEY = "revocations.json"
 ENDPOINTS_CACHE_SECONDS = 5.0
+CREDS_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,16 @@ class MeshReconciler:
             if s.metadata is not None
         }
         bodies = {(str(svc.metadata.namespace), str(svc.metadata.name)): b for svc, b in services}
-        for svc, _ in services:
+        # Re-issues come in bursts (a new caller changes its targets' JWTs):
+        # write them concurrently, bounded so the API server is not flooded.
+        limit = asyncio.Semaphore(CREDS_CONCURRENCY)
+
+        async def ensure(svc: NatsService) -> None:
             key = (str(svc.metadata.namespace), str(svc.metadata.name))
-            result.creds[key] = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
+            async with limit:
+                result.creds[key] = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
+
+        await asyncio.gather(*(ensure(svc) for svc, _ in services))
         for secret in stale:
             assert secret.metadata is not None
             await kube.delete_secret(

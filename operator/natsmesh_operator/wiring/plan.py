@@ -409,8 +409,9 @@ def plan(
 
     compiled, route_problems = _compile_routes(routes, versions)
     problems += route_problems
+    dest_cache: dict[tuple[str, str], Destination] = {}
     tables = {
-        key: _table(key, primary, versions, callable_by[key], subs_of[key], compiled)
+        key: _table(key, primary, versions, callable_by[key], subs_of[key], compiled, dest_cache)
         for key in sorted(primary)
     }
     return MeshPlan(
@@ -539,6 +540,7 @@ def _table(
     targets: list[tuple[str, str]],
     subs: list[_Sub],
     compiled: Mapping[tuple[str, str], tuple[Rule, ...]],
+    dest_cache: dict[tuple[str, str], Destination],
 ) -> MeshTable:
     ns, svc = key
     i = primary[key]
@@ -550,15 +552,16 @@ def _table(
         | {subjects.host_of(n, s) for n, s in targets}
     )
     destinations = {}
-    for t_ns, t_svc in sorted(targets):
-        rules = compiled.get((t_ns, t_svc)) or routes_mod.default_rules(
-            t_ns, t_svc, versions[(t_ns, t_svc)]
-        )
-        destinations[subjects.host_of(t_ns, t_svc)] = Destination(
-            namespace=t_ns,
-            service=t_svc,
-            rules=rules,
-        )
+    for target in sorted(targets):
+        # A target's policy is the same for every caller: built once per pass
+        # (n callers x n targets of fresh models made a 1,000-service namespace
+        # take 85 s to plan).
+        dest = dest_cache.get(target)
+        if dest is None:
+            t_ns, t_svc = target
+            rules = compiled.get(target) or routes_mod.default_rules(t_ns, t_svc, versions[target])
+            dest = dest_cache[target] = Destination(namespace=t_ns, service=t_svc, rules=rules)
+        destinations[subjects.host_of(*target)] = dest
     publishes = {
         p.topic: Publication(
             topic=p.topic,

@@ -89,7 +89,12 @@ async def test_exact_status_headers_body_through_two_sidecars(mesh: Mesh) -> Non
         mesh.port,
         "PUT",
         "/orders/42?x=1&y=%20",
-        headers=[("X-Trace-Me", "yes"), ("Accept", "a/b"), ("Accept", "c/d")],
+        headers=[
+            ("X-Trace-Me", "yes"),
+            ("Accept", "a/b"),
+            ("Accept", "c/d"),
+            ("Idempotency-Key", "order-42"),
+        ],
         body=b"payload\x00\xff",
     )
     assert r.status == 201
@@ -104,6 +109,7 @@ async def test_exact_status_headers_body_through_two_sidecars(mesh: Mesh) -> Non
     assert got.path == "/orders/42?x=1&y=%20"
     assert got.body == b"payload\x00\xff"
     assert got.header("x-trace-me") == "yes"
+    assert got.header("idempotency-key") == "order-42"
     assert [v for k, v in got.headers if k.lower() == "accept"] == ["a/b", "c/d"]
     assert got.header("x-request-id")
     assert got.header("traceparent")

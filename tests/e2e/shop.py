@@ -1,0 +1,315 @@
+"""What both e2e flavours share: HTTP helpers, metrics parsing and the shop scenarios.
+
+The scenarios take a :class:`ShopEndpoints`: where the gateway app listens (the
+ingress view) and how to reach a pod's sidecar admin/outbound ports. The local
+flavour (test_e2e_shop.py) points them at emulated pods, the kind flavour
+(test_e2e_kind.py) at ``kubectl port-forward``s.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client as httpc
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+SHOP = REPO / "examples" / "shop"
+SHOP_APPS = SHOP / "apps"
+#: NatsService resource -> labels of its pods (examples/shop/apps/shop-apps.yaml).
+WORKLOADS: dict[str, dict[str, str]] = {
+    "gateway": {"app": "gateway"},
+    "orders": {"app": "orders", "version": "v1"},
+    "orders-v2": {"app": "orders", "version": "v2"},
+    "payments": {"app": "payments"},
+    "inventory": {"app": "inventory"},
+}
+CANARY_REQUESTS = 1000
+CANARY_CONCURRENCY = 32
+
+Response = tuple[int, dict[str, str], Any]
+
+
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> Response:
+    """One request (JSON in and out); (status, lower-cased headers, parsed body)."""
+    scheme, _, rest = url.partition("://")
+    assert scheme == "http", url
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    conn = httpc.HTTPConnection(host, int(port or 80), timeout=timeout)
+    try:
+        return _send(conn, method, "/" + path, body, headers)
+    finally:
+        conn.close()
+
+
+def _send(
+    conn: httpc.HTTPConnection,
+    method: str,
+    path: str,
+    body: Any,
+    headers: dict[str, str] | None,
+) -> Response:
+    data = None if body is None else json.dumps(body).encode()
+    hdrs = dict(headers or {})
+    if data is not None:
+        hdrs.setdefault("content-type", "application/json")
+    conn.request(method, path, body=data, headers=hdrs)
+    resp = conn.getresponse()
+    raw = resp.read()
+    rh = {k.lower(): v for k, v in resp.getheaders()}
+    try:
+        parsed: Any = json.loads(raw) if raw else None
+    except ValueError:
+        parsed = raw.decode(errors="replace")
+    return resp.status, rh, parsed
+
+
+def many(
+    url: str, method: str, path: str, n: int, concurrency: int, timeout: float = 10.0
+) -> list[Response]:
+    """``n`` requests over ``concurrency`` keep-alive connections (bounded by ``timeout`` each)."""
+    _scheme, _, hostport = url.partition("://")
+    host, _, port = hostport.partition(":")
+    local = threading.local()
+
+    def one(_: int) -> Response:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = httpc.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            return _send(conn, method, path, None, None)
+        except (OSError, httpc.HTTPException):
+            conn.close()
+            local.conn = None
+            raise
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def metric_samples(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+# --------------------------------------------------------------------------
+# The scenarios
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class ShopEndpoints:
+    namespace: str
+    gateway: str
+    """Base URL of the gateway app, as an ingress would reach it."""
+    outbound: Callable[[str], str]
+    """Base URL of the sidecar outbound proxy of one workload (a WORKLOADS key)."""
+    admin: Callable[[str], str]
+    """Base URL of the sidecar admin port (/metrics) of one workload."""
+    app: Callable[[str], str]
+    """Base URL of one workload's app (GET /events)."""
+
+
+def warm_up(shop: ShopEndpoints, timeout: float = 30.0) -> None:
+    """Until the route tables reached the sidecars: both canary targets answer."""
+
+    def answered(headers: dict[str, str]) -> bool:
+        status, _, body = http("GET", shop.gateway + "/orders-version", headers=headers)
+        return status == 200 and bool(body.get("orders_version"))
+
+    wait_until("orders v2 via the testers rule", lambda: answered({"x-canary": "always"}), timeout)
+    wait_until("orders via the gateway", lambda: answered({}), timeout)
+
+
+def check_chain(shop: ShopEndpoints) -> None:
+    """gateway -> orders -> payments, and the order.created event published."""
+    status, _, body = http("POST", shop.gateway + "/checkout", {"item": "book", "qty": 2})
+    assert status == 200, body
+    assert body["status"] == 201
+    order = body["order"]
+    assert body["orders_version"] in ("v1", "v2")
+    assert order["version"] == body["orders_version"]
+    assert order["charge"] == {
+        "charged": True,
+        "order_id": order["id"],
+        "service": "payments",
+        "version": "v1",
+    }
+    assert order["event"]["stream"]
+    assert order["event"]["seq"] >= 1
+    assert order["event"]["duplicate"] is False
+    # The testers rule pins v2 by header.
+    status, _, body = http(
+        "POST", shop.gateway + "/checkout", {"item": "pen"}, headers={"x-canary": "always"}
+    )
+    assert status == 200, body
+    assert body["orders_version"] == "v2"
+    # A sidecar also resolves service.namespace hosts.
+    status, _, body = http(
+        "GET",
+        shop.outbound("gateway") + "/version",
+        headers={"host": f"orders.{shop.namespace}"},
+    )
+    assert status == 200, body
+    assert body["service"] == "orders"
+
+
+def check_denied(shop: ShopEndpoints) -> None:
+    """Calls the NatsServices' permissions forbid are 403, not forwarded."""
+    for caller, target in (
+        ("payments", "gateway"),
+        ("gateway", "payments"),
+        ("inventory", "orders"),
+    ):
+        status, _, body = http(
+            "POST", shop.outbound(caller) + "/charge", {}, headers={"host": target}
+        )
+        assert status == 403, (caller, target, body)
+        assert body["error"] == "forbidden", body
+    # An unknown service is a 404, not a 403.
+    status, _, _ = http("GET", shop.outbound("gateway") + "/", headers={"host": "nosuch"})
+    assert status == 404
+
+
+def check_canary(shop: ShopEndpoints) -> dict[str, int]:
+    """The 90/10 split over CANARY_REQUESTS requests through the gateway, within 5 points."""
+    results = many(shop.gateway, "GET", "/orders-version", CANARY_REQUESTS, CANARY_CONCURRENCY)
+    bad = [r for r in results if r[0] != 200]
+    assert not bad, f"{len(bad)} failed, e.g. {bad[:3]}"
+    versions = collections.Counter(r[2]["orders_version"] for r in results)
+    assert set(versions) == {"v1", "v2"}, versions
+    share_v2 = versions["v2"] / CANARY_REQUESTS
+    assert 0.05 <= share_v2 <= 0.15, f"v2 got {share_v2:.1%}, expected 10% +- 5: {versions}"
+    return dict(versions)
+
+
+def deliveries(shop: ShopEndpoints, workload: str) -> dict[str, Any]:
+    status, _, body = http("GET", shop.app(workload) + "/events")
+    assert status == 200, body
+    result: dict[str, Any] = body
+    return result
+
+
+def check_event_once(shop: ShopEndpoints) -> None:
+    """order.created reaches inventory (FAIL_FIRST=1) and payments exactly once each.
+
+    The checkout is sent twice with one order id (a client retry): the second
+    publish is a duplicate the stream drops. Inventory's first delivery ever
+    fails on purpose: that event is delivered twice, processed once, acked once.
+    """
+    order_id = f"e2e-{uuid.uuid4().hex[:10]}"
+    for attempt in range(2):
+        status, _, body = http(
+            "POST", shop.gateway + "/checkout", {"item": "lamp", "order_id": order_id}
+        )
+        assert status == 200, body
+        assert body["order"]["id"] == order_id
+        assert body["order"]["event"]["duplicate"] is (attempt == 1)
+
+    def processed(workload: str) -> bool:
+        return order_id in deliveries(shop, workload)["processed"]
+
+    wait_until("inventory processed the order", lambda: processed("inventory"), 20)
+    wait_until("payments processed the order", lambda: processed("payments"), 20)
+    # Room for a wrong redelivery to show up (inventory's first backoff is 500ms).
+    time.sleep(1.5)
+
+    for workload in ("inventory", "payments"):
+        got = deliveries(shop, workload)
+        mine = [d for d in got["deliveries"] if d["topic"] == "order.created"]
+        by_key = collections.defaultdict(list)
+        for d in mine:
+            by_key[d["key"]].append(d)
+        failed = [d for d in mine if d["status"] != 200]
+        if workload == "inventory":
+            # FAIL_FIRST=1: exactly one delivery failed, and that event came again.
+            assert len(failed) == 1, mine
+            again = by_key[failed[0]["key"]]
+            assert [d["result"] for d in again] == ["failed on purpose", "processed"], again
+            assert [d["delivery"] for d in again] == [1, 2], again
+        else:
+            assert not failed, mine
+        # Every event processed once; no delivery after the successful one (acked once).
+        for key, ds in by_key.items():
+            assert [d["result"] for d in ds].count("processed") == 1, (workload, key, ds)
+            assert ds[-1]["result"] == "processed", (workload, key, ds)
+        assert len(by_key[order_id]) == (1 + (failed[0]["key"] == order_id if failed else 0))
+        assert by_key[order_id][-1]["source"] == f"orders.{shop.namespace}"
+        # The sidecar agrees: one ack per event, one nak for the failure.
+        text = http_text(shop.admin(workload) + "/metrics")
+        name = "natsmesh_sidecar_events_delivered_total"
+        acked = metric_samples(text, name, topic="order.created", result="delivered")
+        retried = metric_samples(text, name, topic="order.created", result="retry")
+        assert acked == len(by_key), (workload, acked, len(by_key))
+        assert retried == len(failed), (workload, retried)
+
+
+def http_text(url: str) -> str:
+    status, _, body = http("GET", url)
+    assert status == 200, body
+    assert isinstance(body, str)
+    return body
+
+
+def check_metrics(shop: ShopEndpoints, n: int = 5) -> None:
+    """/metrics of the sidecars count the requests on both sides of NATS."""
+    ns = shop.namespace
+    name = "natsmesh_sidecar_requests_total"
+    out_labels = {
+        "direction": "outbound",
+        "source": f"gateway.{ns}",
+        "destination": f"orders.{ns}",
+        "status": "200",
+    }
+
+    def inbound() -> float:
+        total = 0.0
+        for workload in ("orders", "orders-v2"):
+            text = http_text(shop.admin(workload) + "/metrics")
+            total += metric_samples(
+                text, name, direction="inbound", source=f"gateway.{ns}", status="200"
+            )
+        return total
+
+    before_out = metric_samples(http_text(shop.admin("gateway") + "/metrics"), name, **out_labels)
+    before_in = inbound()
+    for _ in range(n):
+        status, _, body = http("GET", shop.gateway + "/orders-version")
+        assert status == 200, body
+    text = http_text(shop.admin("gateway") + "/metrics")
+    assert metric_samples(text, name, **out_labels) == before_out + n
+    assert inbound() == before_in + n
+    assert "natsmesh_sidecar_request_duration_seconds_bucket" in text
+    assert metric_samples(text, "natsmesh_sidecar_nats_connected") == 1
