@@ -11,7 +11,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-state="$repo/.work/demo"
+state="$repo/.work/demo-run"
 venv="${VENV:-$repo/.venv}"
 export NATSMESH_CLUSTER="${NATSMESH_CLUSTER:-natsmesh}"
 nats_port="${DEMO_NATS_PORT:-14222}"

@@ -26,7 +26,7 @@ from tests.e2e.podsim import PodSim  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--namespace", "-n", default="shop")
-    parser.add_argument("--workdir", default=str(REPO / ".work" / "demo" / "pods"))
+    parser.add_argument("--workdir", default=str(REPO / ".work" / "demo-run" / "pods"))
     args = parser.parse_args()
     kubectl = shutil.which("kubectl") or "kubectl"
     sim = PodSim(
