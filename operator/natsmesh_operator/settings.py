@@ -57,7 +57,7 @@ class ReconcileSettings:
     streams or consumers are recreated)."""
     retry_delay: float = 10.0
     """Seconds before retrying after NATS or the API server failed."""
-    endpoints_interval: float = 15.0
+    endpoints_interval: float = 30.0
     """Seconds between live-endpoint counts ($SRV.PING) written to status."""
 
 

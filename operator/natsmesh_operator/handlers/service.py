@@ -69,7 +69,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         if not ready.ok:
             kopf.warn(body, reason=ready.reason, message=ready.message)
         elif reason != "resume":
-            kopf.info(body, reason="Reconciled", message=ready.message)
+            kopf.event(body, type="Normal", reason="Reconciled", message=ready.message)
         if reason in ("create", "resume"):
             svc = NatsService.from_body(body)
             rt = from_memo(memo)
@@ -77,8 +77,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 rt.kube, str(svc.metadata.namespace), svc.spec.selector, injecting=True
             )
             if restarted:
-                kopf.info(
+                kopf.event(
                     body,
+                    type="Normal",
                     reason="RolloutRestart",
                     message=f"restarted {', '.join(restarted)} to inject the sidecar",
                 )
