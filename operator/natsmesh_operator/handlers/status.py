@@ -7,6 +7,7 @@ a drift check that finds everything well writes nothing new.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from natsmesh_operator.handlers.mesh import PassResult
 
 logger = logging.getLogger(__name__)
+
+STATUS_CONCURRENCY = 16
 
 JsonDict = dict[str, Any]
 
@@ -189,7 +192,6 @@ async def write_all(
     routes: Sequence[tuple[NatsRoute, Mapping[str, Any]]],
 ) -> int:
     """Patch the status of every resource whose status changed; returns how many."""
-    writes = 0
     todo: list[tuple[Any, str, str, dict[str, Any]]] = []
     for svc, body in services:
         fields = service_status(result, svc, body.get("status") or {})
@@ -213,17 +215,19 @@ async def write_all(
                     fields,
                 )
             )
-    for res, name, namespace, fields in todo:
-        try:
-            await client.patch(
-                res,
-                name,
-                {"status": fields},
-                namespace=namespace,
-                patch_type=PatchType.MERGE,
-            )
-            writes += 1
-        except ApiError as exc:
-            if exc.status.code != 404:  # deleted meanwhile: nothing to report on
-                logger.warning("writing status of %s/%s failed: %s", namespace, name, exc)
-    return writes
+    # Concurrent but bounded: a pass can change hundreds of statuses at once.
+    limit = asyncio.Semaphore(STATUS_CONCURRENCY)
+
+    async def write(res: Any, name: str, namespace: str, fields: dict[str, Any]) -> bool:
+        async with limit:
+            try:
+                await client.patch(
+                    res, name, {"status": fields}, namespace=namespace, patch_type=PatchType.MERGE
+                )
+                return True
+            except ApiError as exc:
+                if exc.status.code != 404:  # deleted meanwhile: nothing to report on
+                    logger.warning("writing status of %s/%s failed: %s", namespace, name, exc)
+                return False
+
+    return sum(await asyncio.gather(*(write(*item) for item in todo)))

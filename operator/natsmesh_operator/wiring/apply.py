@@ -21,6 +21,7 @@ plan reports no change. Nothing here raises for a refused step: it becomes an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -52,6 +53,7 @@ from natsmesh_sidecar import subjects
 log = logging.getLogger(__name__)
 
 ADMIN_USER_TTL = 600
+JS_READY_SECONDS = 5.0
 CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
 CLAIMS_DELETE = "$SYS.REQ.CLAIMS.DELETE"
 CLAIMS_LIST = "$SYS.REQ.CLAIMS.LIST"
@@ -427,11 +429,29 @@ class Applier:
             return
         (report.consumers_created if action == "create" else report.consumers_updated).append(label)
 
+    async def _wait_for_jetstream(self, nc: NATS, namespace: str) -> None:
+        """JetStream of a just-pushed account answers only after the server enabled it.
+
+        Until then its API has no responders; without this wait a new namespace
+        failed its first pass and stayed failed until the next one.
+        """
+        deadline = time.monotonic() + JS_READY_SECONDS
+        while True:
+            try:
+                await nc.request(f"{JS}.INFO", b"", timeout=0.5)
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() >= deadline:
+                    raise
+                log.debug("JetStream of %s not ready yet", namespace)
+                await asyncio.sleep(0.1)
+
     async def _apply_namespace(
         self, plan: MeshPlan, namespace: str, report: ApplyReport, prune: bool
     ) -> None:
         nc = await connect_creds(self.url, admin_creds(self.keyring.account(namespace)))
         try:
+            await self._wait_for_jetstream(nc, namespace)
             js = nc.jetstream(timeout=self.timeout)
             wanted_streams = {s.name: s for s in plan.streams_in(namespace)}
             ok_streams = set()

@@ -114,12 +114,19 @@ class ServiceIntent:
 
 @dataclass(frozen=True)
 class AccountLimits:
-    """Per-namespace account limits; -1 is unlimited (NATS JWT convention)."""
+    """Per-namespace account limits; -1 is unlimited (NATS JWT convention).
+
+    JetStream storage defaults to -1 on purpose: nats-server *reserves* an
+    account's storage limit when it enables JetStream for it, so a fixed
+    10 GiB per namespace left a 54 GB server with JetStream for only five
+    namespaces ("insufficient storage resources available", 10047). Each
+    stream is bounded by its own maxAge/maxBytes from the NatsService.
+    """
 
     connections: int = -1
     subscriptions: int = -1
     payload: int = -1
-    mem_storage: int = 256 * 1024 * 1024
-    disk_storage: int = 10 * 1024 * 1024 * 1024
+    mem_storage: int = -1
+    disk_storage: int = -1
     streams: int = -1
     consumers: int = -1

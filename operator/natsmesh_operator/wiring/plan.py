@@ -410,8 +410,13 @@ def plan(
     compiled, route_problems = _compile_routes(routes, versions)
     problems += route_problems
     dest_cache: dict[tuple[str, str], Destination] = {}
+    hosts_in: dict[str, list[str]] = defaultdict(list)
+    for host_ns, host_svc in primary:
+        hosts_in[host_ns].append(subjects.host_of(host_ns, host_svc))
     tables = {
-        key: _table(key, primary, versions, callable_by[key], subs_of[key], compiled, dest_cache)
+        key: _table(
+            key, primary, versions, callable_by[key], subs_of[key], compiled, dest_cache, hosts_in
+        )
         for key in sorted(primary)
     }
     return MeshPlan(
@@ -541,16 +546,14 @@ def _table(
     subs: list[_Sub],
     compiled: Mapping[tuple[str, str], tuple[Rule, ...]],
     dest_cache: dict[tuple[str, str], Destination],
+    hosts_in: Mapping[str, list[str]],
 ) -> MeshTable:
     ns, svc = key
     i = primary[key]
     # Same-namespace services are "known" (403 if not callable); other
     # namespaces' services are only known when callable, so a tenant cannot
     # map another tenant's services by probing for 403 vs 404.
-    known = sorted(
-        {subjects.host_of(n, s) for n, s in primary if n == ns}
-        | {subjects.host_of(n, s) for n, s in targets}
-    )
+    known = sorted(set(hosts_in[ns]) | {subjects.host_of(n, s) for n, s in targets})
     destinations = {}
     for target in sorted(targets):
         # A target's policy is the same for every caller: built once per pass

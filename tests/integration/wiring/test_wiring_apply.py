@@ -143,3 +143,20 @@ async def test_prune_removes_only_what_is_gone(nats_operator: OperatorNats) -> N
         assert again.changes == {}
     with pytest.raises(Exception, match=r"[Aa]uthoriz"):
         await nats_operator.connect(frontend.creds)
+
+
+async def test_many_namespaces_all_get_jetstream(nats_operator: OperatorNats) -> None:
+    """Accounts must not reserve storage: with 10 GiB each, a 54 GB server gave five
+    namespaces JetStream and the rest 'insufficient storage resources' (10047)."""
+    from natsmesh_operator.wiring.desired import Publish
+
+    namespaces = [f"team-{i}" for i in range(12)]
+    intents = [
+        ServiceIntent(ns, "orders", publishes=(Publish("order.created"),)) for ns in namespaces
+    ]
+    async with nats_operator.applier() as a:
+        report = await a.apply(plan(intents))
+    assert report.ok, report.errors
+    assert sorted(report.accounts_pushed) == sorted(namespaces)
+    created = {s.split("/")[0] for s in report.streams_created if s.endswith("/EVENTS_orders")}
+    assert created == set(namespaces)

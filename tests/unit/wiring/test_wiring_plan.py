@@ -108,7 +108,9 @@ def test_cross_namespace_caller_is_an_export_and_import() -> None:
     (imp,) = claims["nats"]["imports"]
     assert imp["account"] == ring.account("shop").public
     assert imp["type"] == "service"
-    assert claims["nats"]["limits"]["disk_storage"] > 0, "JetStream on"
+    # JetStream is on for any non-zero storage limit; -1 is "unlimited", no reservation.
+    assert claims["nats"]["limits"]["disk_storage"] == -1
+    assert claims["nats"]["limits"]["mem_storage"] == -1
     assert p.tables[("web", "frontend")].known == ("frontend.web", "orders.shop")
 
 
