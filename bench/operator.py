@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lightkube import AsyncClient, KubeConfig
+from lightkube.types import PatchType
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -109,13 +110,37 @@ async def scale(kube: AsyncClient, namespaces: list[str], count: int) -> float |
     return None
 
 
+async def release(kube: AsyncClient, cluster: Cluster, namespaces: list[str]) -> None:
+    """Delete the benchmark's namespaces without leaving them stuck Terminating.
+
+    The operator is about to go (with its NATS server), so its finalizers
+    would never be released: drop them, then delete.
+    """
+    sem = asyncio.Semaphore(16)
+
+    async def strip(name: str, ns: str) -> None:
+        async with sem:
+            await kube.patch(
+                NatsServiceRes,
+                name,
+                {"metadata": {"finalizers": None}},
+                namespace=ns,
+                patch_type=PatchType.MERGE,
+            )
+
+    for ns in namespaces:
+        names = [str(o.metadata.name) async for o in kube.list(NatsServiceRes, namespace=ns)]
+        await asyncio.gather(*(strip(n, ns) for n in names))
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) -> None:
-    kube = AsyncClient(config=KubeConfig.from_file(str(cluster.kubeconfig)))
+    kube = AsyncClient(config=KubeConfig.from_file(str(cluster.kubeconfig)), timeout=60)
     try:
         if args.latency:
             ns = f"{scope}-lat-{uuid.uuid4().hex[:5]}"
@@ -126,7 +151,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) 
                 f"p50 {statistics.median(lat) * 1000:.0f} ms, p95 {pct(lat, 0.95) * 1000:.0f} ms, "
                 f"max {max(lat) * 1000:.0f} ms   (target p95 <= 1000 ms)"
             )
-            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+            await release(kube, cluster, [ns])
         if args.scale:
             tag = uuid.uuid4().hex[:5]
             namespaces = [f"{scope}-scale-{tag}-{i}" for i in range(args.namespaces)]
@@ -140,8 +165,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) 
                 f"{shown} (target <= 60 s); operator RSS {before:.0f} MB before, peak "
                 f"{peak_rss_mb(pid):.0f} MB (target <= 150 MB)"
             )
-            for ns in namespaces:
-                cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+            await release(kube, cluster, namespaces)
     finally:
         await kube.close()
 
