@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ApiError
@@ -41,6 +41,7 @@ def body_of(obj: Any) -> dict[str, Any]:
 
 
 Watched = Callable[[str], bool]
+R = TypeVar("R", NatsService, NatsRoute)
 
 
 def _skip(body: Mapping[str, Any], watched: Watched) -> bool:
@@ -48,30 +49,29 @@ def _skip(body: Mapping[str, Any], watched: Watched) -> bool:
     return bool(meta.get("deletionTimestamp")) or not watched(str(meta.get("namespace")))
 
 
+async def _list(
+    kube: AsyncClient, res: Any, model: type[R], watched: Watched
+) -> list[tuple[R, Mapping[str, Any]]]:
+    out: list[tuple[R, Mapping[str, Any]]] = []
+    async for obj in kube.list(res, namespace="*"):
+        body = body_of(obj)
+        if not _skip(body, watched):
+            out.append((model.from_body(body), body))
+    return out
+
+
 async def list_services(
     kube: AsyncClient, watched: Watched
 ) -> list[tuple[NatsService, Mapping[str, Any]]]:
     """Every watched NatsService not being deleted, with its raw body (uid, …)."""
-    out: list[tuple[NatsService, Mapping[str, Any]]] = []
-    async for obj in kube.list(NatsServiceRes, namespace="*"):
-        body = body_of(obj)
-        if _skip(body, watched):
-            continue
-        out.append((NatsService.from_body(body), body))
-    return out
+    return await _list(kube, NatsServiceRes, NatsService, watched)
 
 
 async def list_routes(
     kube: AsyncClient, watched: Watched
 ) -> list[tuple[NatsRoute, Mapping[str, Any]]]:
     """Every watched NatsRoute not being deleted, with its raw body."""
-    out: list[tuple[NatsRoute, Mapping[str, Any]]] = []
-    async for obj in kube.list(NatsRouteRes, namespace="*"):
-        body = body_of(obj)
-        if _skip(body, watched):
-            continue
-        out.append((NatsRoute.from_body(body), body))
-    return out
+    return await _list(kube, NatsRouteRes, NatsRoute, watched)
 
 
 def decode_secret(secret: Secret) -> dict[str, str]:
