@@ -193,28 +193,15 @@ async def write_all(
 ) -> int:
     """Patch the status of every resource whose status changed; returns how many."""
     todo: list[tuple[Any, str, str, dict[str, Any]]] = []
-    for svc, body in services:
-        fields = service_status(result, svc, body.get("status") or {})
-        if fields:
-            todo.append(
-                (
-                    kube.NatsServiceRes.Status,
-                    str(svc.metadata.name),
-                    str(svc.metadata.namespace),
-                    fields,
-                )
-            )
-    for route, body in routes:
-        fields = route_status(result, route, body.get("status") or {})
-        if fields:
-            todo.append(
-                (
-                    kube.NatsRouteRes.Status,
-                    str(route.metadata.name),
-                    str(route.metadata.namespace),
-                    fields,
-                )
-            )
+    kinds: list[tuple[Any, Any, Sequence[tuple[Any, Mapping[str, Any]]]]] = [
+        (kube.NatsServiceRes.Status, service_status, services),
+        (kube.NatsRouteRes.Status, route_status, routes),
+    ]
+    for res, status_of, items in kinds:
+        for obj, body in items:
+            fields = status_of(result, obj, body.get("status") or {})
+            if fields:
+                todo.append((res, str(obj.metadata.name), str(obj.metadata.namespace), fields))
     # Concurrent but bounded: a pass can change hundreds of statuses at once.
     limit = asyncio.Semaphore(STATUS_CONCURRENCY)
 

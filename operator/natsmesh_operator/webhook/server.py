@@ -14,7 +14,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -120,25 +120,42 @@ class WebhookServer:
             raise web.HTTPBadRequest(text="not an AdmissionReview request")
         return review
 
-    async def handle_inject(self, request: web.Request) -> web.Response:
+    async def _answer(
+        self,
+        request: web.Request,
+        webhook: str,
+        decide: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]],
+        outcome_of: Callable[[dict[str, Any]], str],
+        skipped: str,
+    ) -> web.Response:
+        """Time and count one review; our own failure answers "allowed, with a warning".
+
+        Never block the API server on our bug: failurePolicy decides for
+        transport errors, this is the "answer but do nothing" path.
+        """
         started = time.perf_counter()
         review = await self._review(request)
-        outcome = "skipped"
         try:
-            response = await self.inject(review)
-            if "patch" in response["response"]:
-                outcome = "injected"
+            response = await decide(review)
+            outcome = outcome_of(response["response"])
         except Exception as exc:
-            # Never block pod creation on our own bug; failurePolicy decides
-            # for transport errors, this is the "answer but do nothing" path.
-            logger.exception("injection failed")
+            logger.exception("%s webhook failed", webhook)
             outcome = "error"
             response = admission.review_response(
-                review["uid"], warnings=[f"natsmesh: sidecar not injected: {exc}"]
+                review["uid"], warnings=[f"natsmesh: {skipped}: {exc}"]
             )
-        METRICS.admissions.labels(webhook="inject", outcome=outcome).inc()
-        METRICS.admission_duration.labels(webhook="inject").observe(time.perf_counter() - started)
+        METRICS.admissions.labels(webhook=webhook, outcome=outcome).inc()
+        METRICS.admission_duration.labels(webhook=webhook).observe(time.perf_counter() - started)
         return web.json_response(response)
+
+    async def handle_inject(self, request: web.Request) -> web.Response:
+        return await self._answer(
+            request,
+            "inject",
+            self.inject,
+            lambda r: "injected" if "patch" in r else "skipped",
+            "sidecar not injected",
+        )
 
     async def inject(self, review: Mapping[str, Any]) -> dict[str, Any]:
         uid = review["uid"]
@@ -161,20 +178,13 @@ class WebhookServer:
         return admission.review_response(uid, patch=admission.json_patch(changes))
 
     async def handle_validate(self, request: web.Request) -> web.Response:
-        started = time.perf_counter()
-        review = await self._review(request)
-        try:
-            response = await self.validate(review)
-            outcome = "allowed" if response["response"]["allowed"] else "denied"
-        except Exception as exc:
-            logger.exception("validation failed")
-            outcome = "error"
-            response = admission.review_response(
-                review["uid"], warnings=[f"natsmesh: cross-resource validation skipped: {exc}"]
-            )
-        METRICS.admissions.labels(webhook="validate", outcome=outcome).inc()
-        METRICS.admission_duration.labels(webhook="validate").observe(time.perf_counter() - started)
-        return web.json_response(response)
+        return await self._answer(
+            request,
+            "validate",
+            self.validate,
+            lambda r: "allowed" if r["allowed"] else "denied",
+            "cross-resource validation skipped",
+        )
 
     async def validate(self, review: Mapping[str, Any]) -> dict[str, Any]:
         uid = review["uid"]
