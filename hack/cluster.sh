@@ -10,6 +10,15 @@
 #
 # NATSMESH_CLUSTER names the cluster (default natsmesh); state lives under
 # NATSMESH_STATE (default <repo>/.work/<cluster>).
+#
+# Two things differ from kwokctl's defaults, both for tests/e2e/podsim.py,
+# which plays the kubelet (and kube-proxy) for emulated pods:
+# * kube-apiserver gets HTTPS_PROXY=<state>/service-proxy: it reaches
+#   webhooks named by a Service through podsim's CONNECT proxy, which routes
+#   <svc>.<ns>.svc:<port> to the emulated pod behind it (nothing listens
+#   there otherwise, and the call fails as it would with no endpoints);
+# * kwok's stages are its defaults minus pod-complete, which would mark a
+#   Job's pod Succeeded before anything ran; podsim runs it and reports.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -56,6 +65,37 @@ EOF
   done
 }
 
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# kwok's default stages of the pinned kwok module, without pod-complete.
+kwok_stages() {
+  local dir
+  dir="$(cd "$here/tools/kwok" && go mod download -json sigs.k8s.io/kwok |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')"
+  for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+           pod/fast/pod-ready pod/fast/pod-delete; do
+    echo "---"
+    cat "$dir/kustomize/stage/$f.yaml"
+  done
+}
+
+kwokctl_config() {
+  cat <<EOF
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokctlConfiguration
+componentsPatches:
+  - name: kube-apiserver
+    extraEnvs:
+      - name: HTTPS_PROXY
+        value: http://$1
+      - name: NO_PROXY
+        value: 127.0.0.1,localhost
+EOF
+  kwok_stages
+}
+
 up() {
   local start=$SECONDS
   mkdir -p "$state"
@@ -64,7 +104,9 @@ up() {
   else
     # A stale cluster (processes gone after a reboot) is removed first.
     kwokctl delete cluster --name "$name" --kubeconfig "$kubeconfig" >/dev/null 2>&1 || true
-    kwokctl create cluster --name "$name" --runtime binary \
+    echo "127.0.0.1:$(free_port)" >"$state/service-proxy"
+    kwokctl_config "$(cat "$state/service-proxy")" >"$state/kwokctl.yaml"
+    kwokctl create cluster --name "$name" --runtime binary --config "$state/kwokctl.yaml" \
       --kube-apiserver-binary "$(bin_of kube-apiserver)" \
       --kube-controller-manager-binary "$(bin_of kube-controller-manager)" \
       --kube-scheduler-binary "$(bin_of kube-scheduler)" \
@@ -95,6 +137,7 @@ case "${1:-}" in
   env)
     echo "export KUBECONFIG=$kubeconfig"
     echo "export PATH=$(tool_path)\$PATH"
+    echo "export NATSMESH_SERVICE_PROXY=$(cat "$state/service-proxy" 2>/dev/null)"
     ;;
   *) echo "usage: $0 up|down|env" >&2; exit 2 ;;
 esac

@@ -93,6 +93,7 @@ def main(argv: list[str]) -> int:
         namespaces=settings.watch_namespaces,
         standalone=settings.peering is None,
         peering_name=settings.peering,
+        priority=settings.peering_priority,
         memo=kopf.Memo(config=settings),
         liveness_endpoint=None,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,11 @@ class OperatorSettings:
     """The operator's own namespace: never injected, holds the bootstrap Secret."""
     peering: str | None = "natsmesh"
     """kopf peering name; None runs standalone (one replica, tests)."""
+    peering_priority: int = 0
+    """This replica's kopf peering priority (``NATSMESH_PEERING_PRIORITY``);
+    the highest acts, the others stand by until its peering record goes away.
+    Unset: a random one per process, because kopf pauses *every* replica when
+    two share the highest priority (as two replicas of one Deployment would)."""
     metrics_port: int = 8080
     """Port of /metrics and /healthz."""
     log_format: str = "json"
@@ -98,6 +104,9 @@ class OperatorSettings:
         return cls(
             namespace=get("OPERATOR_NAMESPACE", cls.namespace),
             peering=None if peering in ("", "none", "standalone") else peering,
+            peering_priority=int(
+                get("PEERING_PRIORITY", "") or secrets.randbelow(1_000_000_000) + 1
+            ),
             metrics_port=int(get("METRICS_PORT", str(cls.metrics_port))),
             log_format=get("LOG_FORMAT", cls.log_format),
             watch_namespaces=tuple(

@@ -1,85 +1,121 @@
-"""Traffic for `hack/demo.sh`: run the shop's pods as local processes and show the mesh at work.
+"""Traffic for `hack/demo.sh`: show the mesh at work on the emulated shop pods.
 
-    python tests/e2e/demo_traffic.py --namespace shop   (KUBECONFIG and kubectl on PATH)
+    python tests/e2e/demo_traffic.py --pods .work/demo-run/pods/pods.json wait natsmesh-system
+    python tests/e2e/demo_traffic.py --pods .work/demo-run/pods/pods.json traffic shop
 
-Uses the same pod emulator and scenario helpers as the e2e tests, but prints
-what happens instead of asserting it.
+The pods run in the demo's emulator (``python -m tests.e2e.local``), which
+writes where each one listens to ``pods.json``. ``wait`` blocks until the
+chart's NATS server and operator replicas pass their probes; ``traffic`` uses
+the same scenario helpers as the e2e tests, but prints what happens instead of
+asserting it.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import os
-import shutil
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.e2e import shop as scenarios  # noqa: E402
-from tests.e2e.podsim import PodSim  # noqa: E402
+
+Pod = dict[str, Any]
+
+
+def ready_pods(registry: Path, namespace: str, **labels: str) -> list[Pod]:
+    try:
+        pods: list[Pod] = json.loads(registry.read_text()).get(namespace, [])
+    except (OSError, ValueError):
+        return []
+    return [
+        p for p in pods if p["ready"] and all(p["labels"].get(k) == v for k, v in labels.items())
+    ]
+
+
+def wait_pods(
+    registry: Path, namespace: str, count: int, timeout: float, **labels: str
+) -> list[Pod]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = ready_pods(registry, namespace, **labels)
+        if len(found) >= count:
+            return found
+        time.sleep(0.3)
+    raise SystemExit(
+        f"demo: {count} ready pod(s) {labels} in {namespace} did not come up in {timeout:.0f}s; "
+        f"see the emulator's log and {registry.parent}/{namespace}/*/*.log"
+    )
+
+
+def url(pod: Pod, port: int) -> str:
+    return f"http://127.0.0.1:{pod['ports'][str(port)]}"
+
+
+def wait_system(registry: Path, namespace: str) -> None:
+    for component, count in (("nats", 1), ("operator", 2)):
+        pods = wait_pods(
+            registry, namespace, count, 90, **{"app.kubernetes.io/component": component}
+        )
+        print(f"  {component}: {', '.join(p['name'] for p in pods)} running and ready")
+
+
+def traffic(registry: Path, namespace: str) -> None:
+    pods = {
+        name: wait_pods(registry, namespace, 1, 90, **labels)[0]
+        for name, labels in scenarios.WORKLOADS.items()
+    }
+    shop = scenarios.ShopEndpoints(
+        namespace=namespace,
+        gateway=url(pods["gateway"], 8080),
+        outbound=lambda w: url(pods[w], 15001),
+        admin=lambda w: url(pods[w], 15020),
+        app=lambda w: url(pods[w], pods[w]["containers"]["app"][0]),
+    )
+    print(f"  {len(pods)} pods running as local processes: app + injected sidecar each")
+    scenarios.warm_up(shop)
+
+    status, _, body = scenarios.http("POST", shop.gateway + "/checkout", {"item": "book"})
+    print(f"\n  POST gateway /checkout -> {status}: gateway -> orders -> payments via NATS")
+    print(f"    {body}")
+
+    status, _, body = scenarios.http(
+        "POST", shop.outbound("payments") + "/charge", {}, headers={"host": "gateway"}
+    )
+    print(f"\n  payments calling gateway (not in its allowedCallers) -> {status}")
+    print(f"    {body}")
+
+    results = scenarios.many(shop.gateway, "GET", "/orders-version", 200, 16)
+    versions = collections.Counter(r[2].get("orders_version") for r in results)
+    print(f"\n  canary, 200 calls to orders through the gateway: {dict(versions)} (route: 90/10)")
+
+    time.sleep(1.0)
+    events = scenarios.deliveries(shop, "inventory")
+    print(f"\n  order.created at inventory (FAIL_FIRST=1, so one redelivery): {events}")
+
+    print(f"\n  sidecar metrics: {shop.admin('gateway')}/metrics")
+    text = scenarios.http_text(shop.admin("gateway") + "/metrics")
+    for line in text.splitlines():
+        if line.startswith("natsmesh_sidecar_requests_total"):
+            print(f"    {line}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--namespace", "-n", default="shop")
-    parser.add_argument("--workdir", default=str(REPO / ".work" / "demo-run" / "pods"))
+    parser.add_argument("--pods", required=True, help="the emulator's pods.json")
+    parser.add_argument("action", choices=["wait", "traffic"])
+    parser.add_argument("namespace")
     args = parser.parse_args()
-    kubectl = shutil.which("kubectl") or "kubectl"
-    sim = PodSim(
-        [kubectl, "--kubeconfig", os.environ["KUBECONFIG"]], args.namespace, Path(args.workdir)
-    )
-    sim.start()
-    try:
-        pods = {
-            name: sim.wait_ready(1, timeout=90, **labels)[0]
-            for name, labels in scenarios.WORKLOADS.items()
-        }
-        shop = scenarios.ShopEndpoints(
-            namespace=args.namespace,
-            gateway=pods["gateway"].url(8080),
-            outbound=lambda w: pods[w].url(15001),
-            admin=lambda w: pods[w].url(15020),
-            app=lambda w: pods[w].url(
-                int(pods[w].container("app").spec["ports"][0]["containerPort"])
-            ),
-        )
-        print(f"  {len(pods)} pods running as local processes: app + injected sidecar each")
-        scenarios.warm_up(shop)
-
-        status, _, body = scenarios.http("POST", shop.gateway + "/checkout", {"item": "book"})
-        print(f"\n  POST gateway /checkout -> {status}: gateway -> orders -> payments via NATS")
-        print(f"    {body}")
-
-        status, _, body = scenarios.http(
-            "POST", shop.outbound("payments") + "/charge", {}, headers={"host": "gateway"}
-        )
-        print(f"\n  payments calling gateway (not in its allowedCallers) -> {status}")
-        print(f"    {body}")
-
-        results = scenarios.many(shop.gateway, "GET", "/orders-version", 200, 16)
-        versions = collections.Counter(r[2].get("orders_version") for r in results)
-        print(
-            f"\n  canary, 200 calls to orders through the gateway: {dict(versions)} (route: 90/10)"
-        )
-
-        time.sleep(1.0)
-        events = scenarios.deliveries(shop, "inventory")
-        print(f"\n  order.created at inventory (FAIL_FIRST=1, so one redelivery): {events}")
-
-        print(f"\n  sidecar metrics: {shop.admin('gateway')}/metrics")
-        text = scenarios.http_text(shop.admin("gateway") + "/metrics")
-        for line in text.splitlines():
-            if line.startswith("natsmesh_sidecar_requests_total"):
-                print(f"    {line}")
-    finally:
-        sim.stop()
-    print(
-        "\n  (the emulated pods are stopped again; the cluster, NATS and the operator keep running)"
-    )
+    registry = Path(args.pods)
+    if args.action == "wait":
+        wait_system(registry, args.namespace)
+    else:
+        traffic(registry, args.namespace)
     return 0
 
 

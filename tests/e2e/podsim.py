@@ -16,12 +16,28 @@ local processes the way a kubelet would:
 * native sidecars (init containers with ``restartPolicy: Always``) start
   first and must pass their startupProbe before the app containers start;
   other init containers run to completion; exited containers are restarted;
-* probes (``httpGet``, ``tcpSocket``) are polled to decide readiness.
+* probes (``httpGet``, ``tcpSocket``) are polled to decide readiness;
+* pods that run to completion (``restartPolicy: Never``/``OnFailure``, such
+  as a Job's) are reported ``Succeeded``/``Failed`` in the pod's status when
+  their containers exit, so Jobs (and Helm hooks) complete as on a kubelet;
+* projected and downwardAPI volumes are materialised too; the service account
+  token comes from the TokenRequest API, bound to the pod. Client libraries
+  read it from the fixed path /var/run/secrets/kubernetes.io/serviceaccount,
+  which cannot be remapped per pod, so a container that mounts it also gets
+  ``KUBECONFIG`` naming a kubeconfig with that token and CA: it talks to the
+  API server as its service account, under the RBAC the chart grants it.
+
+With a :class:`tests.e2e.netsim.ServiceNetwork`, Service addresses
+(``<svc>.<ns>.svc:<port>``) in env values, args and configuration files go to
+local forwarders to the pods behind them, and the API server reaches
+Service-backed webhooks through the network's proxy.
 
 Emulation-only differences, because every pod shares this host's loopback:
 every port a pod names (containerPorts, ``*PORT`` env values) is remapped to a
 free local port per pod, in ``*PORT`` values and in ``127.0.0.1:N``/``localhost:N``
-inside any value; app
+inside any value (``0.0.0.0:N`` becomes ``127.0.0.1:N``), and in configuration
+files (``*.conf``, ``*.yaml``, ``*.json``...) of Secret and ConfigMap volumes,
+where mount paths are rewritten to the pod's directory as well; app
 containers of a pod with a sidecar get ``NATSMESH_OUTBOUND`` pointing at that
 pod's sidecar (unless ``HTTP_PROXY``/``NATSMESH_OUTBOUND`` is set), and
 ``HOST``/``NATSMESH_ADMIN_HOST`` default to 127.0.0.1 so nothing listens
@@ -38,6 +54,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -54,7 +71,10 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.e2e.netsim import ServiceNetwork
 
 log = logging.getLogger("podsim")
 
@@ -63,8 +83,18 @@ REPO = Path(__file__).resolve().parents[2]
 #: Image repository (without registry host, tag or digest) -> local entrypoint.
 DEFAULT_IMAGES: dict[str, list[str]] = {
     "natsmesh/sidecar": [sys.executable, "-m", "natsmesh_sidecar"],
+    "natsmesh/operator": [sys.executable, "-m", "natsmesh_operator.cli"],
     "natsmesh/example-shop": [sys.executable, "-m", "examples.apps.shop"],
+    "nats": ["nats-server"],
 }
+#: Commands (``command[0]`` of a container) other than python -> local program.
+DEFAULT_COMMANDS: dict[str, str] = {
+    "nats-server": str(Path(sys.executable).parent / "nats-server"),
+}
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: Files of Secret/ConfigMap volumes whose text gets paths and addresses rewritten.
+CONFIG_SUFFIXES = (".conf", ".cfg", ".ini", ".json", ".yaml", ".yml", ".toml", ".properties")
+COMPLETION_TIMEOUT = 300.0
 #: Upper bounds on what one pod may take (a real kubelet would retry forever).
 START_TIMEOUT = 60.0
 STOP_GRACE_MAX = 10.0
@@ -73,7 +103,7 @@ RESTART_BACKOFF = 1.0
 
 JsonDict = dict[str, Any]
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-_LOOPBACK_PORT = re.compile(r"(127\.0\.0\.1|localhost):(\d+)")
+_LOOPBACK_PORT = re.compile(r"(127\.0\.0\.1|localhost|0\.0\.0\.0):(\d+)")
 
 
 class PodSimError(Exception):
@@ -176,6 +206,22 @@ class SimPod:
     error: str = ""
     stopping: bool = False
     thread: threading.Thread | None = None
+    phase: str = "Running"
+    """Succeeded/Failed once a run-to-completion pod's containers exited."""
+
+    @property
+    def restart_policy(self) -> str:
+        return str(self.spec.get("restartPolicy") or "Always")
+
+    def container_port(self, target: int | str) -> int | None:
+        """A Service's ``targetPort`` (number or port name) as this pod's containerPort."""
+        if isinstance(target, int) or str(target).isdigit():
+            return int(target)
+        for c in [*(self.spec.get("initContainers") or []), *(self.spec.get("containers") or [])]:
+            for p in c.get("ports") or []:
+                if p.get("name") == target:
+                    return int(p["containerPort"])
+        return None
 
     def all_containers(self) -> list[ContainerProc]:
         return [*self.init, *self.containers]
@@ -254,6 +300,15 @@ def _field_ref(pod: JsonDict, path: str) -> str:
     raise PodSimError(f"fieldRef {path} is not emulated")
 
 
+def _literal(value: str, _match: re.Match[str]) -> str:
+    return value
+
+
+def _mount_pattern(mount: str) -> re.Pattern[str]:
+    """``mount`` as a whole path (or path prefix) inside configuration text."""
+    return re.compile(r"(?<![\w./-])" + re.escape(mount) + r"(?=/|[\s\"',;\]}]|$)")
+
+
 def _volume_source(vol: JsonDict) -> tuple[str, str, JsonDict] | None:
     """(kind, object name, volume source) of a Secret or ConfigMap volume."""
     if "secret" in vol:
@@ -265,7 +320,14 @@ def _volume_source(vol: JsonDict) -> tuple[str, str, JsonDict] | None:
     return None
 
 
-def _project(path: Path, kind: str, ref: str, src: JsonDict, data: Mapping[str, bytes]) -> None:
+def _project(
+    path: Path,
+    kind: str,
+    ref: str,
+    src: JsonDict,
+    data: Mapping[str, bytes],
+    transform: Callable[[str, bytes], bytes] = lambda _, b: b,
+) -> None:
     """Write the volume's files; a changed file is replaced atomically (rename)."""
     items = src.get("items") or [{"key": k, "path": k} for k in data]
     for item in items:
@@ -274,7 +336,7 @@ def _project(path: Path, kind: str, ref: str, src: JsonDict, data: Mapping[str, 
                 continue
             raise PodSimError(f"{kind} {ref} has no key {item['key']}")
         target = path / item["path"]
-        content = data[item["key"]]
+        content = transform(item["path"], data[item["key"]])
         with contextlib.suppress(OSError):
             if target.read_bytes() == content:
                 continue
@@ -298,11 +360,18 @@ class PodSim:
         poll: float = 0.5,
         selector: str = "",
         volume_sync: float = 2.0,
+        network: ServiceNetwork | None = None,
+        commands: Mapping[str, str] | None = None,
     ) -> None:
         self.kubectl_argv = list(kubectl)
         self.namespace = namespace
         self.workdir = Path(workdir)
         self.images = dict(DEFAULT_IMAGES if images is None else images)
+        self.commands = dict(DEFAULT_COMMANDS if commands is None else commands)
+        self.network = network
+        if network is not None:
+            network.attach(self)
+        self._server: str | None = None
         self.poll = poll
         self.selector = selector
         self.pods: dict[str, SimPod] = {}
@@ -367,6 +436,27 @@ class PodSim:
                 out[k] = base64.b64decode(v)
         return out
 
+    def kubectl_run(self, *args: str, input: str | None = None) -> str:
+        proc = subprocess.run(
+            [*self.kubectl_argv, "-n", self.namespace, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=KUBECTL_TIMEOUT,
+        )
+        if proc.returncode != 0:
+            raise PodSimError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    @property
+    def server(self) -> str:
+        """The API server's URL, as the test's kubeconfig names it."""
+        if self._server is None:
+            self._server = self.kubectl_run(
+                "config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"
+            ).strip()
+        return self._server
+
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> PodSim:
@@ -411,6 +501,7 @@ class PodSim:
             meta = pod["metadata"]
             uid = meta["uid"]
             seen.add(uid)
+            # Pods this emulation completed stay (phase Succeeded/Failed), like on a node.
             running = (pod.get("status") or {}).get("phase") == "Running"
             deleting = bool(meta.get("deletionTimestamp"))
             with self.lock:
@@ -439,8 +530,14 @@ class PodSim:
         with self.lock:
             pods = [p for p in self.pods.values() if p.ready and not p.stopping]
         for pod in pods:
+            if pod.restart_policy != "Always":
+                self._complete(pod)
             for c in [*(c for c in pod.init if c.sidecar), *pod.containers]:
                 if c.proc is None or c.alive():
+                    continue
+                if pod.restart_policy == "Never" and not c.sidecar:
+                    continue
+                if pod.restart_policy == "OnFailure" and not c.sidecar and c.proc.returncode == 0:
                     continue
                 if c.exited_at is None:
                     c.exited_at = now
@@ -453,6 +550,56 @@ class PodSim:
                 elif now - c.exited_at >= RESTART_BACKOFF:
                     c.restarts += 1
                     c.start()
+
+    def _complete(self, pod: SimPod) -> None:
+        """A run-to-completion pod whose app containers all exited: report its phase."""
+        if pod.phase != "Running" or any(c.alive() or c.proc is None for c in pod.containers):
+            return
+        codes = [c.proc.returncode if c.proc else 0 for c in pod.containers]
+        if pod.restart_policy == "OnFailure" and any(codes):
+            return  # restarted in place by _restart_exited, as the kubelet does
+        pod.phase = "Succeeded" if not any(codes) else "Failed"
+        for c in pod.init:  # native sidecars stop once the main containers are done
+            c.signal(signal.SIGTERM)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        statuses = [
+            {
+                "name": c.name,
+                "image": c.spec.get("image", ""),
+                "imageID": "",
+                "ready": False,
+                "started": False,
+                "restartCount": c.restarts,
+                "state": {
+                    "terminated": {
+                        "exitCode": code,
+                        "reason": "Completed" if code == 0 else "Error",
+                        "startedAt": now,
+                        "finishedAt": now,
+                    }
+                },
+            }
+            for c, code in zip(pod.containers, codes, strict=True)
+        ]
+        patch = {
+            "status": {
+                "phase": pod.phase,
+                "containerStatuses": statuses,
+                "conditions": [
+                    {"type": t, "status": "False", "reason": "PodCompleted"}
+                    for t in ("Ready", "ContainersReady")
+                ],
+            }
+        }
+        log.info("pod %s completed: %s %s", pod.name, pod.phase, codes)
+        try:
+            self.kubectl_run(
+                "patch", "pod", pod.name, "--subresource=status", "--type=strategic",
+                "-p", json.dumps(patch),
+            )  # fmt: skip
+        except PodSimError as exc:
+            pod.phase = "Running"  # try again on the next pass
+            log.warning("pod %s: reporting its completion: %s", pod.name, exc)
 
     # -- one pod --------------------------------------------------------------
 
@@ -488,6 +635,8 @@ class PodSim:
                     return
                 c.start()
             for c in sim.all_containers():
+                if sim.restart_policy != "Always" and c in sim.containers:
+                    continue  # it may be done already: _complete reports it
                 if c.sidecar or c in sim.containers:
                     self._wait_probe(sim, c, "startupProbe", deadline)
                     self._wait_probe(sim, c, "readinessProbe", deadline)
@@ -505,8 +654,8 @@ class PodSim:
         while True:
             self._local.objects = {}
             try:
-                volumes = self._volumes(sim, spec.get("volumes") or [])
                 sim.ports = self._port_map([*init_specs, *specs])
+                volumes = self._volumes(sim, pod, spec.get("volumes") or [])
                 outbound = self._sidecar_outbound(sim, init_specs)
                 sim.init = [
                     self._container(sim, pod, c, volumes, outbound=None, init=True)
@@ -522,8 +671,9 @@ class PodSim:
                     raise
                 time.sleep(0.5)
 
-    def _volumes(self, sim: SimPod, volumes: Iterable[JsonDict]) -> dict[str, Path]:
+    def _volumes(self, sim: SimPod, pod: JsonDict, volumes: Iterable[JsonDict]) -> dict[str, Path]:
         out: dict[str, Path] = {}
+        transform = self._config_transform(sim)
         for vol in volumes:
             name = vol["name"]
             path = sim.dir / "volumes" / name
@@ -535,10 +685,79 @@ class PodSim:
             if source is not None:
                 kind, ref, src = source
                 obj = self._object(kind, ref, bool(src.get("optional")))
-                _project(path, kind, ref, src, {} if obj is None else self._data(kind, obj))
+                data = {} if obj is None else self._data(kind, obj)
+                _project(path, kind, ref, src, data, transform)
+            elif "projected" in vol:
+                for item in (vol["projected"] or {}).get("sources") or []:
+                    self._projection(sim, pod, path, item, transform)
+            elif "downwardAPI" in vol:
+                self._projection(sim, pod, path, vol, transform)
             elif "emptyDir" not in vol:
                 log.info("pod %s: volume %s is an empty directory here", sim.name, name)
         return out
+
+    def _projection(
+        self,
+        sim: SimPod,
+        pod: JsonDict,
+        path: Path,
+        item: JsonDict,
+        transform: Callable[[str, bytes], bytes],
+    ) -> None:
+        """One source of a projected volume (or a downwardAPI volume)."""
+        if "serviceAccountToken" in item:
+            src = item["serviceAccountToken"]
+            argv = [
+                "create", "token", sim.spec.get("serviceAccountName") or "default",
+                "--duration", f"{int(src.get('expirationSeconds', 3600))}s",
+                "--bound-object-kind", "Pod", "--bound-object-name", sim.name,
+                "--bound-object-uid", sim.uid,
+            ]  # fmt: skip
+            if src.get("audience"):
+                argv += ["--audience", src["audience"]]
+            target = path / src.get("path", "token")
+            target.write_text(self.kubectl_run(*argv).strip())
+            target.chmod(0o600)
+        elif "downwardAPI" in item or "items" in item:
+            for entry in (item.get("downwardAPI") or item).get("items") or []:
+                if "fieldRef" not in entry:
+                    raise PodSimError(f"downwardAPI item {entry} is not emulated")
+                (path / entry["path"]).write_text(_field_ref(pod, entry["fieldRef"]["fieldPath"]))
+        else:
+            source = _volume_source(item)
+            if source is None:
+                raise PodSimError(f"projected source {sorted(item)} is not emulated")
+            kind, ref, src = source
+            name = src.get("secretName") or src.get("name") or ""
+            obj = self._object(kind, name, bool(src.get("optional")))
+            _project(path, kind, ref, src, {} if obj is None else self._data(kind, obj), transform)
+
+    def _config_transform(self, sim: SimPod) -> Callable[[str, bytes], bytes]:
+        """Configuration files refer to mount paths and ports of the pod: rewrite them."""
+        mounts: dict[str, Path] = {}
+        for c in [*(sim.spec.get("initContainers") or []), *(sim.spec.get("containers") or [])]:
+            for m in c.get("volumeMounts") or []:
+                local = sim.dir / "volumes" / m["name"] / m.get("subPath", "")
+                mounts.setdefault(m["mountPath"].rstrip("/") or "/", local)
+        patterns = [
+            (_mount_pattern(mount), str(local))
+            for mount, local in sorted(mounts.items(), key=lambda x: -len(x[0]))
+            if mount != "/"
+        ]
+
+        def transform(name: str, content: bytes) -> bytes:
+            if not name.endswith(CONFIG_SUFFIXES):
+                return content
+            try:
+                text = content.decode()
+            except UnicodeDecodeError:
+                return content
+            for pattern, local in patterns:
+                # A function, so backslashes in the path are not template escapes.
+                text = pattern.sub(functools.partial(_literal, local), text)
+            return self._remap(sim, "", text).encode()
+
+        return transform
 
     def _refresh_volumes(self) -> None:
         """What the kubelet's sync does: Secret and ConfigMap volumes follow their objects.
@@ -552,6 +771,7 @@ class PodSim:
         items = self.kubectl_json("get", "secrets,configmaps")["items"]
         objects = {(o["kind"].lower(), o["metadata"]["name"]): o for o in items}
         for pod in pods:
+            transform = self._config_transform(pod)
             for vol in pod.spec.get("volumes") or []:
                 source = _volume_source(vol)
                 if source is None:
@@ -562,7 +782,12 @@ class PodSim:
                     continue  # deleted: the kubelet keeps the last contents too
                 try:
                     _project(
-                        pod.dir / "volumes" / vol["name"], kind, ref, src, self._data(kind, obj)
+                        pod.dir / "volumes" / vol["name"],
+                        kind,
+                        ref,
+                        src,
+                        self._data(kind, obj),
+                        transform,
                     )
                 except PodSimError as exc:
                     log.warning("pod %s: volume %s: %s", pod.name, vol["name"], exc)
@@ -596,9 +821,11 @@ class PodSim:
 
         def sub(m: re.Match[str]) -> str:
             port = int(m.group(2))
-            return f"{m.group(1)}:{sim.ports.get(port, port)}"
+            host = "127.0.0.1" if m.group(1) == "0.0.0.0" else m.group(1)
+            return f"{host}:{sim.ports.get(port, port)}"
 
-        return _LOOPBACK_PORT.sub(sub, value)
+        value = _LOOPBACK_PORT.sub(sub, value)
+        return self.network.rewrite(value) if self.network is not None else value
 
     @staticmethod
     def _mounts(container: JsonDict, volumes: Mapping[str, Path]) -> list[tuple[str, Path]]:
@@ -634,10 +861,15 @@ class PodSim:
             raise PodSimError(f"no local command for image {c.get('image')!r} ({name})")
         command = list(c.get("command") or [])
         if command:
-            if Path(command[0]).name.startswith("python"):
+            program = Path(command[0]).name
+            if program.startswith("python"):
                 entry = [sys.executable, *command[1:]]
+            elif program in self.commands:
+                entry = [self.commands[program], *command[1:]]
             else:
                 raise PodSimError(f"container {name}: command {command} is not emulated")
+        elif entry and entry[0] in self.commands:
+            entry = [self.commands[entry[0]], *entry[1:]]
         env = _base_env(sim.dir, sim.name)
         spec_env: dict[str, str] = {}
         for src in c.get("envFrom") or []:
@@ -668,6 +900,9 @@ class PodSim:
         for k, val in list(spec_env.items()):
             spec_env[k] = self._repath(self._remap(sim, k, val), mounts)
         sidecar = init and c.get("restartPolicy") == "Always"
+        kubeconfig = self._service_account_kubeconfig(mounts)
+        if kubeconfig is not None:
+            spec_env.setdefault("KUBECONFIG", str(kubeconfig))
         if "NATSMESH_LISTEN_PORT" in spec_env:
             spec_env.setdefault("NATSMESH_ADMIN_HOST", "127.0.0.1")
         if not init:
@@ -679,6 +914,7 @@ class PodSim:
             self._repath(self._remap(sim, "", _expand(str(a), spec_env)), mounts)
             for a in c.get("args") or []
         ]
+        entry = [self._repath(self._remap(sim, "", _expand(a, spec_env)), mounts) for a in entry]
         return ContainerProc(
             name=name,
             argv=[*entry, *args],
@@ -687,6 +923,43 @@ class PodSim:
             spec=c,
             sidecar=sidecar,
         )
+
+    def _service_account_kubeconfig(self, mounts: Sequence[tuple[str, Path]]) -> Path | None:
+        """A kubeconfig for the token mounted at the service account path, if any."""
+        local = dict(mounts).get(SERVICE_ACCOUNT_DIR)
+        if local is None or not (local / "token").exists():
+            return None
+        path = local.parent / f"{local.name}.kubeconfig"
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "in-cluster",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority": str(local / "ca.crt"),
+                    },
+                }
+            ],
+            "users": [{"name": "sa", "user": {"token": (local / "token").read_text().strip()}}],
+            "contexts": [
+                {
+                    "name": "in-cluster",
+                    "context": {
+                        "cluster": "in-cluster",
+                        "user": "sa",
+                        "namespace": (local / "namespace").read_text().strip()
+                        if (local / "namespace").exists()
+                        else self.namespace,
+                    },
+                }
+            ],
+            "current-context": "in-cluster",
+        }
+        path.write_text(json.dumps(config))  # JSON is YAML
+        path.chmod(0o600)
+        return path
 
     def _probe_port(self, sim: SimPod, c: ContainerProc, port: Any) -> int:
         if isinstance(port, str) and not port.isdigit():

@@ -313,7 +313,7 @@ def test_helm_uninstall_leaves_nothing_behind(shop: KindShop, release: Kind) -> 
     assert namespaced == [], namespaced
     cluster_scoped = kind.kubectl(
         "get",
-        "clusterroles,clusterrolebindings,"
+        "clusterroles,clusterrolebindings,clusterkopfpeerings,"
         "mutatingwebhookconfigurations,validatingwebhookconfigurations",
         "-l", selector, "-o", "name",
     ).split()  # fmt: skip

@@ -1,44 +1,48 @@
-"""The shop end to end on the local control plane, pods emulated by tests/e2e/podsim.py.
+"""The shop end to end on the local control plane, with the chart installed by helm.
 
-The operator (and its webhooks) runs as a local process against the cluster in
-NATSMESH_KUBECONFIG (tests/fixtures/operator.py); the shop's NatsServices,
-NatsRoutes and Deployments are applied; the pods the Deployments create get the
-sidecar injected by the real API server, land on kwok nodes, and their sidecar
-and app containers run here as processes with the env, args and Secret
-contents their pod spec names. Traffic enters at the gateway app, as from an
-ingress.
+``helm install`` puts charts/natsmesh into a fresh namespace of the cluster in
+NATSMESH_KUBECONFIG (tests/e2e/local.py): its pods land on kwok nodes and run
+here as processes with the env, args, volumes and service-account token their
+pod spec names (tests/e2e/podsim.py): the bootstrap hook Job, one NATS server
+configured from the bootstrap Secret, and two operator replicas sharing the
+work through kopf peering. The API server calls the chart's webhooks through
+their Service (tests/e2e/netsim.py). Then the shop's NatsServices, NatsRoutes
+and Deployments are applied; their pods get the sidecar from the chart's
+webhook and run emulated too. Traffic enters at the gateway app, as from an
+ingress. The last test uninstalls the release and checks what is left.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from tests.e2e import shop as scenarios
+from tests.e2e.local import (
+    LOCAL_ONLY,
+    LOCAL_VALUES,
+    MESH_CRDS,
+    RELEASE,
+    LocalRelease,
+    local_release,
+)
 from tests.e2e.podsim import PodSim, SimPod
-from tests.fixtures.cluster import tool
-from tests.fixtures.operator import OperatorProcess
+from tests.fixtures.cluster import Cluster, tool
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        bool(os.environ.get("NATSMESH_E2E_KIND")),
-        reason="NATSMESH_E2E_KIND is set: the kind flavour (test_e2e_kind.py) runs instead",
-    ),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180), LOCAL_ONLY]
 
 SIDECAR = "natsmesh-sidecar"
 MESH_RESOURCES = len(scenarios.WORKLOADS) + 2  # the NatsServices and two NatsRoutes
+OPERATOR = {"app.kubernetes.io/component": "operator"}
 
 
-def all_ready(op: OperatorProcess, namespace: str) -> bool:
+def all_ready(release: LocalRelease, namespace: str) -> bool:
     items = json.loads(
-        op.cluster.kubectl("get", "natsservices,natsroutes", "-n", namespace, "-o", "json").stdout
+        release.kubectl("get", "natsservices,natsroutes", "-n", namespace, "-o", "json")
     )["items"]
     return len(items) == MESH_RESOURCES and all(
         any(
@@ -49,33 +53,35 @@ def all_ready(op: OperatorProcess, namespace: str) -> bool:
     )
 
 
+@pytest.fixture(scope="module")
+def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRelease]:
+    with local_release(cluster, "natsmesh-e2e", tmp_path_factory.mktemp("pods")) as release:
+        release.install(*LOCAL_VALUES)
+        release.kubectl(
+            "wait", "--for=condition=Established", "--timeout=30s",
+            *(f"crd/{n}" for n in MESH_CRDS),
+        )  # fmt: skip
+        release.wait_ready("nats", 1)
+        release.wait_ready("operator", 2)
+        yield release
+
+
 class LocalShop(scenarios.ShopEndpoints):
     sim: PodSim
     pods: dict[str, SimPod]
 
 
 @pytest.fixture(scope="module")
-def shop(
-    mesh_operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalShop]:
-    cluster = mesh_operator.cluster
-    # Inside the operator's scope: it manages only the namespaces named <scope>-*.
-    ns = f"{mesh_operator.scope}-e2e-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", ns)
-    cluster.kubectl("label", "namespace", ns, "natsmesh.io/inject=enabled")
-    sim = PodSim(
-        [tool("kubectl"), "--kubeconfig", str(cluster.kubeconfig)],
-        ns,
-        tmp_path_factory.mktemp("pods"),
-    )
+def shop(release: LocalRelease) -> Iterator[LocalShop]:
+    ns = f"shop-e2e-{uuid.uuid4().hex[:6]}"
+    release.kubectl("create", "namespace", ns)
+    release.kubectl("label", "namespace", ns, "natsmesh.io/inject=enabled")
+    sim = release.watch(ns)
     try:
-        cluster.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP))
-        mesh_operator.wait_for(
-            "the shop's mesh resources Ready", lambda: all_ready(mesh_operator, ns)
-        )
+        release.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP))
+        release.wait_for("the shop's mesh resources Ready", lambda: all_ready(release, ns))
         # After the NatsServices: the webhook injects pods of services it knows.
-        cluster.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP_APPS))
-        sim.start()
+        release.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP_APPS))
         pods: dict[str, SimPod] = {}
         for resource, labels in scenarios.WORKLOADS.items():
             (pod,) = sim.wait_ready(1, timeout=60, **labels)
@@ -96,18 +102,11 @@ def shop(
         # Nothing crashed or restarted while the tests ran.
         assert all(p.restarts() == 0 for p in pods.values()), sim.describe()
     finally:
-        sim.stop()
-        cluster.kubectl(
-            "delete",
-            "natsservices,natsroutes",
-            "--all",
-            "-n",
-            ns,
-            "--timeout=60s",
-            check=False,
-            timeout=90,
-        )
-        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        release.kubectl(
+            "delete", "natsservices,natsroutes", "--all", "-n", ns, "--timeout=60s",
+            check=False, timeout=90,
+        )  # fmt: skip
+        release.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def test_pods_run_the_injected_spec(shop: LocalShop) -> None:
@@ -152,3 +151,99 @@ def test_event_delivered_exactly_once_after_a_failure(shop: LocalShop) -> None:
 
 def test_metrics_count_requests(shop: LocalShop) -> None:
     scenarios.check_metrics(shop)
+
+
+def test_chart_pods_run_as_their_specs_say(release: LocalRelease) -> None:
+    """The operator talks to the API server as its service account; NATS runs the chart's config."""
+    sim = release.sims[release.namespace]
+    for pod in sim.select(**OPERATOR):
+        env = pod.container("operator").env
+        # The kubeconfig podsim made of the pod's bound token: the chart's service
+        # account (and its RBAC), not the test's admin.
+        who = subprocess.run(
+            [tool("kubectl"), "--kubeconfig", env["KUBECONFIG"], "auth", "whoami", "-o", "json"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert json.loads(who.stdout)["status"]["userInfo"]["username"] == (
+            f"system:serviceaccount:{release.namespace}:{pod.spec['serviceAccountName']}"
+        )
+        assert pod.spec["serviceAccountName"] == RELEASE
+        assert env["NATSMESH_OPERATOR_NAMESPACE"] == release.namespace
+        assert env["NATSMESH_WEBHOOK_CERT_DIR"].startswith(str(pod.dir))
+    (nats,) = sim.select(**{"app.kubernetes.io/component": "nats"})
+    conf = (nats.dir / "volumes" / "config" / "nats.conf").read_text()
+    assert "include ../bootstrap/resolver.conf" in conf
+    resolver = (nats.dir / "volumes" / "bootstrap" / "resolver.conf").read_text()
+    assert "operator:" in resolver
+    assert str(nats.dir) in resolver  # the resolver's directory, on the pod's volume
+
+
+def test_one_operator_replica_acts_the_other_stands_by(
+    release: LocalRelease, shop: LocalShop
+) -> None:
+    """kopf peering with a priority per replica: exactly one handles resources."""
+    operators = release.sims[release.namespace].select(**OPERATOR)
+    assert len(operators) == 2
+    handled = [
+        p.container("operator").tail(10**7).count("Handler 'register.<locals>.service_reconcile")
+        for p in operators
+    ]
+    # The shop's five NatsServices were all handled, and all by one replica.
+    assert sorted(handled)[0] == 0, release.describe()
+    assert sorted(handled)[1] >= len(scenarios.WORKLOADS), release.describe()
+
+
+def test_standby_takes_over_when_the_active_replica_goes(
+    release: LocalRelease, shop: LocalShop
+) -> None:
+    """Delete the acting operator pod: the mesh keeps being reconciled."""
+    sim = release.sims[release.namespace]
+
+    def handled(pod: SimPod) -> int:
+        return pod.container("operator").tail(10**7).count("Handler 'register.<locals>.service_")
+
+    (active,) = [p for p in sim.select(**OPERATOR) if handled(p) > 0]
+    release.kubectl("delete", "pod", active.name, "-n", release.namespace, "--wait=false")
+    sim.wait_for("the active operator pod to stop", lambda: active not in sim.select(), 30)
+    # A late NatsService (selects no pods) must still become Ready.
+    name = f"audit-{uuid.uuid4().hex[:4]}"
+    release.kubectl(
+        "apply", "-n", shop.namespace, "-f", "-",
+        input=json.dumps({
+            "apiVersion": "natsmesh.io/v1alpha1",
+            "kind": "NatsService",
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080},
+        }),
+    )  # fmt: skip
+
+    def ready() -> bool:
+        status = (
+            json.loads(
+                release.kubectl("get", "natsservice", name, "-n", shop.namespace, "-o", "json")
+            ).get("status")
+            or {}
+        )
+        return any(
+            c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])
+        )
+
+    release.wait_for(f"NatsService {name} Ready after the failover", ready, timeout=45)
+    release.kubectl("delete", "natsservice", name, "-n", shop.namespace, "--timeout=30s")
+
+
+def test_helm_uninstall_leaves_nothing_behind(release: LocalRelease, shop: LocalShop) -> None:
+    """Runs last in this module (pytest keeps file order): removes the shop, then the release."""
+    release.kubectl(
+        "delete", "natsservices,natsroutes", "--all", "-n", shop.namespace, "--timeout=60s",
+        timeout=90,
+    )  # fmt: skip
+    out = release.uninstall()
+    assert "uninstalled" in out, out
+    assert release.leftovers() == []
+    # The emulated pods are gone with their objects.
+    sim = release.sims[release.namespace]
+    sim.wait_for("the release's pods to stop", lambda: not sim.select(), timeout=60)
+    # Kept on purpose: the CRDs (crds.keep) and the NATS trust root (chart docs).
+    release.kubectl("get", "crd", *MESH_CRDS)
+    assert "operator.jwt" in release.secret_data(f"{RELEASE}-nats-bootstrap")

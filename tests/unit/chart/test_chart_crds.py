@@ -12,11 +12,13 @@ pytestmark = pytest.mark.unit
 MESH_CRDS = {"natsservices.natsmesh.io", "natsroutes.natsmesh.io"}
 KOPF_CRD = "clusterkopfpeerings.kopf.dev"
 CHART_COPIES = CHART / "files" / "crds"
+KOPF_CRD_FILE = CHART / "crds" / f"{KOPF_CRD}.yaml"
 
 
 def test_default_installs_and_keeps_every_crd() -> None:
     crds = {d["metadata"]["name"]: d for d in render().all("CustomResourceDefinition")}
-    assert set(crds) == MESH_CRDS | {KOPF_CRD}
+    # kopf's peering CRD is not a template: it is in crds/ (test_kopf_peering_crd).
+    assert set(crds) == MESH_CRDS
     for name, crd in crds.items():
         assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}, name
         assert crd["metadata"]["labels"]["app.kubernetes.io/component"] == "crds"
@@ -73,7 +75,13 @@ def test_chart_copies_match_crds_dir() -> None:
 
 
 def test_kopf_peering_crd() -> None:
-    crd = render().get("CustomResourceDefinition", KOPF_CRD)
+    """In crds/: installed before the manifest that holds the peering object, never deleted."""
+    import yaml
+
+    crd = yaml.safe_load(KOPF_CRD_FILE.read_text())
+    assert crd["kind"] == "CustomResourceDefinition"
+    assert crd["metadata"]["name"] == KOPF_CRD
+    assert not list((CHART / "crds").glob("natsmesh.io_*")), "mesh CRDs belong to templates/"
     spec = crd["spec"]
     assert spec["group"] == "kopf.dev"
     assert spec["scope"] == "Cluster"

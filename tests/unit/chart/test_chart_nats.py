@@ -67,7 +67,7 @@ def test_operator_mode_jetstream_config() -> None:
     assert "include ../bootstrap/resolver.conf" in conf
     assert "store_dir: /data/jetstream" in conf
     assert "server_name: $POD_NAME" in conf
-    assert "http_port: 8222" in conf
+    assert "http: 0.0.0.0:8222" in conf
 
 
 def test_statefulset_details() -> None:

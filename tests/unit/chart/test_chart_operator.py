@@ -129,11 +129,13 @@ def test_metrics_service() -> None:
     ]
 
 
-def test_peering_object_is_a_post_install_hook() -> None:
+def test_peering_object_is_a_release_object() -> None:
+    """Not a hook: helm uninstall deletes release objects, never hook objects."""
     peering = render().get("ClusterKopfPeering")
     assert peering["apiVersion"] == "kopf.dev/v1"
     assert peering["metadata"]["name"] == "natsmesh"
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert "helm.sh/hook" not in (peering["metadata"].get("annotations") or {})
+    assert peering["metadata"]["labels"]["app.kubernetes.io/instance"]
     assert (
         render({"operator": {"peering": "other"}}).get("ClusterKopfPeering")["metadata"]["name"]
         == "other"

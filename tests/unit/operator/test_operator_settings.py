@@ -36,3 +36,11 @@ def test_environment_overrides() -> None:
     assert s.injection.nats_url == "nats://nats.mesh.svc:4222"
     assert s.webhook.cert_dir == Path("/tls")
     assert s.reconcile.drift_interval == 5.0
+
+
+def test_replicas_get_distinct_peering_priorities() -> None:
+    """kopf pauses every replica when two share the top priority: each draws its own."""
+    drawn = {OperatorSettings.from_env({}).peering_priority for _ in range(50)}
+    assert len(drawn) == 50
+    assert all(p > 0 for p in drawn)
+    assert OperatorSettings.from_env({"NATSMESH_PEERING_PRIORITY": "7"}).peering_priority == 7

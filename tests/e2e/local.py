@@ -1,0 +1,251 @@
+"""The chart on the local control plane: ``helm install`` with its pods emulated.
+
+kwok nodes run nothing, so :class:`LocalRelease` plays the nodes' part for the
+namespaces it is given: a :class:`~tests.e2e.podsim.PodSim` per namespace runs
+the pods that land there (the operator replicas, NATS, the bootstrap hook Job,
+later the shop's pods) as local processes, and one
+:class:`~tests.e2e.netsim.ServiceNetwork` connects them through their Services,
+including the API server's calls to the chart's webhooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.netsim import ServiceNetwork
+from tests.e2e.podsim import PodSim
+from tests.fixtures.cluster import REPO, Cluster, tool
+
+log = logging.getLogger("e2e.local")
+
+CHART = REPO / "charts" / "natsmesh"
+RELEASE = "natsmesh"
+MESH_CRDS = ("natsservices.natsmesh.io", "natsroutes.natsmesh.io")
+#: What the local flavour changes from the chart's defaults: one NATS server
+#: without a PVC (kwok has no volume provisioner).
+LOCAL_VALUES = (
+    "nats.replicas=1",
+    "nats.jetstream.persistence.enabled=false",
+)
+
+
+#: The local flavour's tests step aside when the kind flavour is asked for.
+LOCAL_ONLY = pytest.mark.skipif(
+    bool(os.environ.get("NATSMESH_E2E_KIND")),
+    reason="NATSMESH_E2E_KIND is set: the kind flavour (test_e2e_kind.py) runs instead",
+)
+
+
+class LocalRelease:
+    """One helm release of charts/natsmesh, its pods and the pods of ``watch`` namespaces."""
+
+    def __init__(self, cluster: Cluster, name: str, namespace: str, workdir: Path) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.namespace = namespace
+        self.workdir = workdir
+        self.kubectl_argv = [tool("kubectl"), "--kubeconfig", str(cluster.kubeconfig)]
+        self.network = ServiceNetwork(self.kubectl_argv, cluster.service_proxy)
+        self.sims: dict[str, PodSim] = {}
+
+    # -- commands ---------------------------------------------------------------
+
+    def helm(self, *args: str, timeout: float = 300, check: bool = True) -> str:
+        proc = subprocess.run(
+            [tool("helm"), "--kubeconfig", str(self.cluster.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}\n{self.describe()}")
+        return proc.stdout + proc.stderr
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> str:
+        return self.cluster.kubectl(*args, input=input, check=check, timeout=timeout).stdout
+
+    # -- pods ---------------------------------------------------------------------
+
+    def start(self) -> LocalRelease:
+        self.network.start()
+        self.watch(self.namespace)
+        return self
+
+    def watch(self, namespace: str) -> PodSim:
+        """Emulate the pods of ``namespace`` from now on."""
+        if namespace not in self.sims:
+            self.sims[namespace] = PodSim(
+                self.kubectl_argv, namespace, self.workdir / namespace, network=self.network
+            ).start()
+        return self.sims[namespace]
+
+    def stop(self) -> None:
+        for sim in self.sims.values():
+            sim.stop()
+        self.network.stop()
+
+    def describe(self) -> str:
+        return "\n".join(f"== {ns}\n{sim.describe()}" for ns, sim in self.sims.items())
+
+    # -- the release ----------------------------------------------------------------
+
+    def adopt_crds(self) -> None:
+        """Mesh CRDs created before (``kubectl apply -f crds/``) become this release's.
+
+        Helm refuses to install over objects it does not own; these labels and
+        annotations are how it adopts them (docs/chart.md).
+        """
+        for crd in MESH_CRDS:
+            if self.kubectl("get", "crd", crd, "--ignore-not-found", "-o", "name").strip():
+                self.kubectl(
+                    "label", "--overwrite", "crd", crd, "app.kubernetes.io/managed-by=Helm"
+                )
+                self.kubectl(
+                    "annotate", "--overwrite", "crd", crd,
+                    f"meta.helm.sh/release-name={self.name}",
+                    f"meta.helm.sh/release-namespace={self.namespace}",
+                )  # fmt: skip
+
+    def install(self, *values: str, timeout: str = "3m") -> str:
+        self.adopt_crds()
+        args = [f"--set={v}" for v in values]
+        return self.helm(
+            "install", self.name, str(CHART), "--namespace", self.namespace,
+            "--create-namespace", "--timeout", timeout, *args,
+            timeout=240,
+        )  # fmt: skip
+
+    def uninstall(self, check: bool = True) -> str:
+        return self.helm(
+            "uninstall", self.name, "--namespace", self.namespace, "--wait", "--timeout", "2m",
+            "--ignore-not-found", check=check, timeout=180,
+        )  # fmt: skip
+
+    def wait_ready(self, component: str, count: int, timeout: float = 90) -> None:
+        """``count`` emulated pods of a chart component pass their probes."""
+        self.sims[self.namespace].wait_ready(
+            count, timeout=timeout, **{"app.kubernetes.io/component": component}
+        )
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.describe()}")
+
+    def leftovers(self) -> list[str]:
+        """Objects of this release still in the cluster (namespaced and cluster-scoped)."""
+        selector = f"app.kubernetes.io/instance={self.name}"
+        kinds = (
+            "deployments,statefulsets,pods,services,jobs,configmaps,secrets,serviceaccounts,"
+            "roles,rolebindings,poddisruptionbudgets,persistentvolumeclaims"
+        )
+        found = self.kubectl(
+            "get", kinds, "-n", self.namespace, "-l", selector, "-o", "name"
+        ).split()  # fmt: skip
+        found += self.kubectl(
+            "get",
+            "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,"
+            "validatingwebhookconfigurations,clusterkopfpeerings",
+            "-l", selector, "-o", "name",
+        ).split()  # fmt: skip
+        return found
+
+    def secret_data(self, name: str) -> dict[str, str]:
+        out = json.loads(self.kubectl("get", "secret", name, "-n", self.namespace, "-o", "json"))
+        return dict(out.get("data") or {})
+
+
+@contextlib.contextmanager
+def local_release(cluster: Cluster, prefix: str, workdir: Path) -> Iterator[LocalRelease]:
+    """A fresh namespace with the emulation running; uninstalled and removed afterwards."""
+    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", ns)
+    release = LocalRelease(cluster, RELEASE, ns, workdir).start()
+    try:
+        yield release
+    finally:
+        release.uninstall(check=False)
+        release.stop()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def snapshot(sims: Mapping[str, PodSim]) -> dict[str, list[dict[str, Any]]]:
+    """The emulated pods and their local ports, for processes other than the emulator."""
+    return {
+        ns: [
+            {
+                "name": pod.name,
+                "labels": pod.labels,
+                "ready": pod.ready,
+                "ports": {str(k): v for k, v in pod.ports.items()},
+                "containers": {
+                    c["name"]: [int(p["containerPort"]) for p in c.get("ports") or []]
+                    for c in pod.spec.get("containers") or []
+                },
+            }
+            for pod in sim.select()
+        ]
+        for ns, sim in sims.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Emulate the kwok nodes for some namespaces until SIGTERM (hack/demo.sh runs this)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--workdir", required=True, help="pods' directories and pods.json")
+    parser.add_argument("namespaces", nargs="+")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    kubeconfig = Path(args.kubeconfig)
+    workdir = Path(args.workdir)
+    network = ServiceNetwork(
+        [tool("kubectl"), "--kubeconfig", str(kubeconfig)], Cluster(kubeconfig).service_proxy
+    ).start()
+    sims = {
+        ns: PodSim(
+            [tool("kubectl"), "--kubeconfig", str(kubeconfig)],
+            ns,
+            workdir / ns,
+            network=network,
+        ).start()
+        for ns in args.namespaces
+    }
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    registry = workdir / "pods.json"
+    try:
+        while not stop.wait(1.0):
+            tmp = registry.with_suffix(".tmp")
+            tmp.write_text(json.dumps(snapshot(sims), indent=1))
+            os.replace(tmp, registry)
+    finally:
+        for sim in sims.values():
+            sim.stop()
+        network.stop()
+        registry.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""``helm install`` / ``helm uninstall`` of charts/natsmesh with default values, locally.
+
+The defaults ask for what a production cluster has: three NATS servers with
+PVCs and two operator replicas. kwok has no volume provisioner, so the NATS
+pods stay Pending on their claims, as they would on a cluster without a
+default StorageClass; everything else must install, run its hook and
+uninstall cleanly. (test_e2e_shop.py runs the mesh itself, with one NATS
+server and no PVC.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.local import CHART, LOCAL_ONLY, MESH_CRDS, RELEASE, LocalRelease, local_release
+from tests.fixtures.cluster import Cluster, tool
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180), LOCAL_ONLY]
+
+
+@pytest.fixture(scope="module")
+def defaults(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRelease]:
+    with local_release(cluster, "natsmesh-defaults", tmp_path_factory.mktemp("pods")) as release:
+        yield release
+
+
+def test_helm_lint_passes(cluster: Cluster) -> None:
+    proc = subprocess.run(
+        [tool("helm"), "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_schema_refuses_an_unknown_key(defaults: LocalRelease) -> None:
+    proc = subprocess.run(
+        [
+            tool("helm"), "--kubeconfig", str(defaults.cluster.kubeconfig), "install",
+            "typo", str(CHART), "--namespace", defaults.namespace, "--dry-run=server",
+            "--set", "operator.replica=3",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert "replica" in proc.stderr
+    assert defaults.helm("list", "-A", "-q").split().count("typo") == 0
+
+
+def test_install_with_default_values(defaults: LocalRelease) -> None:
+    out = defaults.install()
+    assert "STATUS: deployed" in out, out
+    ns = defaults.namespace
+    # The pre-install hook ran (emulated): the trust root exists, the hook's Job is gone.
+    bootstrap = defaults.secret_data(f"{RELEASE}-nats-bootstrap")
+    assert {"operator.jwt", "resolver.conf"} <= set(bootstrap)
+    assert defaults.kubectl("get", "jobs", "-n", ns, "-o", "name").strip() == ""
+    deploy = json.loads(
+        defaults.kubectl("get", "deployment", RELEASE + "-operator", "-n", ns, "-o", "json")
+    )
+    assert deploy["spec"]["replicas"] == 2
+    sts = json.loads(
+        defaults.kubectl("get", "statefulset", RELEASE + "-nats", "-n", ns, "-o", "json")
+    )
+    assert sts["spec"]["replicas"] == 3
+    claims = defaults.kubectl("get", "pvc", "-n", ns, "-o", "name").split()
+    assert len(claims) == 3, claims
+    hooks = json.loads(
+        defaults.kubectl("get", "mutatingwebhookconfiguration", RELEASE, "-o", "json")
+    )["webhooks"]
+    assert hooks[0]["clientConfig"]["service"]["namespace"] == ns
+    assert hooks[0]["clientConfig"]["caBundle"]
+    defaults.kubectl("get", "clusterkopfpeering", "natsmesh")
+    # Both operator replicas run (emulated) and answer their probes.
+    defaults.wait_ready("operator", 2)
+
+
+def test_uninstall_leaves_nothing_behind(defaults: LocalRelease) -> None:
+    out = defaults.uninstall()
+    assert "uninstalled" in out, out
+    ns = defaults.namespace
+    # Kept on purpose, as the chart documents: the NATS data
+    # (persistence.retentionPolicy.whenDeleted: Retain), the CRDs (crds.keep)
+    # and the NATS trust root.
+    claims = [f"persistentvolumeclaim/data-{RELEASE}-nats-{i}" for i in range(3)]
+    assert sorted(defaults.leftovers()) == claims
+    defaults.kubectl("delete", *claims, "-n", ns, "--wait=false")
+    defaults.kubectl("get", "crd", *MESH_CRDS)
+    assert defaults.secret_data(f"{RELEASE}-nats-bootstrap")
+    left = defaults.kubectl(
+        "get", "all,configmaps,secrets,serviceaccounts,roles,rolebindings", "-n", ns, "-o", "name"
+    ).split()
+    assert sorted(left) == sorted(
+        [f"secret/{RELEASE}-nats-bootstrap", "configmap/kube-root-ca.crt", "serviceaccount/default"]
+    ), left
