@@ -79,6 +79,29 @@ def test_install_with_default_values(defaults: LocalRelease) -> None:
     defaults.wait_ready("operator", 2)
 
 
+def test_upgrade_keeps_the_webhook_ca_and_the_trust_root(defaults: LocalRelease) -> None:
+    """The chart-made CA (lookup) and the bootstrap Secret survive ``helm upgrade``."""
+    tls = defaults.secret_data(f"{RELEASE}-webhook-tls")
+    trust = defaults.secret_data(f"{RELEASE}-nats-bootstrap")
+    ca_bundle = json.loads(
+        defaults.kubectl("get", "mutatingwebhookconfiguration", RELEASE, "-o", "json")
+    )["webhooks"][0]["clientConfig"]["caBundle"]
+    out = defaults.helm(
+        "upgrade", RELEASE, str(CHART), "--namespace", defaults.namespace,
+        "--reuse-values", "--set", "webhook.timeoutSeconds=7", "--timeout", "3m",
+        timeout=240,
+    )  # fmt: skip
+    assert "REVISION: 2" in out, out
+    assert defaults.secret_data(f"{RELEASE}-webhook-tls") == tls
+    # The pre-upgrade hook ran again (emulated) and left the trust root alone.
+    assert defaults.secret_data(f"{RELEASE}-nats-bootstrap") == trust
+    hook = json.loads(
+        defaults.kubectl("get", "mutatingwebhookconfiguration", RELEASE, "-o", "json")
+    )["webhooks"][0]
+    assert hook["clientConfig"]["caBundle"] == ca_bundle
+    assert hook["timeoutSeconds"] == 7
+
+
 def test_uninstall_leaves_nothing_behind(defaults: LocalRelease) -> None:
     out = defaults.uninstall()
     assert "uninstalled" in out, out

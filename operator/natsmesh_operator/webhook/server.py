@@ -52,8 +52,10 @@ class WebhookServer:
         watched: kube_mod.Watched = lambda _: True,
         addr: str,
         port: int,
+        cert_check_interval: float = CERT_CHECK_SECONDS,
     ) -> None:
         self.kube = kube
+        self.cert_check_interval = cert_check_interval
         self.injection = injection
         self.operator_namespace = operator_namespace
         self.watched = watched
@@ -76,7 +78,7 @@ class WebhookServer:
     async def _watch_cert(self) -> None:
         assert self.cert is not None
         while True:
-            await asyncio.sleep(CERT_CHECK_SECONDS)
+            await asyncio.sleep(self.cert_check_interval)
             try:
                 if self.cert.fingerprint() != self._cert_seen:
                     # New handshakes use the new chain; open connections finish.
