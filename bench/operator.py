@@ -31,7 +31,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx2
 from lightkube import AsyncClient, KubeConfig
+from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.types import PatchType
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ MAX_WAIT = 180.0
 
 def service(name: str, namespace: str) -> Any:
     return NatsServiceRes(
-        metadata={"name": name, "namespace": namespace},
+        metadata=ObjectMeta(name=name, namespace=namespace),
         spec={"selector": {"matchLabels": {"app": name}}, "port": 8080},
     )
 
@@ -129,7 +131,11 @@ async def release(kube: AsyncClient, cluster: Cluster, namespaces: list[str]) ->
             )
 
     for ns in namespaces:
-        names = [str(o.metadata.name) async for o in kube.list(NatsServiceRes, namespace=ns)]
+        names = [
+            o.metadata.name
+            async for o in kube.list(NatsServiceRes, namespace=ns)
+            if o.metadata and o.metadata.name
+        ]
         await asyncio.gather(*(strip(n, ns) for n in names))
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
@@ -140,7 +146,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) -> None:
-    kube = AsyncClient(config=KubeConfig.from_file(str(cluster.kubeconfig)), timeout=60)
+    kube = AsyncClient(
+        config=KubeConfig.from_file(str(cluster.kubeconfig)), timeout=httpx2.Timeout(60)
+    )
     try:
         if args.latency:
             ns = f"{scope}-lat-{uuid.uuid4().hex[:5]}"

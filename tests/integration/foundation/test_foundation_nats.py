@@ -6,6 +6,7 @@ import uuid
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from tests.fixtures.nats_server import NatsServer
 
@@ -17,7 +18,7 @@ async def test_request_reply(nats_server: NatsServer) -> None:
     nc = await nats.connect(nats_server.url)
     try:
 
-        async def echo(msg: nats.aio.msg.Msg) -> None:
+        async def echo(msg: Msg) -> None:
             await msg.respond(b"pong:" + msg.data)
 
         await nc.subscribe(subject, cb=echo)

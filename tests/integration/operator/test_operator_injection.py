@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -51,7 +51,7 @@ def pods(op: OperatorProcess, namespace: str, selector: str) -> list[dict[str, A
 def sidecar_of(pod: dict[str, Any]) -> dict[str, Any] | None:
     for c in pod["spec"].get("initContainers", []):
         if c["name"] == inject.SIDECAR_NAME:
-            return c
+            return cast(dict[str, Any], c)
     return None
 
 

@@ -44,7 +44,8 @@ async def streams_and_consumers(op: OperatorProcess, namespace: str) -> dict[str
         js = nc.jetstream()
         out: dict[str, list[str]] = {}
         for info in await js.streams_info():
-            out[info.config.name] = [c.name for c in await js.consumers_info(info.config.name)]
+            name = str(info.config.name)
+            out[name] = [c.name for c in await js.consumers_info(name)]
         return out
     finally:
         await nc.close()

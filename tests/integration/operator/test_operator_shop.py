@@ -12,6 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from natsmesh_operator.wiring.apply import connect_creds
 from natsmesh_sidecar import subjects
@@ -121,7 +122,7 @@ async def test_users_from_secrets_can_call_exactly_what_is_allowed(
     payments = await connect(mesh_operator, ns, "payments", errors)
     try:
 
-        async def answer(msg: nats.aio.msg.Msg) -> None:
+        async def answer(msg: Msg) -> None:
             await msg.respond(b"ok")
 
         await orders.subscribe(subjects.request_subject(ns, "orders"), queue="orders", cb=answer)

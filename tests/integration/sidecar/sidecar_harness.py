@@ -70,7 +70,7 @@ class _AppProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
         self.transport = cast(asyncio.Transport, transport)
         self.app.connections += 1
-        self.app.transports.add(transport)
+        self.app.transports.add(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:

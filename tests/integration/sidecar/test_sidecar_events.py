@@ -313,7 +313,7 @@ async def test_server_restart_mid_load_loses_no_acknowledged_event(js_server: Na
         info = await js.stream_info(STREAM)
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             with contextlib.suppress(Exception):
-                stored.add((await js.get_msg(STREAM, seq)).data.decode())
+                stored.add(((await js.get_msg(STREAM, seq)).data or b"").decode())
         await nc.close()
         assert accepted <= stored, sorted(accepted - stored)[:10]
         await wait_for(lambda: accepted <= set(m.acked), within=20)

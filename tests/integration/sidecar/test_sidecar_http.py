@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ class Mesh:
         return self.caller.outbound_port
 
 
-async def start_mesh(nats: NatsServer, app: TestApp, **rule: object) -> Mesh:
+async def start_mesh(nats: NatsServer, app: TestApp, **rule: Any) -> Mesh:
     await app.start()
     server = Sidecar(settings("orders", "shop", nats.url, app.port), table("shop", "orders"))
     caller = Sidecar(

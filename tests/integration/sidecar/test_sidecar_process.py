@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -56,7 +58,7 @@ async def test_subprocess_serves_then_drains_on_sigterm(
                 ready = (await request(admin_port, "GET", "/readyz")).status == 200
             except OSError:
                 await asyncio.sleep(0.1)
-        assert ready, proc.stderr.read1().decode() if proc.stderr else ""  # type: ignore[union-attr]
+        assert ready, cast(io.BufferedReader, proc.stderr).read1().decode() if proc.stderr else ""
         await caller.start()
         await caller.wait_ready()
         assert (await request(caller.outbound_port, "GET", "/hello")).status == 200

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from tests.fixtures.cluster import REPO, tool
+from tests.fixtures.cluster import REPO as REPO  # re-exported for the chart tests
+from tests.fixtures.cluster import tool
 
 CHART = REPO / "charts" / "natsmesh"
 RELEASE = "nm"

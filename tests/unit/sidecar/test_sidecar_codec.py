@@ -11,6 +11,7 @@ import pytest
 from natsmesh_sidecar import codec, permissions
 from natsmesh_sidecar.config import MeshTable
 from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN, Router
+from natsmesh_sidecar.wire import coerce_table
 from tests.integration.sidecar.sidecar_harness import destination, table
 
 pytestmark = pytest.mark.unit
@@ -116,7 +117,7 @@ def test_router_resolves_host_forms() -> None:
         destinations=[destination("shop", "orders"), destination("ops", "audit")],
         known=("billing.shop",),
     )
-    r = Router(t)
+    r = Router(coerce_table(t))
     assert r.resolve("orders")[:2] == (FOUND, "orders.shop")
     assert r.resolve("orders.shop:8080")[:2] == (FOUND, "orders.shop")
     assert r.resolve("audit.ops.svc.cluster.local")[:2] == (FOUND, "audit.ops")

@@ -1,11 +1,25 @@
-"""Pure policy: rule match, weighted split, retries, backoff, breaker, faults."""
+"""Pure policy: rule match, weighted split, retries, backoff, breaker, faults.
+
+On the table types the hot path uses (natsmesh_sidecar.wire, no pydantic).
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from natsmesh_sidecar import resilience as r
-from natsmesh_sidecar.config import CircuitBreaker, Fault, Match, Retries, Rule, WeightedDestination
+from natsmesh_sidecar.wire import (
+    CircuitBreaker,
+    Fault,
+    FaultAbort,
+    FaultDelay,
+    Match,
+    Retries,
+    Rule,
+    WeightedDestination,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -18,42 +32,52 @@ def test_select_rule_first_match_wins() -> None:
     rules = [
         Rule(
             name="api-post",
-            match=Match(pathPrefix="/api", methods=("POST",)),
+            match=Match(path_prefix="/api", methods=("POST",)),
             destinations=(wd("v1", 100),),
         ),
         Rule(name="beta", match=Match(headers={"x-beta": "1"}), destinations=(wd("v2", 100),)),
         Rule(name="default", destinations=(wd("v1", 100),)),
     ]
-    assert r.select_rule(rules, "POST", "/api/x", {}).name == "api-post"  # type: ignore[union-attr]
-    assert r.select_rule(rules, "GET", "/api/x", {"x-beta": "1"}).name == "beta"  # type: ignore[union-attr]
-    assert r.select_rule(rules, "GET", "/api/x", {}).name == "default"  # type: ignore[union-attr]
+
+    def selected(method: str, path: str, headers: dict[str, str]) -> str | None:
+        rule = r.select_rule(rules, method, path, headers)
+        return None if rule is None else rule.name
+
+    assert selected("POST", "/api/x", {}) == "api-post"
+    assert selected("GET", "/api/x", {"x-beta": "1"}) == "beta"
+    assert selected("GET", "/api/x", {}) == "default"
     assert r.select_rule(rules[:1], "GET", "/", {}) is None
 
 
 def test_weighted_pick() -> None:
     ds = [wd("v1", 80), wd("v2", 20)]
-    assert r.pick_destination(ds, 0.0).version == "v1"  # type: ignore[union-attr]
-    assert r.pick_destination(ds, 0.79).version == "v1"  # type: ignore[union-attr]
-    assert r.pick_destination(ds, 0.8).version == "v2"  # type: ignore[union-attr]
-    assert r.pick_destination(ds, 0.999).version == "v2"  # type: ignore[union-attr]
+
+    def picked(x: float) -> str | None:
+        d = r.pick_destination(ds, x)
+        return None if d is None else d.version
+
+    assert picked(0.0) == "v1"
+    assert picked(0.79) == "v1"
+    assert picked(0.8) == "v2"
+    assert picked(0.999) == "v2"
     assert r.pick_destination([wd("v1", 0)], 0.5) is None
     assert r.pick_destination([wd("v1", 0), wd("v2", 0)], 0.5) is None
 
 
 def test_retryable_rules() -> None:
-    rt = Retries(attempts=2, retryOn=("timeout", "noResponders", "5xx", "429"))
+    rt = Retries(attempts=2, retry_on=("timeout", "noResponders", "5xx", "429"))
     assert r.retryable("timeout", rt, "GET")
     assert r.retryable(503, rt, "GET")
     assert r.retryable(429, rt, "GET")
     assert not r.retryable(404, rt, "GET")
     assert not r.retryable("timeout", rt, "POST")
     assert r.retryable("noResponders", rt, "POST")  # never reached an app
-    assert r.retryable("timeout", rt.model_copy(update={"retry_non_idempotent": True}), "POST")
+    assert r.retryable("timeout", dataclasses.replace(rt, retry_non_idempotent=True), "POST")
     assert not r.retryable("timeout", Retries(attempts=0), "GET")
 
 
 def test_backoff_grows_and_caps() -> None:
-    rt = Retries(attempts=5, backoffBaseMs=10, backoffMaxMs=50)
+    rt = Retries(attempts=5, backoff_base_ms=10, backoff_max_ms=50)
     assert r.backoff_seconds(0, rt, 1.0) == pytest.approx(0.010)
     assert r.backoff_seconds(1, rt, 1.0) == pytest.approx(0.020)
     assert r.backoff_seconds(5, rt, 1.0) == pytest.approx(0.050)
@@ -61,7 +85,7 @@ def test_backoff_grows_and_caps() -> None:
 
 
 def test_breaker_cycle() -> None:
-    b = r.Breaker(CircuitBreaker(consecutiveFailures=2, openMs=1000, halfOpenProbes=1))
+    b = r.Breaker(CircuitBreaker(consecutive_failures=2, open_ms=1000, half_open_probes=1))
     assert b.allow(0.0)
     b.record(False, 0.0)
     assert b.state == r.CLOSED
@@ -81,9 +105,7 @@ def test_breaker_cycle() -> None:
 
 
 def test_fault_decision() -> None:
-    f = Fault.model_validate(
-        {"delay": {"delayMs": 100, "percent": 50}, "abort": {"status": 503, "percent": 10}}
-    )
+    f = Fault(delay=FaultDelay(delay_ms=100, percent=50), abort=FaultAbort(status=503, percent=10))
     assert r.fault_decision(f, 0.2, 0.05) == (0.1, 503)
     assert r.fault_decision(f, 0.7, 0.5) == (0.0, None)
     assert r.fault_decision(None, 0.0, 0.0) == (0.0, None)
