@@ -89,9 +89,10 @@ up() {
 
   say "done in $((SECONDS - start))s"
   cat <<EOF
-  kubectl:    export KUBECONFIG=$KUBECONFIG PATH=$(dirname "$(command -v kubectl)"):\$PATH
+  shell:      eval "\$(hack/cluster.sh env)"     # KUBECONFIG, and kubectl/helm/nats on PATH
               kubectl get natsmesh -A; kubectl describe nsvc -n $shop_ns orders
               helm status natsmesh -n $system_ns
+              (ENDPOINTS counts live sidecars every 30 s)
   pods:       $state/pods/<namespace>/<pod>/<container>.log (ports in $state/pods/pods.json)
   clean up:   make demo-down
 EOF
