@@ -100,6 +100,7 @@ async def scale(kube: AsyncClient, namespaces: list[str], count: int) -> float |
 
     await asyncio.gather(*(create(i) for i in range(count)))
     deadline = started + MAX_WAIT
+    done = 0
     while time.perf_counter() < deadline:
         items = []
         for ns in namespaces:
