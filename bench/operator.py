@@ -186,6 +186,12 @@ def main() -> int:
     parser.add_argument(
         "--namespaces", type=int, default=20, help="namespaces the scale run spreads them over"
     )
+    parser.add_argument(
+        "--scoped",
+        action="store_true",
+        help="watch only the benchmark's namespaces (default: the whole cluster, as the chart "
+        "does; needs a cluster of its own, which hack/with-cluster.sh starts)",
+    )
     args = parser.parse_args()
     kubeconfig = os.environ.get("NATSMESH_KUBECONFIG")
     if not kubeconfig:
@@ -196,7 +202,13 @@ def main() -> int:
     from tests.fixtures.operator import start_operator
 
     with tempfile.TemporaryDirectory() as tmp:
-        op = start_operator(cluster, Path(tmp), drift_interval=60, endpoints_interval=15)
+        op = start_operator(
+            cluster,
+            Path(tmp),
+            drift_interval=60,
+            endpoints_interval=15,
+            cluster_wide=not args.scoped,
+        )
         try:
             assert op.proc is not None
             asyncio.run(run(args, cluster, op.proc.pid, op.scope))

@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+import aiohttp
 import kopf
 
 from natsmesh_operator.handlers import route, service
@@ -23,6 +24,36 @@ from natsmesh_operator.settings import OperatorSettings
 logger = logging.getLogger(__name__)
 
 FINALIZER = "natsmesh.io/finalizer"
+
+
+def api_connection_limit(settings: OperatorSettings) -> int:
+    """How many connections kopf may open to the API server (0: no bound).
+
+    kopf's own session has no bound: a burst of 1,000 creates opened hundreds
+    of TLS connections at once, and their buffers were most of the operator's
+    peak memory. Bounded only cluster-wide: with namespace globs kopf holds
+    one long watch per namespace and kind, which a fixed pool could not fit.
+    """
+    if settings.watch_namespaces:
+        return 0
+    return settings.reconcile.api_connections
+
+
+def bounded_session(info: kopf.ConnectionInfo, limit: int) -> kopf.AiohttpSession:
+    """kopf's session for ``info``, with at most ``limit`` connections."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        priority=info.priority,
+        expiration=info.expiration,
+        aiohttp_session=session,
+    )
 
 
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
@@ -59,10 +90,14 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         await from_memo(memo).stop()
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    async def login(**kwargs: Any) -> kopf.ConnectionInfo | kopf.AiohttpSession | None:
         # No Kubernetes client library is installed (lightkube is ours), so
         # kopf's own minimal login: the pod's service account, else KUBECONFIG.
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        limit = api_connection_limit(settings)
+        if info is None or not limit:
+            return info
+        return bounded_session(info, limit)
 
     service.register(registry, settings)
     route.register(registry, settings)

@@ -60,6 +60,11 @@ class ReconcileSettings:
     """Seconds before retrying after NATS or the API server failed."""
     endpoints_interval: float = 30.0
     """Seconds between live-endpoint counts ($SRV.PING) written to status."""
+    api_connections: int = 32
+    """Connections kopf may open to the API server when watching the whole
+    cluster (``NATSMESH_API_CONNECTIONS``; 0: no bound). Requests beyond it
+    wait for a free connection instead of opening one (each costs TLS
+    buffers); three are held by kopf's watches."""
 
 
 @dataclass(frozen=True)
@@ -140,5 +145,6 @@ class OperatorSettings:
                 endpoints_interval=float(
                     get("ENDPOINTS_INTERVAL", str(ReconcileSettings.endpoints_interval))
                 ),
+                api_connections=int(get("API_CONNECTIONS", str(ReconcileSettings.api_connections))),
             ),
         )

@@ -29,6 +29,7 @@ def test_env_contract_with_defaults() -> None:
         "NATSMESH_METRICS_PORT": "8080",
         "NATSMESH_PEERING": "natsmesh",
         "NATSMESH_LOG_FORMAT": "json",
+        "NATSMESH_API_CONNECTIONS": "32",
     }
 
 
@@ -51,7 +52,7 @@ def test_values_flow_into_env() -> None:
                     "natsUrl": "nats://edge:4222",
                     "resources": {"cpuRequest": "5m", "memoryLimit": "48Mi"},
                 },
-                "operator": {"peering": "other", "logFormat": "text"},
+                "operator": {"peering": "other", "logFormat": "text", "apiConnections": 0},
             }
         )
     )
@@ -65,6 +66,7 @@ def test_values_flow_into_env() -> None:
     assert values["NATSMESH_SIDECAR_MEMORY_LIMIT"] == "48Mi"
     assert values["NATSMESH_PEERING"] == "other"
     assert values["NATSMESH_LOG_FORMAT"] == "text"
+    assert values["NATSMESH_API_CONNECTIONS"] == "0"
 
 
 def test_external_nats_env() -> None:

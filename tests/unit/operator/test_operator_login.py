@@ -1,0 +1,36 @@
+"""kopf's API session: bounded connections when watching the whole cluster."""
+
+from __future__ import annotations
+
+import kopf
+
+from natsmesh_operator.main import api_connection_limit, bounded_session
+from natsmesh_operator.settings import OperatorSettings
+
+
+def test_bounded_cluster_wide_unbounded_with_namespace_globs() -> None:
+    assert api_connection_limit(OperatorSettings.from_env({})) == 32
+    assert api_connection_limit(OperatorSettings.from_env({"NATSMESH_API_CONNECTIONS": "8"})) == 8
+    assert api_connection_limit(OperatorSettings.from_env({"NATSMESH_API_CONNECTIONS": "0"})) == 0
+    # One long watch per namespace and kind: a fixed pool could be filled by them.
+    scoped = OperatorSettings.from_env({"NATSMESH_WATCH_NAMESPACES": "shop-*"})
+    assert api_connection_limit(scoped) == 0
+
+
+async def test_bounded_session_keeps_the_credentials() -> None:
+    info = kopf.ConnectionInfo(
+        server="https://127.0.0.1:6443",
+        token="t0ken",
+        insecure=True,
+        default_namespace="natsmesh-system",
+    )
+    ctx = bounded_session(info, 5)
+    try:
+        assert ctx.server == info.server
+        assert ctx.default_namespace == "natsmesh-system"
+        session = ctx.aiohttp_session
+        assert session.connector is not None
+        assert session.connector.limit == 5
+        assert session.headers["Authorization"] == "Bearer t0ken"
+    finally:
+        await ctx.aiohttp_session.close()
