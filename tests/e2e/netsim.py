@@ -9,7 +9,9 @@ of that:
   ``targetPort``, by number or name, mapped to that pod's local port), chosen
   when the connection opens, as kube-proxy does. podsim rewrites
   ``<svc>.<ns>.svc[.cluster.local]:<port>`` in env values, args and
-  configuration files to such a forwarder (:meth:`ServiceNetwork.rewrite`).
+  configuration files to such a forwarder (:meth:`ServiceNetwork.rewrite`);
+  ``<pod>.<headless svc>.<ns>.svc:<port>`` (a StatefulSet pod's own name, as
+  in the NATS cluster's routes) forwards to that pod.
 * :meth:`ServiceNetwork.start` serves an HTTP CONNECT proxy on the address
   ``hack/cluster.sh`` gave kube-apiserver as ``HTTPS_PROXY``, so the API server
   reaches webhooks named by a Service (``clientConfig.service``) the same way,
@@ -38,10 +40,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("netsim")
 
-#: ``<svc>.<ns>.svc[.cluster.local][.]:<port>``: the names a pod uses for a Service.
+_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+#: ``[<pod>.]<svc>.<ns>.svc[.cluster.local][.]:<port>``: the names a pod uses for
+#: a Service, or for one pod of a headless Service (a StatefulSet's
+#: ``<hostname>.<subdomain>``, where the port is the pod's own).
 SERVICE_ADDRESS = re.compile(
-    r"\b([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)\.([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)"
-    r"\.svc(?:\.cluster\.local)?\.?:(\d+)\b"
+    rf"\b(?:({_LABEL})\.)?({_LABEL})\.({_LABEL})\.svc(?:\.cluster\.local)?\.?:(\d+)\b"
 )
 SERVICE_CACHE_SECONDS = 2.0
 CONNECT_TIMEOUT = 5.0
@@ -105,7 +109,7 @@ class ServiceNetwork:
         self.proxy_address = proxy_address
         self.sims: list[PodSim] = []
         self._services: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
-        self._forwarders: dict[tuple[str, str, int], _Listener] = {}
+        self._forwarders: dict[tuple[str, str, int, str | None], _Listener] = {}
         self._proxy: _Listener | None = None
         self._lock = threading.Lock()
         self._turn = itertools.count()
@@ -179,8 +183,26 @@ class ServiceNetwork:
                     out.append(pod.ports[container_port])
         return out
 
-    def _dial(self, namespace: str, name: str, port: int) -> socket.socket | None:
-        ports = self.backends(namespace, name, port)
+    def pod_port(self, namespace: str, subdomain: str, hostname: str, port: int) -> int | None:
+        """The local port of ``port`` on the pod ``<hostname>.<subdomain>`` (DNS of a
+        headless Service: published as soon as the pod runs, ready or not)."""
+        for sim in self.sims:
+            if sim.namespace != namespace:
+                continue
+            for pod in sim.select():
+                spec = pod.spec
+                if spec.get("hostname") == hostname and spec.get("subdomain") == subdomain:
+                    return pod.ports.get(port)
+        return None
+
+    def _dial(
+        self, namespace: str, name: str, port: int, pod: str | None = None
+    ) -> socket.socket | None:
+        if pod is not None:
+            local = self.pod_port(namespace, name, pod, port)
+            ports = [] if local is None else [local]
+        else:
+            ports = self.backends(namespace, name, port)
         if not ports:
             return None
         start = next(self._turn)
@@ -194,15 +216,16 @@ class ServiceNetwork:
 
     # -- forwarders (kube-proxy) ------------------------------------------------
 
-    def address(self, namespace: str, name: str, port: int) -> str:
-        """``127.0.0.1:N`` that forwards to the Service port, created on first use."""
-        key = (namespace, name, port)
+    def address(self, namespace: str, name: str, port: int, pod: str | None = None) -> str:
+        """``127.0.0.1:N`` that forwards to the Service port (or to one pod of a
+        headless Service), created on first use."""
+        key = (namespace, name, port, pod)
         with self._lock:
             listener = self._forwarders.get(key)
             if listener is None:
 
                 def handle(conn: socket.socket) -> None:
-                    upstream = self._dial(namespace, name, port)
+                    upstream = self._dial(namespace, name, port, pod)
                     if upstream is None:
                         conn.close()
                         return
@@ -210,17 +233,18 @@ class ServiceNetwork:
                     splice(conn, upstream)
 
                 listener = self._forwarders[key] = _Listener("127.0.0.1", 0, handle)
-                log.info("service %s/%s:%d is %s here", namespace, name, port, listener.address)
+                where = f"{pod}." if pod else ""
+                log.info("%s%s.%s:%d is %s here", where, name, namespace, port, listener.address)
             return listener.address
 
     def rewrite(self, value: str) -> str:
         """Service addresses in ``value`` replaced by their local forwarders."""
 
         def sub(m: re.Match[str]) -> str:
-            name, namespace, port = m.group(1), m.group(2), int(m.group(3))
+            pod, name, namespace, port = m.group(1), m.group(2), m.group(3), int(m.group(4))
             if not any(sim.namespace == namespace for sim in self.sims):
                 return m.group(0)  # not a namespace emulated here
-            return self.address(namespace, name, port)
+            return self.address(namespace, name, port, pod)
 
         return SERVICE_ADDRESS.sub(sub, value)
 
@@ -242,7 +266,7 @@ class ServiceNetwork:
                 conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
                 conn.close()
                 return
-            upstream = self._dial(m.group(2), m.group(1), int(m.group(3)))
+            upstream = self._dial(m.group(3), m.group(2), int(m.group(4)), m.group(1))
             if upstream is None:
                 log.warning("service proxy: no ready pod behind %s", target)
                 conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
