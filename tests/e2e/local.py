@@ -169,6 +169,25 @@ class LocalRelease:
         ).split()  # fmt: skip
         return found
 
+    def ready_count(self, namespace: str, kinds: str = "natsservices,natsroutes") -> int:
+        """How many of ``kinds`` (``kind`` or ``kind/name`` too) have ``Ready=True``."""
+        found = json.loads(self.kubectl("get", kinds, "-n", namespace, "-o", "json"))
+        items = found.get("items", [found])  # a list, or one object
+        return sum(
+            any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in (i.get("status") or {}).get("conditions", [])
+            )
+            for i in items
+        )
+
+    def wait_resource_ready(self, kind: str, name: str, namespace: str, timeout: float) -> None:
+        self.wait_for(
+            f"{kind} {namespace}/{name} Ready",
+            lambda: self.ready_count(namespace, f"{kind}/{name}") == 1,
+            timeout,
+        )
+
     def secret_data(self, name: str) -> dict[str, str]:
         out = json.loads(self.kubectl("get", "secret", name, "-n", self.namespace, "-o", "json"))
         return dict(out.get("data") or {})

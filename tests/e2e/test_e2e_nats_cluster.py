@@ -81,18 +81,7 @@ def test_a_replicated_stream_on_the_cluster(clustered: LocalRelease) -> None:
             }),
         )  # fmt: skip
 
-        def ready() -> bool:
-            status = (
-                json.loads(
-                    clustered.kubectl("get", "natsservice", "ledger", "-n", ns, "-o", "json")
-                ).get("status")
-                or {}
-            )
-            return any(
-                c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])
-            )
-
-        clustered.wait_for("NatsService ledger Ready on the NATS cluster", ready, timeout=60)
+        clustered.wait_resource_ready("natsservice", "ledger", ns, timeout=60)
         # Every server hosts a replica (/jsz lists the streams the server holds),
         # and each sees the same three peers.
         for pod in nats_pods(clustered):

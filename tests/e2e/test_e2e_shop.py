@@ -40,19 +40,6 @@ MESH_RESOURCES = len(scenarios.WORKLOADS) + 2  # the NatsServices and two NatsRo
 OPERATOR = {"app.kubernetes.io/component": "operator"}
 
 
-def all_ready(release: LocalRelease, namespace: str) -> bool:
-    items = json.loads(
-        release.kubectl("get", "natsservices,natsroutes", "-n", namespace, "-o", "json")
-    )["items"]
-    return len(items) == MESH_RESOURCES and all(
-        any(
-            c["type"] == "Ready" and c["status"] == "True"
-            for c in i.get("status", {}).get("conditions", [])
-        )
-        for i in items
-    )
-
-
 @pytest.fixture(scope="module")
 def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRelease]:
     with local_release(cluster, "natsmesh-e2e", tmp_path_factory.mktemp("pods")) as release:
@@ -79,7 +66,10 @@ def shop(release: LocalRelease) -> Iterator[LocalShop]:
     sim = release.watch(ns)
     try:
         release.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP))
-        release.wait_for("the shop's mesh resources Ready", lambda: all_ready(release, ns))
+        release.wait_for(
+            "the shop's mesh resources Ready",
+            lambda: release.ready_count(ns) == MESH_RESOURCES,
+        )
         # After the NatsServices: the webhook injects pods of services it knows.
         release.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP_APPS))
         pods: dict[str, SimPod] = {}
@@ -217,18 +207,7 @@ def test_standby_takes_over_when_the_active_replica_goes(
         }),
     )  # fmt: skip
 
-    def ready() -> bool:
-        status = (
-            json.loads(
-                release.kubectl("get", "natsservice", name, "-n", shop.namespace, "-o", "json")
-            ).get("status")
-            or {}
-        )
-        return any(
-            c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])
-        )
-
-    release.wait_for(f"NatsService {name} Ready after the failover", ready, timeout=45)
+    release.wait_resource_ready("natsservice", name, shop.namespace, timeout=45)
     release.kubectl("delete", "natsservice", name, "-n", shop.namespace, "--timeout=30s")
 
 
