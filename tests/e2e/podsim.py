@@ -476,6 +476,17 @@ class PodSim:
             t.start()
         for t in threads:
             t.join(timeout=3 * STOP_GRACE_MAX)
+        # Pods the loop was already stopping (deleted just before) are stopped
+        # by daemon threads that die with this process: never leave their
+        # processes behind (an operator retrying its last API calls outlives
+        # SIGTERM for a while).
+        deadline = time.monotonic() + STOP_GRACE_MAX
+        for pod in pods:
+            for c in pod.all_containers():
+                if not c.wait(deadline - time.monotonic()):
+                    log.warning("pod %s container %s killed at shutdown", pod.name, c.name)
+                    c.signal(signal.SIGKILL)
+                    c.wait(5)
 
     def __enter__(self) -> PodSim:
         return self.start()
