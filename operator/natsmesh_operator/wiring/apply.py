@@ -48,6 +48,7 @@ from natsmesh_operator.wiring.jetstream import (
 )
 from natsmesh_operator.wiring.keys import Key, KeyRing, Role
 from natsmesh_operator.wiring.plan import MeshPlan
+from natsmesh_operator.wiring.users import managed_user_nats
 from natsmesh_sidecar import subjects
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,7 @@ def admin_creds(account: Key, *, ttl: int = ADMIN_USER_TTL) -> str:
             "sub": user.public,
             "name": "natsmesh-operator",
             "exp": int(time.time()) + ttl,
-            "nats": {
-                "type": "user",
-                "version": 2,
-                "tags": [MANAGED_TAG],
-                "subs": -1,
-                "data": -1,
-                "payload": -1,
-            },
+            "nats": managed_user_nats(),
         },
         account,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from natsmesh_operator.wiring import jwt
@@ -25,16 +26,22 @@ log = logging.getLogger(__name__)
 RENEW_FRACTION = 0.25
 
 
-def user_claims(user: UserPlan, user_public: str, *, expires_at: int | None = None) -> jwt.Claims:
-    nats: dict[str, object] = {
+def managed_user_nats(permissions: Mapping[str, object] | None = None) -> dict[str, object]:
+    """The ``nats`` claims of every user we sign: tagged as ours, no limits but
+    ``permissions`` (none: everything the account allows)."""
+    return {
         "type": "user",
         "version": 2,
         "tags": [MANAGED_TAG],
         "subs": -1,
         "data": -1,
         "payload": -1,
-        **user.permissions.to_claims(),
+        **(permissions or {}),
     }
+
+
+def user_claims(user: UserPlan, user_public: str, *, expires_at: int | None = None) -> jwt.Claims:
+    nats = managed_user_nats(user.permissions.to_claims())
     claims: jwt.Claims = {"sub": user_public, "name": user.name, "nats": nats}
     if expires_at is not None:
         claims["exp"] = expires_at
