@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -20,7 +21,9 @@ FORBIDDEN = (
 )
 
 
-def test_main_module_imports_nothing_forbidden() -> None:
+@functools.cache
+def runtime_modules() -> list[str]:
+    """Every module a fresh sidecar process has loaded once it can serve."""
     code = (
         "import sys, json\n"
         "import natsmesh_sidecar.__main__ as m\n"
@@ -31,10 +34,22 @@ def test_main_module_imports_nothing_forbidden() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    mods = json.loads(out)
+    mods: list[str] = json.loads(out)
+    return mods
+
+
+def test_main_module_imports_nothing_forbidden() -> None:
+    mods = runtime_modules()
     bad = [m for m in mods if m.split(".")[0] in FORBIDDEN and sys.modules.get(m) is not None]
     bad = [m for m in bad if m.split(".")[0] != "aiohttp"] + [
         m for m in mods if m == "aiohttp.client"
     ]
     assert bad == []
     assert "natsmesh_sidecar.outbound" in mods
+
+
+def test_sidecar_runtime_does_not_import_pydantic() -> None:
+    """The table is parsed by natsmesh_sidecar.wire, not the pydantic models."""
+    mods = runtime_modules()
+    assert [m for m in mods if m.split(".")[0] in ("pydantic", "pydantic_core")] == []
+    assert "natsmesh_sidecar.config" not in mods

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -330,19 +328,3 @@ def test_settings_both_refuse_bad_env(bad: dict[str, str | None]) -> None:
         config.SidecarSettings.from_env(env)
     with pytest.raises(ValueError):  # noqa: PT011
         wire.Settings.from_env(env)
-
-
-def test_sidecar_runtime_does_not_import_pydantic() -> None:
-    code = (
-        "import sys, json\n"
-        "import natsmesh_sidecar.__main__ as m\n"
-        "m._block_websocket_deps('nats://127.0.0.1:4222')\n"
-        "import natsmesh_sidecar.app\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    mods = json.loads(out)
-    assert [m for m in mods if m.split(".")[0] in ("pydantic", "pydantic_core")] == []
-    assert "natsmesh_sidecar.config" not in mods
