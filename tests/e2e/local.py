@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e import shop as scenarios
 from tests.e2e.netsim import ServiceNetwork
 from tests.e2e.podsim import PodSim
 from tests.fixtures.cluster import REPO, Cluster, tool
@@ -154,18 +155,11 @@ class LocalRelease:
     def leftovers(self) -> list[str]:
         """Objects of this release still in the cluster (namespaced and cluster-scoped)."""
         selector = f"app.kubernetes.io/instance={self.name}"
-        kinds = (
-            "deployments,statefulsets,pods,services,jobs,configmaps,secrets,serviceaccounts,"
-            "roles,rolebindings,poddisruptionbudgets,persistentvolumeclaims"
-        )
         found = self.kubectl(
-            "get", kinds, "-n", self.namespace, "-l", selector, "-o", "name"
+            "get", scenarios.RELEASE_KINDS, "-n", self.namespace, "-l", selector, "-o", "name"
         ).split()  # fmt: skip
         found += self.kubectl(
-            "get",
-            "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,"
-            "validatingwebhookconfigurations,clusterkopfpeerings",
-            "-l", selector, "-o", "name",
+            "get", scenarios.RELEASE_CLUSTER_KINDS, "-l", selector, "-o", "name"
         ).split()  # fmt: skip
         return found
 
@@ -191,6 +185,18 @@ class LocalRelease:
     def secret_data(self, name: str) -> dict[str, str]:
         out = json.loads(self.kubectl("get", "secret", name, "-n", self.namespace, "-o", "json"))
         return dict(out.get("data") or {})
+
+
+def nats_service(name: str, **spec: Any) -> str:
+    """A NatsService selecting pods labelled ``app: <name>`` (port 8080), as JSON."""
+    return json.dumps(
+        {
+            "apiVersion": "natsmesh.io/v1alpha1",
+            "kind": "NatsService",
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080, **spec},
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -235,20 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("namespaces", nargs="+")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    kubeconfig = Path(args.kubeconfig)
     workdir = Path(args.workdir)
-    network = ServiceNetwork(
-        [tool("kubectl"), "--kubeconfig", str(kubeconfig)], Cluster(kubeconfig).service_proxy
-    ).start()
-    sims = {
-        ns: PodSim(
-            [tool("kubectl"), "--kubeconfig", str(kubeconfig)],
-            ns,
-            workdir / ns,
-            network=network,
-        ).start()
-        for ns in args.namespaces
-    }
+    first, *others = args.namespaces
+    nodes = LocalRelease(Cluster(Path(args.kubeconfig)), RELEASE, first, workdir).start()
+    for ns in others:
+        nodes.watch(ns)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -256,12 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while not stop.wait(1.0):
             tmp = registry.with_suffix(".tmp")
-            tmp.write_text(json.dumps(snapshot(sims), indent=1))
+            tmp.write_text(json.dumps(snapshot(nodes.sims), indent=1))
             os.replace(tmp, registry)
     finally:
-        for sim in sims.values():
-            sim.stop()
-        network.stop()
+        nodes.stop()
         registry.unlink(missing_ok=True)
     return 0
 

@@ -208,6 +208,8 @@ class SimPod:
     thread: threading.Thread | None = None
     phase: str = "Running"
     """Succeeded/Failed once a run-to-completion pod's containers exited."""
+    config_transform: Callable[[str, bytes], bytes] | None = None
+    """Rewrites this pod's configuration files (PodSim._config_transform)."""
 
     @property
     def restart_policy(self) -> str:
@@ -386,15 +388,7 @@ class PodSim:
     # -- kubectl ------------------------------------------------------------
 
     def kubectl_json(self, *args: str) -> JsonDict:
-        proc = subprocess.run(
-            [*self.kubectl_argv, "-n", self.namespace, *args, "-o", "json"],
-            capture_output=True,
-            text=True,
-            timeout=KUBECTL_TIMEOUT,
-        )
-        if proc.returncode != 0:
-            raise PodSimError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-        out: JsonDict = json.loads(proc.stdout)
+        out: JsonDict = json.loads(self.kubectl_run(*args, "-o", "json"))
         return out
 
     def _object(self, kind: str, name: str, optional: bool = False) -> JsonDict | None:
@@ -744,7 +738,13 @@ class PodSim:
             _project(path, kind, ref, src, {} if obj is None else self._data(kind, obj), transform)
 
     def _config_transform(self, sim: SimPod) -> Callable[[str, bytes], bytes]:
-        """Configuration files refer to mount paths and ports of the pod: rewrite them."""
+        """Configuration files refer to mount paths and ports of the pod: rewrite them.
+
+        Built once per pod (its mounts and ports do not change), then reused by
+        every volume refresh.
+        """
+        if sim.config_transform is not None:
+            return sim.config_transform
         mounts: dict[str, Path] = {}
         for c in [*(sim.spec.get("initContainers") or []), *(sim.spec.get("containers") or [])]:
             for m in c.get("volumeMounts") or []:
@@ -768,6 +768,7 @@ class PodSim:
                 text = pattern.sub(functools.partial(_literal, local), text)
             return self._remap(sim, "", text).encode()
 
+        sim.config_transform = transform
         return transform
 
     def _refresh_volumes(self) -> None:

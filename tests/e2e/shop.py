@@ -34,6 +34,16 @@ WORKLOADS: dict[str, dict[str, str]] = {
     "inventory": {"app": "inventory"},
 }
 CANARY_REQUESTS = 1000
+#: What a release of the chart may create, in its namespace and cluster-wide:
+#: ``helm uninstall`` must leave none of it behind (but what the chart keeps).
+RELEASE_KINDS = (
+    "deployments,statefulsets,pods,services,jobs,configmaps,secrets,serviceaccounts,"
+    "roles,rolebindings,poddisruptionbudgets,persistentvolumeclaims"
+)
+RELEASE_CLUSTER_KINDS = (
+    "clusterroles,clusterrolebindings,clusterkopfpeerings,"
+    "mutatingwebhookconfigurations,validatingwebhookconfigurations"
+)
 CANARY_CONCURRENCY = 32
 
 Response = tuple[int, dict[str, str], Any]

@@ -303,19 +303,13 @@ def test_helm_uninstall_leaves_nothing_behind(shop: KindShop, release: Kind) -> 
     kind.helm("uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout", "5m")
     selector = f"app.kubernetes.io/instance={RELEASE}"
     namespaced = kind.kubectl(
-        "get",
-        "deployments,statefulsets,pods,services,jobs,configmaps,secrets,serviceaccounts,"
-        "roles,rolebindings,poddisruptionbudgets,persistentvolumeclaims",
-        "-n", SYSTEM_NS, "-l", selector, "-o", "name",
+        "get", scenarios.RELEASE_KINDS, "-n", SYSTEM_NS, "-l", selector, "-o", "name"
     ).split()  # fmt: skip
     # Kept on purpose (chart docs): the NATS trust root, not a release object.
     namespaced = [n for n in namespaced if not n.endswith("-nats-bootstrap")]
     assert namespaced == [], namespaced
     cluster_scoped = kind.kubectl(
-        "get",
-        "clusterroles,clusterrolebindings,clusterkopfpeerings,"
-        "mutatingwebhookconfigurations,validatingwebhookconfigurations",
-        "-l", selector, "-o", "name",
+        "get", scenarios.RELEASE_CLUSTER_KINDS, "-l", selector, "-o", "name"
     ).split()  # fmt: skip
     assert cluster_scoped == [], cluster_scoped
     # crds.keep=true (the default): the CRDs stay, so NatsServices survive a reinstall.

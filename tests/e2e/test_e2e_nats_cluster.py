@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.local import LOCAL_ONLY, LocalRelease, local_release
+from tests.e2e.local import LOCAL_ONLY, LocalRelease, local_release, nats_service
 from tests.e2e.podsim import SimPod
 from tests.fixtures.cluster import Cluster
 
@@ -64,22 +64,14 @@ def test_a_replicated_stream_on_the_cluster(clustered: LocalRelease) -> None:
     ns = f"team-{uuid.uuid4().hex[:6]}"
     clustered.kubectl("create", "namespace", ns)
     try:
-        clustered.kubectl(
-            "apply", "-n", ns, "-f", "-",
-            input=json.dumps({
-                "apiVersion": "natsmesh.io/v1alpha1",
-                "kind": "NatsService",
-                "metadata": {"name": "ledger"},
-                "spec": {
-                    "selector": {"matchLabels": {"app": "ledger"}},
-                    "port": 8080,
-                    "events": {
-                        "stream": {"replicas": 3, "storage": "file"},
-                        "publishes": [{"topic": "entry.posted"}],
-                    },
-                },
-            }),
-        )  # fmt: skip
+        manifest = nats_service(
+            "ledger",
+            events={
+                "stream": {"replicas": 3, "storage": "file"},
+                "publishes": [{"topic": "entry.posted"}],
+            },
+        )
+        clustered.kubectl("apply", "-n", ns, "-f", "-", input=manifest)
 
         clustered.wait_resource_ready("natsservice", "ledger", ns, timeout=60)
         # Every server hosts a replica (/jsz lists the streams the server holds),

@@ -29,6 +29,7 @@ from tests.e2e.local import (
     RELEASE,
     LocalRelease,
     local_release,
+    nats_service,
 )
 from tests.e2e.podsim import PodSim, SimPod
 from tests.fixtures.cluster import Cluster, tool
@@ -168,16 +169,19 @@ def test_chart_pods_run_as_their_specs_say(release: LocalRelease) -> None:
     assert str(nats.dir) in resolver  # the resolver's directory, on the pod's volume
 
 
+def reconciled(operator: SimPod) -> int:
+    """NatsService reconciles this operator replica has run (from its log)."""
+    log = operator.container("operator").tail(10**7)
+    return log.count("Handler 'register.<locals>.service_reconcile")
+
+
 def test_one_operator_replica_acts_the_other_stands_by(
     release: LocalRelease, shop: LocalShop
 ) -> None:
     """kopf peering with a priority per replica: exactly one handles resources."""
     operators = release.sims[release.namespace].select(**OPERATOR)
     assert len(operators) == 2
-    handled = [
-        p.container("operator").tail(10**7).count("Handler 'register.<locals>.service_reconcile")
-        for p in operators
-    ]
+    handled = [reconciled(p) for p in operators]
     # The shop's five NatsServices were all handled, and all by one replica.
     assert sorted(handled)[0] == 0, release.describe()
     assert sorted(handled)[1] >= len(scenarios.WORKLOADS), release.describe()
@@ -188,24 +192,12 @@ def test_standby_takes_over_when_the_active_replica_goes(
 ) -> None:
     """Delete the acting operator pod: the mesh keeps being reconciled."""
     sim = release.sims[release.namespace]
-
-    def handled(pod: SimPod) -> int:
-        return pod.container("operator").tail(10**7).count("Handler 'register.<locals>.service_")
-
-    (active,) = [p for p in sim.select(**OPERATOR) if handled(p) > 0]
+    (active,) = [p for p in sim.select(**OPERATOR) if reconciled(p) > 0]
     release.kubectl("delete", "pod", active.name, "-n", release.namespace, "--wait=false")
     sim.wait_for("the active operator pod to stop", lambda: active not in sim.select(), 30)
     # A late NatsService (selects no pods) must still become Ready.
     name = f"audit-{uuid.uuid4().hex[:4]}"
-    release.kubectl(
-        "apply", "-n", shop.namespace, "-f", "-",
-        input=json.dumps({
-            "apiVersion": "natsmesh.io/v1alpha1",
-            "kind": "NatsService",
-            "metadata": {"name": name},
-            "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080},
-        }),
-    )  # fmt: skip
+    release.kubectl("apply", "-n", shop.namespace, "-f", "-", input=nats_service(name))
 
     release.wait_resource_ready("natsservice", name, shop.namespace, timeout=45)
     release.kubectl("delete", "natsservice", name, "-n", shop.namespace, "--timeout=30s")
