@@ -153,36 +153,44 @@ def _same(conditions: Sequence[Mapping[str, Any]], previous: Sequence[Mapping[st
     return key(conditions) == key(previous)
 
 
+def _changes(
+    current: Mapping[str, Any], now: list[Cond], generation: int, wanted: dict[str, Any]
+) -> dict[str, Any]:
+    """The status fields that differ from ``current`` ({} when nothing changed)."""
+    previous = current.get("conditions") or []
+    conditions = merge(previous, now, generation)
+    wanted = {**wanted, "observedGeneration": generation}
+    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+    if not _same(conditions, previous):
+        changed["conditions"] = conditions
+    return changed
+
+
 def service_status(
     result: PassResult, svc: NatsService, current: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The status fields to write, or {} when nothing changed."""
     ns, name = str(svc.metadata.namespace), str(svc.metadata.name)
-    generation = int(svc.metadata.generation or 0)
-    previous = current.get("conditions") or []
-    conditions = merge(previous, service_conditions(result, ns, name), generation)
-    wanted: dict[str, Any] = {
-        "subject": subjects.request_subject(ns, service_name(svc), svc.spec.version),
-        "observedGeneration": generation,
-    }
-    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
-    if not _same(conditions, previous):
-        changed["conditions"] = conditions
-    return changed
+    subject = subjects.request_subject(ns, service_name(svc), svc.spec.version)
+    return _changes(
+        current,
+        service_conditions(result, ns, name),
+        int(svc.metadata.generation or 0),
+        {"subject": subject},
+    )
 
 
 def route_status(
     result: PassResult, route: NatsRoute, current: Mapping[str, Any]
 ) -> dict[str, Any]:
+    """The status fields to write, or {} when nothing changed."""
     ns, name = str(route.metadata.namespace), str(route.metadata.name)
-    generation = int(route.metadata.generation or 0)
-    previous = current.get("conditions") or []
-    conditions = merge(previous, route_conditions(result, ns, name), generation)
-    wanted: dict[str, Any] = {"ruleCount": len(route.spec.rules), "observedGeneration": generation}
-    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
-    if not _same(conditions, previous):
-        changed["conditions"] = conditions
-    return changed
+    return _changes(
+        current,
+        route_conditions(result, ns, name),
+        int(route.metadata.generation or 0),
+        {"ruleCount": len(route.spec.rules)},
+    )
 
 
 async def write_all(
