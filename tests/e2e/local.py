@@ -19,7 +19,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import pytest
 from tests.e2e import shop as scenarios
 from tests.e2e.netsim import ServiceNetwork
 from tests.e2e.podsim import PodSim
-from tests.fixtures.cluster import REPO, Cluster, tool
+from tests.fixtures.cluster import REPO, Cluster, fresh_namespace, tool
 
 log = logging.getLogger("e2e.local")
 
@@ -202,15 +201,13 @@ def nats_service(name: str, **spec: Any) -> str:
 @contextlib.contextmanager
 def local_release(cluster: Cluster, prefix: str, workdir: Path) -> Iterator[LocalRelease]:
     """A fresh namespace with the emulation running; uninstalled and removed afterwards."""
-    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", ns)
-    release = LocalRelease(cluster, RELEASE, ns, workdir).start()
-    try:
-        yield release
-    finally:
-        release.uninstall(check=False)
-        release.stop()
-        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    with fresh_namespace(cluster, prefix, digits=6) as ns:
+        release = LocalRelease(cluster, RELEASE, ns, workdir).start()
+        try:
+            yield release
+        finally:
+            release.uninstall(check=False)
+            release.stop()
 
 
 def snapshot(sims: Mapping[str, PodSim]) -> dict[str, list[dict[str, Any]]]:
