@@ -58,7 +58,7 @@ class Sidecar:
         *,
         access_log: bool = True,
         header_timeout: float = 10.0,
-        idle_timeout: float = 120.0,
+        idle_timeout: float | None = None,
         creds_poll: float = 2.0,
         table_poll: float = 1.0,
     ) -> None:
@@ -87,10 +87,17 @@ class Sidecar:
         self.sub: Any = None
         self.breakers: dict[str, resilience.Breaker] = {}
         self.events = EventPublisher(self)
-        self.pool = AppPool(settings.app_host, settings.app_port, settings.max_inflight)
+        self.pool = AppPool(
+            settings.app_host,
+            settings.app_port,
+            settings.max_inflight,
+            idle_timeout=settings.app_idle_timeout_seconds,
+        )
         self.inbound = InboundHandler(self, self.pool)
         self.outbound = OutboundServer(
-            OutboundHandler(self), header_timeout=header_timeout, idle_timeout=idle_timeout
+            OutboundHandler(self),
+            header_timeout=header_timeout,
+            idle_timeout=settings.idle_timeout_seconds if idle_timeout is None else idle_timeout,
         )
         self.admin = AdminServer(self.metrics, self.healthy, self.ready)
         # Read at scrape time: no lock and no call per request.

@@ -189,6 +189,12 @@ class SidecarSettings(_Wire):
     max_inflight: int = Field(256, ge=1)
     """Concurrent calls into the app."""
     drain_seconds: float = Field(20.0, ge=0)
+    idle_timeout_seconds: float = Field(120.0, gt=0)
+    """An app's keep-alive connection to the outbound listener idle this long is
+    closed silently (never answered): longer than common client pools keep theirs."""
+    app_idle_timeout_seconds: float = Field(4.0, gt=0)
+    """Our pooled connections to the app are dropped after this much idleness,
+    before the app's own keep-alive timeout (often 5 s) closes them under us."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:

@@ -83,6 +83,9 @@ class OutboundConnection(asyncio.Protocol):
         self.paused = False
         self.eof = False
         self.in_headers = False
+        #: Between on_message_begin and on_message_complete: only then can a
+        #: client be "slow"; a completed request's body must never count.
+        self.in_message = False
         self.started = 0.0
         self.last = 0.0
         self.reject: tuple[int, str, str] | None = None
@@ -131,6 +134,7 @@ class OutboundConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_headers = True
+        self.in_message = True
         self.started = time.monotonic()
         self._url = b""
         self._headers = []
@@ -173,6 +177,7 @@ class OutboundConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = False
         parser = self.parser
         method = parser.get_method().decode("latin-1")
         url = self._url.decode("latin-1")
@@ -264,15 +269,14 @@ class OutboundConnection(asyncio.Protocol):
             return
         if self.in_headers and now - self.started > self.server.header_timeout:
             self._fail(408, "request_timeout", "request headers not received in time")
-        elif not self.in_headers and not self.queue and now - self.last > self.server.idle_timeout:
+        elif self.in_message:
+            if now - self.last > self.server.header_timeout:
+                # A body that stalls half-way is the same attack as slow headers.
+                self._fail(408, "request_timeout", "request body not received in time")
+        elif not self.queue and now - self.last > self.server.idle_timeout:
+            # An idle keep-alive connection is closed silently, as a proxy does:
+            # never answer a request that was not received.
             self._close()
-        elif (
-            self.in_headers is False
-            and self._body_len
-            and now - self.last > self.server.header_timeout
-        ):
-            # A body that stalls half-way is the same attack as slow headers.
-            self._fail(408, "request_timeout", "request body not received in time")
 
 
 class OutboundServer:

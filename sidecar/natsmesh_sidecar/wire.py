@@ -155,6 +155,8 @@ class Settings:
     table_file: str | None = None
     max_inflight: int = 256
     drain_seconds: float = 20.0
+    idle_timeout_seconds: float = 120.0
+    app_idle_timeout_seconds: float = 4.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -407,6 +409,8 @@ _SETTINGS = (
         _F("table_file", _opt(_str), None),
         _F("max_inflight", _int(1), None),
         _F("drain_seconds", _float(0), None),
+        _F("idle_timeout_seconds", _float(0), None),
+        _F("app_idle_timeout_seconds", _float(0), None),
     ),
 )
 
