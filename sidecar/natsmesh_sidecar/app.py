@@ -26,12 +26,12 @@ from typing import Any
 import nats
 from nats import errors as nats_errors
 
-from natsmesh_sidecar import accesslog, permissions, resilience, subjects
+from natsmesh_sidecar import accesslog, codec, permissions, resilience, subjects
 from natsmesh_sidecar.events import EventConsumer, EventPublisher
 from natsmesh_sidecar.inbound import AppPool, InboundHandler
 from natsmesh_sidecar.metrics import AdminServer, Metrics
 from natsmesh_sidecar.micro import MicroService
-from natsmesh_sidecar.natsfast import FastPath, violation_subject
+from natsmesh_sidecar.natsfast import FastPath, Reply, violation_subject
 from natsmesh_sidecar.outbound import OutboundHandler, OutboundServer
 from natsmesh_sidecar.table import KvWatch, Router, empty_table, read_bytes, watch_file
 from natsmesh_sidecar.wire import (
@@ -85,6 +85,11 @@ class Sidecar:
         self.kv_watch: KvWatch | None = None
         self._js: Any = None
         self.sub: Any = None
+        #: Request subscriptions by subject (one per admitted caller group).
+        self.serving: dict[str, Any] = {}
+        self._refused = 0
+        #: Appended to a route table's base subjects: who we are, as callers.
+        self.caller_suffix = subjects.caller_suffix(settings.namespace, settings.service)
         self.breakers: dict[str, resilience.Breaker] = {}
         self.events = EventPublisher(self)
         self.pool = AppPool(
@@ -231,6 +236,7 @@ class Sidecar:
         if s.creds_file:
             self.creds = permissions.Creds.read(s.creds_file)
             self.permissions = self.creds.permissions
+            self.micro.reply_prefix = subjects.OPERATOR_INBOX_ROOT + "."
         if self._static_table is None and s.table_file:
             try:
                 self.apply_table(parse_table(read_bytes(s.table_file)))
@@ -301,12 +307,12 @@ class Sidecar:
         fast = FastPath(nc)
         await fast.start(subjects.inbox_prefix(s.service))
         self.fast = fast
-        self.sub = await fast.subscribe(
-            self.subject, subjects.queue_group(s.service), self.inbound.on_msg
-        )
+        await self._sync_serving()
         await self.micro.start(nc)
         await nc.flush()
-        logger.info("connected to %s; serving %s", s.nats_url, self.subject)
+        # Ready only once the server has our subscriptions.
+        self.sub = self.serving
+        logger.info("connected to %s; serving %s", s.nats_url, sorted(self.serving))
         if self._static_table is None and not s.table_file:
             self.kv_watch = KvWatch(s.service, self.apply_table, self._delete_table)
             try:
@@ -314,6 +320,50 @@ class Sidecar:
             except Exception as exc:
                 logger.error("route table watch on %s failed: %s", self.kv_watch.subject, exc)
         self._sync_consumers()
+
+    def _serve_wanted(self) -> dict[str, str]:
+        """Request subscriptions: exactly the callers the JWT lets us hear."""
+        if self.creds is not None:
+            return dict(subjects.serve_subjects(self.creds.subscribe, self.subject))
+        # No creds (a dev server without accounts): every caller.
+        return {f"{self.subject}.*.*": subjects.queue_group(self.settings.service)}
+
+    async def _sync_serving(self) -> None:
+        fast = self.fast
+        if fast is None or self.draining:
+            return
+        wanted = self._serve_wanted()
+        for subject in [x for x in self.serving if x not in wanted]:
+            with contextlib.suppress(Exception):
+                await self.serving.pop(subject).unsubscribe()
+        for subject, queue in wanted.items():
+            if subject not in self.serving:
+                self.serving[subject] = await fast.subscribe(subject, queue, self._on_request)
+
+    def _on_request(self, msg: Reply) -> None:
+        """Admit a request only as from the caller its subject names (see
+        subjects.reply_admissible); the source header comes from the subject."""
+        caller = subjects.caller_of(msg.subject)
+        if caller is None or not subjects.reply_admissible(
+            self.settings.namespace,
+            caller[0],
+            caller[1],
+            msg.reply,
+            accounts=self.creds is not None,
+        ):
+            self.metrics.nats_errors.labels("request_refused").inc()
+            self._refused += 1
+            if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
+                logger.warning(
+                    "dropped %d request(s) whose reply subject does not belong to the "
+                    "caller named in the subject (last: %s, reply %r)",
+                    self._refused,
+                    msg.subject,
+                    msg.reply,
+                )
+            return
+        msg.headers[codec.H_SOURCE] = subjects.host_of(*caller)
+        self.inbound.on_msg(msg)
 
     def _user_jwt(self) -> bytearray:
         assert self.creds is not None
@@ -348,6 +398,8 @@ class Sidecar:
                 # new JWT; nats-py restores the subscriptions.
                 logger.info("creds changed; reconnecting with the new user JWT")
                 await nc.force_reconnect()
+                # The new JWT may admit other callers: serve exactly those.
+                await self._sync_serving()
 
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)
@@ -412,9 +464,10 @@ class Sidecar:
         deadline = loop.time() + grace
         logger.info("draining (grace %.1fs, %d in flight)", grace, self.inflight())
         self.outbound.stop_accepting()
-        if self.sub is not None:
+        for sub in self.serving.values():
             with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()
+                await sub.unsubscribe()
+        self.serving.clear()
         await self.micro.stop()
         await asyncio.gather(
             *(c.close(max(0.0, deadline - loop.time())) for c in self.consumers.values()),

@@ -42,6 +42,9 @@ class MicroService:
         self.description = description
         self.started = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
         self.subs: list[Any] = []
+        #: With creds, answers may go only under this prefix (our JWT has no
+        #: response permission); None answers any reply (a dev server).
+        self.reply_prefix: str | None = None
 
     def subjects(self) -> list[str]:
         out = []
@@ -108,7 +111,8 @@ class MicroService:
 
     def _handler(self, verb: str, nc: Any) -> Callable[[Any], Any]:
         async def handle(msg: Any) -> None:
-            if msg.reply:
+            prefix = self.reply_prefix
+            if msg.reply and (prefix is None or msg.reply.startswith(prefix)):
                 await nc.publish(msg.reply, json.dumps(self.response(verb)).encode())
 
         return handle

@@ -440,7 +440,7 @@ class OutboundHandler:
                 503, "no_destination", f"route {rule.name} has no weighted destination", rid
             )
             return s, h, b, dest_key, rule.name, 0, "no_destination"
-        subject = target.subject
+        subject = target.subject + app.caller_suffix
         if not app.permissions.can_publish(subject):
             s, h, b = self._error(
                 403, "forbidden", f"{app.source} is not permitted to publish to {subject}", rid

@@ -98,6 +98,14 @@ def from_claims(claims: dict[str, object]) -> Permissions:
     return Permissions([str(a) for a in allow], [str(d) for d in deny])
 
 
+def subscribe_allow(claims: dict[str, object]) -> tuple[str, ...]:
+    """The JWT's ``sub.allow`` list: where this sidecar serves requests from."""
+    nats = claims.get("nats")
+    sub: object = nats.get("sub") if isinstance(nats, dict) else None
+    allow = sub.get("allow") if isinstance(sub, dict) else None
+    return tuple(str(a) for a in allow) if isinstance(allow, list) else ()
+
+
 def seed_from_creds(text: str) -> str:
     """The user nkey seed of a ``.creds`` file (the line after its BEGIN marker)."""
     lines = [line.strip() for line in text.splitlines()]
@@ -118,12 +126,16 @@ class Creds:
     reads a file that is being rewritten.
     """
 
-    __slots__ = ("jwt", "permissions", "seed")
+    __slots__ = ("account", "jwt", "permissions", "seed", "subscribe")
 
     def __init__(self, text: str) -> None:
         self.jwt = jwt_from_creds(text)
         self.seed = seed_from_creds(text)
-        self.permissions = from_claims(decode_claims(self.jwt))
+        claims = decode_claims(self.jwt)
+        self.permissions = from_claims(claims)
+        self.subscribe = subscribe_allow(claims)
+        #: The account that signed the JWT: it also signs our route tables.
+        self.account = str(claims.get("iss", ""))
 
     @classmethod
     def read(cls, path: str) -> Creds:

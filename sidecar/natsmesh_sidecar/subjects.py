@@ -1,11 +1,17 @@
 """NATS subject and name scheme shared by the operator and the sidecar.
 
-Requests:  ``mesh.<namespace>.<service>.<version>`` (queue group ``<service>``)
+Requests:  ``mesh.<namespace>.<service>.<version>.<caller-ns>.<caller>`` (queue
+           group ``<service>``): the caller's identity is part of the subject, so
+           a caller publishes to one wildcard ending in its own name and a callee
+           subscribes only to the callers it admits (permissions that do not grow
+           with the namespace). Route tables carry the first four tokens (the
+           *base* subject); each sidecar appends its own identity.
 Events:    ``events.<namespace>.<service>.<topic>``
 Streams:   ``EVENTS_<service>`` in the namespace's account (one per publisher)
 Route KV:  bucket ``natsmesh-routes`` in the namespace's account, key ``<service>``
-Inboxes:   ``_INBOX.<service>.>`` (connect with ``inbox_prefix``; other users
-           of the account cannot read a service's replies)
+Inboxes:   ``_INBOX.mesh.<service>.>`` (connect with ``inbox_prefix``; other
+           users of the account cannot read a service's replies, and a callee may
+           answer only into the inboxes of callers it admits)
 Dead letters: ``deadletter.<namespace>.<service>.<consumer>`` into stream
            ``DLQ_<service>`` in the subscriber's account
 
@@ -20,7 +26,13 @@ import re
 REQUEST_PREFIX = "mesh"
 EVENT_PREFIX = "events"
 DEAD_LETTER_PREFIX = "deadletter"
-INBOX_ROOT = "_INBOX"
+INBOX_ROOT = "_INBOX.mesh"
+#: Replies to requests that crossed a service import (another namespace's
+#: account) arrive on these; clients cannot choose them as reply subjects.
+SERVICE_REPLY_PREFIX = "_R_."
+#: The operator's inboxes (its $SRV.PING): the only foreign inboxes a sidecar
+#: may publish to, for its discovery answers.
+OPERATOR_INBOX_ROOT = "_INBOX.natsmesh"
 #: The JetStream API prefix of the sidecar's own account.
 JS_API_PREFIX = "$JS.API"
 ROUTES_BUCKET = "natsmesh-routes"
@@ -49,9 +61,65 @@ def request_subject(namespace: str, service: str, version: str = DEFAULT_VERSION
     return f"{REQUEST_PREFIX}.{namespace}.{service}.{version}"
 
 
-def request_wildcard(namespace: str, service: str) -> str:
-    """All versions of one service: what a caller is permitted to publish to."""
-    return f"{REQUEST_PREFIX}.{namespace}.{service}.*"
+def call_subject(base: str, caller_namespace: str, caller: str) -> str:
+    """The subject ``caller`` publishes a request for ``base`` (a request subject) on."""
+    return f"{base}.{caller_namespace}.{caller}"
+
+
+def caller_suffix(caller_namespace: str, caller: str) -> str:
+    return f".{caller_namespace}.{caller}"
+
+
+def caller_publish(namespace: str, service: str) -> str:
+    """A caller's one request permission: any target, its own identity last."""
+    return f"{REQUEST_PREFIX}.*.*.*.{namespace}.{service}"
+
+
+def serve_subject(namespace: str, service: str, version: str, caller_ns: str, caller: str) -> str:
+    """What a callee subscribes to for one admitted caller (``*``: all of ``caller_ns``)."""
+    return f"{REQUEST_PREFIX}.{namespace}.{service}.{version}.{caller_ns}.{caller}"
+
+
+def import_subject(namespace: str, service: str, caller_ns: str, caller: str) -> str:
+    """All versions of ``service`` as called by ``caller`` (``*``: any of ``caller_ns``):
+    the service export/import that lets another namespace's callers reach it."""
+    return f"{REQUEST_PREFIX}.{namespace}.{service}.*.{caller_ns}.{caller}"
+
+
+def caller_of(subject: str) -> tuple[str, str] | None:
+    """``(namespace, service)`` of the caller a request subject names, if it is one."""
+    tokens = subject.split(".")
+    if len(tokens) != 6 or tokens[0] != REQUEST_PREFIX:
+        return None
+    return tokens[4], tokens[5]
+
+
+def serve_subjects(sub_allow: tuple[str, ...], request: str) -> list[tuple[str, str]]:
+    """``(subject, queue)`` of the subscriptions for ``request`` among a JWT's ``sub.allow``."""
+    out = []
+    for entry in sub_allow:
+        subject, _, queue = entry.partition(" ")
+        if subject.startswith(request + "."):
+            out.append((subject, queue))
+    return out
+
+
+def reply_admissible(
+    own_namespace: str, caller_ns: str, caller: str, reply: str, *, accounts: bool = True
+) -> bool:
+    """Whether a request's reply subject is one its named caller could have set.
+
+    A real caller always sets a reply: its own inbox in the same account, or a
+    server-made ``_R_.`` subject when the request crossed a service import. A
+    message the server itself publishes for a tenant (a JetStream ack, a pulled
+    message, a direct get, sent to a reply subject that tenant chose) carries no
+    reply or a ``$JS.ACK.`` one, so it can never pass as another caller's request.
+    """
+    inbox = reply.startswith(f"{INBOX_ROOT}.{caller}.")
+    if caller_ns == own_namespace:
+        return inbox
+    # Without accounts (no creds: a dev server) nothing crosses an import.
+    return reply.startswith(SERVICE_REPLY_PREFIX) or (inbox and not accounts)
 
 
 def queue_group(service: str) -> str:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ from natsmesh_operator.wiring.apply import (
 from natsmesh_operator.wiring.bootstrap import FILES, Bootstrap, _resolver_dir_of
 from natsmesh_operator.wiring.keys import Key, KeyRing, Role
 from natsmesh_operator.wiring.plan import MeshPlan, plan
+from natsmesh_sidecar import subjects
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +358,8 @@ class MeshReconciler:
         counts: dict[tuple[str, str], int] = {}
         nc = await connect_creds(self.nats_url, admin_creds(keys.account(namespace)))
         try:
-            inbox = nc.new_inbox()
+            # Under the one foreign inbox prefix sidecars may answer into.
+            inbox = f"{subjects.OPERATOR_INBOX_ROOT}.{uuid.uuid4().hex}"
             sub = await nc.subscribe(inbox)
             await nc.publish("$SRV.PING", b"", reply=inbox)
             deadline = time.monotonic() + wait

@@ -6,18 +6,29 @@ forbidden publish is not an error on the request in NATS, only an async
 permissions violation and a timeout).
 
 publish:
-  * ``mesh.<ns>.<svc>.*`` of every service that admits it as a caller
+  * ``mesh.*.*.*.<ns>.<self>``: one wildcard whatever the mesh's size. The
+    caller's identity is the subject's tail; whether a call arrives is decided
+    by the callee's subscriptions (below), so a grant that changes touches
+    the callee's JWT only, never its callers'
+  * replies: ``_INBOX.mesh.*.>`` when it admits its own namespace, else
+    ``_INBOX.mesh.<caller>.>`` per admitted caller of its namespace, and
+    ``_R_.>`` when it admits a caller of another namespace (those replies are
+    server-made subjects of a service import, which clients cannot choose)
   * ``events.<ns>.<self>.<topic>`` of each topic it publishes
   * for each of its subscriptions: ``<api>.CONSUMER.MSG.NEXT|INFO.<stream>.<consumer>``
     and ``$JS.ACK.<stream>.<consumer>.>``, plus its dead-letter subject
-  * its own route-table key: ``$JS.API.STREAM.INFO.KV_natsmesh-routes``,
-    ``$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.<self>`` and a
-    filtered ``$JS.API.CONSUMER.CREATE.KV_natsmesh-routes.*.$KV.natsmesh-routes.<self>``
+  * its own route-table key: ``$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.<self>``
 subscribe:
-  * ``mesh.<ns>.<self>.<version>`` with queue group ``<self>`` only
-  * ``_INBOX.<self>.>`` (its own inbox prefix) and ``$KV.natsmesh-routes.<self>``
+  * ``mesh.<ns>.<self>.<version>.<ns>.*`` when it admits its own namespace, and
+    ``mesh.<ns>.<self>.<version>.<caller-ns>.<caller>`` per other admitted
+    caller, each with queue group ``<self>`` only
+  * ``_INBOX.mesh.<self>.>`` (its own inbox prefix) and ``$KV.natsmesh-routes.<self>``
   * the micro-service discovery subjects for its own name
-responses: allowed (one reply per request received, the default TTL).
+no response permission (``resp``): with it, whoever receives a message may
+publish once to whatever reply subject the *sender* chose, and a service that
+can send itself a request could publish anywhere in its account. Nor any
+consumer creation: a push consumer's deliver subject is another subject the
+server publishes to on the creator's behalf.
 """
 
 from __future__ import annotations
@@ -37,18 +48,31 @@ JS_ACK_PREFIX = "$JS.ACK"
 class Permissions:
     pub_allow: tuple[str, ...]
     sub_allow: tuple[str, ...]
-    allow_responses: bool = True
 
     def to_claims(self) -> dict[str, object]:
-        """The ``pub``/``sub``/``resp`` part of a user JWT's ``nats`` claims."""
-        out: dict[str, object] = {
+        """The ``pub``/``sub`` part of a user JWT's ``nats`` claims."""
+        return {
             "pub": {"allow": list(self.pub_allow)},
             "sub": {"allow": list(self.sub_allow)},
         }
-        if self.allow_responses:
-            # max 1: one reply per request received; ttl 0 = server default.
-            out["resp"] = {"max": 1, "ttl": 0}
-        return out
+
+    def narrows(self, previous: Permissions) -> bool:
+        """Whether anything ``previous`` allowed is no longer allowed."""
+        return not (
+            set(previous.pub_allow) <= set(self.pub_allow)
+            and set(previous.sub_allow) <= set(self.sub_allow)
+        )
+
+    @classmethod
+    def from_claims(cls, nats: object) -> Permissions:
+        """The lists of a decoded JWT's ``nats`` claims (empty when absent)."""
+
+        def allow(kind: str) -> tuple[str, ...]:
+            section = nats.get(kind) if isinstance(nats, dict) else None
+            items = section.get("allow") if isinstance(section, dict) else None
+            return tuple(str(x) for x in items) if isinstance(items, list) else ()
+
+        return cls(pub_allow=allow("pub"), sub_allow=allow("sub"))
 
 
 @dataclass(frozen=True)
@@ -74,15 +98,17 @@ def ack_subject(stream: str, consumer: str) -> str:
 
 
 def routes_kv_pub(service: str) -> tuple[str, ...]:
+    # Only a direct get of its own key: the watch is a plain subscription on
+    # the key's subject (see natsmesh_sidecar.table.KvWatch).
     stream = subjects.routes_stream()
     key = subjects.routes_key_subject(service)
-    return (
-        f"{subjects.JS_API_PREFIX}.STREAM.INFO.{stream}",
-        f"{subjects.JS_API_PREFIX}.DIRECT.GET.{stream}.{key}",
-        # The filter is part of the subject, so the server refuses a watch on
-        # any other key; the unfiltered CONSUMER.CREATE.<stream> is not allowed.
-        f"{subjects.JS_API_PREFIX}.CONSUMER.CREATE.{stream}.*.{key}",
-    )
+    return (f"{subjects.JS_API_PREFIX}.DIRECT.GET.{stream}.{key}",)
+
+
+def micro_pub() -> tuple[str, ...]:
+    """Where discovery answers go: the operator's (and `nats micro --inbox-prefix
+    _INBOX.natsmesh`) inboxes, never a reply subject a tenant chose."""
+    return (f"{subjects.OPERATOR_INBOX_ROOT}.>",)
 
 
 def micro_sub(service: str) -> tuple[str, ...]:
@@ -100,14 +126,32 @@ def service_permissions(
     namespace: str,
     service: str,
     version: str,
-    callable_targets: Iterable[tuple[str, str]],
+    admits_namespace: bool,
+    admitted: Iterable[tuple[str, str]],
     publish_topics: Iterable[str],
     consumers: Iterable[ConsumerAccess],
 ) -> Permissions:
-    """The permissions of one service's user; see the module docstring."""
-    pub: list[str] = [
-        subjects.request_wildcard(ns, svc) for ns, svc in sorted(set(callable_targets))
-    ]
+    """The permissions of one service's user; see the module docstring.
+
+    ``admits_namespace``: every service of ``namespace`` may call it;
+    ``admitted``: further ``(namespace, service)`` callers it admits.
+    """
+    group = subjects.queue_group(service)
+    callers = sorted(
+        {(ns, svc) for ns, svc in admitted if not (admits_namespace and ns == namespace)}
+    )
+    serve: list[str] = []
+    replies: list[str] = []
+    if admits_namespace:
+        serve.append(subjects.serve_subject(namespace, service, version, namespace, "*"))
+        replies.append(f"{subjects.INBOX_ROOT}.*.>")
+    for ns, svc in callers:
+        serve.append(subjects.serve_subject(namespace, service, version, ns, svc))
+        if ns == namespace:
+            replies.append(f"{subjects.inbox_prefix(svc)}.>")
+    if any(ns != namespace for ns, _ in callers):
+        replies.append(f"{subjects.SERVICE_REPLY_PREFIX}>")
+    pub: list[str] = [subjects.caller_publish(namespace, service), *replies]
     pub += [subjects.event_subject(namespace, service, t) for t in sorted(set(publish_topics))]
     for c in sorted(consumers, key=lambda c: (c.stream, c.consumer)):
         pub += consumer_api_subjects(c.api_prefix, c.stream, c.consumer)
@@ -115,8 +159,9 @@ def service_permissions(
             pub.append(ack_subject(c.stream, c.consumer))
             pub.append(c.dead_letter_subject)
     pub += routes_kv_pub(service)
+    pub += micro_pub()
     sub = [
-        f"{subjects.request_subject(namespace, service, version)} {subjects.queue_group(service)}",
+        *(f"{s} {group}" for s in serve),
         f"{subjects.inbox_prefix(service)}.>",
         subjects.routes_key_subject(service),
         *micro_sub(service),

@@ -7,11 +7,11 @@ sidecar :class:`~natsmesh_sidecar.config.MeshTable` s) plus the
 subscription, one conflicting subset, one route) so one bad resource never
 takes the rest of the mesh down.
 
-Account layout: one account per namespace. Cross-namespace calls are a service
-export of ``mesh.<ns>.<svc>.*`` in the target's account and an import in each
-caller's account. Cross-namespace subscriptions use a consumer in the
-publisher's account (consumers live beside their stream) whose pull/info API
-subjects are exported as services and imported under
+Account layout: one account per namespace. A cross-namespace call is a service
+export of ``mesh.<ns>.<svc>.*.<caller-ns>.<caller>`` in the target's account
+and the same import in the caller's account, one per admitted caller.
+Cross-namespace subscriptions use a consumer in the publisher's account
+(consumers live beside their stream) whose pull/info API subjects are exported as services and imported under
 ``natsmesh.jsapi.<publisher-ns>``, its ack subject under its own name.
 A cross-namespace subscription needs the publisher's consent: the publisher
 must admit the subscriber in ``allowedCallers``, otherwise any namespace could
@@ -393,7 +393,8 @@ def plan(
                 namespace=i.namespace,
                 service=i.name,
                 version=i.version,
-                callable_targets=callable_by[key],
+                admits_namespace=i.allow_same_namespace,
+                admitted=[c.resolve(i.namespace) for c in i.allowed_callers],
                 publish_topics=topics[key],
                 consumers=[
                     ConsumerAccess(
@@ -437,13 +438,16 @@ def _accounts(
 ) -> dict[str, AccountPlan]:
     exports: dict[str, set[Export]] = defaultdict(set)
     imports: dict[str, set[Import]] = defaultdict(set)
-    for (caller_ns, _), targets in callable_by.items():
+    for (caller_ns, caller_svc), targets in callable_by.items():
         for t_ns, t_svc in targets:
             if t_ns == caller_ns:
                 continue
-            subject = subjects.request_wildcard(t_ns, t_svc)
-            exports[t_ns].add(Export(subject, "service", f"{t_svc} requests"))
-            imports[caller_ns].add(Import(subject, t_ns, "", "service", f"{t_svc}.{t_ns}"))
+            # Per caller: the caller's identity is in the subject, and its own
+            # publish permission (one wildcard) already ends in that identity.
+            subject = subjects.import_subject(t_ns, t_svc, caller_ns, caller_svc)
+            label = f"{t_svc}.{t_ns} from {caller_svc}"
+            exports[t_ns].add(Export(subject, "service", label))
+            imports[caller_ns].add(Import(subject, t_ns, "", "service", label))
     for s in subs:
         if not s.cross:
             continue

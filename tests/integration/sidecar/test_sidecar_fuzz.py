@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
 from tests.fixtures.nats_server import NatsServer
 from tests.integration.sidecar.sidecar_harness import TestApp, destination, table
@@ -63,7 +64,8 @@ class BackgroundMesh:
         for s in (self.server, self.caller):
             await s.start()
             await s.wait_ready()
-        self.nc = await nats.connect(self.url)
+        # A caller named "web": its inbox is where a real caller gets replies.
+        self.nc = await nats.connect(self.url, inbox_prefix=subjects.inbox_prefix("web"))
 
     async def stop(self) -> None:
         await self.nc.close()
@@ -274,7 +276,7 @@ def test_fuzz_inbound_garbage_headers(
     async def send() -> Any:
         try:
             return await bg.nc.request(
-                "mesh.shop.orders.v1", payload, timeout=3, headers=headers or None
+                "mesh.shop.orders.v1.shop.web", payload, timeout=3, headers=headers or None
             )
         except nats.errors.Error as exc:
             return exc

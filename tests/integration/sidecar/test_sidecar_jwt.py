@@ -130,6 +130,11 @@ async def jwt_mesh(nats_operator: OperatorNats, tmp_path: Path) -> AsyncIterator
         await app.stop()
 
 
+def call(namespace: str, target: str, caller: str) -> str:
+    """The subject ``caller`` (of ``namespace``) sends a request for ``target`` on."""
+    return subjects.call_subject(subjects.request_subject(namespace, target), namespace, caller)
+
+
 def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
     value = sidecar.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
@@ -143,7 +148,7 @@ async def test_allowed_call_succeeds_through_the_servers_permissions(jwt_mesh: J
     assert got.body == b"hello"
     assert got.header("x-request-id") == r.header("x-request-id") or got.header("x-request-id")
     assert jwt_mesh.gateway.permissions.restricted
-    assert jwt_mesh.gateway.permissions.can_publish(subjects.request_subject(NS, "orders"))
+    assert jwt_mesh.gateway.permissions.can_publish(call(NS, "orders", "gateway"))
     assert (
         metric(
             jwt_mesh.gateway,
@@ -162,13 +167,16 @@ async def test_allowed_call_succeeds_through_the_servers_permissions(jwt_mesh: J
     )
 
 
-async def test_forbidden_destination_is_403_from_the_sidecars_own_jwt(jwt_mesh: JwtMesh) -> None:
+async def test_forbidden_destination_is_403_and_a_drifted_table_reaches_nobody(
+    jwt_mesh: JwtMesh,
+) -> None:
     # The planned table already knows payments is not callable ...
     r = await request(jwt_mesh.port, "GET", "/x", host="payments")
     assert r.status == 403
     assert r.json()["error"] == "forbidden"
-    # ... and when a table claims it is (table and JWT out of step, e.g. the
-    # operator wrote the table before re-issuing creds), the JWT still decides.
+    # ... and when a table claims it is (table and JWTs out of step, or a
+    # forged table), the server still decides: payments does not subscribe to
+    # gateway's calls, so nobody hears it: 503 at once, never the 5 s timeout.
     base = jwt_mesh.plan.tables[(NS, "gateway")]
     drifted = base.model_copy(
         update={
@@ -179,26 +187,34 @@ async def test_forbidden_destination_is_403_from_the_sidecars_own_jwt(jwt_mesh: 
             "generation": "drifted",
         }
     )
-    await jwt_mesh.put_table(drifted)
-    await wait_for(
-        lambda: jwt_mesh.gateway.router.table.generation == "drifted", 5, "the drifted table"
+    payments = await jwt_mesh.on.connect(
+        issue(jwt_mesh.on, jwt_mesh.plan, "payments").creds,
+        inbox_prefix=subjects.inbox_prefix("payments"),
     )
-    t0 = time.monotonic()
-    r = await request(jwt_mesh.port, "GET", "/x", host="payments")
-    assert r.status == 403
-    assert r.json()["error"] == "forbidden"
-    assert "not permitted to publish" in str(r.json()["message"])
-    assert time.monotonic() - t0 < 1.0  # decided locally: never the 5 s timeout
-    # Nothing was sent, so the server had nothing to refuse.
-    await asyncio.sleep(0.2)
-    assert (
-        metric(
-            jwt_mesh.gateway,
-            "natsmesh_sidecar_nats_async_errors_total",
-            kind="permissions_violation",
+    heard: list[str] = []
+    try:
+        for subject, queue in subjects.serve_subjects(
+            jwt_mesh.plan.user(NS, "payments").permissions.sub_allow,
+            subjects.request_subject(NS, "payments"),
+        ):
+
+            async def hear(msg: object) -> None:
+                heard.append(str(getattr(msg, "subject", "")))
+
+            await payments.subscribe(subject, queue=queue, cb=hear)
+        await payments.flush()
+        await jwt_mesh.put_table(drifted)
+        await wait_for(
+            lambda: jwt_mesh.gateway.router.table.generation == "drifted", 5, "the drifted table"
         )
-        == 0
-    )
+        t0 = time.monotonic()
+        r = await request(jwt_mesh.port, "GET", "/x", host="payments")
+        assert r.status == 503, r.body
+        assert r.json()["error"] == "no_responders"
+        assert time.monotonic() - t0 < 1.0
+        assert heard == []
+    finally:
+        await payments.close()
 
 
 async def test_server_permissions_violation_is_surfaced(
@@ -220,9 +236,11 @@ async def test_server_permissions_violation_is_surfaced(
     await wait_for(
         lambda: jwt_mesh.gateway.router.table.generation == "drifted", 5, "the drifted table"
     )
-    # The sidecar's view of its JWT goes stale (as if it read an older, wider one).
+    # The sidecar's view of its JWT goes stale (as if it read an older, wider
+    # one) and it names another caller: the server refuses the publish.
     jwt_mesh.gateway.permissions = permissions.Permissions.allow_all()
-    subject = subjects.request_subject(NS, "payments")
+    jwt_mesh.gateway.caller_suffix = subjects.caller_suffix(NS, "orders")
+    subject = call(NS, "payments", "orders")
     caplog.set_level(logging.INFO, logger="natsmesh_sidecar")
     t0 = time.monotonic()
     r = await request(jwt_mesh.port, "GET", "/x", host="payments")
@@ -256,7 +274,8 @@ async def test_server_permissions_violation_is_surfaced(
         jwt_mesh.gateway, "natsmesh_sidecar_nats_async_errors_total", kind="permissions_violation"
     )
     assert after == before
-    # And the allowed destination is unaffected.
+    # And with its own identity back, the allowed destination is unaffected.
+    jwt_mesh.gateway.caller_suffix = subjects.caller_suffix(NS, "gateway")
     r = await request(jwt_mesh.port, "GET", "/ok", host="orders")
     assert r.status == 200
 
@@ -393,4 +412,4 @@ async def test_creds_reload_reconnects_with_the_reissued_jwt(jwt_mesh: JwtMesh) 
     assert all(s == 200 for _, s, _ in load.results[-10:])
     r = await request(jwt_mesh.port, "GET", "/after", host="orders")
     assert r.status == 200
-    assert jwt_mesh.gateway.permissions.can_publish(subjects.request_subject(NS, "orders"))
+    assert jwt_mesh.gateway.permissions.can_publish(call(NS, "orders", "gateway"))

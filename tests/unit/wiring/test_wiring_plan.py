@@ -32,15 +32,18 @@ def test_worked_example_orders_permissions() -> None:
     assert p.problems == ()
     perms = p.user("shop", "orders").permissions
     assert perms.pub_allow == (
-        "mesh.shop.payments.*",
+        # one wildcard ending in its own identity, whoever it calls
+        "mesh.*.*.*.shop.orders",
+        # replies only into the inbox of its one admitted caller
+        "_INBOX.mesh.gateway.>",
         "events.shop.orders.order.created",
-        "$JS.API.STREAM.INFO.KV_natsmesh-routes",
         "$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.orders",
-        "$JS.API.CONSUMER.CREATE.KV_natsmesh-routes.*.$KV.natsmesh-routes.orders",
+        "_INBOX.natsmesh.>",
     )
     assert perms.sub_allow == (
-        "mesh.shop.orders.v1 orders",
-        "_INBOX.orders.>",
+        # it hears exactly gateway, nobody else
+        "mesh.shop.orders.v1.shop.gateway orders",
+        "_INBOX.mesh.orders.>",
         "$KV.natsmesh-routes.orders",
         "$SRV.PING",
         "$SRV.INFO",
@@ -48,7 +51,7 @@ def test_worked_example_orders_permissions() -> None:
         "$SRV.*.orders",
         "$SRV.*.orders.*",
     )
-    assert perms.allow_responses
+    assert "resp" not in perms.to_claims()
 
 
 def test_worked_example_payments_consumer_permissions() -> None:
@@ -60,7 +63,12 @@ def test_worked_example_payments_consumer_permissions() -> None:
     assert f"$JS.ACK.EVENTS_orders.{consumer}.>" in pub
     assert f"deadletter.shop.payments.{consumer}" in pub
     assert not any("inventory" in s for s in pub)
-    assert not any(s.startswith("mesh.") for s in pub), "payments calls nobody"
+    # Callers' permission is one wildcard; payments hears only orders.
+    assert [s for s in pub if s.startswith("mesh.")] == ["mesh.*.*.*.shop.payments"]
+    sub = p.user("shop", "payments").permissions.sub_allow
+    assert [s for s in sub if s.startswith("mesh.")] == [
+        "mesh.shop.payments.v1.shop.orders payments"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -74,19 +82,36 @@ def test_worked_example_payments_consumer_permissions() -> None:
         ("orders", "orders", False),
     ],
 )
-def test_may_publish_follows_allowed_callers(caller: str, target: str, allowed: bool) -> None:
-    perms = plan(shop_intents()).user("shop", caller).permissions
-    assert may_publish(perms, subjects.request_subject("shop", target, "v7")) is allowed
+def test_callee_hears_only_admitted_callers(caller: str, target: str, allowed: bool) -> None:
+    users_ = plan(shop_intents())
+    subject = subjects.call_subject(subjects.request_subject("shop", target, "v1"), "shop", caller)
+    # The caller may always publish its own identity...
+    assert may_publish(users_.user("shop", caller).permissions, subject)
+    # ...and whether anyone hears it is the callee's subscription.
+    sub = users_.user("shop", target).permissions.sub_allow
+    hears = any(subjects.subject_matches(e.split(" ")[0], subject) for e in sub)
+    assert hears is allowed
+    # Nobody can name another caller.
+    forged = subjects.call_subject(subjects.request_subject("shop", target, "v1"), "shop", "x")
+    assert not may_publish(users_.user("shop", caller).permissions, forged)
+
+
+def test_permission_size_does_not_grow_with_the_namespace() -> None:
+    small = plan([ServiceIntent("a", f"s{i}") for i in range(10)])
+    big = plan([ServiceIntent("a", f"s{i}") for i in range(300)])
+    assert small.user("a", "s1").permissions == big.user("a", "s1").permissions
+    assert len(big.user("a", "s1").permissions.pub_allow) < 10
 
 
 def test_default_policy_is_same_namespace_only() -> None:
     p = plan([ServiceIntent("a", "x"), ServiceIntent("a", "y"), ServiceIntent("b", "z")])
-    assert p.user("a", "x").permissions.pub_allow[:2] == ("mesh.a.x.*", "mesh.a.y.*")
-    assert not any(s.startswith("mesh.a.") for s in p.user("b", "z").permissions.pub_allow)
-    # As in the CRD, "the whole namespace" includes the service itself.
-    assert "mesh.a.x.*" in p.user("a", "x").permissions.pub_allow
+    x = p.user("a", "x").permissions
+    assert x.pub_allow[:2] == ("mesh.*.*.*.a.x", "_INBOX.mesh.*.>")
+    assert x.sub_allow[0] == "mesh.a.x.v1.a.* x"
+    assert p.user("b", "z").permissions.sub_allow[0] == "mesh.b.z.v1.b.* z"
     assert p.tables[("b", "z")].known == ("z.b",)
     assert set(p.tables[("a", "x")].destinations) == {"x.a", "y.a"}
+    assert p.accounts["a"].imports == () and p.accounts["b"].exports == ()
 
 
 def test_cross_namespace_caller_is_an_export_and_import() -> None:
@@ -96,11 +121,16 @@ def test_cross_namespace_caller_is_an_export_and_import() -> None:
     ]
     p = plan(intents)
     assert p.accounts["shop"].exports == (
-        Export("mesh.shop.orders.*", "service", "orders requests"),
+        Export("mesh.shop.orders.*.web.frontend", "service", "orders.shop from frontend"),
     )
     assert p.accounts["web"].imports == (
-        Import("mesh.shop.orders.*", "shop", "", "service", "orders.shop"),
+        Import(
+            "mesh.shop.orders.*.web.frontend", "shop", "", "service", "orders.shop from frontend"
+        ),
     )
+    orders = p.user("shop", "orders").permissions
+    assert "mesh.shop.orders.v1.web.frontend orders" in orders.sub_allow
+    assert "_R_.>" in orders.pub_allow
     ring = KeyRing()
     claims = account_claims(
         p.accounts["web"], ring.account("web").public, lambda ns: ring.account(ns).public
@@ -210,7 +240,10 @@ def test_version_subsets_must_agree() -> None:
     assert plan([v1, v2]).problems == ()
     assert reasons([v1, v2_bad]) == [("orders-v2", "InconsistentSubsets")]
     subs = {u.version: u.permissions.sub_allow[0] for u in plan([v1, v2]).users}
-    assert subs == {"v1": "mesh.shop.orders.v1 orders", "v2": "mesh.shop.orders.v2 orders"}
+    assert subs == {
+        "v1": "mesh.shop.orders.v1.shop.* orders",
+        "v2": "mesh.shop.orders.v2.shop.* orders",
+    }
 
 
 @pytest.mark.parametrize(
@@ -288,10 +321,13 @@ def test_needs_reissue() -> None:
     assert check(None, user, account.public) == "no credentials yet"
     other = Key.create(Role.ACCOUNT).public
     assert check(issued.jwt, user, other, ttl_seconds=1000) == "signed by another account key"
-    # payments stops admitting orders: orders' creds must be re-issued.
+    # orders stops admitting gateway: orders' creds must be re-issued (its
+    # callers' are not: their permission names only themselves).
     changed = plan(
-        [replace(i, allowed_callers=()) if i.name == "payments" else i for i in shop_intents()]
+        [replace(i, allowed_callers=()) if i.name == "orders" else i for i in shop_intents()]
     ).user("shop", "orders")
+    assert changed.permissions.narrows(user.permissions)
+    assert not user.permissions.narrows(changed.permissions)
     assert check(issued.creds, changed, account.public, ttl_seconds=1000, now=10_100) == (
         "permissions changed"
     )
