@@ -111,7 +111,8 @@ def test_default_policy_is_same_namespace_only() -> None:
     assert p.user("b", "z").permissions.sub_allow[0] == "mesh.b.z.v1.b.* z"
     assert p.tables[("b", "z")].known == ("z.b",)
     assert set(p.tables[("a", "x")].destinations) == {"x.a", "y.a"}
-    assert p.accounts["a"].imports == () and p.accounts["b"].exports == ()
+    assert p.accounts["a"].imports == ()
+    assert p.accounts["b"].exports == ()
 
 
 def test_cross_namespace_caller_is_an_export_and_import() -> None:
