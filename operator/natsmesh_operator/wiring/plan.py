@@ -12,7 +12,8 @@ export of ``mesh.<ns>.<svc>.*.<caller-ns>.<caller>`` in the target's account
 and the same import in the caller's account, one per admitted caller.
 Cross-namespace subscriptions use a consumer in the publisher's account
 (consumers live beside their stream) whose pull/info API subjects are
-exported as services and imported under ``natsmesh.jsapi.<publisher-ns>``, its ack subject under its own name.
+exported as services and imported under ``natsmesh.jsapi.<publisher-ns>``,
+its ack subject under its own name.
 A cross-namespace subscription needs the publisher's consent: the publisher
 must admit the subscriber in ``allowedCallers``, otherwise any namespace could
 read another tenant's events just by declaring a subscription.
