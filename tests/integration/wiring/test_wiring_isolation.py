@@ -18,7 +18,7 @@ from natsmesh_operator.wiring import users
 from natsmesh_operator.wiring.desired import CallerRef, Publish, ServiceIntent, Subscribe
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 from natsmesh_sidecar import subjects
-from tests.fixtures.nats_operator import OperatorNats, Probe, shop_intents
+from tests.fixtures.nats_operator import OperatorNats, Probe, call, serve_as, shop_intents
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +70,7 @@ async def responder(on: OperatorNats, p: MeshPlan, ns: str, svc: str) -> Probe:
     async def reply(msg: Msg) -> None:
         await msg.respond(f"{svc}.{ns}".encode())
 
-    await probe.nc.subscribe(subjects.request_subject(ns, svc), queue=svc, cb=reply)
-    await probe.nc.flush()
+    await serve_as(probe.nc, p, ns, svc, reply)
     return probe
 
 
@@ -80,9 +79,18 @@ async def test_cross_namespace_allowed_caller_works(nats_operator: OperatorNats)
     orders = await responder(nats_operator, p, "shop", "orders")
     frontend = await connect(nats_operator, p, "web", "frontend")
     try:
-        reply = await frontend.nc.request(subjects.request_subject("shop", "orders"), b"", 2)
+        reply = await frontend.nc.request(call("shop", "orders", "web", "frontend"), b"", 2)
         assert reply.data == b"orders.shop"
         assert not frontend.errors
+        # spy, in the same namespace as frontend, may name only itself: nobody listens.
+        spy = await connect(nats_operator, p, "web", "spy")
+        with pytest.raises(nats.errors.NoRespondersError):
+            await spy.nc.request(call("shop", "orders", "web", "spy"), b"", 2)
+        forged = call("shop", "orders", "web", "frontend")
+        await spy.nc.publish(forged, b"", reply=spy.nc.new_inbox())
+        await spy.nc.flush()
+        await spy.violation("publish", forged)
+        await spy.close()
     finally:
         await frontend.close()
         await orders.close()
@@ -95,8 +103,8 @@ async def test_other_namespace_user_sees_nothing_not_imported(nats_operator: Ope
     try:
         # Not in its permissions at all:
         for subject in (
-            subjects.request_subject("shop", "payments"),
-            subjects.request_subject("shop", "orders"),
+            call("shop", "payments", "shop", "orders"),
+            call("shop", "orders", "web", "frontend"),
             subjects.event_subject("shop", "orders", "order.created"),
         ):
             await spy.nc.publish(subject, b"")
@@ -120,7 +128,11 @@ async def test_account_boundary_holds_even_with_wide_permissions(
     p = await applied(nats_operator)
     payments = await responder(nats_operator, p, "shop", "payments")
     web_admin = await nats_operator.connect(admin_creds(nats_operator.keyring.account("web")))
-    shop_admin = await nats_operator.connect(admin_creds(nats_operator.keyring.account("shop")))
+    # Acting as orders (whose inbox payments may answer into).
+    shop_admin = await nats_operator.connect(
+        admin_creds(nats_operator.keyring.account("shop")),
+        inbox_prefix=subjects.inbox_prefix("orders"),
+    )
     seen: list[str] = []
     try:
 
@@ -129,12 +141,16 @@ async def test_account_boundary_holds_even_with_wide_permissions(
 
         # No responder: payments is not imported into web, so it does not exist there.
         with pytest.raises(nats.errors.NoRespondersError):
-            await web_admin.request(subjects.request_subject("shop", "payments"), b"", 1)
+            await web_admin.request(call("shop", "payments", "web", "frontend"), b"", 1)
         sub = await web_admin.subscribe(">", cb=record)
         await web_admin.flush()
         # Shop's own traffic never shows up in web.
         await shop_admin.publish(subjects.event_subject("shop", "orders", "order.created"), b"x")
-        reply = await shop_admin.request(subjects.request_subject("shop", "payments"), b"", 2)
+        reply = await shop_admin.request(
+            call("shop", "payments", "shop", "orders"),
+            b"",
+            2,
+        )
         assert reply.data == b"payments.shop"
         await asyncio.sleep(0.2)
         assert not [s for s in seen if s.startswith(("mesh.shop", "events.shop"))]

@@ -63,16 +63,25 @@ async def probe(shop: Shop, service: str) -> Probe:
     return await Probe.connect(shop.on, shop.creds[service], service)
 
 
+def call(target: str, caller: str) -> str:
+    return subjects.call_subject(subjects.request_subject(NS, target), NS, caller)
+
+
+def serving(shop: Shop, service: str) -> list[tuple[str, str]]:
+    """The request subscriptions a service's JWT allows (as its sidecar makes them)."""
+    sub = shop.plan.user(NS, service).permissions.sub_allow
+    return subjects.serve_subjects(sub, subjects.request_subject(NS, service))
+
+
 async def serve(shop: Shop, service: str) -> Probe:
-    """The target's sidecar: answers on its own subject with its queue group."""
+    """The target's sidecar: answers on its own subjects with its queue group."""
     p = await probe(shop, service)
 
     async def reply(msg: Msg) -> None:
         await msg.respond(f"{service} ok".encode())
 
-    await p.nc.subscribe(
-        subjects.request_subject(NS, service), queue=subjects.queue_group(service), cb=reply
-    )
+    for subject, queue in serving(shop, service):
+        await p.nc.subscribe(subject, queue=queue, cb=reply)
     await p.nc.flush()
     return p
 
@@ -82,16 +91,24 @@ async def serve(shop: Shop, service: str) -> Probe:
 async def test_request_matrix(shop: Shop, caller: str, target: str) -> None:
     server = await serve(shop, target)
     client = await probe(shop, caller)
-    subject = subjects.request_subject(NS, target)
+    subject = call(target, caller)
     try:
         if (caller, target) in ALLOWED_CALLS:
             reply = await client.nc.request(subject, b"hi", timeout=2)
             assert reply.data == f"{target} ok".encode()
             assert not client.errors
         else:
-            with pytest.raises(nats.errors.TimeoutError):
-                await client.nc.request(subject, b"hi", timeout=0.5)
-            await client.violation("publish", subject)
+            # The caller may say who it is; the target does not listen to it.
+            with pytest.raises(nats.errors.NoRespondersError):
+                await client.nc.request(subject, b"hi", timeout=2)
+            assert not client.errors
+        # Naming another caller (one the target does admit) is the server's refusal.
+        for other in SERVICES:
+            if other != caller:
+                forged = call(target, other)
+                await client.nc.publish(forged, b"hi", reply=client.nc.new_inbox())
+                await client.nc.flush()
+                await client.violation("publish", forged)
         assert not server.errors
     finally:
         await client.close()
@@ -105,7 +122,7 @@ async def test_cannot_subscribe_to_another_services_subject(
     shop: Shop, service: str, other: str
 ) -> None:
     p = await probe(shop, service)
-    subject = subjects.request_subject(NS, other)
+    subject = subjects.serve_subject(NS, other, "v1", NS, service)
     try:
         await p.nc.subscribe(subject, queue=subjects.queue_group(other))
         await p.nc.flush()
@@ -114,13 +131,26 @@ async def test_cannot_subscribe_to_another_services_subject(
         await p.close()
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", ["orders", "payments"])
 async def test_own_subject_only_with_its_queue_group(shop: Shop, service: str) -> None:
     """Without the queue group a second process could not share the load fairly."""
     p = await probe(shop, service)
-    subject = subjects.request_subject(NS, service)
+    ((subject, _),) = serving(shop, service)
     try:
         await p.nc.subscribe(subject)
+        await p.nc.flush()
+        await p.violation("subscription", subject)
+    finally:
+        await p.close()
+
+
+@pytest.mark.parametrize("service", ["gateway", "inventory"])
+async def test_a_service_admitting_nobody_hears_nothing(shop: Shop, service: str) -> None:
+    assert serving(shop, service) == []
+    p = await probe(shop, service)
+    subject = subjects.serve_subject(NS, service, "v1", NS, "*")
+    try:
+        await p.nc.subscribe(subject, queue=service)
         await p.nc.flush()
         await p.violation("subscription", subject)
     finally:
@@ -200,16 +230,15 @@ async def test_consumer_read_matrix(shop: Shop, reader: str, owner: str) -> None
 @pytest.mark.parametrize("owner", ["orders", "payments"])
 async def test_route_table_key_matrix(shop: Shop, reader: str, owner: str) -> None:
     p = await probe(shop, reader)
+    stream, key = subjects.routes_stream(), subjects.routes_key_subject(owner)
+    direct = f"$JS.API.DIRECT.GET.{stream}.{key}"
     try:
-        kv = await p.nc.jetstream().key_value(subjects.ROUTES_BUCKET)
         if reader == owner:
-            entry = await kv.get(subjects.routes_key(owner))
-            table = json.loads(entry.value or b"{}")
+            entry = await p.nc.request(direct, b"", timeout=2)
+            table = json.loads(entry.data or b"{}")
             assert table["service"] == owner
             assert table["generation"] == shop.plan.tables[(NS, owner)].generation
         else:
-            stream, key = subjects.routes_stream(), subjects.routes_key_subject(owner)
-            direct = f"$JS.API.DIRECT.GET.{stream}.{key}"
             with pytest.raises(nats.errors.TimeoutError):
                 await p.nc.request(direct, b"", timeout=0.5)
             await p.violation("publish", direct)
@@ -220,11 +249,19 @@ async def test_route_table_key_matrix(shop: Shop, reader: str, owner: str) -> No
         await p.close()
 
 
-async def test_unfiltered_watch_of_the_route_bucket_is_refused(shop: Shop) -> None:
-    """A consumer without the key in its subject could read every service's table."""
+@pytest.mark.parametrize(
+    "subject",
+    [
+        f"$JS.API.CONSUMER.CREATE.{subjects.routes_stream()}",
+        # even filtered on its own key: a push consumer's deliver subject is a
+        # subject the server would publish to on the creator's behalf
+        f"$JS.API.CONSUMER.CREATE.{subjects.routes_stream()}.x.$KV.natsmesh-routes.payments",
+        f"$JS.API.STREAM.INFO.{subjects.routes_stream()}",
+    ],
+)
+async def test_no_consumer_creation_or_bucket_info(shop: Shop, subject: str) -> None:
     p = await probe(shop, "payments")
     try:
-        subject = f"$JS.API.CONSUMER.CREATE.{subjects.routes_stream()}"
         await p.nc.publish(subject, b"{}")
         await p.nc.flush()
         await p.violation("publish", subject)

@@ -10,7 +10,7 @@ from natsmesh_operator.wiring.apply import admin_creds
 from natsmesh_operator.wiring.plan import plan
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.config import MeshTable
-from tests.fixtures.nats_operator import OperatorNats, Probe, shop_intents
+from tests.fixtures.nats_operator import OperatorNats, Probe, call, serve_as, shop_intents
 
 pytestmark = pytest.mark.integration
 
@@ -57,10 +57,9 @@ async def test_restart_keeps_accounts_streams_consumers_and_tables(
     async def reply(msg: Msg) -> None:
         await msg.respond(b"paid")
 
-    await payments.nc.subscribe(subjects.request_subject("shop", "payments"), "payments", reply)
-    await payments.nc.flush()
+    await serve_as(payments.nc, p, "shop", "payments", reply)
     orders = await Probe.connect(nats_operator, orders_creds.creds, "orders")
-    assert (await orders.nc.request(subjects.request_subject("shop", "payments"), b"", 2)).data == (
+    assert (await orders.nc.request(call("shop", "payments", "shop", "orders"), b"", 2)).data == (
         b"paid"
     )
     sub = await payments.nc.jetstream().pull_subscribe_bind(

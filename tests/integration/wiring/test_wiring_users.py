@@ -10,8 +10,7 @@ from nats.aio.msg import Msg
 
 from natsmesh_operator.wiring import jwt, users
 from natsmesh_operator.wiring.plan import plan
-from natsmesh_sidecar import subjects
-from tests.fixtures.nats_operator import OperatorNats, Probe, shop_intents
+from tests.fixtures.nats_operator import OperatorNats, Probe, serve_as, shop_intents
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +56,7 @@ async def test_rotation_reissues_and_revokes_the_old_key(nats_operator: Operator
     async def reply(msg: Msg) -> None:
         await msg.respond(b"ok")
 
-    await fresh.nc.subscribe(subjects.request_subject("shop", "payments"), "payments", reply)
-    await fresh.nc.flush()
+    await serve_as(fresh.nc, p, "shop", "payments", reply)
     await fresh.close()
     with pytest.raises(Exception, match=r"[Aa]uthori"):
         await nats_operator.connect(old.creds)
