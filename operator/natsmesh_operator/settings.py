@@ -68,6 +68,26 @@ class ReconcileSettings:
 
 
 @dataclass(frozen=True)
+class CredsSettings:
+    """The NATS users the operator issues (one per NatsService)."""
+
+    ttl_seconds: int = 24 * 3600
+    """Lifetime of every user JWT (``NATSMESH_CREDS_TTL_SECONDS``, at least 300).
+    Re-issued with the same key when a quarter of it is left; a copied creds
+    file stops working at the latest when it expires."""
+    max_control_line: int = 16384
+    """The NATS servers' ``max_control_line`` (``NATSMESH_NATS_MAX_CONTROL_LINE``,
+    set by the chart from the same value): a CONNECT carrying a longer JWT is
+    refused, so the operator refuses to issue one (see :attr:`max_jwt_bytes`)."""
+
+    @property
+    def max_jwt_bytes(self) -> int:
+        # The CONNECT line also carries the nonce signature (~90 bytes), the
+        # client's name, version and options: leave 1 KiB for them.
+        return self.max_control_line - 1024
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     namespace: str = "natsmesh-system"
     """The operator's own namespace: never injected, holds the bootstrap Secret."""
@@ -90,6 +110,7 @@ class OperatorSettings:
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     injection: InjectionSettings = field(default_factory=InjectionSettings)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    creds: CredsSettings = field(default_factory=CredsSettings)
 
     def watches(self, namespace: str) -> bool:
         return not self.watch_namespaces or any(
@@ -138,6 +159,13 @@ class OperatorSettings:
                 cpu_request=get("SIDECAR_CPU_REQUEST", InjectionSettings.cpu_request),
                 memory_request=get("SIDECAR_MEMORY_REQUEST", InjectionSettings.memory_request),
                 memory_limit=get("SIDECAR_MEMORY_LIMIT", InjectionSettings.memory_limit),
+            ),
+            creds=CredsSettings(
+                ttl_seconds=max(300, int(get("CREDS_TTL_SECONDS", str(CredsSettings.ttl_seconds)))),
+                max_control_line=max(
+                    4096,
+                    int(get("NATS_MAX_CONTROL_LINE", str(CredsSettings.max_control_line))),
+                ),
             ),
             reconcile=ReconcileSettings(
                 drift_interval=float(get("DRIFT_INTERVAL", str(ReconcileSettings.drift_interval))),

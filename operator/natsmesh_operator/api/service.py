@@ -275,6 +275,11 @@ class NatsServiceStatus(ApiModel):
     """Sidecars of this service currently answering on NATS."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """The `metadata.generation` the operator last acted on."""
+    user: str | None = None
+    """Public NKey of the NATS user in the creds Secret. Replaced (and the
+    old one revoked) when the service's permissions narrow or the Secret is lost."""
+    credentials_expire: str | None = None
+    """When the JWT in the creds Secret expires (RFC 3339); renewed well before."""
 
 
 class NatsService(CustomResource):

@@ -34,6 +34,7 @@ from lightkube import AsyncClient
 from natsmesh_operator.api import NatsRoute, NatsService
 from natsmesh_operator.handlers import intents, kube, status
 from natsmesh_operator.handlers.metrics import METRICS
+from natsmesh_operator.settings import CredsSettings
 from natsmesh_operator.webhook.inject import CREDS_KEY, creds_secret_name
 from natsmesh_operator.wiring import jwt, users
 from natsmesh_operator.wiring.apply import (
@@ -64,6 +65,9 @@ class CredsOutcome:
     ok: bool
     reason: str
     message: str
+    user: str | None = None
+    """Public key of the user now in the Secret."""
+    expires: int | None = None
 
 
 @dataclass
@@ -97,6 +101,10 @@ def bootstrap_from_secret(data: Mapping[str, str]) -> Bootstrap:
     )
 
 
+def _revocation_count(revocations: Mapping[str, Mapping[str, int]]) -> int:
+    return sum(len(v) for v in revocations.values())
+
+
 class MeshReconciler:
     def __init__(
         self,
@@ -106,8 +114,10 @@ class MeshReconciler:
         operator_namespace: str,
         bootstrap_secret: str,
         watched: kube.Watched = lambda _: True,
+        creds: CredsSettings | None = None,
     ) -> None:
         self.watched = watched
+        self.creds_settings = creds or CredsSettings()
         self.kube = kube_client
         self.nats_url = nats_url
         self.operator_namespace = operator_namespace
@@ -270,7 +280,22 @@ class MeshReconciler:
             async with limit:
                 result.creds[key] = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
 
+        revoked_before = _revocation_count(self._revocations)
         await asyncio.gather(*(ensure(svc) for svc, _ in services))
+        if _revocation_count(self._revocations) != revoked_before:
+            # A narrowing re-issue revoked the key it replaced: push that now,
+            # not on the next pass, so the old creds stop working within seconds.
+            await self._save_keys(keys)
+            try:
+                async with Applier(
+                    url=self.nats_url,
+                    operator=boot.operator,
+                    system_creds=boot.system_user_creds,
+                    keyring=keys,
+                ) as applier:
+                    await applier.apply(mesh, prune=True, revocations=self._revocations)
+            except ApplyFailed as exc:
+                logger.error("pushing revocations failed (retried next pass): %s", exc)
         for secret in stale:
             assert secret.metadata is not None
             await kube.delete_secret(
@@ -317,17 +342,48 @@ class MeshReconciler:
         secret_name = creds_secret_name(name)
         secret = existing.get((ns, secret_name))
         current = kube.decode_secret(secret).get(CREDS_KEY) if secret is not None else None
-        why = users.needs_reissue(current, user, account.public)
+        ttl = self.creds_settings.ttl_seconds
+        why = users.needs_reissue(current, user, account.public, ttl_seconds=ttl)
         if not why:
-            return CredsOutcome(True, "CredentialsIssued", f"Secret {secret_name} is current")
+            held = users.held(current)
+            return CredsOutcome(
+                True,
+                "CredentialsIssued",
+                f"Secret {secret_name} is current",
+                user=held.public if held else None,
+                expires=held.expires if held else None,
+            )
+        held = users.held(current) if current else None
         user_key = None
-        if current:
-            try:
-                # Same identity, new JWT: permission changes need no new key.
-                user_key = Key.from_seed(jwt.parse_creds(current)[1], Role.USER)
-            except (jwt.JwtError, ValueError):
-                user_key = None
-        issued = users.issue(user, account, user_key=user_key)
+        revoke: str | None = None
+        if held is not None and held.issuer == account.public:
+            if held.permissions is not None and user.permissions.narrows(held.permissions):
+                # The old JWT allows more than the service now may: a new key,
+                # and the old one revoked, so a copy of the old file is useless.
+                revoke = held.public
+            else:
+                # Same identity, new JWT (renewal, or permissions that only grew).
+                user_key = held.key
+        recorded = str(((body.get("status") or {}).get("user")) or "")
+        if held is None and recorded:
+            # The Secret was deleted (or emptied) by hand: whoever copied it
+            # must not keep a working user.
+            revoke = recorded
+        issued = users.issue(user, account, user_key=user_key, ttl_seconds=ttl)
+        limit = self.creds_settings.max_jwt_bytes
+        if len(issued.jwt) > limit:
+            return CredsOutcome(
+                False,
+                "CredentialsTooLarge",
+                f"the user JWT would be {len(issued.jwt)} bytes, over the {limit} bytes a "
+                f"NATS CONNECT may carry (max_control_line "
+                f"{self.creds_settings.max_control_line}): list fewer allowedCallers from "
+                "other namespaces, topics or subscriptions, or raise nats.maxControlLine",
+                user=held.public if held else None,
+            )
+        if revoke:
+            self._revocations.setdefault(ns, {})[revoke] = int(time.time())
+            logger.info("revoking user %s of %s/%s (%s)", revoke, ns, name, why)
         try:
             await kube.write_secret(
                 self.kube,
@@ -341,7 +397,13 @@ class MeshReconciler:
             return CredsOutcome(False, "SecretWriteFailed", f"writing Secret {secret_name}: {exc}")
         METRICS.creds_issued.inc()
         logger.info("issued creds for %s/%s (%s)", ns, name, why)
-        return CredsOutcome(True, "CredentialsIssued", f"Secret {secret_name} issued ({why})")
+        return CredsOutcome(
+            True,
+            "CredentialsIssued",
+            f"Secret {secret_name} issued ({why})",
+            user=issued.public,
+            expires=issued.expires,
+        )
 
     # ------------------------------------------------------------ endpoints
 

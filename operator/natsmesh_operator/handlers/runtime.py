@@ -61,6 +61,7 @@ class Runtime:
             operator_namespace=settings.namespace,
             bootstrap_secret=settings.nats.bootstrap_secret,
             watched=settings.watches,
+            creds=settings.creds,
         )
         webhook = None
         if settings.webhook.enabled:

@@ -172,12 +172,22 @@ def service_status(
     """The status fields to write, or {} when nothing changed."""
     ns, name = str(svc.metadata.namespace), str(svc.metadata.name)
     subject = subjects.request_subject(ns, service_name(svc), svc.spec.version)
+    wanted: dict[str, Any] = {"subject": subject}
+    creds = result.creds.get((ns, name))
+    if creds is not None and creds.user:
+        wanted["user"] = creds.user
+        if creds.expires:
+            wanted["credentialsExpire"] = _rfc3339(creds.expires)
     return _changes(
         current,
         service_conditions(result, ns, name),
         int(svc.metadata.generation or 0),
-        {"subject": subject},
+        wanted,
     )
+
+
+def _rfc3339(epoch: int) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def route_status(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from natsmesh_operator.wiring import jwt
 from natsmesh_operator.wiring.accounts import MANAGED_TAG
 from natsmesh_operator.wiring.keys import Key, Role
+from natsmesh_operator.wiring.permissions import Permissions
 from natsmesh_operator.wiring.plan import UserPlan
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class IssuedUser:
     jwt: str
     seed: str
     public: str
+    expires: int | None = None
 
     @property
     def creds(self) -> str:
@@ -73,7 +75,40 @@ def issue(
     expires = issued + ttl_seconds if ttl_seconds else None
     token = jwt.encode(user_claims(user, key.public, expires_at=expires), account, issued_at=issued)
     log.info("issued user %s (%s), expires %s", user.name, key.public, expires or "never")
-    return IssuedUser(jwt=token, seed=key.seed, public=key.public)
+    return IssuedUser(jwt=token, seed=key.seed, public=key.public, expires=expires)
+
+
+@dataclass(frozen=True)
+class HeldCreds:
+    """What a creds Secret currently holds, as far as re-issuing cares."""
+
+    key: Key
+    public: str
+    issuer: str
+    expires: int | None
+    permissions: Permissions | None
+
+
+def held(creds: str | None) -> HeldCreds | None:
+    """The user in a creds file, or None when it is missing or unreadable."""
+    if not creds:
+        return None
+    try:
+        token, seed = jwt.parse_creds(creds)
+        decoded = jwt.decode(token, verify_signature=False)
+        key = Key.from_seed(seed, Role.USER)
+    except (jwt.JwtError, ValueError):
+        return None
+    if key.public != decoded.subject:
+        return None
+    nats = decoded.claims.get("nats")
+    return HeldCreds(
+        key=key,
+        public=key.public,
+        issuer=decoded.issuer,
+        expires=decoded.expires,
+        permissions=Permissions.from_claims(nats) if isinstance(nats, dict) else None,
+    )
 
 
 def needs_reissue(
