@@ -173,15 +173,6 @@ podSelector:
     {{- include "natsmesh.selectorLabels" . | nindent 4 }}
 {{- end }}
 
-{{/* The Prometheus pods of networkPolicy.prometheus, as a NetworkPolicyPeer. */}}
-{{- define "natsmesh.prometheusPeer" -}}
-{{- $p := .Values.networkPolicy.prometheus }}
-namespaceSelector:
-  {{- toYaml $p.namespaceSelector | nindent 2 }}
-podSelector:
-  {{- toYaml $p.podSelector | nindent 2 }}
-{{- end }}
-
 {{/*
 An exec probe of nats-server's monitoring endpoint over the pod's loopback;
 pass the path (with query). The port comes from the container's env.
