@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from .render import FULLNAME, Manifest, env, operator_container, render, render_error
+from .render import (
+    FULLNAME,
+    Manifest,
+    env,
+    operator_container,
+    render,
+    render_error,
+    render_notes,
+)
 from .values_sets import VALUE_SETS
 
 pytestmark = pytest.mark.unit
@@ -205,3 +213,13 @@ def test_unknown_keys_are_refused(values: dict[str, Any], names: list[str]) -> N
 )
 def test_wrong_types_are_refused(values: dict[str, Any], path: str) -> None:
     assert path in render_error(values)
+
+
+def test_notes_say_what_the_policies_leave_open() -> None:
+    notes = render_notes()
+    assert "networkPolicy.operator.webhookFrom" in notes
+    assert "loopback only" in notes
+    assert f"{NATS}-routes" in notes
+    restricted = render_notes(VALUE_SETS["network-policy-restricted"])
+    assert "webhookFrom" not in restricted
+    assert "NetworkPolicies" not in render_notes(VALUE_SETS["network-policy-off"])
