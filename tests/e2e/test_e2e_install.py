@@ -80,9 +80,12 @@ def test_install_with_default_values(defaults: LocalRelease) -> None:
 
 
 def test_upgrade_keeps_the_webhook_ca_and_the_trust_root(defaults: LocalRelease) -> None:
-    """The chart-made CA (lookup) and the bootstrap Secret survive ``helm upgrade``."""
+    """The chart-made CAs, the route credentials (lookup) and the bootstrap Secret
+    survive ``helm upgrade``."""
     tls = defaults.secret_data(f"{RELEASE}-webhook-tls")
     trust = defaults.secret_data(f"{RELEASE}-nats-bootstrap")
+    routes = defaults.secret_data(f"{RELEASE}-nats-routes")
+    routes_tls = defaults.secret_data(f"{RELEASE}-nats-routes-tls")
     ca_bundle = json.loads(
         defaults.kubectl("get", "mutatingwebhookconfiguration", RELEASE, "-o", "json")
     )["webhooks"][0]["clientConfig"]["caBundle"]
@@ -93,6 +96,9 @@ def test_upgrade_keeps_the_webhook_ca_and_the_trust_root(defaults: LocalRelease)
     )  # fmt: skip
     assert "REVISION: 2" in out, out
     assert defaults.secret_data(f"{RELEASE}-webhook-tls") == tls
+    # The route password and the route CA (lookup): running servers keep theirs.
+    assert defaults.secret_data(f"{RELEASE}-nats-routes") == routes
+    assert defaults.secret_data(f"{RELEASE}-nats-routes-tls") == routes_tls
     # The pre-upgrade hook ran again (emulated) and left the trust root alone.
     assert defaults.secret_data(f"{RELEASE}-nats-bootstrap") == trust
     hook = json.loads(

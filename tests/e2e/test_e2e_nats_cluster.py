@@ -29,7 +29,15 @@ NATS = {"app.kubernetes.io/component": "nats"}
 @pytest.fixture(scope="module")
 def clustered(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRelease]:
     with local_release(cluster, "natsmesh-cluster", tmp_path_factory.mktemp("pods")) as release:
-        release.install("nats.replicas=3", "nats.jetstream.persistence.enabled=false")
+        # Route TLS off: podsim rewrites the routes' pod DNS names to 127.0.0.1:<port>,
+        # which no route certificate names, so the TLS handshake cannot verify here
+        # (tests/security/test_security_routes.py runs the routes with TLS). The
+        # route credentials still apply.
+        release.install(
+            "nats.replicas=3",
+            "nats.jetstream.persistence.enabled=false",
+            "nats.cluster.tls.enabled=false",
+        )
         release.wait_ready("nats", 3, timeout=120)
         release.wait_ready("operator", 2)
         yield release

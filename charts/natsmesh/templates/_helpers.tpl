@@ -124,3 +124,63 @@ fsGroup: {{ .uid | default 65532 }}
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* Headless Service of the NATS StatefulSet (pod DNS names, routes). */}}
+{{- define "natsmesh.natsHeadless" -}}
+{{- printf "%s-headless" (include "natsmesh.natsName" .) }}
+{{- end }}
+
+{{/* True ("true") when the in-chart NATS runs as a cluster (routes exist). */}}
+{{- define "natsmesh.natsClustered" -}}
+{{- if and .Values.nats.enabled (gt (int .Values.nats.replicas) 1) }}true{{ end }}
+{{- end }}
+
+{{/* True ("true") when the routes use mutual TLS. */}}
+{{- define "natsmesh.routeTls" -}}
+{{- if and (include "natsmesh.natsClustered" .) .Values.nats.cluster.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Secret with the route user, its password and the routes.conf include built from them. */}}
+{{- define "natsmesh.natsRoutesSecret" -}}
+{{- printf "%s-routes" (include "natsmesh.natsName" .) }}
+{{- end }}
+
+{{/* Secret with the route certificate, key and CA (kubernetes.io/tls + ca.crt). */}}
+{{- define "natsmesh.natsRoutesTlsSecret" -}}
+{{- printf "%s-routes-tls" (include "natsmesh.natsName" .) }}
+{{- end }}
+
+{{/*
+DNS names of the route certificate: every NATS pod under the headless Service
+(<pod>.<headless>.<ns>.svc, as the routes name them), as one wildcard per form.
+*/}}
+{{- define "natsmesh.natsRouteDnsNames" -}}
+{{- $headless := include "natsmesh.natsHeadless" . }}
+{{- $ns := .Release.Namespace }}
+{{- list (printf "*.%s.%s.svc" $headless $ns) (printf "*.%s.%s.svc.cluster.local" $headless $ns) (printf "*.%s.%s" $headless $ns) (printf "*.%s" $headless) | toJson }}
+{{- end }}
+
+{{/* The port nats-server's monitoring listener uses inside the pod. */}}
+{{- define "natsmesh.natsMonitorPort" -}}8222{{- end }}
+
+{{/*
+Pod selector of the component's pods, as a NetworkPolicyPeer podSelector body;
+pass (dict "ctx" $ "component" "nats").
+*/}}
+{{- define "natsmesh.podPeer" -}}
+podSelector:
+  matchLabels:
+    {{- include "natsmesh.selectorLabels" . | nindent 4 }}
+{{- end }}
+
+{{/*
+An exec probe of nats-server's monitoring endpoint over the pod's loopback;
+pass the path (with query). The port comes from the container's env.
+*/}}
+{{- define "natsmesh.natsProbe" -}}
+exec:
+  command:
+    - sh
+    - -c
+    - {{ printf "exec wget -q -T 4 -O /dev/null \"http://127.0.0.1:${NATS_MONITOR_PORT}%s\"" . | quote }}
+{{- end }}

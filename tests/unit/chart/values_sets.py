@@ -32,10 +32,28 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "operator": {"replicas": 1, "podDisruptionBudget": {"enabled": False}}
     },
     "webhook-ignore": {"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 10}},
+    "nats-routes-no-tls": {"nats": {"cluster": {"tls": {"enabled": False}}}},
+    "nats-monitoring-exposed": {"nats": {"monitoring": {"expose": True}}},
+    "network-policy-off": {"networkPolicy": {"enabled": False}, "mesh": {"networkPolicy": False}},
+    "network-policy-restricted": {
+        "networkPolicy": {
+            "prometheusFrom": [
+                {
+                    "namespaceSelector": {"matchLabels": {"team": "observability"}},
+                    "podSelector": {"matchLabels": {"app": "prom"}},
+                }
+            ],
+            "nats": {"clientFrom": [{"namespaceSelector": {"matchLabels": {"admin": "yes"}}}]},
+            "operator": {
+                "webhookFrom": [{"ipBlock": {"cidr": "172.18.0.0/16"}}],
+                "metricsFrom": [{"podSelector": {"matchLabels": {"app": "scraper"}}}],
+            },
+        },
+    },
     "everything-on": {
         "webhook": {"certManager": {"enabled": True}},
         "metrics": {"serviceMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
-        "nats": {"replicas": 3},
+        "nats": {"replicas": 3, "monitoring": {"expose": True}, "maxControlLine": 65536},
         "imagePullSecrets": [{"name": "regcred"}],
         "operator": {"priorityClassName": "system-cluster-critical", "podLabels": {"a": "b"}},
     },
