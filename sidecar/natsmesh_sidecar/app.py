@@ -314,7 +314,12 @@ class Sidecar:
         self.sub = self.serving
         logger.info("connected to %s; serving %s", s.nats_url, sorted(self.serving))
         if self._static_table is None and not s.table_file:
-            self.kv_watch = KvWatch(s.service, self.apply_table, self._delete_table)
+            self.kv_watch = KvWatch(
+                s.service,
+                self.apply_table,
+                self._delete_table,
+                account=self.creds.account if self.creds is not None else None,
+            )
             try:
                 await self.kv_watch.start(nc)
             except Exception as exc:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from natsmesh_sidecar import subjects
+from natsmesh_sidecar import signing, subjects
 from natsmesh_sidecar.wire import Destination, MeshTable, parse_table
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,12 @@ class KvWatch:
         on_delete: Callable[[], None],
         *,
         parse: Callable[[bytes], MeshTable] = parse_table,
+        account: str | None = None,
     ) -> None:
         self.service = service
+        #: The account key that must have signed what we apply (None: no
+        #: creds, a dev server; see natsmesh_sidecar.signing).
+        self.account = account
         self.subject = subjects.routes_key_subject(service)
         self.direct = (
             f"{subjects.JS_API_PREFIX}.DIRECT.GET.{subjects.routes_stream()}.{self.subject}"
@@ -170,7 +174,23 @@ class KvWatch:
 
     def _apply(self, hdrs: dict[str, str], data: bytes) -> None:
         op = hdrs.get("KV-Operation", "")
-        if op in ("DEL", "PURGE") or not data:
+        deleted = op in ("DEL", "PURGE") or not data
+        if self.account is not None:
+            sig = hdrs.get(signing.HEADER)
+            ok = (
+                signing.verified_delete(self.account, subjects.routes_key(self.service), sig)
+                if deleted
+                else signing.verified(self.account, data, sig)
+            )
+            if not ok:
+                logger.warning(
+                    "route table %s: ignored a %s not signed by account %s",
+                    self.subject,
+                    "delete" if deleted else "value",
+                    self.account,
+                )
+                return
+        if deleted:
             logger.warning("route table key %s deleted", self.service)
             self.last = None
             self.on_delete()

@@ -49,7 +49,7 @@ from natsmesh_operator.wiring.jetstream import (
 from natsmesh_operator.wiring.keys import Key, KeyRing, Role
 from natsmesh_operator.wiring.plan import MeshPlan
 from natsmesh_operator.wiring.users import managed_user_nats
-from natsmesh_sidecar import subjects
+from natsmesh_sidecar import signing, subjects
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,15 @@ async def _request(nc: NATS, subject: str, body: bytes, wait: float) -> dict[str
         return {}
     decoded = json.loads(msg.data)
     return decoded if isinstance(decoded, dict) else {"data": decoded}
+
+
+async def put_table(js: Any, account: Key, service: str, value: bytes) -> None:
+    """Put ``service``'s route table, signed by its namespace ``account`` key
+    (sidecars apply nothing else: see natsmesh_sidecar.signing)."""
+    signature = signing.sign_table(account.sign, value)
+    await js.publish(
+        subjects.routes_key_subject(service), value, headers={signing.HEADER: signature}
+    )
 
 
 class Applier:
@@ -461,6 +470,7 @@ class Applier:
             if prune:
                 await self._prune_streams(nc, namespace, wanted_streams, wanted_consumers, report)
             kv = await js.key_value(subjects.ROUTES_BUCKET)
+            account = self.keyring.account(namespace)
             wanted_keys = set()
             for (ns, svc), table in plan.tables.items():
                 if ns != namespace:
@@ -468,14 +478,23 @@ class Applier:
                 key = subjects.routes_key(svc)
                 wanted_keys.add(key)
                 value = table.to_json()
+                signature = signing.sign_table(account.sign, value)
+                current: bytes | None = None
+                current_sig: str | None = None
                 try:
-                    current = (await kv.get(key)).value
-                except nats.js.errors.KeyNotFoundError:
-                    current = None
-                if current == value:
+                    last = await js.get_last_msg(
+                        subjects.routes_stream(), subjects.routes_key_subject(svc)
+                    )
+                    if (last.headers or {}).get("KV-Operation") is None:
+                        current, current_sig = last.data, (last.headers or {}).get(signing.HEADER)
+                except nats.js.errors.NotFoundError:
+                    pass
+                # The signature too: bytes a tenant managed to store there
+                # unsigned are drift like any other.
+                if current == value and current_sig == signature:
                     report.kv_unchanged.append(f"{namespace}/{key}")
                     continue
-                await kv.put(key, value)
+                await put_table(js, account, svc, value)
                 report.kv_put.append(f"{namespace}/{key}")
             if prune:
                 try:
@@ -483,7 +502,14 @@ class Applier:
                 except nats.js.errors.NoKeysError:
                     keys = []
                 for key in sorted(set(keys) - wanted_keys):
-                    await kv.delete(key)
+                    await js.publish(
+                        f"$KV.{subjects.ROUTES_BUCKET}.{key}",
+                        b"",
+                        headers={
+                            "KV-Operation": "DEL",
+                            signing.HEADER: signing.sign_delete(account.sign, key),
+                        },
+                    )
                     report.kv_deleted.append(f"{namespace}/{key}")
         finally:
             await nc.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from natsmesh_operator.wiring import users
-from natsmesh_operator.wiring.apply import admin_creds
+from natsmesh_operator.wiring.apply import admin_creds, put_table
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
 from natsmesh_sidecar import permissions, subjects
@@ -73,8 +73,8 @@ class JwtMesh:
         """Write a table the way the operator does, as the account's admin user."""
         nc = await self.on.connect(admin_creds(self.on.keyring.account(NS)))
         try:
-            kv = await nc.jetstream().key_value(subjects.ROUTES_BUCKET)
-            await kv.put(table.service, table.to_json())
+            account = self.on.keyring.account(NS)
+            await put_table(nc.jetstream(), account, table.service, table.to_json())
         finally:
             await nc.close()
 
