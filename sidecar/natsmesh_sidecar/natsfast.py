@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -59,13 +60,37 @@ class Reply:
 
 def encode_headers(headers: dict[str, str]) -> bytes:
     """A NATS header block; CR/LF in values are blanked as nats-py does."""
-    parts = [_HDR_LINE]
+    parts = ["NATS/1.0\r\n"]
     for k, v in headers.items():
         if "\r" in v or "\n" in v:
             v = v.translate(_NEWLINES)
-        parts.append(f"{k}: {v}\r\n".encode())
-    parts.append(_CRLF)
-    return b"".join(parts)
+        parts.append(f"{k}: {v}\r\n")
+    parts.append("\r\n")
+    # One encode of the block, not one per header.
+    return "".join(parts).encode()
+
+
+#: What ``bytes.strip()`` strips: the header parser strips text exactly as the bytes.
+_WS = " \t\n\r\x0b\x0c"
+_SPACE = re.compile(r"\s")
+#: Header name as received -> the key to store, or "" for a name that is
+#: skipped. The same few names arrive on every message: one dict lookup
+#: instead of strip, ASCII and whitespace checks per header.
+_KEYS: dict[str, str] = {}
+_KEYS_MAX = 4096
+
+
+def _key(name: str) -> str:
+    key = _KEYS.get(name)
+    if key is None:
+        key = name.strip(_WS)
+        # Like nats-py: names must be ASCII without whitespace (str.isspace).
+        if not key.isascii() or _SPACE.search(key) is not None:
+            key = ""
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()  # a peer sending endless new names cannot grow this
+        _KEYS[name] = key
+    return key
 
 
 def parse_headers(raw: bytes) -> dict[str, str]:
@@ -80,19 +105,16 @@ def parse_headers(raw: bytes) -> dict[str, str]:
             out["Status"] = status.decode()
             if desc:
                 out["Description"] = desc.decode("utf-8", "replace")
-    for line in rest.split(_CRLF):
-        if not line:
-            continue
-        name, sep, value = line.partition(b":")
+    # One decode for the whole block: CR, LF and ":" are ASCII, so they split
+    # the text where they split the bytes, and an invalid byte decodes to
+    # U+FFFD whether its line is decoded alone or with the others.
+    for line in rest.decode("utf-8", "replace").split("\r\n"):
+        name, sep, value = line.partition(":")
         if not sep:
             continue
-        try:
-            key = name.strip().decode("ascii")
-        except UnicodeDecodeError:
-            continue
-        if not key or any(c.isspace() for c in key):
-            continue
-        out[key] = value.strip().decode("utf-8", "replace")
+        key = _key(name)
+        if key:
+            out[key] = value.strip(_WS)
     return out
 
 
