@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
-        test-unit test-integration test-security test-e2e e2e-local e2e-kind bench clean
+        test-unit test-integration test-security test-e2e e2e-local e2e-kind bench bench-quick clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -57,9 +57,13 @@ test-e2e e2e-local: venv tools ## the whole flow on the local control plane
 e2e-kind: ## the whole flow on kind with real pods (needs Docker)
 	NATSMESH_E2E_KIND=1 $(PYTEST) tests/e2e
 
-bench: venv ## benchmarks (not timed tests): sidecar and operator
-	$(BIN)/python bench/sidecar.py
-	hack/with-cluster.sh $(BIN)/python -m bench.operator
+bench: venv tools ## benchmarks (not timed tests): sidecar and operator
+	$(BIN)/python -m bench.sidecar
+	hack/with-cluster.sh $(BIN)/python -m bench.operator_scale
+
+bench-quick: venv tools ## both benchmarks with tiny counts (CI runs these via tests/integration/bench)
+	$(BIN)/python -m bench.sidecar --quick
+	hack/with-cluster.sh $(BIN)/python -m bench.operator_scale --quick
 
 clean: ## remove local state (not the tool cache)
 	rm -rf .work .mypy_cache .ruff_cache .pytest_cache

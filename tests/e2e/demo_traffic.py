@@ -2,12 +2,17 @@
 
     python tests/e2e/demo_traffic.py --pods .work/demo-run/pods/pods.json wait natsmesh-system
     python tests/e2e/demo_traffic.py --pods .work/demo-run/pods/pods.json traffic shop
+    python tests/e2e/demo_traffic.py --pods .work/demo-run/pods/pods.json \
+        --emulator-pid PID --emulator-log LOG guard -- helm install ...
 
 The pods run in the demo's emulator (``python -m tests.e2e.local``), which
 writes where each one listens to ``pods.json``. ``wait`` blocks until the
 chart's NATS server and operator replicas pass their probes; ``traffic`` uses
 the same scenario helpers as the e2e tests, but prints what happens instead of
-asserting it.
+asserting it. ``guard`` runs a command (``helm install``, ``kubectl wait``)
+and stops it as soon as an emulated pod cannot start or the emulator is gone,
+with the pod's error and log tail on screen: such a pod never becomes
+Ready, and helm would otherwise wait out its whole timeout in silence.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +33,84 @@ sys.path.insert(0, str(REPO))
 from tests.e2e import shop as scenarios  # noqa: E402
 
 Pod = dict[str, Any]
+
+
+#: How often the registry (rewritten by the emulator every second) is read.
+POLL = 0.3
+
+
+class DemoFailed(SystemExit):
+    """The demo cannot go on; the message says why (exit status 1)."""
+
+
+def failed_pods(registry: Path) -> list[Pod]:
+    """Emulated pods, in any namespace, that could not start."""
+    try:
+        found: dict[str, list[Pod]] = json.loads(registry.read_text())
+    except (OSError, ValueError):
+        return []
+    return [p for pods in found.values() for p in pods if p.get("error")]
+
+
+def failure(registry: Path, emulator_pid: int = 0, emulator_log: str = "") -> str:
+    """Why the demo cannot go on ("" while it can): a pod that failed, or no emulator."""
+    bad = failed_pods(registry)
+    if bad:
+        parts = [f"demo: pod {p['name']} cannot start: {p['error']}" for p in bad]
+        parts += [p.get("describe", "") for p in bad]
+        return "\n".join(parts)
+    if emulator_pid and not _alive(emulator_pid):
+        tail = ""
+        if emulator_log:
+            try:
+                tail = Path(emulator_log).read_text(errors="replace")[-2000:]
+            except OSError:
+                tail = ""
+        return f"demo: the pod emulator (pid {emulator_pid}) is not running\n{tail}"
+    return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child is not running either.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def guard(
+    argv: list[str],
+    registry: Path,
+    emulator_pid: int = 0,
+    emulator_log: str = "",
+    grace: float = 5.0,
+) -> int:
+    """Run ``argv``; stop it and fail as soon as :func:`failure` has something to say."""
+    proc = subprocess.Popen(argv)
+    try:
+        while proc.poll() is None:
+            why = failure(registry, emulator_pid, emulator_log)
+            if why:
+                proc.terminate()
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise DemoFailed(why)
+            time.sleep(POLL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def ready_pods(registry: Path, namespace: str, **labels: str) -> list[Pod]:
@@ -46,7 +131,10 @@ def wait_pods(
         found = ready_pods(registry, namespace, **labels)
         if len(found) >= count:
             return found
-        time.sleep(0.3)
+        why = failure(registry)
+        if why:
+            raise DemoFailed(why)
+        time.sleep(POLL)
     raise SystemExit(
         f"demo: {count} ready pod(s) {labels} in {namespace} did not come up in {timeout:.0f}s; "
         f"see the emulator's log and {registry.parent}/{namespace}/*/*.log"
@@ -108,10 +196,17 @@ def traffic(registry: Path, namespace: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pods", required=True, help="the emulator's pods.json")
-    parser.add_argument("action", choices=["wait", "traffic"])
-    parser.add_argument("namespace")
+    parser.add_argument("--emulator-pid", type=int, default=0, help="guard: fail if it dies")
+    parser.add_argument("--emulator-log", default="", help="guard: shown if the emulator died")
+    parser.add_argument("action", choices=["wait", "traffic", "guard"])
+    parser.add_argument("rest", nargs="+", help="the namespace; for guard: -- COMMAND...")
     args = parser.parse_args()
     registry = Path(args.pods)
+    if args.action == "guard":
+        return guard(args.rest, registry, args.emulator_pid, args.emulator_log)
+    if len(args.rest) != 1:
+        parser.error(f"{args.action} takes one namespace")
+    args.namespace = args.rest[0]
     if args.action == "wait":
         wait_system(registry, args.namespace)
     else:

@@ -218,6 +218,10 @@ def snapshot(sims: Mapping[str, PodSim]) -> dict[str, list[dict[str, Any]]]:
                 "name": pod.name,
                 "labels": pod.labels,
                 "ready": pod.ready,
+                # A pod that cannot start: its error and its containers' log
+                # tails, for the demo to show at once instead of waiting.
+                "error": pod.error,
+                "describe": pod.describe(chars=1500) if pod.error else "",
                 "ports": {str(k): v for k, v in pod.ports.items()},
                 "containers": {
                     c["name"]: [int(p["containerPort"]) for p in c.get("ports") or []]

@@ -124,6 +124,21 @@ def image_repository(image: str) -> str:
     return f"{head}/{last}" if head else last
 
 
+def local_argv(
+    local: Sequence[str], spec_args: Sequence[str], rewrite: Callable[[str], str]
+) -> list[str]:
+    """A container's process argv: ``local`` as it is, then the pod spec's words rewritten.
+
+    ``local`` is this host's program and its own arguments (the venv's
+    interpreter and ``-m natsmesh_sidecar``, the nats-server binary): paths
+    of this machine, never of the pod's filesystem. Only what the pod spec
+    says (``command[1:]``, ``args``) goes through ``rewrite`` (``$(VAR)``,
+    ports, volume mount paths). Rewriting the interpreter too mapped a clone
+    under /tmp into the pod's /tmp emptyDir, and no pod could start.
+    """
+    return [*local, *(rewrite(a) for a in spec_args)]
+
+
 def entrypoint_for(image: str, images: Mapping[str, Sequence[str]]) -> list[str] | None:
     repo = image_repository(image)
     for name, argv in images.items():
@@ -871,17 +886,21 @@ class PodSim:
         entry = entrypoint_for(c.get("image", ""), self.images)
         if entry is None:
             raise PodSimError(f"no local command for image {c.get('image')!r} ({name})")
-        command = list(c.get("command") or [])
+        command = [str(a) for a in c.get("command") or []]
+        spec_args = [str(a) for a in c.get("args") or []]
         if command:
             program = Path(command[0]).name
             if program.startswith("python"):
-                entry = [sys.executable, *command[1:]]
+                local = [sys.executable]
             elif program in self.commands:
-                entry = [self.commands[program], *command[1:]]
+                local = [self.commands[program]]
             else:
                 raise PodSimError(f"container {name}: command {command} is not emulated")
+            spec_args = [*command[1:], *spec_args]
         elif entry and entry[0] in self.commands:
-            entry = [self.commands[entry[0]], *entry[1:]]
+            local = [self.commands[entry[0]], *entry[1:]]
+        else:
+            local = entry
         env = _base_env(sim.dir, sim.name)
         spec_env: dict[str, str] = {}
         for src in c.get("envFrom") or []:
@@ -922,14 +941,13 @@ class PodSim:
             if outbound and not {"HTTP_PROXY", "NATSMESH_OUTBOUND"} & set(spec_env):
                 spec_env["NATSMESH_OUTBOUND"] = outbound
         env.update(spec_env)
-        args = [
-            self._repath(self._remap(sim, "", _expand(str(a), spec_env)), mounts)
-            for a in c.get("args") or []
-        ]
-        entry = [self._repath(self._remap(sim, "", _expand(a, spec_env)), mounts) for a in entry]
+
+        def rewrite(arg: str) -> str:
+            return self._repath(self._remap(sim, "", _expand(arg, spec_env)), mounts)
+
         return ContainerProc(
             name=name,
-            argv=[*entry, *args],
+            argv=local_argv(local, spec_args, rewrite),
             env=env,
             log_path=sim.dir / f"{name}.log",
             spec=c,

@@ -22,6 +22,11 @@ def test_nats_py_internals_still_exist() -> None:
     assert list(sig.parameters) == ["self", "sid", "subject", "reply", "data", "headers"]
     assert "self.nc._process_msg(" in inspect.getsource(parser.Parser.parse)
     assert "self._flush_queue.get()" in inspect.getsource(Client._flusher)
+    assert parser.AWAITING_CONTROL_LINE == natsfast._AWAITING_CONTROL_LINE
+    ps = nc._ps
+    assert isinstance(ps.buf, bytearray)
+    assert ps.state == parser.AWAITING_CONTROL_LINE
+    assert "await self._ps.parse(" in inspect.getsource(Client._read_loop)
 
 
 def test_headers_round_trip_like_nats_py() -> None:
@@ -66,3 +71,88 @@ def test_violation_subject() -> None:
     assert natsfast.violation_subject(sub) == ("subscription", "_INBOX.x.>")
     assert natsfast.violation_subject("nats: Maximum Payload Violation") is None
     assert natsfast.violation_subject("Permissions Violation for Publish to nothing") is None
+
+
+class _FakeClient:
+    """Just what nats-py's Parser and FastPath touch; records what reaches nats-py."""
+
+    def __init__(self, log: list[tuple[object, ...]]) -> None:
+        self.log = log
+        self.stats = {"in_msgs": 0, "in_bytes": 0}
+        self._ps = parser.Parser(self)
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        self.log.append(("msg", sid, bytes(subject), bytes(reply), bytes(data), headers))
+
+    async def _process_ping(self) -> None:
+        self.log.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.log.append(("pong",))
+
+    async def _process_info(self, info: object) -> None:
+        self.log.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.log.append(("err", err))
+
+
+_HDR = b"NATS/1.0\r\nNm-Status: 200\r\n\r\n"
+STREAM = (
+    b"HMSG mesh.a 2 _INBOX.r.1 %d %d\r\n%sbody\r\n" % (len(_HDR), len(_HDR) + 4, _HDR)
+    + b"PING\r\n"
+    + b"MSG other 9 5\r\nhello\r\n"
+    + b"MSG mesh.a 2 re.ply 3\r\nabc\r\n"
+    + b"+OK\r\n"
+    + b'INFO {"server_id":"x"}\r\n'
+    + b"HMSG other 9 %d %d\r\n%s\r\n" % (len(_HDR), len(_HDR), _HDR)
+    + b"MSG  mesh.a\t2   0\r\n\r\n"
+    + b"-ERR 'Permissions Violation for Publish to \"x\"'\r\n"
+    + b"HMSG mesh.a 2 r %d %d\r\n%sxy\r\n" % (len(_HDR), len(_HDR) + 2, _HDR)
+)
+
+
+async def _feed(chunks: list[bytes]) -> list[tuple[object, ...]]:
+    log: list[tuple[object, ...]] = []
+    nc = _FakeClient(log)
+    fast = natsfast.FastPath(nc)
+
+    def handler(msg: natsfast.Reply) -> None:
+        log.append(("fast", msg.subject, msg.reply, msg.data, msg.headers))
+
+    fast.handlers[2] = handler
+    for chunk in chunks:
+        await nc._ps.parse(chunk)
+    return log
+
+
+async def _reference(chunks: list[bytes]) -> list[tuple[object, ...]]:
+    """nats-py's parser alone, with sid 2 mapped as FastPath maps it."""
+    log: list[tuple[object, ...]] = []
+    nc = _FakeClient(log)
+    for chunk in chunks:
+        await nc._ps.parse(chunk)
+    out: list[tuple[object, ...]] = []
+    for entry in log:
+        if entry[0] == "msg" and entry[1] == 2:
+            _, _, subject, reply, data, headers = entry
+            assert isinstance(subject, bytes)
+            assert isinstance(reply, bytes)
+            hdrs = natsfast.parse_headers(headers if isinstance(headers, bytes) else b"")
+            out.append(("fast", subject.decode(), reply.decode(), data, hdrs))
+        else:
+            out.append(entry)
+    return out
+
+
+async def test_fast_frame_split_matches_nats_py_at_every_cut() -> None:
+    """Whatever the reads cut, the same messages arrive in the same order as with nats-py."""
+    expected = await _reference([STREAM])
+    assert [e[0] for e in expected].count("fast") == 4
+    assert await _feed([STREAM]) == expected
+    for cut in range(1, len(STREAM)):
+        assert await _feed([STREAM[:cut], STREAM[cut:]]) == expected, cut
+    assert await _feed([STREAM[i : i + 1] for i in range(len(STREAM))]) == expected
+    assert await _feed([STREAM[i : i + 7] for i in range(0, len(STREAM), 7)]) == expected

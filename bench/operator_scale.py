@@ -9,10 +9,12 @@ integration tests do:
 2. scale: M NatsServices created at once (bounded concurrency); the time
    until all are Ready, and the operator's peak RSS (``VmHWM``).
 
-    hack/with-cluster.sh .venv/bin/python -m bench.operator [--latency 100] [--scale 1000]
+    hack/with-cluster.sh .venv/bin/python -m bench.operator_scale [--latency 100] [--scale 1000]
+    hack/with-cluster.sh .venv/bin/python -m bench.operator_scale --quick --scoped   # CI smoke run
 
-(A module run, not `python bench/operator.py`: a script named operator.py would
-shadow the standard library's `operator` module.)
+(The module was bench/operator.py once: run as a script, that name shadowed the
+standard library's ``operator`` module; tests/unit/foundation checks that no
+module of ours shadows one again.)
 
 Targets (DESIGN.md): apply-to-Ready p95 <= 1 s; 1,000 services <= 60 s with
 RSS <= 150 MB.
@@ -146,37 +148,59 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) -> None:
+#: (what, measured, target) of the printed table.
+Row = tuple[str, str, str]
+
+
+async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) -> list[Row]:
     kube = AsyncClient(
         config=KubeConfig.from_file(str(cluster.kubeconfig)), timeout=httpx2.Timeout(60)
     )
+    rows: list[Row] = [("operator RSS idle", f"{current_rss_mb(pid):.0f} MB", "")]
     try:
         if args.latency:
             ns = f"{scope}-lat-{uuid.uuid4().hex[:5]}"
             cluster.kubectl("create", "namespace", ns)
             lat = await latency(kube, ns, args.latency)
-            print(
-                f"apply -> Ready over {len(lat)} services, one at a time: "
-                f"p50 {statistics.median(lat) * 1000:.0f} ms, p95 {pct(lat, 0.95) * 1000:.0f} ms, "
-                f"max {max(lat) * 1000:.0f} ms   (target p95 <= 1000 ms)"
+            rows.append(
+                (
+                    f"apply -> Ready, {len(lat)} services one at a time",
+                    f"p50 {statistics.median(lat) * 1000:.0f} ms, "
+                    f"p95 {pct(lat, 0.95) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms",
+                    "p95 <= 1000 ms",
+                )
             )
+            rows.append((f"operator RSS after the {len(lat)}", f"{current_rss_mb(pid):.0f} MB", ""))
             await release(kube, cluster, [ns])
         if args.scale:
             tag = uuid.uuid4().hex[:5]
             namespaces = [f"{scope}-scale-{tag}-{i}" for i in range(args.namespaces)]
             for ns in namespaces:
                 cluster.kubectl("create", "namespace", ns)
-            before = current_rss_mb(pid)
             took = await scale(kube, namespaces, args.scale)
-            shown = f"all Ready in {took:.1f} s" if took is not None else "NOT all Ready"
-            print(
-                f"{args.scale} services in {args.namespaces} namespace(s), created at once -> "
-                f"{shown} (target <= 60 s); operator RSS {before:.0f} MB before, peak "
-                f"{peak_rss_mb(pid):.0f} MB (target <= 150 MB)"
+            rows.append(
+                (
+                    f"{args.scale} services in {args.namespaces} namespace(s) created at once",
+                    f"all Ready in {took:.1f} s" if took is not None else "NOT all Ready",
+                    "<= 60 s (1,000)",
+                )
             )
+            rows.append(("operator RSS peak", f"{peak_rss_mb(pid):.0f} MB", "<= 150 MB"))
             await release(kube, cluster, namespaces)
     finally:
         await kube.close()
+    return rows
+
+
+def report(rows: list[Row], load_before: float, load_after: float, quick: bool) -> None:
+    note = " (--quick: tiny counts, figures not comparable)" if quick else ""
+    print(f"\nnatsmesh operator benchmark{note}")
+    print(f"load average (1 min) before {load_before:.2f}, after {load_after:.2f}\n")
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    print(f"{'':<{width}}  {'measured':<{value_width}}  target")
+    for what, value, target in rows:
+        print(f"{what:<{width}}  {value:<{value_width}}  {target}")
 
 
 def main() -> int:
@@ -187,12 +211,19 @@ def main() -> int:
         "--namespaces", type=int, default=20, help="namespaces the scale run spreads them over"
     )
     parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny counts (3 services one by one, 10 at once in 2 namespaces): a smoke run for CI",
+    )
+    parser.add_argument(
         "--scoped",
         action="store_true",
         help="watch only the benchmark's namespaces (default: the whole cluster, as the chart "
         "does; needs a cluster of its own, which hack/with-cluster.sh starts)",
     )
     args = parser.parse_args()
+    if args.quick:
+        args.latency, args.scale, args.namespaces = 3, 10, 2
     kubeconfig = os.environ.get("NATSMESH_KUBECONFIG")
     if not kubeconfig:
         print("set NATSMESH_KUBECONFIG (run under hack/with-cluster.sh)", file=sys.stderr)
@@ -209,11 +240,13 @@ def main() -> int:
             endpoints_interval=15,
             cluster_wide=not args.scoped,
         )
+        load_before = os.getloadavg()[0]
         try:
             assert op.proc is not None
-            asyncio.run(run(args, cluster, op.proc.pid, op.scope))
+            rows = asyncio.run(run(args, cluster, op.proc.pid, op.scope))
         finally:
             op.teardown()
+    report(rows, load_before, os.getloadavg()[0], args.quick)
     return 0
 
 

@@ -1,0 +1,60 @@
+"""The benchmarks run as the README says, in their quick mode: they cannot rot unseen.
+
+Each is started as a subprocess exactly as a user would (``python -m bench.<name>
+--quick`` from the repository root). Only completion and the printed table
+are asserted: no timing, the figures of a tiny run on a shared box mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.cluster import Cluster
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def run_bench(argv: list[str], env: dict[str, str], timeout: float) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_sidecar_bench_quick() -> None:
+    """Needs only nats-server (from the venv, as the integration tier's)."""
+    out = run_bench(["bench.sidecar", "--quick"], dict(os.environ), timeout=100)
+    assert "natsmesh sidecar benchmark" in out
+    assert "load average" in out
+    for path in ("direct", "nats", "sidecars"):
+        assert f"{path:<10} sequential" in out
+    assert "added latency of the two-sidecar path vs direct" in out
+    assert "sidecar path / direct" in out
+    assert "CPU per request per sidecar: A " in out
+    assert "sidecar RSS idle" in out
+
+
+@pytest.mark.timeout(300)
+def test_operator_bench_quick(crds: Cluster) -> None:
+    """On the tier's shared cluster, so scoped to the benchmark's own namespaces."""
+    env = dict(os.environ, NATSMESH_KUBECONFIG=str(crds.kubeconfig))
+    out = run_bench(["bench.operator_scale", "--quick", "--scoped"], env, timeout=280)
+    assert "natsmesh operator benchmark" in out
+    assert "apply -> Ready, 3 services one at a time" in out
+    assert "10 services in 2 namespace(s) created at once" in out
+    assert "all Ready in" in out
+    assert "operator RSS peak" in out

@@ -1,0 +1,152 @@
+"""The per-message fast paths give exactly what the straightforward code gave.
+
+The header parser, the header encoder and the app request renderer run once
+or twice per request on each sidecar, so they were rewritten for speed
+(one decode or encode per block, one regex per block, a cache of validated
+header names). The straightforward versions they replaced are kept here as
+the specification, and random inputs (hypothesis) must give the same output.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natsmesh_sidecar import codec, natsfast
+
+pytestmark = pytest.mark.unit
+
+_CRLF = b"\r\n"
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def reference_parse_headers(raw: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not raw:
+        return out
+    first, _, rest = raw.partition(_CRLF)
+    if len(first) > 9 and first[8:9] == b" ":
+        status, _, desc = first[9:].strip().partition(b" ")
+        if status.isdigit():
+            out["Status"] = status.decode()
+            if desc:
+                out["Description"] = desc.decode("utf-8", "replace")
+    for line in rest.split(_CRLF):
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        try:
+            key = name.strip().decode("ascii")
+        except UnicodeDecodeError:
+            continue
+        if not key or any(c.isspace() for c in key):
+            continue
+        out[key] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+def reference_encode_headers(headers: dict[str, str]) -> bytes:
+    parts = [b"NATS/1.0\r\n"]
+    for k, v in headers.items():
+        if "\r" in v or "\n" in v:
+            v = v.translate(_NEWLINES)
+        parts.append(f"{k}: {v}\r\n".encode())
+    parts.append(_CRLF)
+    return b"".join(parts)
+
+
+def reference_render_request(
+    method: str, target: str, headers: list[tuple[str, str]], body: bytes, host: str
+) -> bytes | None:
+    m = method.encode("latin-1", "replace")
+    t = target.encode("latin-1", "replace")
+    if (
+        not codec.valid_method(method)
+        or not t.startswith(b"/")
+        or _BAD_VALUE_RE.search(t)
+        or b" " in t
+    ):
+        return None
+    parts = [b"%s %s HTTP/1.1\r\n" % (m, t)]
+    has_host = False
+    for name, value in headers:
+        n = name.encode("latin-1", "replace")
+        v = value.encode("latin-1", "replace")
+        low = name.lower()
+        if low in codec.HOP_BY_HOP:
+            continue
+        if _TOKEN_RE.fullmatch(n) is None or _BAD_VALUE_RE.search(v) is not None:
+            continue
+        if low == "host":
+            has_host = True
+        parts.append(b"%s: %s\r\n" % (n, v))
+    if not has_host:
+        parts.append(b"host: %s\r\n" % host.encode())
+    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        parts.append(b"content-length: %d\r\n" % len(body))
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)
+
+
+# Bytes that matter to the parsers: separators, whitespace of every kind
+# (ASCII, the \x1c-\x1f separators str.isspace() knows, Unicode spaces),
+# invalid and valid UTF-8, and plain letters.
+_PIECES = [
+    b"\r\n", b"\r", b"\n", b":", b": ", b" ", b"\t", b"\x0b", b"\x0c", b"\x1c", b"\x1f",
+    b"\x00", b"\x7f", b"\xff", b"\xe2\x82", b"\xe2\x82\xac", b"\xc2\xa0", b"\xc2\x85",
+    b"NATS/1.0", b"NATS/1.0 503", b" 408 Request Timeout", b"Nm-", b"X-Id", b"a", b"Z9",
+]  # fmt: skip
+_raw = st.lists(st.sampled_from(_PIECES), max_size=30).map(b"".join)
+_text = st.text(
+    alphabet=st.sampled_from(
+        ["a", "B", "-", ":", " ", "\t", "\r", "\n", "\x00", "\x1c", "\x7f", "\xe9", "\u20ac", "/"]
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_raw)
+def test_parse_headers_matches_the_reference(body: bytes) -> None:
+    for raw in (body, b"NATS/1.0\r\n" + body, b"NATS/1.0 503 x\r\n" + body + b"\r\n\r\n"):
+        assert natsfast.parse_headers(raw) == reference_parse_headers(raw)
+
+
+def test_parse_headers_name_cache_is_bounded() -> None:
+    for i in range(natsfast._KEYS_MAX + 10):
+        natsfast.parse_headers(b"NATS/1.0\r\nX-%d: v\r\n\r\n" % i)
+    assert len(natsfast._KEYS) <= natsfast._KEYS_MAX
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_text, _text, max_size=6))
+def test_encode_headers_matches_the_reference(headers: dict[str, str]) -> None:
+    assert natsfast.encode_headers(headers) == reference_encode_headers(headers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_text, _text), max_size=6), st.sampled_from(["GET", "POST"]))
+def test_render_request_matches_the_reference(headers: list[tuple[str, str]], method: str) -> None:
+    for extra in ([], [("Host", "app"), ("Content-Length", "9")]):
+        hdrs = headers + extra
+        got = codec.render_request(method, "/p?q=1", hdrs, b"body", "h:1")
+        assert got == reference_render_request(method, "/p?q=1", hdrs, b"body", "h:1")
+
+
+def test_ids_from_the_random_buffer_stay_valid_and_distinct() -> None:
+    """Across several refills of the buffer: the UUIDv4 and traceparent shapes hold."""
+    uuid_re = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+    ids = [codec.new_request_id() for _ in range(1000)]
+    assert all(uuid_re.fullmatch(i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    parents = [codec.next_traceparent(None) for _ in range(300)]
+    assert all(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", p) for p in parents)
+    assert len({p.split("-")[1] for p in parents}) == len(parents)
