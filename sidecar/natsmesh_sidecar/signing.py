@@ -24,12 +24,19 @@ HEADER = "Natsmesh-Signature"
 _DELETE = b"natsmesh-delete:"
 
 
-def sign_table(sign: Callable[[bytes], bytes], value: bytes) -> str:
-    return base64.urlsafe_b64encode(sign(value)).decode().rstrip("=")
+def _signed(key: str, value: bytes) -> bytes:
+    # The key is part of what is signed: a table valid for one service cannot
+    # be replayed under another's key (JetStream's direct get would carry the
+    # signature header along).
+    return key.encode() + b"\n" + value
+
+
+def sign_table(sign: Callable[[bytes], bytes], key: str, value: bytes) -> str:
+    return base64.urlsafe_b64encode(sign(_signed(key, value))).decode().rstrip("=")
 
 
 def sign_delete(sign: Callable[[bytes], bytes], key: str) -> str:
-    return sign_table(sign, _DELETE + key.encode())
+    return sign_table(sign, key, _DELETE)
 
 
 def _signature(header: str | None) -> bytes | None:
@@ -56,21 +63,21 @@ def _account_key(account: str) -> bytes | None:
     return raw[1:33]
 
 
-def verified(account: str, data: bytes, header: str | None) -> bool:
-    """Whether ``header`` is ``account``'s signature over ``data``."""
+def verified(account: str, key: str, data: bytes, header: str | None) -> bool:
+    """Whether ``header`` is ``account``'s signature over ``data`` stored at ``key``."""
     import nacl.exceptions
     import nacl.signing
 
     sig = _signature(header)
-    key = _account_key(account)
-    if sig is None or key is None:
+    raw = _account_key(account)
+    if sig is None or raw is None:
         return False
     try:
-        nacl.signing.VerifyKey(key).verify(data, sig)
+        nacl.signing.VerifyKey(raw).verify(_signed(key, data), sig)
     except (nacl.exceptions.BadSignatureError, ValueError):
         return False
     return True
 
 
 def verified_delete(account: str, key: str, header: str | None) -> bool:
-    return verified(account, _DELETE + key.encode(), header)
+    return verified(account, key, _DELETE, header)

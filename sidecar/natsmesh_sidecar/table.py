@@ -180,7 +180,7 @@ class KvWatch:
             ok = (
                 signing.verified_delete(self.account, subjects.routes_key(self.service), sig)
                 if deleted
-                else signing.verified(self.account, data, sig)
+                else signing.verified(self.account, subjects.routes_key(self.service), data, sig)
             )
             if not ok:
                 logger.warning(

@@ -168,7 +168,7 @@ async def _request(nc: NATS, subject: str, body: bytes, wait: float) -> dict[str
 async def put_table(js: Any, account: Key, service: str, value: bytes) -> None:
     """Put ``service``'s route table, signed by its namespace ``account`` key
     (sidecars apply nothing else: see natsmesh_sidecar.signing)."""
-    signature = signing.sign_table(account.sign, value)
+    signature = signing.sign_table(account.sign, subjects.routes_key(service), value)
     await js.publish(
         subjects.routes_key_subject(service), value, headers={signing.HEADER: signature}
     )
@@ -478,7 +478,7 @@ class Applier:
                 key = subjects.routes_key(svc)
                 wanted_keys.add(key)
                 value = table.to_json()
-                signature = signing.sign_table(account.sign, value)
+                signature = signing.sign_table(account.sign, key, value)
                 current: bytes | None = None
                 current_sig: str | None = None
                 try:
