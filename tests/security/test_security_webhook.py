@@ -108,6 +108,10 @@ async def post(
         raw = await reader.read()
     finally:
         writer.close()
+    if not raw:
+        # TLS 1.3: the server refuses the client's certificate after the
+        # client's side of the handshake is done; the client sees the close.
+        raise ConnectionError("closed without an answer")
     head, _, payload = raw.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     if status != 200:
