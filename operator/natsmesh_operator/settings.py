@@ -47,6 +47,15 @@ class WebhookSettings:
     """failurePolicy of self-registered configurations."""
     enabled: bool = True
     """Serve admission at all."""
+    client_ca_file: Path | None = None
+    """CA bundle of the client certificate the API server presents to webhooks
+    (``NATSMESH_WEBHOOK_CLIENT_CA_FILE``). When set, a TLS client without a
+    certificate signed by it is refused in the handshake: no forged
+    AdmissionReview from a pod. Needs the API server's admission configuration
+    to present one (see docs/security.md)."""
+    client_names: tuple[str, ...] = ()
+    """Accepted common names / DNS SANs of that certificate
+    (``NATSMESH_WEBHOOK_CLIENT_NAMES``, comma-separated); empty: any it signed."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,7 @@ class OperatorSettings:
 
         nats_url = get("NATS_URL", NatsSettings.url)
         cert_dir = e.get("NATSMESH_WEBHOOK_CERT_DIR")
+        client_ca = e.get("NATSMESH_WEBHOOK_CLIENT_CA_FILE")
         peering = get("PEERING", "natsmesh")
         return cls(
             namespace=get("OPERATOR_NAMESPACE", cls.namespace),
@@ -149,6 +159,10 @@ class OperatorSettings:
                 self_register_url=e.get("NATSMESH_WEBHOOK_SELF_REGISTER_URL") or None,
                 failure_policy=get("WEBHOOK_FAILURE_POLICY", WebhookSettings.failure_policy),
                 enabled=get("WEBHOOK_ENABLED", "true").lower() == "true",
+                client_ca_file=Path(client_ca) if client_ca else None,
+                client_names=tuple(
+                    n.strip() for n in get("WEBHOOK_CLIENT_NAMES", "").split(",") if n.strip()
+                ),
             ),
             injection=InjectionSettings(
                 image=get("SIDECAR_IMAGE", InjectionSettings.image),

@@ -28,7 +28,7 @@ from nats import errors as nats_errors
 
 from natsmesh_sidecar import accesslog, codec, permissions, resilience, subjects
 from natsmesh_sidecar.events import EventConsumer, EventPublisher
-from natsmesh_sidecar.inbound import AppPool, InboundHandler
+from natsmesh_sidecar.inbound import AppPool, InboundHandler, InboundLimits
 from natsmesh_sidecar.metrics import AdminServer, Metrics
 from natsmesh_sidecar.micro import MicroService
 from natsmesh_sidecar.natsfast import FastPath, Reply, violation_subject
@@ -98,7 +98,20 @@ class Sidecar:
             settings.max_inflight,
             idle_timeout=settings.app_idle_timeout_seconds,
         )
-        self.inbound = InboundHandler(self, self.pool)
+        self.inbound = InboundHandler(
+            self.pool,
+            limits=InboundLimits(
+                max_inflight=settings.max_inflight,
+                max_bytes=settings.inbound_max_bytes,
+                max_timeout_s=settings.inbound_timeout_seconds,
+            ),
+            metrics=self.metrics,
+            source=self.source,
+            version=settings.version,
+            app_host=f"{settings.app_host}:{settings.app_port}",
+            fast=lambda: self.fast,
+            access_log=access_log,
+        )
         self.outbound = OutboundServer(
             OutboundHandler(self),
             header_timeout=header_timeout,

@@ -103,6 +103,28 @@ def reason(status: int) -> bytes:
     return REASONS.get(status, "Unknown").encode()
 
 
+#: The statuses a reply may carry: final ones only. A 1xx written as a final
+#: answer has no Content-Length, so its "body" would be read by the app's
+#: client as the answers to its next requests on the keep-alive connection.
+FINAL_STATUS_MIN = 200
+FINAL_STATUS_MAX = 599
+
+
+def final_status(value: object) -> int | None:
+    """The final HTTP status ``value`` names (``Nm-Status`` text or an int), else None.
+
+    Anything but three ASCII digits in 200-599 is refused: ``int()`` alone
+    would take " 200", "+200", "2_00" and non-ASCII digits.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        status = value
+    elif isinstance(value, str) and len(value) == 3 and value.isascii() and value.isdigit():
+        status = int(value)
+    else:
+        return None
+    return status if FINAL_STATUS_MIN <= status <= FINAL_STATUS_MAX else None
+
+
 def escape_name(name: str) -> str:
     """The NATS header key for an app header ``name`` (first occurrence)."""
     low = name.lower()
@@ -244,15 +266,26 @@ def render_response(
     keep_alive: bool,
     head: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response with a recomputed Content-Length."""
+    """A complete HTTP/1.1 response with a recomputed Content-Length.
+
+    Headers come from other services and apps: one whose name is not a token
+    or whose value holds CR, LF, NUL or another control byte is dropped, so
+    nothing a callee sends can end the header block or start a second
+    response. Only final statuses are written (:func:`final_status`).
+    """
+    if final_status(status) is None:
+        raise ValueError(f"refusing to write status {status} as a final response")
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
     for name, value in headers:
         if name.lower() in HOP_BY_HOP:
             continue
-        parts.append(
-            b"%s: %s\r\n" % (name.encode("latin-1", "replace"), value.encode("latin-1", "replace"))
-        )
-    if status >= 200 and status not in (204, 304):
+        n = name.encode("latin-1", "replace")
+        v = value.encode("latin-1", "replace")
+        if not valid_header(n, v):
+            logger.debug("dropping invalid response header %r", n)
+            continue
+        parts.append(b"%s: %s\r\n" % (n, v))
+    if status not in (204, 304):
         parts.append(b"content-length: %d\r\n" % len(body))
     if not keep_alive:
         parts.append(b"connection: close\r\n")

@@ -195,6 +195,13 @@ class SidecarSettings(_Wire):
     app_idle_timeout_seconds: float = Field(4.0, gt=0)
     """Our pooled connections to the app are dropped after this much idleness,
     before the app's own keep-alive timeout (often 5 s) closes them under us."""
+    inbound_timeout_seconds: float = Field(30.0, gt=0)
+    """The longest a caller may make this sidecar wait on its app: a caller's
+    ``Nm-Timeout-Ms`` is clamped to it (and used when a caller sends none)."""
+    inbound_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    """Request bytes held at once, waiting for an app slot or in a call to
+    the app; a request past it is answered 503 at once. Bounds memory under
+    any caller: message counts alone let 1 MB bodies pile up."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:

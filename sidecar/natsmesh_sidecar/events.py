@@ -37,6 +37,26 @@ logger = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 5.0
 _JSON = [("content-type", "application/json")]
+#: Idempotency keys the consumer makes up for messages without one
+#: (``nm:<stream>:<seq>``). A message's own ``Nats-Msg-Id`` with this prefix
+#: is forged -- a raw publisher aiming at another message's key -- and is
+#: ignored; the publishing sidecar refuses such keys from its app.
+DEFAULT_KEY_PREFIX = "nm:"
+#: Header names the consuming sidecar sets for the app itself; copies in the
+#: message (raw ``Nm-*``, escaped ``Nm-Esc-Nm-*``, ``Nats-*``) never reach it.
+_OWNED = ("nm-", "nats-")
+
+
+def _sidecar_owned(name: str) -> bool:
+    low = name.lower()
+    return low.startswith(_OWNED) or low == "idempotency-key"
+
+
+def idempotency_key(msg_id: str | None, stream: str, seq: int) -> str:
+    """The key the app sees: the publisher's, or one no publisher can choose."""
+    if msg_id and not msg_id.startswith(DEFAULT_KEY_PREFIX):
+        return msg_id
+    return f"{DEFAULT_KEY_PREFIX}{stream}:{seq}"
 
 
 class EventPublisher:
@@ -100,6 +120,17 @@ class EventPublisher:
             headers["Content-Type"] = ctype
         key = req.special.get("idempotency-key")
         if key:
+            if key.startswith(DEFAULT_KEY_PREFIX):
+                return (
+                    400,
+                    list(_JSON),
+                    codec.error_body(
+                        "bad_request",
+                        f"Idempotency-Key may not start with {DEFAULT_KEY_PREFIX!r}: "
+                        "the mesh reserves those for events without a key",
+                        rid,
+                    ),
+                )
             headers["Nats-Msg-Id"] = key
         try:
             ack = await app.js().publish(
@@ -259,13 +290,16 @@ class EventConsumer:
         self, msg: Msg, hdrs: dict[str, str], rid: str, num: int, seq: int
     ) -> tuple[int, str]:
         d = self.d
-        headers = [(k, v) for k, v in codec.nats_to_http(hdrs) if not k.lower().startswith("nats-")]
+        # The message is the publisher's word, and a raw publisher can write
+        # anything: what the sidecar vouches for (source, topic, sequence,
+        # key) is set here only, after dropping every copy the message carried.
+        headers = [(k, v) for k, v in codec.nats_to_http(hdrs) if not _sidecar_owned(k)]
         headers += [
             ("Nm-Event-Topic", d.topic),
             ("Nm-Event-Source", d.source),
             ("Nm-Event-Seq", str(seq)),
             ("Nm-Event-Delivery", str(num)),
-            ("Idempotency-Key", hdrs.get("Nats-Msg-Id") or f"{d.stream}:{seq}"),
+            ("Idempotency-Key", idempotency_key(hdrs.get("Nats-Msg-Id"), d.stream, seq)),
         ]
         if codec.REQUEST_ID not in hdrs:
             headers.append((codec.REQUEST_ID, rid))

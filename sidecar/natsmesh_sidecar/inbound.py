@@ -14,14 +14,17 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from natsmesh_sidecar import accesslog, codec
+from natsmesh_sidecar.metrics import Metrics
 
 if TYPE_CHECKING:
-    from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.natsfast import FastPath
     from natsmesh_sidecar.natsfast import Reply as Msg
 
 logger = logging.getLogger(__name__)
@@ -240,46 +243,92 @@ def _expire(fut: asyncio.Future[AppResponse]) -> None:
         fut.set_exception(TimeoutError())
 
 
-class InboundHandler:
-    """The queue-subscription callback and the per-message app call."""
+@dataclass(frozen=True)
+class InboundLimits:
+    """The callee's own policy over what callers may make it hold and wait for."""
 
-    def __init__(self, app: Sidecar, pool: AppPool) -> None:
-        self.app = app
+    max_inflight: int
+    """Concurrent calls into the app."""
+    max_bytes: int
+    """Request bytes held at once (backlog plus calls in flight)."""
+    max_timeout_s: float
+    """Ceiling on a caller's ``Nm-Timeout-Ms``; also the default without one."""
+
+
+class InboundHandler:
+    """The queue-subscription callback and the per-message app call.
+
+    Takes what it uses, not the sidecar: the pool, the metrics, its own
+    identity for labels and logs, and a getter for the current fast path
+    (it changes on reconnect).
+    """
+
+    def __init__(
+        self,
+        pool: AppPool,
+        *,
+        limits: InboundLimits,
+        metrics: Metrics,
+        source: str,
+        version: str,
+        app_host: str,
+        fast: Callable[[], FastPath | None],
+        access_log: bool = True,
+    ) -> None:
         self.pool = pool
+        self.limits = limits
+        self.metrics = metrics
+        self.source = source
+        self.version = version
+        self.fast = fast
+        self.access_log = access_log
         self.inflight = 0
         self.served = 0
         self.errors = 0
         self.last_error = ""
         self.processing_ns = 0
         self.tasks: set[asyncio.Task[None]] = set()
-        self.app_host = f"{app.settings.app_host}:{app.settings.app_port}"
-        self.limit = app.settings.max_inflight
+        self.app_host = app_host
+        self.limit = limits.max_inflight
         #: Messages taken from NATS while every slot was busy, served in order.
         self.backlog: collections.deque[Msg] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Payload bytes of the backlog and of the calls in flight.
+        self.held_bytes = 0
 
     def on_msg(self, msg: Msg) -> None:
         """Called straight from the NATS parser: start the app call, never block.
 
         At ``max_inflight`` calls the message waits in :attr:`backlog`; a
-        finishing call starts the next one.
+        finishing call starts the next one. Past the byte budget (or the
+        backlog length) it is answered 503 at once; one message is always
+        admitted when nothing is held, so a budget below max_payload cannot
+        starve the service.
         """
+        size = len(msg.data)
+        if self.held_bytes and self.held_bytes + size > self.limits.max_bytes:
+            self._overloaded(msg, "sidecar memory budget for requests in hand is full")
+            return
         if self.inflight >= self.limit:
             if len(self.backlog) >= MAX_BACKLOG:
-                self._overloaded(msg)
+                self._overloaded(msg, "sidecar backlog full")
                 return
+            self.held_bytes += size
             self.backlog.append(msg)
             return
+        self.held_bytes += size
         self._start(msg)
 
-    def _overloaded(self, msg: Msg) -> None:
-        fast = self.app.fast
+    def _overloaded(self, msg: Msg, why: str) -> None:
+        fast = self.fast()
         self.errors += 1
         self.last_error = "overloaded"
+        # Counted under "-": the source of a refused message is not worth a series.
+        self.metrics.observe("inbound", "-", self.source, 503, 0.0)
         if not msg.reply or fast is None:
             return
         rid = msg.headers.get(codec.REQUEST_ID) or codec.new_request_id()
-        _, rh, body, _ = self._error(503, "overloaded", "sidecar backlog full", rid)
+        _, rh, body, _ = self._error(503, "overloaded", why, rid)
         rh[codec.H_STATUS] = "503"
         rh[codec.H_ERROR] = "overloaded"
         fast.publish(msg.reply, "", rh, body)
@@ -302,7 +351,6 @@ class InboundHandler:
         return self.inflight + len(self.backlog)
 
     async def _serve(self, msg: Msg) -> None:
-        app = self.app
         t0 = time.perf_counter()
         hdrs = msg.headers or {}
         rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
@@ -317,7 +365,7 @@ class InboundHandler:
                 rh[codec.H_STATUS] = str(status)
                 if error:
                     rh[codec.H_ERROR] = error
-                fast = app.fast
+                fast = self.fast()
                 if fast is not None:
                     fast.publish(msg.reply, "", rh, body)
         except Exception as exc:
@@ -325,7 +373,7 @@ class InboundHandler:
             status = 500
             logger.exception("inbound request failed")
             self.last_error = f"{type(exc).__name__}: {exc}"
-            fast = app.fast
+            fast = self.fast()
             if msg.reply and fast is not None:
                 # Never leave the caller waiting out its timeout for a bug here.
                 _, rh, body, _ = self._error(500, "internal", "sidecar error", rid)
@@ -335,25 +383,35 @@ class InboundHandler:
                     fast.publish(msg.reply, "", rh, body)
         finally:
             self.inflight -= 1
+            self.held_bytes -= len(msg.data)
             elapsed = time.perf_counter() - t0
             self.served += 1
             self.processing_ns += int(elapsed * 1e9)
             if status >= 500:
                 self.errors += 1
-            app.metrics.observe("inbound", source, app.source, status, elapsed)
-            if app.access_log:
+            self.metrics.observe("inbound", source, self.source, status, elapsed)
+            if self.access_log:
                 accesslog.log(
                     request_id=rid,
                     direction="inbound",
                     source=source,
-                    destination=app.source,
-                    route=app.settings.version,
+                    destination=self.source,
+                    route=self.version,
                     method=method,
                     path=target.split("?", 1)[0],
                     status=status,
                     duration_s=elapsed,
                     error=error,
                 )
+
+    def timeout_of(self, hdrs: Mapping[str, str]) -> float:
+        """The caller's ``Nm-Timeout-Ms`` in seconds, clamped to this callee's ceiling."""
+        ceiling = self.limits.max_timeout_s
+        try:
+            asked = int(hdrs.get(codec.H_TIMEOUT, "0")) / 1000.0
+        except ValueError:
+            return ceiling
+        return ceiling if asked <= 0 else min(asked, ceiling)
 
     async def _call_app(
         self, msg: Msg, hdrs: dict[str, str], rid: str, method: str, target: str
@@ -368,20 +426,17 @@ class InboundHandler:
         if data is None:
             return self._error(400, "bad_request", "invalid method or target", rid)
         try:
-            timeout = int(hdrs.get(codec.H_TIMEOUT, "0")) / 1000.0
-        except ValueError:
-            timeout = 0.0
-        if timeout <= 0:
-            timeout = 30.0
-        try:
             resp = await self.pool.request(
-                data, head=method == "HEAD", limit_s=timeout, retry_stale=True
+                data, head=method == "HEAD", limit_s=self.timeout_of(hdrs), retry_stale=True
             )
         except TimeoutError:
             return self._error(504, "app_timeout", "the app did not answer in time", rid)
         except AppError as exc:
             self.last_error = str(exc)
             return self._error(502, "app_unreachable", str(exc), rid)
+        if codec.final_status(resp.status) is None:
+            self.last_error = f"app answered status {resp.status}"
+            return self._error(502, "app_bad_status", f"the app answered {resp.status}", rid)
         out = codec.http_to_nats(resp.headers)
         return resp.status, out, resp.body, ""
 

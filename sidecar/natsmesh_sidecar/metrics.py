@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import re
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -28,6 +29,14 @@ _LABELS = ["direction", "source", "destination", "status"]
 #: Label sets kept apart; past this, destinations are folded into "_other"
 #: (hosts come from clients, so they must not grow the registry forever).
 MAX_SERIES = 2000
+#: Distinct ``source`` values kept. The source is what a caller's message says
+#: (``Nm-Source``): any caller could otherwise add a series per request.
+#: Destinations come from this sidecar's own route table, bounded by MAX_SERIES.
+MAX_SOURCES = 256
+OTHER = "_other"
+#: A label value we keep as it is: a ``service.namespace`` host or a path-less
+#: destination key. Anything else (long, odd bytes) is folded into OTHER.
+_LABEL_RE = re.compile(r"[a-z0-9_-][a-z0-9_.-]{0,252}")
 
 
 class _Series:
@@ -114,6 +123,8 @@ class Metrics:
             p + "nats_async_errors", "Asynchronous NATS errors", ["kind"], registry=r
         )
         self.table_swaps = Counter(p + "table_updates", "Route tables applied", registry=r)
+        self._sources: set[str] = set()
+        self._destinations: set[str] = set()
         self.inflight_out = self.inflight.labels("outbound")
         self.inflight_in = self.inflight.labels("inbound")
 
@@ -124,14 +135,28 @@ class Metrics:
         key = (direction, source, destination, status)
         s = series.get(key)
         if s is None:
+            # Only a new label set pays for the checks: known ones were admitted.
+            source = self._admit(self._sources, source, MAX_SOURCES)
+            destination = self._admit(self._destinations, destination, MAX_SERIES)
             if len(series) >= MAX_SERIES:
-                key = (direction, source, "_other", status)
-                s = series.get(key)
+                destination = OTHER
+            key = (direction, source, destination, status)
+            s = series.get(key)
             if s is None:
                 s = series[key] = _Series()
         s.count += 1
         s.sum += seconds
         s.buckets[bisect.bisect_left(_BUCKETS, seconds)] += 1
+
+    @staticmethod
+    def _admit(seen: set[str], value: str, cap: int) -> str:
+        """``value`` itself while its label has room and it looks sane, else OTHER."""
+        if value in seen:
+            return value
+        if len(seen) >= cap or _LABEL_RE.fullmatch(value) is None:
+            return OTHER
+        seen.add(value)
+        return value
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

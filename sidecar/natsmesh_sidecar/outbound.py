@@ -547,10 +547,14 @@ class OutboundHandler:
             return s, h, b, dest_key, rule.name, attempts, "timeout"
         assert reply is not None
         rh = reply.headers or {}
-        try:
-            status = int(rh.get(codec.H_STATUS, "502"))
-        except ValueError:
-            status = 502
+        status = codec.final_status(rh.get(codec.H_STATUS))
+        if status is None:
+            # A callee (or anything answering on its subject) that names no
+            # final status is a bad gateway, never a 1xx on the app's connection.
+            s, h, b = self._error(
+                502, "bad_status", f"{subject} answered without a valid status", rid
+            )
+            return s, h, b, dest_key, rule.name, attempts, "bad_status"
         return (
             status,
             codec.nats_to_http(rh),
@@ -577,11 +581,7 @@ class OutboundHandler:
         if isinstance(reply, str):
             # TIMEOUT and NO_RESPONDERS are resilience's names too.
             return reply, None
-        try:
-            status = int(reply.headers.get(codec.H_STATUS, "502"))
-        except ValueError:
-            status = 502
-        return status, reply
+        return codec.final_status(reply.headers.get(codec.H_STATUS)) or 502, reply
 
 
 def _needs_headers(dest: object) -> bool:

@@ -157,6 +157,8 @@ class Settings:
     drain_seconds: float = 20.0
     idle_timeout_seconds: float = 120.0
     app_idle_timeout_seconds: float = 4.0
+    inbound_timeout_seconds: float = 30.0
+    inbound_max_bytes: int = 16 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -411,6 +413,8 @@ _SETTINGS = (
         _F("drain_seconds", _float(0), None),
         _F("idle_timeout_seconds", _float(0), None),
         _F("app_idle_timeout_seconds", _float(0), None),
+        _F("inbound_timeout_seconds", _float(0), None),
+        _F("inbound_max_bytes", _int(1), None),
     ),
 )
 

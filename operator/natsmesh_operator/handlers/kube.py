@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lightkube import AsyncClient, KubeConfig
@@ -28,6 +29,19 @@ NatsRouteRes = create_namespaced_resource(GROUP, VERSION, "NatsRoute", "natsrout
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 LABEL_CREDS = "natsmesh.io/creds"
 LABEL_SERVICE = "natsmesh.io/resource"
+ANNOTATION_ISSUED_USER = "natsmesh.io/issued-user"
+"""On a creds Secret: the user public key the operator issued into it. Only
+a Secret carrying it, owned by a NatsService and holding a JWT that the
+namespace's account key signed for that very user, is one the operator made."""
+
+
+def controlled_by_natsservice(secret: Secret) -> bool:
+    """Whether the Secret's controller owner reference names a NatsService."""
+    refs = (secret.metadata.ownerReferences or []) if secret.metadata else []
+    return any(
+        r.controller and r.kind == "NatsService" and r.apiVersion.startswith(f"{GROUP}/")
+        for r in refs
+    )
 
 
 def client_from_env() -> AsyncClient:
@@ -49,33 +63,88 @@ def _skip(body: Mapping[str, Any], watched: Watched) -> bool:
     return bool(meta.get("deletionTimestamp")) or not watched(str(meta.get("namespace")))
 
 
+@dataclass(frozen=True)
+class Invalid:
+    """A stored resource our models refuse (stored before a rule was tightened,
+    or while the schema was not installed): it fails its own status only."""
+
+    kind: str
+    body: Mapping[str, Any]
+    error: str
+
+
 async def _list(
-    kube: AsyncClient, res: Any, model: type[R], watched: Watched
+    kube: AsyncClient, res: Any, model: type[R], watched: Watched, invalid: list[Invalid]
 ) -> list[tuple[R, Mapping[str, Any]]]:
     out: list[tuple[R, Mapping[str, Any]]] = []
     async for obj in kube.list(res, namespace="*"):
         body = body_of(obj)
-        if not _skip(body, watched):
+        if _skip(body, watched):
+            continue
+        try:
             out.append((model.from_body(body), body))
+        except ValueError as exc:  # pydantic ValidationError too
+            meta = body.get("metadata", {})
+            logger.warning(
+                "%s %s/%s is invalid: %s",
+                model.__name__,
+                meta.get("namespace"),
+                meta.get("name"),
+                exc,
+            )
+            invalid.append(Invalid(model.__name__, body, str(exc)))
     return out
 
 
 async def list_services(
-    kube: AsyncClient, watched: Watched
+    kube: AsyncClient, watched: Watched, invalid: list[Invalid] | None = None
 ) -> list[tuple[NatsService, Mapping[str, Any]]]:
-    """Every watched NatsService not being deleted, with its raw body (uid, …)."""
-    return await _list(kube, NatsServiceRes, NatsService, watched)
+    """Every watched NatsService not being deleted, with its raw body (uid, …).
+
+    One the models refuse goes into ``invalid`` instead of failing the list.
+    """
+    return await _list(
+        kube, NatsServiceRes, NatsService, watched, [] if invalid is None else invalid
+    )
 
 
 async def list_routes(
-    kube: AsyncClient, watched: Watched
+    kube: AsyncClient, watched: Watched, invalid: list[Invalid] | None = None
 ) -> list[tuple[NatsRoute, Mapping[str, Any]]]:
     """Every watched NatsRoute not being deleted, with its raw body."""
-    return await _list(kube, NatsRouteRes, NatsRoute, watched)
+    return await _list(kube, NatsRouteRes, NatsRoute, watched, [] if invalid is None else invalid)
+
+
+async def namespace_services(kube: AsyncClient, namespace: str) -> list[NatsService]:
+    """The NatsServices of one namespace, not being deleted; invalid ones left out."""
+    invalid: list[Invalid] = []
+    out = []
+    async for obj in kube.list(NatsServiceRes, namespace=namespace):
+        body = body_of(obj)
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        try:
+            out.append(NatsService.from_body(body))
+        except ValueError as exc:  # pydantic ValidationError too
+            invalid.append(Invalid("NatsService", body, str(exc)))
+    if invalid:
+        logger.warning("%d invalid NatsService(s) in %s left out", len(invalid), namespace)
+    return out
 
 
 def decode_secret(secret: Secret) -> dict[str, str]:
-    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    """The Secret's entries as text; an entry that is not base64 of UTF-8 is left out.
+
+    Anyone who may create Secrets can put any bytes there: one such entry
+    must never raise out of a pass.
+    """
+    out: dict[str, str] = {}
+    for key, value in (secret.data or {}).items():
+        try:
+            out[key] = base64.b64decode(value, validate=True).decode()
+        except (ValueError, TypeError):
+            logger.debug("Secret entry %r is not base64 of UTF-8 text; ignored", key)
+    return out
 
 
 async def read_secret(kube: AsyncClient, name: str, namespace: str) -> dict[str, str] | None:
@@ -115,6 +184,7 @@ async def write_secret(
     data: Mapping[str, str],
     *,
     labels: Mapping[str, str],
+    annotations: Mapping[str, str] | None = None,
     owner: OwnerReference | None = None,
 ) -> None:
     """Create or replace a Secret (server-side apply: one field manager, no races)."""
@@ -123,6 +193,7 @@ async def write_secret(
             name=name,
             namespace=namespace,
             labels={LABEL_MANAGED: "natsmesh", **labels},
+            annotations=dict(annotations) if annotations else None,
             ownerReferences=[owner] if owner else None,
         ),
         type="Opaque",

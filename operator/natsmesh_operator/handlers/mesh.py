@@ -33,7 +33,7 @@ from lightkube import AsyncClient
 
 from natsmesh_operator.api import NatsRoute, NatsService
 from natsmesh_operator.handlers import intents, kube, status
-from natsmesh_operator.handlers.metrics import METRICS
+from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import CredsSettings
 from natsmesh_operator.webhook.inject import CREDS_KEY, creds_secret_name
 from natsmesh_operator.wiring import jwt, users
@@ -45,7 +45,7 @@ from natsmesh_operator.wiring.apply import (
     connect_creds,
 )
 from natsmesh_operator.wiring.bootstrap import FILES, Bootstrap, _resolver_dir_of
-from natsmesh_operator.wiring.keys import Key, KeyRing, Role
+from natsmesh_operator.wiring.keys import Key, KeyRing, Role, is_public
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 from natsmesh_sidecar import subjects
 
@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 KEYS_SECRET = "natsmesh-keys"  # noqa: S105 - a Secret name, not a secret
 """Secret (operator namespace) with the account seeds and revoked user keys."""
 REVOCATIONS_KEY = "revocations.json"
+KEYS_SECRET_BUDGET = 640 * 1024
+"""Bytes of data the keys Secret may hold (before base64): the API server
+refuses objects over 1 MiB, and seeds that cannot be saved are lost keys."""
 ENDPOINTS_CACHE_SECONDS = 5.0
 CREDS_CONCURRENCY = 16
 
@@ -80,6 +83,8 @@ class PassResult:
     creds: dict[tuple[str, str], CredsOutcome] = field(default_factory=dict)
     fatal: str | None = None
     """Set when the pass could not run at all (NATS or the API unreachable)."""
+    invalid: list[kube.Invalid] = field(default_factory=list)
+    """Resources left out of the pass: each fails its own status only."""
 
     def namespace_errors(self, namespace: str) -> list[str]:
         if self.report is None:
@@ -103,6 +108,65 @@ def bootstrap_from_secret(data: Mapping[str, str]) -> Bootstrap:
 
 def _revocation_count(revocations: Mapping[str, Mapping[str, int]]) -> int:
     return sum(len(v) for v in revocations.values())
+
+
+class KeysOverBudget(RuntimeError):
+    """The keys Secret would outgrow :data:`KEYS_SECRET_BUDGET`."""
+
+
+def load_revocations(raw: str) -> dict[str, dict[str, int]]:
+    """Revocations from the keys Secret: only ``{namespace: {user key: time}}``
+    entries that are well formed are kept (anything else never went out)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        logger.error("revocations in the keys Secret are not JSON; starting from none")
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for ns, users_ in data.items() if isinstance(data, dict) else ():
+        if not isinstance(ns, str) or not isinstance(users_, dict):
+            continue
+        kept = {
+            u: t
+            for u, t in users_.items()
+            if isinstance(u, str) and isinstance(t, int) and is_public(u, Role.USER)
+        }
+        if kept:
+            out[ns] = kept
+    return out
+
+
+def issued_user(secret: Any, account: Key | None, *, recorded: bool) -> str | None:
+    """The user key the operator issued into a creds Secret, or None if it did not.
+
+    Proof, not trust in labels: the JWT in it must be signed by the
+    namespace's account key (only the operator holds it) and name a user
+    key. With ``recorded`` the Secret must also be owned by a NatsService and
+    carry that key in our annotation -- what revocation requires, since a
+    revoked key stops a service. Any malformed content is just "not ours".
+    """
+    if account is None or secret is None or secret.metadata is None:
+        return None
+    try:
+        creds = kube.decode_secret(secret).get(CREDS_KEY)
+        if not creds:
+            return None
+        token, _ = jwt.parse_creds(creds)
+        decoded = jwt.decode(token)
+        user = decoded.subject
+    except (ValueError, KeyError, TypeError):  # JwtError and NKeyError are ValueErrors
+        return None
+    if decoded.issuer != account.public or not isinstance(user, str):
+        return None
+    if not is_public(user, Role.USER):
+        return None
+    if recorded:
+        annotations = secret.metadata.annotations or {}
+        if annotations.get(kube.ANNOTATION_ISSUED_USER) != user:
+            return None
+        if not kube.controlled_by_natsservice(secret):
+            return None
+    return user
 
 
 class MeshReconciler:
@@ -177,11 +241,13 @@ class MeshReconciler:
                 self._finished.notify_all()
 
     async def _pass_and_report(self, started: float) -> PassResult:
+        invalid: list[kube.Invalid] = []
         try:
-            services = await kube.list_services(self.kube, self.watched)
-            routes = await kube.list_routes(self.kube, self.watched)
+            services = await kube.list_services(self.kube, self.watched, invalid)
+            routes = await kube.list_routes(self.kube, self.watched, invalid)
         except Exception as exc:
             return PassResult(started=started, fatal=f"Kubernetes API unreachable: {exc}")
+        services, routes = _with_intents(services, routes, invalid)
         try:
             result = await self._pass(started, services, routes)
         except asyncio.CancelledError:
@@ -189,10 +255,12 @@ class MeshReconciler:
         except Exception as exc:  # a pass must never kill the loop
             logger.exception("mesh pass failed")
             result = PassResult(started=started, fatal=f"{type(exc).__name__}: {exc}")
+        result.invalid = invalid
         try:
             # Every resource whose status changed, not only the one that asked:
             # a new caller or publisher changes other services' conditions too.
             await status.write_all(self.kube, result, services, routes)
+            await status.write_invalid(self.kube, invalid)
         except Exception:
             logger.exception("writing statuses failed")
         return result
@@ -203,13 +271,21 @@ class MeshReconciler:
         if self._keys is None:
             data = await kube.read_secret(self.kube, KEYS_SECRET, self.operator_namespace) or {}
             revocations = data.pop(REVOCATIONS_KEY, "{}")
-            self._revocations = json.loads(revocations)
+            self._revocations = load_revocations(revocations)
             self._keys = KeyRing(data)
         return self._keys
 
     async def _save_keys(self, keys: KeyRing) -> None:
         data = dict(keys.dump())
         data[REVOCATIONS_KEY] = json.dumps(self._revocations, sort_keys=True)
+        size = sum(len(k) + len(v.encode()) for k, v in data.items())
+        if size > KEYS_SECRET_BUDGET:
+            # Refuse rather than drop entries: a dropped seed is a lost account,
+            # a dropped revocation brings old creds back to life.
+            raise KeysOverBudget(
+                f"Secret {self.operator_namespace}/{KEYS_SECRET} would hold {size} bytes, "
+                f"over its budget of {KEYS_SECRET_BUDGET}"
+            )
         await kube.write_secret(self.kube, KEYS_SECRET, self.operator_namespace, data, labels={})
         keys.created.clear()
 
@@ -235,21 +311,40 @@ class MeshReconciler:
         )
         keys = await self._load_keys()
         secrets = await kube.list_creds_secrets(self.kube, self.watched)
-        wanted = {(str(s.metadata.namespace), str(s.metadata.name)) for s, _ in services}
-        stale = [
-            s
+        by_key = {
+            (str(s.metadata.namespace), str(s.metadata.name)): s
             for s in secrets
             if s.metadata is not None
-            and (
-                str(s.metadata.namespace),
-                (s.metadata.labels or {}).get(kube.LABEL_SERVICE, ""),
+        }
+        live = {
+            (str(svc.metadata.namespace), creds_secret_name(str(svc.metadata.name)))
+            for svc, _ in services
+        }
+        # Users the live services hold now: never revoked, whatever a Secret
+        # elsewhere claims (a copy of a live service's creds is not "stale").
+        in_use = {
+            user
+            for ns, name in live
+            if (
+                user := issued_user(
+                    by_key.get((ns, name)), keys.existing_account(ns), recorded=False
+                )
             )
-            not in wanted
-        ]
+        }
+        stale: list[tuple[Any, str]] = []
+        for (ns, name), secret in by_key.items():
+            if (ns, name) in live:
+                continue
+            user = issued_user(secret, keys.existing_account(ns), recorded=True)
+            if user is not None:
+                stale.append((secret, user))
+            # Anything else labelled as creds is not ours: not read further,
+            # not revoked, not deleted.
         # Users of deleted services are revoked in their account before the
         # Secret goes, so a copied creds file stops working too.
-        for secret in stale:
-            self._revoke(secret)
+        for secret, user in stale:
+            if user not in in_use:
+                self._revoke(str(secret.metadata.namespace), str(secret.metadata.name), user)
         try:
             async with Applier(
                 url=self.nats_url,
@@ -265,11 +360,6 @@ class MeshReconciler:
         if keys.created:
             await self._save_keys(keys)
         result = PassResult(started=started, plan=mesh, report=report)
-        by_key = {
-            (str(s.metadata.namespace), str(s.metadata.name)): s
-            for s in secrets
-            if s.metadata is not None
-        }
         bodies = {(str(svc.metadata.namespace), str(svc.metadata.name)): b for svc, b in services}
         # Re-issues come in bursts (a new caller changes its targets' JWTs):
         # write them concurrently, bounded so the API server is not flooded.
@@ -278,7 +368,12 @@ class MeshReconciler:
         async def ensure(svc: NatsService) -> None:
             key = (str(svc.metadata.namespace), str(svc.metadata.name))
             async with limit:
-                result.creds[key] = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
+                try:
+                    outcome = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
+                except Exception as exc:  # this service's status, not the pass
+                    logger.exception("creds of %s/%s", *key)
+                    outcome = CredsOutcome(False, "CredsFailed", f"{type(exc).__name__}: {exc}")
+                result.creds[key] = outcome
 
         revoked_before = _revocation_count(self._revocations)
         await asyncio.gather(*(ensure(svc) for svc, _ in services))
@@ -296,8 +391,7 @@ class MeshReconciler:
                     await applier.apply(mesh, prune=True, revocations=self._revocations)
             except ApplyFailed as exc:
                 logger.error("pushing revocations failed (retried next pass): %s", exc)
-        for secret in stale:
-            assert secret.metadata is not None
+        for secret, _ in stale:
             await kube.delete_secret(
                 self.kube, str(secret.metadata.name), str(secret.metadata.namespace)
             )
@@ -309,19 +403,9 @@ class MeshReconciler:
             logger.info("mesh pass applied %s", {k: len(v) for k, v in report.changes.items()})
         return result
 
-    def _revoke(self, secret: Any) -> None:
-        data = kube.decode_secret(secret)
-        creds = data.get(CREDS_KEY)
-        if not creds:
-            return
-        try:
-            token, _ = jwt.parse_creds(creds)
-            decoded = jwt.decode(token, verify_signature=False)
-        except jwt.JwtError:
-            return
-        ns = str(secret.metadata.namespace)
-        self._revocations.setdefault(ns, {})[decoded.subject] = int(time.time())
-        logger.info("revoking user %s of %s/%s", decoded.subject, ns, secret.metadata.name)
+    def _revoke(self, namespace: str, secret_name: str, user: str) -> None:
+        self._revocations.setdefault(namespace, {})[user] = int(time.time())
+        logger.info("revoking user %s of %s/%s", user, namespace, secret_name)
 
     async def _ensure_creds(
         self,
@@ -341,11 +425,17 @@ class MeshReconciler:
         account = keys.account(ns)
         secret_name = creds_secret_name(name)
         secret = existing.get((ns, secret_name))
-        current = kube.decode_secret(secret).get(CREDS_KEY) if secret is not None else None
+        # Only creds we signed are read further: a Secret someone else put
+        # under this name is overwritten, its key never reused.
+        ours = issued_user(secret, account, recorded=False)
+        current = annotated = None
+        if ours is not None and secret is not None and secret.metadata is not None:
+            current = kube.decode_secret(secret).get(CREDS_KEY)
+            annotated = (secret.metadata.annotations or {}).get(kube.ANNOTATION_ISSUED_USER)
         ttl = self.creds_settings.ttl_seconds
         why = users.needs_reissue(current, user, account.public, ttl_seconds=ttl)
-        if not why:
-            held = users.held(current)
+        held = users.held(current)
+        if not why and annotated == ours:
             return CredsOutcome(
                 True,
                 "CredentialsIssued",
@@ -353,7 +443,7 @@ class MeshReconciler:
                 user=held.public if held else None,
                 expires=held.expires if held else None,
             )
-        held = users.held(current) if current else None
+        why = why or "recording the issued user"
         user_key = None
         revoke: str | None = None
         if held is not None and held.issuer == account.public:
@@ -364,11 +454,18 @@ class MeshReconciler:
             else:
                 # Same identity, new JWT (renewal, or permissions that only grew).
                 user_key = held.key
-        recorded = str(((body.get("status") or {}).get("user")) or "")
-        if held is None and recorded:
+        lost = str(((body.get("status") or {}).get("user")) or "")
+        if held is None and lost and is_public(lost, Role.USER):
             # The Secret was deleted (or emptied) by hand: whoever copied it
-            # must not keep a working user.
-            revoke = recorded
+            # must not keep a working user. Status is writable by whoever may
+            # write natsservices/status, so never a key a live Secret holds.
+            live = {
+                issued_user(s, account, recorded=False)
+                for (s_ns, _), s in existing.items()
+                if s_ns == ns
+            }
+            if lost not in live:
+                revoke = lost
         issued = users.issue(user, account, user_key=user_key, ttl_seconds=ttl)
         limit = self.creds_settings.max_jwt_bytes
         if len(issued.jwt) > limit:
@@ -391,6 +488,7 @@ class MeshReconciler:
                 ns,
                 {CREDS_KEY: issued.creds},
                 labels={kube.LABEL_CREDS: "true", kube.LABEL_SERVICE: name},
+                annotations={kube.ANNOTATION_ISSUED_USER: issued.public},
                 owner=kube.owner_reference(body),
             )
         except Exception as exc:
@@ -442,3 +540,32 @@ class MeshReconciler:
             await nc.close()
         self._endpoints[namespace] = (time.monotonic(), counts)
         return counts
+
+
+def _with_intents(
+    services: list[tuple[NatsService, Mapping[str, Any]]],
+    routes: list[tuple[NatsRoute, Mapping[str, Any]]],
+    invalid: list[kube.Invalid],
+) -> tuple[list[tuple[NatsService, Mapping[str, Any]]], list[tuple[NatsRoute, Mapping[str, Any]]]]:
+    """The resources whose intents can be built; the rest join ``invalid``.
+
+    The CRD schema should make this a no-op; it is what keeps one resource
+    the models accept but the wiring cannot read from failing every pass.
+    """
+    ok_services = []
+    for svc, body in services:
+        try:
+            intents.service_intent(svc)
+        except Exception as exc:
+            invalid.append(kube.Invalid("NatsService", body, f"{type(exc).__name__}: {exc}"))
+        else:
+            ok_services.append((svc, body))
+    ok_routes = []
+    for route, body in routes:
+        try:
+            intents.route_intent(route)
+        except Exception as exc:
+            invalid.append(kube.Invalid("NatsRoute", body, f"{type(exc).__name__}: {exc}"))
+        else:
+            ok_routes.append((route, body))
+    return ok_services, ok_routes

@@ -20,7 +20,7 @@ from lightkube.resources.core_v1 import Namespace, Pod
 from lightkube.types import PatchType
 
 from natsmesh_operator.api import LabelSelector
-from natsmesh_operator.handlers.metrics import METRICS
+from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.webhook.inject import ANNOTATION_INJECTED
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ import kopf
 
 from natsmesh_operator.api import GROUP, VERSION, NatsRoute
 from natsmesh_operator.handlers import status
-from natsmesh_operator.handlers.metrics import METRICS
 from natsmesh_operator.handlers.runtime import from_memo
+from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import OperatorSettings
 
 PLURAL = "natsroutes"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +32,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from natsmesh_operator.api import GROUP, VERSION
 from natsmesh_operator.handlers import kube as kube_mod
 from natsmesh_operator.handlers.mesh import MeshReconciler
-from natsmesh_operator.handlers.metrics import METRICS
+from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import OperatorSettings
-from natsmesh_operator.webhook.server import WebhookServer
+from natsmesh_operator.webhook.server import ClientIdentity, WebhookServer
 from natsmesh_operator.webhook.tls import ServingCert
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,14 @@ class Runtime:
         webhook = None
         if settings.webhook.enabled:
             cert_dir = settings.webhook.cert_dir
+            client = None
+            if settings.webhook.client_ca_file is not None:
+                client = ClientIdentity(
+                    settings.webhook.client_ca_file, settings.webhook.client_names
+                )
             webhook = WebhookServer(
-                kube=kube,
+                services_of=functools.partial(kube_mod.namespace_services, kube),
+                client=client,
                 injection=settings.injection,
                 operator_namespace=settings.namespace,
                 watched=settings.watches,

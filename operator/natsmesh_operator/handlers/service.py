@@ -17,8 +17,8 @@ from natsmesh_operator.api import GROUP, VERSION, NatsService
 from natsmesh_operator.handlers import rollout, status
 from natsmesh_operator.handlers.intents import service_name
 from natsmesh_operator.handlers.mesh import PassResult
-from natsmesh_operator.handlers.metrics import METRICS
 from natsmesh_operator.handlers.runtime import from_memo
+from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)

@@ -236,3 +236,28 @@ async def write_all(
                 return False
 
     return sum(await asyncio.gather(*(write(*item) for item in todo)))
+
+
+async def write_invalid(client: AsyncClient, invalid: Sequence[kube.Invalid]) -> int:
+    """``Ready=False, reason Invalid`` on each resource the pass had to leave out."""
+    written = 0
+    for item in invalid:
+        meta = item.body.get("metadata", {})
+        res = kube.NatsServiceRes if item.kind == "NatsService" else kube.NatsRouteRes
+        current = item.body.get("status") or {}
+        cond = Cond("Ready", False, "Invalid", f"left out of the mesh: {item.error}")
+        fields = _changes(current, [cond], int(meta.get("generation") or 0), {})
+        if not fields:
+            continue
+        try:
+            await client.patch(
+                res.Status,
+                str(meta.get("name")),
+                {"status": fields},
+                namespace=str(meta.get("namespace")),
+                patch_type=PatchType.MERGE,
+            )
+            written += 1
+        except ApiError as exc:
+            logger.warning("status of invalid %s %s: %s", item.kind, meta.get("name"), exc)
+    return written

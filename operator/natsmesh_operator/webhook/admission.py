@@ -9,25 +9,43 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from natsmesh_operator.api import LabelSelector, NatsRoute, NatsService
-from natsmesh_operator.handlers.intents import service_name
 from natsmesh_operator.webhook.inject import Target, creds_secret_name
+
+logger = logging.getLogger(__name__)
 
 NEVER_INJECTED = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 
 
+class AmbiguousOwner(ValueError):
+    """More than one NatsService selects a pod: it may belong to none of them."""
+
+
 def owner_of(pod_labels: Mapping[str, str], services: Sequence[NatsService]) -> NatsService | None:
-    """The NatsService selecting a pod (the validating webhook keeps it unique)."""
+    """The one NatsService selecting a pod, None if none does.
+
+    Several is an error, not a choice: picking one (by name, say) would let
+    whoever creates a resource that sorts first take over another service's
+    pods and get its creds mounted. The validating webhook keeps selectors
+    apart; this catches resources that got in while it was down.
+    """
     matching = [s for s in services if s.spec.selector.matches(pod_labels)]
-    return sorted(matching, key=lambda s: str(s.metadata.name))[0] if matching else None
+    if len(matching) > 1:
+        names = ", ".join(sorted(repr(str(s.metadata.name)) for s in matching))
+        raise AmbiguousOwner(
+            f"the pod's labels are selected by several NatsServices ({names}); a pod "
+            "can belong to one NatsService only: change the selectors or the labels"
+        )
+    return matching[0] if matching else None
 
 
 def target_of(svc: NatsService) -> Target:
     return Target(
-        service=service_name(svc),
+        service=svc.service_name,
         namespace=str(svc.metadata.namespace),
         version=svc.spec.version,
         port=svc.spec.port,
@@ -35,45 +53,65 @@ def target_of(svc: NatsService) -> Target:
     )
 
 
-def _labels_only(selector: LabelSelector) -> dict[str, str] | None:
-    return None if selector.match_expressions else dict(selector.match_labels)
+def _key_constraints(selector: LabelSelector) -> dict[str, list[tuple[str, frozenset[str]]]]:
+    """Per label key, the (operator, values) a pod's label must meet; matchLabels as In."""
+    out: dict[str, list[tuple[str, frozenset[str]]]] = {}
+    for key, value in selector.match_labels.items():
+        out.setdefault(key, []).append(("In", frozenset({value})))
+    for req in selector.match_expressions:
+        out.setdefault(req.key, []).append((req.operator, frozenset(req.values)))
+    return out
+
+
+def _satisfiable(constraints: Sequence[tuple[str, frozenset[str]]]) -> bool:
+    """Whether one label (present with some value, or absent) meets all constraints."""
+    ops = {op for op, _ in constraints}
+    # Absent: allowed unless something demands presence.
+    if not ops & {"In", "Exists"}:
+        return True
+    # Present: impossible if something demands absence; otherwise some value
+    # must be in every In set and in no NotIn set. Without an In set the
+    # values are unbounded, so a finite NotIn always leaves one.
+    if "DoesNotExist" in ops:
+        return False
+    allowed: frozenset[str] | None = None
+    for op, values in constraints:
+        if op == "In":
+            allowed = values if allowed is None else allowed & values
+    if allowed is None:
+        return True
+    excluded: set[str] = set()
+    for op, values in constraints:
+        if op == "NotIn":
+            excluded |= values
+    return bool(allowed - excluded)
 
 
 def selectors_overlap(a: LabelSelector, b: LabelSelector) -> bool:
-    """Could one pod be selected by both? Exact for matchLabels-only selectors.
+    """Could one pod be selected by both? Exact, for matchLabels and every operator.
 
-    Two label sets can both be satisfied unless they demand different values
-    for one key. With expressions we only say "overlap" for equal selectors,
-    and leave the rest to the pod check (:func:`pods_selected_by_both`).
+    Label keys are independent, so both selectors match some label set iff,
+    key by key, their combined requirements can be met by one label (or by
+    its absence).
     """
-    la, lb = _labels_only(a), _labels_only(b)
-    if la is not None and lb is not None:
-        return all(lb.get(k, v) == v for k, v in la.items())
-    return a == b
+    ca, cb = _key_constraints(a), _key_constraints(b)
+    return all(_satisfiable(ca.get(k, []) + cb.get(k, [])) for k in ca.keys() | cb.keys())
 
 
-def pods_selected_by_both(
-    a: LabelSelector, b: LabelSelector, pods: Sequence[Mapping[str, str]]
-) -> int:
-    return sum(1 for labels in pods if a.matches(labels) and b.matches(labels))
+def validate_service(svc: NatsService, others: Sequence[NatsService]) -> list[str]:
+    """Reasons to refuse ``svc``: another NatsService could select the same pods.
 
-
-def validate_service(
-    svc: NatsService,
-    others: Sequence[NatsService],
-    pod_labels: Sequence[Mapping[str, str]],
-) -> list[str]:
-    """Reasons to refuse ``svc``: another NatsService already selects its pods."""
+    Decided from the selectors alone (no pods are listed or counted): a pod
+    created later could match both just as well as one that exists now.
+    """
     errors = []
     for other in others:
         if other.metadata.name == svc.metadata.name:
             continue
-        both = pods_selected_by_both(svc.spec.selector, other.spec.selector, pod_labels)
-        if both or selectors_overlap(svc.spec.selector, other.spec.selector):
-            where = f" ({both} existing pods match both)" if both else ""
+        if selectors_overlap(svc.spec.selector, other.spec.selector):
             errors.append(
-                f"spec.selector overlaps NatsService {other.metadata.name!r}{where}: a pod "
-                "can belong to one NatsService only; add a label (e.g. version) that tells "
+                f"spec.selector overlaps NatsService {other.metadata.name!r}: a pod can "
+                "belong to one NatsService only; add a label (e.g. version) that tells "
                 "them apart"
             )
     return errors
@@ -81,7 +119,7 @@ def validate_service(
 
 def route_warnings(route: NatsRoute, services: Sequence[NatsService]) -> list[str]:
     """A route to a service that does not exist (yet) is allowed, with a warning."""
-    versions = {s.spec.version for s in services if service_name(s) == route.spec.service}
+    versions = {s.spec.version for s in services if s.service_name == route.spec.service}
     if not versions:
         return [
             f"spec.service: no NatsService serves {route.spec.service!r} in this namespace "
@@ -103,12 +141,14 @@ def review_response(
     *,
     allowed: bool = True,
     message: str = "",
+    code: int = 422,
     patch: list[dict[str, Any]] | None = None,
     warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
     response: dict[str, Any] = {"uid": uid, "allowed": allowed}
     if not allowed:
-        response["status"] = {"code": 422, "reason": "Invalid", "message": message}
+        reason = "Invalid" if code == 422 else "InternalError"
+        response["status"] = {"code": code, "reason": reason, "message": message}
     if patch:
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()

@@ -14,16 +14,15 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from lightkube import AsyncClient
-from lightkube.resources.core_v1 import Pod
+from pydantic import ValidationError
 
 from natsmesh_operator.api import NatsRoute, NatsService
-from natsmesh_operator.handlers import kube as kube_mod
-from natsmesh_operator.handlers.metrics import METRICS
+from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.webhook import admission, inject
 from natsmesh_operator.webhook.tls import ServingCert
 
@@ -31,35 +30,59 @@ logger = logging.getLogger(__name__)
 
 CERT_CHECK_SECONDS = 10.0
 
+ServicesOf = Callable[[str], Awaitable[list[NatsService]]]
+"""The NatsServices of one namespace, not being deleted (read fresh per review)."""
 
-async def _services(kube: AsyncClient, namespace: str) -> list[NatsService]:
-    out = []
-    async for obj in kube.list(kube_mod.NatsServiceRes, namespace=namespace):
-        body = kube_mod.body_of(obj)
-        if not body.get("metadata", {}).get("deletionTimestamp"):
-            out.append(NatsService.from_body(body))
-    return out
+
+class ClientIdentity:
+    """Who may call the webhook: a client certificate from ``cafile``, optionally
+    with one of ``names`` as its subject common name or a DNS SAN.
+
+    kube-apiserver presents such a certificate when its admission configuration
+    names a kubeconfig with ``client-certificate-data`` for the webhook's host
+    (``--admission-control-config-file``, ``WebhookAdmission.kubeConfigFile``).
+    """
+
+    def __init__(self, cafile: Path, names: Collection[str] = ()) -> None:
+        self.cafile = cafile
+        self.names = frozenset(names)
+
+    def allows(self, peercert: Mapping[str, Any] | None) -> bool:
+        if not peercert:
+            return False  # the TLS layer already refused, but never trust a missing cert
+        if not self.names:
+            return True
+        found = {
+            value
+            for rdn in peercert.get("subject", ())
+            for key, value in rdn
+            if key == "commonName"
+        }
+        found |= {value for kind, value in peercert.get("subjectAltName", ()) if kind == "DNS"}
+        return bool(found & self.names)
 
 
 class WebhookServer:
     def __init__(
         self,
         *,
-        kube: AsyncClient,
+        services_of: ServicesOf,
         injection: inject.InjectionSettings,
         operator_namespace: str,
         cert: ServingCert | None,
-        watched: kube_mod.Watched = lambda _: True,
+        watched: Callable[[str], bool] = lambda _: True,
         addr: str,
         port: int,
+        client: ClientIdentity | None = None,
         cert_check_interval: float = CERT_CHECK_SECONDS,
     ) -> None:
-        self.kube = kube
+        self.services_of = services_of
         self.cert_check_interval = cert_check_interval
         self.injection = injection
         self.operator_namespace = operator_namespace
         self.watched = watched
         self.cert = cert
+        self.client = client
         self.addr = addr
         self.port = port
         self._runner: web.AppRunner | None = None
@@ -94,8 +117,15 @@ class WebhookServer:
         app.router.add_get("/healthz", self.handle_health)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
+        if self.client is not None and self.cert is None:
+            raise ValueError("client certificate verification needs TLS (a serving certificate)")
         if self.cert is not None:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            if self.client is not None:
+                # Refused in the handshake: a caller without a certificate from
+                # this CA never gets to send a review, forged or not.
+                self._ssl.verify_mode = ssl.CERT_REQUIRED
+                self._ssl.load_verify_locations(cafile=str(self.client.cafile))
             self._load_cert()
             self._watch = asyncio.create_task(self._watch_cert())
         site = web.TCPSite(self._runner, self.addr, self.port, ssl_context=self._ssl)
@@ -116,11 +146,20 @@ class WebhookServer:
         return web.Response(text="ok")
 
     async def _review(self, request: web.Request) -> Mapping[str, Any]:
-        body = await request.json()
-        review = body.get("request")
-        if not isinstance(review, dict) or "uid" not in review:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="not JSON") from None
+        review = body.get("request") if isinstance(body, dict) else None
+        if not isinstance(review, dict) or not isinstance(review.get("uid"), str):
             raise web.HTTPBadRequest(text="not an AdmissionReview request")
         return review
+
+    def _caller_allowed(self, request: web.Request) -> bool:
+        if self.client is None:
+            return True
+        peercert = request.transport.get_extra_info("peercert") if request.transport else None
+        return self.client.allows(peercert)
 
     async def _answer(
         self,
@@ -128,14 +167,18 @@ class WebhookServer:
         webhook: str,
         decide: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]],
         outcome_of: Callable[[dict[str, Any]], str],
-        skipped: str,
+        failed: str,
     ) -> web.Response:
-        """Time and count one review; our own failure answers "allowed, with a warning".
+        """Time and count one review; our own failure refuses (fails closed).
 
-        Never block the API server on our bug: failurePolicy decides for
-        transport errors, this is the "answer but do nothing" path.
+        An error here must not let through what we could not check: a pod
+        injected with nothing, or a NatsService whose selector overlaps
+        another's. The API server shows the message; a retry usually works.
         """
         started = time.perf_counter()
+        if not self._caller_allowed(request):
+            METRICS.admissions.labels(webhook=webhook, outcome="forbidden").inc()
+            raise web.HTTPForbidden(text="client certificate not allowed")
         review = await self._review(request)
         try:
             response = await decide(review)
@@ -144,7 +187,11 @@ class WebhookServer:
             logger.exception("%s webhook failed", webhook)
             outcome = "error"
             response = admission.review_response(
-                review["uid"], warnings=[f"natsmesh: {skipped}: {exc}"]
+                review["uid"],
+                allowed=False,
+                code=500,
+                message=f"natsmesh: {failed}: {type(exc).__name__}; retry, or see the "
+                "operator's log",
             )
         METRICS.admissions.labels(webhook=webhook, outcome=outcome).inc()
         METRICS.admission_duration.labels(webhook=webhook).observe(time.perf_counter() - started)
@@ -155,8 +202,8 @@ class WebhookServer:
             request,
             "inject",
             self.inject,
-            lambda r: "injected" if "patch" in r else "skipped",
-            "sidecar not injected",
+            lambda r: "injected" if "patch" in r else ("skipped" if r["allowed"] else "denied"),
+            "could not decide on sidecar injection",
         )
 
     async def inject(self, review: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,7 +220,10 @@ class WebhookServer:
         ):
             return admission.review_response(uid)
         labels = (pod.get("metadata") or {}).get("labels") or {}
-        owner = admission.owner_of(labels, await _services(self.kube, namespace))
+        try:
+            owner = admission.owner_of(labels, await self.services_of(namespace))
+        except admission.AmbiguousOwner as exc:
+            return admission.review_response(uid, allowed=False, message=str(exc))
         if owner is None:
             return admission.review_response(uid)
         changes = inject.injection(pod, admission.target_of(owner), self.injection)
@@ -185,7 +235,7 @@ class WebhookServer:
             "validate",
             self.validate,
             lambda r: "allowed" if r["allowed"] else "denied",
-            "cross-resource validation skipped",
+            "could not validate",
         )
 
     async def validate(self, review: Mapping[str, Any]) -> dict[str, Any]:
@@ -196,18 +246,18 @@ class WebhookServer:
         namespace = review.get("namespace") or obj.get("metadata", {}).get("namespace")
         if not namespace or not self.watched(namespace):
             return admission.review_response(uid)
-        services = await _services(self.kube, namespace)
-        if obj.get("kind") == "NatsRoute":
-            route = NatsRoute.from_body(obj)
-            return admission.review_response(
-                uid, warnings=admission.route_warnings(route, services)
-            )
-        svc = NatsService.from_body(obj)
-        pods = [
-            dict((p.metadata.labels if p.metadata else None) or {})
-            async for p in self.kube.list(Pod, namespace=namespace)
-        ]
-        errors = admission.validate_service(svc, services, pods)
+        services = await self.services_of(namespace)
+        try:
+            if obj.get("kind") == "NatsRoute":
+                route = NatsRoute.from_body(obj)
+                return admission.review_response(
+                    uid, warnings=admission.route_warnings(route, services)
+                )
+            svc = NatsService.from_body(obj)
+        except ValidationError as exc:
+            # The CRD schema should have refused it; say what is wrong instead.
+            return admission.review_response(uid, allowed=False, message=f"invalid resource: {exc}")
+        errors = admission.validate_service(svc, services)
         if errors:
             return admission.review_response(uid, allowed=False, message="; ".join(errors))
         return admission.review_response(uid)

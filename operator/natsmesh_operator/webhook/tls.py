@@ -50,11 +50,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_ca_and_cert(
-    directory: Path, hosts: list[str], *, days: int = 365, common_name: str = "natsmesh-webhook"
-) -> ServingCert:
-    """Write ``ca.crt``, ``tls.crt`` and ``tls.key`` for the given hosts (DNS names or IPs)."""
-    directory.mkdir(parents=True, exist_ok=True)
+def _make_ca(
+    common_name: str, days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, x509.Name]:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name}-ca")])
@@ -83,6 +81,55 @@ def make_ca_and_cert(
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return ca_key, ca_cert, ca_name
+
+
+def make_client_certs(
+    directory: Path,
+    common_names: list[str],
+    *,
+    days: int = 365,
+    ca_name: str = "natsmesh-webhook-client",
+) -> list[ServingCert]:
+    """A client CA (``client-ca.crt``) and one client certificate per name
+    (``client-<i>.crt``/``.key``, ``CN=<name>``), as the API server would present
+    to a webhook; the CA is what
+    :class:`~natsmesh_operator.webhook.server.ClientIdentity` trusts."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, ca_cert, issuer = _make_ca(ca_name, days)
+    cafile = directory / "client-ca.crt"
+    cafile.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    out = []
+    for i, name in enumerate(common_names):
+        key = _key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        paths = ServingCert(cafile, directory / f"client-{i}.crt", directory / f"client-{i}.key")
+        paths.certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths.keyfile.write_bytes(_pem_key(key))
+        paths.keyfile.chmod(0o600)
+        out.append(paths)
+    return out
+
+
+def make_ca_and_cert(
+    directory: Path, hosts: list[str], *, days: int = 365, common_name: str = "natsmesh-webhook"
+) -> ServingCert:
+    """Write ``ca.crt``, ``tls.crt`` and ``tls.key`` for the given hosts (DNS names or IPs)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, ca_cert, ca_name = _make_ca(common_name, days)
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:

@@ -143,6 +143,11 @@ class KeyRing:
     def account(self, namespace: str) -> Key:
         return self._get(self.account_slot(namespace), Role.ACCOUNT)
 
+    def existing_account(self, namespace: str) -> Key | None:
+        """The namespace's account key if one was made; never creates one."""
+        seed = self._seeds.get(self.account_slot(namespace))
+        return Key.from_seed(seed, Role.ACCOUNT) if seed is not None else None
+
     def user(self, namespace: str, resource: str) -> Key:
         return self._get(self.user_slot(namespace, resource), Role.USER)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 from cryptography import x509
 
+from natsmesh_operator.api import NatsService
 from natsmesh_operator.webhook.inject import InjectionSettings
 from natsmesh_operator.webhook.server import WebhookServer
 from natsmesh_operator.webhook.tls import make_ca_and_cert
@@ -39,13 +39,17 @@ async def presented(port: int, cafile: Path) -> tuple[int, str]:
     return x509.load_der_x509_certificate(der).serial_number, body
 
 
+async def no_services(_: str) -> list[NatsService]:
+    return []
+
+
 async def test_rotated_certificate_is_served_without_restart(tmp_path: Path) -> None:
     first = make_ca_and_cert(tmp_path / "tls", ["127.0.0.1"])
     old_ca = tmp_path / "old-ca.crt"
     old_ca.write_bytes(first.cafile.read_bytes())
     port = free_port()
     server = WebhookServer(
-        kube=cast(Any, None),
+        services_of=no_services,
         injection=InjectionSettings(),
         operator_namespace="natsmesh-system",
         cert=first,

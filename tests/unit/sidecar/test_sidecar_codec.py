@@ -124,3 +124,39 @@ def test_router_resolves_host_forms() -> None:
     assert r.resolve("Orders")[:2] == (FOUND, "orders.shop")
     assert r.resolve("billing")[:2] == (FORBIDDEN, "billing.shop")
     assert r.resolve("nosuch")[0] == UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("200", 200),
+        ("599", 599),
+        (404, 404),
+        ("100", None),
+        ("199", None),
+        ("600", None),
+        ("999", None),
+        ("2000", None),
+        ("+20", None),
+        (" 20", None),
+        ("\uff12\uff10\uff10", None),
+        ("", None),
+        (None, None),
+        (101, None),
+        (True, None),
+    ],
+)
+def test_final_status(value: object, expected: int | None) -> None:
+    assert codec.final_status(value) == expected
+
+
+def test_render_response_refuses_interim_status_and_split_headers() -> None:
+    with pytest.raises(ValueError, match="status 100"):
+        codec.render_response(100, [], b"HTTP/1.1 200 OK\r\n\r\n", keep_alive=True)
+    out = codec.render_response(
+        200,
+        [("X-A", "1\r\nx-b: 2"), ("X-C", "a\nb"), ("X-D", "a\x00"), ("Bad Name", "v"), ("Ok", "v")],
+        b"hi",
+        keep_alive=True,
+    )
+    assert out == b"HTTP/1.1 200 OK\r\nOk: v\r\ncontent-length: 2\r\n\r\nhi"

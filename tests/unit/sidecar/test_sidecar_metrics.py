@@ -62,3 +62,22 @@ def test_label_sets_are_capped() -> None:
         )
         == 50
     )
+
+
+def test_sources_are_capped_per_label_and_junk_is_folded() -> None:
+    m = metrics.Metrics()
+    for i in range(metrics.MAX_SOURCES + 100):
+        m.observe("inbound", f"caller{i}.ns", "orders.shop", 200, 0.001)
+    m.observe("inbound", "X" * 5000, "orders.shop", 200, 0.001)
+    m.observe("inbound", "bad\nname", "orders.shop", 200, 0.001)
+    sources = {key[1] for key in m.requests.series}
+    assert len(sources) == metrics.MAX_SOURCES + 1
+    assert metrics.OTHER in sources
+    folded = m.registry.get_sample_value(
+        "natsmesh_sidecar_requests_total",
+        {"direction": "inbound", "source": "_other", "destination": "orders.shop", "status": "200"},
+    )
+    assert folded == 102
+    # A source admitted before the cap keeps its own series.
+    m.observe("inbound", "caller0.ns", "orders.shop", 200, 0.001)
+    assert ("inbound", "caller0.ns", "orders.shop", 200) in m.requests.series

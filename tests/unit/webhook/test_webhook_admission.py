@@ -68,13 +68,25 @@ def test_expression_selector_matches_with_kubernetes_semantics() -> None:
     assert not n.matches({"app": "orders", "canary": "yes"})
 
 
-def test_validate_service_refuses_overlap_with_existing_pods() -> None:
+def test_validate_service_refuses_overlap_without_looking_at_pods() -> None:
+    # Selectors decide: a pod labelled app=x,tier=web could exist any time,
+    # so no pods are listed or counted (that told callers about other pods).
     existing = svc("a", {"app": "x"})
     new = svc("b", {"tier": "web"})
-    errors = admission.validate_service(new, [existing], [{"app": "x", "tier": "web"}])
+    errors = admission.validate_service(new, [existing])
     assert len(errors) == 1
-    assert "overlaps NatsService 'a' (1 existing pods match both)" in errors[0]
-    assert admission.validate_service(svc("a", {"app": "x"}), [existing], []) == []
+    assert "overlaps NatsService 'a'" in errors[0]
+    assert admission.validate_service(svc("a", {"app": "x"}), [existing]) == []
+    assert admission.validate_service(svc("c", {"app": "y"}), [existing]) == []
+
+
+def test_a_pod_selected_by_two_services_has_no_owner() -> None:
+    services = [svc("zzz", {"app": "orders"}), svc("aaa", {"app": "orders", "tier": "web"})]
+    with pytest.raises(admission.AmbiguousOwner, match="'aaa', 'zzz'"):
+        admission.owner_of({"app": "orders", "tier": "web"}, services)
+    only = admission.owner_of({"app": "orders"}, services)
+    assert only is not None
+    assert only.metadata.name == "zzz"
 
 
 def test_route_warnings() -> None:
