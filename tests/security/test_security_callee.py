@@ -92,7 +92,7 @@ async def evil_responder(nc: NATS) -> None:
         await nc._flush_pending()
 
     await nc.subscribe(
-        subjects.request_subject("shop", "evil", "v1"),
+        subjects.request_subject("shop", "evil", "v1") + ".*.*",
         queue=subjects.queue_group("evil"),
         cb=answer,
     )
