@@ -240,7 +240,8 @@ class NatsServiceSpec(ApiModel):
     and `orders-v2` with `service: orders` and `version: v2` for a canary."""
     version: Version = "v1"
     """Version subset of these pods: requests to it go to
-    `mesh.<namespace>.<service>.<version>`, and NatsRoute destinations pick it by this name."""
+    `mesh.<namespace>.<service>.<version>.<caller-namespace>.<caller>`, and NatsRoute
+    destinations pick it by this name."""
     allow_same_namespace: bool = True
     """Every NatsService in the same namespace may call this one. Set to false to allow
     only the services listed in allowedCallers."""

@@ -6,16 +6,18 @@ import asyncio
 import base64
 import json
 import time
-import uuid
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from natsmesh_operator.wiring import jwt
 from natsmesh_operator.wiring.apply import connect_creds
 from natsmesh_sidecar import subjects
+from tests.fixtures.nats_operator import call
 from tests.fixtures.operator import OperatorProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -93,6 +95,11 @@ async def _violations(nc_errors: list[Exception]) -> list[str]:
     return [str(e) for e in nc_errors if "permissions violation" in str(e).lower()]
 
 
+def jwt_claims(creds: str) -> dict[str, Any]:
+    token, _ = jwt.parse_creds(creds)
+    return dict(jwt.decode(token, verify_signature=False).claims)
+
+
 async def connect(
     op: OperatorProcess, namespace: str, service: str, errors: list[Exception]
 ) -> NATS:
@@ -125,28 +132,36 @@ async def test_users_from_secrets_can_call_exactly_what_is_allowed(
         async def answer(msg: Msg) -> None:
             await msg.respond(b"ok")
 
-        await orders.subscribe(subjects.request_subject(ns, "orders"), queue="orders", cb=answer)
-        await payments.subscribe(
-            subjects.request_subject(ns, "payments"), queue="payments", cb=answer
-        )
-        await gateway.subscribe(subjects.request_subject(ns, "gateway"), queue="gateway", cb=answer)
+        # Each serves exactly what its JWT (from its Secret) lets it hear.
+        for nc, name in ((orders, "orders"), (payments, "payments"), (gateway, "gateway")):
+            sub_allow = jwt_claims(creds_of(mesh_operator, ns, name))["nats"]["sub"]["allow"]
+            for subject, queue in subjects.serve_subjects(
+                tuple(sub_allow), subjects.request_subject(ns, name)
+            ):
+                await nc.subscribe(subject, queue=queue, cb=answer)
         await asyncio.sleep(0.2)
         # Allowed: gateway -> orders, orders -> payments.
-        assert (
-            await gateway.request(subjects.request_subject(ns, "orders"), b"", timeout=2)
-        ).data == b"ok"
-        assert (
-            await orders.request(subjects.request_subject(ns, "payments"), b"", timeout=2)
-        ).data == b"ok"
-        # Forbidden: the server refuses the publish (async permissions violation).
-        for caller, target in ((gateway, "payments"), (orders, "gateway"), (payments, "orders")):
-            with pytest.raises(nats.errors.TimeoutError):
-                await caller.request(subjects.request_subject(ns, target), b"", timeout=0.5)
-        await asyncio.sleep(0.2)
-        assert len(await _violations(errors)) >= 3
-        # Cannot listen in on another service's subject either.
+        assert (await gateway.request(call(ns, "orders", ns, "gateway"), b"", timeout=2)).data == (
+            b"ok"
+        )
+        assert (await orders.request(call(ns, "payments", ns, "orders"), b"", timeout=2)).data == (
+            b"ok"
+        )
+        # Not admitted: nobody listens to these callers (no responders, at once).
+        for caller, name, target in (
+            (gateway, "gateway", "payments"),
+            (orders, "orders", "gateway"),
+            (payments, "payments", "orders"),
+        ):
+            with pytest.raises(nats.errors.NoRespondersError):
+                await caller.request(call(ns, target, ns, name), b"", timeout=2)
+        # Naming another caller: the server refuses the publish.
+        await payments.publish(call(ns, "orders", ns, "gateway"), b"", reply=payments.new_inbox())
+        await asyncio.sleep(0.3)
+        assert len(await _violations(errors)) >= 1
+        # Cannot listen in on another service's callers either.
         before = len(await _violations(errors))
-        await gateway.subscribe(subjects.request_subject(ns, "orders") + f".{uuid.uuid4().hex}")
+        await gateway.subscribe(subjects.serve_subject(ns, "orders", "v1", ns, "*"), queue="orders")
         await asyncio.sleep(0.3)
         assert len(await _violations(errors)) > before
     finally:
