@@ -34,6 +34,7 @@ from natsmesh_sidecar.micro import MicroService
 from natsmesh_sidecar.natsfast import FastPath, Reply, violation_subject
 from natsmesh_sidecar.outbound import OutboundHandler, OutboundServer
 from natsmesh_sidecar.table import KvWatch, Router, empty_table, read_bytes, watch_file
+from natsmesh_sidecar.targets import TargetCache
 from natsmesh_sidecar.wire import (
     CircuitBreaker,
     Delivery,
@@ -83,6 +84,8 @@ class Sidecar:
         self.fast: FastPath | None = None
         self.creds: permissions.Creds | None = None
         self.kv_watch: KvWatch | None = None
+        #: Policies of our namespace's services, read on first call (KV mode only).
+        self.targets: TargetCache | None = None
         self._js: Any = None
         self.sub: Any = None
         #: Request subscriptions by subject (one per admitted caller group).
@@ -327,6 +330,13 @@ class Sidecar:
         self.sub = self.serving
         logger.info("connected to %s; serving %s", s.nats_url, sorted(self.serving))
         if self._static_table is None and not s.table_file:
+            self.targets = TargetCache(
+                s.namespace, account=self.creds.account if self.creds is not None else None
+            )
+            try:
+                await self.targets.start(nc)
+            except Exception as exc:
+                logger.error("target watch failed: %s", exc)
             self.kv_watch = KvWatch(
                 s.service,
                 self.apply_table,
@@ -460,6 +470,8 @@ class Sidecar:
         self.metrics.nats_connected.set(1)
         self.metrics.nats_reconnects.inc()
         logger.info("NATS reconnected")
+        if self.targets is not None:
+            self.targets.reset()
         if self.kv_watch is not None and self.nc is not None:
             # Puts made while we were away are not replayed to a subscription.
             self._spawn(self.kv_watch.refresh(self.nc))

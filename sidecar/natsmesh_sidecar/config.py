@@ -104,6 +104,32 @@ class Destination(_Wire):
     """Ordered; the first whose match fits is used. The last is a catch-all."""
 
 
+class Target(_Wire):
+    """One service as the callers of its namespace see it: KV key ``to.<service>``.
+
+    One value per service, not one per (caller, target) pair: a namespace of
+    2,000 services keeps 2,000 of these, and a caller's own table stays small.
+    A sidecar reads the ones it calls, when it first calls them.
+    """
+
+    namespace: str
+    service: str
+    generation: str = ""
+    admits_namespace: bool = Field(True, alias="admitsNamespace")
+    """Every service of ``namespace`` may call it."""
+    callers: tuple[str, ...] = ()
+    """Further admitted callers of ``namespace``, by service name."""
+    rules: tuple[Rule, ...]
+
+    def with_generation(self) -> Target:
+        body = self.model_dump_json(by_alias=True, exclude={"generation"})
+        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+        return self.model_copy(update={"generation": digest})
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
 class Delivery(_Wire):
     """One event subscription, bound to a durable consumer the operator made."""
 
@@ -140,10 +166,13 @@ class MeshTable(_Wire):
     generation: str = ""
     """Content hash; the sidecar reports which table it runs."""
     known: tuple[str, ...] = ()
-    """Every ``service.namespace`` in the mesh this sidecar may learn exists,
-    so an unknown host is a 404 while a known but forbidden one is a 403."""
+    """``service.namespace`` of other namespaces' services this sidecar may
+    learn exist (a 403 rather than a 404). Its own namespace's services are
+    :class:`Target` keys of their own."""
     destinations: Mapping[str, Destination] = Field(default_factory=dict)
-    """Keyed by ``service.namespace``: the services this sidecar may call."""
+    """Keyed by ``service.namespace``: other namespaces' services this sidecar
+    may call (explicit grants: few). A static table (file, tests) may list its
+    own namespace's too; they take precedence over Target keys."""
     publishes: Mapping[str, Publication] = Field(default_factory=dict)
     """Keyed by topic."""
     subscriptions: tuple[Delivery, ...] = ()

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from natsmesh_sidecar import accesslog, codec, resilience
-from natsmesh_sidecar.table import FORBIDDEN, UNKNOWN
+from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN
+from natsmesh_sidecar.targets import MISS
+from natsmesh_sidecar.wire import Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
@@ -414,6 +416,25 @@ class OutboundHandler:
         app = self.app
         router = app.router
         found, dest_key, dest = router.resolve(req.host)
+        if dest is None and found == UNKNOWN and app.targets is not None:
+            # A service of our own namespace: its own KV key (see targets.py).
+            svc, _, ns = dest_key.partition(".")
+            if ns == app.settings.namespace:
+                targets = app.targets
+                policy = targets.cached(svc)
+                if policy is MISS:
+                    try:
+                        policy = await targets.get(svc)
+                    except Exception as exc:
+                        s, h, b = self._error(
+                            503, "table_unavailable", f"policy of {dest_key} unreadable: {exc}", rid
+                        )
+                        return s, h, b, dest_key, "-", 0, "table_unavailable"
+                if isinstance(policy, Target):
+                    if policy.admits(app.settings.service):
+                        found, dest = FOUND, targets.destinations[svc]
+                    else:
+                        found = FORBIDDEN
         if dest is None:
             if not req.host:
                 s, h, b = self._error(400, "bad_request", "no Host header and no absolute URI", rid)

@@ -194,6 +194,18 @@ def routes_key(service: str) -> str:
     return service
 
 
+TARGET_KEY_PREFIX = "to."
+
+
+def target_key(service: str) -> str:
+    """The KV key of ``service``'s :class:`~natsmesh_sidecar.config.Target`."""
+    return f"{TARGET_KEY_PREFIX}{service}"
+
+
+def target_key_subject(service: str) -> str:
+    return f"$KV.{ROUTES_BUCKET}.{target_key(service)}"
+
+
 def host_of(namespace: str, service: str) -> str:
     """The Host a caller uses: ``service.namespace``."""
     return f"{service}.{namespace}"

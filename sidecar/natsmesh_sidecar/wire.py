@@ -104,6 +104,25 @@ class Destination:
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """One service as its namespace's callers see it (as config.Target)."""
+
+    namespace: str
+    service: str
+    rules: tuple[Rule, ...]
+    generation: str = ""
+    admits_namespace: bool = True
+    callers: tuple[str, ...] = ()
+
+    def admits(self, caller: str) -> bool:
+        """Whether ``caller`` (a service of the same namespace) may call it."""
+        return self.admits_namespace or caller in self.callers
+
+    def destination(self) -> Destination:
+        return Destination(namespace=self.namespace, service=self.service, rules=self.rules)
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     stream: str
     consumer: str
@@ -394,6 +413,14 @@ _TABLE = (
     _F("publishes", _map(_model(Publication, _PUB)), None),
     _F("subscriptions", _tuple(_model(Delivery, _DELIVERY)), None),
 )
+_TARGET = (
+    _F("namespace", _str),
+    _F("service", _str),
+    _F("generation", _str, None),
+    _F("admits_namespace", _bool, None, "admitsNamespace"),
+    _F("callers", _tuple(_str), None),
+    _F("rules", _tuple(_model(Rule, _RULE))),
+)
 _SETTINGS = (
     Settings,
     (
@@ -426,6 +453,15 @@ def parse_table(raw: bytes | str) -> MeshTable:
     except (ValueError, UnicodeDecodeError) as exc:
         raise WireError(f"table is not JSON: {exc}") from None
     return _build(data, "table", (MeshTable, _TABLE))
+
+
+def parse_target(raw: bytes | str) -> Target:
+    """A :class:`Target` from its KV JSON; :class:`WireError` if config would refuse it."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError(f"target is not JSON: {exc}") from None
+    return _build(data, "target", (Target, _TARGET))
 
 
 def coerce_table(table: object) -> MeshTable:

@@ -165,13 +165,18 @@ async def _request(nc: NATS, subject: str, body: bytes, wait: float) -> dict[str
     return decoded if isinstance(decoded, dict) else {"data": decoded}
 
 
-async def put_table(js: Any, account: Key, service: str, value: bytes) -> None:
-    """Put ``service``'s route table, signed by its namespace ``account`` key
+async def put_signed(js: Any, account: Key, key: str, value: bytes) -> None:
+    """Put a route-bucket value, signed by its namespace ``account`` key
     (sidecars apply nothing else: see natsmesh_sidecar.signing)."""
-    signature = signing.sign_table(account.sign, subjects.routes_key(service), value)
+    signature = signing.sign_table(account.sign, key, value)
     await js.publish(
-        subjects.routes_key_subject(service), value, headers={signing.HEADER: signature}
+        f"$KV.{subjects.ROUTES_BUCKET}.{key}", value, headers={signing.HEADER: signature}
     )
+
+
+async def put_table(js: Any, account: Key, service: str, value: bytes) -> None:
+    """Put ``service``'s own route table (see :func:`put_signed`)."""
+    await put_signed(js, account, subjects.routes_key(service), value)
 
 
 class Applier:
@@ -472,18 +477,23 @@ class Applier:
             kv = await js.key_value(subjects.ROUTES_BUCKET)
             account = self.keyring.account(namespace)
             wanted_keys = set()
-            for (ns, svc), table in plan.tables.items():
-                if ns != namespace:
-                    continue
-                key = subjects.routes_key(svc)
+            values = [
+                (subjects.routes_key(svc), table.to_json())
+                for (ns, svc), table in plan.tables.items()
+                if ns == namespace
+            ] + [
+                (subjects.target_key(svc), target.to_json())
+                for (ns, svc), target in plan.targets.items()
+                if ns == namespace
+            ]
+            for key, value in values:
                 wanted_keys.add(key)
-                value = table.to_json()
                 signature = signing.sign_table(account.sign, key, value)
                 current: bytes | None = None
                 current_sig: str | None = None
                 try:
                     last = await js.get_last_msg(
-                        subjects.routes_stream(), subjects.routes_key_subject(svc)
+                        subjects.routes_stream(), f"$KV.{subjects.ROUTES_BUCKET}.{key}"
                     )
                     if (last.headers or {}).get("KV-Operation") is None:
                         current, current_sig = last.data, (last.headers or {}).get(signing.HEADER)
@@ -494,7 +504,7 @@ class Applier:
                 if current == value and current_sig == signature:
                     report.kv_unchanged.append(f"{namespace}/{key}")
                     continue
-                await put_table(js, account, svc, value)
+                await put_signed(js, account, key, value)
                 report.kv_put.append(f"{namespace}/{key}")
             if prune:
                 try:

@@ -17,12 +17,15 @@ publish:
   * ``events.<ns>.<self>.<topic>`` of each topic it publishes
   * for each of its subscriptions: ``<api>.CONSUMER.MSG.NEXT|INFO.<stream>.<consumer>``
     and ``$JS.ACK.<stream>.<consumer>.>``, plus its dead-letter subject
-  * its own route-table key: ``$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.<self>``
+  * its own route-table key and its namespace's target keys:
+    ``$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.<self>`` and
+    ``…$KV.natsmesh-routes.to.*`` (a target is every caller's to read)
 subscribe:
   * ``mesh.<ns>.<self>.<version>.<ns>.*`` when it admits its own namespace, and
     ``mesh.<ns>.<self>.<version>.<caller-ns>.<caller>`` per other admitted
     caller, each with queue group ``<self>`` only
-  * ``_INBOX.mesh.<self>.>`` (its own inbox prefix) and ``$KV.natsmesh-routes.<self>``
+  * ``_INBOX.mesh.<self>.>`` (its own inbox prefix), ``$KV.natsmesh-routes.<self>``
+    and ``$KV.natsmesh-routes.to.*``
   * the micro-service discovery subjects for its own name
 no response permission (``resp``): with it, whoever receives a message may
 publish once to whatever reply subject the *sender* chose, and a service that
@@ -102,7 +105,11 @@ def routes_kv_pub(service: str) -> tuple[str, ...]:
     # the key's subject (see natsmesh_sidecar.table.KvWatch).
     stream = subjects.routes_stream()
     key = subjects.routes_key_subject(service)
-    return (f"{subjects.JS_API_PREFIX}.DIRECT.GET.{stream}.{key}",)
+    return (
+        f"{subjects.JS_API_PREFIX}.DIRECT.GET.{stream}.{key}",
+        # the policies of its namespace's services, read on first call
+        f"{subjects.JS_API_PREFIX}.DIRECT.GET.{stream}.{subjects.target_key_subject('*')}",
+    )
 
 
 def micro_pub() -> tuple[str, ...]:
@@ -164,6 +171,7 @@ def service_permissions(
         *(f"{s} {group}" for s in serve),
         f"{subjects.inbox_prefix(service)}.>",
         subjects.routes_key_subject(service),
+        subjects.target_key_subject("*"),
         *micro_sub(service),
     ]
     return Permissions(pub_allow=tuple(dict.fromkeys(pub)), sub_allow=tuple(sub))

@@ -44,7 +44,14 @@ from natsmesh_operator.wiring.permissions import (
     service_permissions,
 )
 from natsmesh_sidecar import subjects
-from natsmesh_sidecar.config import Delivery, Destination, MeshTable, Publication, Rule
+from natsmesh_sidecar.config import (
+    Delivery,
+    Destination,
+    MeshTable,
+    Publication,
+    Rule,
+    Target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +132,8 @@ class MeshPlan:
     consumers: tuple[ConsumerPlan, ...]
     tables: Mapping[tuple[str, str], MeshTable]
     problems: tuple[Problem, ...] = ()
+    targets: Mapping[tuple[str, str], Target] = field(default_factory=dict)
+    """Each service's policy for its own namespace's callers (KV ``to.<svc>``)."""
 
     def problems_for(self, kind: str, namespace: str, name: str) -> tuple[Problem, ...]:
         return tuple(
@@ -356,10 +365,13 @@ def plan(
                 )
             )
 
+    # Only grants across namespaces: they are few (listed by name), while a
+    # namespace's own services find each other through their Target keys.
     callable_by: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
-    for caller in primary:
-        for target, t in primary.items():
-            if t.allows(*caller):
+    for target, intent in primary.items():
+        for ref in intent.allowed_callers:
+            caller = ref.resolve(intent.namespace)
+            if caller[0] != target[0] and caller in primary:
                 callable_by[caller].append(target)
 
     accounts = _accounts(primary, callable_by, subs, limits or {})
@@ -412,13 +424,11 @@ def plan(
     compiled, route_problems = _compile_routes(routes, versions)
     problems += route_problems
     dest_cache: dict[tuple[str, str], Destination] = {}
-    hosts_in: dict[str, list[str]] = defaultdict(list)
-    for host_ns, host_svc in primary:
-        hosts_in[host_ns].append(subjects.host_of(host_ns, host_svc))
+    targets = {
+        key: _target(i, versions, compiled, dest_cache) for key, i in sorted(primary.items())
+    }
     tables = {
-        key: _table(
-            key, primary, versions, callable_by[key], subs_of[key], compiled, dest_cache, hosts_in
-        )
+        key: _table(key, primary, versions, callable_by[key], subs_of[key], compiled, dest_cache)
         for key in sorted(primary)
     }
     return MeshPlan(
@@ -428,6 +438,7 @@ def plan(
         consumers=consumers,
         tables=tables,
         problems=tuple(sorted(set(problems))),
+        targets=targets,
     )
 
 
@@ -543,6 +554,44 @@ def _compile_routes(
     return compiled, problems
 
 
+def _destination(
+    target: tuple[str, str],
+    versions: Mapping[tuple[str, str], list[str]],
+    compiled: Mapping[tuple[str, str], tuple[Rule, ...]],
+    dest_cache: dict[tuple[str, str], Destination],
+) -> Destination:
+    # A target's policy is the same for every caller: built once per pass.
+    dest = dest_cache.get(target)
+    if dest is None:
+        t_ns, t_svc = target
+        rules = compiled.get(target) or routes_mod.default_rules(t_ns, t_svc, versions[target])
+        dest = dest_cache[target] = Destination(namespace=t_ns, service=t_svc, rules=rules)
+    return dest
+
+
+def _target(
+    i: ServiceIntent,
+    versions: Mapping[tuple[str, str], list[str]],
+    compiled: Mapping[tuple[str, str], tuple[Rule, ...]],
+    dest_cache: dict[tuple[str, str], Destination],
+) -> Target:
+    dest = _destination(i.key, versions, compiled, dest_cache)
+    callers = sorted(
+        {
+            svc
+            for ns, svc in (c.resolve(i.namespace) for c in i.allowed_callers)
+            if ns == i.namespace
+        }
+    )
+    return Target(
+        namespace=i.namespace,
+        service=i.name,
+        admits_namespace=i.allow_same_namespace,
+        callers=tuple(callers),
+        rules=dest.rules,
+    ).with_generation()
+
+
 def _table(
     key: tuple[str, str],
     primary: Mapping[tuple[str, str], ServiceIntent],
@@ -551,25 +600,18 @@ def _table(
     subs: list[_Sub],
     compiled: Mapping[tuple[str, str], tuple[Rule, ...]],
     dest_cache: dict[tuple[str, str], Destination],
-    hosts_in: Mapping[str, list[str]],
 ) -> MeshTable:
     ns, svc = key
     i = primary[key]
-    # Same-namespace services are "known" (403 if not callable); other
-    # namespaces' services are only known when callable, so a tenant cannot
-    # map another tenant's services by probing for 403 vs 404.
-    known = sorted(set(hosts_in[ns]) | {subjects.host_of(n, s) for n, s in targets})
-    destinations = {}
-    for target in sorted(targets):
-        # A target's policy is the same for every caller: built once per pass
-        # (n callers x n targets of fresh models made a 1,000-service namespace
-        # take 85 s to plan).
-        dest = dest_cache.get(target)
-        if dest is None:
-            t_ns, t_svc = target
-            rules = compiled.get(target) or routes_mod.default_rules(t_ns, t_svc, versions[target])
-            dest = dest_cache[target] = Destination(namespace=t_ns, service=t_svc, rules=rules)
-        destinations[subjects.host_of(*target)] = dest
+    # Other namespaces' services are only known when callable, so a tenant
+    # cannot map another tenant's services by probing for 403 vs 404. Its own
+    # namespace's are Target keys (404 when there is none, 403 when it does
+    # not admit the caller).
+    known = sorted(subjects.host_of(n, s) for n, s in targets)
+    destinations = {
+        subjects.host_of(*target): _destination(target, versions, compiled, dest_cache)
+        for target in sorted(targets)
+    }
     publishes = {
         p.topic: Publication(
             topic=p.topic,

@@ -34,7 +34,7 @@ async def test_reapplying_the_same_plan_changes_nothing(nats_operator: OperatorN
     assert second.accounts_unchanged == ["shop"]
     assert len(second.streams_unchanged) == 4  # EVENTS_orders, 2 DLQ, the KV bucket
     assert len(second.consumers_unchanged) == 2
-    assert len(second.kv_unchanged) == 4
+    assert len(second.kv_unchanged) == 8  # four tables, four targets
 
 
 async def test_changing_one_subscription_touches_only_its_consumer_and_table(
@@ -137,7 +137,7 @@ async def test_prune_removes_only_what_is_gone(nats_operator: OperatorNats) -> N
         assert report.streams_deleted == ["shop/DLQ_inventory", "web/KV_natsmesh-routes"]
         consumer = subjects.consumer_name("inventory", "orders", "order.created")
         assert report.consumers_deleted == [f"shop/EVENTS_orders/{consumer}"]
-        assert report.kv_deleted == ["shop/inventory"]
+        assert report.kv_deleted == ["shop/inventory", "shop/to.inventory"]
         assert web_key.public not in await a.list_accounts()
         again = await a.apply(plan(without), prune=True)
         assert again.changes == {}

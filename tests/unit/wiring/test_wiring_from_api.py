@@ -99,7 +99,7 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
     )
     p = plan(intents, [route_intent(route)])
     assert p.problems == ()
-    (rule,) = p.tables[("shop", "gateway")].destinations["orders.shop"].rules
+    (rule,) = p.targets[("shop", "orders")].rules
     assert [(d.subject, d.weight) for d in rule.destinations] == [
         ("mesh.shop.orders.v1", 80),
         ("mesh.shop.orders.v2", 20),

@@ -38,6 +38,7 @@ def test_worked_example_orders_permissions() -> None:
         "_INBOX.mesh.gateway.>",
         "events.shop.orders.order.created",
         "$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.orders",
+        "$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.to.*",
         "_INBOX.natsmesh.>",
     )
     assert perms.sub_allow == (
@@ -45,6 +46,7 @@ def test_worked_example_orders_permissions() -> None:
         "mesh.shop.orders.v1.shop.gateway orders",
         "_INBOX.mesh.orders.>",
         "$KV.natsmesh-routes.orders",
+        "$KV.natsmesh-routes.to.*",
         "$SRV.PING",
         "$SRV.INFO",
         "$SRV.STATS",
@@ -96,11 +98,14 @@ def test_callee_hears_only_admitted_callers(caller: str, target: str, allowed: b
     assert not may_publish(users_.user("shop", caller).permissions, forged)
 
 
-def test_permission_size_does_not_grow_with_the_namespace() -> None:
+def test_size_does_not_grow_with_the_namespace() -> None:
     small = plan([ServiceIntent("a", f"s{i}") for i in range(10)])
-    big = plan([ServiceIntent("a", f"s{i}") for i in range(300)])
+    big = plan([ServiceIntent("a", f"s{i}") for i in range(2000)])
     assert small.user("a", "s1").permissions == big.user("a", "s1").permissions
     assert len(big.user("a", "s1").permissions.pub_allow) < 10
+    # Nor the caller's table: its namespace's services are one Target each.
+    assert small.tables[("a", "s1")].to_json() == big.tables[("a", "s1")].to_json()
+    assert len(big.targets) == 2000
 
 
 def test_default_policy_is_same_namespace_only() -> None:
@@ -109,8 +114,12 @@ def test_default_policy_is_same_namespace_only() -> None:
     assert x.pub_allow[:2] == ("mesh.*.*.*.a.x", "_INBOX.mesh.*.>")
     assert x.sub_allow[0] == "mesh.a.x.v1.a.* x"
     assert p.user("b", "z").permissions.sub_allow[0] == "mesh.b.z.v1.b.* z"
-    assert p.tables[("b", "z")].known == ("z.b",)
-    assert set(p.tables[("a", "x")].destinations) == {"x.a", "y.a"}
+    # A namespace's own services are Target keys, not entries of every table.
+    assert p.tables[("b", "z")].known == ()
+    assert p.tables[("a", "x")].destinations == {}
+    assert set(p.targets) == {("a", "x"), ("a", "y"), ("b", "z")}
+    assert p.targets[("a", "y")].admits_namespace
+    assert p.targets[("a", "y")].rules[0].destinations[0].subject == "mesh.a.y.v1"
     assert p.accounts["a"].imports == ()
     assert p.accounts["b"].exports == ()
 
@@ -142,7 +151,8 @@ def test_cross_namespace_caller_is_an_export_and_import() -> None:
     # JetStream is on for any non-zero storage limit; -1 is "unlimited", no reservation.
     assert claims["nats"]["limits"]["disk_storage"] == -1
     assert claims["nats"]["limits"]["mem_storage"] == -1
-    assert p.tables[("web", "frontend")].known == ("frontend.web", "orders.shop")
+    assert p.tables[("web", "frontend")].known == ("orders.shop",)
+    assert set(p.tables[("web", "frontend")].destinations) == {"orders.shop"}
 
 
 def test_cross_namespace_subscription_exports_the_consumer_api() -> None:

@@ -7,7 +7,7 @@ import pytest
 from natsmesh_operator.wiring.desired import CallerRef, ServiceIntent
 from natsmesh_operator.wiring.plan import plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
-from natsmesh_sidecar.config import CircuitBreaker, Match, MeshTable, Retries
+from natsmesh_sidecar.config import CircuitBreaker, Match, Retries, Target
 
 pytestmark = pytest.mark.unit
 
@@ -36,14 +36,14 @@ def canary(**rule: object) -> RouteIntent:
 
 
 def test_without_a_route_calls_go_to_v1() -> None:
-    dest = plan(services()).tables[("shop", "gateway")].destinations["orders.shop"]
+    dest = plan(services()).targets[("shop", "orders")]
     (rule,) = dest.rules
     assert [(d.version, d.weight, d.subject) for d in rule.destinations] == [
         ("v1", 100, "mesh.shop.orders.v1")
     ]
 
 
-def test_weighted_split_with_policies_is_compiled_into_every_callers_table() -> None:
+def test_weighted_split_with_policies_is_compiled_into_the_target() -> None:
     route = canary(
         timeout_ms=2000,
         retries=Retries(attempts=2, per_try_timeout_ms=500),
@@ -51,8 +51,7 @@ def test_weighted_split_with_policies_is_compiled_into_every_callers_table() -> 
     )
     p = plan(services(), [route])
     assert p.problems == ()
-    table = p.tables[("shop", "gateway")]
-    (rule,) = table.destinations["orders.shop"].rules
+    (rule,) = p.targets[("shop", "orders")].rules
     assert [(d.version, d.weight, d.subject) for d in rule.destinations] == [
         ("v1", 90, "mesh.shop.orders.v1"),
         ("v2", 10, "mesh.shop.orders.v2"),
@@ -61,15 +60,16 @@ def test_weighted_split_with_policies_is_compiled_into_every_callers_table() -> 
     assert rule.retries.attempts == 2
     assert rule.circuit_breaker
     assert rule.circuit_breaker.consecutive_failures == 3
-    assert MeshTable.from_json(table.to_json()) == table
-    assert table.generation != plan(services()).tables[("shop", "gateway")].generation
+    target = p.targets[("shop", "orders")]
+    assert Target.model_validate_json(target.to_json()) == target
+    assert target.generation != plan(services()).targets[("shop", "orders")].generation
+    # Callers' own tables do not change with a route of their namespace.
+    assert p.tables[("shop", "gateway")] == plan(services()).tables[("shop", "gateway")]
 
 
 def test_a_matching_rule_gets_a_catch_all_behind_it() -> None:
     route = canary(match=Match(path_prefix="/beta"))
-    (beta, rest) = (
-        plan(services(), [route]).tables[("shop", "gateway")].destinations["orders.shop"].rules
-    )
+    (beta, rest) = plan(services(), [route]).targets[("shop", "orders")].rules
     assert beta.match.path_prefix == "/beta"
     assert rest.match == Match()
     assert rest.destinations[0].version == "v1"
@@ -111,7 +111,7 @@ def test_a_matching_rule_gets_a_catch_all_behind_it() -> None:
 def test_bad_routes_are_problems_and_keep_default_rules(route: RouteIntent, reason: str) -> None:
     p = plan(services(), [route])
     assert [(x.kind, x.reason) for x in p.problems] == [("NatsRoute", reason)]
-    dest = p.tables[("shop", "gateway")].destinations["orders.shop"]
+    dest = p.targets[("shop", "orders")]
     assert dest.rules[0].destinations[0].subject == "mesh.shop.orders.v1"
 
 
