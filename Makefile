@@ -57,12 +57,14 @@ test-e2e e2e-local: venv tools ## the whole flow on the local control plane
 e2e-kind: ## the whole flow on kind with real pods (needs Docker)
 	NATSMESH_E2E_KIND=1 $(PYTEST) tests/e2e
 
-bench: venv tools ## benchmarks (not timed tests): sidecar and operator
+bench: venv tools ## benchmarks (not timed tests): sidecar, namespace scale and operator
 	$(BIN)/python -m bench.sidecar
+	$(BIN)/python -m bench.namespace_scale
 	hack/with-cluster.sh $(BIN)/python -m bench.operator_scale
 
-bench-quick: venv tools ## both benchmarks with tiny counts (CI runs these via tests/integration/bench)
+bench-quick: venv tools ## the benchmarks with tiny counts (CI runs these via tests/integration/bench)
 	$(BIN)/python -m bench.sidecar --quick
+	$(BIN)/python -m bench.namespace_scale --quick
 	hack/with-cluster.sh $(BIN)/python -m bench.operator_scale --quick
 
 clean: ## remove local state (not the tool cache)

@@ -58,3 +58,11 @@ def test_operator_bench_quick(crds: Cluster) -> None:
     assert "10 services in 2 namespace(s) created at once" in out
     assert "all Ready in" in out
     assert "operator RSS peak" in out
+
+
+@pytest.mark.timeout(120)
+def test_namespace_scale_bench_quick() -> None:
+    out = run_bench(["bench.namespace_scale", "--quick"], dict(os.environ), timeout=100)
+    assert "largest JWT" in out
+    assert "30 services in one namespace" in out
+    assert "20/20 random calls answered by the right service" in out
