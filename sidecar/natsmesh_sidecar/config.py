@@ -227,7 +227,7 @@ class SidecarSettings(_Wire):
     inbound_timeout_seconds: float = Field(30.0, gt=0)
     """The longest a caller may make this sidecar wait on its app: a caller's
     ``Nm-Timeout-Ms`` is clamped to it (and used when a caller sends none)."""
-    inbound_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    inbound_max_bytes: int = Field(8 * 1024 * 1024, ge=1)
     """Request bytes held at once, waiting for an app slot or in a call to
     the app; a request past it is answered 503 at once. Bounds memory under
     any caller: message counts alone let 1 MB bodies pile up."""

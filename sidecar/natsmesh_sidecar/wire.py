@@ -177,7 +177,7 @@ class Settings:
     idle_timeout_seconds: float = 120.0
     app_idle_timeout_seconds: float = 4.0
     inbound_timeout_seconds: float = 30.0
-    inbound_max_bytes: int = 16 * 1024 * 1024
+    inbound_max_bytes: int = 8 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

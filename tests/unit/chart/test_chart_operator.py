@@ -30,6 +30,7 @@ def test_env_contract_with_defaults() -> None:
         "NATSMESH_PEERING": "natsmesh",
         "NATSMESH_LOG_FORMAT": "json",
         "NATSMESH_API_CONNECTIONS": "32",
+        "NATSMESH_CREDS_TTL_SECONDS": "86400",
         "NATSMESH_NATS_MAX_CONTROL_LINE": "16384",
         "NATSMESH_APP_NETWORK_POLICY": "true",
     }
@@ -54,7 +55,12 @@ def test_values_flow_into_env() -> None:
                     "natsUrl": "nats://edge:4222",
                     "resources": {"cpuRequest": "5m", "memoryLimit": "48Mi"},
                 },
-                "operator": {"peering": "other", "logFormat": "text", "apiConnections": 0},
+                "operator": {
+                    "peering": "other",
+                    "logFormat": "text",
+                    "apiConnections": 0,
+                    "credsTTLSeconds": 3600,
+                },
             }
         )
     )
@@ -69,6 +75,7 @@ def test_values_flow_into_env() -> None:
     assert values["NATSMESH_PEERING"] == "other"
     assert values["NATSMESH_LOG_FORMAT"] == "text"
     assert values["NATSMESH_API_CONNECTIONS"] == "0"
+    assert values["NATSMESH_CREDS_TTL_SECONDS"] == "3600"
 
 
 def test_external_nats_env() -> None:
