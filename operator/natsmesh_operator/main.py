@@ -76,6 +76,10 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         # with a 15 s timer), an unbounded queue in the operator and load on
         # the API server. Our meaningful Normal events use kopf.event().
         settings.posting.level = logging.WARNING
+        # A drift timer still running when its NatsService is deleted holds the
+        # finalizer until kopf checks again: 60 s by default, which made a
+        # deletion under load take a minute. The timer only waits for a pass.
+        settings.background.cancellation_polling = 1
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.peering.name = cfg.peering or "natsmesh"

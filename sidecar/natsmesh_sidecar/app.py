@@ -285,16 +285,33 @@ class Sidecar:
                 raise TimeoutError("sidecar not ready")
             await asyncio.sleep(0.01)
 
-    async def _connect_loop(self) -> None:
-        """Connect (retrying until the server is there), then subscribe everything."""
+    def _options(self, box: list[Any]) -> dict[str, Any]:
+        """Connection options; the state callbacks act only while ``box[0]`` is
+        the current connection (an old one being drained must not touch it)."""
         s = self.settings
+
+        def current() -> bool:
+            return bool(box) and box[0] is self.nc
+
+        async def disconnected() -> None:
+            if current():
+                await self._on_disconnected()
+
+        async def reconnected() -> None:
+            if current():
+                await self._on_reconnected()
+
+        async def closed() -> None:
+            if current():
+                await self._on_closed()
+
         opts: dict[str, Any] = {
             "servers": [s.nats_url],
             "name": f"natsmesh-sidecar {self.source}",
             "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-            "closed_cb": self._on_closed,
+            "disconnected_cb": disconnected,
+            "reconnected_cb": reconnected,
+            "closed_cb": closed,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
             "connect_timeout": 2,
@@ -307,23 +324,42 @@ class Sidecar:
             # Signed from the in-memory copy checked when the file was read.
             opts["user_jwt_cb"] = self._user_jwt
             opts["signature_cb"] = self._sign
+        return opts
+
+    async def _open(self, *, retry: bool = True) -> Any:
+        """A new connection (retrying until the server is there unless not ``retry``)."""
+        box: list[Any] = []
         while not self._stop.is_set():
             try:
-                nc = await nats.connect(**opts)
-                break
+                nc = await nats.connect(**self._options(box))
+                box.append(nc)
+                return nc
             except Exception as exc:
-                logger.warning("NATS connect to %s failed: %s; retrying", s.nats_url, exc)
+                logger.warning("NATS connect to %s failed: %s", self.settings.nats_url, exc)
+                if not retry:
+                    return None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 0.5)
-        else:
-            return
-        self.nc = nc
-        self._js = None
-        self.metrics.nats_connected.set(1)
+        return None
+
+    async def _serve_on(self, nc: Any) -> tuple[FastPath, dict[str, Any]]:
         fast = FastPath(nc)
-        await fast.start(subjects.inbox_prefix(s.service))
-        self.fast = fast
-        await self._sync_serving()
+        await fast.start(subjects.inbox_prefix(self.settings.service))
+        serving = {
+            subject: await fast.subscribe(subject, queue, self._on_request)
+            for subject, queue in self._serve_wanted().items()
+        }
+        return fast, serving
+
+    async def _connect_loop(self) -> None:
+        """Connect, then subscribe everything."""
+        s = self.settings
+        nc = await self._open()
+        if nc is None:
+            return
+        fast, serving = await self._serve_on(nc)
+        self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
+        self.metrics.nats_connected.set(1)
         await self.micro.start(nc)
         await nc.flush()
         # Ready only once the server has our subscriptions.
@@ -349,24 +385,63 @@ class Sidecar:
                 logger.error("route table watch on %s failed: %s", self.kv_watch.subject, exc)
         self._sync_consumers()
 
+    async def _renew(self) -> None:
+        """Take up new creds without failing a request: make before break.
+
+        A second connection signs with the new creds and subscribes like the
+        first (same queue groups, so both share the load meanwhile); new calls
+        go out on it; then the old one stops hearing requests, its calls in
+        flight get their answers (bounded by the longest route timeout), its
+        event deliveries in hand finish, and it closes. A forced reconnect
+        instead failed every call in flight and every call of the gap.
+        """
+        old_nc, old_fast, old_serving = self.nc, self.fast, self.serving
+        if old_nc is None or self.draining:
+            return
+        nc = await self._open(retry=False)
+        if nc is None:
+            # The old connection carries on (and re-signs with the new creds
+            # if the server ever drops it).
+            logger.error("new creds: connecting with them failed; keeping the current connection")
+            return
+        fast, serving = await self._serve_on(nc)
+        old_micro = list(self.micro.subs)
+        self.micro.subs.clear()
+        await self.micro.start(nc)
+        await nc.flush()
+        self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
+        self.sub = self.serving
+        self.metrics.nats_connected.set(1)
+        self.metrics.creds_renewals.inc()
+        logger.info("creds renewed: new connection serving %s; draining the old", sorted(serving))
+        if self.targets is not None:
+            with contextlib.suppress(Exception):
+                await self.targets.start(nc)
+        if self.kv_watch is not None:
+            with contextlib.suppress(Exception):
+                await self.kv_watch.start(nc)
+        old_consumers = list(self.consumers.values())
+        self.consumers.clear()
+        self._sync_consumers()
+        for sub in [*old_serving.values(), *old_micro]:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        grace = self.settings.drain_seconds
+        await asyncio.gather(*(c.close(grace) for c in old_consumers))
+        # Calls in flight on the old connection: at most the longest timeout.
+        for _ in range(int(max(grace, 30.0) / 0.05)):
+            if old_fast is None or not old_fast.waiters:
+                break
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            await old_nc.close()
+
     def _serve_wanted(self) -> dict[str, str]:
         """Request subscriptions: exactly the callers the JWT lets us hear."""
         if self.creds is not None:
             return dict(subjects.serve_subjects(self.creds.subscribe, self.subject))
         # No creds (a dev server without accounts): every caller.
         return {f"{self.subject}.*.*": subjects.queue_group(self.settings.service)}
-
-    async def _sync_serving(self) -> None:
-        fast = self.fast
-        if fast is None or self.draining:
-            return
-        wanted = self._serve_wanted()
-        for subject in [x for x in self.serving if x not in wanted]:
-            with contextlib.suppress(Exception):
-                await self.serving.pop(subject).unsubscribe()
-        for subject, queue in wanted.items():
-            if subject not in self.serving:
-                self.serving[subject] = await fast.subscribe(subject, queue, self._on_request)
 
     def _on_request(self, msg: Reply) -> None:
         """Admit a request only as from the caller its subject names (see
@@ -420,14 +495,10 @@ class Sidecar:
                 continue
             self.creds = creds
             self.permissions = creds.permissions
-            nc = self.nc
-            if nc is not None:
-                # The connection signs with self.creds: a reconnect presents the
-                # new JWT; nats-py restores the subscriptions.
-                logger.info("creds changed; reconnecting with the new user JWT")
-                await nc.force_reconnect()
-                # The new JWT may admit other callers: serve exactly those.
-                await self._sync_serving()
+            if self.nc is not None:
+                # The new JWT may admit other callers: the new connection
+                # serves exactly those.
+                await self._renew()
 
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)

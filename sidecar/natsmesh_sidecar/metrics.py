@@ -119,6 +119,11 @@ class Metrics:
         )
         self.nats_connected = Gauge(p + "nats_connected", "1 while connected to NATS", registry=r)
         self.nats_reconnects = Counter(p + "nats_reconnects", "NATS reconnections", registry=r)
+        self.creds_renewals = Counter(
+            p + "creds_renewals",
+            "New creds taken up: a second connection opened, then the old one drained",
+            registry=r,
+        )
         self.nats_errors = Counter(
             p + "nats_async_errors", "Asynchronous NATS errors", ["kind"], registry=r
         )

@@ -363,6 +363,16 @@ async def test_route_table_change_in_kv_is_hot_applied_without_dropping_requests
     assert len(load.results) > 50
 
 
+async def drained_to_one(mesh: JwtMesh, name: str) -> str:
+    """The user of the sidecar's one connection, once a renewal has drained the old."""
+    for _ in range(100):
+        try:
+            return connected_user(mesh, name)
+        except AssertionError:
+            await asyncio.sleep(0.05)
+    return connected_user(mesh, name)
+
+
 def connected_user(mesh: JwtMesh, name: str) -> str:
     url = f"{mesh.on.server.monitor_url}/connz?auth=1&limit=1024"
     with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310
@@ -374,6 +384,39 @@ def connected_user(mesh: JwtMesh, name: str) -> str:
     return str(users_seen[0])
 
 
+async def test_renewed_creds_are_taken_up_without_a_failed_request(jwt_mesh: JwtMesh) -> None:
+    """The operator renews a JWT (same key, later expiry) well before it
+    expires: the sidecar opens a connection with it, moves to it and drains
+    the old one; the calls running meanwhile, both ways, all succeed."""
+    ring = jwt_mesh.on.keyring
+    load = Load(jwt_mesh.port)
+    load.start()
+    await asyncio.sleep(0.3)
+    for svc in ("gateway", "orders"):
+        sidecar = getattr(jwt_mesh, svc)
+        before = metric(sidecar, "natsmesh_sidecar_creds_renewals_total")
+        renewed = users.issue(
+            jwt_mesh.plan.user(NS, svc),
+            ring.account(NS),
+            user_key=ring.user(NS, svc),
+            ttl_seconds=7200,
+        )
+        write_creds(jwt_mesh.creds[svc], renewed.creds)
+        await wait_for(
+            lambda s=sidecar, b=before: metric(s, "natsmesh_sidecar_creds_renewals_total") > b,
+            5,
+            f"{svc} taking up its renewed creds",
+        )
+        await asyncio.sleep(0.3)
+    await load.finish()
+    assert load.statuses() == {200: len(load.results)}, load.statuses()
+    assert len(load.results) > 50
+    assert metric(jwt_mesh.gateway, "natsmesh_sidecar_nats_reconnects_total") == 0
+    # Exactly one connection each is left, on the new JWT.
+    name = f"natsmesh-sidecar gateway.{NS}"
+    assert await drained_to_one(jwt_mesh, name) == ring.user(NS, "gateway").public
+
+
 async def test_creds_reload_reconnects_with_the_reissued_jwt(jwt_mesh: JwtMesh) -> None:
     """Rotate gateway's user (new key, new JWT), then revoke the old key: the
     sidecar must be on the new one by then and serve throughout, with at most a
@@ -383,7 +426,7 @@ async def test_creds_reload_reconnects_with_the_reissued_jwt(jwt_mesh: JwtMesh) 
     old_key, new_key = ring.rotate_user(NS, "gateway")
     assert old_key is not None
     assert connected_user(jwt_mesh, name) == old_key.public
-    reconnects = metric(jwt_mesh.gateway, "natsmesh_sidecar_nats_reconnects_total")
+    renewals = metric(jwt_mesh.gateway, "natsmesh_sidecar_creds_renewals_total")
 
     load = Load(jwt_mesh.port)
     load.start()
@@ -391,12 +434,12 @@ async def test_creds_reload_reconnects_with_the_reissued_jwt(jwt_mesh: JwtMesh) 
     reissued = users.issue(jwt_mesh.plan.user(NS, "gateway"), ring.account(NS), user_key=new_key)
     write_creds(jwt_mesh.creds["gateway"], reissued.creds)
     await wait_for(
-        lambda: metric(jwt_mesh.gateway, "natsmesh_sidecar_nats_reconnects_total") > reconnects,
+        lambda: metric(jwt_mesh.gateway, "natsmesh_sidecar_creds_renewals_total") > renewals,
         5,
-        "the reconnect with the new creds",
+        "the move to the new creds",
     )
     await wait_for(jwt_mesh.gateway.ready, 5, "ready again")
-    assert connected_user(jwt_mesh, name) == new_key.public
+    assert await drained_to_one(jwt_mesh, name) == new_key.public
     # The old key is now useless to anyone; the sidecar is not affected.
     await jwt_mesh.apply(jwt_mesh.plan, revocations={NS: {old_key.public: int(time.time())}})
     await asyncio.sleep(0.5)
