@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
-        test-unit test-integration test-security test-e2e e2e-local e2e-kind bench clean
+        test-unit test-integration test-security test-e2e e2e-local e2e-kind bench clean \
+        images docker-down
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -15,6 +16,12 @@ venv: ## create .venv from the hashed lock files
 
 tools: ## build kube-apiserver & co, etcd, kwok, helm, nats CLI into ~/.cache/natsmesh
 	@hack/tools.sh
+
+images: ## build the sidecar, operator and demo-app images (Docker from Debian, no registry)
+	@hack/images.sh
+
+docker-down: ## stop the dockerd that hack/docker.sh started (not one it found running)
+	@hack/docker.sh down
 
 cluster-up: tools ## start the local control plane (kwok, two fake nodes)
 	@hack/cluster.sh up

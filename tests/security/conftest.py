@@ -1,4 +1,4 @@
-"""The security tier: every test is an attack that must fail next to a legitimate call that works."""
+"""The security tier: each test is an attack that must fail next to a legitimate call that works."""
 
 from __future__ import annotations
 
