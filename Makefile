@@ -6,7 +6,7 @@ PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
         test-unit test-integration test-security test-e2e e2e-local e2e-kind bench clean \
-        images docker-down
+        images docker-down kind-tools kind-image kind-up kind-down
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,6 +22,18 @@ images: ## build the sidecar, operator and demo-app images (Docker from Debian, 
 
 docker-down: ## stop the dockerd that hack/docker.sh started (not one it found running)
 	@hack/docker.sh down
+
+kind-tools: ## build kubelet/kubeadm/kube-proxy, kind, containerd, runc, CNI, CoreDNS, pause, nats-server
+	@hack/kind-tools.sh
+
+kind-image: tools kind-tools ## build the kind node image offline (component images from kubeadm's list)
+	@hack/kind.sh image
+
+kind-up: venv tools kind-tools ## a two-node kind cluster with real kubelets, natsmesh's images loaded
+	@hack/kind.sh up
+
+kind-down: ## delete the kind cluster (dockerd stays up; `make docker-down` stops the one we started)
+	@hack/kind.sh down
 
 cluster-up: tools ## start the local control plane (kwok, two fake nodes)
 	@hack/cluster.sh up

@@ -17,6 +17,10 @@
 #   hack/images.sh            build what is missing, print the sizes
 #   hack/images.sh --print    print the image names (base, build, sidecar,
 #                             operator, app), build nothing
+#   hack/images.sh --rootfs <name> <pkg,pkg,...>
+#                             only make the mmdebstrap image natsmesh/<name>:<key>
+#                             with those packages (the kind node's OS, the
+#                             kube-proxy base) and print its name
 #
 # Everything is cached by content: the root file systems under
 # ~/.cache/natsmesh/images/<name>-<key>/ (key = hash of the mmdebstrap
@@ -103,7 +107,9 @@ base_image() {
     touch "$dir.tmp/.complete"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
   fi
-  "$DOCKER" import --change 'CMD ["python3"]' "$dir/rootfs.tar" "$image" >/dev/null
+  local change=()
+  [[ ",$packages," == *,python3,* ]] && change=(--change 'CMD ["python3"]')
+  "$DOCKER" import "${change[@]}" "$dir/rootfs.tar" "$image" >/dev/null
   timer "$image imported" "$start"
 }
 
@@ -148,6 +154,12 @@ build() {
   nice -n 10 "$DOCKER" build -q -t "$image" "$@" >/dev/null
   timer "$image built" "$start"
 }
+
+if [[ "${1:-}" == "--rootfs" ]]; then
+  base_image "$2" "$3" >&2
+  image_of "$2" "$3"
+  exit 0
+fi
 
 total=$SECONDS
 base_image base "$BASE_PACKAGES"
