@@ -30,6 +30,10 @@ RUN ln -s /usr/share/python-wheels/pip-*.whl /pip
 
 FROM ${BASE_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONPATH=/app
+# A name for the numeric user: getpass.getuser() (kopf's peering identity)
+# and friends raise for a uid without a passwd entry.
+RUN echo "nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin" >> /etc/passwd \
+    && echo "nonroot:x:65532:" >> /etc/group
 
 # ---- sidecar: nats-py, pydantic, prometheus-client, httptools, uvloop ------
 FROM build AS sidecar-deps

@@ -73,8 +73,8 @@ test-security: venv tools ## each known attack against real servers: it fails, t
 test-e2e e2e-local: venv tools ## the whole flow on the local control plane
 	hack/with-cluster.sh $(PYTEST) tests/e2e
 
-e2e-kind: ## the whole flow on kind with real pods (needs Docker)
-	NATSMESH_E2E_KIND=1 $(PYTEST) tests/e2e
+e2e-kind: venv tools kind-tools ## the whole flow on kind with real pods (Docker from Debian; builds the node image offline)
+	NATSMESH_E2E_KIND=1 $(PYTEST) tests/e2e/test_e2e_kind.py
 
 bench: venv ## benchmarks (not timed tests): sidecar and operator
 	$(BIN)/python bench/sidecar.py

@@ -8,6 +8,7 @@
 #   kind        the kind CLI (sigs.k8s.io/kind)
 #   containerd  containerd, containerd-shim-runc-v2, ctr (v2; no cgo, kind's tags)
 #   runc        runc (cgo + libseccomp, as kind builds it)
+#   critools    crictl (kind load and kind export logs use it on the nodes)
 #   cni         host-local, loopback, ptp, bridge, portmap
 #   coredns     CoreDNS with the plugins kubeadm's Corefile uses (main.go here)
 #   pause       the pod sandbox process (main.go here)
@@ -24,7 +25,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${NATSMESH_CACHE:-$HOME/.cache/natsmesh}"
 k8s_version="v1.36.3"
-sets=(node kind containerd runc cni coredns pause nats)
+sets=(node kind containerd runc critools cni coredns pause nats)
 
 key_of() {
   (cd "$here/tools/$1" && cat go.mod go.sum $(ls ./*.go 2>/dev/null)) | sha256sum | cut -c1-12
@@ -82,6 +83,7 @@ if ! [[ -f /usr/include/seccomp.h ]]; then
 fi
 build_set runc 1 "seccomp urfave_cli_no_docs" "-X main.version=${runc_version#v}" \
   github.com/opencontainers/runc
+build_set critools 0 "" "" sigs.k8s.io/cri-tools/cmd/crictl
 build_set cni 0 "" "" \
   github.com/containernetworking/plugins/plugins/ipam/host-local \
   github.com/containernetworking/plugins/plugins/main/loopback \

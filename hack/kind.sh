@@ -44,6 +44,14 @@ PROXY_OS_PACKAGES=iptables,nftables,conntrack
 
 log() { echo "kind: $*" >&2; }
 
+# What an interrupted node-image build leaves behind.
+CLEANUP_DIR="" CLEANUP_CONTAINER=""
+cleanup() {
+  [[ -z "$CLEANUP_DIR" ]] || rm -rf "$CLEANUP_DIR"
+  [[ -z "$CLEANUP_CONTAINER" ]] || "$DOCKER" rm -f -v "$CLEANUP_CONTAINER" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
 all_bin_dirs() { "$here/tools.sh" --print; "$here/kind-tools.sh" --print; }
 bin_of() {
   local d
@@ -130,12 +138,12 @@ node_image() {
   component_images
   local kind_dir; kind_dir="$(kind_module_dir)"
 
-  local ctx; ctx="$(mktemp -d)"
-  trap 'rm -rf "$ctx"' RETURN
+  CLEANUP_DIR="$(mktemp -d)"
+  local ctx="$CLEANUP_DIR"
   cp -r "$kind_dir/images/base/files" "$ctx/files" && chmod -R u+w "$ctx/files"
   mkdir -p "$ctx/bin" "$ctx/cni"
   local b
-  for b in containerd containerd-shim-runc-v2 ctr runc kubelet kubeadm kubectl; do
+  for b in containerd containerd-shim-runc-v2 ctr runc crictl kubelet kubeadm kubectl; do
     cp "$(bin_of "$b")" "$ctx/bin/"
   done
   for b in host-local loopback ptp bridge portmap; do cp "$(bin_of "$b")" "$ctx/cni/"; done
@@ -147,6 +155,7 @@ node_image() {
   NODE_IMAGE="natsmesh/kind-node:$k8s_version-$key"
   if "$DOCKER" image inspect "$NODE_IMAGE" >/dev/null 2>&1; then
     log "node image $NODE_IMAGE present"
+    rm -rf "$ctx"
     return
   fi
   log "building $NODE_IMAGE"
@@ -155,10 +164,8 @@ node_image() {
     --build-arg "PAUSE_IMAGE=$PAUSE_IMAGE" "$ctx" >/dev/null
 
   # Import the component images into the node's containerd, then commit.
-  local cid
-  cid="$("$DOCKER" run -d --privileged --entrypoint sleep "$NODE_IMAGE-base" infinity)"
-  # shellcheck disable=SC2064
-  trap "rm -rf '$ctx'; '$DOCKER' rm -f -v '$cid' >/dev/null 2>&1 || true" RETURN
+  CLEANUP_CONTAINER="$("$DOCKER" run -d --privileged --entrypoint sleep "$NODE_IMAGE-base" infinity)"
+  local cid="$CLEANUP_CONTAINER"
   "$DOCKER" exec "$cid" sh -c 'containerd >/tmp/containerd.log 2>&1 &'
   for _ in $(seq 1 60); do
     "$DOCKER" exec "$cid" ctr info >/dev/null 2>&1 && break
@@ -175,7 +182,9 @@ node_image() {
     --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' \
     "$cid" "$NODE_IMAGE" >/dev/null
   "$DOCKER" rm -f -v "$cid" >/dev/null
+  CLEANUP_CONTAINER=""
   "$DOCKER" rmi "$NODE_IMAGE-base" >/dev/null
+  rm -rf "$ctx"
   log "node image $NODE_IMAGE built in $((SECONDS - start))s"
 }
 

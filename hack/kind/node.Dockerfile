@@ -3,7 +3,8 @@
 # the context; nothing in it comes from a registry):
 #   files/   kind's images/base/files, read from the kind module in the Go
 #            module cache at build time (not copied into this repository)
-#   bin/     containerd v2, ctr, the runc shim, runc, kubelet, kubeadm, kubectl
+#   bin/     containerd v2, ctr, the runc shim, runc, crictl, kubelet, kubeadm,
+#            kubectl
 #   cni/     host-local, loopback, ptp, bridge, portmap
 #   cri-base.json  `ctr oci spec` + kind's product-files hook, no rlimits
 # OS_IMAGE is Debian bookworm from mmdebstrap with systemd and the network
@@ -26,7 +27,7 @@ RUN chmod 0755 /kind /kind/bin /kind/bin/* /usr/local/bin/* \
     && systemctl enable kubelet.service containerd.service undo-mount-hacks.service \
     && systemctl mask systemd-binfmt.service \
     && mkdir -p /etc/kubernetes/manifests /opt/cni/bin /etc/cni/net.d
-COPY bin/containerd bin/containerd-shim-runc-v2 bin/ctr /usr/local/bin/
+COPY bin/containerd bin/containerd-shim-runc-v2 bin/ctr bin/crictl /usr/local/bin/
 COPY bin/runc /usr/local/sbin/runc
 COPY cni/ /opt/cni/bin/
 COPY cri-base.json /etc/containerd/cri-base.json

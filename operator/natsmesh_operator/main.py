@@ -11,7 +11,10 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
 import sys
+import time
 from typing import Any
 
 import aiohttp
@@ -131,6 +134,9 @@ def main(argv: list[str]) -> int:
         priority=settings.peering_priority,
         memo=kopf.Memo(config=settings),
         liveness_endpoint=None,
+        # kopf's default peering identity is user@host, and getpass.getuser()
+        # raises for a uid with no passwd entry (runAsUser: any number).
+        identity=f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}",
     )
     return 0
 

@@ -306,6 +306,12 @@ def test_helm_uninstall_leaves_nothing_behind(shop: KindShop, release: Kind) -> 
     kind.kubectl("delete", "natsservices,natsroutes", "--all", "-n", ns, "--timeout=120s")
     kind.helm("uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout", "5m")
     selector = f"app.kubernetes.io/instance={RELEASE}"
+    # Real pods terminate gracefully (NATS lame duck, the operator's drain):
+    # helm is done when their owners are gone, the pods follow.
+    kind.kubectl(
+        "wait", "--for=delete", "pods", "-l", selector, "-n", SYSTEM_NS, "--timeout=180s",
+        timeout=240,
+    )  # fmt: skip
     namespaced = kind.kubectl(
         "get", scenarios.RELEASE_KINDS, "-n", SYSTEM_NS, "-l", selector, "-o", "name"
     ).split()  # fmt: skip

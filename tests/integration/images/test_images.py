@@ -82,6 +82,9 @@ def test_images_run_as_the_numeric_non_root_user(images: Images) -> None:
         # securityContext would get.
         out = images.python(image, "import os; print(os.getuid(), os.getgid())")
         assert out == f"{UID} {UID}", image
+    # The uid has a name: kopf's peering identity uses getpass.getuser().
+    for image in (images.sidecar, images.operator):
+        assert images.python(image, "import getpass; print(getpass.getuser())") == "nonroot"
 
 
 def test_runtime_images_carry_no_build_tools(images: Images) -> None:
