@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import kopf
@@ -136,7 +136,8 @@ def main(argv: list[str]) -> int:
         liveness_endpoint=None,
         # kopf's default peering identity is user@host, and getpass.getuser()
         # raises for a uid with no passwd entry (runAsUser: any number).
-        identity=f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}",
+        # (kopf types it as a NewType of str it does not export.)
+        identity=cast(Any, f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}"),
     )
     return 0
 
