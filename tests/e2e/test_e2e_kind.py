@@ -299,6 +299,50 @@ def test_metrics_count_requests(shop: KindShop) -> None:
     scenarios.check_metrics(shop)
 
 
+PROBE = """
+import errno, os
+try:
+    open("/natsmesh-probe", "w")
+    fs = "rw"
+except OSError as e:
+    fs = errno.errorcode[e.errno]
+caps = next(l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff"))
+print(os.getuid(), os.getgid(), fs, caps)
+"""
+
+
+def test_containers_run_as_non_root_with_read_only_root_and_no_caps(
+    shop: KindShop, release: Kind
+) -> None:
+    """Checked from inside each running container, app and injected sidecar alike."""
+    for resource, pod in shop.pods.items():
+        spec = json.loads(release.kubectl("get", "pod", "-n", shop.namespace, pod, "-o", "json"))
+        for container in (spec["spec"]["containers"][0]["name"], SIDECAR):
+            out = release.kubectl(
+                "exec", "-n", shop.namespace, pod, "-c", container, "--",
+                "python3", "-c", PROBE,
+            ).split()  # fmt: skip
+            assert out == ["65532", "65532", "EROFS", "0000000000000000"], (resource, container)
+
+
+def test_native_sidecar_is_ready_before_the_app_starts(shop: KindShop, release: Kind) -> None:
+    """The kubelet starts the app only once the sidecar (an init container with
+    restartPolicy Always) passed its startup/readiness: real ordering, not emulated."""
+    for resource, pod in shop.pods.items():
+        status = json.loads(release.kubectl("get", "pod", "-n", shop.namespace, pod, "-o", "json"))[
+            "status"
+        ]
+        sidecar = next(c for c in status["initContainerStatuses"] if c["name"] == SIDECAR)
+        app = status["containerStatuses"][0]
+        assert sidecar["started"], resource
+        assert sidecar["ready"], resource
+        sidecar_started = sidecar["state"]["running"]["startedAt"]
+        app_started = app["state"]["running"]["startedAt"]
+        assert sidecar_started <= app_started, (resource, sidecar_started, app_started)
+        # A container that crashed before its first call would show restarts.
+        assert app["restartCount"] == 0, resource
+
+
 def test_helm_uninstall_leaves_nothing_behind(shop: KindShop, release: Kind) -> None:
     """Runs last in this module (pytest keeps file order): removes the shop, then the release."""
     kind = release
