@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
-        test-unit test-integration test-security test-e2e e2e-local e2e-kind bench bench-quick clean
+        test-unit test-integration test-security test-e2e e2e-local e2e-kind bench bench-quick \
+        clean images docker-down kind-tools kind-image kind-up kind-down
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -15,6 +16,24 @@ venv: ## create .venv from the hashed lock files
 
 tools: ## build kube-apiserver & co, etcd, kwok, helm, nats CLI into ~/.cache/natsmesh
 	@hack/tools.sh
+
+images: ## build the sidecar, operator and demo-app images (Docker from Debian, no registry)
+	@hack/images.sh
+
+docker-down: ## stop the dockerd that hack/docker.sh started (not one it found running)
+	@hack/docker.sh down
+
+kind-tools: ## build kubelet/kubeadm/kube-proxy, kind, containerd, runc, CNI, CoreDNS, pause, nats-server
+	@hack/kind-tools.sh
+
+kind-image: tools kind-tools ## build the kind node image offline (component images from kubeadm's list)
+	@hack/kind.sh image
+
+kind-up: venv tools kind-tools ## a two-node kind cluster with real kubelets, natsmesh's images loaded
+	@hack/kind.sh up
+
+kind-down: ## delete the kind cluster (dockerd stays up; `make docker-down` stops the one we started)
+	@hack/kind.sh down
 
 cluster-up: tools ## start the local control plane (kwok, two fake nodes)
 	@hack/cluster.sh up
@@ -54,8 +73,8 @@ test-security: venv tools ## each known attack against real servers: it fails, t
 test-e2e e2e-local: venv tools ## the whole flow on the local control plane
 	hack/with-cluster.sh $(PYTEST) tests/e2e
 
-e2e-kind: ## the whole flow on kind with real pods (needs Docker)
-	NATSMESH_E2E_KIND=1 $(PYTEST) tests/e2e
+e2e-kind: venv tools kind-tools ## the whole flow on kind with real pods (Docker from Debian; builds the node image offline)
+	NATSMESH_E2E_KIND=1 $(PYTEST) tests/e2e/test_e2e_kind.py
 
 bench: venv tools ## benchmarks (not timed tests): sidecar, namespace scale and operator
 	$(BIN)/python -m bench.sidecar

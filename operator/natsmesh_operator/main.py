@@ -11,8 +11,11 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
 import sys
-from typing import Any
+import time
+from typing import Any, cast
 
 import aiohttp
 import kopf
@@ -135,6 +138,10 @@ def main(argv: list[str]) -> int:
         priority=settings.peering_priority,
         memo=kopf.Memo(config=settings),
         liveness_endpoint=None,
+        # kopf's default peering identity is user@host, and getpass.getuser()
+        # raises for a uid with no passwd entry (runAsUser: any number).
+        # (kopf types it as a NewType of str it does not export.)
+        identity=cast(Any, f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}"),
     )
     return 0
 
