@@ -446,22 +446,22 @@ _SETTINGS = (
 )
 
 
-def parse_table(raw: bytes | str) -> MeshTable:
-    """A :class:`MeshTable` from its KV/file JSON; :class:`WireError` if config would refuse it."""
+def _parse(raw: bytes | str, where: str, model: tuple[type[T], tuple[_F, ...]]) -> T:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise WireError(f"table is not JSON: {exc}") from None
-    return _build(data, "table", (MeshTable, _TABLE))
+        raise WireError(f"{where} is not JSON: {exc}") from None
+    return _build(data, where, model)
+
+
+def parse_table(raw: bytes | str) -> MeshTable:
+    """A :class:`MeshTable` from its KV/file JSON; :class:`WireError` if config would refuse it."""
+    return _parse(raw, "table", (MeshTable, _TABLE))
 
 
 def parse_target(raw: bytes | str) -> Target:
     """A :class:`Target` from its KV JSON; :class:`WireError` if config would refuse it."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise WireError(f"target is not JSON: {exc}") from None
-    return _build(data, "target", (Target, _TARGET))
+    return _parse(raw, "target", (Target, _TARGET))
 
 
 def coerce_table(table: object) -> MeshTable:

@@ -70,6 +70,14 @@ async def refused_within(op: OperatorProcess, creds: str, seconds: float) -> flo
     raise AssertionError(f"old creds still accepted after {seconds}s\n{op.tail()}")
 
 
+def replaced(op: OperatorProcess, namespace: str, name: str, old: str) -> str:
+    """The creds the operator wrote in place of ``old``."""
+    op.wait_for(f"{name}'s new creds", lambda: creds_of(op, namespace, name) not in (None, old), 30)
+    current = creds_of(op, namespace, name)
+    assert current is not None
+    return current
+
+
 def apply(op: OperatorProcess, namespace: str, manifest: str) -> None:
     op.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
 
@@ -104,14 +112,9 @@ async def test_narrowing_revokes_the_old_creds_at_once(
     # b stops admitting its namespace: only x may call it now.
     changed = time.monotonic()
     apply(mesh_operator, ns, nsvc("b", allowSameNamespace=False, allowedCallers=[{"service": "x"}]))
-    mesh_operator.wait_for(
-        "b's re-issued creds",
-        lambda: creds_of(mesh_operator, ns, "b") not in (None, stolen),
-    )
     took = await refused_within(mesh_operator, stolen, 15)
     print(f"narrowing re-issue -> old creds refused: {time.monotonic() - changed:.2f}s")
-    current = creds_of(mesh_operator, ns, "b")
-    assert current is not None
+    current = replaced(mesh_operator, ns, "b", stolen)
     assert claims(current)["sub"] != claims(stolen)["sub"], "a new key"
     assert wide not in claims(current)["nats"]["sub"]["allow"]
     assert await connects(mesh_operator, current), "the service itself keeps working"
@@ -139,12 +142,7 @@ async def test_a_secret_deleted_by_hand_revokes_the_copy(
     )
     mesh_operator.cluster.kubectl("delete", "secret", "natsmesh-c-creds", "-n", ns)
     await refused_within(mesh_operator, stolen, 30)
-    mesh_operator.wait_for(
-        "new creds", lambda: creds_of(mesh_operator, ns, "c") not in (None, stolen), 30
-    )
-    current = creds_of(mesh_operator, ns, "c")
-    assert current is not None
-    assert await connects(mesh_operator, current)
+    assert await connects(mesh_operator, replaced(mesh_operator, ns, "c", stolen))
 
 
 async def test_deleting_the_service_revokes_its_user(

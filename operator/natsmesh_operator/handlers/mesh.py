@@ -25,9 +25,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from lightkube import AsyncClient
 
@@ -104,6 +104,9 @@ def bootstrap_from_secret(data: Mapping[str, str]) -> Bootstrap:
         system_user_creds=data[FILES["system_user_creds"]],
         resolver_dir=_resolver_dir_of(data[FILES["auth_conf"]]),
     )
+
+
+R = TypeVar("R", NatsService, NatsRoute)
 
 
 def _revocation_count(revocations: Mapping[str, Mapping[str, int]]) -> int:
@@ -552,20 +555,24 @@ def _with_intents(
     The CRD schema should make this a no-op; it is what keeps one resource
     the models accept but the wiring cannot read from failing every pass.
     """
-    ok_services = []
-    for svc, body in services:
+    return (
+        _readable("NatsService", services, intents.service_intent, invalid),
+        _readable("NatsRoute", routes, intents.route_intent, invalid),
+    )
+
+
+def _readable(
+    kind: str,
+    items: list[tuple[R, Mapping[str, Any]]],
+    to_intent: Callable[[R], object],
+    invalid: list[kube.Invalid],
+) -> list[tuple[R, Mapping[str, Any]]]:
+    ok = []
+    for resource, body in items:
         try:
-            intents.service_intent(svc)
+            to_intent(resource)
         except Exception as exc:
-            invalid.append(kube.Invalid("NatsService", body, f"{type(exc).__name__}: {exc}"))
+            invalid.append(kube.Invalid(kind, body, f"{type(exc).__name__}: {exc}"))
         else:
-            ok_services.append((svc, body))
-    ok_routes = []
-    for route, body in routes:
-        try:
-            intents.route_intent(route)
-        except Exception as exc:
-            invalid.append(kube.Invalid("NatsRoute", body, f"{type(exc).__name__}: {exc}"))
-        else:
-            ok_routes.append((route, body))
-    return ok_services, ok_routes
+            ok.append((resource, body))
+    return ok
