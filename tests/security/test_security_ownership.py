@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from natsmesh_operator.wiring.desired import ServiceIntent
+from natsmesh_operator.wiring.plan import plan
 from tests.fixtures.operator import OperatorProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -138,3 +140,25 @@ def test_a_claim_that_got_in_while_the_webhook_was_down_takes_nothing(
     assert op.get("natsservice", "aaa", ns)["metadata"].get("finalizers")
     kubectl("delete", "natsservice", "aaa", "-n", ns, "--timeout=30s")
     orders_keeps_its_subject(op, ns)
+
+
+def test_the_plan_gives_a_bypassing_claim_nothing() -> None:
+    # The webhook bypassed entirely: the pass alone decides, by creation order.
+    orders = ServiceIntent(
+        "shop", "orders", resource="orders", created="2026-01-01T00:00:00Z", uid="f"
+    )
+    aaa = ServiceIntent("shop", "orders", resource="aaa", created="2026-01-01T00:00:09Z", uid="0")
+    mesh = plan([aaa, orders])
+    (user,) = mesh.users
+    assert user.resource == "orders"
+    # Only orders subscribes to its inbox; aaa has no user at all.
+    assert any(s.startswith("mesh.shop.orders.v1.") for s in user.permissions.sub_allow)
+    with pytest.raises(KeyError):
+        mesh.user("shop", "aaa")
+    (problem,) = mesh.problems_for("NatsService", "shop", "aaa")
+    assert problem.reason == "SubjectConflict"
+    assert "NatsService orders" in problem.message
+    # Legitimate: alone, aaa serving its own name is fine.
+    assert (
+        plan([orders, ServiceIntent("shop", "aaa", created="2026-01-01T00:00:09Z")]).problems == ()
+    )
