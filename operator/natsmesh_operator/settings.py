@@ -97,6 +97,19 @@ class CredsSettings:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    """What the operator does at the pod-network level."""
+
+    app_policy: bool = True
+    """Give every NatsService a NetworkPolicy that admits ingress to its pods
+    only on the sidecar's admin port (``NATSMESH_APP_NETWORK_POLICY``, chart
+    value ``mesh.networkPolicy``), so the app's port is reachable only from
+    inside the pod and ``allowedCallers`` cannot be skipped by dialling the
+    pod IP. Takes effect only where the CNI enforces NetworkPolicies. Off:
+    policies made earlier are deleted."""
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     namespace: str = "natsmesh-system"
     """The operator's own namespace: never injected, holds the bootstrap Secret."""
@@ -120,6 +133,7 @@ class OperatorSettings:
     injection: InjectionSettings = field(default_factory=InjectionSettings)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     creds: CredsSettings = field(default_factory=CredsSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     def watches(self, namespace: str) -> bool:
         return not self.watch_namespaces or any(
@@ -180,6 +194,9 @@ class OperatorSettings:
                     4096,
                     int(get("NATS_MAX_CONTROL_LINE", str(CredsSettings.max_control_line))),
                 ),
+            ),
+            network=NetworkSettings(
+                app_policy=get("APP_NETWORK_POLICY", "true").strip().lower() != "false",
             ),
             reconcile=ReconcileSettings(
                 drift_interval=float(get("DRIFT_INTERVAL", str(ReconcileSettings.drift_interval))),

@@ -27,6 +27,8 @@ class ObjectMeta(BaseModel):
     generation: int | None = None
     uid: str | None = None
     resource_version: str | None = Field(None, alias="resourceVersion")
+    creation_timestamp: str | None = Field(None, alias="creationTimestamp")
+    """RFC 3339, set by the API server: who claimed a subject first."""
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 

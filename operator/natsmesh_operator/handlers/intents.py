@@ -52,6 +52,8 @@ def service_intent(svc: NatsService) -> desired.ServiceIntent:
             for s in spec.events.subscriptions
         ),
         resource=str(svc.metadata.name),
+        created=svc.metadata.creation_timestamp or "",
+        uid=svc.metadata.uid or "",
     )
 
 

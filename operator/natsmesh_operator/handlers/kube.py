@@ -18,6 +18,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta, OwnerReference
 from lightkube.resources.core_v1 import Secret
+from lightkube.resources.networking_v1 import NetworkPolicy
 
 from natsmesh_operator.api import GROUP, VERSION, NatsRoute, NatsService
 
@@ -35,9 +36,9 @@ a Secret carrying it, owned by a NatsService and holding a JWT that the
 namespace's account key signed for that very user, is one the operator made."""
 
 
-def controlled_by_natsservice(secret: Secret) -> bool:
-    """Whether the Secret's controller owner reference names a NatsService."""
-    refs = (secret.metadata.ownerReferences or []) if secret.metadata else []
+def controlled_by_natsservice(obj: Secret | NetworkPolicy) -> bool:
+    """Whether the object's controller owner reference names a NatsService."""
+    refs = (obj.metadata.ownerReferences or []) if obj.metadata else []
     return any(
         r.controller and r.kind == "NatsService" and r.apiVersion.startswith(f"{GROUP}/")
         for r in refs

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from lightkube import AsyncClient
 
 from natsmesh_operator.api import NatsRoute, NatsService
-from natsmesh_operator.handlers import intents, kube, status
+from natsmesh_operator.handlers import intents, kube, policies, status
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import CredsSettings
 from natsmesh_operator.webhook.inject import CREDS_KEY, creds_secret_name
@@ -85,6 +85,8 @@ class PassResult:
     """Set when the pass could not run at all (NATS or the API unreachable)."""
     invalid: list[kube.Invalid] = field(default_factory=list)
     """Resources left out of the pass: each fails its own status only."""
+    policy_errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    """NatsServices whose NetworkPolicy could not be written, and why."""
 
     def namespace_errors(self, namespace: str) -> list[str]:
         if self.report is None:
@@ -182,8 +184,10 @@ class MeshReconciler:
         bootstrap_secret: str,
         watched: kube.Watched = lambda _: True,
         creds: CredsSettings | None = None,
+        app_network_policy: bool = True,
     ) -> None:
         self.watched = watched
+        self.app_network_policy = app_network_policy
         self.creds_settings = creds or CredsSettings()
         self.kube = kube_client
         self.nats_url = nats_url
@@ -400,6 +404,26 @@ class MeshReconciler:
             )
         if stale:
             await self._save_keys(keys)
+        try:
+            # Every pass, not only on change: a policy deleted or edited by
+            # hand is back within one drift interval.
+            report_np = await policies.sync(
+                self.kube, services, enabled=self.app_network_policy, watched=self.watched
+            )
+            result.policy_errors = dict(report_np.errors)
+        except Exception as exc:  # listing failed: the services' status, not the pass
+            logger.exception("syncing NetworkPolicies failed")
+            result.policy_errors = (
+                {
+                    (
+                        str(svc.metadata.namespace),
+                        str(svc.metadata.name),
+                    ): f"{type(exc).__name__}: {exc}"
+                    for svc, _ in services
+                }
+                if self.app_network_policy
+                else {}
+            )
         METRICS.managed.labels(kind="NatsService").set(len(services))
         METRICS.managed.labels(kind="NatsRoute").set(len(routes))
         if report.changed:

@@ -63,6 +63,7 @@ class Runtime:
             bootstrap_secret=settings.nats.bootstrap_secret,
             watched=settings.watches,
             creds=settings.creds,
+            app_network_policy=settings.network.app_policy,
         )
         webhook = None
         if settings.webhook.enabled:

@@ -111,6 +111,11 @@ def service_conditions(result: PassResult, namespace: str, name: str) -> list[Co
         )
     else:
         conds.append(Cond("RoutesReady", True, "TableStored", "route table stored in KV"))
+    policy_error = result.policy_errors.get((namespace, name))
+    if policy_error:
+        # Only while failing, so clusters with the policies switched off see
+        # no extra condition.
+        conds.append(Cond("NetworkPolicyReady", False, "NetworkPolicyFailed", policy_error))
     other = [p for p in problems if p.condition not in ("StreamsReady", "RoutesReady")]
     failing = [c for c in conds if not c.ok]
     if other:

@@ -15,6 +15,7 @@ from typing import Any
 
 from natsmesh_operator.api import LabelSelector, NatsRoute, NatsService
 from natsmesh_operator.webhook.inject import Target, creds_secret_name
+from natsmesh_sidecar import subjects
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +99,75 @@ def selectors_overlap(a: LabelSelector, b: LabelSelector) -> bool:
     return all(_satisfiable(ca.get(k, []) + cb.get(k, [])) for k in ca.keys() | cb.keys())
 
 
-def validate_service(svc: NatsService, others: Sequence[NatsService]) -> list[str]:
-    """Reasons to refuse ``svc``: another NatsService could select the same pods.
+def claim_order(svc: NatsService) -> tuple[bool, str, str]:
+    """Sorts the first claimant first, as the plan does: creation time, then uid.
 
-    Decided from the selectors alone (no pods are listed or counted): a pod
+    A resource without a creation time (the API server sets it before
+    validating admission, but be safe) sorts last: it never outranks one
+    that exists.
+    """
+    created = svc.metadata.creation_timestamp or ""
+    return (not created, created, svc.metadata.uid or "")
+
+
+def subject_owner(
+    svc: NatsService, others: Sequence[NatsService], *, creating: bool = False
+) -> NatsService | None:
+    """The other NatsService that claimed ``svc``'s (service, version) first, if any.
+
+    Creating, every existing claimant came first (creation times have
+    one-second resolution, so comparing them would leave a claim made in
+    the owner's second to chance). Updating, only an earlier claimant
+    counts: when two got in while the webhook was down, the owner can
+    still be edited; the later one only away from the subject.
+    """
+    claimants = [
+        o
+        for o in others
+        if o.metadata.name != svc.metadata.name
+        and o.service_name == svc.service_name
+        and o.spec.version == svc.spec.version
+        and (creating or claim_order(o) < claim_order(svc))
+    ]
+    return min(claimants, key=claim_order, default=None)
+
+
+def claims_anew(svc: NatsService, old: Mapping[str, Any] | None) -> bool:
+    """Whether ``svc`` makes a claim it did not hold: a create, or an update that
+    moves it to another (service, version). Such a claim comes after every
+    existing one, whatever the timestamps say."""
+    if not old:
+        return True
+    try:
+        before = NatsService.from_body(old)
+    except ValueError:  # a stored object the models refuse: judge the update as new
+        return True
+    return (before.service_name, before.spec.version) != (svc.service_name, svc.spec.version)
+
+
+def validate_service(
+    svc: NatsService, others: Sequence[NatsService], *, creating: bool = False
+) -> list[str]:
+    """Reasons to refuse ``svc``: its subject is claimed, or its pods could be another's.
+
+    A (service, version) belongs to the NatsService that claimed it first:
+    a later one under another name (say ``aaa`` with ``spec.service:
+    orders``) would otherwise contend for orders' requests. Overlap is
+    decided from the selectors alone (no pods are listed or counted): a pod
     created later could match both just as well as one that exists now.
     """
     errors = []
+    owner = subject_owner(svc, others, creating=creating)
+    if owner is not None:
+        subject = subjects.request_subject(
+            str(owner.metadata.namespace), svc.service_name, svc.spec.version
+        )
+        errors.append(
+            f"spec.service: version {svc.spec.version!r} of service {svc.service_name!r} "
+            f"({subject}) is already claimed by NatsService {owner.metadata.name!r}; a "
+            "(service, version) belongs to the NatsService that claimed it first: choose "
+            "another spec.service or spec.version"
+        )
     for other in others:
         if other.metadata.name == svc.metadata.name:
             continue

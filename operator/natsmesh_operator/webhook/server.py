@@ -246,6 +246,12 @@ class WebhookServer:
         namespace = review.get("namespace") or obj.get("metadata", {}).get("namespace")
         if not namespace or not self.watched(namespace):
             return admission.review_response(uid)
+        old = review.get("oldObject")
+        if old and old.get("spec") == obj.get("spec"):
+            # Metadata only (kopf's finalizer and annotations, labels): it
+            # changes no claim and no selector, and refusing it would leave a
+            # resource that got in while the webhook was down undeletable.
+            return admission.review_response(uid)
         services = await self.services_of(namespace)
         try:
             if obj.get("kind") == "NatsRoute":
@@ -257,7 +263,7 @@ class WebhookServer:
         except ValidationError as exc:
             # The CRD schema should have refused it; say what is wrong instead.
             return admission.review_response(uid, allowed=False, message=f"invalid resource: {exc}")
-        errors = admission.validate_service(svc, services)
+        errors = admission.validate_service(svc, services, creating=admission.claims_anew(svc, old))
         if errors:
             return admission.review_response(uid, allowed=False, message="; ".join(errors))
         return admission.review_response(uid)

@@ -96,6 +96,13 @@ class ServiceIntent:
     subscriptions: tuple[Subscribe, ...] = ()
     resource: str = ""
     """Name of the NatsService resource (defaults to ``name``): where problems go."""
+    created: str = ""
+    """The resource's ``metadata.creationTimestamp`` (RFC 3339, UTC, as the API
+    server writes it, so text order is time order). Of two resources claiming
+    one subject, the one created first keeps it; empty sorts last."""
+    uid: str = ""
+    """The resource's ``metadata.uid``: the tiebreak between two created in the
+    same second (arbitrary but stable, unlike a name an attacker picks)."""
 
     @property
     def resource_name(self) -> str:
@@ -104,6 +111,11 @@ class ServiceIntent:
     @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
+
+    @property
+    def claim_order(self) -> tuple[bool, str, str]:
+        """Sorts the first claimant first: creation time, then uid."""
+        return (not self.created, self.created, self.uid)
 
     def allows(self, namespace: str, service: str) -> bool:
         """Whether ``service`` in ``namespace`` may call this service."""

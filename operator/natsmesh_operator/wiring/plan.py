@@ -233,9 +233,20 @@ def _check_subscription(s: Subscribe) -> str:
 def _dedupe(
     intents: Iterable[ServiceIntent], problems: list[Problem]
 ) -> dict[tuple[str, str], list[ServiceIntent]]:
-    """Group subsets by service; refuse two resources claiming one subject."""
+    """Group subsets by service; refuse two resources claiming one subject.
+
+    The first claimant owns a subject (and, among a service's versions, sets
+    the policy the others must match): creation order, never names, so a
+    resource created later under a name that sorts first takes nothing over.
+    The validating webhook refuses the later claimant; this decides for any
+    that got in while it was down. Without creation times (plain intents)
+    the order is version, then resource name.
+    """
     by_subject: dict[tuple[str, str, str], ServiceIntent] = {}
-    for i in sorted(intents, key=lambda i: (i.namespace, i.name, i.version, i.resource_name)):
+    for i in sorted(
+        intents,
+        key=lambda i: (i.namespace, i.name, *i.claim_order, i.version, i.resource_name),
+    ):
         key = (i.namespace, i.name, i.version)
         if key in by_subject:
             owner = by_subject[key]
@@ -327,7 +338,8 @@ def plan(
     checked = [c for i in intents if (c := _check_intent(i, problems)) is not None]
     services = _dedupe(checked, problems)
     primary = {k: v[0] for k, v in services.items()}
-    versions = {k: [s.version for s in v] for k, v in services.items()}
+    # Sorted, not in claim order: route tables stay as they were.
+    versions = {k: sorted(s.version for s in v) for k, v in services.items()}
     topics = {k: {p.topic for p in i.publishes} for k, i in primary.items()}
 
     subs: list[_Sub] = []

@@ -165,6 +165,20 @@ def test_mesh_network_policy_reaches_the_operator(value: bool, expected: str) ->
     assert env(container)["NATSMESH_APP_NETWORK_POLICY"] == expected
 
 
+@pytest.mark.parametrize("value", [True, False])
+def test_operator_may_manage_app_network_policies(value: bool) -> None:
+    # Also when off: switching it off must let the operator delete the ones
+    # it made while it was on.
+    role = render({"mesh": {"networkPolicy": value}}).get("ClusterRole", OPERATOR)
+    verbs = {
+        verb
+        for rule in role["rules"]
+        if "networking.k8s.io" in rule["apiGroups"] and "networkpolicies" in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert verbs == {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+
 def _container_ports(manifest: Manifest, kind: str, name: str) -> set[str]:
     pod = manifest.get(kind, name)["spec"]["template"]["spec"]
     return {p["name"] for c in pod["containers"] for p in c.get("ports", [])}

@@ -120,6 +120,7 @@ def test_operator_cluster_role_is_the_contract() -> None:
         ("", "secrets"): read | {"create", "update", "patch", "delete"},
         ("", "events"): {"create", "patch"},
         ("events.k8s.io", "events"): {"create", "patch"},
+        ("networking.k8s.io", "networkpolicies"): read | {"create", "update", "patch", "delete"},
         ("", "pods"): read,
         ("", "namespaces"): read,
         ("apps", "deployments"): read | {"patch"},

@@ -44,3 +44,14 @@ def test_replicas_get_distinct_peering_priorities() -> None:
     assert len(drawn) == 50
     assert all(p > 0 for p in drawn)
     assert OperatorSettings.from_env({"NATSMESH_PEERING_PRIORITY": "7"}).peering_priority == 7
+
+
+def test_app_network_policy_is_on_unless_switched_off() -> None:
+    # On by default and for anything but "false": a typo must not open app ports.
+    assert OperatorSettings.from_env({}).network.app_policy
+    for value in ("true", "True", "yes", ""):
+        env = {"NATSMESH_APP_NETWORK_POLICY": value}
+        assert OperatorSettings.from_env(env).network.app_policy, value
+    for value in ("false", "False", " false "):
+        env = {"NATSMESH_APP_NETWORK_POLICY": value}
+        assert not OperatorSettings.from_env(env).network.app_policy, value

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from natsmesh_operator.handlers import status
-from natsmesh_operator.handlers.mesh import PassResult
+from natsmesh_operator.handlers.mesh import CredsOutcome, PassResult
+from natsmesh_operator.wiring.desired import ServiceIntent
+from natsmesh_operator.wiring.plan import plan
 
 OLD = "2026-01-01T00:00:00Z"
 
@@ -34,3 +36,21 @@ def test_unchanged_conditions_compare_equal() -> None:
     assert status._same(a, b)
     c = status.merge(a, [status.Cond("Ready", True, "Reconciled", "other")], 1)
     assert not status._same(a, c)
+
+
+def test_a_network_policy_failure_fails_only_its_service() -> None:
+    result = PassResult(
+        started=0.0,
+        plan=plan([ServiceIntent("shop", "orders"), ServiceIntent("shop", "web")]),
+        creds={
+            ("shop", "orders"): CredsOutcome(True, "CredentialsIssued", "ok"),
+            ("shop", "web"): CredsOutcome(True, "CredentialsIssued", "ok"),
+        },
+        policy_errors={("shop", "orders"): "forbidden"},
+    )
+    orders = {c.type: c for c in status.service_conditions(result, "shop", "orders")}
+    assert not orders["NetworkPolicyReady"].ok
+    assert (orders["Ready"].ok, orders["Ready"].reason) == (False, "NetworkPolicyFailed")
+    web = {c.type: c for c in status.service_conditions(result, "shop", "web")}
+    assert "NetworkPolicyReady" not in web
+    assert web["Ready"].ok

@@ -80,6 +80,46 @@ def test_validate_service_refuses_overlap_without_looking_at_pods() -> None:
     assert admission.validate_service(svc("c", {"app": "y"}), [existing]) == []
 
 
+def claimant(name: str, created: str | None, uid: str, **spec: Any) -> NatsService:
+    meta: dict[str, Any] = {"name": name, "namespace": "shop", "uid": uid}
+    if created:
+        meta["creationTimestamp"] = created
+    return NatsService.from_body(
+        {"metadata": meta, "spec": {"selector": {"matchLabels": {"app": name}}, "port": 80, **spec}}
+    )
+
+
+def test_a_claimed_subject_is_refused_naming_its_owner() -> None:
+    orders = claimant("orders", "2026-01-01T00:00:00Z", "u-orders")
+    # As the API server hands a CREATE to validating admission: a later time
+    # (or none at all, which never outranks an existing claim).
+    for created in ("2026-01-02T00:00:00Z", None):
+        aaa = claimant("aaa", created, "u-aaa", service="orders")
+        (error,) = admission.validate_service(aaa, [orders])
+        assert "mesh.shop.orders.v1" in error
+        assert "already claimed by NatsService 'orders'" in error
+    # Another version of the service is a subset (a canary), not a claim.
+    v2 = claimant("orders-v2", "2026-01-02T00:00:00Z", "u-v2", service="orders", version="v2")
+    assert admission.validate_service(v2, [orders]) == []
+    # The owner itself stays editable, even next to a claimant that got in
+    # while the webhook was down.
+    late = claimant("aaa", "2026-01-02T00:00:00Z", "u-aaa", service="orders")
+    assert admission.validate_service(orders, [orders, late]) == []
+    assert admission.validate_service(late, [orders, late]) != []
+
+
+def test_same_second_claims_go_by_uid_except_on_create() -> None:
+    at = "2026-01-01T00:00:00Z"
+    first = claimant("zzz", at, "0002", service="orders")
+    second = claimant("aaa", at, "0001", service="orders")
+    # Two that got in (webhook down) in one second: uid decides, as in the plan.
+    assert admission.subject_owner(second, [first]) is None
+    assert admission.subject_owner(first, [second]) is second
+    # Creating, whatever the API server stamped: the existing one came first.
+    assert admission.subject_owner(second, [first], creating=True) is first
+    assert admission.validate_service(second, [first], creating=True) != []
+
+
 def test_a_pod_selected_by_two_services_has_no_owner() -> None:
     services = [svc("zzz", {"app": "orders"}), svc("aaa", {"app": "orders", "tier": "web"})]
     with pytest.raises(admission.AmbiguousOwner, match="'aaa', 'zzz'"):
@@ -146,3 +186,12 @@ def test_wants_restart(
         is expected
     )
     assert not wants_restart(annotations, {"app": "web"}, pods, selector, injecting=injecting)
+
+
+def test_moving_onto_a_subject_is_a_new_claim() -> None:
+    at = "2026-01-01T00:00:00Z"
+    bbb = claimant("bbb", at, "0001")
+    moved = claimant("bbb", at, "0001", service="orders")
+    assert admission.claims_anew(moved, None)
+    assert admission.claims_anew(moved, bbb.model_dump(by_alias=True, exclude_none=True))
+    assert not admission.claims_anew(moved, moved.model_dump(by_alias=True, exclude_none=True))

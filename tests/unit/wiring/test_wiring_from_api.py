@@ -113,3 +113,26 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
     assert rule.circuit_breaker
     assert rule.circuit_breaker.open_ms == 30_000
     assert {u.resource for u in p.users} == {"gateway", "orders", "orders-v2", "payments"}
+
+
+def test_creation_order_reaches_the_plan() -> None:
+    def claimant(name: str, created: str, uid: str) -> NatsService:
+        body = {
+            "apiVersion": "natsmesh.io/v1alpha1",
+            "kind": "NatsService",
+            "metadata": {
+                "name": name,
+                "namespace": "shop",
+                "uid": uid,
+                "creationTimestamp": created,
+            },
+            "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080, "service": "orders"},
+        }
+        return NatsService.from_body(body)
+
+    orders = service_intent(claimant("orders", "2026-01-01T00:00:00Z", "b"))
+    assert (orders.created, orders.uid) == ("2026-01-01T00:00:00Z", "b")
+    aaa = service_intent(claimant("aaa", "2026-01-01T00:01:00Z", "a"))
+    p = plan([aaa, orders])
+    assert [u.resource for u in p.users] == ["orders"]
+    assert [(x.name, x.reason) for x in p.problems] == [("aaa", "SubjectConflict")]

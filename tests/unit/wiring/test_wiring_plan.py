@@ -202,6 +202,51 @@ def test_two_services_claiming_one_subject() -> None:
     assert [u.resource for u in p.users] == ["orders"]
 
 
+def test_first_claimant_keeps_the_subject_whatever_the_names() -> None:
+    # "aaa" sorts first but was created later: it takes nothing over.
+    orders = ServiceIntent(
+        "shop", "orders", resource="orders", created="2026-01-01T00:00:00Z", uid="u-2"
+    )
+    aaa = ServiceIntent("shop", "orders", resource="aaa", created="2026-01-01T00:00:05Z", uid="u-1")
+    for order in ([orders, aaa], [aaa, orders]):
+        p = plan(order)
+        (problem,) = p.problems
+        assert (problem.name, problem.reason) == ("aaa", "SubjectConflict")
+        assert "NatsService orders" in problem.message
+        assert [u.resource for u in p.users] == ["orders"]
+
+
+def test_same_second_claims_are_decided_by_uid_not_name() -> None:
+    at = "2026-01-01T00:00:00Z"
+    zzz = ServiceIntent("shop", "orders", resource="zzz", created=at, uid="0000")
+    aaa = ServiceIntent("shop", "orders", resource="aaa", created=at, uid="ffff")
+    assert reasons([aaa, zzz]) == [("aaa", "SubjectConflict")]
+
+
+def test_a_claim_without_a_creation_time_never_wins() -> None:
+    dated = ServiceIntent("shop", "orders", resource="zzz", created="2026-01-01T00:00:00Z")
+    undated = ServiceIntent("shop", "orders", resource="aaa")
+    assert reasons([undated, dated]) == [("aaa", "SubjectConflict")]
+
+
+def test_first_created_version_sets_the_policy() -> None:
+    # A later subset with another policy is the inconsistent one, even when
+    # its version sorts first; routes still see the versions sorted.
+    v1 = ServiceIntent(
+        "shop",
+        "orders",
+        resource="orders",
+        allowed_callers=(CallerRef("gateway", "web"),),
+        created="2026-01-01T00:00:00Z",
+    )
+    v0 = ServiceIntent("shop", "orders", "v0", resource="aaa", created="2026-01-02T00:00:00Z")
+    assert reasons([v0, v1]) == [("aaa", "InconsistentSubsets")]
+    v0_same = replace(v0, allowed_callers=v1.allowed_callers)
+    p = plan([v0_same, v1])
+    assert p.problems == ()
+    assert sorted(u.version for u in p.users) == ["v0", "v1"]
+
+
 def test_subscription_to_a_topic_nobody_publishes() -> None:
     intents = [
         *shop_intents(),
