@@ -426,6 +426,12 @@ class Sidecar:
         for sub in [*old_serving.values(), *old_micro]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        # A round trip after the UNSUBs: every request the server routed to
+        # the old connection before it took them has then been read (and is
+        # served; its answer goes out on the new connection). Closing before
+        # it dropped the requests still in the pipe.
+        with contextlib.suppress(Exception):
+            await old_nc.flush(timeout=5)
         grace = self.settings.drain_seconds
         await asyncio.gather(*(c.close(grace) for c in old_consumers))
         # Calls in flight on the old connection: at most the longest timeout.

@@ -409,7 +409,8 @@ async def test_renewed_creds_are_taken_up_without_a_failed_request(jwt_mesh: Jwt
         )
         await asyncio.sleep(0.3)
     await load.finish()
-    assert load.statuses() == {200: len(load.results)}, load.statuses()
+    failed = [(t, s, b) for t, s, b in load.results if s != 200]
+    assert not failed, failed
     assert len(load.results) > 50
     assert metric(jwt_mesh.gateway, "natsmesh_sidecar_nats_reconnects_total") == 0
     # Exactly one connection each is left, on the new JWT.
