@@ -353,12 +353,7 @@ class MeshReconciler:
             if user not in in_use:
                 self._revoke(str(secret.metadata.namespace), str(secret.metadata.name), user)
         try:
-            async with Applier(
-                url=self.nats_url,
-                operator=boot.operator,
-                system_creds=boot.system_user_creds,
-                keyring=keys,
-            ) as applier:
+            async with self._applier(boot, keys) as applier:
                 report = await applier.apply(mesh, prune=True, revocations=self._revocations)
         except ApplyFailed as exc:
             return PassResult(
@@ -389,13 +384,10 @@ class MeshReconciler:
             # not on the next pass, so the old creds stop working within seconds.
             await self._save_keys(keys)
             try:
-                async with Applier(
-                    url=self.nats_url,
-                    operator=boot.operator,
-                    system_creds=boot.system_user_creds,
-                    keyring=keys,
-                ) as applier:
-                    await applier.apply(mesh, prune=True, revocations=self._revocations)
+                async with self._applier(boot, keys) as applier:
+                    pushed = await applier.push_accounts(mesh, self._revocations)
+                for error in pushed.errors:
+                    logger.error("pushing revocations failed (retried next pass): %s", error)
             except ApplyFailed as exc:
                 logger.error("pushing revocations failed (retried next pass): %s", exc)
         for secret, _ in stale:
@@ -429,6 +421,14 @@ class MeshReconciler:
         if report.changed:
             logger.info("mesh pass applied %s", {k: len(v) for k, v in report.changes.items()})
         return result
+
+    def _applier(self, boot: Bootstrap, keys: KeyRing) -> Applier:
+        return Applier(
+            url=self.nats_url,
+            operator=boot.operator,
+            system_creds=boot.system_user_creds,
+            keyring=keys,
+        )
 
     def _revoke(self, namespace: str, secret_name: str, user: str) -> None:
         self._revocations.setdefault(namespace, {})[user] = int(time.time())

@@ -571,6 +571,15 @@ class Applier:
             await self._prune_accounts(plan, report)
         return report
 
+    async def push_accounts(
+        self, plan: MeshPlan, revocations: Mapping[str, Mapping[str, int]]
+    ) -> ApplyReport:
+        """Only the account JWTs of ``plan`` (pushed where they differ): what a
+        new revocation needs, without re-applying streams, consumers and tables."""
+        report = ApplyReport(problems=plan.problems)
+        await self._apply_accounts(plan, report, revocations)
+        return report
+
 
 def _err(resp: Mapping[str, Any]) -> str:
     err = resp.get("error") or {}
