@@ -23,14 +23,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cache="${NATSMESH_CACHE:-$HOME/.cache/natsmesh}"
-k8s_version="v1.36.3"
+# shellcheck source=hack/lib/tools.sh
+. "$here/lib/tools.sh"
 sets=(node kind containerd runc critools cni coredns pause nats)
-
-key_of() {
-  (cd "$here/tools/$1" && cat go.mod go.sum $(ls ./*.go 2>/dev/null)) | sha256sum | cut -c1-12
-}
-bin_dir_of() { echo "$cache/bin/$1-$(key_of "$1")"; }
 
 if [[ "${1:-}" == "--print" ]]; then
   for set in "${sets[@]}"; do bin_dir_of "$set"; done
@@ -59,15 +54,7 @@ build_set() {
 }
 
 total=$SECONDS
-vpkg="k8s.io/component-base/version"
-cpkg="k8s.io/client-go/pkg/version"
-minor="$(echo "$k8s_version" | cut -d. -f2)"
-stamp=""
-for p in "$vpkg" "$cpkg"; do
-  stamp+=" -X $p.gitVersion=$k8s_version -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-  stamp+=" -X $p.gitTreeState=clean -X $p.buildDate=2026-01-01T00:00:00Z"
-done
-build_set node 0 "" "$stamp" \
+build_set node 0 "" "$(k8s_version_ldflags)" \
   k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kube-proxy
 build_set kind 0 "" "" sigs.k8s.io/kind
 ctr_version="$(awk '$1 == "github.com/containerd/containerd/v2" {print $2}' "$here/tools/containerd/go.mod")"

@@ -38,7 +38,7 @@ cache="${NATSMESH_CACHE:-$HOME/.cache/natsmesh}"
 name="${NATSMESH_KIND_CLUSTER:-natsmesh}"
 state="${NATSMESH_STATE:-$repo/.work}/kind-$name"
 kubeconfig="$state/kubeconfig"
-k8s_version="$(awk -F'"' '/^k8s_version=/ {print $2}' "$here/kind-tools.sh")"
+k8s_version="$(awk -F'"' '/^k8s_version=/ {print $2}' "$here/lib/tools.sh")"
 NODE_OS_PACKAGES=systemd,dbus,jq,conntrack,iptables,nftables,iproute2,ethtool,util-linux,mount,kmod,libseccomp2,procps,bash,pigz,socat,ebtables
 PROXY_OS_PACKAGES=iptables,nftables,conntrack
 

@@ -12,15 +12,8 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cache="${NATSMESH_CACHE:-$HOME/.cache/natsmesh}"
-k8s_version="v1.36.3"
-
-key_of() {
-  # Content hash of a tool module: changes whenever a pinned version does.
-  cat "$here/tools/$1/go.mod" "$here/tools/$1/go.sum" | sha256sum | cut -c1-12
-}
-
-bin_dir_of() { echo "$cache/bin/$1-$(key_of "$1")"; }
+# shellcheck source=hack/lib/tools.sh
+. "$here/lib/tools.sh"
 
 if [[ "${1:-}" == "--print" ]]; then
   for set in k8s etcd kwok helm natscli; do bin_dir_of "$set"; done
@@ -59,17 +52,7 @@ build_set kwok sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok/cmd/kwokctl
 build_set helm helm.sh/helm/v3/cmd/helm
 build_set natscli github.com/nats-io/natscli/nats
 
-# The version is stamped so that `kubectl version` and /version report it:
-# a module build carries no git metadata of its own.
-vpkg="k8s.io/component-base/version"
-cpkg="k8s.io/client-go/pkg/version"
-minor="$(echo "$k8s_version" | cut -d. -f2)"
-stamp=""
-for p in "$vpkg" "$cpkg"; do
-  stamp+=" -X $p.gitVersion=$k8s_version -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-  stamp+=" -X $p.gitTreeState=clean -X $p.buildDate=2026-01-01T00:00:00Z"
-done
-LDFLAGS_EXTRA="$stamp" build_set k8s \
+LDFLAGS_EXTRA="$(k8s_version_ldflags)" build_set k8s \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
