@@ -40,6 +40,7 @@ from natsmesh_sidecar.wire import (
     Delivery,
     Settings,
     coerce_table,
+    invalid_subject,
     parse_table,
 )
 
@@ -205,12 +206,10 @@ class Sidecar:
             )
             return
         for dest in table.destinations.values():
-            for rule in dest.rules:
-                for wd in rule.destinations:
-                    # Subjects skip nats-py validation on the hot path, so check them once here.
-                    if not wd.subject or any(c in wd.subject for c in " \t\r\n"):
-                        logger.error("route table rejected: invalid subject %r", wd.subject)
-                        return
+            bad = invalid_subject(dest.rules)
+            if bad is not None:
+                logger.error("route table rejected: invalid subject %r", bad)
+                return
         self.router = Router(table)
         self.metrics.table_swaps.inc()
         logger.info(
@@ -366,9 +365,7 @@ class Sidecar:
         self.sub = self.serving
         logger.info("connected to %s; serving %s", s.nats_url, sorted(self.serving))
         if self._static_table is None and not s.table_file:
-            self.targets = TargetCache(
-                s.namespace, account=self.creds.account if self.creds is not None else None
-            )
+            self.targets = TargetCache(s.namespace, account=self.signer)
             try:
                 await self.targets.start(nc)
             except Exception as exc:
@@ -377,7 +374,7 @@ class Sidecar:
                 s.service,
                 self.apply_table,
                 self._delete_table,
-                account=self.creds.account if self.creds is not None else None,
+                account=self.signer,
             )
             try:
                 await self.kv_watch.start(nc)
@@ -441,6 +438,11 @@ class Sidecar:
             await asyncio.sleep(0.05)
         with contextlib.suppress(Exception):
             await old_nc.close()
+
+    @property
+    def signer(self) -> str | None:
+        """The account whose key signs our route tables (None: a dev server, no creds)."""
+        return self.creds.account if self.creds is not None else None
 
     def _serve_wanted(self) -> dict[str, str]:
         """Request subscriptions: exactly the callers the JWT lets us hear."""

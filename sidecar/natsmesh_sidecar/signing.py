@@ -81,3 +81,16 @@ def verified(account: str, key: str, data: bytes, header: str | None) -> bool:
 
 def verified_delete(account: str, key: str, header: str | None) -> bool:
     return verified(account, key, _DELETE, header)
+
+
+def is_delete(hdrs: dict[str, str], data: bytes) -> bool:
+    """Whether a route-bucket entry is a delete (or purge) marker."""
+    return hdrs.get("KV-Operation") in ("DEL", "PURGE") or not data
+
+
+def entry_verified(account: str, key: str, hdrs: dict[str, str], data: bytes) -> bool:
+    """Whether ``account`` signed this entry of ``key``, a value or a delete."""
+    sig = hdrs.get(HEADER)
+    if is_delete(hdrs, data):
+        return verified_delete(account, key, sig)
+    return verified(account, key, data, sig)

@@ -173,23 +173,16 @@ class KvWatch:
         self._apply(hdrs, msg.data)
 
     def _apply(self, hdrs: dict[str, str], data: bytes) -> None:
-        op = hdrs.get("KV-Operation", "")
-        deleted = op in ("DEL", "PURGE") or not data
-        if self.account is not None:
-            sig = hdrs.get(signing.HEADER)
-            ok = (
-                signing.verified_delete(self.account, subjects.routes_key(self.service), sig)
-                if deleted
-                else signing.verified(self.account, subjects.routes_key(self.service), data, sig)
+        deleted = signing.is_delete(hdrs, data)
+        key = subjects.routes_key(self.service)
+        if self.account is not None and not signing.entry_verified(self.account, key, hdrs, data):
+            logger.warning(
+                "route table %s: ignored a %s not signed by account %s",
+                self.subject,
+                "delete" if deleted else "value",
+                self.account,
             )
-            if not ok:
-                logger.warning(
-                    "route table %s: ignored a %s not signed by account %s",
-                    self.subject,
-                    "delete" if deleted else "value",
-                    self.account,
-                )
-                return
+            return
         if deleted:
             logger.warning("route table key %s deleted", self.service)
             self.last = None

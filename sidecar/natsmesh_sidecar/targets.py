@@ -20,7 +20,13 @@ import time
 from typing import Any
 
 from natsmesh_sidecar import signing, subjects
-from natsmesh_sidecar.wire import Destination, Target, WireError, parse_target
+from natsmesh_sidecar.wire import (
+    Destination,
+    Target,
+    WireError,
+    invalid_subject,
+    parse_target,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,37 +116,29 @@ class TargetCache:
             logger.warning("target %s: direct get failed: %s", service, exc)
             raise
         hdrs = msg.headers or {}
-        if hdrs.get("Status") or hdrs.get("KV-Operation") in ("DEL", "PURGE"):
+        if hdrs.get("Status"):  # 404: no such key
             self._forget(service)
             return None
-        return self._accept(service, hdrs, msg.data)
+        return self._entry(service, hdrs, msg.data)
 
     def _on_msg_sync(self, subject: str, hdrs: dict[str, str], data: bytes) -> None:
         service = subject.rsplit(".", 1)[-1]
         if service not in self.found and service not in self.missing:
             return  # not one of ours: learnt when first called
-        if hdrs.get("KV-Operation") in ("DEL", "PURGE") or not data:
-            if self._verified(service, hdrs, None):
-                self._forget(service)
-            return
-        self._accept(service, hdrs, data)
+        self._entry(service, hdrs, data)
 
     async def _on_msg(self, msg: Any) -> None:
         self._on_msg_sync(msg.subject, msg.headers or {}, msg.data)
 
-    def _verified(self, service: str, hdrs: dict[str, str], data: bytes | None) -> bool:
-        if self.account is None:
-            return True
+    def _entry(self, service: str, hdrs: dict[str, str], data: bytes) -> Target | None:
+        """Apply one entry of ``to.<service>`` (fetched or followed); what we now hold."""
         key = subjects.target_key(service)
-        sig = hdrs.get(signing.HEADER)
-        if data is None:
-            return signing.verified_delete(self.account, key, sig)
-        return signing.verified(self.account, key, data, sig)
-
-    def _accept(self, service: str, hdrs: dict[str, str], data: bytes) -> Target | None:
-        if not self._verified(service, hdrs, data):
-            logger.warning("target %s: ignored a value not signed by the account", service)
+        if self.account is not None and not signing.entry_verified(self.account, key, hdrs, data):
+            logger.warning("target %s: ignored an entry not signed by the account", service)
             return self.found.get(service)
+        if signing.is_delete(hdrs, data):
+            self._forget(service)
+            return None
         try:
             target = parse_target(data)
         except WireError as exc:
@@ -151,12 +149,10 @@ class TargetCache:
                 "target %s: value names %s.%s", service, target.service, target.namespace
             )
             return self.found.get(service)
-        for rule in target.rules:
-            for wd in rule.destinations:
-                # Subjects skip nats-py validation on the hot path: check them here.
-                if not wd.subject or any(c in wd.subject for c in " \t\r\n"):
-                    logger.error("target %s rejected: invalid subject %r", service, wd.subject)
-                    return self.found.get(service)
+        bad = invalid_subject(target.rules)
+        if bad is not None:
+            logger.error("target %s rejected: invalid subject %r", service, bad)
+            return self.found.get(service)
         if len(self.found) >= MAX_TARGETS and service not in self.found:
             self.found.clear()
             self.destinations.clear()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -444,6 +444,19 @@ _SETTINGS = (
         _F("inbound_max_bytes", _int(1), None),
     ),
 )
+
+
+def invalid_subject(rules: Iterable[Rule]) -> str | None:
+    """The first destination subject of ``rules`` that cannot be published to.
+
+    Subjects skip nats-py's validation on the hot path, so they are checked
+    once, when a table or target arrives.
+    """
+    for rule in rules:
+        for wd in rule.destinations:
+            if not wd.subject or any(c in wd.subject for c in " \t\r\n"):
+                return wd.subject
+    return None
 
 
 def _parse(raw: bytes | str, where: str, model: tuple[type[T], tuple[_F, ...]]) -> T:
