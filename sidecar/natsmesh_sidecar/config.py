@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,7 +104,21 @@ class Destination(_Wire):
     """Ordered; the first whose match fits is used. The last is a catch-all."""
 
 
-class Target(_Wire):
+class _Stored(_Wire):
+    """A value the operator stores in the route bucket, with a content hash."""
+
+    def with_generation(self) -> Self:
+        # Serialized by pydantic-core (fast); field and key order are fixed
+        # because the operator builds every mapping in sorted order.
+        body = self.model_dump_json(by_alias=True, exclude={"generation"})
+        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+        return self.model_copy(update={"generation": digest})
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+class Target(_Stored):
     """One service as the callers of its namespace see it: KV key ``to.<service>``.
 
     One value per service, not one per (caller, target) pair: a namespace of
@@ -120,14 +134,6 @@ class Target(_Wire):
     callers: tuple[str, ...] = ()
     """Further admitted callers of ``namespace``, by service name."""
     rules: tuple[Rule, ...]
-
-    def with_generation(self) -> Target:
-        body = self.model_dump_json(by_alias=True, exclude={"generation"})
-        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
-        return self.model_copy(update={"generation": digest})
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
 
 
 class Delivery(_Wire):
@@ -158,7 +164,7 @@ class Publication(_Wire):
     stream: str
 
 
-class MeshTable(_Wire):
+class MeshTable(_Stored):
     """Everything dynamic one sidecar needs; one KV value per service."""
 
     namespace: str
@@ -176,16 +182,6 @@ class MeshTable(_Wire):
     publishes: Mapping[str, Publication] = Field(default_factory=dict)
     """Keyed by topic."""
     subscriptions: tuple[Delivery, ...] = ()
-
-    def with_generation(self) -> MeshTable:
-        # Serialized by pydantic-core (fast); field and key order are fixed
-        # because the operator builds every mapping in sorted order.
-        body = self.model_dump_json(by_alias=True, exclude={"generation"})
-        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
-        return self.model_copy(update={"generation": digest})
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> MeshTable:

@@ -98,12 +98,16 @@ def from_claims(claims: dict[str, object]) -> Permissions:
     return Permissions([str(a) for a in allow], [str(d) for d in deny])
 
 
+def allow_list(nats: object, kind: str) -> tuple[str, ...]:
+    """``<kind>.allow`` (``pub`` or ``sub``) of a JWT's ``nats`` claims; () when absent."""
+    section = nats.get(kind) if isinstance(nats, dict) else None
+    allow = section.get("allow") if isinstance(section, dict) else None
+    return tuple(str(a) for a in allow) if isinstance(allow, list) else ()
+
+
 def subscribe_allow(claims: dict[str, object]) -> tuple[str, ...]:
     """The JWT's ``sub.allow`` list: where this sidecar serves requests from."""
-    nats = claims.get("nats")
-    sub: object = nats.get("sub") if isinstance(nats, dict) else None
-    allow = sub.get("allow") if isinstance(sub, dict) else None
-    return tuple(str(a) for a in allow) if isinstance(allow, list) else ()
+    return allow_list(claims.get("nats"), "sub")
 
 
 def seed_from_creds(text: str) -> str:

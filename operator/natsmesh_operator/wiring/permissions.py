@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from natsmesh_sidecar import subjects
+from natsmesh_sidecar.permissions import allow_list
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,7 @@ class Permissions:
     @classmethod
     def from_claims(cls, nats: object) -> Permissions:
         """The lists of a decoded JWT's ``nats`` claims (empty when absent)."""
-
-        def allow(kind: str) -> tuple[str, ...]:
-            section = nats.get(kind) if isinstance(nats, dict) else None
-            items = section.get("allow") if isinstance(section, dict) else None
-            return tuple(str(x) for x in items) if isinstance(items, list) else ()
-
-        return cls(pub_allow=allow("pub"), sub_allow=allow("sub"))
+        return cls(pub_allow=allow_list(nats, "pub"), sub_allow=allow_list(nats, "sub"))
 
 
 @dataclass(frozen=True)

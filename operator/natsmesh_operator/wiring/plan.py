@@ -463,9 +463,7 @@ def _accounts(
     exports: dict[str, set[Export]] = defaultdict(set)
     imports: dict[str, set[Import]] = defaultdict(set)
     for (caller_ns, caller_svc), targets in callable_by.items():
-        for t_ns, t_svc in targets:
-            if t_ns == caller_ns:
-                continue
+        for t_ns, t_svc in targets:  # other namespaces only (see plan())
             # Per caller: the caller's identity is in the subject, and its own
             # publish permission (one wildcard) already ends in that identity.
             subject = subjects.import_subject(t_ns, t_svc, caller_ns, caller_svc)
