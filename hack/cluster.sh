@@ -19,7 +19,7 @@
 #   there otherwise, and the call fails as it would with no endpoints);
 # * kwok's stages are its defaults minus pod-complete, which would mark a
 #   Job's pod Succeeded before anything ran; podsim runs it and reports.
-# And one for the chart's webhook.clientAuth, which costs ~50 ms at creation:
+# And one for the chart's webhook.clientAuth (openssl, well under a second):
 # * kube-apiserver gets --admission-control-config-file: for Service-bound
 #   webhooks (*.svc) it presents a client certificate from a CA made here,
 #   under <state>/webhook-client (ca.crt; apiserver.crt/.key, CN
@@ -91,6 +91,10 @@ kwok_stages() {
 # The client CA and certificates under $1 (see the header).
 webhook_client_certs() {
   local dir="$1" name cn
+  command -v openssl >/dev/null || {
+    echo "cluster: openssl is needed for the API server's webhook client certificate" >&2
+    exit 1
+  }
   mkdir -p "$dir"
   openssl ecparam -name prime256v1 -genkey -noout -out "$dir/ca.key" 2>/dev/null
   openssl req -x509 -new -key "$dir/ca.key" -days 3650 -subj "/CN=natsmesh-local-webhook-client-ca" \
