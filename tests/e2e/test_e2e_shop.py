@@ -35,11 +35,10 @@ from tests.e2e.local import (
     RELEASE,
     LocalRelease,
     local_release,
-    nats_service,
 )
 from tests.e2e.podsim import PodSim, SimPod
 from tests.fixtures import admission
-from tests.fixtures.cluster import Cluster, tool
+from tests.fixtures.cluster import Cluster, nats_service, tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180), LOCAL_ONLY]
 
