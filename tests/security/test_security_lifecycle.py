@@ -68,7 +68,7 @@ async def test_narrowing_revokes_the_old_creds_at_once(
     # b stops admitting its namespace: only x may call it now.
     changed = time.monotonic()
     mesh_operator.apply(
-        ns, nats_service("b", allowSameNamespace=False, allowedCallers=[{"service": "x"}])
+        ns, nats_service("b", allowSameNamespace=False, allowedCallers=[{"name": "x"}])
     )
     took = await refused_within(mesh_operator, stolen, 15)
     print(f"narrowing re-issue -> old creds refused: {time.monotonic() - changed:.2f}s")
