@@ -227,17 +227,31 @@ class FastPath:
         if ps.buf or ps.state != _AWAITING_CONTROL_LINE:
             await self._orig_parse(data)
             return
-        pos = 0
+        size = len(data)
+        pos = self._take(data, 0)
+        while pos < size:
+            frame = _split(data, pos)
+            if frame is None:
+                break
+            # A whole frame of a subscription nats-py delivers itself.
+            pos, sid, subject, reply, payload, headers = frame
+            await self._orig_process_msg(sid, subject, reply, payload, headers)
+            pos = self._take(data, pos)
+        if pos < size:
+            await self._orig_parse(data[pos:] if pos else data)
+
+    def _take(self, data: bytes, pos: int) -> int:
+        """Dispatch the whole frames of ours from ``pos``; where the first other thing starts."""
         size = len(data)
         while pos < size:
             frame = _split(data, pos)
             if frame is None:
                 break
-            pos, sid, subject, reply, payload, headers = frame
+            end, sid, subject, reply, payload, headers = frame
             if not self._dispatch(sid, subject, reply, payload, headers):
-                await self._orig_process_msg(sid, subject, reply, payload, headers)
-        if pos < size:
-            await self._orig_parse(data[pos:] if pos else data)
+                break
+            pos = end
+        return pos
 
     def _hook_reader(self) -> None:
         """Take reads from the connection's StreamReader as they arrive.
@@ -246,7 +260,7 @@ class FastPath:
         step, a copy out of the reader's buffer) before the parser saw a
         byte. Each new reader (connect, TLS upgrade, reconnect) first
         delivers through that loop, which calls :meth:`_parse`, which hooks
-        the reader; from then on :meth:`_feed` sees the data first.
+        the reader; from then on its ``feed_data`` hands our frames over at once.
         """
         reader = getattr(getattr(self.nc, "_transport", None), "_io_reader", None)
         if reader is None or reader is self._reader or not isinstance(reader, asyncio.StreamReader):
@@ -254,7 +268,7 @@ class FastPath:
         self._reader = reader
         orig = reader.feed_data
         ps = self._ps
-        dispatch = self._dispatch
+        take = self._take
 
         def feed(data: Any) -> None:
             # Only while the read loop is parked on an empty reader with the
@@ -266,17 +280,9 @@ class FastPath:
                 and not ps.buf
                 and ps.state == _AWAITING_CONTROL_LINE
             ):
-                pos = 0
+                # A frame that is not ours goes to nats-py, with the rest.
+                pos = take(data, 0)
                 size = len(data)
-                while pos < size:
-                    frame = _split(data, pos)
-                    if frame is None:
-                        break
-                    end, sid, subject, reply, payload, headers = frame
-                    # A frame that is not ours goes to nats-py, with the rest.
-                    if not dispatch(sid, subject, reply, payload, headers):
-                        break
-                    pos = end
                 if pos == size:
                     return
                 if pos:
