@@ -263,14 +263,16 @@ class OutboundConnection(asyncio.Protocol):
 
     def _resume(self, item: Request, resp: bytes) -> None:
         try:
-            if self._answered(item, resp):
-                self._pump()
-                return
+            answered = self._answered(item, resp)
         except Exception:
             logger.exception("outbound connection failed")
             self._close()
-        self.busy = False
-        self.last = time.monotonic()
+            answered = False
+        if answered:
+            self._pump()
+        else:
+            self.busy = False
+            self.last = time.monotonic()
 
     def _answered(self, item: Request, resp: bytes) -> bool:
         """Write a response; False when the connection is done with."""

@@ -22,9 +22,8 @@ def _samples(text: bytes) -> set[str]:
     }
 
 
-def test_same_exposition_as_counter_and_histogram() -> None:
-    m = metrics.Metrics()
-    ref = CollectorRegistry(auto_describe=False)
+def _reference_request_families(ref: CollectorRegistry) -> tuple[Counter, Histogram]:
+    """What the request families were as prometheus_client types."""
     labels = ["direction", "source", "destination", "status"]
     count = Counter("natsmesh_sidecar_requests", "Requests handled", labels, registry=ref)
     hist = Histogram(
@@ -34,6 +33,13 @@ def test_same_exposition_as_counter_and_histogram() -> None:
         buckets=metrics._BUCKETS,
         registry=ref,
     )
+    return count, hist
+
+
+def test_same_exposition_as_counter_and_histogram() -> None:
+    m = metrics.Metrics()
+    ref = CollectorRegistry(auto_describe=False)
+    count, hist = _reference_request_families(ref)
     rnd = random.Random(7)
     # Bucket edges exactly, tiny and huge values, several label sets.
     values = [*metrics._BUCKETS, 0.0, 1e-9, 99.0] + [rnd.expovariate(200) for _ in range(500)]
@@ -92,15 +98,7 @@ def test_whole_exposition_is_prometheus_clients() -> None:
     """Every family, escaping and number format as prometheus_client writes them."""
     m = metrics.Metrics()
     ref = CollectorRegistry(auto_describe=False)
-    labels = ["direction", "source", "destination", "status"]
-    count = Counter("natsmesh_sidecar_requests", "Requests handled", labels, registry=ref)
-    hist = Histogram(
-        "natsmesh_sidecar_request_duration_seconds",
-        "Request latency as seen by this sidecar",
-        labels,
-        buckets=metrics._BUCKETS,
-        registry=ref,
-    )
+    count, hist = _reference_request_families(ref)
     refs: dict[str, Any] = {}
     for family in m.registry.families:
         if not isinstance(family, metrics.Metric):
