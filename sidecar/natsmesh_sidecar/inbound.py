@@ -1,10 +1,12 @@
 """Inbound: NATS requests on the service subject become HTTP calls to the app.
 
-The queue subscription uses a callback; the callback only takes a concurrency
-slot and starts a task, so slow app calls never block the subscription (and a
-full set of slots is natural back-pressure: nats-py buffers, then the server
-would see a slow consumer). App calls go over a keep-alive pool of raw asyncio
-Protocol connections parsed with httptools.
+The queue subscription's messages arrive straight from the NATS parser; the
+handler only takes a concurrency slot and sends the app request, so slow app
+calls never block the subscription (and a full set of slots is natural
+back-pressure: messages wait in a bounded backlog). App calls go over a
+keep-alive pool of raw asyncio Protocol connections parsed with httptools;
+with an idle connection free the call completes from the response parser's
+callback, otherwise (connecting, a stale connection's retry) in a task.
 """
 
 from __future__ import annotations

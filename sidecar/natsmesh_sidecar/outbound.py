@@ -1,7 +1,9 @@
 """Outbound: the app's HTTP calls on 127.0.0.1:15001 become NATS requests.
 
 :class:`OutboundConnection` is a raw asyncio Protocol fed to httptools: no
-framework, no per-request task unless a request is actually waiting on NATS.
+framework, and no per-request task: a request waiting on NATS is answered
+from the reply's callback (a task only for retries, fault delays, policy
+fetches and events).
 Pipelined requests queue per connection and are answered strictly in order.
 Untrusted input is bounded: URL and header bytes, body size (413 above the NATS
 max_payload), and a header deadline against slowloris clients (408).
@@ -399,7 +401,7 @@ class OutboundHandler:
     :meth:`start` is the connection's entry: a request that needs nothing
     but one NATS request (no policy fetch, no fault delay, no retry) is
     answered from callbacks, without a task or a coroutine chain; anything
-    else continues in a task running the same steps (:meth:`handle`).
+    else continues in a task running the same steps (:meth:`_finish_async`).
     """
 
     def __init__(self, app: Sidecar) -> None:
@@ -469,12 +471,6 @@ class OutboundHandler:
                 done(task.result())
 
         asyncio.get_running_loop().create_task(coro).add_done_callback(finished)
-
-    async def handle(self, req: Request) -> bytes:
-        t0 = time.perf_counter()
-        rid = req.special.get("x-request-id") or codec.new_request_id()
-        self.inflight += 1
-        return await self._finish_async(req, rid, t0, None)
 
     async def _finish_async(
         self, req: Request, rid: str, t0: float, plan: _Plan | str | None
