@@ -60,7 +60,7 @@ class MonitoredServer:
         """A tenant user, connected through the pod address as a sidecar would be."""
         async with Applier(
             url=self.pod.url,
-            operator=self.boot.operator,
+            signer=self.boot.signing_key,
             system_creds=self.boot.system_user_creds,
             keyring=self.keyring,
         ) as a:

@@ -67,7 +67,7 @@ class ChartCluster:
         """The tenant's account JWT, as the operator's code builds it, pushed to the cluster."""
         applier = Applier(
             url=self.pods[0].url,
-            operator=self.boot.operator,
+            signer=self.boot.signing_key,
             system_creds=self.boot.system_user_creds,
             keyring=self.keyring,
         )
