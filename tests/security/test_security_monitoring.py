@@ -64,7 +64,7 @@ class MonitoredServer:
             system_creds=self.boot.system_user_creds,
             keyring=self.keyring,
         ) as a:
-            token = jwt.encode(a.account_jwt_claims(plan(shop_intents(TENANT)), TENANT), a.operator)
+            token = jwt.encode(a.account_jwt_claims(plan(shop_intents(TENANT)), TENANT), a.signer)
             await a.push_account(token)
         return await connect_creds(self.pod.url, admin_creds(self.keyring.account(TENANT)))
 

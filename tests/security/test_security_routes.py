@@ -72,7 +72,7 @@ class ChartCluster:
             keyring=self.keyring,
         )
         async with applier as a:
-            token = jwt.encode(a.account_jwt_claims(plan(shop_intents(TENANT)), TENANT), a.operator)
+            token = jwt.encode(a.account_jwt_claims(plan(shop_intents(TENANT)), TENANT), a.signer)
             await a.push_account(token)
 
     async def tenant(self, i: int) -> NATS:

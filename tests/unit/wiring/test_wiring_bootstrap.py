@@ -144,7 +144,7 @@ def test_rotation_refuses_a_wrong_root() -> None:
 def test_a_signing_key_the_operator_jwt_does_not_list_is_refused() -> None:
     files = bootstrap.create().files()
     files["signing.nk"] = Key.create(Role.OPERATOR).seed
-    with pytest.raises(bootstrap.BootstrapError, match="not in operator.jwt"):
+    with pytest.raises(bootstrap.BootstrapError, match=r"not in operator\.jwt"):
         bootstrap.Bootstrap.from_files(files)
 
 
