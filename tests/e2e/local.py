@@ -29,6 +29,7 @@ from tests.e2e import shop as scenarios
 from tests.e2e.netsim import ServiceNetwork
 from tests.e2e.podsim import PodSim
 from tests.fixtures.cluster import REPO, Cluster, fresh_namespace, tool
+from tests.fixtures.operator import nats_service as nats_service  # re-exported for the e2e tests
 
 log = logging.getLogger("e2e.local")
 
@@ -130,6 +131,17 @@ class LocalRelease:
             "--create-namespace", "--timeout", timeout, *args,
             timeout=240,
         )  # fmt: skip
+
+    def install_running(self, *values: str) -> None:
+        """The local flavour (LOCAL_VALUES) plus ``values``, installed, with the
+        mesh CRDs established, NATS and both operator replicas ready."""
+        self.install(*LOCAL_VALUES, *values)
+        self.kubectl(
+            "wait", "--for=condition=Established", "--timeout=30s",
+            *(f"crd/{n}" for n in MESH_CRDS),
+        )  # fmt: skip
+        self.wait_ready("nats", 1)
+        self.wait_ready("operator", 2)
 
     def uninstall(self, check: bool = True) -> str:
         return self.helm(

@@ -17,8 +17,6 @@ import pytest
 
 from tests.e2e.local import (
     LOCAL_ONLY,
-    LOCAL_VALUES,
-    MESH_CRDS,
     RELEASE,
     LocalRelease,
     local_release,
@@ -49,13 +47,7 @@ def release(
 ) -> Iterator[LocalRelease]:
     listed, _ = namespaces
     with local_release(cluster, "natsmesh-nsmode", tmp_path_factory.mktemp("pods")) as release:
-        release.install(*LOCAL_VALUES, f"operator.watchNamespaces={{{listed}}}")
-        release.kubectl(
-            "wait", "--for=condition=Established", "--timeout=30s",
-            *(f"crd/{n}" for n in MESH_CRDS),
-        )  # fmt: skip
-        release.wait_ready("nats", 1)
-        release.wait_ready("operator", 2)
+        release.install_running(f"operator.watchNamespaces={{{listed}}}")
         yield release
 
 

@@ -28,7 +28,7 @@ import yaml
 
 from natsmesh_operator.wiring import bootstrap
 from tests.fixtures.cluster import REPO, Cluster, tool
-from tests.fixtures.operator import OperatorProcess, start_operator
+from tests.fixtures.operator import OperatorProcess, nats_service, start_operator
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -202,21 +202,10 @@ def test_real_calls_with_the_operator_token(install: Install) -> None:
     assert allowed.returncode == 0, allowed.stderr
 
 
-def service(name: str) -> str:
-    return json.dumps(
-        {
-            "apiVersion": "natsmesh.io/v1alpha1",
-            "kind": "NatsService",
-            "metadata": {"name": name},
-            "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080},
-        }
-    )
-
-
 def test_the_operator_still_reconciles_the_listed_namespace(install: Install) -> None:
     i, op = install, install.op
-    op.cluster.kubectl("apply", "-n", i.listed, "-f", "-", input=service("orders"))
-    op.cluster.kubectl("apply", "-n", i.unlisted, "-f", "-", input=service("orders"))
+    op.cluster.kubectl("apply", "-n", i.listed, "-f", "-", input=nats_service("orders"))
+    op.cluster.kubectl("apply", "-n", i.unlisted, "-f", "-", input=nats_service("orders"))
     op.wait_ready("natsservice", "orders", i.listed, timeout=60)
     creds = base64.b64decode(
         op.get("secret", "natsmesh-orders-creds", i.listed)["data"]["user.creds"]

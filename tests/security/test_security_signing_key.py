@@ -28,7 +28,7 @@ from natsmesh_operator.wiring.apply import CLAIMS_DELETE, Applier, _request, adm
 from natsmesh_operator.wiring.keys import Key, Role
 from natsmesh_operator.wiring.plan import plan
 from tests.fixtures.nats_operator import OperatorNats, shop_intents
-from tests.fixtures.operator import OperatorProcess
+from tests.fixtures.operator import OperatorProcess, nats_service
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -175,7 +175,7 @@ def test_the_operator_never_holds_the_root(
     root = op.nats.boot.root
     assert root is not None
     # It still does its job: a NatsService gets creds that NATS accepts.
-    op.cluster.kubectl("apply", "-n", ns, "-f", "-", input=service("orders"))
+    op.cluster.kubectl("apply", "-n", ns, "-f", "-", input=nats_service("orders"))
     op.wait_ready("natsservice", "orders", ns)
     creds = base64.b64decode(
         op.get("secret", "natsmesh-orders-creds", ns)["data"]["user.creds"]
@@ -203,17 +203,6 @@ def test_the_operator_never_holds_the_root(
     environ = Path(f"/proc/{op.proc.pid}/environ").read_bytes().decode(errors="replace")
     assert "NATSMESH_NATS_URL" in environ
     assert root.seed not in environ
-
-
-def service(name: str) -> str:
-    return json.dumps(
-        {
-            "apiVersion": "natsmesh.io/v1alpha1",
-            "kind": "NatsService",
-            "metadata": {"name": name},
-            "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080},
-        }
-    )
 
 
 async def _connect_once(on: OperatorNats, creds: str) -> None:
