@@ -211,3 +211,49 @@ async def _connect_once(on: OperatorNats, creds: str) -> None:
         await nc.flush(timeout=2)
     finally:
         await nc.close()
+
+
+def test_a_bootstrap_from_before_signing_keys_keeps_working(
+    mesh_operator: OperatorProcess, mesh_namespace: str
+) -> None:
+    """An existing install's Secret (operator.nk, no signing.nk): the operator
+    signs with that root as before, warns, and generates nothing."""
+    op, ns = mesh_operator, mesh_namespace
+    root = op.nats.boot.root
+    assert root is not None
+    name = "natsmesh-nats-bootstrap"
+    current = op.nats.boot.files()
+    legacy = {k: v for k, v in current.items() if k != "signing.nk"}
+    legacy["operator.nk"] = root.seed + "\n"
+
+    def put(files: dict[str, str]) -> None:
+        op.cluster.kubectl("delete", "secret", name, "-n", op.namespace, "--ignore-not-found")
+        manifest = bootstrap.secret_manifest(files, name, op.namespace)
+        op.cluster.kubectl("apply", "-f", "-", input=manifest)
+
+    put(legacy)
+    try:
+        op.cluster.kubectl("apply", "-n", ns, "-f", "-", input=nats_service("legacy"))
+        op.wait_ready("natsservice", "legacy", ns, timeout=60)
+        creds = base64.b64decode(
+            op.get("secret", "natsmesh-legacy-creds", ns)["data"]["user.creds"]
+        ).decode()
+        asyncio.run(_connect_once(op.nats, creds))
+        user_jwt, _ = jwt.parse_creds(creds)
+        account = jwt.decode(user_jwt).issuer
+
+        async def issuer() -> str:
+            async with op.nats.applier() as a:
+                token = await a.lookup_account(account)
+            assert token is not None
+            return jwt.decode(token).issuer
+
+        # Signed by the legacy root (a pass that read the Secret just before the
+        # swap may have used the signing key; the next one re-signs).
+        op.wait_for("the account signed by the root", lambda: asyncio.run(issuer()) == root.public)
+        assert "holds the NATS operator root key and no signing key" in op.tail(200_000)
+        # Generated nothing: the Secret is as the admin left it.
+        data = op.get("secret", name, op.namespace)["data"]
+        assert sorted(data) == sorted(legacy)
+    finally:
+        put(current)
