@@ -29,7 +29,6 @@ from tests.e2e import shop as scenarios
 from tests.e2e.netsim import ServiceNetwork
 from tests.e2e.podsim import PodSim
 from tests.fixtures.cluster import REPO, Cluster, fresh_namespace, tool
-from tests.fixtures.operator import nats_service as nats_service  # re-exported for the e2e tests
 
 log = logging.getLogger("e2e.local")
 

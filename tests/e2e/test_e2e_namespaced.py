@@ -20,9 +20,8 @@ from tests.e2e.local import (
     RELEASE,
     LocalRelease,
     local_release,
-    nats_service,
 )
-from tests.fixtures.cluster import Cluster
+from tests.fixtures.cluster import Cluster, nats_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240), LOCAL_ONLY]
 

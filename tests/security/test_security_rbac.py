@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from natsmesh_operator.wiring import bootstrap
-from tests.fixtures.cluster import REPO, Cluster, tool
-from tests.fixtures.operator import OperatorProcess, nats_service, start_operator
+from tests.fixtures.cluster import REPO, Cluster, nats_service, tool
+from tests.fixtures.operator import OperatorProcess, start_operator
 
 pytestmark = pytest.mark.timeout(240)
 

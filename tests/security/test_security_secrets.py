@@ -26,7 +26,8 @@ import pytest
 from natsmesh_operator.handlers.kube import ANNOTATION_ISSUED_USER
 from natsmesh_operator.wiring import jwt
 from natsmesh_operator.wiring.keys import Key, Role
-from tests.fixtures.operator import OperatorProcess, nats_service
+from tests.fixtures.cluster import nats_service
+from tests.fixtures.operator import OperatorProcess
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -27,8 +27,9 @@ from natsmesh_operator.wiring.accounts import delete_request_claims, limits_clai
 from natsmesh_operator.wiring.apply import CLAIMS_DELETE, Applier, _request, admin_creds
 from natsmesh_operator.wiring.keys import Key, Role
 from natsmesh_operator.wiring.plan import plan
+from tests.fixtures.cluster import nats_service
 from tests.fixtures.nats_operator import OperatorNats, shop_intents
-from tests.fixtures.operator import OperatorProcess, nats_service
+from tests.fixtures.operator import OperatorProcess
 
 pytestmark = pytest.mark.timeout(120)
 
