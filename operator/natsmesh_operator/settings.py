@@ -6,13 +6,13 @@ way, so the operator never has two configuration paths.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from natsmesh_operator.watched import Watched
 from natsmesh_operator.webhook.inject import InjectionSettings
 
 
@@ -135,10 +135,12 @@ class OperatorSettings:
     creds: CredsSettings = field(default_factory=CredsSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
 
+    @property
+    def watched(self) -> Watched:
+        return Watched(self.watch_namespaces)
+
     def watches(self, namespace: str) -> bool:
-        return not self.watch_namespaces or any(
-            fnmatch.fnmatchcase(namespace, pattern) for pattern in self.watch_namespaces
-        )
+        return self.watched(namespace)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:

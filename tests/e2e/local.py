@@ -131,6 +131,17 @@ class LocalRelease:
             timeout=240,
         )  # fmt: skip
 
+    def install_running(self, *values: str) -> None:
+        """The local flavour (LOCAL_VALUES) plus ``values``, installed, with the
+        mesh CRDs established, NATS and both operator replicas ready."""
+        self.install(*LOCAL_VALUES, *values)
+        self.kubectl(
+            "wait", "--for=condition=Established", "--timeout=30s",
+            *(f"crd/{n}" for n in MESH_CRDS),
+        )  # fmt: skip
+        self.wait_ready("nats", 1)
+        self.wait_ready("operator", 2)
+
     def uninstall(self, check: bool = True) -> str:
         return self.helm(
             "uninstall", self.name, "--namespace", self.namespace, "--wait", "--timeout", "2m",

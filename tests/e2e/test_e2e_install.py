@@ -57,7 +57,10 @@ def test_install_with_default_values(defaults: LocalRelease) -> None:
     ns = defaults.namespace
     # The pre-install hook ran (emulated): the trust root exists, the hook's Job is gone.
     bootstrap = defaults.secret_data(f"{RELEASE}-nats-bootstrap")
-    assert {"operator.jwt", "resolver.conf"} <= set(bootstrap)
+    assert {"operator.jwt", "resolver.conf", "signing.nk"} <= set(bootstrap)
+    # The operator root key went to a Secret of its own, for the admin to take offline.
+    assert "operator.nk" not in bootstrap
+    assert set(defaults.secret_data(f"{RELEASE}-nats-bootstrap-root")) == {"operator.nk"}
     assert defaults.kubectl("get", "jobs", "-n", ns, "-o", "name").strip() == ""
     deploy = json.loads(
         defaults.kubectl("get", "deployment", RELEASE + "-operator", "-n", ns, "-o", "json")
@@ -138,5 +141,10 @@ def test_uninstall_leaves_nothing_behind(defaults: LocalRelease) -> None:
         "get", "all,configmaps,secrets,serviceaccounts,roles,rolebindings", "-n", ns, "-o", "name"
     ).split()
     assert sorted(left) == sorted(
-        [f"secret/{RELEASE}-nats-bootstrap", "configmap/kube-root-ca.crt", "serviceaccount/default"]
+        [
+            f"secret/{RELEASE}-nats-bootstrap",
+            f"secret/{RELEASE}-nats-bootstrap-root",
+            "configmap/kube-root-ca.crt",
+            "serviceaccount/default",
+        ]
     ), left

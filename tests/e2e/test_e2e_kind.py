@@ -359,8 +359,10 @@ def test_helm_uninstall_leaves_nothing_behind(shop: KindShop, release: Kind) -> 
     namespaced = kind.kubectl(
         "get", scenarios.RELEASE_KINDS, "-n", SYSTEM_NS, "-l", selector, "-o", "name"
     ).split()  # fmt: skip
-    # Kept on purpose (chart docs): the NATS trust root, not a release object.
-    namespaced = [n for n in namespaced if not n.endswith("-nats-bootstrap")]
+    # Kept on purpose (chart docs): the NATS trust root and its root key, not release objects.
+    namespaced = [
+        n for n in namespaced if not n.endswith(("-nats-bootstrap", "-nats-bootstrap-root"))
+    ]
     assert namespaced == [], namespaced
     cluster_scoped = kind.kubectl(
         "get", scenarios.RELEASE_CLUSTER_KINDS, "-l", selector, "-o", "name"

@@ -30,7 +30,6 @@ from natsmesh_operator.webhook.tls import make_client_certs
 from tests.e2e import shop as scenarios
 from tests.e2e.local import (
     LOCAL_ONLY,
-    LOCAL_VALUES,
     MESH_CRDS,
     RELEASE,
     LocalRelease,
@@ -65,13 +64,7 @@ def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "create", "secret", "generic", CLIENT_CA_SECRET, "-n", release.namespace,
             f"--from-file=ca.crt={cluster.webhook_client / 'ca.crt'}",
         )  # fmt: skip
-        release.install(*LOCAL_VALUES, *CLIENT_AUTH)
-        release.kubectl(
-            "wait", "--for=condition=Established", "--timeout=30s",
-            *(f"crd/{n}" for n in MESH_CRDS),
-        )  # fmt: skip
-        release.wait_ready("nats", 1)
-        release.wait_ready("operator", 2)
+        release.install_running(*CLIENT_AUTH)
         yield release
 
 

@@ -60,11 +60,11 @@ class MonitoredServer:
         """A tenant user, connected through the pod address as a sidecar would be."""
         async with Applier(
             url=self.pod.url,
-            operator=self.boot.operator,
+            signer=self.boot.signing_key,
             system_creds=self.boot.system_user_creds,
             keyring=self.keyring,
         ) as a:
-            token = jwt.encode(a.account_jwt_claims(plan(shop_intents(TENANT)), TENANT), a.operator)
+            token = jwt.encode(a.account_jwt_claims(plan(shop_intents(TENANT)), TENANT), a.signer)
             await a.push_account(token)
         return await connect_creds(self.pod.url, admin_creds(self.keyring.account(TENANT)))
 

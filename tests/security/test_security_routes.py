@@ -67,12 +67,12 @@ class ChartCluster:
         """The tenant's account JWT, as the operator's code builds it, pushed to the cluster."""
         applier = Applier(
             url=self.pods[0].url,
-            operator=self.boot.operator,
+            signer=self.boot.signing_key,
             system_creds=self.boot.system_user_creds,
             keyring=self.keyring,
         )
         async with applier as a:
-            token = jwt.encode(a.account_jwt_claims(plan(shop_intents(TENANT)), TENANT), a.operator)
+            token = jwt.encode(a.account_jwt_claims(plan(shop_intents(TENANT)), TENANT), a.signer)
             await a.push_account(token)
 
     async def tenant(self, i: int) -> NATS:

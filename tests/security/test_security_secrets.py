@@ -26,20 +26,10 @@ import pytest
 from natsmesh_operator.handlers.kube import ANNOTATION_ISSUED_USER
 from natsmesh_operator.wiring import jwt
 from natsmesh_operator.wiring.keys import Key, Role
+from tests.fixtures.cluster import nats_service
 from tests.fixtures.operator import OperatorProcess
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def service(name: str) -> str:
-    return json.dumps(
-        {
-            "apiVersion": "natsmesh.io/v1alpha1",
-            "kind": "NatsService",
-            "metadata": {"name": name},
-            "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080},
-        }
-    )
 
 
 def creds_of(op: OperatorProcess, name: str, ns: str) -> str:
@@ -101,7 +91,7 @@ async def test_poisoned_secrets_neither_stop_the_pass_nor_revoke_anyone(
     mesh_operator: OperatorProcess, mesh_namespace: str, tmp_path: Path
 ) -> None:
     op, ns, kubectl = mesh_operator, mesh_namespace, mesh_operator.cluster.kubectl
-    kubectl("apply", "-n", ns, "-f", "-", input=service("victim"))
+    kubectl("apply", "-n", ns, "-f", "-", input=nats_service("victim"))
     op.wait_ready("natsservice", "victim", ns)
     victim_creds = creds_of(op, "victim", ns)
     victim_user = jwt.decode(jwt.parse_creds(victim_creds)[0]).subject
@@ -137,7 +127,7 @@ async def test_poisoned_secrets_neither_stop_the_pass_nor_revoke_anyone(
         kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=manifest)
 
     # The mesh keeps working: a new service becomes Ready through the poison.
-    kubectl("apply", "-n", ns, "-f", "-", input=service("orders"))
+    kubectl("apply", "-n", ns, "-f", "-", input=nats_service("orders"))
     op.wait_ready("natsservice", "orders", ns, timeout=60)
     # Several passes over the poison (the drift timer runs every 2 s here).
     await asyncio.sleep(5)

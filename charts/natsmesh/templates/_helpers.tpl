@@ -95,6 +95,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* The Secret the bootstrap hook writes the NATS operator root key into (never read by the operator). */}}
+{{- define "natsmesh.bootstrapRootSecret" -}}
+{{- .Values.bootstrap.rootSecret | default (printf "%s-root" (include "natsmesh.bootstrapSecret" .)) }}
+{{- end }}
+
 {{- define "natsmesh.webhookService" -}}
 {{- printf "%s-webhook" (include "natsmesh.fullname" .) }}
 {{- end }}

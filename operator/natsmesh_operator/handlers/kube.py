@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from lightkube.resources.core_v1 import Secret
 from lightkube.resources.networking_v1 import NetworkPolicy
 
 from natsmesh_operator.api import GROUP, VERSION, NatsRoute, NatsService
+from natsmesh_operator.watched import Watched
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,19 @@ def body_of(obj: Any) -> dict[str, Any]:
     return data
 
 
-Watched = Callable[[str], bool]
+async def list_watched(
+    kube: AsyncClient, res: Any, watched: Watched, **kwargs: Any
+) -> AsyncIterator[Any]:
+    """``res`` objects in the watched namespaces: listed in each one when they
+    are exact names (a namespaced install may not list across the cluster),
+    else across the cluster and filtered."""
+    for namespace in watched.exact or ("*",):
+        async for obj in kube.list(res, namespace=namespace, **kwargs):
+            meta = getattr(obj, "metadata", None)
+            if meta is not None and watched(str(meta.namespace)):
+                yield obj
+
+
 R = TypeVar("R", NatsService, NatsRoute)
 
 
@@ -78,7 +91,7 @@ async def _list(
     kube: AsyncClient, res: Any, model: type[R], watched: Watched, invalid: list[Invalid]
 ) -> list[tuple[R, Mapping[str, Any]]]:
     out: list[tuple[R, Mapping[str, Any]]] = []
-    async for obj in kube.list(res, namespace="*"):
+    async for obj in list_watched(kube, res, watched):
         body = body_of(obj)
         if _skip(body, watched):
             continue
@@ -161,8 +174,8 @@ async def read_secret(kube: AsyncClient, name: str, namespace: str) -> dict[str,
 async def list_creds_secrets(kube: AsyncClient, watched: Watched) -> list[Secret]:
     return [
         s
-        async for s in kube.list(Secret, namespace="*", labels={LABEL_CREDS: "true"})
-        if s.metadata is not None and watched(str(s.metadata.namespace))
+        async for s in list_watched(kube, Secret, watched, labels={LABEL_CREDS: "true"})
+        if s.metadata is not None
     ]
 
 

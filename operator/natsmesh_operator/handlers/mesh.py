@@ -35,6 +35,7 @@ from natsmesh_operator.api import NatsRoute, NatsService
 from natsmesh_operator.handlers import intents, kube, policies, status
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import CredsSettings
+from natsmesh_operator.watched import EVERYWHERE, Watched
 from natsmesh_operator.webhook.inject import CREDS_KEY, creds_secret_name
 from natsmesh_operator.wiring import jwt, users
 from natsmesh_operator.wiring.apply import (
@@ -44,8 +45,8 @@ from natsmesh_operator.wiring.apply import (
     admin_creds,
     connect_creds,
 )
-from natsmesh_operator.wiring.bootstrap import FILES, Bootstrap, _resolver_dir_of
-from natsmesh_operator.wiring.keys import Key, KeyRing, Role, is_public
+from natsmesh_operator.wiring.bootstrap import Bootstrap, BootstrapError
+from natsmesh_operator.wiring.keys import Key, KeyRing, NKeyError, Role, is_public
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 from natsmesh_sidecar import subjects
 
@@ -92,20 +93,6 @@ class PassResult:
         if self.report is None:
             return []
         return [f"{e.what}: {e.message}" for e in self.report.errors if e.namespace == namespace]
-
-
-def bootstrap_from_secret(data: Mapping[str, str]) -> Bootstrap:
-    missing = [f for f in FILES.values() if f not in data]
-    if missing:
-        raise ValueError(f"bootstrap Secret lacks {', '.join(missing)}: run natsmesh bootstrap")
-    return Bootstrap(
-        operator=Key.from_seed(data[FILES["operator_seed"]].strip(), Role.OPERATOR),
-        operator_jwt=data[FILES["operator_jwt"]].strip(),
-        system_account=Key.from_seed(data[FILES["system_account_seed"]].strip(), Role.ACCOUNT),
-        system_account_jwt=data[FILES["system_account_jwt"]].strip(),
-        system_user_creds=data[FILES["system_user_creds"]],
-        resolver_dir=_resolver_dir_of(data[FILES["auth_conf"]]),
-    )
 
 
 R = TypeVar("R", NatsService, NatsRoute)
@@ -182,7 +169,7 @@ class MeshReconciler:
         nats_url: str,
         operator_namespace: str,
         bootstrap_secret: str,
-        watched: kube.Watched = lambda _: True,
+        watched: Watched = EVERYWHERE,
         creds: CredsSettings | None = None,
         app_network_policy: bool = True,
     ) -> None:
@@ -193,6 +180,7 @@ class MeshReconciler:
         self.nats_url = nats_url
         self.operator_namespace = operator_namespace
         self.bootstrap_secret = bootstrap_secret
+        self._warned_legacy = False
         self._requested = 0
         self._done = 0
         self._wakeup = asyncio.Event()
@@ -311,7 +299,21 @@ class MeshReconciler:
                 fatal=f"bootstrap Secret {self.operator_namespace}/{self.bootstrap_secret} "
                 "not found: run `natsmesh bootstrap`",
             )
-        boot = bootstrap_from_secret(boot_data)
+        try:
+            boot = Bootstrap.from_files(boot_data)
+        except (BootstrapError, NKeyError) as exc:
+            return PassResult(
+                started=started,
+                fatal=f"bootstrap Secret {self.operator_namespace}/{self.bootstrap_secret}: {exc}",
+            )
+        if boot.legacy and not self._warned_legacy:
+            self._warned_legacy = True
+            logger.warning(
+                "bootstrap Secret %s/%s holds the NATS operator root key and no signing key: "
+                "run `natsmesh bootstrap rotate-signing-key` to move the root offline",
+                self.operator_namespace,
+                self.bootstrap_secret,
+            )
         mesh = plan(
             [intents.service_intent(svc) for svc, _ in services],
             [intents.route_intent(r) for r, _ in routes],
@@ -425,7 +427,7 @@ class MeshReconciler:
     def _applier(self, boot: Bootstrap, keys: KeyRing) -> Applier:
         return Applier(
             url=self.nats_url,
-            operator=boot.operator,
+            signer=boot.signing_key,
             system_creds=boot.system_user_creds,
             keyring=keys,
         )

@@ -33,6 +33,7 @@ from lightkube.resources.networking_v1 import NetworkPolicy
 
 from natsmesh_operator.api import NatsService
 from natsmesh_operator.handlers import kube
+from natsmesh_operator.watched import Watched
 from natsmesh_operator.webhook.inject import ADMIN_PORT
 
 logger = logging.getLogger(__name__)
@@ -132,13 +133,14 @@ async def sync(
     services: Iterable[tuple[NatsService, Mapping[str, Any]]],
     *,
     enabled: bool,
-    watched: kube.Watched,
+    watched: Watched,
 ) -> PolicyReport:
     """Make the managed NetworkPolicies match ``services`` (all of them, or none when
     not ``enabled``: switching the setting off removes the ones made before)."""
     existing: dict[tuple[str, str], NetworkPolicy] = {}
-    async for p in client.list(NetworkPolicy, namespace="*", labels={LABEL_APP_POLICY: "true"}):
-        if p.metadata is not None and watched(str(p.metadata.namespace)) and _ours(p):
+    labels = {LABEL_APP_POLICY: "true"}
+    async for p in kube.list_watched(client, NetworkPolicy, watched, labels=labels):
+        if p.metadata is not None and _ours(p):
             existing[(str(p.metadata.namespace), str(p.metadata.name))] = p
     wanted: dict[tuple[str, str], tuple[NatsService, Mapping[str, Any]]] = {}
     if enabled:

@@ -61,7 +61,7 @@ class Runtime:
             nats_url=settings.nats.url,
             operator_namespace=settings.namespace,
             bootstrap_secret=settings.nats.bootstrap_secret,
-            watched=settings.watches,
+            watched=settings.watched,
             creds=settings.creds,
             app_network_policy=settings.network.app_policy,
         )
@@ -78,7 +78,7 @@ class Runtime:
                 client=client,
                 injection=settings.injection,
                 operator_namespace=settings.namespace,
-                watched=settings.watches,
+                watched=settings.watched,
                 cert=ServingCert(cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key")
                 if cert_dir
                 else None,

@@ -104,14 +104,24 @@ def system_account_claims(account_public: str) -> Claims:
     }
 
 
-def operator_claims(name: str, operator_public: str, system_account: str) -> Claims:
+def operator_claims(
+    name: str, operator_public: str, system_account: str, signing_keys: list[str]
+) -> Claims:
+    """The operator JWT; nats-server accepts accounts issued by the operator
+    or by one of ``signing_keys`` (the keys the running operator holds)."""
     return {
         "sub": operator_public,
         "name": name,
-        "nats": {"type": "operator", "version": 2, "system_account": system_account},
+        "nats": {
+            "type": "operator",
+            "version": 2,
+            "system_account": system_account,
+            "signing_keys": sorted(signing_keys),
+        },
     }
 
 
-def delete_request_claims(operator_public: str, accounts: list[str]) -> Claims:
-    """The body of ``$SYS.REQ.CLAIMS.DELETE``: a generic JWT self-signed by the operator."""
-    return {"sub": operator_public, "nats": {"accounts": sorted(accounts)}}
+def delete_request_claims(signer_public: str, accounts: list[str]) -> Claims:
+    """The body of ``$SYS.REQ.CLAIMS.DELETE``: a generic JWT self-signed by the
+    operator or one of its signing keys (nats-server accepts either)."""
+    return {"sub": signer_public, "nats": {"accounts": sorted(accounts)}}

@@ -4,7 +4,7 @@
   pushed with ``$SYS.REQ.CLAIMS.UPDATE`` (as the system user) only when their
   content differs; accounts we manage that are no longer wanted are removed
   with the resolver's ``$SYS.REQ.CLAIMS.DELETE`` (a request signed by the
-  operator key), after their streams are removed.
+  operator's signing key), after their streams are removed.
 * Streams, consumers and the route KV bucket: per account, through a short-
   lived admin user signed by that account's key; created when missing,
   updated when a field we own drifted, left alone otherwise. Fields whose
@@ -186,13 +186,14 @@ class Applier:
         self,
         *,
         url: str | list[str],
-        operator: Key,
+        signer: Key,
         system_creds: str,
         keyring: KeyRing,
         timeout: float = 5.0,
     ) -> None:
         self.url = url
-        self.operator = operator
+        self.signer = signer
+        """The operator's signing key (the root only for a legacy bootstrap)."""
         self.system_creds = system_creds
         self.keyring = keyring
         self.timeout = timeout
@@ -246,7 +247,7 @@ class Applier:
             raise RuntimeError(resp["error"].get("description", str(resp["error"])))
 
     async def delete_accounts(self, accounts: list[str]) -> None:
-        token = jwt.encode(delete_request_claims(self.operator.public, accounts), self.operator)
+        token = jwt.encode(delete_request_claims(self.signer.public, accounts), self.signer)
         resp = await _request(self.sys, CLAIMS_DELETE, token.encode(), self.timeout)
         if "error" in resp:
             raise RuntimeError(resp["error"].get("description", str(resp["error"])))
@@ -276,11 +277,11 @@ class Applier:
             claims = self.account_jwt_claims(plan, ns, revocations.get(ns))
             public = claims["sub"]
             current = await self.lookup_account(public)
-            if current and jwt.same_content(current, claims, self.operator.public):
+            if current and jwt.same_content(current, claims, self.signer.public):
                 report.accounts_unchanged.append(ns)
                 continue
             try:
-                await self.push_account(jwt.encode(claims, self.operator))
+                await self.push_account(jwt.encode(claims, self.signer))
             except Exception as exc:
                 report.errors.append(ApplyError(ns, "account", str(exc)))
                 continue

@@ -153,7 +153,8 @@ def test_external_nats_has_no_server() -> None:
 def test_external_nats_with_its_own_secret_skips_bootstrap() -> None:
     manifest = render(VALUE_SETS["nats-external-secret"])
     assert not manifest.has("Job")
-    assert not manifest.has("Role")
+    # Only the operator's own Role in the release namespace, no hook Role.
+    assert [r["metadata"]["name"] for r in manifest.all("Role")] == [f"{FULLNAME}-operator-release"]
 
 
 def _bootstrap_objects(manifest: Manifest) -> list[dict[str, Any]]:
@@ -186,6 +187,8 @@ def test_bootstrap_hook_job() -> None:
         "/data/resolver",
         "--secret",
         BOOTSTRAP_SECRET,
+        "--root-secret",
+        f"{BOOTSTRAP_SECRET}-root",
         "--namespace",
         NAMESPACE,
     ]

@@ -176,7 +176,7 @@ def test_operator_may_manage_app_network_policies(value: bool) -> None:
         if "networking.k8s.io" in rule["apiGroups"] and "networkpolicies" in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert verbs == {"get", "list", "watch", "create", "update", "patch", "delete"}
+    assert verbs == {"list", "create", "patch", "delete"}
 
 
 def _container_ports(manifest: Manifest, kind: str, name: str) -> set[str]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from .rbac import CLUSTER_WIDE_ONLY, OPERATOR_RULES, grants
 from .render import FULLNAME, Manifest, render
 from .values_sets import VALUE_SETS
 
@@ -98,36 +99,12 @@ def test_rbac_has_no_wildcards(values: dict[str, Any]) -> None:
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), where
 
 
-def _grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
-    grants: dict[tuple[str, str], set[str]] = {}
-    for rule in role["rules"]:
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                grants.setdefault((group, resource), set()).update(rule["verbs"])
-    return grants
-
-
 def test_operator_cluster_role_is_the_contract() -> None:
-    grants = _grants(render().get("ClusterRole", f"{FULLNAME}-operator"))
-    read = {"get", "list", "watch"}
-    assert grants == {
-        ("natsmesh.io", "natsservices"): read | {"patch", "update"},
-        ("natsmesh.io", "natsroutes"): read | {"patch", "update"},
-        ("natsmesh.io", "natsservices/status"): {"get", "patch", "update"},
-        ("natsmesh.io", "natsroutes/status"): {"get", "patch", "update"},
-        ("natsmesh.io", "natsservices/finalizers"): {"update"},
-        ("natsmesh.io", "natsroutes/finalizers"): {"update"},
-        ("", "secrets"): read | {"create", "update", "patch", "delete"},
-        ("", "events"): {"create", "patch"},
-        ("events.k8s.io", "events"): {"create", "patch"},
-        ("networking.k8s.io", "networkpolicies"): read | {"create", "update", "patch", "delete"},
-        ("", "pods"): read,
-        ("", "namespaces"): read,
-        ("apps", "deployments"): read | {"patch"},
-        ("apps", "statefulsets"): read | {"patch"},
-        ("kopf.dev", "clusterkopfpeerings"): read | {"patch"},
-        ("apiextensions.k8s.io", "customresourcedefinitions"): read,
-    }
+    """Cluster-wide mode: only what the operator calls (docs/security.md)."""
+    found = grants(render().get("ClusterRole", f"{FULLNAME}-operator"))
+    assert found == {**OPERATOR_RULES, **CLUSTER_WIDE_ONLY}
+    # Never a cluster-wide get on Secrets, nor update/watch/get anywhere it is unused.
+    assert "get" not in found[("", "secrets")]
 
 
 def test_operator_is_bound_to_its_service_account() -> None:
@@ -139,9 +116,10 @@ def test_operator_is_bound_to_its_service_account() -> None:
     ]
     pod = manifest.get("Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == FULLNAME
-    assert not manifest.has("Role") or all(
-        r["metadata"]["name"].endswith("-bootstrap") for r in manifest.all("Role")
-    )
+    assert sorted(r["metadata"]["name"] for r in manifest.all("Role")) == [
+        f"{FULLNAME}-bootstrap",
+        f"{FULLNAME}-operator-release",
+    ]
 
 
 def test_bootstrap_role_reads_only_its_secret() -> None:

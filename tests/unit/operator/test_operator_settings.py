@@ -55,3 +55,15 @@ def test_app_network_policy_is_on_unless_switched_off() -> None:
     for value in ("false", "False", " false "):
         env = {"NATSMESH_APP_NETWORK_POLICY": value}
         assert not OperatorSettings.from_env(env).network.app_policy, value
+
+
+def test_exact_namespaces_are_listed_one_by_one() -> None:
+    # A namespaced install's RBAC allows listing only in the named namespaces.
+    exact = OperatorSettings.from_env({"NATSMESH_WATCH_NAMESPACES": "shop, web"}).watched
+    assert exact.exact == ("shop", "web")
+    assert exact("shop")
+    assert not exact("kube-system")
+    for globs in ("shop-*", "shop,team-?", "ns[12]"):
+        watched = OperatorSettings.from_env({"NATSMESH_WATCH_NAMESPACES": globs}).watched
+        assert watched.exact is None, globs
+    assert OperatorSettings.from_env({}).watched.exact is None
