@@ -521,33 +521,8 @@ class OutboundHandler:
                 per_try = min(remaining, retries.per_try_timeout_ms / 1000.0)
             hdrs[codec.H_TIMEOUT] = str(int(per_try * 1000))
             outcome, reply = await self._attempt(subject, req.body, per_try, hdrs)
-            if breaker is not None and outcome != "permission_violation":
-                breaker.record(not resilience.is_failure(outcome), time.monotonic())
-                app.report_circuit(subject, breaker)
-            if outcome == "unavailable":
-                s, h, b = self._error(
-                    503,
-                    "nats_unavailable",
-                    "NATS connection is down; retry shortly",
-                    rid,
-                    [("retry-after", "1")],
-                )
-                return s, h, b, dest_key, rule.name, attempt + 1, "nats_unavailable"
-            if outcome == "permission_violation":
-                # The server refused the publish (its JWT view is narrower than
-                # ours was); the sidecar now knows and refuses up front.
-                s, h, b = self._error(
-                    403,
-                    "permission_violation",
-                    f"NATS refused {app.source} publishing to {subject}",
-                    rid,
-                )
-                return s, h, b, dest_key, rule.name, attempt + 1, "permission_violation"
-            if outcome == "too_large":
-                s, h, b = self._error(
-                    413, "payload_too_large", "request exceeds the NATS max_payload", rid
-                )
-                return s, h, b, dest_key, rule.name, attempt + 1, "payload_too_large"
+            if outcome in resilience.CALLER_SIDE:
+                break
             if attempt < retries.attempts and resilience.retryable(outcome, retries, req.method):
                 backoff = resilience.backoff_seconds(attempt, retries, self._rand())
                 if time.monotonic() + backoff < deadline:
@@ -558,6 +533,35 @@ class OutboundHandler:
             break
 
         attempts = attempt + 1
+        if breaker is not None:
+            # Once per request, with its final outcome: a retry that got
+            # through is a success, three failed attempts are one failure.
+            breaker.record(resilience.verdict(outcome), time.monotonic())
+            app.report_circuit(subject, breaker)
+        if outcome == resilience.UNAVAILABLE:
+            s, h, b = self._error(
+                503,
+                "nats_unavailable",
+                "NATS connection is down; retry shortly",
+                rid,
+                [("retry-after", "1")],
+            )
+            return s, h, b, dest_key, rule.name, attempts, "nats_unavailable"
+        if outcome == resilience.VIOLATION:
+            # The server refused the publish (its JWT view is narrower than
+            # ours was); the sidecar now knows and refuses up front.
+            s, h, b = self._error(
+                403,
+                "permission_violation",
+                f"NATS refused {app.source} publishing to {subject}",
+                rid,
+            )
+            return s, h, b, dest_key, rule.name, attempts, "permission_violation"
+        if outcome == resilience.TOO_LARGE:
+            s, h, b = self._error(
+                413, "payload_too_large", "request exceeds the NATS max_payload", rid
+            )
+            return s, h, b, dest_key, rule.name, attempts, "payload_too_large"
         if outcome == resilience.NO_RESPONDERS:
             s, h, b = self._error(503, "no_responders", f"no instance of {subject} is serving", rid)
             return s, h, b, dest_key, rule.name, attempts, "no_responders"
@@ -593,16 +597,21 @@ class OutboundHandler:
         nc = app.nc
         fast = app.fast
         if nc is None or fast is None or not nc.is_connected:
-            return "unavailable", None
+            return resilience.UNAVAILABLE, None
         if limit_s <= 0:
             return resilience.TIMEOUT, None
         if len(body) > nc.max_payload:
-            return "too_large", None
+            return resilience.TOO_LARGE, None
         reply = await fast.request(subject, hdrs, body, limit_s)
         if isinstance(reply, str):
             # TIMEOUT and NO_RESPONDERS are resilience's names too.
             return reply, None
-        return codec.final_status(reply.headers.get(codec.H_STATUS)) or 502, reply
+        status = codec.final_status(reply.headers.get(codec.H_STATUS)) or 502
+        if status == 502 and codec.H_UNDELIVERED in reply.headers:
+            # The callee's app refused the connection (it is starting or
+            # dying): like no responders, safe to try another replica.
+            return resilience.UNDELIVERED, reply
+        return status, reply
 
 
 def _needs_headers(dest: object) -> bool:
