@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,22 @@ def write_creds(path: Path, creds: str) -> None:
 def issue(mesh_or_on: OperatorNats, p: MeshPlan, service: str) -> users.IssuedUser:
     ring = mesh_or_on.keyring
     return users.issue(p.user(NS, service), ring.account(NS), user_key=ring.user(NS, service))
+
+
+async def applied_shop(
+    on: OperatorNats, tmp_path: Path, routes: Sequence[RouteIntent] = ()
+) -> tuple[MeshPlan, dict[str, Path]]:
+    """The shop planned and pushed to the server; gateway's and orders' creds files."""
+    p = plan(shop_intents(NS), list(routes))
+    assert not p.problems, p.problems
+    async with on.applier() as a:
+        report = await a.apply(p)
+        assert report.ok, report.errors
+    creds = {}
+    for svc in ("gateway", "orders"):
+        creds[svc] = tmp_path / f"{svc}.creds"
+        write_creds(creds[svc], issue(on, p, svc).creds)
+    return p, creds
 
 
 async def wait_for(cond: object, within: float, what: str) -> None:
@@ -156,17 +174,17 @@ class RoutedShop:
     sidecars: list[Sidecar] = field(default_factory=list)
 
     @classmethod
-    async def create(cls, on: OperatorNats, tmp_path: Path, rule: RouteRule) -> RoutedShop:
-        p = plan(shop_intents(NS), [RouteIntent(NS, "orders", rules=(rule,))])
-        assert not p.problems, p.problems
-        async with on.applier() as a:
-            report = await a.apply(p)
-            assert report.ok, report.errors
-        creds = {}
-        for svc in ("gateway", "orders"):
-            creds[svc] = tmp_path / f"{svc}.creds"
-            write_creds(creds[svc], issue(on, p, svc).creds)
-        return cls(on, p, creds)
+    @contextlib.asynccontextmanager
+    async def running(
+        cls, on: OperatorNats, tmp_path: Path, rule: RouteRule
+    ) -> AsyncIterator[RoutedShop]:
+        """The shop with ``rule`` for orders; every sidecar started is stopped after."""
+        p, creds = await applied_shop(on, tmp_path, [RouteIntent(NS, "orders", rules=(rule,))])
+        shop = cls(on, p, creds)
+        try:
+            yield shop
+        finally:
+            await shop.close()
 
     async def orders(self, app_port: int, **kw: object) -> Sidecar:
         """An orders replica in front of ``app_port``, started (not waited for)."""

@@ -28,7 +28,15 @@ from natsmesh_sidecar import permissions, subjects
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import Fault, FaultAbort, Match, MeshTable
 from tests.fixtures.nats_operator import OperatorNats, shop_intents
-from tests.integration.sidecar.jwt_harness import NS, Load, issue, metric, wait_for, write_creds
+from tests.integration.sidecar.jwt_harness import (
+    NS,
+    Load,
+    applied_shop,
+    issue,
+    metric,
+    wait_for,
+    write_creds,
+)
 from tests.integration.sidecar.sidecar_harness import (
     TestApp,
     destination,
@@ -70,15 +78,7 @@ class JwtMesh:
 
 @pytest.fixture
 async def jwt_mesh(nats_operator: OperatorNats, tmp_path: Path) -> AsyncIterator[JwtMesh]:
-    p = plan(shop_intents(NS))
-    assert not p.problems
-    async with nats_operator.applier() as a:
-        report = await a.apply(p)
-        assert report.ok, report.errors
-    creds = {}
-    for svc in ("gateway", "orders"):
-        creds[svc] = tmp_path / f"{svc}.creds"
-        write_creds(creds[svc], issue(nats_operator, p, svc).creds)
+    p, creds = await applied_shop(nats_operator, tmp_path)
     app = await TestApp().start()
     orders = Sidecar(
         settings("orders", NS, nats_operator.url, app.port, creds_file=str(creds["orders"])),

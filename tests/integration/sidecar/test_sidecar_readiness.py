@@ -41,11 +41,8 @@ RULE = RouteRule(
 
 @pytest.fixture
 async def shop(nats_operator: OperatorNats, tmp_path: Path) -> AsyncIterator[RoutedShop]:
-    s = await RoutedShop.create(nats_operator, tmp_path, RULE)
-    try:
+    async with RoutedShop.running(nats_operator, tmp_path, RULE) as s:
         yield s
-    finally:
-        await s.close()
 
 
 async def admin_ready(sidecar: Sidecar) -> int:
