@@ -83,10 +83,10 @@ async def test_a_late_app_gets_no_request_before_it_listens(shop: RoutedShop) ->
         await app_b.start(b_port)
         await wait_for(b.ready, 3, "B joining once its app listens")
         assert await admin_ready(b) == 200
-        await wait_for(lambda: len(app_b.requests) > 20, 5, "B taking its share")
+        await wait_for(lambda: len(app_b.requests) > 20, 15, "B taking its share")
         await load.finish()
         assert failures(load) == []
-        assert len(load.results) > 100
+        assert len(app_a.requests) > 20
     finally:
         await app_b.stop()
         await app_a.stop()
@@ -108,12 +108,11 @@ async def test_one_late_replica_callers_see_only_retried_no_responders(shop: Rou
         await app.start(port)
         await wait_for(orders.ready, 3, "orders joining")
         joined_at = time.monotonic()
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: len(app.requests) > 50, 15, "orders serving")
         await load.finish()
         bad = failures(load)
         assert set(bad) <= {(503, "no_responders")}, bad
         assert failures(load, since=joined_at + 0.1) == []
-        assert sum(1 for _, s, _ in load.results if s == 200) > 50
         # Nobody home is not the callee failing: the circuit stayed closed.
         assert all(b.state == resilience.CLOSED for b in gateway.breakers.values())
     finally:
@@ -132,20 +131,19 @@ async def test_an_app_going_down_makes_its_sidecar_leave_and_come_back(shop: Rou
         gateway = await shop.gateway()
         load = Load(gateway.outbound_port)
         load.start()
-        await wait_for(lambda: len(app_b.requests) > 10, 5, "B serving")
+        await wait_for(lambda: len(app_b.requests) > 10, 15, "B serving")
         await app_b.stop()
         down_at = time.monotonic()
         await wait_for(lambda: not b.joined, 3, "B leaving")
         left_at = time.monotonic()
         assert await admin_ready(b) == 503
         served_a = len(app_a.requests)
-        await asyncio.sleep(1.0)
-        # All traffic on A meanwhile, and nothing failed once B had left.
-        assert len(app_a.requests) - served_a > 50
+        await wait_for(lambda: len(app_a.requests) - served_a > 50, 15, "A taking it all")
+        # Nothing failed once B had left.
         assert failures(load, since=left_at) == []
         app_b = await TestApp().start(b_port)
         await wait_for(b.ready, 3, "B rejoining")
-        await wait_for(lambda: len(app_b.requests) > 10, 5, "B serving again")
+        await wait_for(lambda: len(app_b.requests) > 10, 15, "B serving again")
         await load.finish()
         # The detection window: the calls B's sidecar had taken when the app
         # died, at most (each woke a check at once).
@@ -172,7 +170,7 @@ async def test_sigterm_leaves_the_group_before_draining(shop: RoutedShop) -> Non
         gateway = await shop.gateway()
         load = Load(gateway.outbound_port, clients=8)
         load.start()
-        await wait_for(lambda: len(app_b.requests) > 20, 5, "B serving")
+        await wait_for(lambda: len(app_b.requests) > 20, 15, "B serving")
         await b.stop()
         served_b = len(app_b.requests)
         await asyncio.sleep(0.5)
