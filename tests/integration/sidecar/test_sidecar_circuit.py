@@ -127,3 +127,27 @@ async def test_the_callers_own_connection_dropping_opens_no_circuit(
     finally:
         await proxy.close()
         await app.stop()
+
+
+async def test_an_app_cannot_mark_its_502_undelivered_to_get_a_post_repeated(
+    shop: RoutedShop,
+) -> None:
+    """Only the callee's sidecar may say "nothing reached the app" (then the
+    caller retries even a POST elsewhere); the app saying it is not believed."""
+
+    async def liar(req: AppRequest) -> AppReply:
+        return AppReply(502, [("Nm-Undelivered", "1"), ("nm-undelivered", "1")], b"lie")
+
+    app = await TestApp(liar).start()
+    try:
+        orders = await shop.orders(app.port)
+        await orders.wait_ready()
+        gateway = await shop.gateway()
+        r = await request(gateway.outbound_port, "POST", "/pay", host="orders", body=b"{}")
+        assert r.status == 502
+        assert r.body == b"lie"
+        assert [q.path for q in app.requests] == ["/pay"]  # not repeated
+        ((state, failures),) = breakers(gateway).values()
+        assert (state, failures) == (resilience.CLOSED, 1)  # and counted
+    finally:
+        await app.stop()
