@@ -19,6 +19,13 @@
 #   there otherwise, and the call fails as it would with no endpoints);
 # * kwok's stages are its defaults minus pod-complete, which would mark a
 #   Job's pod Succeeded before anything ran; podsim runs it and reports.
+# And one for the chart's webhook.clientAuth (openssl, well under a second):
+# * kube-apiserver gets --admission-control-config-file: for Service-bound
+#   webhooks (*.svc) it presents a client certificate from a CA made here,
+#   under <state>/webhook-client (ca.crt; apiserver.crt/.key, CN
+#   kube-apiserver-webhook-client; other.crt/.key, same CA, another CN, for
+#   tests to play an impostor; the CA key is deleted). A webhook that asks for
+#   no client certificate never sees it, so the default install is unchanged.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -81,6 +88,61 @@ kwok_stages() {
   done
 }
 
+# The client CA and certificates under $1 (see the header).
+webhook_client_certs() {
+  local dir="$1" name cn
+  command -v openssl >/dev/null || {
+    echo "cluster: openssl is needed for the API server's webhook client certificate" >&2
+    exit 1
+  }
+  mkdir -p "$dir"
+  openssl ecparam -name prime256v1 -genkey -noout -out "$dir/ca.key" 2>/dev/null
+  openssl req -x509 -new -key "$dir/ca.key" -days 3650 -subj "/CN=natsmesh-local-webhook-client-ca" \
+    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" -out "$dir/ca.crt"
+  for name in apiserver other; do
+    cn=kube-apiserver-webhook-client
+    [[ $name == other ]] && cn=system:node:kwok-node-0
+    openssl ecparam -name prime256v1 -genkey -noout -out "$dir/$name.key" 2>/dev/null
+    openssl req -new -key "$dir/$name.key" -subj "/CN=$cn" |
+      openssl x509 -req -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -days 3650 \
+        -set_serial "0x$(openssl rand -hex 12)" -out "$dir/$name.crt" \
+        -extfile <(printf 'basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n') \
+        2>/dev/null
+  done
+  rm -f "$dir/ca.key"
+  chmod 600 "$dir"/*.key
+}
+
+# kube-apiserver's admission configuration: both webhook plugins present
+# apiserver.crt to every webhook called through a Service (*.svc).
+admission_config() {
+  cat >"$state/webhook-kubeconfig.yaml" <<EOF
+apiVersion: v1
+kind: Config
+users:
+  - name: "*.svc"
+    user:
+      client-certificate: $state/webhook-client/apiserver.crt
+      client-key: $state/webhook-client/apiserver.key
+EOF
+  cat <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+  - name: MutatingAdmissionWebhook
+    configuration:
+      apiVersion: apiserver.config.k8s.io/v1
+      kind: WebhookAdmissionConfiguration
+      kubeConfigFile: $state/webhook-kubeconfig.yaml
+  - name: ValidatingAdmissionWebhook
+    configuration:
+      apiVersion: apiserver.config.k8s.io/v1
+      kind: WebhookAdmissionConfiguration
+      kubeConfigFile: $state/webhook-kubeconfig.yaml
+EOF
+}
+
 kwokctl_config() {
   cat <<EOF
 apiVersion: config.kwok.x-k8s.io/v1alpha1
@@ -92,6 +154,9 @@ componentsPatches:
         value: http://$1
       - name: NO_PROXY
         value: 127.0.0.1,localhost
+    extraArgs:
+      - key: admission-control-config-file
+        value: $2
 EOF
   kwok_stages
 }
@@ -105,7 +170,10 @@ up() {
     # A stale cluster (processes gone after a reboot) is removed first.
     kwokctl delete cluster --name "$name" --kubeconfig "$kubeconfig" >/dev/null 2>&1 || true
     echo "127.0.0.1:$(free_port)" >"$state/service-proxy"
-    kwokctl_config "$(cat "$state/service-proxy")" >"$state/kwokctl.yaml"
+    rm -rf "$state/webhook-client"
+    webhook_client_certs "$state/webhook-client"
+    admission_config >"$state/admission.yaml"
+    kwokctl_config "$(cat "$state/service-proxy")" "$state/admission.yaml" >"$state/kwokctl.yaml"
     kwokctl create cluster --name "$name" --runtime binary --config "$state/kwokctl.yaml" \
       --kube-apiserver-binary "$(bin_of kube-apiserver)" \
       --kube-controller-manager-binary "$(bin_of kube-controller-manager)" \

@@ -7,12 +7,16 @@ the URL is ``ws://`` the import is blocked before nats is first imported.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from natsmesh_sidecar.app import Sidecar
 
 logger = logging.getLogger("natsmesh_sidecar")
 
@@ -51,20 +55,50 @@ def _trim_heap() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def _quiet_gc() -> None:
+    """Keep the cyclic garbage collector off the request path.
+
+    Every request allocates a few dozen container objects (almost all freed by
+    reference counting), so the default threshold (700) ran a collection every
+    few requests, and each full one walked every module and class loaded at
+    start. Those live as long as the process: frozen, the collector never
+    scans them again, and it runs a tenth as often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)
+
+
+def _arguments(argv: list[str]) -> tuple[str, bool]:
+    """(log level, access log off), from the environment unless given on the command line.
+
+    The injected container passes no arguments: argparse (and the gettext it
+    imports, 0.3 MB of RSS) is loaded only when there are some.
+    """
+    log_level = os.environ.get("NATSMESH_LOG_LEVEL", "info")
+    no_access_log = os.environ.get("NATSMESH_ACCESS_LOG", "1") in ("0", "false", "no")
+    if not argv:
+        return log_level, no_access_log
+    import argparse
+
     parser = argparse.ArgumentParser(prog="natsmesh sidecar", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("NATSMESH_LOG_LEVEL", "info"))
+    parser.add_argument("--log-level", default=log_level)
     parser.add_argument(
         "--no-access-log",
         action="store_true",
-        default=os.environ.get("NATSMESH_ACCESS_LOG", "1") in ("0", "false", "no"),
+        default=no_access_log,
         help="disable the per-request JSON access log",
     )
     args = parser.parse_args(argv)
+    return str(args.log_level), bool(args.no_access_log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    log_level, no_access_log = _arguments(sys.argv[1:] if argv is None else argv)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=log_level.upper(), handlers=[handler], force=True)
 
     _block_websocket_deps(os.environ.get("NATSMESH_NATS_URL", ""))
     from natsmesh_sidecar.app import Sidecar
@@ -78,15 +112,31 @@ def main(argv: list[str] | None = None) -> int:
     _trim_heap()
     sidecar = Sidecar(
         settings,
-        access_log=not args.no_access_log,
+        access_log=not no_access_log,
         header_timeout=float(os.environ.get("NATSMESH_HEADER_TIMEOUT_SECONDS", "10")),
     )
+    _quiet_gc()
     try:
         import uvloop
 
-        return int(uvloop.run(sidecar.run()))
+        return int(uvloop.run(_serve(sidecar)))
     except ImportError:
-        return asyncio.run(sidecar.run())
+        return asyncio.run(_serve(sidecar))
+
+
+async def _serve(sidecar: Sidecar) -> int:
+    """Run the sidecar; once it is ready, trim the heap again.
+
+    Connecting (TLS, the JWT, the first subscriptions and table) leaves
+    about 1.5 MB of freed heap that glibc keeps until told otherwise.
+    """
+    run = asyncio.ensure_future(sidecar.run())
+    ready = asyncio.ensure_future(sidecar.wait_ready(60.0))
+    await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and not ready.cancelled() and ready.exception() is None:
+        _trim_heap()
+    ready.cancel()
+    return await run
 
 
 if __name__ == "__main__":

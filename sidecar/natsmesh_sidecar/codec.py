@@ -278,16 +278,8 @@ def render_response(
     """
     if final_status(status) is None:
         raise ValueError(f"refusing to write status {status} as a final response")
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
-    for name, value in headers:
-        if name.lower() in HOP_BY_HOP:
-            continue
-        n = name.encode("latin-1", "replace")
-        v = value.encode("latin-1", "replace")
-        if not valid_header(n, v):
-            logger.debug("dropping invalid response header %r", n)
-            continue
-        parts.append(b"%s: %s\r\n" % (n, v))
+    block, _ = _header_block(headers if isinstance(headers, list) else list(headers))
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status)), block]
     if status not in (204, 304):
         parts.append(b"content-length: %d\r\n" % len(body))
     if not keep_alive:
@@ -296,6 +288,43 @@ def render_response(
     if not head and status not in (204, 304):
         parts.append(body)
     return b"".join(parts)
+
+
+def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bool]:
+    """The forwardable headers as one HTTP block, and whether it names the host.
+
+    Hop-by-hop headers are left out; a header whose name is not a token or
+    whose value holds a control byte is dropped (:func:`valid_header`). One
+    regex over the whole block is the common case; the per-header check
+    runs only when the block fails it.
+    """
+    lines = []
+    has_host = False
+    for name, value in headers:
+        low = name.lower()
+        if low in HOP_BY_HOP:
+            continue
+        if low == "host":
+            has_host = True
+        lines.append(f"{name}: {value}\r\n")
+    block = "".join(lines).encode("latin-1", "replace")
+    if _VALID_BLOCK_RE.fullmatch(block) is not None:
+        return block, has_host
+    # Some header is unsafe: find it and drop only it.
+    out, has_host = [], False
+    for name, value in headers:
+        n = name.encode("latin-1", "replace")
+        v = value.encode("latin-1", "replace")
+        low = name.lower()
+        if low in HOP_BY_HOP:
+            continue
+        if not valid_header(n, v):
+            logger.debug("dropping invalid header %r", n)
+            continue
+        if low == "host":
+            has_host = True
+        out.append(b"%s: %s\r\n" % (n, v))
+    return b"".join(out), has_host
 
 
 def render_request(
@@ -310,33 +339,7 @@ def render_request(
     t = target.encode("latin-1", "replace")
     if not valid_method(method) or not t.startswith(b"/") or _BAD_VALUE_RE.search(t) or b" " in t:
         return None
-    lines = []
-    has_host = False
-    for name, value in headers:
-        low = name.lower()
-        if low in HOP_BY_HOP:
-            continue
-        if low == "host":
-            has_host = True
-        lines.append(f"{name}: {value}\r\n")
-    block = "".join(lines).encode("latin-1", "replace")
-    if _VALID_BLOCK_RE.fullmatch(block) is None:
-        # Some header is unsafe: find it and drop only it (one regex over the
-        # whole block is the common case; this loop the rare one).
-        lines, has_host = [], False
-        for name, value in headers:
-            n = name.encode("latin-1", "replace")
-            v = value.encode("latin-1", "replace")
-            low = name.lower()
-            if low in HOP_BY_HOP:
-                continue
-            if not valid_header(n, v):
-                logger.debug("dropping invalid header %r", n)
-                continue
-            if low == "host":
-                has_host = True
-            lines.append(f"{name}: {value}\r\n")
-        block = "".join(lines).encode("latin-1", "replace")
+    block, has_host = _header_block(headers)
     parts = [b"%s %s HTTP/1.1\r\n" % (m, t), block]
     if not has_host:
         parts.append(b"host: %s\r\n" % host.encode())

@@ -1,10 +1,12 @@
 """Inbound: NATS requests on the service subject become HTTP calls to the app.
 
-The queue subscription uses a callback; the callback only takes a concurrency
-slot and starts a task, so slow app calls never block the subscription (and a
-full set of slots is natural back-pressure: nats-py buffers, then the server
-would see a slow consumer). App calls go over a keep-alive pool of raw asyncio
-Protocol connections parsed with httptools.
+The queue subscription's messages arrive straight from the NATS parser; the
+handler only takes a concurrency slot and sends the app request, so slow app
+calls never block the subscription (and a full set of slots is natural
+back-pressure: messages wait in a bounded backlog). App calls go over a
+keep-alive pool of raw asyncio Protocol connections parsed with httptools;
+with an idle connection free the call completes from the response parser's
+callback, otherwise (connecting, a stale connection's retry) in a task.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class _AppConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.future: asyncio.Future[AppResponse] | None = None
+        self.future: asyncio.Future[AppResponse] | _Call | None = None
         self.closed = False
         self.head = False
         self.received = 0
@@ -163,8 +165,10 @@ class AppPool:
         #: connection is rarely one the app is closing at that very moment.
         self.idle_timeout = idle_timeout
         self.idle: collections.deque[_AppConnection] = collections.deque()
-        self.slots = asyncio.Semaphore(limit)
         self.limit = limit
+        #: Free request slots; a released slot goes to the first waiter.
+        self.free = limit
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         #: Cached: get_running_loop() is a getpid() system call on Python 3.11.
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -180,41 +184,141 @@ class AppPool:
             ) from None
         return proto
 
+    def _take_slot(self) -> bool:
+        if self.free > 0 and not self._slot_waiters:
+            self.free -= 1
+            return True
+        return False
+
+    def _release(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+    async def _acquire(self) -> None:
+        if self._take_slot():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot just as we were cancelled
+            raise
+
     async def request(
         self, data: bytes, *, head: bool, limit_s: float, retry_stale: bool
     ) -> AppResponse:
-        async with self.slots:
+        await self._acquire()
+        try:
             return await self._request(data, head=head, limit_s=limit_s, retry_stale=retry_stale)
+        finally:
+            self._release()
+
+    def send(
+        self,
+        data: bytes,
+        *,
+        head: bool,
+        limit_s: float,
+        done: Callable[[AppResponse | Exception], None],
+    ) -> bool:
+        """:meth:`request` (with ``retry_stale``) without awaiting, for the hot path.
+
+        False, with nothing sent, unless a slot and an idle connection are
+        free right now; else ``done`` gets the response or the error later.
+        """
+        if not self._take_slot():
+            return False
+        conn = self._idle_conn()
+        if conn is None:
+            self._release()
+            return False
+        timer: asyncio.TimerHandle | None = None
+
+        def settled(result: AppResponse | BaseException) -> None:
+            if timer is not None:
+                timer.cancel()
+            if isinstance(result, AppResponse):
+                self._keep(conn)
+                self._release()
+                done(result)
+                return
+            conn.close()
+            if isinstance(result, AppError) and conn.received == 0:
+                # Stale, as in _request: try again (a fresh connection if need be).
+                retry = asyncio.get_running_loop().create_task(
+                    self._request(data, head=head, limit_s=limit_s, retry_stale=True)
+                )
+
+                def retried(t: asyncio.Task[AppResponse]) -> None:
+                    self._release()
+                    if not t.cancelled():
+                        e = t.exception()
+                        done(t.result() if e is None else cast(Exception, e))
+
+                retry.add_done_callback(retried)
+                return
+            self._release()
+            done(cast(Exception, result))
+
+        _, timer = self._send(conn, data, head, limit_s, _Call(settled))
+        return True
+
+    def _idle_conn(self) -> _AppConnection | None:
+        now = time.monotonic()
+        while self.idle:
+            c = self.idle.pop()
+            if c.closed:
+                continue
+            if now - c.idle_since > self.idle_timeout:
+                c.close()
+                continue
+            return c
+        return None
+
+    def _send(
+        self,
+        conn: _AppConnection,
+        data: bytes,
+        head: bool,
+        limit_s: float,
+        call: _Call | None = None,
+    ) -> tuple[asyncio.Future[AppResponse] | _Call, asyncio.TimerHandle]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut = loop.create_future() if call is None else call
+        conn.future = fut
+        conn.head = head
+        conn.received = 0
+        assert conn.transport is not None
+        conn.transport.write(data)
+        # A timer handle, not asyncio.wait_for: no extra task or waiter per call.
+        return fut, loop.call_later(limit_s, _expire, fut)
+
+    def _keep(self, conn: _AppConnection) -> None:
+        conn.future = None
+        if conn.reuse and not conn.closed:
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+        else:
+            conn.close()
 
     async def _request(
         self, data: bytes, *, head: bool, limit_s: float, retry_stale: bool
     ) -> AppResponse:
         while True:
-            reused = False
-            conn: _AppConnection | None = None
-            now = time.monotonic()
-            while self.idle:
-                c = self.idle.pop()
-                if c.closed:
-                    continue
-                if now - c.idle_since > self.idle_timeout:
-                    c.close()
-                    continue
-                conn, reused = c, True
-                break
+            conn = self._idle_conn()
+            reused = conn is not None
             if conn is None:
                 conn = await self._connect()
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            fut: asyncio.Future[AppResponse] = loop.create_future()
-            conn.future = fut
-            conn.head = head
-            conn.received = 0
-            assert conn.transport is not None
-            conn.transport.write(data)
-            # A timer handle, not asyncio.wait_for: no extra task or waiter per call.
-            timer = loop.call_later(limit_s, _expire, fut)
+            fut, timer = self._send(conn, data, head, limit_s)
+            assert isinstance(fut, asyncio.Future)
             try:
                 resp = await fut
             except TimeoutError:
@@ -229,12 +333,7 @@ class AppPool:
                 raise
             finally:
                 timer.cancel()
-            conn.future = None
-            if conn.reuse and not conn.closed:
-                conn.idle_since = time.monotonic()
-                self.idle.append(conn)
-            else:
-                conn.close()
+            self._keep(conn)
             return resp
 
     def close(self) -> None:
@@ -242,9 +341,42 @@ class AppPool:
             self.idle.pop().close()
 
 
-def _expire(fut: asyncio.Future[AppResponse]) -> None:
+def _expire(fut: asyncio.Future[AppResponse] | _Call) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
+
+
+class _Call:
+    """What a connection resolves on the hot path instead of a future.
+
+    ``set_result`` and ``set_exception`` call back at once, from the parser
+    callback, the timer or ``connection_lost``: no future, no scheduled
+    callback per app call.
+    """
+
+    __slots__ = ("callback", "finished")
+
+    def __init__(self, callback: Callable[[AppResponse | BaseException], None]) -> None:
+        self.callback = callback
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, result: AppResponse) -> None:
+        self._finish(result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._finish(exc)
+
+    def _finish(self, result: AppResponse | BaseException) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.callback(result)
+        except Exception:
+            logger.exception("app call completion failed")
 
 
 @dataclass(frozen=True)
@@ -342,6 +474,8 @@ class InboundHandler:
 
     def _start(self, msg: Msg) -> None:
         self.inflight += 1
+        if self._begin(msg):
+            return
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -351,8 +485,40 @@ class InboundHandler:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self._next()
+
+    def _next(self) -> None:
         if self.backlog and self.inflight < self.limit:
             self._start(self.backlog.popleft())
+
+    def _begin(self, msg: Msg) -> bool:
+        """The common case without a task: a valid request, an idle app connection.
+
+        False, with nothing done, for everything else (:meth:`_serve` then).
+        """
+        t0 = time.perf_counter()
+        hdrs = msg.headers
+        method = hdrs.get(codec.H_METHOD, "")
+        target = hdrs.get(codec.H_TARGET, "")
+        if not method or not target:
+            return False
+        rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
+        data = self._render(msg, hdrs, rid, method, target)
+        if data is None:
+            return False
+
+        def done(resp: AppResponse | Exception) -> None:
+            status, error = 500, ""
+            try:
+                status, rh, body, error = self._app_result(resp, rid)
+                self._reply(msg, status, rh, body, error)
+            except Exception as exc:
+                status, error = 500, error or "internal"
+                self._failed(msg, rid, exc)
+            self._end(msg, t0, rid, method, target, status, error)
+            self._next()
+
+        return self.pool.send(data, head=method == "HEAD", limit_s=self.timeout_of(hdrs), done=done)
 
     def pending(self) -> int:
         return self.inflight + len(self.backlog)
@@ -361,55 +527,67 @@ class InboundHandler:
         t0 = time.perf_counter()
         hdrs = msg.headers or {}
         rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
-        source = hdrs.get(codec.H_SOURCE, "-")
         method = hdrs.get(codec.H_METHOD, "")
         target = hdrs.get(codec.H_TARGET, "")
         status = 500
         error = ""
         try:
             status, rh, body, error = await self._call_app(msg, hdrs, rid, method, target)
-            if msg.reply:
-                rh[codec.H_STATUS] = str(status)
-                if error:
-                    rh[codec.H_ERROR] = error
-                fast = self.fast()
-                if fast is not None:
-                    fast.publish(msg.reply, "", rh, body)
+            self._reply(msg, status, rh, body, error)
         except Exception as exc:
             error = error or "internal"
             status = 500
-            logger.exception("inbound request failed")
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            fast = self.fast()
-            if msg.reply and fast is not None:
-                # Never leave the caller waiting out its timeout for a bug here.
-                _, rh, body, _ = self._error(500, "internal", "sidecar error", rid)
-                rh[codec.H_STATUS] = "500"
-                rh[codec.H_ERROR] = "internal"
-                with contextlib.suppress(Exception):
-                    fast.publish(msg.reply, "", rh, body)
+            self._failed(msg, rid, exc)
         finally:
-            self.inflight -= 1
-            self.held_bytes -= len(msg.data)
-            elapsed = time.perf_counter() - t0
-            self.served += 1
-            self.processing_ns += int(elapsed * 1e9)
-            if status >= 500:
-                self.errors += 1
-            self.metrics.observe("inbound", source, self.source, status, elapsed)
-            if self.access_log:
-                accesslog.log(
-                    request_id=rid,
-                    direction="inbound",
-                    source=source,
-                    destination=self.source,
-                    route=self.version,
-                    method=method,
-                    path=target.split("?", 1)[0],
-                    status=status,
-                    duration_s=elapsed,
-                    error=error,
-                )
+            self._end(msg, t0, rid, method, target, status, error)
+
+    def _reply(self, msg: Msg, status: int, rh: dict[str, str], body: bytes, error: str) -> None:
+        if msg.reply:
+            rh[codec.H_STATUS] = str(status)
+            if error:
+                rh[codec.H_ERROR] = error
+            fast = self.fast()
+            if fast is not None:
+                fast.publish(msg.reply, "", rh, body)
+
+    def _failed(self, msg: Msg, rid: str, exc: Exception) -> None:
+        logger.error("inbound request failed", exc_info=exc)
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        fast = self.fast()
+        if msg.reply and fast is not None:
+            # Never leave the caller waiting out its timeout for a bug here.
+            _, rh, body, _ = self._error(500, "internal", "sidecar error", rid)
+            rh[codec.H_STATUS] = "500"
+            rh[codec.H_ERROR] = "internal"
+            with contextlib.suppress(Exception):
+                fast.publish(msg.reply, "", rh, body)
+
+    def _end(
+        self, msg: Msg, t0: float, rid: str, method: str, target: str, status: int, error: str
+    ) -> None:
+        """Count and log a finished call, free its slot."""
+        self.inflight -= 1
+        self.held_bytes -= len(msg.data)
+        elapsed = time.perf_counter() - t0
+        self.served += 1
+        self.processing_ns += int(elapsed * 1e9)
+        if status >= 500:
+            self.errors += 1
+        source = msg.headers.get(codec.H_SOURCE, "-") if msg.headers else "-"
+        self.metrics.observe("inbound", source, self.source, status, elapsed)
+        if self.access_log:
+            accesslog.log(
+                request_id=rid,
+                direction="inbound",
+                source=source,
+                destination=self.source,
+                route=self.version,
+                method=method,
+                path=target.split("?", 1)[0],
+                status=status,
+                duration_s=elapsed,
+                error=error,
+            )
 
     def timeout_of(self, hdrs: Mapping[str, str]) -> float:
         """The caller's ``Nm-Timeout-Ms`` in seconds, clamped to this callee's ceiling."""
@@ -426,27 +604,42 @@ class InboundHandler:
         """(status, reply NATS headers, body, error code)."""
         if not method or not target:
             return self._error(400, "bad_request", "message lacks Nm-Method/Nm-Target", rid)
-        headers = codec.nats_to_http(hdrs)
-        if codec.REQUEST_ID not in hdrs:
-            headers.append((codec.REQUEST_ID, rid))
-        data = codec.render_request(method, target, headers, msg.data, self.app_host)
+        data = self._render(msg, hdrs, rid, method, target)
         if data is None:
             return self._error(400, "bad_request", "invalid method or target", rid)
         try:
-            resp = await self.pool.request(
+            resp: AppResponse | Exception = await self.pool.request(
                 data, head=method == "HEAD", limit_s=self.timeout_of(hdrs), retry_stale=True
             )
-        except TimeoutError:
+        except (TimeoutError, AppError) as exc:
+            resp = exc
+        return self._app_result(resp, rid)
+
+    def _render(
+        self, msg: Msg, hdrs: dict[str, str], rid: str, method: str, target: str
+    ) -> bytes | None:
+        headers = codec.nats_to_http(hdrs)
+        if codec.REQUEST_ID not in hdrs:
+            headers.append((codec.REQUEST_ID, rid))
+        return codec.render_request(method, target, headers, msg.data, self.app_host)
+
+    def _app_result(
+        self, resp: AppResponse | Exception, rid: str
+    ) -> tuple[int, dict[str, str], bytes, str]:
+        """The app's answer (or the error calling it) as (status, headers, body, error code)."""
+        if isinstance(resp, TimeoutError):
             return self._error(504, "app_timeout", "the app did not answer in time", rid)
-        except AppError as exc:
-            self.last_error = str(exc)
+        if isinstance(resp, AppError):
+            self.last_error = str(resp)
             if self.app_failed is not None:
                 self.app_failed()
-            failed = self._error(502, "app_unreachable", str(exc), rid)
-            if isinstance(exc, AppRefused):
+            failed = self._error(502, "app_unreachable", str(resp), rid)
+            if isinstance(resp, AppRefused):
                 # Nothing reached the app: the caller may try another replica.
                 failed[1][codec.H_UNDELIVERED] = "1"
             return failed
+        if isinstance(resp, Exception):
+            raise resp
         if codec.final_status(resp.status) is None:
             self.last_error = f"app answered status {resp.status}"
             return self._error(502, "app_bad_status", f"the app answered {resp.status}", rid)

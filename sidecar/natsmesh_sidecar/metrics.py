@@ -1,8 +1,12 @@
 """Prometheus metrics and the admin HTTP server (/metrics, /healthz, /readyz).
 
-Each sidecar instance owns a registry (tests run several in one process). Label
-children are cached in plain dicts: ``Counter.labels()`` costs a lock and a
-tuple build per call, too much for every request.
+Each sidecar instance owns its metrics (tests run several in one process).
+The text exposition (format 0.0.4) is written here, not by prometheus_client:
+importing that library (with the HTTP, WSGI and ASGI servers it brings) cost
+about 2 MB of each sidecar's RSS, and its Counter and Histogram took a lock per
+call on the hot path. ``tests/unit/sidecar/test_sidecar_metrics.py`` checks
+the output against prometheus_client's own, sample for sample (less the
+``_created`` series, which the text format's scrapers ignore).
 """
 
 from __future__ import annotations
@@ -10,22 +14,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator
-
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 
 logger = logging.getLogger(__name__)
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LE = [repr(b) for b in _BUCKETS]
-_LABELS = ["direction", "source", "destination", "status"]
+_LABELS = ("direction", "source", "destination", "status")
 #: Label sets kept apart; past this, destinations are folded into "_other"
 #: (hosts come from clients, so they must not grow the registry forever).
 MAX_SERIES = 2000
@@ -37,6 +34,105 @@ OTHER = "_other"
 #: A label value we keep as it is: a ``service.namespace`` host or a path-less
 #: destination key. Anything else (long, odd bytes) is folded into OTHER.
 _LABEL_RE = re.compile(r"[a-z0-9_-][a-z0-9_.-]{0,252}")
+
+#: (sample name, labels, value)
+Sample = tuple[str, dict[str, str], float]
+
+
+def _number(value: float) -> str:
+    """A sample value as Prometheus' Go code writes it (prometheus_client's floatToGoString)."""
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    text = repr(float(value))
+    dot = text.find(".")
+    if value > 0 and dot > 6:
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
+        return f"{mantissa}e+0{dot - 1}"
+    return text
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Family:
+    """One metric family: what it is and its samples at scrape time."""
+
+    name = ""
+    kind = ""
+    help = ""
+
+    def samples(self) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def render(self, out: list[str]) -> None:
+        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {self.name} {help_text}\n# TYPE {self.name} {self.kind}\n")
+        for name, labels, value in self.samples():
+            if labels:
+                text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+                out.append(f"{name}{{{text}}} {_number(value)}\n")
+            else:
+                out.append(f"{name} {_number(value)}\n")
+
+
+class Child:
+    """One label set of a counter or gauge: a plain float, or a function read at scrape time."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.fn: Callable[[], float] | None = None
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def set_function(self, fn: Callable[[], float]) -> None:
+        self.fn = fn
+
+    def get(self) -> float:
+        return float(self.fn()) if self.fn is not None else self.value
+
+
+class Metric(_Family):
+    """A counter or gauge, with or without labels (``.labels(...)`` like prometheus_client)."""
+
+    def __init__(self, name: str, help: str, kind: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.help = help
+        self.name = name + "_total" if kind == "counter" else name
+        self.labelnames = labelnames
+        self.children: dict[tuple[str, ...], Child] = {}
+        self._only = Child()
+        if not labelnames:
+            self.children[()] = self._only
+
+    def labels(self, *values: object) -> Child:
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {key}")
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = Child()
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._only.inc(amount)
+
+    def set(self, value: float) -> None:
+        self._only.set(value)
+
+    def samples(self) -> Iterator[Sample]:
+        for key, child in list(self.children.items()):
+            yield self.name, dict(zip(self.labelnames, key, strict=True)), child.get()
 
 
 class _Series:
@@ -53,81 +149,119 @@ class _Series:
         self.buckets = [0] * (len(_BUCKETS) + 1)
 
 
-class _RequestCollector:
-    """``requests_total`` and ``request_duration_seconds`` rendered at scrape time.
+class _RequestCount(_Family):
+    kind = "counter"
+    help = "Requests handled"
 
-    prometheus_client's Counter.inc and Histogram.observe each take a lock and
-    walk the buckets in Python per call; at tens of thousands of requests a
-    second that showed up in the profile, so the hot path only bumps ints.
+    def __init__(self, prefix: str, series: dict[tuple[str, str, str, int], _Series]) -> None:
+        self.name = prefix + "requests_total"
+        self.series = series
+
+    def samples(self) -> Iterator[Sample]:
+        for (direction, source, dest, status), s in list(self.series.items()):
+            labels = dict(zip(_LABELS, (direction, source, dest, str(status)), strict=True))
+            yield self.name, labels, float(s.count)
+
+
+class _RequestDuration(_Family):
+    kind = "histogram"
+    help = "Request latency as seen by this sidecar"
+
+    def __init__(self, prefix: str, series: dict[tuple[str, str, str, int], _Series]) -> None:
+        self.name = prefix + "request_duration_seconds"
+        self.series = series
+
+    def samples(self) -> Iterator[Sample]:
+        for (direction, source, dest, status), s in list(self.series.items()):
+            labels = dict(zip(_LABELS, (direction, source, dest, str(status)), strict=True))
+            acc = 0
+            for le, n in zip(_LE, s.buckets, strict=False):
+                acc += n
+                yield self.name + "_bucket", {**labels, "le": le}, float(acc)
+            yield self.name + "_bucket", {**labels, "le": "+Inf"}, float(s.count)
+            yield self.name + "_count", labels, float(s.count)
+            yield self.name + "_sum", labels, s.sum
+
+
+class Registry:
+    """The families of one sidecar, in exposition order."""
+
+    def __init__(self) -> None:
+        self.families: list[_Family] = []
+
+    def register(self, family: _Family) -> None:
+        self.families.append(family)
+
+    def render(self) -> bytes:
+        out: list[str] = []
+        for family in self.families:
+            family.render(out)
+        return "".join(out).encode()
+
+    def get_sample_value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample's value, or None (as prometheus_client's registry answers)."""
+        want = labels or {}
+        for family in self.families:
+            for sample, have, value in family.samples():
+                if sample == name and have == want:
+                    return value
+        return None
+
+
+class _RequestCollector:
+    """``requests_total`` and ``request_duration_seconds``: plain ints per label set.
+
+    prometheus_client's Counter.inc and Histogram.observe each took a lock and
+    walked the buckets in Python per call; the hot path only bumps ints and
+    the families read them at scrape time.
     """
 
     def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
         self.series: dict[tuple[str, str, str, int], _Series] = {}
-
-    def collect(self) -> Iterator[Metric]:
-        count = CounterMetricFamily(self.prefix + "requests", "Requests handled", labels=_LABELS)
-        hist = HistogramMetricFamily(
-            self.prefix + "request_duration_seconds",
-            "Request latency as seen by this sidecar",
-            labels=_LABELS,
-        )
-        for (direction, source, dest, status), s in list(self.series.items()):
-            labels = [direction, source, dest, str(status)]
-            count.add_metric(labels, s.count)
-            acc = 0
-            buckets = []
-            for le, n in zip(_LE, s.buckets, strict=False):
-                acc += n
-                buckets.append((le, float(acc)))
-            buckets.append(("+Inf", float(s.count)))
-            hist.add_metric(labels, buckets, s.sum)
-        yield count
-        yield hist
-
-    def describe(self) -> list[Metric]:
-        return []
+        self.families = (_RequestCount(prefix, self.series), _RequestDuration(prefix, self.series))
 
 
 class Metrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry = Registry()
         p = "natsmesh_sidecar_"
+
+        def metric(name: str, help: str, kind: str, *labels: str) -> Metric:
+            family = Metric(p + name, help, kind, labels)
+            r.register(family)
+            return family
+
         self.requests = _RequestCollector(p)
-        r.register(self.requests)
-        self.inflight = Gauge(
-            p + "inflight_requests", "Requests in flight", ["direction"], registry=r
-        )
-        self.retries = Counter(p + "retries", "Retried attempts", ["destination"], registry=r)
-        self.circuit = Gauge(
-            p + "circuit_state",
+        for family in self.requests.families:
+            r.register(family)
+        self.inflight = metric("inflight_requests", "Requests in flight", "gauge", "direction")
+        self.retries = metric("retries", "Retried attempts", "counter", "destination")
+        self.circuit = metric(
+            "circuit_state",
             "Circuit state per destination subject (0 closed, 1 open, 2 half-open)",
-            ["destination"],
-            registry=r,
+            "gauge",
+            "destination",
         )
-        self.events_published = Counter(
-            p + "events_published", "Events acknowledged by JetStream", ["topic"], registry=r
+        self.events_published = metric(
+            "events_published", "Events acknowledged by JetStream", "counter", "topic"
         )
-        self.events_delivered = Counter(
-            p + "events_delivered", "Event deliveries to the app", ["topic", "result"], registry=r
+        self.events_delivered = metric(
+            "events_delivered", "Event deliveries to the app", "counter", "topic", "result"
         )
-        self.events_dead = Counter(
-            p + "events_dead_lettered",
-            "Events sent to the dead-letter subject",
-            ["topic"],
-            registry=r,
+        self.events_dead = metric(
+            "events_dead_lettered", "Events sent to the dead-letter subject", "counter", "topic"
         )
-        self.nats_connected = Gauge(p + "nats_connected", "1 while connected to NATS", registry=r)
-        self.nats_reconnects = Counter(p + "nats_reconnects", "NATS reconnections", registry=r)
-        self.creds_renewals = Counter(
-            p + "creds_renewals",
+        self.nats_connected = metric("nats_connected", "1 while connected to NATS", "gauge")
+        self.nats_reconnects = metric("nats_reconnects", "NATS reconnections", "counter")
+        self.creds_renewals = metric(
+            "creds_renewals",
             "New creds taken up: a second connection opened, then the old one drained",
-            registry=r,
+            "counter",
         )
-        self.nats_errors = Counter(
-            p + "nats_async_errors", "Asynchronous NATS errors", ["kind"], registry=r
+        self.nats_errors = metric(
+            "nats_async_errors", "Asynchronous NATS errors", "counter", "kind"
         )
-        self.table_swaps = Counter(p + "table_updates", "Route tables applied", registry=r)
+        self.table_swaps = metric("table_updates", "Route tables applied", "counter")
         self._sources: set[str] = set()
         self._destinations: set[str] = set()
         self.inflight_out = self.inflight.labels("outbound")
@@ -164,7 +298,7 @@ class Metrics:
         return value
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.registry.render()
 
 
 class AdminServer:

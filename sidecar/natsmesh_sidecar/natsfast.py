@@ -123,13 +123,62 @@ def parse_headers(raw: bytes) -> dict[str, str]:
     return out
 
 
+def _split(data: bytes, pos: int) -> tuple[int, int, bytes, bytes, bytes, bytes | None] | None:
+    """The complete MSG/HMSG frame at ``pos``: (end, sid, subject, reply, payload, headers).
+
+    None for anything else: another operation, a frame cut by the read, a
+    malformed control line.
+    """
+    if data.startswith(b"HMSG ", pos):
+        has_headers = True
+    elif data.startswith(b"MSG ", pos):
+        has_headers = False
+    else:
+        return None
+    eol = data.find(_CRLF, pos)
+    if eol < 0:
+        return None
+    args = data[pos:eol].split()
+    try:
+        if has_headers:
+            # HMSG <subject> <sid> [reply] <header bytes> <total bytes>
+            if len(args) == 5:
+                _, subject, sid_b, hdr_b, total_b = args
+                reply = b""
+            elif len(args) == 6:
+                _, subject, sid_b, reply, hdr_b, total_b = args
+            else:
+                return None
+            hdr_len = int(hdr_b)
+        else:
+            # MSG <subject> <sid> [reply] <bytes>
+            if len(args) == 4:
+                _, subject, sid_b, total_b = args
+                reply = b""
+            elif len(args) == 5:
+                _, subject, sid_b, reply, total_b = args
+            else:
+                return None
+            hdr_len = 0
+        sid = int(sid_b)
+        total = int(total_b)
+    except ValueError:
+        return None
+    start = eol + 2
+    end = start + total
+    if end + 2 > len(data) or hdr_len > total or hdr_len < 0:
+        return None
+    headers = data[start : start + hdr_len] if has_headers else None
+    return end + 2, sid, subject, reply, data[start + hdr_len : end], headers
+
+
 class FastPath:
     """Request-reply and publish for one nats-py connection; see the module docstring."""
 
     def __init__(self, nc: Any) -> None:
         self.nc = nc
         self.loop = asyncio.get_running_loop()
-        self.waiters: dict[str, tuple[asyncio.Future[Reply | str], str]] = {}
+        self.waiters: dict[str, Waiter] = {}
         self.handlers: dict[int, Callable[[Reply], None]] = {}
         self._prefix = ""
         self._prefix_len = 0
@@ -138,6 +187,8 @@ class FastPath:
         self._orig_process_msg = nc._process_msg
         self._done = self.loop.create_future()
         self._done.set_result(None)
+        self._reader: asyncio.StreamReader | None = None
+        self._flush_soon = False
         nc._process_msg = self._process_msg
         # The parser object lives as long as the client (reconnects reset it):
         # its ``parse`` is replaced once.
@@ -171,59 +222,74 @@ class FastPath:
         nats-py's own parser, which then holds the rest of the stream until
         its buffer is empty again: the bytes are parsed exactly once, in order.
         """
+        self._hook_reader()
         ps = self._ps
         if ps.buf or ps.state != _AWAITING_CONTROL_LINE:
             await self._orig_parse(data)
             return
-        pos = 0
         size = len(data)
+        pos = self._take(data, 0)
         while pos < size:
-            if data.startswith(b"HMSG ", pos):
-                has_headers = True
-            elif data.startswith(b"MSG ", pos):
-                has_headers = False
-            else:
+            frame = _split(data, pos)
+            if frame is None:
                 break
-            eol = data.find(_CRLF, pos)
-            if eol < 0:
-                break
-            args = data[pos:eol].split()
-            try:
-                if has_headers:
-                    # HMSG <subject> <sid> [reply] <header bytes> <total bytes>
-                    if len(args) == 5:
-                        _, subject, sid_b, hdr_b, total_b = args
-                        reply = b""
-                    elif len(args) == 6:
-                        _, subject, sid_b, reply, hdr_b, total_b = args
-                    else:
-                        break
-                    hdr_len = int(hdr_b)
-                else:
-                    # MSG <subject> <sid> [reply] <bytes>
-                    if len(args) == 4:
-                        _, subject, sid_b, total_b = args
-                        reply = b""
-                    elif len(args) == 5:
-                        _, subject, sid_b, reply, total_b = args
-                    else:
-                        break
-                    hdr_len = 0
-                sid = int(sid_b)
-                total = int(total_b)
-            except ValueError:
-                break
-            start = eol + 2
-            end = start + total
-            if end + 2 > size or hdr_len > total or hdr_len < 0:
-                break
-            headers = data[start : start + hdr_len] if has_headers else None
-            payload = data[start + hdr_len : end]
-            pos = end + 2
-            if not self._dispatch(sid, subject, reply, payload, headers):
-                await self._orig_process_msg(sid, subject, reply, payload, headers)
+            # A whole frame of a subscription nats-py delivers itself.
+            pos, sid, subject, reply, payload, headers = frame
+            await self._orig_process_msg(sid, subject, reply, payload, headers)
+            pos = self._take(data, pos)
         if pos < size:
             await self._orig_parse(data[pos:] if pos else data)
+
+    def _take(self, data: bytes, pos: int) -> int:
+        """Dispatch the whole frames of ours from ``pos``; where the first other thing starts."""
+        size = len(data)
+        while pos < size:
+            frame = _split(data, pos)
+            if frame is None:
+                break
+            end, sid, subject, reply, payload, headers = frame
+            if not self._dispatch(sid, subject, reply, payload, headers):
+                break
+            pos = end
+        return pos
+
+    def _hook_reader(self) -> None:
+        """Take reads from the connection's StreamReader as they arrive.
+
+        nats-py's read loop is a task: every read woke it (a future, a task
+        step, a copy out of the reader's buffer) before the parser saw a
+        byte. Each new reader (connect, TLS upgrade, reconnect) first
+        delivers through that loop, which calls :meth:`_parse`, which hooks
+        the reader; from then on its ``feed_data`` hands our frames over at once.
+        """
+        reader = getattr(getattr(self.nc, "_transport", None), "_io_reader", None)
+        if reader is None or reader is self._reader or not isinstance(reader, asyncio.StreamReader):
+            return
+        self._reader = reader
+        orig = reader.feed_data
+        ps = self._ps
+        take = self._take
+
+        def feed(data: Any) -> None:
+            # Only while the read loop is parked on an empty reader with the
+            # parser between frames: nothing earlier is still unparsed, so
+            # handling these frames now keeps the stream's order.
+            if (
+                reader._waiter is not None  # type: ignore[attr-defined]
+                and not reader._buffer  # type: ignore[attr-defined]
+                and not ps.buf
+                and ps.state == _AWAITING_CONTROL_LINE
+            ):
+                # A frame that is not ours goes to nats-py, with the rest.
+                pos = take(data, 0)
+                size = len(data)
+                if pos == size:
+                    return
+                if pos:
+                    data = data[pos:]
+            orig(data)
+
+        reader.feed_data = feed  # type: ignore[method-assign]
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
@@ -253,14 +319,14 @@ class FastPath:
 
     def _on_reply(self, subject: bytes, data: bytes, headers: bytes) -> None:
         token = subject[self._prefix_len :].decode()
-        entry = self.waiters.get(token)
-        if entry is None or entry[0].done():
+        waiter = self.waiters.get(token)
+        if waiter is None:
             return
         hdrs = parse_headers(headers)
         if not data and hdrs.get("Status") == "503":
-            entry[0].set_result(NO_RESPONDERS)
+            waiter.resolve(NO_RESPONDERS)
             return
-        entry[0].set_result(Reply("", "", data, hdrs))
+        waiter.resolve(Reply("", "", data, hdrs))
 
     # -- send --------------------------------------------------------------------
 
@@ -284,12 +350,44 @@ class FastPath:
         stats = nc.stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += len(payload)
-        if nc.is_connected:
-            fq = nc._flush_queue
-            if fq is not None and fq.empty():
-                # Wake nats-py's flusher; it resolves a future nobody waits on.
-                fq.put_nowait(self._done)
+        if not self._flush_soon and nc.is_connected:
+            # One write for everything published in this loop iteration.
+            self._flush_soon = True
+            self.loop.call_soon(self._flush)
         return True
+
+    def _flush(self) -> None:
+        """Write nats-py's pending commands, as its flusher task would.
+
+        Waking that task cost a queue put, a task step and a ``drain()`` per
+        flush; a callback is a fraction of that. The flusher still does the
+        work when the socket is not keeping up (it awaits ``drain()``: the
+        back-pressure) and whenever writing fails (its error handling). Both
+        take the whole pending list at once, so the order is kept.
+        """
+        self._flush_soon = False
+        nc = self.nc
+        if not nc._pending_data_size or not nc.is_connected:
+            return
+        writer = getattr(nc._transport, "_io_writer", None)
+        transport = getattr(writer, "transport", None)
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        ):
+            try:
+                transport.writelines(nc._pending)
+            except (OSError, RuntimeError):
+                pass  # the flusher below meets the same error and handles it
+            else:
+                nc._pending = []
+                nc._pending_data_size = 0
+                return
+        fq = nc._flush_queue
+        if fq is not None and fq.empty():
+            # Wake nats-py's flusher; it resolves a future nobody waits on.
+            fq.put_nowait(self._done)
 
     def request(
         self, subject: str, headers: dict[str, str], payload: bytes, timeout: float
@@ -299,47 +397,90 @@ class FastPath:
         Never raises for NATS conditions: ``TIMEOUT``, ``NO_RESPONDERS``,
         ``UNAVAILABLE`` and ``VIOLATION`` come back as results.
         """
-        loop = self.loop
-        fut: asyncio.Future[Reply | str] = loop.create_future()
-        self._seq += 1
-        token = f"{self._seq:x}"
-        self.waiters[token] = (fut, subject)
-        timer = loop.call_later(timeout, _expire, fut)
-        waiters = self.waiters
+        fut: asyncio.Future[Reply | str] = self.loop.create_future()
 
-        def done(_f: asyncio.Future[Reply | str]) -> None:
-            timer.cancel()
-            waiters.pop(token, None)
+        def resolve(result: Reply | str) -> None:
+            if not fut.done():  # a cancelled caller
+                fut.set_result(result)
 
-        fut.add_done_callback(done)
-        if not self.publish(subject, self._prefix + token, headers, payload):
+        if not self.send_request(subject, headers, payload, timeout, resolve):
             fut.set_result(UNAVAILABLE)
         return fut
+
+    def send_request(
+        self,
+        subject: str,
+        headers: dict[str, str],
+        payload: bytes,
+        timeout: float,
+        callback: Callable[[Reply | str], None],
+    ) -> bool:
+        """:meth:`request` with a callback instead of a future (the hot path).
+
+        ``callback`` gets the reply or the outcome exactly once, straight from
+        the parser, the timer or :meth:`fail_all`: no future, no scheduled
+        callbacks. False (and no callback ever) if nothing could be sent.
+        """
+        self._seq += 1
+        token = f"{self._seq:x}"
+        waiter = Waiter(self.waiters, token, subject, callback)
+        self.waiters[token] = waiter
+        waiter.timer = self.loop.call_later(timeout, waiter.resolve, TIMEOUT)
+        if not self.publish(subject, self._prefix + token, headers, payload):
+            waiter.cancel()
+            return False
+        return True
 
     # -- failure fan-out -------------------------------------------------------------
 
     def fail_all(self, outcome: str = UNAVAILABLE) -> int:
         """Resolve every waiter (the connection dropped: their replies are lost)."""
-        n = 0
-        for fut, _ in list(self.waiters.values()):
-            if not fut.done():
-                fut.set_result(outcome)
-                n += 1
-        return n
+        waiters = list(self.waiters.values())
+        for waiter in waiters:
+            waiter.resolve(outcome)
+        return len(waiters)
 
     def fail_subject(self, subject: str, outcome: str = VIOLATION) -> int:
         """Resolve the waiters of requests the server refused to publish."""
-        n = 0
-        for fut, subj in list(self.waiters.values()):
-            if subj == subject and not fut.done():
-                fut.set_result(outcome)
-                n += 1
-        return n
+        waiters = [w for w in self.waiters.values() if w.subject == subject]
+        for waiter in waiters:
+            waiter.resolve(outcome)
+        return len(waiters)
 
 
-def _expire(fut: asyncio.Future[Reply | str]) -> None:
-    if not fut.done():
-        fut.set_result(TIMEOUT)
+class Waiter:
+    """One request waiting for its reply; resolved once, then forgotten."""
+
+    __slots__ = ("callback", "subject", "timer", "token", "waiters")
+
+    def __init__(
+        self,
+        waiters: dict[str, Waiter],
+        token: str,
+        subject: str,
+        callback: Callable[[Reply | str], None],
+    ) -> None:
+        self.waiters = waiters
+        self.token = token
+        self.subject = subject
+        self.callback: Callable[[Reply | str], None] | None = callback
+        self.timer: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        self.callback = None
+        if self.timer is not None:
+            self.timer.cancel()
+        self.waiters.pop(self.token, None)
+
+    def resolve(self, result: Reply | str) -> None:
+        callback = self.callback
+        if callback is None:
+            return
+        self.cancel()
+        try:
+            callback(result)
+        except Exception:
+            logger.exception("reply handler failed")
 
 
 def violation_subject(text: str) -> tuple[str, str] | None:

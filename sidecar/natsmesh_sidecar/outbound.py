@@ -1,7 +1,9 @@
 """Outbound: the app's HTTP calls on 127.0.0.1:15001 become NATS requests.
 
 :class:`OutboundConnection` is a raw asyncio Protocol fed to httptools: no
-framework, no per-request task unless a request is actually waiting on NATS.
+framework, and no per-request task: a request waiting on NATS is answered
+from the reply's callback (a task only for retries, fault delays, policy
+fetches and events).
 Pipelined requests queue per connection and are answered strictly in order.
 Untrusted input is bounded: URL and header bytes, body size (413 above the NATS
 max_payload), and a header deadline against slowloris clients (408).
@@ -15,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
 from natsmesh_sidecar import accesslog, codec, resilience
 from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN
 from natsmesh_sidecar.targets import MISS
-from natsmesh_sidecar.wire import Target
+from natsmesh_sidecar.wire import Rule, Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
@@ -77,7 +81,6 @@ class OutboundConnection(asyncio.Protocol):
         self.server = server
         self.handler = server.handler
         self.transport: asyncio.Transport | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Request | bytes] = collections.deque()
         self.busy = False
@@ -104,9 +107,6 @@ class OutboundConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
         self.transport = cast(asyncio.Transport, transport)
-        # Once per connection: get_running_loop() costs a getpid() system call
-        # on Python 3.11, and a keep-alive connection carries many requests.
-        self.loop = asyncio.get_running_loop()
         self.server.connections.add(self)
         self.last = self.started = time.monotonic()
 
@@ -184,6 +184,9 @@ class OutboundConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = False
+        if self.stopped:
+            # Pipelined after a request that closed the connection.
+            return
         parser = self.parser
         method = parser.get_method().decode("latin-1")
         url = self._url.decode("latin-1")
@@ -211,7 +214,7 @@ class OutboundConnection(asyncio.Protocol):
             self.transport.pause_reading()
         if not self.busy:
             self.busy = True
-            (self.loop or asyncio.get_running_loop()).create_task(self._run())
+            self._pump()
 
     # -- responses ----------------------------------------------------------
 
@@ -231,34 +234,60 @@ class OutboundConnection(asyncio.Protocol):
         self.queue.append(resp)
         if not self.busy:
             self.busy = True
-            (self.loop or asyncio.get_running_loop()).create_task(self._run())
+            self._pump()
 
-    async def _run(self) -> None:
+    def _pump(self) -> None:
+        """Answer the queued requests in order; ``busy`` while one is in hand.
+
+        A request waiting on NATS comes back through :meth:`_resume`: no task
+        per request.
+        """
         try:
             while self.queue:
                 item = self.queue.popleft()
                 if isinstance(item, bytes):
                     self._write(item)
                     self._close()
+                    break
+                resp = self.handler.start(item, functools.partial(self._resume, item))
+                if resp is None:
                     return
-                resp = await self.handler.handle(item)
-                if self.closed:
-                    return
-                self._write(resp)
-                if not item.keep_alive or self.server.draining:
+                if not self._answered(item, resp):
+                    break
+            else:
+                if self.eof:
                     self._close()
-                    return
-                if self.paused and len(self.queue) < 8 and self.transport is not None:
-                    self.paused = False
-                    self.transport.resume_reading()
-            if self.eof:
-                self._close()
         except Exception:
             logger.exception("outbound connection failed")
             self._close()
-        finally:
+        self.busy = False
+        self.last = time.monotonic()
+
+    def _resume(self, item: Request, resp: bytes) -> None:
+        try:
+            answered = self._answered(item, resp)
+        except Exception:
+            logger.exception("outbound connection failed")
+            self._close()
+            answered = False
+        if answered:
+            self._pump()
+        else:
             self.busy = False
             self.last = time.monotonic()
+
+    def _answered(self, item: Request, resp: bytes) -> bool:
+        """Write a response; False when the connection is done with."""
+        if self.closed:
+            return False
+        self._write(resp)
+        if not item.keep_alive or self.server.draining:
+            self._close()
+            return False
+        if self.paused and len(self.queue) < 8 and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return True
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -338,46 +367,181 @@ class OutboundServer:
             conn._close()
 
 
+#: (status, headers, body, destination, route, attempts, error code)
+Result = tuple[int, list[tuple[str, str]], bytes, str, str, int, str]
+
+
+class _Plan:
+    """A routed request: everything the NATS attempts and the answer need."""
+
+    __slots__ = ("abort", "breaker", "delay", "dest_key", "hdrs", "rule", "subject")
+
+    def __init__(
+        self,
+        dest_key: str,
+        rule: Rule,
+        subject: str,
+        breaker: resilience.Breaker | None,
+        delay: float,
+        abort: int | None,
+        hdrs: dict[str, str],
+    ) -> None:
+        self.dest_key = dest_key
+        self.rule = rule
+        self.subject = subject
+        self.breaker = breaker
+        self.delay = delay
+        self.abort = abort
+        self.hdrs = hdrs
+
+
 class OutboundHandler:
-    """Turns one request into one response; never raises."""
+    """Turns one request into one response; never raises.
+
+    :meth:`start` is the connection's entry: a request that needs nothing
+    but one NATS request (no policy fetch, no fault delay, no retry) is
+    answered from callbacks, without a task or a coroutine chain; anything
+    else continues in a task running the same steps (:meth:`_finish_async`).
+    """
 
     def __init__(self, app: Sidecar) -> None:
         self.app = app
         self.inflight = 0
         self._rand = random.random
 
-    async def handle(self, req: Request) -> bytes:
-        app = self.app
+    def start(self, req: Request, done: Callable[[bytes], None]) -> bytes | None:
+        """The response now, or None when ``done(response)`` will be called later."""
         t0 = time.perf_counter()
         rid = req.special.get("x-request-id") or codec.new_request_id()
         self.inflight += 1
-        dest_key = "-"
-        route = "-"
-        attempts = 0
-        error = ""
-        status = 500
         try:
             if req.path.startswith(EVENTS_PREFIX):
-                dest_key = "_events"
-                status, headers, body = await app.events.publish_http(req, rid)
+                self._later(self._finish_async(req, rid, t0, None), done)
+                return None
+            step = self._route(req, rid, MISS)
+            if isinstance(step, tuple):
+                return self._respond(req, rid, t0, step)
+            if isinstance(step, str) or step.delay or step.abort is not None:
+                self._later(self._finish_async(req, rid, t0, step), done)
+                return None
+            plan = step
+            deadline = time.monotonic() + plan.rule.timeout_ms / 1000.0
+            limit = self._per_try(plan, deadline)
+            unsent = self._unsendable(req.body, limit)
+            if unsent is not None:
+                return self._after(req, rid, t0, plan, deadline, unsent, None, done)
+
+            def replied(result: Reply | str) -> None:
+                try:
+                    outcome, reply = _received(result)
+                    resp = self._after(req, rid, t0, plan, deadline, outcome, reply, done)
+                except Exception as exc:
+                    resp = self._crashed(req, rid, t0, exc)
+                if resp is not None:
+                    done(resp)
+
+            assert self.app.fast is not None
+            if not self.app.fast.send_request(plan.subject, plan.hdrs, req.body, limit, replied):
+                return self._after(req, rid, t0, plan, deadline, "unavailable", None, done)
+            return None
+        except Exception as exc:
+            return self._crashed(req, rid, t0, exc)
+
+    def _after(
+        self,
+        req: Request,
+        rid: str,
+        t0: float,
+        plan: _Plan,
+        deadline: float,
+        outcome: str | int,
+        reply: Reply | None,
+        done: Callable[[bytes], None],
+    ) -> bytes | None:
+        """The first attempt's outcome: the response, or None if a retry task took over."""
+        step = self._settle(req, rid, plan, 0, outcome, reply, deadline)
+        if isinstance(step, tuple):
+            return self._respond(req, rid, t0, step)
+        self._later(self._retry(req, rid, t0, plan, step, deadline), done)
+        return None
+
+    def _later(self, coro: Coroutine[Any, Any, bytes], done: Callable[[bytes], None]) -> None:
+        def finished(task: asyncio.Task[bytes]) -> None:
+            if not task.cancelled():
+                done(task.result())
+
+        asyncio.get_running_loop().create_task(coro).add_done_callback(finished)
+
+    async def _finish_async(
+        self, req: Request, rid: str, t0: float, plan: _Plan | str | None
+    ) -> bytes:
+        try:
+            if req.path.startswith(EVENTS_PREFIX):
+                status, headers, body = await self.app.events.publish_http(req, rid)
+                result: Result = (status, headers, body, "_events", "-", 0, "")
             else:
-                status, headers, body, dest_key, route, attempts, error = await self._call(req, rid)
+                result = await self._call(req, rid, plan)
+        except Exception as exc:
+            return self._crashed(req, rid, t0, exc)
+        return self._respond(req, rid, t0, result)
+
+    async def _retry(
+        self, req: Request, rid: str, t0: float, plan: _Plan, backoff: float, deadline: float
+    ) -> bytes:
+        try:
+            await asyncio.sleep(backoff)
+            result = await self._attempts(req, rid, plan, 1, deadline)
+        except Exception as exc:
+            return self._crashed(req, rid, t0, exc)
+        return self._respond(req, rid, t0, result)
+
+    def _respond(self, req: Request, rid: str, t0: float, result: Result) -> bytes:
+        """Render the response; count and log the request."""
+        status, headers, body, dest_key, route, attempts, error = result
+        try:
             if error:
                 headers.append(("x-request-id", rid))
             resp = codec.render_response(
                 status, headers, body, keep_alive=req.keep_alive, head=req.method == "HEAD"
             )
         except Exception as exc:
-            logger.exception("outbound request failed")
-            status, error = 500, "internal"
-            resp = codec.render_response(
-                500,
-                [("content-type", "application/json"), ("x-request-id", rid)],
-                codec.error_body("internal", f"sidecar error: {type(exc).__name__}", rid),
-                keep_alive=False,
-            )
-        finally:
-            self.inflight -= 1
+            return self._crashed(req, rid, t0, exc, dest_key, route, attempts)
+        self.inflight -= 1
+        self._record(req, rid, t0, status, dest_key, route, attempts, error)
+        return resp
+
+    def _crashed(
+        self,
+        req: Request,
+        rid: str,
+        t0: float,
+        exc: Exception,
+        dest_key: str = "-",
+        route: str = "-",
+        attempts: int = 0,
+    ) -> bytes:
+        logger.error("outbound request failed", exc_info=exc)
+        self.inflight -= 1
+        self._record(req, rid, t0, 500, dest_key, route, attempts, "internal")
+        return codec.render_response(
+            500,
+            [("content-type", "application/json"), ("x-request-id", rid)],
+            codec.error_body("internal", f"sidecar error: {type(exc).__name__}", rid),
+            keep_alive=False,
+        )
+
+    def _record(
+        self,
+        req: Request,
+        rid: str,
+        t0: float,
+        status: int,
+        dest_key: str,
+        route: str,
+        attempts: int,
+        error: str,
+    ) -> None:
+        app = self.app
         elapsed = time.perf_counter() - t0
         app.metrics.observe("outbound", app.source, dest_key, status, elapsed)
         if app.access_log:
@@ -394,7 +558,6 @@ class OutboundHandler:
                 attempts=attempts,
                 error=error,
             )
-        return resp
 
     def _error(
         self,
@@ -409,10 +572,43 @@ class OutboundHandler:
             headers.extend(extra)
         return status, headers, codec.error_body(code, message, rid)
 
-    async def _call(
-        self, req: Request, rid: str
-    ) -> tuple[int, list[tuple[str, str]], bytes, str, str, int, str]:
+    async def _call(self, req: Request, rid: str, plan: _Plan | str | None = None) -> Result:
         """(status, headers, body, destination, route, attempts, error code)."""
+        app = self.app
+        step = self._route(req, rid, MISS) if plan is None else plan
+        if isinstance(step, str):
+            # A service of our own namespace whose policy is not cached yet.
+            dest_key = step
+            svc = dest_key.partition(".")[0]
+            assert app.targets is not None
+            try:
+                policy = await app.targets.get(svc)
+            except Exception as exc:
+                s, h, b = self._error(
+                    503, "table_unavailable", f"policy of {dest_key} unreadable: {exc}", rid
+                )
+                return s, h, b, dest_key, "-", 0, "table_unavailable"
+            step = self._route(req, rid, policy)
+            assert not isinstance(step, str)
+        if isinstance(step, tuple):
+            return step
+        rule = step.rule
+        if step.delay:
+            await asyncio.sleep(step.delay)
+        if step.abort is not None:
+            s, h, b = self._error(
+                step.abort, "fault_injected", f"fault injected by route {rule.name}", rid
+            )
+            return s, h, b, step.dest_key, rule.name, 0, "fault_injected"
+        deadline = time.monotonic() + rule.timeout_ms / 1000.0
+        return await self._attempts(req, rid, step, 0, deadline)
+
+    def _route(self, req: Request, rid: str, policy: object) -> Result | _Plan | str:
+        """Resolve, authorise and plan a request; no awaiting.
+
+        A result tuple answers it at once; a string is the destination whose
+        policy must be fetched first (then call again with ``policy``).
+        """
         app = self.app
         router = app.router
         found, dest_key, dest = router.resolve(req.host)
@@ -421,15 +617,10 @@ class OutboundHandler:
             svc, _, ns = dest_key.partition(".")
             if ns == app.settings.namespace:
                 targets = app.targets
-                policy = targets.cached(svc)
                 if policy is MISS:
-                    try:
-                        policy = await targets.get(svc)
-                    except Exception as exc:
-                        s, h, b = self._error(
-                            503, "table_unavailable", f"policy of {dest_key} unreadable: {exc}", rid
-                        )
-                        return s, h, b, dest_key, "-", 0, "table_unavailable"
+                    policy = targets.cached(svc)
+                    if policy is MISS:
+                        return dest_key
                 if isinstance(policy, Target):
                     if policy.admits(app.settings.service):
                         found, dest = FOUND, targets.destinations[svc]
@@ -489,15 +680,9 @@ class OutboundHandler:
             )
             return s, h, b, dest_key, rule.name, 0, "circuit_open"
 
+        delay, abort = 0.0, None
         if rule.fault is not None:
             delay, abort = resilience.fault_decision(rule.fault, self._rand(), self._rand())
-            if delay:
-                await asyncio.sleep(delay)
-            if abort is not None:
-                s, h, b = self._error(
-                    abort, "fault_injected", f"fault injected by route {rule.name}", rid
-                )
-                return s, h, b, dest_key, rule.name, 0, "fault_injected"
 
         hdrs = codec.http_to_nats(req.headers)
         hdrs[codec.H_METHOD] = req.method
@@ -510,27 +695,54 @@ class OutboundHandler:
             v = req.special.get(name)
             if v is not None:
                 hdrs[name] = v
+        return _Plan(dest_key, rule, subject, breaker, delay, abort, hdrs)
 
-        retries = rule.retries
-        deadline = time.monotonic() + rule.timeout_ms / 1000.0
-        attempt = 0
+    def _per_try(self, plan: _Plan, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        per_try = remaining
+        retries = plan.rule.retries
+        if retries.per_try_timeout_ms:
+            per_try = min(remaining, retries.per_try_timeout_ms / 1000.0)
+        plan.hdrs[codec.H_TIMEOUT] = str(int(per_try * 1000))
+        return per_try
+
+    async def _attempts(
+        self, req: Request, rid: str, plan: _Plan, attempt: int, deadline: float
+    ) -> Result:
+        """Attempts from ``attempt`` on until one settles the request."""
         while True:
-            remaining = deadline - time.monotonic()
-            per_try = remaining
-            if retries.per_try_timeout_ms:
-                per_try = min(remaining, retries.per_try_timeout_ms / 1000.0)
-            hdrs[codec.H_TIMEOUT] = str(int(per_try * 1000))
-            outcome, reply = await self._attempt(subject, req.body, per_try, hdrs)
-            if outcome in resilience.CALLER_SIDE:
-                break
-            if attempt < retries.attempts and resilience.retryable(outcome, retries, req.method):
-                backoff = resilience.backoff_seconds(attempt, retries, self._rand())
-                if time.monotonic() + backoff < deadline:
-                    attempt += 1
-                    app.metrics.retries.labels(dest_key).inc()
-                    await asyncio.sleep(backoff)
-                    continue
-            break
+            per_try = self._per_try(plan, deadline)
+            sent = self._send(plan.subject, req.body, per_try, plan.hdrs)
+            outcome, reply = sent if isinstance(sent, tuple) else _received(await sent)
+            step = self._settle(req, rid, plan, attempt, outcome, reply, deadline)
+            if isinstance(step, tuple):
+                return step
+            attempt += 1
+            await asyncio.sleep(step)
+
+    def _settle(
+        self,
+        req: Request,
+        rid: str,
+        plan: _Plan,
+        attempt: int,
+        outcome: str | int,
+        reply: Reply | None,
+        deadline: float,
+    ) -> Result | float:
+        """An attempt's outcome: the result, or the backoff before the next attempt."""
+        app = self.app
+        breaker, subject, dest_key, rule = plan.breaker, plan.subject, plan.dest_key, plan.rule
+        retries = rule.retries
+        if (
+            outcome not in resilience.CALLER_SIDE
+            and attempt < retries.attempts
+            and resilience.retryable(outcome, retries, req.method)
+        ):
+            backoff = resilience.backoff_seconds(attempt, retries, self._rand())
+            if time.monotonic() + backoff < deadline:
+                app.metrics.retries.labels(dest_key).inc()
+                return backoff
 
         attempts = attempt + 1
         if breaker is not None:
@@ -590,28 +802,38 @@ class OutboundHandler:
             rh.get(codec.H_ERROR, ""),
         )
 
-    async def _attempt(
-        self, subject: str, body: bytes, limit_s: float, hdrs: dict[str, str]
-    ) -> tuple[str | int, Reply | None]:
-        app = self.app
-        nc = app.nc
-        fast = app.fast
-        if nc is None or fast is None or not nc.is_connected:
-            return resilience.UNAVAILABLE, None
+    def _unsendable(self, body: bytes, limit_s: float) -> str | None:
+        """Why a NATS request cannot be sent now, or None."""
+        nc = self.app.nc
+        if nc is None or self.app.fast is None or not nc.is_connected:
+            return "unavailable"
         if limit_s <= 0:
-            return resilience.TIMEOUT, None
+            return resilience.TIMEOUT
         if len(body) > nc.max_payload:
-            return resilience.TOO_LARGE, None
-        reply = await fast.request(subject, hdrs, body, limit_s)
-        if isinstance(reply, str):
-            # TIMEOUT and NO_RESPONDERS are resilience's names too.
-            return reply, None
-        status = codec.final_status(reply.headers.get(codec.H_STATUS)) or 502
-        if status == 502 and codec.H_UNDELIVERED in reply.headers:
-            # The callee's app refused the connection (it is starting or
-            # dying): like no responders, safe to try another replica.
-            return resilience.UNDELIVERED, reply
-        return status, reply
+            return "too_large"
+        return None
+
+    def _send(
+        self, subject: str, body: bytes, limit_s: float, hdrs: dict[str, str]
+    ) -> tuple[str | int, Reply | None] | asyncio.Future[Reply | str]:
+        """One NATS request: its future, or the outcome when it cannot be sent."""
+        unsent = self._unsendable(body, limit_s)
+        if unsent is not None:
+            return unsent, None
+        assert self.app.fast is not None
+        return self.app.fast.request(subject, hdrs, body, limit_s)
+
+
+def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
+    if isinstance(reply, str):
+        # TIMEOUT and NO_RESPONDERS are resilience's names too.
+        return reply, None
+    status = codec.final_status(reply.headers.get(codec.H_STATUS)) or 502
+    if status == 502 and codec.H_UNDELIVERED in reply.headers:
+        # The callee's app refused the connection (it is starting or dying):
+        # like no responders, safe to try another replica.
+        return resilience.UNDELIVERED, reply
+    return status, reply
 
 
 def _needs_headers(dest: object) -> bool:

@@ -186,18 +186,6 @@ class LocalRelease:
         return dict(out.get("data") or {})
 
 
-def nats_service(name: str, **spec: Any) -> str:
-    """A NatsService selecting pods labelled ``app: <name>`` (port 8080), as JSON."""
-    return json.dumps(
-        {
-            "apiVersion": "natsmesh.io/v1alpha1",
-            "kind": "NatsService",
-            "metadata": {"name": name},
-            "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080, **spec},
-        }
-    )
-
-
 @contextlib.contextmanager
 def local_release(cluster: Cluster, prefix: str, workdir: Path) -> Iterator[LocalRelease]:
     """A fresh namespace with the emulation running; uninstalled and removed afterwards."""

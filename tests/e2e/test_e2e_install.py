@@ -77,6 +77,20 @@ def test_install_with_default_values(defaults: LocalRelease) -> None:
     defaults.kubectl("get", "clusterkopfpeering", "natsmesh")
     # Both operator replicas run (emulated) and answer their probes.
     defaults.wait_ready("operator", 2)
+    # The API server reaches the webhook and gets its answer: a NatsRoute to a
+    # service nobody serves is admitted with the webhook's warning (a dry run
+    # creates nothing). The local API server offers a client certificate the
+    # default install never asks for (hack/cluster.sh): it changes nothing.
+    route = {
+        "apiVersion": "natsmesh.io/v1alpha1",
+        "kind": "NatsRoute",
+        "metadata": {"name": "ghost"},
+        "spec": {"service": "ghost", "rules": [{"destinations": [{"version": "v1"}]}]},
+    }
+    admitted = defaults.cluster.kubectl(
+        "apply", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(route)
+    )
+    assert "no NatsService serves 'ghost'" in admitted.stderr, admitted.stderr
 
 
 def test_upgrade_keeps_the_webhook_ca_and_the_trust_root(defaults: LocalRelease) -> None:

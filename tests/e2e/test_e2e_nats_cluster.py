@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.local import LOCAL_ONLY, LocalRelease, local_release, nats_service
+from tests.e2e.local import LOCAL_ONLY, LocalRelease, local_release
 from tests.e2e.podsim import SimPod
-from tests.fixtures.cluster import Cluster
+from tests.fixtures.cluster import Cluster, nats_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180), LOCAL_ONLY]
 

@@ -6,7 +6,10 @@ here as processes with the env, args, volumes and service-account token their
 pod spec names (tests/e2e/podsim.py): the bootstrap hook Job, one NATS server
 configured from the bootstrap Secret, and two operator replicas sharing the
 work through kopf peering. The API server calls the chart's webhooks through
-their Service (tests/e2e/netsim.py). Then the shop's NatsServices, NatsRoutes
+their Service (tests/e2e/netsim.py), presenting its client certificate from
+the admission configuration hack/cluster.sh gives it: the release requires it
+(webhook.clientAuth), so a pod that forges an AdmissionReview is refused.
+Then the shop's NatsServices, NatsRoutes
 and Deployments are applied; their pods get the sidecar from the chart's
 webhook and run emulated too. Traffic enters at the gateway app, as from an
 ingress. The last test uninstalls the release and checks what is left.
@@ -15,12 +18,15 @@ ingress. The last test uninstalls the release and checks what is left.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from natsmesh_operator.webhook.tls import make_client_certs
 from tests.e2e import shop as scenarios
 from tests.e2e.local import (
     LOCAL_ONLY,
@@ -29,10 +35,10 @@ from tests.e2e.local import (
     RELEASE,
     LocalRelease,
     local_release,
-    nats_service,
 )
 from tests.e2e.podsim import PodSim, SimPod
-from tests.fixtures.cluster import Cluster, tool
+from tests.fixtures import admission
+from tests.fixtures.cluster import Cluster, nats_service, tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180), LOCAL_ONLY]
 
@@ -41,10 +47,25 @@ MESH_RESOURCES = len(scenarios.WORKLOADS) + 2  # the NatsServices and two NatsRo
 OPERATOR = {"app.kubernetes.io/component": "operator"}
 
 
+#: The webhook answers only the API server's client certificate (CN from
+#: hack/cluster.sh), signed by the CA in this Secret of the release namespace.
+CLIENT_CA_SECRET = "apiserver-webhook-client-ca"
+API_SERVER_CN = "kube-apiserver-webhook-client"
+CLIENT_AUTH = (
+    "webhook.clientAuth.enabled=true",
+    f"webhook.clientAuth.caSecret.name={CLIENT_CA_SECRET}",
+    f"webhook.clientAuth.allowedNames[0]={API_SERVER_CN}",
+)
+
+
 @pytest.fixture(scope="module")
 def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRelease]:
     with local_release(cluster, "natsmesh-e2e", tmp_path_factory.mktemp("pods")) as release:
-        release.install(*LOCAL_VALUES)
+        release.kubectl(
+            "create", "secret", "generic", CLIENT_CA_SECRET, "-n", release.namespace,
+            f"--from-file=ca.crt={cluster.webhook_client / 'ca.crt'}",
+        )  # fmt: skip
+        release.install(*LOCAL_VALUES, *CLIENT_AUTH)
         release.kubectl(
             "wait", "--for=condition=Established", "--timeout=30s",
             *(f"crd/{n}" for n in MESH_CRDS),
@@ -161,12 +182,64 @@ def test_chart_pods_run_as_their_specs_say(release: LocalRelease) -> None:
         assert pod.spec["serviceAccountName"] == RELEASE
         assert env["NATSMESH_OPERATOR_NAMESPACE"] == release.namespace
         assert env["NATSMESH_WEBHOOK_CERT_DIR"].startswith(str(pod.dir))
+        # webhook.clientAuth: the CA from the release's Secret, the API server's name.
+        assert env["NATSMESH_WEBHOOK_CLIENT_NAMES"] == API_SERVER_CN
+        client_ca = Path(env["NATSMESH_WEBHOOK_CLIENT_CA_FILE"])
+        assert client_ca.read_bytes() == (release.cluster.webhook_client / "ca.crt").read_bytes()
     (nats,) = sim.select(**{"app.kubernetes.io/component": "nats"})
     conf = (nats.dir / "volumes" / "config" / "nats.conf").read_text()
     assert "include ../bootstrap/resolver.conf" in conf
     resolver = (nats.dir / "volumes" / "bootstrap" / "resolver.conf").read_text()
     assert "operator:" in resolver
     assert str(nats.dir) in resolver  # the resolver's directory, on the pod's volume
+
+
+def test_the_webhook_answers_the_api_server_and_refuses_forged_reviews(
+    cluster: Cluster, release: LocalRelease, shop: LocalShop, tmp_path: Path
+) -> None:
+    """The attack: a pod dials the webhook's Service and POSTs an AdmissionReview
+    it made up, naming the shop's namespace, to learn which NatsService selects
+    which labels. Without the API server's client certificate it gets nothing;
+    the API server, presenting it, gets answers."""
+    certs = cluster.webhook_client
+    payments_pod = admission.pod({"app": "payments"})
+    # Legitimate, through the API server: a pod gets payments' sidecar (a
+    # server-side dry run calls the webhooks but creates nothing) ...
+    dry_run = ("create", "-n", shop.namespace, "--dry-run=server", "-o", "json", "-f", "-")
+    injected = json.loads(release.kubectl(*dry_run, input=json.dumps(payments_pod)))
+    # The sidecar is a native sidecar: an init container that keeps running.
+    assert [c["name"] for c in injected["spec"].get("initContainers", [])] == [SIDECAR]
+    # ... and a NatsService claiming payments' pods is refused by the validating webhook.
+    thief = json.loads(nats_service("thief"))
+    thief["spec"]["selector"] = {"matchLabels": {"app": "payments"}}
+    refused = release.cluster.kubectl(
+        "apply", "-n", shop.namespace, "-f", "-", input=json.dumps(thief), check=False
+    )
+    assert refused.returncode != 0
+    assert "overlaps NatsService 'payments'" in refused.stderr, refused.stderr
+
+    # The attack, over the pod network (the Service, as kube-proxy routes it).
+    webhook = release.network.address(release.namespace, f"{RELEASE}-webhook", 443)
+    forged = admission.review("Pod", shop.namespace, payments_pod)
+    (stranger,) = make_client_certs(tmp_path, [API_SERVER_CN], ca_name="evil")
+    for client in (None, (stranger.certfile, stranger.keyfile)):
+        # No certificate, or the API server's name from another CA: refused in
+        # the TLS handshake, before a byte of the review is read.
+        for path in ("/inject", "/validate"):
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                admission.post(webhook, path, forged, client)
+    # The cluster's CA, but not the API server's name: 403, and nothing else.
+    status, body = admission.post(
+        webhook, "/inject", forged, (certs / "other.crt", certs / "other.key")
+    )
+    assert (status, body) == (403, b"client certificate not allowed")
+    # Beside it, the API server's own certificate gets the real answer to the
+    # same review: the certificate is all that told them apart.
+    status, body = admission.post(
+        webhook, "/inject", forged, (certs / "apiserver.crt", certs / "apiserver.key")
+    )
+    assert status == 200
+    assert "patch" in json.loads(body)["response"]
 
 
 def reconciled(operator: SimPod) -> int:

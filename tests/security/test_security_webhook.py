@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from natsmesh_operator.handlers import kube as kube_mod
 from natsmesh_operator.webhook.inject import InjectionSettings
 from natsmesh_operator.webhook.server import ClientIdentity, WebhookServer
 from natsmesh_operator.webhook.tls import ServingCert, make_ca_and_cert, make_client_certs
+from tests.fixtures import admission
 from tests.fixtures.cluster import Cluster, fresh_namespace
 from tests.fixtures.nats_server import free_port
 from tests.fixtures.operator import OperatorProcess
@@ -65,31 +65,6 @@ def service(name: str, selector: dict[str, Any]) -> str:
     )
 
 
-def review(kind: str, namespace: str, obj: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": str(uuid.uuid4()),
-                "kind": {"group": "", "version": "v1", "kind": kind},
-                "namespace": namespace,
-                "operation": "CREATE",
-                "object": obj,
-            },
-        }
-    ).encode()
-
-
-def pod(labels: dict[str, str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "p", "labels": labels},
-        "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]},
-    }
-
-
 async def post(
     port: int, path: str, body: bytes, server_ca: Path, client: ServingCert | None
 ) -> tuple[int, dict[str, Any] | None]:
@@ -99,21 +74,12 @@ async def post(
         ctx.load_cert_chain(str(client.certfile), str(client.keyfile))
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
     try:
-        writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
+        writer.write(admission.request(path, body))
         await writer.drain()
         raw = await reader.read()
     finally:
         writer.close()
-    if not raw:
-        # TLS 1.3: the server refuses the client's certificate after the
-        # client's side of the handshake is done; the client sees the close.
-        raise ConnectionError("closed without an answer")
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
+    status, payload = admission.answer(raw)
     if status != 200:
         return status, None
     answer: dict[str, Any] = json.loads(payload)["response"]
@@ -177,7 +143,7 @@ async def bed(crds: Cluster, namespace_with_services: str, tmp_path: Path) -> As
 
 
 async def test_forged_reviews_are_refused_and_the_api_server_is_answered(bed: Bed) -> None:
-    forged = review("Pod", bed.namespace, pod({"app": "orders"}))
+    forged = admission.review("Pod", bed.namespace, admission.pod({"app": "orders"}))
     # No certificate: refused in the handshake, before any review is read.
     with pytest.raises((ssl.SSLError, ConnectionError)):
         await post(bed.port, "/inject", forged, bed.server_ca, None)
@@ -192,7 +158,7 @@ async def test_forged_reviews_are_refused_and_the_api_server_is_answered(bed: Be
     status, answer = await post(
         bed.port,
         "/inject",
-        review("Pod", bed.namespace, pod({"app": "orders"})),
+        admission.review("Pod", bed.namespace, admission.pod({"app": "orders"})),
         bed.server_ca,
         bed.apiserver,
     )
@@ -204,7 +170,7 @@ async def test_forged_reviews_are_refused_and_the_api_server_is_answered(bed: Be
     status, answer = await post(
         bed.port,
         "/inject",
-        review("Pod", bed.namespace, pod({"app": "web"})),
+        admission.review("Pod", bed.namespace, admission.pod({"app": "web"})),
         bed.server_ca,
         bed.apiserver,
     )
@@ -219,7 +185,7 @@ async def test_a_pod_two_services_select_is_refused_not_given_the_first_ones_cre
     status, answer = await post(
         bed.port,
         "/inject",
-        review("Pod", bed.namespace, pod({"app": "orders", "track": "stable"})),
+        admission.review("Pod", bed.namespace, admission.pod({"app": "orders", "track": "stable"})),
         bed.server_ca,
         bed.apiserver,
     )
@@ -261,20 +227,22 @@ async def test_internal_errors_fail_closed(crds: Cluster, tmp_path: Path) -> Non
     await server.start()
     try:
         for path, obj, kind in (
-            ("/inject", pod({"app": "orders"}), "Pod"),
+            ("/inject", admission.pod({"app": "orders"}), "Pod"),
             ("/validate", json.loads(service("x", {"matchLabels": {"app": "x"}})), "NatsService"),
         ):
-            status, answer = await post(port, path, review(kind, "shop", obj), serving.cafile, None)
+            status, answer = await post(
+                port, path, admission.review(kind, "shop", obj), serving.cafile, None
+            )
             assert status == 200
             assert answer is not None
             assert answer["allowed"] is False, answer
             assert answer["status"]["code"] == 500
             assert "warnings" not in answer
         # Beside it: what needs no read is still answered (opted-out pod).
-        opted_out = pod({"app": "orders"})
+        opted_out = admission.pod({"app": "orders"})
         opted_out["metadata"]["annotations"] = {"natsmesh.io/inject": "false"}
         status, answer = await post(
-            port, "/inject", review("Pod", "shop", opted_out), serving.cafile, None
+            port, "/inject", admission.review("Pod", "shop", opted_out), serving.cafile, None
         )
         assert answer is not None
         assert answer["allowed"] is True

@@ -103,6 +103,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-webhook-tls" (include "natsmesh.fullname" .) }}
 {{- end }}
 
+{{/* Secret with the CA of the API server's webhook client certificate (webhook.clientAuth). */}}
+{{- define "natsmesh.webhookClientSecret" -}}
+{{- .Values.webhook.clientAuth.caSecret.name | default (printf "%s-webhook-client" (include "natsmesh.fullname" .)) }}
+{{- end }}
+
+{{/* Non-empty when the chart generates that CA and the client certificate. */}}
+{{- define "natsmesh.webhookClientGenerated" -}}
+{{- if and .Values.webhook.clientAuth.enabled (not .Values.webhook.clientAuth.caSecret.name) }}true{{ end }}
+{{- end }}
+
+{{/* The accepted client names, comma-separated (NATSMESH_WEBHOOK_CLIENT_NAMES). */}}
+{{- define "natsmesh.webhookClientNames" -}}
+{{- $auth := .Values.webhook.clientAuth }}
+{{- $names := $auth.allowedNames | default list }}
+{{- if and (not $names) (include "natsmesh.webhookClientGenerated" .) }}
+{{- $names = list $auth.generatedCommonName }}
+{{- end }}
+{{- join "," $names }}
+{{- end }}
+
 {{/* Restricted-profile container securityContext (uid 65532 unless overridden). */}}
 {{- define "natsmesh.containerSecurityContext" -}}
 allowPrivilegeEscalation: false

@@ -49,6 +49,11 @@ _PORT_TAKEN = "port must not be 15001 or 15020: the sidecar listens there"
 _AT_MOST_ONCE_REDELIVERY = "atMostOnce delivery is never redelivered: maxDeliver must be 1 or unset"
 _AT_MOST_ONCE_BACKOFF = "atMostOnce delivery is never redelivered: backoff must be empty"
 _AT_MOST_ONCE_ACK_WAIT = "atMostOnce delivery does not wait for an ack: ackWait must be unset"
+CALLER_SERVICE_REFUSED = (
+    "allowedCallers[].service is no longer accepted: a grant names the calling NatsService "
+    "resource, so write name: <its metadata.name> instead (not its spec.service)"
+)
+CALLER_NAME_REQUIRED = "allowedCallers[].name is required: the calling NatsService's metadata.name"
 _BACKOFF_TOO_LONG = (
     "backoff must have fewer steps than maxDeliver (default 5): "
     "step i is the wait before delivery i+2"
@@ -77,13 +82,50 @@ def _unique(keys: list[tuple[str, ...]], what: str) -> None:
         seen.add(key)
 
 
-class Caller(ApiModel):
-    """A service allowed to call this one."""
+def _caller_schema(schema: JsonDict) -> None:
+    # `name` is required by a CEL rule, not by `required`: the API server
+    # skips every CEL rule once a required field is missing, so `{service: x}`
+    # would only hear "name: Required value", never why.
+    schema.pop("required", None)
+    schema["x-kubernetes-validations"] = [
+        cel("!has(self.service)", CALLER_SERVICE_REFUSED, field_path=".service"),
+        cel("has(self.name)", CALLER_NAME_REQUIRED, field_path=".name"),
+    ]
 
-    service: Name
-    """Name of the calling NatsService."""
+
+class Caller(ApiModel):
+    """A NatsService resource allowed to call this one.
+
+    The grant follows the resource, not a service name: it admits the mesh
+    service that resource serves now (its `spec.service`, else its name), and
+    nobody while no such resource holds a mesh service. So another resource
+    that claims the same service name inherits nothing, and a grant moves with
+    the resource when its `spec.service` changes.
+    """
+
+    model_config = ConfigDict(json_schema_extra=_caller_schema)
+
+    name: Name
+    """Name of the calling NatsService resource (its `metadata.name`, not its
+    `spec.service`). It admits whichever mesh service that resource serves, as
+    long as the resource exists and holds it (not `SubjectConflict`)."""
     namespace: Name | None = None
     """Namespace of the caller; unset means this service's own namespace."""
+    service: Annotated[str, Field(max_length=63)] | None = None
+    """Refused: grants name the calling resource in `name`. Kept only so the API
+    server can say so, instead of dropping the field and asking for `name`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_service(cls, data: object) -> object:
+        # Before the fields, as on the server: an old `{service: x}` would
+        # otherwise only hear that `name` is missing.
+        if isinstance(data, dict):
+            if data.get("service") is not None:
+                raise ValueError(CALLER_SERVICE_REFUSED)
+            if data.get("name") is None:
+                raise ValueError(CALLER_NAME_REQUIRED)
+        return data
 
 
 class StreamSettings(ApiModel):
@@ -244,23 +286,15 @@ class NatsServiceSpec(ApiModel):
     destinations pick it by this name."""
     allow_same_namespace: bool = True
     """Every NatsService in the same namespace may call this one. Set to false to allow
-    only the services listed in allowedCallers."""
+    only the NatsServices listed in allowedCallers."""
     allowed_callers: Annotated[list[Caller], Field(max_length=MAX_CALLERS)] = Field(
         default_factory=list
     )
-    """Further services that may call this one, e.g. from other namespaces. Nobody
-    outside the namespace may call unless listed here; enforced by NATS permissions."""
+    """Further NatsServices that may call this one, by resource name, e.g. from other
+    namespaces. Nobody outside the namespace may call unless listed here; enforced by
+    NATS permissions."""
     events: Events = Field(default_factory=Events)
     """Event topics published and consumed."""
-
-    def may_be_called_by(self, namespace: str, service: str, caller_namespace: str) -> bool:
-        """Whether ``service`` in ``caller_namespace`` may call this service in ``namespace``."""
-        if caller_namespace == namespace and self.allow_same_namespace:
-            return True
-        return any(
-            c.service == service and (c.namespace or namespace) == caller_namespace
-            for c in self.allowed_callers
-        )
 
 
 class NatsServiceStatus(ApiModel):

@@ -33,9 +33,7 @@ def service_intent(svc: NatsService) -> desired.ServiceIntent:
         namespace=str(svc.metadata.namespace),
         name=service_name(svc),
         version=spec.version,
-        allowed_callers=tuple(
-            desired.CallerRef(c.service, c.namespace) for c in spec.allowed_callers
-        ),
+        allowed_callers=tuple(desired.CallerRef(c.name, c.namespace) for c in spec.allowed_callers),
         allow_same_namespace=spec.allow_same_namespace,
         publishes=tuple(desired.Publish(p.topic, stream) for p in spec.events.publishes),
         subscriptions=tuple(

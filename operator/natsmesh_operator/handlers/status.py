@@ -21,6 +21,7 @@ from lightkube.types import PatchType
 from natsmesh_operator.api import NatsRoute, NatsService
 from natsmesh_operator.handlers import kube
 from natsmesh_operator.handlers.intents import service_name
+from natsmesh_operator.wiring import grants
 from natsmesh_operator.wiring.errors import Problem
 from natsmesh_sidecar import subjects
 
@@ -79,7 +80,8 @@ def _problems(problems: Iterable[Problem], condition: str) -> list[Problem]:
 
 
 def service_conditions(result: PassResult, namespace: str, name: str) -> list[Cond]:
-    """CredentialsReady, StreamsReady, RoutesReady and the summary Ready."""
+    """CredentialsReady, StreamsReady, RoutesReady, CallersResolved (only while
+    False) and the summary Ready."""
     if result.fatal:
         retry = Cond("Ready", False, "NatsUnavailable", result.fatal)
         return [
@@ -116,8 +118,14 @@ def service_conditions(result: PassResult, namespace: str, name: str) -> list[Co
         # Only while failing, so clusters with the policies switched off see
         # no extra condition.
         conds.append(Cond("NetworkPolicyReady", False, "NetworkPolicyFailed", policy_error))
-    other = [p for p in problems if p.condition not in ("StreamsReady", "RoutesReady")]
+    own = ("StreamsReady", "RoutesReady", grants.CONDITION)
+    other = [p for p in problems if p.condition not in own]
     failing = [c for c in conds if not c.ok]
+    callers = _problems(problems, grants.CONDITION)
+    if callers:
+        # Only while failing, and not in Ready: the service works; a grant to
+        # a caller that does not exist (yet) just admits nobody.
+        conds.append(Cond(grants.CONDITION, False, callers[0].reason, callers[0].message))
     if other:
         conds.append(Cond("Ready", False, other[0].reason, "; ".join(p.message for p in other)))
     elif failing:

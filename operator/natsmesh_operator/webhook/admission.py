@@ -180,6 +180,36 @@ def validate_service(
     return errors
 
 
+def caller_warnings(svc: NatsService, others: Sequence[NatsService]) -> list[str]:
+    """Same-namespace ``allowedCallers`` entries that name no NatsService (yet).
+
+    Allowed, since the caller may come later, but said: an entry names a
+    *resource*, and one that still holds a service name (the old meaning)
+    admits nobody. Only this namespace is looked at; whether a resource
+    exists elsewhere is that namespace's business (the callee's
+    ``CallersResolved`` condition reports it after the pass).
+    """
+    namespace = str(svc.metadata.namespace or "")
+    names = {str(o.metadata.name) for o in others} | {str(svc.metadata.name)}
+    warnings = []
+    for n, caller in enumerate(svc.spec.allowed_callers):
+        if caller.namespace not in (None, namespace) or caller.name in names:
+            continue
+        serving = sorted(str(o.metadata.name) for o in others if o.service_name == caller.name)
+        hint = (
+            f" (NatsService {serving[0]!r} serves spec.service {caller.name!r}: "
+            f"to admit it, write name: {serving[0]})"
+            if serving
+            else ""
+        )
+        warnings.append(
+            f"spec.allowedCallers[{n}]: no NatsService {caller.name!r} in this namespace "
+            f"yet, so the entry admits nobody until one exists; entries name NatsService "
+            f"resources, not spec.service{hint}"
+        )
+    return warnings
+
+
 def route_warnings(route: NatsRoute, services: Sequence[NatsService]) -> list[str]:
     """A route to a service that does not exist (yet) is allowed, with a warning."""
     versions = {s.spec.version for s in services if s.service_name == route.spec.service}

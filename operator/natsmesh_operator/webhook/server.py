@@ -269,4 +269,4 @@ class WebhookServer:
         errors = admission.validate_service(svc, services, creating=admission.claims_anew(svc, old))
         if errors:
             return admission.review_response(uid, allowed=False, message="; ".join(errors))
-        return admission.review_response(uid)
+        return admission.review_response(uid, warnings=admission.caller_warnings(svc, services))

@@ -29,13 +29,18 @@ DAY_MS = 24 * 3600 * 1000
 
 @dataclass(frozen=True)
 class CallerRef:
-    """A service allowed to call; ``namespace`` None means the target's own."""
+    """A NatsService *resource* allowed to call; ``namespace`` None means the target's own.
 
-    service: str
+    Not a mesh identity: :mod:`.grants` resolves it to the service that
+    resource serves in the current pass, if it holds one.
+    """
+
+    resource: str
     namespace: str | None = None
 
-    def resolve(self, default_namespace: str) -> tuple[str, str]:
-        return (self.namespace or default_namespace, self.service)
+    def where(self, default_namespace: str) -> tuple[str, str]:
+        """``(namespace, resource name)`` of the granted resource."""
+        return (self.namespace or default_namespace, self.resource)
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,10 @@ class ServiceIntent:
     """One NatsService, as far as NATS is concerned.
 
     Who may call it, as in the CRD: every service of its own namespace when
-    ``allow_same_namespace`` (the default), plus the ``allowed_callers`` listed
-    (a caller without a namespace is in this service's namespace). Nobody from
-    another namespace unless listed.
+    ``allow_same_namespace`` (the default), plus the services of the
+    NatsService resources ``allowed_callers`` lists (a caller without a
+    namespace is in this service's namespace). Nobody from another namespace
+    unless listed.
     """
 
     namespace: str
@@ -116,12 +122,6 @@ class ServiceIntent:
     def claim_order(self) -> tuple[bool, str, str]:
         """Sorts the first claimant first: creation time, then uid."""
         return (not self.created, self.created, self.uid)
-
-    def allows(self, namespace: str, service: str) -> bool:
-        """Whether ``service`` in ``namespace`` may call this service."""
-        if namespace == self.namespace and self.allow_same_namespace:
-            return True
-        return any(c.resolve(self.namespace) == (namespace, service) for c in self.allowed_callers)
 
 
 @dataclass(frozen=True)

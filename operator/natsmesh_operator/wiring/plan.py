@@ -17,6 +17,9 @@ its ack subject under its own name.
 A cross-namespace subscription needs the publisher's consent: the publisher
 must admit the subscriber in ``allowedCallers``, otherwise any namespace could
 read another tenant's events just by declaring a subscription.
+
+``allowedCallers`` name NatsService resources; :mod:`.grants` resolves them to
+the identities they admit in this pass, and everything here uses those.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from natsmesh_operator.wiring import grants
 from natsmesh_operator.wiring import routes as routes_mod
 from natsmesh_operator.wiring.desired import (
     AccountLimits,
@@ -288,7 +292,8 @@ def _same_policy(a: ServiceIntent, b: ServiceIntent) -> bool:
 
 
 def _callers(i: ServiceIntent) -> tuple[bool, frozenset[tuple[str, str]]]:
-    return (i.allow_same_namespace, frozenset(c.resolve(i.namespace) for c in i.allowed_callers))
+    # The entries as written (resources), not what they resolve to this pass.
+    return (i.allow_same_namespace, frozenset(c.where(i.namespace) for c in i.allowed_callers))
 
 
 # --------------------------------------------------------------------------
@@ -337,6 +342,8 @@ def plan(
     problems: list[Problem] = []
     checked = [c for i in intents if (c := _check_intent(i, problems)) is not None]
     services = _dedupe(checked, problems)
+    admitted, grant_problems = grants.resolve(services)
+    problems += grant_problems
     primary = {k: v[0] for k, v in services.items()}
     # Sorted, not in claim order: route tables stay as they were.
     versions = {k: sorted(s.version for s in v) for k, v in services.items()}
@@ -356,11 +363,12 @@ def plan(
                     "UnknownTopic",
                     f"subscription {label}: {source[1]} does not publish topic {s.topic!r}",
                 )
-            elif source[0] != i.namespace and not pub.allows(*key):
+            elif source[0] != i.namespace and key not in admitted[source]:
                 reason, msg = (
                     "SubscriptionNotAllowed",
                     f"subscription {label}: {source[1]} in namespace {source[0]} does not list "
-                    f"{i.name}.{i.namespace} in allowedCallers",
+                    f"a NatsService of {i.name}.{i.namespace} (e.g. "
+                    f"{{name: {i.resource_name}, namespace: {i.namespace}}}) in allowedCallers",
                 )
             if reason:
                 for subset in services[key]:
@@ -380,10 +388,9 @@ def plan(
     # Only grants across namespaces: they are few (listed by name), while a
     # namespace's own services find each other through their Target keys.
     callable_by: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
-    for target, intent in primary.items():
-        for ref in intent.allowed_callers:
-            caller = ref.resolve(intent.namespace)
-            if caller[0] != target[0] and caller in primary:
+    for target, callers in sorted(admitted.items()):
+        for caller in sorted(callers):
+            if caller[0] != target[0]:
                 callable_by[caller].append(target)
 
     accounts = _accounts(primary, callable_by, subs, limits or {})
@@ -419,7 +426,7 @@ def plan(
                 service=i.name,
                 version=i.version,
                 admits_namespace=i.allow_same_namespace,
-                admitted=[c.resolve(i.namespace) for c in i.allowed_callers],
+                admitted=admitted[key],
                 publish_topics=topics[key],
                 consumers=[
                     ConsumerAccess(
@@ -437,7 +444,8 @@ def plan(
     problems += route_problems
     dest_cache: dict[tuple[str, str], Destination] = {}
     targets = {
-        key: _target(i, versions, compiled, dest_cache) for key, i in sorted(primary.items())
+        key: _target(i, admitted[key], versions, compiled, dest_cache)
+        for key, i in sorted(primary.items())
     }
     tables = {
         key: _table(key, primary, versions, callable_by[key], subs_of[key], compiled, dest_cache)
@@ -581,18 +589,13 @@ def _destination(
 
 def _target(
     i: ServiceIntent,
+    admitted: Iterable[tuple[str, str]],
     versions: Mapping[tuple[str, str], list[str]],
     compiled: Mapping[tuple[str, str], tuple[Rule, ...]],
     dest_cache: dict[tuple[str, str], Destination],
 ) -> Target:
     dest = _destination(i.key, versions, compiled, dest_cache)
-    callers = sorted(
-        {
-            svc
-            for ns, svc in (c.resolve(i.namespace) for c in i.allowed_callers)
-            if ns == i.namespace
-        }
-    )
+    callers = sorted({svc for ns, svc in admitted if ns == i.namespace})
     return Target(
         namespace=i.namespace,
         service=i.name,

@@ -62,7 +62,18 @@ def test_shop_is_ready_within_5s(mesh_operator: OperatorProcess, mesh_namespace:
     assert orders["status"]["subject"] == f"mesh.{mesh_namespace}.orders.v1"
     assert orders["status"]["observedGeneration"] == orders["metadata"]["generation"]
     conditions = {c["type"]: c for c in orders["status"]["conditions"]}
-    assert set(conditions) == {"Ready", "CredentialsReady", "StreamsReady", "RoutesReady"}
+    assert set(conditions) == {
+        "Ready",
+        "CredentialsReady",
+        "StreamsReady",
+        "RoutesReady",
+        "CallersResolved",
+    }
+    # The example's caller from another namespace (analytics/reports) is not
+    # deployed here: orders is Ready and says that grant admits nobody yet.
+    callers = conditions["CallersResolved"]
+    assert (callers["status"], callers["reason"]) == ("False", "UnknownCaller")
+    assert "analytics/reports" in callers["message"]
     for c in conditions.values():
         assert c["reason"]
         assert c["lastTransitionTime"]

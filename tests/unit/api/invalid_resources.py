@@ -116,15 +116,34 @@ CASES: tuple[Case, ...] = (
     _svc("version-with-star", {"spec.version": "v*"}, "spec.version", "should match"),
     _svc(
         "caller-with-space",
-        {"spec.allowedCallers": [{"service": "front end"}]},
-        "spec.allowedCallers[0].service",
+        {"spec.allowedCallers": [{"name": "front end"}]},
+        "spec.allowedCallers[0].name",
         "should match",
     ),
     _svc(
         "caller-namespace-with-gt",
-        {"spec.allowedCallers": [{"service": "reports", "namespace": "analytics>"}]},
+        {"spec.allowedCallers": [{"name": "reports", "namespace": "analytics>"}]},
         "spec.allowedCallers[0].namespace",
         "should match",
+    ),
+    # A grant names a resource now: the old field is refused, saying what to write.
+    _svc(
+        "caller-by-service",
+        {"spec.allowedCallers": [{"service": "frontend"}]},
+        "spec.allowedCallers[0].service",
+        "write name: <its metadata.name> instead",
+    ),
+    _svc(
+        "caller-by-service-beside-name",
+        {"spec.allowedCallers": [{"name": "web", "service": "frontend"}]},
+        "spec.allowedCallers[0].service",
+        "write name: <its metadata.name> instead",
+    ),
+    _svc(
+        "caller-without-name",
+        {"spec.allowedCallers": [{"namespace": "web"}]},
+        "spec.allowedCallers[0].name",
+        "allowedCallers[].name is required",
     ),
     _svc(
         "topic-with-star",
@@ -158,7 +177,7 @@ CASES: tuple[Case, ...] = (
     ),
     _svc(
         "too-many-callers",
-        {"spec.allowedCallers": [{"service": f"caller-{i}"} for i in range(65)]},
+        {"spec.allowedCallers": [{"name": f"caller-{i}"} for i in range(65)]},
         "spec.allowedCallers",
         "must have at most 64 items",
     ),

@@ -21,6 +21,7 @@ from natsmesh_operator.api import (
     Subscription,
     parse_duration_ms,
 )
+from natsmesh_operator.api.service import CALLER_SERVICE_REFUSED
 from natsmesh_operator.crdgen.crd import crd
 from tests.unit.api.invalid_resources import CASES, ROUTE, SERVICE, Case
 
@@ -146,42 +147,35 @@ def test_metadata_extras_are_kept() -> None:
     assert svc.metadata.model_extra == {"managedFields": [{"manager": "x"}]}
 
 
+def with_callers(*callers: dict[str, str]) -> dict[str, Any]:
+    return {**SERVICE, "spec": {**SERVICE["spec"], "allowedCallers": list(callers)}}
+
+
+def test_a_caller_is_a_resource_name_and_an_optional_namespace() -> None:
+    spec = NatsService.model_validate(
+        with_callers({"name": "gateway"}, {"name": "reports", "namespace": "analytics"})
+    ).spec
+    assert [(c.name, c.namespace) for c in spec.allowed_callers] == [
+        ("gateway", None),
+        ("reports", "analytics"),
+    ]
+    assert spec.to_wire()["allowedCallers"] == [
+        {"name": "gateway"},
+        {"name": "reports", "namespace": "analytics"},
+    ]
+
+
 @pytest.mark.parametrize(
-    ("namespace", "caller", "caller_ns", "allowed"),
-    [
-        ("shop", "gateway", "shop", True),  # same namespace, allowed by default
-        ("shop", "anyone", "shop", True),
-        ("shop", "reports", "analytics", True),  # listed
-        ("shop", "other", "analytics", False),  # not listed
-        ("shop", "reports", "elsewhere", False),
-    ],
+    "caller",
+    [{"service": "frontend"}, {"service": "frontend", "name": "frontend"}],
+    ids=["service-alone", "service-beside-name"],
 )
-def test_may_be_called_by(namespace: str, caller: str, caller_ns: str, allowed: bool) -> None:
-    spec = NatsService.model_validate(
-        {
-            **SERVICE,
-            "spec": {
-                **SERVICE["spec"],
-                "allowedCallers": [{"service": "reports", "namespace": "analytics"}],
-            },
-        }
-    ).spec
-    assert spec.may_be_called_by(namespace, caller, caller_ns) is allowed
-
-
-def test_same_namespace_can_be_switched_off() -> None:
-    spec = NatsService.model_validate(
-        {
-            **SERVICE,
-            "spec": {
-                **SERVICE["spec"],
-                "allowSameNamespace": False,
-                "allowedCallers": [{"service": "gateway"}],
-            },
-        }
-    ).spec
-    assert spec.may_be_called_by("shop", "gateway", "shop")
-    assert not spec.may_be_called_by("shop", "inventory", "shop")
+def test_a_caller_by_service_name_is_refused_saying_to_use_name(caller: dict[str, str]) -> None:
+    # Not just "name: field required": the old field is named, and what to write instead.
+    with pytest.raises(ValidationError) as error:
+        NatsService.model_validate(with_callers(caller))
+    assert CALLER_SERVICE_REFUSED in str(error.value)
+    assert "write name: <its metadata.name>" in str(error.value)
 
 
 # --------------------------------------------------------------------------

@@ -50,8 +50,18 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "webhook-client-generated": {"webhook": {"clientAuth": {"enabled": True}}},
+    "webhook-client-secret": {
+        "webhook": {
+            "clientAuth": {
+                "enabled": True,
+                "caSecret": {"name": "apiserver-client-ca", "key": "front-proxy-ca.crt"},
+                "allowedNames": ["kube-apiserver", "kube-apiserver-webhook-client"],
+            }
+        }
+    },
     "everything-on": {
-        "webhook": {"certManager": {"enabled": True}},
+        "webhook": {"certManager": {"enabled": True}, "clientAuth": {"enabled": True}},
         "metrics": {"serviceMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
         "nats": {"replicas": 3, "monitoring": {"expose": True}, "maxControlLine": 65536},
         "imagePullSecrets": [{"name": "regcred"}],

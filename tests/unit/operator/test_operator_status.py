@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from natsmesh_operator.handlers import status
 from natsmesh_operator.handlers.mesh import CredsOutcome, PassResult
-from natsmesh_operator.wiring.desired import ServiceIntent
+from natsmesh_operator.wiring.desired import CallerRef, ServiceIntent
 from natsmesh_operator.wiring.plan import plan
 
 OLD = "2026-01-01T00:00:00Z"
@@ -54,3 +54,21 @@ def test_a_network_policy_failure_fails_only_its_service() -> None:
     web = {c.type: c for c in status.service_conditions(result, "shop", "web")}
     assert "NetworkPolicyReady" not in web
     assert web["Ready"].ok
+
+
+def test_a_grant_that_admits_nobody_is_its_own_condition_not_ready_false() -> None:
+    ghost = ServiceIntent("shop", "orders", allowed_callers=(CallerRef("frontend", "web"),))
+    ok = CredsOutcome(True, "CredentialsIssued", "ok")
+    result = PassResult(started=0.0, plan=plan([ghost]), creds={("shop", "orders"): ok})
+    conds = {c.type: c for c in status.service_conditions(result, "shop", "orders")}
+    callers = conds["CallersResolved"]
+    assert (callers.ok, callers.reason) == (False, "UnknownCaller")
+    assert "web/frontend" in callers.message
+    # The service itself works: a caller may come later.
+    assert conds["Ready"].ok
+    # Once the named resource exists, the condition goes (shown only while failing).
+    resolved = plan([ghost, ServiceIntent("web", "site", resource="frontend")])
+    result = PassResult(started=0.0, plan=resolved, creds={("shop", "orders"): ok})
+    assert "CallersResolved" not in {
+        c.type for c in status.service_conditions(result, "shop", "orders")
+    }

@@ -1,9 +1,9 @@
 """The per-message fast paths give exactly what the straightforward code gave.
 
-The header parser, the header encoder and the app request renderer run once
-or twice per request on each sidecar, so they were rewritten for speed
-(one decode or encode per block, one regex per block, a cache of validated
-header names). The straightforward versions they replaced are kept here as
+The header parser, the header encoder and the HTTP request and response
+renderers run once or twice per request on each sidecar, so they were
+rewritten for speed (one decode or encode per block, one regex per block, a
+cache of validated header names). The straightforward versions they replaced are kept here as
 the specification, and random inputs (hypothesis) must give the same output.
 """
 
@@ -96,6 +96,28 @@ def reference_render_request(
     return b"".join(parts)
 
 
+def reference_render_response(
+    status: int, headers: list[tuple[str, str]], body: bytes, keep_alive: bool
+) -> bytes:
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, codec.reason(status))]
+    for name, value in headers:
+        if name.lower() in codec.HOP_BY_HOP:
+            continue
+        n = name.encode("latin-1", "replace")
+        v = value.encode("latin-1", "replace")
+        if not codec.valid_header(n, v):
+            continue
+        parts.append(b"%s: %s\r\n" % (n, v))
+    if status not in (204, 304):
+        parts.append(b"content-length: %d\r\n" % len(body))
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if status not in (204, 304):
+        parts.append(body)
+    return b"".join(parts)
+
+
 # Bytes that matter to the parsers: separators, whitespace of every kind
 # (ASCII, the \x1c-\x1f separators str.isspace() knows, Unicode spaces),
 # invalid and valid UTF-8, and plain letters.
@@ -139,6 +161,16 @@ def test_render_request_matches_the_reference(headers: list[tuple[str, str]], me
         hdrs = headers + extra
         got = codec.render_request(method, "/p?q=1", hdrs, b"body", "h:1")
         assert got == reference_render_request(method, "/p?q=1", hdrs, b"body", "h:1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_text, _text), max_size=6), st.sampled_from([200, 204, 503]))
+def test_render_response_matches_the_reference(headers: list[tuple[str, str]], status: int) -> None:
+    for extra in ([], [("Content-Type", "a/b"), ("Transfer-Encoding", "chunked")]):
+        hdrs = headers + extra
+        for keep_alive in (True, False):
+            got = codec.render_response(status, hdrs, b"body", keep_alive=keep_alive)
+            assert got == reference_render_response(status, hdrs, b"body", keep_alive)
 
 
 def test_ids_from_the_random_buffer_stay_valid_and_distinct() -> None:

@@ -53,3 +53,10 @@ def test_sidecar_runtime_does_not_import_pydantic() -> None:
     mods = runtime_modules()
     assert [m for m in mods if m.split(".")[0] in ("pydantic", "pydantic_core")] == []
     assert "natsmesh_sidecar.config" not in mods
+
+
+def test_sidecar_runtime_does_not_import_prometheus_client() -> None:
+    """metrics.py writes the exposition itself: the library and its servers cost ~2 MB RSS."""
+    mods = runtime_modules()
+    assert [m for m in mods if m.split(".")[0] == "prometheus_client"] == []
+    assert "natsmesh_sidecar.metrics" in mods

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from natsmesh_sidecar import metrics
@@ -21,9 +22,8 @@ def _samples(text: bytes) -> set[str]:
     }
 
 
-def test_same_exposition_as_counter_and_histogram() -> None:
-    m = metrics.Metrics()
-    ref = CollectorRegistry(auto_describe=False)
+def _reference_request_families(ref: CollectorRegistry) -> tuple[Counter, Histogram]:
+    """What the request families were as prometheus_client types."""
     labels = ["direction", "source", "destination", "status"]
     count = Counter("natsmesh_sidecar_requests", "Requests handled", labels, registry=ref)
     hist = Histogram(
@@ -33,6 +33,13 @@ def test_same_exposition_as_counter_and_histogram() -> None:
         buckets=metrics._BUCKETS,
         registry=ref,
     )
+    return count, hist
+
+
+def test_same_exposition_as_counter_and_histogram() -> None:
+    m = metrics.Metrics()
+    ref = CollectorRegistry(auto_describe=False)
+    count, hist = _reference_request_families(ref)
     rnd = random.Random(7)
     # Bucket edges exactly, tiny and huge values, several label sets.
     values = [*metrics._BUCKETS, 0.0, 1e-9, 99.0] + [rnd.expovariate(200) for _ in range(500)]
@@ -81,3 +88,43 @@ def test_sources_are_capped_per_label_and_junk_is_folded() -> None:
     # A source admitted before the cap keeps its own series.
     m.observe("inbound", "caller0.ns", "orders.shop", 200, 0.001)
     assert ("inbound", "caller0.ns", "orders.shop", 200) in m.requests.series
+
+
+def _without_created(text: bytes) -> list[str]:
+    return [line for line in text.decode().splitlines() if "_created" not in line]
+
+
+def test_whole_exposition_is_prometheus_clients() -> None:
+    """Every family, escaping and number format as prometheus_client writes them."""
+    m = metrics.Metrics()
+    ref = CollectorRegistry(auto_describe=False)
+    count, hist = _reference_request_families(ref)
+    refs: dict[str, Any] = {}
+    for family in m.registry.families:
+        if not isinstance(family, metrics.Metric):
+            continue
+        base = family.name.removesuffix("_total")
+        kind = Counter if family.kind == "counter" else Gauge
+        refs[family.name] = kind(base, family.help, list(family.labelnames), registry=ref)
+    observed = [(("outbound", "a.ns", "d.ns", 200), 0.003), (("inbound", "b.ns", "a.ns", 503), 7)]
+    for key, v in observed:
+        m.observe(*key, v)
+        count.labels(*key[:3], str(key[3])).inc()
+        hist.labels(*key[:3], str(key[3])).observe(v)
+    # Label values that need escaping, big and fractional numbers.
+    m.circuit.labels('odd "sub\\ject"\nx').set(2)
+    refs["natsmesh_sidecar_circuit_state"].labels('odd "sub\\ject"\nx').set(2)
+    m.retries.labels("d.ns").inc(12345678.5)
+    refs["natsmesh_sidecar_retries_total"].labels("d.ns").inc(12345678.5)
+    m.events_delivered.labels("orders", "ok").inc()
+    refs["natsmesh_sidecar_events_delivered_total"].labels("orders", "ok").inc()
+    m.nats_connected.set(1)
+    refs["natsmesh_sidecar_nats_connected"].set(1)
+    m.table_swaps.inc()
+    refs["natsmesh_sidecar_table_updates_total"].inc()
+    m.inflight_out.set_function(lambda: 3.0)
+    refs["natsmesh_sidecar_inflight_requests"].labels("outbound").set_function(lambda: 3.0)
+    refs["natsmesh_sidecar_inflight_requests"].labels("inbound")
+    assert _without_created(m.render()) == _without_created(generate_latest(ref))
+    assert m.registry.get_sample_value("natsmesh_sidecar_table_updates_total") == 1.0
+    assert m.registry.get_sample_value("natsmesh_sidecar_nope") is None

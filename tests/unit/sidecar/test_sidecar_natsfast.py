@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.transport import TcpTransport
 from nats.protocol import parser
 
 from natsmesh_sidecar import natsfast
@@ -13,7 +15,7 @@ from natsmesh_sidecar import natsfast
 pytestmark = pytest.mark.unit
 
 
-def test_nats_py_internals_still_exist() -> None:
+async def test_nats_py_internals_still_exist() -> None:
     """natsfast hooks these private parts of nats-py (pinned); fail loudly if they move."""
     nc = Client()
     for attr in ("_pending", "_pending_data_size", "_flush_queue", "_max_pending_size", "stats"):
@@ -27,6 +29,15 @@ def test_nats_py_internals_still_exist() -> None:
     assert isinstance(ps.buf, bytearray)
     assert ps.state == parser.AWAITING_CONTROL_LINE
     assert "await self._ps.parse(" in inspect.getsource(Client._read_loop)
+    # The reader hook and the direct flush: TcpTransport's streams, StreamReader's state.
+    tcp = TcpTransport()  # type: ignore[no-untyped-call]
+    assert hasattr(tcp, "_io_reader")
+    assert hasattr(tcp, "_io_writer")
+    assert "self._io_reader.read(" in inspect.getsource(TcpTransport.read)
+    reader = asyncio.StreamReader()
+    assert reader._waiter is None  # type: ignore[attr-defined]
+    assert reader._buffer == bytearray()  # type: ignore[attr-defined]
+    assert "reader.feed_data(data)" in inspect.getsource(asyncio.StreamReaderProtocol.data_received)
 
 
 def test_headers_round_trip_like_nats_py() -> None:
@@ -156,3 +167,97 @@ async def test_fast_frame_split_matches_nats_py_at_every_cut() -> None:
         assert await _feed([STREAM[:cut], STREAM[cut:]]) == expected, cut
     assert await _feed([STREAM[i : i + 1] for i in range(len(STREAM))]) == expected
     assert await _feed([STREAM[i : i + 7] for i in range(0, len(STREAM), 7)]) == expected
+
+
+class _Transport:
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._io_reader = reader
+
+
+async def _feed_reader(chunks: list[bytes], yields: list[bool]) -> list[tuple[object, ...]]:
+    """Chunks as they arrive on the socket, read by a loop like nats-py's ``_read_loop``.
+
+    ``yields[i]`` lets the read loop run (and park again) after chunk i; without
+    it the next chunk arrives while the loop has not read the previous one.
+    """
+    log: list[tuple[object, ...]] = []
+    nc = _FakeClient(log)
+    reader = asyncio.StreamReader()
+    nc._transport = _Transport(reader)  # type: ignore[attr-defined]
+    fast = natsfast.FastPath(nc)
+
+    def handler(msg: natsfast.Reply) -> None:
+        log.append(("fast", msg.subject, msg.reply, msg.data, msg.headers))
+
+    fast.handlers[2] = handler
+
+    async def read_loop() -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            await nc._ps.parse(data)
+
+    loop_task = asyncio.get_running_loop().create_task(read_loop())
+    # nats-py's first read (INFO) goes through the read loop, which hooks the reader.
+    reader.feed_data(b"PING\r\n")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    for chunk, yield_after in zip(chunks, yields, strict=True):
+        reader.feed_data(chunk)
+        if yield_after:
+            for _ in range(3):
+                await asyncio.sleep(0)
+    reader.feed_eof()
+    await loop_task
+    return log
+
+
+async def test_reader_hook_keeps_the_stream_order_at_every_cut() -> None:
+    """Frames handled as they arrive, or left to the read loop: the same messages, in order."""
+    expected = [("ping",), *await _reference([STREAM])]
+    for cut in range(1, len(STREAM)):
+        chunks = [STREAM[:cut], STREAM[cut:]]
+        for yields in ([True, True], [False, True]):
+            assert await _feed_reader(chunks, yields) == expected, (cut, yields)
+    singles = [STREAM[i : i + 1] for i in range(len(STREAM))]
+    for pattern in (True, False):
+        yields = [pattern or i % 3 == 0 for i in range(len(singles))]
+        assert await _feed_reader(singles, yields) == expected
+    # Only our frames, whole: all of them handled straight from the reader.
+    ours = b"".join(
+        b"HMSG mesh.a 2 r %d %d\r\n%sxy\r\n" % (len(_HDR), len(_HDR) + 2, _HDR) for _ in range(3)
+    )
+    log = await _feed_reader([ours], [True])
+    assert [e[0] for e in log] == ["ping", "fast", "fast", "fast"]
+
+
+async def test_reader_hook_handles_whole_frames_as_they_arrive() -> None:
+    """No read-loop hop: our frames are dispatched inside feed_data, nothing is buffered."""
+    log: list[tuple[object, ...]] = []
+    nc = _FakeClient(log)
+    reader = asyncio.StreamReader()
+    nc._transport = _Transport(reader)  # type: ignore[attr-defined]
+    fast = natsfast.FastPath(nc)
+    fast.handlers[2] = lambda msg: log.append(("fast", msg.data))
+
+    async def read_loop() -> None:
+        while data := await reader.read(65536):
+            await nc._ps.parse(data)
+
+    task = asyncio.get_running_loop().create_task(read_loop())
+    reader.feed_data(b"PING\r\n")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    frame = b"HMSG mesh.a 2 r %d %d\r\n%sxy\r\n" % (len(_HDR), len(_HDR) + 2, _HDR)
+    reader.feed_data(frame * 2)
+    assert log == [("ping",), ("fast", b"xy"), ("fast", b"xy")]
+    assert nc.stats["in_msgs"] == 2
+    # Anything else still goes to nats-py, through the read loop.
+    reader.feed_data(b"MSG other 9 5\r\nhello\r\n")
+    assert len(log) == 3
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert log[3] == ("msg", 9, b"other", b"", b"hello", None)
+    reader.feed_eof()
+    await task

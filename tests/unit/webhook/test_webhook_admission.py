@@ -153,6 +153,29 @@ def test_route_warnings() -> None:
     assert admission.route_warnings(route, both) == []
 
 
+def test_a_same_namespace_grant_naming_no_resource_is_admitted_with_a_warning() -> None:
+    web = svc("web-frontend", {"app": "web"}, service="frontend")
+    orders = svc(
+        "orders",
+        {"app": "orders"},
+        allowedCallers=[
+            {"name": "web-frontend"},  # exists: no warning
+            {"name": "frontend"},  # the old meaning: a spec.service
+            {"name": "later"},  # nothing by that name (yet)
+            {"name": "elsewhere", "namespace": "other"},  # not this namespace's business
+        ],
+    )
+    hinted, plain = admission.caller_warnings(orders, [web])
+    assert hinted.startswith("spec.allowedCallers[1]: no NatsService 'frontend'")
+    assert "NatsService 'web-frontend' serves spec.service 'frontend'" in hinted
+    assert "write name: web-frontend" in hinted
+    assert plain.startswith("spec.allowedCallers[2]: no NatsService 'later'")
+    assert "serves spec.service" not in plain
+    # Naming itself, or its own namespace spelled out, is fine.
+    own = svc("orders", {"app": "orders"}, allowedCallers=[{"name": "orders", "namespace": "shop"}])
+    assert admission.caller_warnings(own, []) == []
+
+
 def test_review_response_and_patch_shape() -> None:
     ops = admission.json_patch({"metadata": {"labels": {"a": "b"}}, "spec": {"volumes": []}})
     assert ops == [

@@ -33,7 +33,7 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
             "orders",
             {
                 "allowSameNamespace": False,
-                "allowedCallers": [{"service": "gateway"}],
+                "allowedCallers": [{"name": "gateway"}],
                 "events": {"publishes": [{"topic": "order.created"}], "stream": {"maxAge": "24h"}},
             },
         ),
@@ -41,7 +41,7 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
             "payments",
             {
                 "allowSameNamespace": False,
-                "allowedCallers": [{"service": "orders"}],
+                "allowedCallers": [{"name": "orders"}],
                 "events": {
                     "subscriptions": [
                         {
@@ -62,7 +62,7 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
                 "service": "orders",
                 "version": "v2",
                 "allowSameNamespace": False,
-                "allowedCallers": [{"service": "gateway"}],
+                "allowedCallers": [{"name": "gateway"}],
                 "events": {"publishes": [{"topic": "order.created"}], "stream": {"maxAge": "24h"}},
             },
         ),

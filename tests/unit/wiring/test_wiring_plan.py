@@ -240,11 +240,12 @@ def test_first_created_version_sets_the_policy() -> None:
         created="2026-01-01T00:00:00Z",
     )
     v0 = ServiceIntent("shop", "orders", "v0", resource="aaa", created="2026-01-02T00:00:00Z")
-    assert reasons([v0, v1]) == [("aaa", "InconsistentSubsets")]
+    gateway = ServiceIntent("web", "gateway")
+    assert reasons([v0, v1, gateway]) == [("aaa", "InconsistentSubsets")]
     v0_same = replace(v0, allowed_callers=v1.allowed_callers)
-    p = plan([v0_same, v1])
+    p = plan([v0_same, v1, gateway])
     assert p.problems == ()
-    assert sorted(u.version for u in p.users) == ["v0", "v1"]
+    assert sorted(u.version for u in p.users if u.service == "orders") == ["v0", "v1"]
 
 
 def test_subscription_to_a_topic_nobody_publishes() -> None:
@@ -293,8 +294,9 @@ def test_version_subsets_must_agree() -> None:
     v1 = ServiceIntent("shop", "orders", "v1", allowed_callers=(CallerRef("gateway"),))
     v2 = replace(v1, version="v2", resource="orders-v2")
     v2_bad = replace(v2, allowed_callers=())
-    assert plan([v1, v2]).problems == ()
-    assert reasons([v1, v2_bad]) == [("orders-v2", "InconsistentSubsets")]
+    gateway = ServiceIntent("shop", "gateway")
+    assert plan([v1, v2, gateway]).problems == ()
+    assert reasons([v1, v2_bad, gateway]) == [("orders-v2", "InconsistentSubsets")]
     subs = {u.version: u.permissions.sub_allow[0] for u in plan([v1, v2]).users}
     assert subs == {
         "v1": "mesh.shop.orders.v1.shop.* orders",
