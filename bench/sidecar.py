@@ -433,6 +433,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             {
                 **base,
                 "NATSMESH_SERVICE": "client",
+                # Only calls out: no app to wait for before being ready.
+                "NATSMESH_READY_CHECK": "none",
                 "NATSMESH_LISTEN_PORT": str(a_out),
                 "NATSMESH_ADMIN_PORT": str(a_admin),
                 "NATSMESH_TABLE_FILE": str(tmp / "a.json"),

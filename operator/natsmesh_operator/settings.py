@@ -189,6 +189,15 @@ class OperatorSettings:
                 cpu_request=get("SIDECAR_CPU_REQUEST", InjectionSettings.cpu_request),
                 memory_request=get("SIDECAR_MEMORY_REQUEST", InjectionSettings.memory_request),
                 memory_limit=get("SIDECAR_MEMORY_LIMIT", InjectionSettings.memory_limit),
+                ready_period_seconds=float(
+                    get("SIDECAR_READY_PERIOD_SECONDS", str(InjectionSettings.ready_period_seconds))
+                ),
+                ready_failure_threshold=int(
+                    get(
+                        "SIDECAR_READY_FAILURE_THRESHOLD",
+                        str(InjectionSettings.ready_failure_threshold),
+                    )
+                ),
             ),
             creds=CredsSettings(
                 ttl_seconds=max(300, int(get("CREDS_TTL_SECONDS", str(CredsSettings.ttl_seconds)))),

@@ -9,8 +9,10 @@
 
 Start order: admin server (probes answer at once, not ready yet), outbound
 listener (the app may start calling; requests fail fast with 503 until NATS is
-up), NATS connection with inbound subscription, micro discovery, table watch
-and event consumers. Ready means connected and subscribed.
+up), app readiness checks, NATS connection, micro discovery, table watch.
+The service's queue group (request subscriptions) and its event consumers are
+joined only while the app passes its readiness check (see readiness.py), left
+after it fails it, and left first on SIGTERM. Ready means connected and joined.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import nats
 from nats import errors as nats_errors
 
-from natsmesh_sidecar import accesslog, codec, permissions, resilience, subjects
+from natsmesh_sidecar import accesslog, codec, permissions, readiness, resilience, subjects
 from natsmesh_sidecar.events import EventConsumer, EventPublisher
 from natsmesh_sidecar.inbound import AppPool, InboundHandler, InboundLimits
 from natsmesh_sidecar.metrics import AdminServer, Metrics
@@ -88,7 +90,6 @@ class Sidecar:
         #: Policies of our namespace's services, read on first call (KV mode only).
         self.targets: TargetCache | None = None
         self._js: Any = None
-        self.sub: Any = None
         #: Request subscriptions by subject (one per admitted caller group).
         self.serving: dict[str, Any] = {}
         self._refused = 0
@@ -115,6 +116,7 @@ class Sidecar:
             app_host=f"{settings.app_host}:{settings.app_port}",
             fast=lambda: self.fast,
             access_log=access_log,
+            app_failed=self._app_failed,
         )
         self.outbound = OutboundServer(
             OutboundHandler(self),
@@ -138,6 +140,19 @@ class Sidecar:
             stats=self._micro_stats,
         )
         self.consumers: dict[tuple[str, str], EventConsumer] = {}
+        #: In the queue group (request subscriptions made); the app passed
+        #: its check, the connection is up, not draining.
+        self.joined = False
+        self.app_ready: readiness.AppReadiness | None = None
+        if settings.ready_check != readiness.NONE:
+            self.app_ready = readiness.AppReadiness(
+                self._check_app,
+                self._app_changed,
+                period=settings.ready_period_seconds,
+                failure_threshold=settings.ready_failure_threshold,
+            )
+        #: Joins and leaves (the readiness timer, connect, renewal, drain) one at a time.
+        self._membership = asyncio.Lock()
         self.outbound_port = 0
         self.admin_port = 0
         self.draining = False
@@ -179,7 +194,7 @@ class Sidecar:
 
     def ready(self) -> bool:
         nc = self.nc
-        return (not self.draining) and nc is not None and nc.is_connected and self.sub is not None
+        return (not self.draining) and nc is not None and nc.is_connected and self.joined
 
     def _micro_stats(self) -> dict[str, Any]:
         ib = self.inbound
@@ -226,8 +241,10 @@ class Sidecar:
     def _sync_consumers(self) -> None:
         if self.draining:
             return
+        # Events are mesh traffic too: delivered only while the app is ready
+        # (a delivery to an app not listening would use up its maxDeliver).
         wanted: dict[tuple[str, str], Delivery] = {
-            (d.stream, d.consumer): d for d in self.router.table.subscriptions
+            (d.stream, d.consumer): d for d in self.router.table.subscriptions if self.joined
         }
         for key, consumer in list(self.consumers.items()):
             if key not in wanted or consumer.d != wanted[key]:
@@ -272,6 +289,8 @@ class Sidecar:
             s.app_host,
             s.app_port,
         )
+        if self.app_ready is not None:
+            self._spawn(self.app_ready.run(self._stop))
         self._spawn(self._connect_loop())
         if s.creds_file:
             self._spawn(self._watch_creds(s.creds_file))
@@ -341,14 +360,76 @@ class Sidecar:
                     await asyncio.wait_for(self._stop.wait(), 0.5)
         return None
 
-    async def _serve_on(self, nc: Any) -> tuple[FastPath, dict[str, Any]]:
+    async def _serve_on(self, nc: Any, join: bool) -> tuple[FastPath, dict[str, Any]]:
+        """A fast path on ``nc``, subscribed to our requests if ``join``."""
         fast = FastPath(nc)
         await fast.start(subjects.inbox_prefix(self.settings.service))
-        serving = {
+        return fast, await self._subscribe(fast) if join else {}
+
+    async def _subscribe(self, fast: FastPath) -> dict[str, Any]:
+        return {
             subject: await fast.subscribe(subject, queue, self._on_request)
             for subject, queue in self._serve_wanted().items()
         }
-        return fast, serving
+
+    # -- queue-group membership ---------------------------------------------------
+
+    def _want_joined(self) -> bool:
+        return not self.draining and (self.app_ready is None or self.app_ready.ready)
+
+    async def _check_app(self) -> bool:
+        s = self.settings
+        return await readiness.check_once(
+            s.app_host, s.ready_port or s.app_port, s.ready_check, s.ready_timeout_seconds
+        )
+
+    def _app_failed(self) -> None:
+        if self.app_ready is not None and self.joined:
+            self.app_ready.kick()
+
+    async def _app_changed(self, ready: bool) -> None:
+        s = self.settings
+        if ready:
+            logger.info("app ready (%s check, port %d)", s.ready_check, s.ready_port or s.app_port)
+        else:
+            logger.warning(
+                "app failed its %s check %d times in a row: leaving the queue group",
+                s.ready_check,
+                s.ready_failure_threshold,
+            )
+        await self._sync_membership()
+
+    async def _sync_membership(self) -> None:
+        """Join or leave the queue group (and the event consumers) as wanted."""
+        async with self._membership:
+            fast = self.fast
+            if fast is None:
+                return  # the connect loop joins once connected
+            if self._want_joined() and not self.joined:
+                serving = await self._subscribe(fast)
+                # Joined once the server has the subscriptions (a reconnect
+                # in between resends them: nats-py keeps them).
+                with contextlib.suppress(Exception):
+                    await self.nc.flush(timeout=5)
+                self.serving, self.joined = serving, True
+                logger.info("joined the queue group: serving %s", sorted(serving))
+                self._sync_consumers()
+            elif not self._want_joined() and self.joined:
+                await self._leave()
+
+    async def _leave(self) -> None:
+        """Unsubscribe, then a round trip: every request the server routed to
+        us before it took the UNSUBs has been read and is being served."""
+        self.joined = False
+        serving, self.serving = self.serving, {}
+        for sub in serving.values():
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=5)
+        logger.info("left the queue group")
+        self._sync_consumers()
 
     async def _connect_loop(self) -> None:
         """Connect, then subscribe everything."""
@@ -356,14 +437,20 @@ class Sidecar:
         nc = await self._open()
         if nc is None:
             return
-        fast, serving = await self._serve_on(nc)
-        self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
-        self.metrics.nats_connected.set(1)
-        await self.micro.start(nc)
-        await nc.flush()
-        # Ready only once the server has our subscriptions.
-        self.sub = self.serving
-        logger.info("connected to %s; serving %s", s.nats_url, sorted(self.serving))
+        async with self._membership:
+            join = self._want_joined()
+            fast, serving = await self._serve_on(nc, join)
+            self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
+            self.metrics.nats_connected.set(1)
+            await self.micro.start(nc)
+            await nc.flush()
+            # Ready only once the server has our subscriptions.
+            self.joined = join
+        logger.info(
+            "connected to %s; %s",
+            s.nats_url,
+            f"serving {sorted(serving)}" if self.joined else "joining once the app is ready",
+        )
         if self._static_table is None and not s.table_file:
             self.targets = TargetCache(s.namespace, account=self.signer)
             try:
@@ -401,13 +488,15 @@ class Sidecar:
             # if the server ever drops it).
             logger.error("new creds: connecting with them failed; keeping the current connection")
             return
-        fast, serving = await self._serve_on(nc)
-        old_micro = list(self.micro.subs)
-        self.micro.subs.clear()
-        await self.micro.start(nc)
-        await nc.flush()
-        self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
-        self.sub = self.serving
+        async with self._membership:
+            old_serving, join = self.serving, self._want_joined()
+            fast, serving = await self._serve_on(nc, join)
+            old_micro = list(self.micro.subs)
+            self.micro.subs.clear()
+            await self.micro.start(nc)
+            await nc.flush()
+            self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
+            self.joined = join
         self.metrics.nats_connected.set(1)
         self.metrics.creds_renewals.inc()
         logger.info("creds renewed: new connection serving %s; draining the old", sorted(serving))
@@ -573,10 +662,9 @@ class Sidecar:
         deadline = loop.time() + grace
         logger.info("draining (grace %.1fs, %d in flight)", grace, self.inflight())
         self.outbound.stop_accepting()
-        for sub in self.serving.values():
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self.serving.clear()
+        # Leave the queue group first: no new request is routed here.
+        async with self._membership:
+            await self._leave()
         await self.micro.stop()
         await asyncio.gather(
             *(c.close(max(0.0, deadline - loop.time())) for c in self.consumers.values()),

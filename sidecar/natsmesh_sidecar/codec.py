@@ -33,6 +33,9 @@ H_SOURCE = "Nm-Source"
 H_STATUS = "Nm-Status"
 H_ERROR = "Nm-Error"
 H_TIMEOUT = "Nm-Timeout-Ms"
+#: On a callee's 502: its app refused the connection, nothing was delivered
+#: (so any replica may be tried, whatever the method).
+H_UNDELIVERED = "Nm-Undelivered"
 DUP_PREFIX = "Nm-Dup-"
 ESC_PREFIX = "Nm-Esc-"
 MESH_PREFIX_LOWER = "nm-"

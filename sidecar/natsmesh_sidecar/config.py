@@ -22,7 +22,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from natsmesh_sidecar import subjects
+from natsmesh_sidecar import readiness, subjects
 
 
 class _Wire(BaseModel):
@@ -227,6 +227,21 @@ class SidecarSettings(_Wire):
     """Request bytes held at once, waiting for an app slot or in a call to
     the app; a request past it is answered 503 at once. Bounds memory under
     any caller: message counts alone let 1 MB bodies pile up."""
+    ready_check: str = Field("tcp", pattern=readiness.CHECK_PATTERN)
+    """When the app can take mesh traffic (the sidecar joins its queue group
+    only then): ``tcp`` (a connection to the port is accepted), an HTTP path
+    such as ``/healthz`` (``GET`` answers 200-399, as a Kubernetes httpGet
+    probe), or ``none`` (join at once: a pod that serves nothing)."""
+    ready_port: int = Field(0, ge=0, le=65535)
+    """Port of the check on ``app_host``; 0 means ``app_port``."""
+    ready_period_seconds: float = Field(1.0, gt=0)
+    """Between checks while the app is ready (a failing or starting app is
+    checked five times as often, so it is left or joined quickly)."""
+    ready_timeout_seconds: float = Field(1.0, gt=0)
+    """A check taking longer fails."""
+    ready_failure_threshold: int = Field(3, ge=1)
+    """Failed checks in a row that make the sidecar leave the queue group; one
+    success joins (again)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:

@@ -44,6 +44,10 @@ class AppError(Exception):
     """The app could not be reached or answered garbage (a 502)."""
 
 
+class AppRefused(AppError):
+    """The app did not accept a connection: nothing of the request was sent."""
+
+
 class AppResponse:
     __slots__ = ("body", "headers", "status")
 
@@ -175,7 +179,7 @@ class AppPool:
                 lambda: _AppConnection(self), self.host, self.port
             )
         except OSError as exc:
-            raise AppError(
+            raise AppRefused(
                 f"app unreachable at {self.host}:{self.port}: {exc.strerror or exc}"
             ) from None
         return proto
@@ -406,6 +410,7 @@ class InboundHandler:
         app_host: str,
         fast: Callable[[], FastPath | None],
         access_log: bool = True,
+        app_failed: Callable[[], None] | None = None,
     ) -> None:
         self.pool = pool
         self.limits = limits
@@ -414,6 +419,8 @@ class InboundHandler:
         self.version = version
         self.fast = fast
         self.access_log = access_log
+        #: Told when the app refused or dropped a call (a readiness check now).
+        self.app_failed = app_failed
         self.inflight = 0
         self.served = 0
         self.errors = 0
@@ -624,7 +631,13 @@ class InboundHandler:
             return self._error(504, "app_timeout", "the app did not answer in time", rid)
         if isinstance(resp, AppError):
             self.last_error = str(resp)
-            return self._error(502, "app_unreachable", str(resp), rid)
+            if self.app_failed is not None:
+                self.app_failed()
+            failed = self._error(502, "app_unreachable", str(resp), rid)
+            if isinstance(resp, AppRefused):
+                # Nothing reached the app: the caller may try another replica.
+                failed[1][codec.H_UNDELIVERED] = "1"
+            return failed
         if isinstance(resp, Exception):
             raise resp
         if codec.final_status(resp.status) is None:

@@ -734,10 +734,23 @@ class OutboundHandler:
         app = self.app
         breaker, subject, dest_key, rule = plan.breaker, plan.subject, plan.dest_key, plan.rule
         retries = rule.retries
-        if breaker is not None and outcome != "permission_violation":
-            breaker.record(not resilience.is_failure(outcome), time.monotonic())
+        if (
+            outcome not in resilience.CALLER_SIDE
+            and attempt < retries.attempts
+            and resilience.retryable(outcome, retries, req.method)
+        ):
+            backoff = resilience.backoff_seconds(attempt, retries, self._rand())
+            if time.monotonic() + backoff < deadline:
+                app.metrics.retries.labels(dest_key).inc()
+                return backoff
+
+        attempts = attempt + 1
+        if breaker is not None:
+            # Once per request, with its final outcome: a retry that got
+            # through is a success, three failed attempts are one failure.
+            breaker.record(resilience.verdict(outcome), time.monotonic())
             app.report_circuit(subject, breaker)
-        if outcome == "unavailable":
+        if outcome == resilience.UNAVAILABLE:
             s, h, b = self._error(
                 503,
                 "nats_unavailable",
@@ -745,8 +758,8 @@ class OutboundHandler:
                 rid,
                 [("retry-after", "1")],
             )
-            return s, h, b, dest_key, rule.name, attempt + 1, "nats_unavailable"
-        if outcome == "permission_violation":
+            return s, h, b, dest_key, rule.name, attempts, "nats_unavailable"
+        if outcome == resilience.VIOLATION:
             # The server refused the publish (its JWT view is narrower than
             # ours was); the sidecar now knows and refuses up front.
             s, h, b = self._error(
@@ -755,19 +768,12 @@ class OutboundHandler:
                 f"NATS refused {app.source} publishing to {subject}",
                 rid,
             )
-            return s, h, b, dest_key, rule.name, attempt + 1, "permission_violation"
-        if outcome == "too_large":
+            return s, h, b, dest_key, rule.name, attempts, "permission_violation"
+        if outcome == resilience.TOO_LARGE:
             s, h, b = self._error(
                 413, "payload_too_large", "request exceeds the NATS max_payload", rid
             )
-            return s, h, b, dest_key, rule.name, attempt + 1, "payload_too_large"
-        if attempt < retries.attempts and resilience.retryable(outcome, retries, req.method):
-            backoff = resilience.backoff_seconds(attempt, retries, self._rand())
-            if time.monotonic() + backoff < deadline:
-                app.metrics.retries.labels(dest_key).inc()
-                return backoff
-
-        attempts = attempt + 1
+            return s, h, b, dest_key, rule.name, attempts, "payload_too_large"
         if outcome == resilience.NO_RESPONDERS:
             s, h, b = self._error(503, "no_responders", f"no instance of {subject} is serving", rid)
             return s, h, b, dest_key, rule.name, attempts, "no_responders"
@@ -822,7 +828,12 @@ def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
     if isinstance(reply, str):
         # TIMEOUT and NO_RESPONDERS are resilience's names too.
         return reply, None
-    return codec.final_status(reply.headers.get(codec.H_STATUS)) or 502, reply
+    status = codec.final_status(reply.headers.get(codec.H_STATUS)) or 502
+    if status == 502 and codec.H_UNDELIVERED in reply.headers:
+        # The callee's app refused the connection (it is starting or dying):
+        # like no responders, safe to try another replica.
+        return resilience.UNDELIVERED, reply
+    return status, reply
 
 
 def _needs_headers(dest: object) -> bool:

@@ -17,6 +17,16 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 
 NO_RESPONDERS = "noResponders"
 TIMEOUT = "timeout"
+#: A callee's 502 whose app refused the connection (``Nm-Undelivered``): the
+#: request reached no app, as with no responders.
+UNDELIVERED = "undelivered"
+#: Outcomes of the caller's own side (natsfast/outbound names): its NATS
+#: connection down or reconnecting, the server refusing its publish, a body
+#: over max_payload. Never retried, and they say nothing about the callee.
+UNAVAILABLE = "unavailable"
+VIOLATION = "permission_violation"
+TOO_LARGE = "too_large"
+CALLER_SIDE = frozenset({UNAVAILABLE, VIOLATION, TOO_LARGE})
 
 
 def matches(match: Match, method: str, path: str, headers: Mapping[str, str]) -> bool:
@@ -63,6 +73,8 @@ def retryable(outcome: str | int, retries: Retries, method: str) -> bool:
     """Whether an attempt's outcome (status code or ``timeout``/``noResponders``) may be retried."""
     if retries.attempts <= 0:
         return False
+    if outcome == UNDELIVERED:
+        outcome = NO_RESPONDERS
     # A request that reached the app may have acted; no responders means it
     # never reached anyone, so that one is always safe to repeat.
     if not retries.retry_non_idempotent and not is_idempotent(method) and outcome != NO_RESPONDERS:
@@ -104,9 +116,10 @@ STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 class Breaker:
     """Circuit breaker of one destination subject: closed, open, half-open.
 
-    ``consecutive_failures`` failures open it for ``open_ms``; then up to
-    ``half_open_probes`` requests go through; a probe's success closes it, a
-    failure opens it again.
+    ``consecutive_failures`` failed requests in a row open it for ``open_ms``;
+    then up to ``half_open_probes`` requests go through; a probe's success
+    closes it, a failure opens it again. It hears each request once, with its
+    final outcome after retries (:func:`verdict`), never each attempt.
     """
 
     __slots__ = ("config", "failures", "opened_at", "probes", "state")
@@ -136,7 +149,12 @@ class Breaker:
         left = self.config.open_ms / 1000.0 - (now - self.opened_at)
         return max(1, int(left + 0.999))
 
-    def record(self, ok: bool, now: float) -> None:
+    def record(self, ok: bool | None, now: float) -> None:
+        """One request's :func:`verdict`; None gives back a half-open probe unjudged."""
+        if ok is None:
+            if self.state == HALF_OPEN and self.probes > 0:
+                self.probes -= 1
+            return
         if ok:
             self.failures = 0
             if self.state != CLOSED:
@@ -146,14 +164,28 @@ class Breaker:
         self.failures += 1
         if self.state == HALF_OPEN or self.failures >= self.config.consecutive_failures:
             if self.state != OPEN:
-                logger.warning("circuit opened after %d failures", self.failures)
+                logger.warning("circuit opened after %d failed requests", self.failures)
             self.state = OPEN
             self.opened_at = now
             self.probes = 0
 
 
-def is_failure(outcome: str | int) -> bool:
-    """What counts against a circuit: no answer, or a server-side 5xx."""
-    if isinstance(outcome, str):
-        return True
-    return outcome >= 500
+def verdict(outcome: str | int) -> bool | None:
+    """What a request's final outcome (after its retries) says about the callee.
+
+    False (a failure): a 5xx answered on the callee's side, by its app or by
+    its sidecar (``app_unreachable`` 502 when the app dropped or garbled a
+    call, ``app_timeout`` 504, ``overloaded`` 503), or no answer within the
+    timeout. True: any other status. None (not counted): the caller's own
+    side (:data:`CALLER_SIDE`); no responders -- nobody is subscribed (a
+    rollout between replicas, a service scaled to zero): that is the mesh,
+    it already fails fast, and no instance is there to protect; and
+    :data:`UNDELIVERED` -- one replica's app refused the connection (it is
+    starting, or dying until its sidecar leaves the queue group): counted,
+    one replica's restart opened the whole service's circuit.
+    """
+    if isinstance(outcome, int):
+        return outcome < 500
+    if outcome == TIMEOUT:
+        return False
+    return None

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from natsmesh_sidecar import subjects
+from natsmesh_sidecar import readiness, subjects
 
 T = TypeVar("T")
 Conv = Callable[[Any, str], Any]
@@ -178,6 +179,11 @@ class Settings:
     app_idle_timeout_seconds: float = 4.0
     inbound_timeout_seconds: float = 30.0
     inbound_max_bytes: int = 8 * 1024 * 1024
+    ready_check: str = "tcp"
+    ready_port: int = 0
+    ready_period_seconds: float = 1.0
+    ready_timeout_seconds: float = 1.0
+    ready_failure_threshold: int = 3
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -300,6 +306,16 @@ def _literal(*values: str) -> Conv:
         return str(v)
 
     return lit
+
+
+def _ready_check(v: Any, where: str) -> str:
+    check = _str(v, where)
+    if re.fullmatch(readiness.CHECK_PATTERN, check) is None:
+        raise WireError(
+            f"{where}: {check!r} is not a readiness check: use tcp, none or an HTTP path"
+            " like /healthz"
+        )
+    return check
 
 
 _REQUIRED: Any = object()
@@ -442,6 +458,11 @@ _SETTINGS = (
         _F("app_idle_timeout_seconds", _float(0), None),
         _F("inbound_timeout_seconds", _float(0), None),
         _F("inbound_max_bytes", _int(1), None),
+        _F("ready_check", _ready_check, None),
+        _F("ready_port", _int(0, 65535), None),
+        _F("ready_period_seconds", _float(0), None),
+        _F("ready_timeout_seconds", _float(0), None),
+        _F("ready_failure_threshold", _int(1), None),
     ),
 )
 

@@ -194,10 +194,18 @@ class Fault(ApiModel):
 
 
 class CircuitBreaker(ApiModel):
-    """Stop sending to a failing service for a while (per caller sidecar)."""
+    """Stop sending to a failing service for a while (per caller sidecar).
+
+    It counts requests, each once with its outcome after retries: a retry that
+    got through is a success. A failure is a 5xx answered on the callee's side
+    (its app, or its sidecar: app unreachable 502, app timeout 504, overloaded
+    503) or no answer within the timeout. Not counted either way: the caller's
+    own NATS connection being down or reconnecting (503 nats_unavailable), a
+    publish the server refused, a body too large, and no responders (nobody
+    subscribed, e.g. between the replicas of a rollout: it fails fast already)."""
 
     consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
-    """Failures in a row (5xx, timeout, no responders) that open the circuit."""
+    """Failed requests in a row (callee 5xx or timeout, after retries) that open the circuit."""
     open_duration: Annotated[Duration, DurationRange("1s", "1h")] = "10s"
     """How long the circuit stays open; callers get 503 with Retry-After meanwhile."""
     half_open_requests: Annotated[int, Field(ge=1, le=100)] = 1

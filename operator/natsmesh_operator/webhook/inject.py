@@ -13,9 +13,15 @@ read-only.
 from __future__ import annotations
 
 import copy
+import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from natsmesh_sidecar import readiness
+
+logger = logging.getLogger(__name__)
 
 SIDECAR_NAME = "natsmesh-sidecar"
 CREDS_VOLUME = "natsmesh-creds"
@@ -29,6 +35,10 @@ ANNOTATION_INJECT = "natsmesh.io/inject"
 """``"false"`` opts a pod out of injection."""
 ANNOTATION_PROXY_ENV = "natsmesh.io/proxy-env"
 """``"true"`` sets ``HTTP_PROXY`` in the app containers to the sidecar."""
+ANNOTATION_READY_CHECK = "natsmesh.io/ready-check"
+"""The app readiness check the sidecar waits for before joining its queue
+group: ``tcp``, ``none`` (a pod that serves nothing) or an HTTP path; without
+it, derived from the app container's readinessProbe."""
 #: Annotations the webhook writes.
 ANNOTATION_INJECTED = "natsmesh.io/injected"
 ANNOTATION_SERVICE = "natsmesh.io/service"
@@ -55,6 +65,11 @@ class InjectionSettings:
     """Memory limit; leaves head room for bursts of large bodies."""
     run_as_user: int = 65532
     """Numeric non-root user of the sidecar."""
+    ready_period_seconds: float = 1.0
+    """Seconds between the sidecar's checks of a ready app."""
+    ready_failure_threshold: int = 3
+    """Failed checks in a row that take a replica out of its queue group
+    (a readinessProbe's own failureThreshold wins)."""
     extra_env: Mapping[str, str] = field(default_factory=dict)
     """More ``NATSMESH_*`` settings for every sidecar (e.g. drain seconds)."""
 
@@ -68,6 +83,10 @@ class Target:
     version: str
     port: int
     creds_secret: str
+
+
+class InvalidInjection(ValueError):
+    """The pod asks for something the sidecar cannot do; the pod is refused."""
 
 
 def creds_secret_name(service: str) -> str:
@@ -84,7 +103,79 @@ def wants_injection(pod: Mapping[str, Any]) -> bool:
     return SIDECAR_NAME not in names
 
 
-def sidecar_container(target: Target, settings: InjectionSettings) -> JsonDict:
+def readiness_env(pod: Mapping[str, Any], app_port: int) -> dict[str, str]:
+    """``NATSMESH_READY_*`` for the sidecar: what tells it the app can serve.
+
+    The ``natsmesh.io/ready-check`` annotation if set; else the readinessProbe
+    of the app container (the one exposing ``app_port``, or the only one):
+    ``httpGet`` becomes the same GET on loopback, ``tcpSocket`` a connect,
+    with the probe's port, timeout and failure threshold (not its period: the
+    sidecar checks every second, a probe's default is ten). ``exec`` and
+    ``grpc`` probes, HTTPS and unresolvable ports leave the sidecar's default,
+    a TCP connect to ``app_port``.
+    """
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    override = annotations.get(ANNOTATION_READY_CHECK)
+    if override is not None:
+        value = str(override).strip()
+        if re.fullmatch(readiness.CHECK_PATTERN, value) is None:
+            raise InvalidInjection(
+                f"annotation {ANNOTATION_READY_CHECK}={value!r} is not a readiness check:"
+                " use tcp, none or an HTTP path such as /healthz"
+            )
+        return {"NATSMESH_READY_CHECK": value}
+    container = _app_container((pod.get("spec") or {}).get("containers") or [], app_port)
+    probe = (container or {}).get("readinessProbe") or {}
+    if "httpGet" in probe:
+        get = probe["httpGet"] or {}
+        path = str(get.get("path") or "/")
+        if str(get.get("scheme") or "HTTP").upper() != "HTTP":
+            check = readiness.TCP  # the sidecar speaks plain HTTP to its app
+        elif re.fullmatch(readiness.CHECK_PATTERN, path) is None:
+            return {}
+        else:
+            check = path
+        port = _probe_port(get.get("port"), container or {})
+    elif "tcpSocket" in probe:
+        check = readiness.TCP
+        port = _probe_port((probe["tcpSocket"] or {}).get("port"), container or {})
+    else:
+        return {}
+    if port is None:
+        return {}
+    env = {"NATSMESH_READY_CHECK": check}
+    if port != app_port:
+        env["NATSMESH_READY_PORT"] = str(port)
+    if isinstance(probe.get("timeoutSeconds"), int) and probe["timeoutSeconds"] > 0:
+        env["NATSMESH_READY_TIMEOUT_SECONDS"] = str(probe["timeoutSeconds"])
+    if isinstance(probe.get("failureThreshold"), int) and probe["failureThreshold"] > 0:
+        env["NATSMESH_READY_FAILURE_THRESHOLD"] = str(probe["failureThreshold"])
+    return env
+
+
+def _app_container(containers: list[JsonDict], app_port: int) -> JsonDict | None:
+    for c in containers:
+        if any(p.get("containerPort") == app_port for p in c.get("ports") or []):
+            return c
+    return containers[0] if len(containers) == 1 else None
+
+
+def _probe_port(port: object, container: Mapping[str, Any]) -> int | None:
+    """A probe's port: a number, or the name of one of the container's ports."""
+    if isinstance(port, int):
+        return port if 0 < port < 65536 else None
+    if isinstance(port, str):
+        if port.isdigit():
+            return _probe_port(int(port), container)
+        for p in container.get("ports") or []:
+            if p.get("name") == port and isinstance(p.get("containerPort"), int):
+                return int(p["containerPort"])
+    return None
+
+
+def sidecar_container(
+    target: Target, settings: InjectionSettings, ready_env: Mapping[str, str] | None = None
+) -> JsonDict:
     env = {
         "NATSMESH_SERVICE": target.service,
         "NATSMESH_NAMESPACE": target.namespace,
@@ -94,7 +185,11 @@ def sidecar_container(target: Target, settings: InjectionSettings) -> JsonDict:
         "NATSMESH_APP_PORT": str(target.port),
         "NATSMESH_LISTEN_PORT": str(OUTBOUND_PORT),
         "NATSMESH_ADMIN_PORT": str(ADMIN_PORT),
+        "NATSMESH_READY_PERIOD_SECONDS": str(settings.ready_period_seconds),
+        "NATSMESH_READY_FAILURE_THRESHOLD": str(settings.ready_failure_threshold),
         **settings.extra_env,
+        # The pod's own probe is more specific than an operator-wide setting.
+        **(ready_env or {}),
     }
     probe_port = {"port": ADMIN_PORT}
     return {
@@ -150,6 +245,8 @@ def _with_proxy_env(container: JsonDict) -> JsonDict:
 def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSettings) -> JsonDict:
     """The changed top-level parts of the pod: ``metadata.annotations`` and ``spec.*`` lists.
 
+    :class:`InvalidInjection` when the pod's annotations ask for the impossible.
+
     Lists are returned whole (merge semantics replace lists), each built from
     the pod's own list plus our additions, so nothing of the author's is lost.
     """
@@ -165,7 +262,7 @@ def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSetting
     init = [*copy.deepcopy(spec.get("initContainers") or [])]
     # Native sidecars start in order: ours goes first so that other init
     # containers can already reach the mesh.
-    init.insert(0, sidecar_container(target, settings))
+    init.insert(0, sidecar_container(target, settings, readiness_env(pod, target.port)))
 
     volumes = [v for v in copy.deepcopy(spec.get("volumes") or []) if v.get("name") != CREDS_VOLUME]
     volumes.append(

@@ -226,7 +226,10 @@ class WebhookServer:
             return admission.review_response(uid, allowed=False, message=str(exc))
         if owner is None:
             return admission.review_response(uid)
-        changes = inject.injection(pod, admission.target_of(owner), self.injection)
+        try:
+            changes = inject.injection(pod, admission.target_of(owner), self.injection)
+        except inject.InvalidInjection as exc:
+            return admission.review_response(uid, allowed=False, message=str(exc))
         return admission.review_response(uid, patch=admission.json_patch(changes))
 
     async def handle_validate(self, request: web.Request) -> web.Response:

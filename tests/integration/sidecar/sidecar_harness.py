@@ -382,6 +382,8 @@ def settings(
             "admin_port": 0,
             "admin_host": "127.0.0.1",
             "drain_seconds": 5.0,
+            # A caller without an app (port 1) serves nothing: no app to wait for.
+            "ready_check": "none" if app_port == 1 else "tcp",
             **kw,
         }
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -29,9 +28,16 @@ from natsmesh_sidecar import permissions, subjects
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import Fault, FaultAbort, Match, MeshTable
 from tests.fixtures.nats_operator import OperatorNats, shop_intents
+from tests.integration.sidecar.jwt_harness import (
+    NS,
+    Load,
+    applied_shop,
+    issue,
+    metric,
+    wait_for,
+    write_creds,
+)
 from tests.integration.sidecar.sidecar_harness import (
-    Client,
-    Response,
     TestApp,
     destination,
     request,
@@ -39,15 +45,6 @@ from tests.integration.sidecar.sidecar_harness import (
 )
 
 pytestmark = pytest.mark.integration
-
-NS = "shop"
-
-
-def write_creds(path: Path, creds: str) -> None:
-    """Atomically, as the kubelet updates a mounted Secret (a rename, never a torn file)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(creds)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -79,31 +76,9 @@ class JwtMesh:
             await nc.close()
 
 
-async def wait_for(cond: object, within: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not cond():  # type: ignore[operator]
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def issue(mesh_or_on: OperatorNats, p: MeshPlan, service: str) -> users.IssuedUser:
-    ring = mesh_or_on.keyring
-    return users.issue(p.user(NS, service), ring.account(NS), user_key=ring.user(NS, service))
-
-
 @pytest.fixture
 async def jwt_mesh(nats_operator: OperatorNats, tmp_path: Path) -> AsyncIterator[JwtMesh]:
-    p = plan(shop_intents(NS))
-    assert not p.problems
-    async with nats_operator.applier() as a:
-        report = await a.apply(p)
-        assert report.ok, report.errors
-    creds = {}
-    for svc in ("gateway", "orders"):
-        creds[svc] = tmp_path / f"{svc}.creds"
-        write_creds(creds[svc], issue(nats_operator, p, svc).creds)
+    p, creds = await applied_shop(nats_operator, tmp_path)
     app = await TestApp().start()
     orders = Sidecar(
         settings("orders", NS, nats_operator.url, app.port, creds_file=str(creds["orders"])),
@@ -133,11 +108,6 @@ async def jwt_mesh(nats_operator: OperatorNats, tmp_path: Path) -> AsyncIterator
 def call(namespace: str, target: str, caller: str) -> str:
     """The subject ``caller`` (of ``namespace``) sends a request for ``target`` on."""
     return subjects.call_subject(subjects.request_subject(namespace, target), namespace, caller)
-
-
-def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
-    value = sidecar.metrics.registry.get_sample_value(name, labels)
-    return value or 0.0
 
 
 async def test_allowed_call_succeeds_through_the_servers_permissions(jwt_mesh: JwtMesh) -> None:
@@ -278,48 +248,6 @@ async def test_server_permissions_violation_is_surfaced(
     jwt_mesh.gateway.caller_suffix = subjects.caller_suffix(NS, "gateway")
     r = await request(jwt_mesh.port, "GET", "/ok", host="orders")
     assert r.status == 200
-
-
-class Load:
-    """A few keep-alive clients calling orders in a loop, recording every answer."""
-
-    def __init__(self, port: int, clients: int = 4) -> None:
-        self.port = port
-        self.clients = clients
-        self.results: list[tuple[float, int, bytes]] = []
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def _worker(self) -> None:
-        client = await Client.open(self.port)
-        try:
-            for _ in range(100_000):  # bounded; stopped long before
-                if self.stop.is_set():
-                    return
-                try:
-                    r: Response = await client.request("GET", "/ok", host="orders", wait=5.0)
-                    self.results.append((time.monotonic(), r.status, r.body))
-                except (ConnectionError, TimeoutError) as exc:
-                    self.results.append((time.monotonic(), 0, repr(exc).encode()))
-                    client.close()
-                    client = await Client.open(self.port)
-                await asyncio.sleep(0.002)
-        finally:
-            client.close()
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._worker()) for _ in range(self.clients)]
-
-    async def finish(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(asyncio.gather(*self.tasks), 10)
-
-    def statuses(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for _, s, _ in self.results:
-            out[s] = out.get(s, 0) + 1
-        return out
 
 
 async def test_route_table_change_in_kv_is_hot_applied_without_dropping_requests(

@@ -24,6 +24,8 @@ def test_env_contract_with_defaults() -> None:
         "NATSMESH_SIDECAR_CPU_REQUEST": "10m",
         "NATSMESH_SIDECAR_MEMORY_REQUEST": "32Mi",
         "NATSMESH_SIDECAR_MEMORY_LIMIT": "64Mi",
+        "NATSMESH_SIDECAR_READY_PERIOD_SECONDS": "1",
+        "NATSMESH_SIDECAR_READY_FAILURE_THRESHOLD": "3",
         "NATSMESH_WEBHOOK_PORT": "9443",
         "NATSMESH_WEBHOOK_CERT_DIR": "/tls",
         "NATSMESH_METRICS_PORT": "8080",
@@ -54,6 +56,7 @@ def test_values_flow_into_env() -> None:
                 "sidecar": {
                     "natsUrl": "nats://edge:4222",
                     "resources": {"cpuRequest": "5m", "memoryLimit": "48Mi"},
+                    "readiness": {"periodSeconds": 0.5, "failureThreshold": 5},
                 },
                 "operator": {
                     "peering": "other",
@@ -72,6 +75,8 @@ def test_values_flow_into_env() -> None:
     assert values["NATSMESH_NATS_URL"] == IN_CHART_URL
     assert values["NATSMESH_SIDECAR_CPU_REQUEST"] == "5m"
     assert values["NATSMESH_SIDECAR_MEMORY_LIMIT"] == "48Mi"
+    assert values["NATSMESH_SIDECAR_READY_PERIOD_SECONDS"] == "0.5"
+    assert values["NATSMESH_SIDECAR_READY_FAILURE_THRESHOLD"] == "5"
     assert values["NATSMESH_PEERING"] == "other"
     assert values["NATSMESH_LOG_FORMAT"] == "text"
     assert values["NATSMESH_API_CONNECTIONS"] == "0"

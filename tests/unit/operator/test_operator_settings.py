@@ -25,6 +25,8 @@ def test_environment_overrides() -> None:
             "NATSMESH_SIDECAR_NATS_URL": "nats://nats.mesh.svc:4222",
             "NATSMESH_WEBHOOK_CERT_DIR": "/tls",
             "NATSMESH_DRIFT_INTERVAL": "5",
+            "NATSMESH_SIDECAR_READY_PERIOD_SECONDS": "0.5",
+            "NATSMESH_SIDECAR_READY_FAILURE_THRESHOLD": "4",
         }
     )
     assert s.peering is None
@@ -36,6 +38,8 @@ def test_environment_overrides() -> None:
     assert s.injection.nats_url == "nats://nats.mesh.svc:4222"
     assert s.webhook.cert_dir == Path("/tls")
     assert s.reconcile.drift_interval == 5.0
+    assert s.injection.ready_period_seconds == 0.5
+    assert s.injection.ready_failure_threshold == 4
 
 
 def test_replicas_get_distinct_peering_priorities() -> None:

@@ -111,7 +111,45 @@ def test_fault_decision() -> None:
     assert r.fault_decision(None, 0.0, 0.0) == (0.0, None)
 
 
-def test_is_failure() -> None:
-    assert r.is_failure("timeout")
-    assert r.is_failure(502)
-    assert not r.is_failure(404)
+def test_verdict_counts_the_callee_not_the_caller_or_the_mesh() -> None:
+    # The callee's side: its app's 5xx, its sidecar's 502/503/504, no answer in time.
+    for failing in (500, 502, 503, 504, r.TIMEOUT):
+        assert r.verdict(failing) is False, failing
+    for healthy in (200, 204, 301, 404, 429):
+        assert r.verdict(healthy) is True, healthy
+    # The caller's own connection or request, and nobody subscribed: not counted.
+    for neutral in (r.UNAVAILABLE, r.VIOLATION, r.TOO_LARGE, r.NO_RESPONDERS, r.UNDELIVERED):
+        assert r.verdict(neutral) is None, neutral
+
+
+def test_uncounted_outcomes_neither_open_nor_reset_the_circuit() -> None:
+    b = r.Breaker(CircuitBreaker(consecutive_failures=2, open_ms=1000))
+    b.record(r.verdict(503), 0.0)
+    for _ in range(50):
+        b.record(r.verdict(r.UNAVAILABLE), 0.1)
+        b.record(r.verdict(r.NO_RESPONDERS), 0.1)
+    assert b.state == r.CLOSED
+    assert b.failures == 1
+    b.record(r.verdict(r.TIMEOUT), 0.2)
+    assert b.state == r.OPEN
+
+
+def test_uncounted_probe_is_given_back() -> None:
+    b = r.Breaker(CircuitBreaker(consecutive_failures=1, open_ms=1000, half_open_probes=1))
+    b.record(False, 0.0)
+    assert b.allow(1.5)
+    assert not b.allow(1.5)
+    # The probe met our own reconnect: it judged nothing, so another may go.
+    b.record(None, 1.6)
+    assert b.state == r.HALF_OPEN
+    assert b.allow(1.7)
+    b.record(True, 1.8)
+    assert b.state == r.CLOSED
+
+
+def test_a_call_no_app_received_is_retried_like_no_responders_whatever_the_method() -> None:
+    rt = Retries(attempts=2)  # default retryOn: noResponders, timeout
+    assert r.retryable(r.UNDELIVERED, rt, "POST")
+    assert not r.retryable(502, rt, "GET")
+    assert not r.retryable(r.UNDELIVERED, Retries(attempts=2, retry_on=("5xx",)), "GET")
+    assert not r.retryable(r.UNDELIVERED, Retries(attempts=0), "GET")

@@ -293,6 +293,10 @@ ENV = {
     "NATSMESH_ADMIN_PORT": "15021",
     "NATSMESH_MAX_INFLIGHT": "64",
     "NATSMESH_DRAIN_SECONDS": "2.5",
+    "NATSMESH_READY_CHECK": "/healthz?deep=1",
+    "NATSMESH_READY_PORT": "9090",
+    "NATSMESH_READY_PERIOD_SECONDS": "0.5",
+    "NATSMESH_READY_FAILURE_THRESHOLD": "2",
     "UNRELATED": "x",
 }
 
@@ -317,6 +321,11 @@ def test_settings_from_env_agree() -> None:
         {"NATSMESH_MAX_INFLIGHT": "0"},
         {"NATSMESH_DRAIN_SECONDS": "-1"},
         {"NATSMESH_SERVICE": None},
+        {"NATSMESH_READY_CHECK": "healthz"},
+        {"NATSMESH_READY_CHECK": "/a b"},
+        {"NATSMESH_READY_CHECK": "exec"},
+        {"NATSMESH_READY_CHECK": "tcp\n"},
+        {"NATSMESH_READY_FAILURE_THRESHOLD": "0"},
     ],
 )
 def test_settings_both_refuse_bad_env(bad: dict[str, str | None]) -> None:
