@@ -212,6 +212,28 @@ async def test_a_burst_of_sidecars_is_counted_in_few_status_writes(
     await until(op, "endpoints 0 after the burst", endpoints_are(op, ns, 0), WITHIN)
 
 
+async def test_a_recreated_service_counts_its_serving_sidecar_within_2s(
+    event_operator: OperatorProcess, namespace: str, app: TestApp, tmp_path: Path
+) -> None:
+    op, ns = event_operator, namespace
+    creds = await orders_ready(op, ns, tmp_path)
+    sidecar = await start_sidecar(op, ns, creds, app)
+    try:
+        await until(op, "endpoints 1", endpoints_are(op, ns, 1), WITHIN)
+        # Deleted (its user revoked: the sidecar is cut off) and created again.
+        await asyncio.to_thread(
+            op.cluster.kubectl, "delete", "natsservice", "orders", "-n", ns, "--timeout=30s"
+        )
+        apply_orders(op, ns)
+        await asyncio.to_thread(op.wait_ready, "natsservice", "orders", ns)
+        # The kubelet updates the mounted Secret; the sidecar takes the new creds up.
+        creds_file(op, ns, "orders", creds)
+        lag = await until(op, "endpoints 1 after re-creation", endpoints_are(op, ns, 1), WITHIN)
+        print(f"re-created service: its sidecar counted {lag:.2f}s after the new creds")
+    finally:
+        await sidecar.stop()
+
+
 def test_a_deleted_creds_secret_is_back_within_2s(
     event_operator: OperatorProcess, namespace: str
 ) -> None:
