@@ -60,6 +60,9 @@ FOLLOW_UP = 1.0
 """Seconds after a connect advisory for a second count."""
 PING_WAIT = 0.3
 """Seconds a count collects ``$SRV.PING`` answers."""
+COUNT_CONCURRENCY = 8
+"""Namespaces counted at once: a (re)connect counts every namespace, and each
+count is a connection of its own."""
 
 Counts = dict[tuple[str, str], int]
 
@@ -151,6 +154,7 @@ class EndpointTracker:
         self.follow_up = follow_up
         self.counts = Coalescer(self._recount, settle=settle, gap=gap)
         self._accounts: dict[str, str] = {}
+        self._counting = asyncio.Semaphore(COUNT_CONCURRENCY)
         self._listener = Background("natsmesh-endpoints", self._listen)
 
     def start(self) -> None:
@@ -245,7 +249,8 @@ class EndpointTracker:
     async def _recount(self, namespace: str) -> None:
         account = (await self.mesh.keys()).existing_account(namespace)
         try:
-            counts = await count_endpoints(self.mesh.nats_url, account) if account else {}
+            async with self._counting:
+                counts = await count_endpoints(self.mesh.nats_url, account) if account else {}
         except Exception as exc:  # NATS down: keep the last counts, the timer retries
             logger.debug("counting endpoints of %s failed: %s", namespace, exc)
             return

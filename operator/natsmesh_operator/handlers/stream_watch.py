@@ -37,6 +37,7 @@ DELETED = ("$JS.EVENT.ADVISORY.STREAM.DELETED.*", "$JS.EVENT.ADVISORY.CONSUMER.D
 WATCH_TTL = 3600
 """Seconds a watch user lives; replaced :data:`RENEW_BEFORE` seconds earlier."""
 RENEW_BEFORE = 60
+CONNECT_CONCURRENCY = 8
 SYNC_INTERVAL = 1.0
 """Seconds between looks at which namespaces the last pass managed."""
 
@@ -58,6 +59,8 @@ class StreamWatch:
         self.ttl = ttl
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._syncer = Background("natsmesh-stream-watch", self._sync)
+        # A start with many namespaces opens their watches a few at a time.
+        self._connecting = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     def start(self) -> None:
         self._syncer.start()
@@ -96,7 +99,8 @@ class StreamWatch:
                 if account is None:
                     raise LookupError(f"no account key for {namespace}")
                 creds = admin_creds(account, ttl=self.ttl, subscribe_only=DELETED)
-                nc = await connect_creds(self.mesh.nats_url, creds, closed_cb=on_closed)
+                async with self._connecting:
+                    nc = await connect_creds(self.mesh.nats_url, creds, closed_cb=on_closed)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
