@@ -61,6 +61,10 @@ class Coalescer:
             handle = loop.call_later(again_after, fire)
             self._later.add(handle)
 
+    def ran_within(self, key: str, seconds: float) -> bool:
+        """Whether a run of ``key`` started less than ``seconds`` ago."""
+        return time.monotonic() - self._last.get(key, float("-inf")) < seconds
+
     def pending(self) -> bool:
         """Whether a run is waiting or running (for tests and shutdown)."""
         return any(not t.done() for t in self._tasks.values())

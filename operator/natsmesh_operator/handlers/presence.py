@@ -60,6 +60,9 @@ FOLLOW_UP = 1.0
 """Seconds after a connect advisory for a second count."""
 PING_WAIT = 0.3
 """Seconds a count collects ``$SRV.PING`` answers."""
+TIMER_MIN_AGE = 5.0
+"""A timer's count is skipped when the namespace was counted this recently:
+N services' timers of one namespace are one count, and events keep it fresh."""
 COUNT_CONCURRENCY = 8
 """Namespaces counted at once: a (re)connect counts every namespace, and each
 count is a connection of its own."""
@@ -163,6 +166,11 @@ class EndpointTracker:
     async def stop(self) -> None:
         await self._listener.stop()
         await self.counts.stop()
+
+    def refresh(self, namespace: str) -> None:
+        """The timers' safety net: a count unless one ran in the last :data:`TIMER_MIN_AGE`."""
+        if not self.counts.ran_within(namespace, TIMER_MIN_AGE):
+            self.mark(namespace)
 
     def mark(self, namespace: str, *, again: bool = False) -> None:
         """Recount ``namespace`` soon (and once more a little later with ``again``)."""

@@ -83,7 +83,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         rt = from_memo(memo)
         result = await rt.mesh.recent(settings.reconcile.drift_interval)
         # The safety net under the advisories: the namespace's timers share one count.
-        rt.endpoints.mark(body["metadata"]["namespace"])
+        rt.endpoints.refresh(body["metadata"]["namespace"])
         METRICS.reconciles.labels(
             kind="NatsService", result="retry" if result.fatal else "drift"
         ).inc()

@@ -98,6 +98,8 @@ async def test_a_burst_of_marks_is_one_run_and_runs_are_spaced() -> None:
     shop = [t - start for k, t in runs if k == "shop"]
     assert len(shop) == 2
     assert shop[1] - shop[0] >= 0.3
+    assert c.ran_within("shop", 1.0)
+    assert not c.ran_within("ops", 1.0)
     await c.stop()
 
 
