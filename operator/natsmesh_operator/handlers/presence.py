@@ -247,15 +247,28 @@ class EndpointTracker:
                 namespace = self._accounts.get(account)
         return namespace
 
+    def _planned(self) -> set[str] | None:
+        """The namespaces whose accounts the last pass planned (None: no pass yet)."""
+        last = self.mesh.last
+        if last is None or last.plan is None:
+            return None
+        return set(last.plan.accounts)
+
     async def _mark_all(self) -> None:
-        keys = await self.mesh.keys()
-        for namespace in keys.namespaces():
+        planned = self._planned()
+        for namespace in planned if planned is not None else (await self.mesh.keys()).namespaces():
             self.mark(namespace)
 
     # ------------------------------------------------------------ counting
 
     async def _recount(self, namespace: str) -> None:
         account = (await self.mesh.keys()).existing_account(namespace)
+        planned = self._planned()
+        if planned is not None and namespace not in planned:
+            # Its account is gone from NATS (the key stays in the ring): a
+            # connection as its user would only fail, after the server
+            # waited for the account JWT it no longer has.
+            account = None
         try:
             async with self._counting:
                 counts = await count_endpoints(self.mesh.nats_url, account) if account else {}
