@@ -36,6 +36,26 @@ class OperatorMetrics:
         self.creds_issued = Counter(
             "natsmesh_operator_creds_issued", "Creds Secrets issued or re-issued", registry=r
         )
+        self.endpoint_counts = Counter(
+            "natsmesh_operator_endpoint_counts",
+            "Namespaces' live endpoints counted ($SRV.PING), coalesced",
+            registry=r,
+        )
+        self.endpoint_writes = Counter(
+            "natsmesh_operator_endpoint_writes",
+            "status.endpoints patches (only counts that changed)",
+            registry=r,
+        )
+        self.creds_repairs = Counter(
+            "natsmesh_operator_creds_repairs",
+            "Passes asked for because a creds Secret was deleted",
+            registry=r,
+        )
+        self.jetstream_repairs = Counter(
+            "natsmesh_operator_jetstream_repairs",
+            "Passes asked for because a stream or consumer was deleted",
+            registry=r,
+        )
         self.admissions = Counter(
             "natsmesh_operator_webhook_admissions",
             "Admission reviews by webhook and outcome",

@@ -63,12 +63,15 @@ class ReconcileSettings:
     """Timing of reconciliation and drift repair."""
 
     drift_interval: float = 60.0
-    """Seconds between drift checks of each NatsService (deleted Secrets,
-    streams or consumers are recreated)."""
+    """Seconds between drift checks (a pass that recreates what was changed
+    or deleted by hand). The safety net: a deleted creds Secret, stream or
+    consumer is noticed by a watch and repaired at once."""
     retry_delay: float = 10.0
     """Seconds before retrying after NATS or the API server failed."""
     endpoints_interval: float = 30.0
-    """Seconds between live-endpoint counts ($SRV.PING) written to status."""
+    """Seconds between each NatsService's timer: an endpoint count ($SRV.PING)
+    and a drift check when the last pass is older than ``drift_interval``.
+    The safety net: counts follow NATS connect/disconnect advisories."""
     api_connections: int = 32
     """Connections kopf may open to the API server when watching the whole
     cluster (``NATSMESH_API_CONNECTIONS``; 0: no bound). Requests beyond it

@@ -311,7 +311,12 @@ class NatsRouteStatus(ApiModel):
     conditions: Annotated[list[Condition], Field(max_length=MAX_CONDITIONS)] = Field(
         default_factory=list, json_schema_extra=CONDITIONS_EXTRA
     )
-    """Latest observations: `Ready` once the route table is published, …"""
+    """Latest observations: `Ready` once the route is compiled into the route
+    tables as written. A destination version with no usable NatsService
+    (none, or one that is `InconsistentSubsets`) is dropped from its rules,
+    the rest of the route still applied: then `Ready` is `False` with
+    reason `VersionsDropped`, and the message names each dropped version,
+    why, and where its traffic goes instead."""
     rule_count: Annotated[int, Field(ge=0)] | None = None
     """Rules compiled into the route table (a printer column: JSONPath cannot count)."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None

@@ -307,7 +307,9 @@ class NatsServiceStatus(ApiModel):
     subject: str | None = None
     """NATS subject requests to this service are sent to."""
     endpoints: Annotated[int, Field(ge=0)] | None = None
-    """Sidecars of this service currently answering on NATS."""
+    """Sidecars of this service currently answering on NATS (`$SRV.PING`).
+    Recounted within about a second of a sidecar connecting or
+    disconnecting, and on every drift check."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """The `metadata.generation` the operator last acted on."""
     user: str | None = None

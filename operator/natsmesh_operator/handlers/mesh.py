@@ -20,11 +20,9 @@ a burst of 1,000 applies costs a handful of passes, not 1,000.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -33,6 +31,7 @@ from lightkube import AsyncClient
 
 from natsmesh_operator.api import NatsRoute, NatsService
 from natsmesh_operator.handlers import intents, kube, policies, status
+from natsmesh_operator.handlers.background import Background
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import CredsSettings
 from natsmesh_operator.watched import EVERYWHERE, Watched
@@ -42,13 +41,10 @@ from natsmesh_operator.wiring.apply import (
     Applier,
     ApplyFailed,
     ApplyReport,
-    admin_creds,
-    connect_creds,
 )
 from natsmesh_operator.wiring.bootstrap import Bootstrap, BootstrapError
 from natsmesh_operator.wiring.keys import Key, KeyRing, NKeyError, Role, is_public
 from natsmesh_operator.wiring.plan import MeshPlan, plan
-from natsmesh_sidecar import subjects
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +54,6 @@ REVOCATIONS_KEY = "revocations.json"
 KEYS_SECRET_BUDGET = 640 * 1024
 """Bytes of data the keys Secret may hold (before base64): the API server
 refuses objects over 1 MiB, and seeds that cannot be saved are lost keys."""
-ENDPOINTS_CACHE_SECONDS = 5.0
 CREDS_CONCURRENCY = 16
 
 
@@ -185,24 +180,18 @@ class MeshReconciler:
         self._done = 0
         self._wakeup = asyncio.Event()
         self._finished = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
+        self._loop_task = Background("natsmesh-mesh-reconciler", self._loop)
         self._keys: KeyRing | None = None
         self._revocations: dict[str, dict[str, int]] = {}
         self.last: PassResult | None = None
-        self._endpoints: dict[str, tuple[float, dict[tuple[str, str], int]]] = {}
 
     # ------------------------------------------------------------ scheduling
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="natsmesh-mesh-reconciler")
+        self._loop_task.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop_task.stop()
 
     async def request(self) -> PassResult:
         """Wait for a pass that started after this call; return its result."""
@@ -214,6 +203,12 @@ class MeshReconciler:
             await self._finished.wait_for(lambda: self._done >= mine)
         assert self.last is not None
         return self.last
+
+    def poke(self) -> None:
+        """Ask for a pass without waiting for it (an event saw something to repair)."""
+        self.start()
+        self._requested += 1
+        self._wakeup.set()
 
     async def recent(self, max_age: float) -> PassResult:
         """The last result if younger than ``max_age`` seconds, else a new pass."""
@@ -269,6 +264,19 @@ class MeshReconciler:
             self._revocations = load_revocations(revocations)
             self._keys = KeyRing(data)
         return self._keys
+
+    async def keys(self) -> KeyRing:
+        """The account keys (loaded once from the keys Secret, grown by passes)."""
+        return await self._load_keys()
+
+    async def system_creds(self) -> str:
+        """The system account user's creds, from the bootstrap Secret."""
+        data = await kube.read_secret(self.kube, self.bootstrap_secret, self.operator_namespace)
+        if data is None:
+            raise LookupError(
+                f"bootstrap Secret {self.operator_namespace}/{self.bootstrap_secret} not found"
+            )
+        return bootstrap_from_secret(data).system_user_creds
 
     async def _save_keys(self, keys: KeyRing) -> None:
         data = dict(keys.dump())
@@ -531,44 +539,6 @@ class MeshReconciler:
             user=issued.public,
             expires=issued.expires,
         )
-
-    # ------------------------------------------------------------ endpoints
-
-    async def endpoints(self, namespace: str, *, wait: float = 0.3) -> dict[tuple[str, str], int]:
-        """Live sidecars per ``(service, version)``: replies to ``$SRV.PING`` in the account.
-
-        Cached for a few seconds per namespace, so N services' timers cost
-        one ping per namespace, not N.
-        """
-        cached = self._endpoints.get(namespace)
-        if cached is not None and time.monotonic() - cached[0] < ENDPOINTS_CACHE_SECONDS:
-            return cached[1]
-        keys = await self._load_keys()
-        counts: dict[tuple[str, str], int] = {}
-        nc = await connect_creds(self.nats_url, admin_creds(keys.account(namespace)))
-        try:
-            # Under the one foreign inbox prefix sidecars may answer into.
-            inbox = f"{subjects.OPERATOR_INBOX_ROOT}.{uuid.uuid4().hex}"
-            sub = await nc.subscribe(inbox)
-            await nc.publish("$SRV.PING", b"", reply=inbox)
-            deadline = time.monotonic() + wait
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    msg = await sub.next_msg(timeout=left)
-                except TimeoutError:
-                    break
-                try:
-                    info = json.loads(msg.data)
-                    meta = info.get("metadata") or {}
-                    key = (str(info["name"]), str(meta.get("version", "")))
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if meta.get("natsmesh.io/sidecar") == "true":
-                    counts[key] = counts.get(key, 0) + 1
-        finally:
-            await nc.close()
-        self._endpoints[namespace] = (time.monotonic(), counts)
-        return counts
 
 
 def _with_intents(

@@ -31,7 +31,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from natsmesh_operator.api import GROUP, VERSION
 from natsmesh_operator.handlers import kube as kube_mod
+from natsmesh_operator.handlers.creds_watch import CredsWatch
 from natsmesh_operator.handlers.mesh import MeshReconciler
+from natsmesh_operator.handlers.presence import EndpointTracker
+from natsmesh_operator.handlers.stream_watch import StreamWatch
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import OperatorSettings
 from natsmesh_operator.webhook.server import ClientIdentity, WebhookServer
@@ -50,6 +53,9 @@ class Runtime:
     settings: OperatorSettings
     kube: AsyncClient
     mesh: MeshReconciler
+    endpoints: EndpointTracker
+    creds_watch: CredsWatch
+    stream_watch: StreamWatch
     webhook: WebhookServer | None = None
     _metrics_runner: web.AppRunner | None = field(default=None, repr=False)
 
@@ -85,10 +91,22 @@ class Runtime:
                 addr=settings.webhook.addr,
                 port=settings.webhook.port,
             )
-        return cls(settings=settings, kube=kube, mesh=mesh, webhook=webhook)
+        retry = settings.reconcile.retry_delay
+        return cls(
+            settings=settings,
+            kube=kube,
+            mesh=mesh,
+            endpoints=EndpointTracker(kube, mesh, watched=settings.watches, retry_delay=retry),
+            creds_watch=CredsWatch(kube, mesh, watched=settings.watches, retry_delay=retry),
+            stream_watch=StreamWatch(mesh, watched=settings.watches, retry_delay=retry),
+            webhook=webhook,
+        )
 
     async def start(self) -> None:
         self.mesh.start()
+        self.endpoints.start()
+        self.creds_watch.start()
+        self.stream_watch.start()
         await self._start_metrics()
         if self.webhook is not None:
             await self.webhook.start()
@@ -96,6 +114,9 @@ class Runtime:
                 await self.register_webhooks(self.settings.webhook.self_register_url)
 
     async def stop(self) -> None:
+        await self.stream_watch.stop()
+        await self.creds_watch.stop()
+        await self.endpoints.stop()
         await self.mesh.stop()
         if self.webhook is not None:
             await self.webhook.stop()

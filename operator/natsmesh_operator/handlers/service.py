@@ -15,7 +15,6 @@ import kopf
 
 from natsmesh_operator.api import GROUP, VERSION, NatsService
 from natsmesh_operator.handlers import rollout, status
-from natsmesh_operator.handlers.intents import service_name
 from natsmesh_operator.handlers.mesh import PassResult
 from natsmesh_operator.handlers.runtime import from_memo
 from natsmesh_operator.metrics import METRICS
@@ -24,20 +23,6 @@ from natsmesh_operator.settings import OperatorSettings
 logger = logging.getLogger(__name__)
 
 PLURAL = "natsservices"
-
-
-async def _endpoints(body: kopf.Body, patch: kopf.Patch, memo: Any) -> None:
-    """Live sidecars of this service into ``status.endpoints`` (only when it changed)."""
-    rt = from_memo(memo)
-    svc = NatsService.from_body(body)
-    try:
-        live = await rt.mesh.endpoints(str(svc.metadata.namespace))
-    except Exception as exc:  # informative only: never fail a reconcile on it
-        logger.debug("counting endpoints of %s failed: %s", svc.metadata.namespace, exc)
-        return
-    count = live.get((service_name(svc), svc.spec.version), 0)
-    if body.get("status", {}).get("endpoints") != count:
-        patch.status["endpoints"] = count
 
 
 def _ready(result: PassResult, body: kopf.Body) -> status.Cond:
@@ -51,12 +36,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
-    async def service_reconcile(
-        body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, **_: Any
-    ) -> None:
+    async def service_reconcile(body: kopf.Body, memo: kopf.Memo, reason: str, **_: Any) -> None:
         started = time.perf_counter()
-        result = await from_memo(memo).mesh.request()
-        await _endpoints(body, patch, memo)
+        rt = from_memo(memo)
+        result = await rt.mesh.request()
+        # A service created or changed may have sidecars already connected.
+        rt.endpoints.mark(body["metadata"]["namespace"], again=True)
         METRICS.reconcile_duration.labels(kind="NatsService").observe(time.perf_counter() - started)
         METRICS.reconciles.labels(
             kind="NatsService", result="retry" if result.fatal else "ok"
@@ -72,7 +57,6 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             kopf.event(body, type="Normal", reason="Reconciled", message=ready.message)
         if reason in ("create", "resume"):
             svc = NatsService.from_body(body)
-            rt = from_memo(memo)
             restarted = await rollout.restart_selected(
                 rt.kube, str(svc.metadata.namespace), svc.spec.selector, injecting=True
             )
@@ -93,11 +77,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         idle=settings.reconcile.endpoints_interval,
         registry=registry,
     )
-    async def service_drift(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    async def service_drift(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         # A pass repairs drift (deleted Secrets, streams, consumers come back);
         # passes are shared, so all services' timers cost one pass per interval.
-        result = await from_memo(memo).mesh.recent(settings.reconcile.drift_interval)
-        await _endpoints(body, patch, memo)
+        rt = from_memo(memo)
+        result = await rt.mesh.recent(settings.reconcile.drift_interval)
+        # The safety net under the advisories: the namespace's timers share one count.
+        rt.endpoints.refresh(body["metadata"]["namespace"])
         METRICS.reconciles.labels(
             kind="NatsService", result="retry" if result.fatal else "drift"
         ).inc()

@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -142,15 +142,28 @@ async def connect_creds(url: str | list[str], creds: str, **kwargs: Any) -> NATS
     return nc
 
 
-def admin_creds(account: Key, *, ttl: int = ADMIN_USER_TTL) -> str:
-    """A short-lived all-powerful user of one account, for the operator's own use."""
+OPERATOR_USER_NAME = "natsmesh-operator"
+"""The JWT ``name`` of the operator's own short-lived users (see :func:`admin_creds`)."""
+
+
+def admin_creds(
+    account: Key, *, ttl: int = ADMIN_USER_TTL, subscribe_only: Sequence[str] = ()
+) -> str:
+    """A short-lived user of one account, for the operator's own use.
+
+    All-powerful, or with ``subscribe_only`` a user that may subscribe to
+    those subjects and publish nothing (what a long-lived watch needs).
+    """
     user = Key.create(Role.USER)
+    permissions: dict[str, object] = {}
+    if subscribe_only:
+        permissions = {"pub": {"deny": [">"]}, "sub": {"allow": list(subscribe_only)}}
     token = jwt.encode(
         {
             "sub": user.public,
-            "name": "natsmesh-operator",
+            "name": OPERATOR_USER_NAME,
             "exp": int(time.time()) + ttl,
-            "nats": managed_user_nats(),
+            "nats": managed_user_nats(permissions),
         },
         account,
     )

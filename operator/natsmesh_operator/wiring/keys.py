@@ -148,6 +148,20 @@ class KeyRing:
         seed = self._seeds.get(self.account_slot(namespace))
         return Key.from_seed(seed, Role.ACCOUNT) if seed is not None else None
 
+    def namespaces(self) -> list[str]:
+        """The namespaces that have an account key."""
+        prefix = self.account_slot("")
+        return sorted(slot[len(prefix) :] for slot in self._seeds if slot.startswith(prefix))
+
+    def accounts_by_key(self) -> dict[str, str]:
+        """``{account public key: namespace}`` for every namespace account."""
+        out = {}
+        for namespace in self.namespaces():
+            key = self.existing_account(namespace)
+            if key is not None:
+                out[key.public] = namespace
+        return out
+
     def user(self, namespace: str, resource: str) -> Key:
         return self._get(self.user_slot(namespace, resource), Role.USER)
 

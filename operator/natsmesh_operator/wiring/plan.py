@@ -340,6 +340,7 @@ def plan(
 ) -> MeshPlan:
     """The desired NATS state of the whole mesh; see the module docstring."""
     problems: list[Problem] = []
+    intents = list(intents)
     checked = [c for i in intents if (c := _check_intent(i, problems)) is not None]
     services = _dedupe(checked, problems)
     admitted, grant_problems = grants.resolve(services)
@@ -440,7 +441,8 @@ def plan(
         for i in subsets
     )
 
-    compiled, route_problems = _compile_routes(routes, versions)
+    refused = _refused(intents, versions, problems)
+    compiled, route_problems = _compile_routes(routes, versions, refused)
     problems += route_problems
     dest_cache: dict[tuple[str, str], Destination] = {}
     targets = {
@@ -536,21 +538,45 @@ def _streams(
     return tuple(out)
 
 
+def _refused(
+    intents: Iterable[ServiceIntent],
+    versions: Mapping[tuple[str, str], list[str]],
+    problems: Iterable[Problem],
+) -> dict[tuple[str, str], dict[str, str]]:
+    """Why each version that has a NatsService but no usable subset was left out."""
+    reasons = {
+        (p.namespace, p.name): p.reason
+        for p in problems
+        if p.kind == "NatsService" and p.condition == "Ready"
+    }
+    out: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for i in intents:
+        if i.version in versions.get(i.key, ()):
+            continue
+        reason = reasons.get((i.namespace, i.resource_name), "not usable")
+        out[i.key].setdefault(i.version, f"NatsService {i.resource_name} is {reason}")
+    return dict(out)
+
+
 def _compile_routes(
-    routes: Iterable[routes_mod.RouteIntent], versions: Mapping[tuple[str, str], list[str]]
+    routes: Iterable[routes_mod.RouteIntent],
+    versions: Mapping[tuple[str, str], list[str]],
+    refused: Mapping[tuple[str, str], Mapping[str, str]],
 ) -> tuple[dict[tuple[str, str], tuple[Rule, ...]], list[Problem]]:
     compiled: dict[tuple[str, str], tuple[Rule, ...]] = {}
     problems: list[Problem] = []
     for r in sorted(routes, key=lambda r: (r.namespace, r.service, r.resource_name)):
         key = (r.namespace, r.service)
         if key not in versions:
+            why = "; ".join(sorted(refused.get(key, {}).values()))
             problems.append(
                 Problem(
                     "NatsRoute",
                     r.namespace,
                     r.resource_name,
                     "UnknownService",
-                    f"no NatsService {r.service} in namespace {r.namespace}",
+                    f"no usable NatsService {r.service} in namespace {r.namespace}"
+                    + (f" ({why})" if why else ""),
                 )
             )
             continue
@@ -565,7 +591,7 @@ def _compile_routes(
                 )
             )
             continue
-        rules, found = routes_mod.compile_rules(r, versions[key])
+        rules, found = routes_mod.compile_rules(r, versions[key], refused.get(key))
         problems += found
         if rules is not None:
             compiled[key] = rules

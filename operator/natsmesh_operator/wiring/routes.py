@@ -15,7 +15,7 @@ used as they are, so the compiler only resolves versions and checks weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from natsmesh_operator.wiring.errors import Problem
@@ -80,15 +80,40 @@ def default_rules(namespace: str, service: str, versions: Collection[str]) -> tu
     return (Rule(name="default", destinations=(dest,)),)
 
 
-def compile_rules(
-    route: RouteIntent, versions: Collection[str]
-) -> tuple[tuple[Rule, ...] | None, list[Problem]]:
-    """Compile ``route`` against the target's existing versions.
+def rescale(weights: Sequence[int]) -> list[int]:
+    """``weights`` scaled to sum to 100 (largest remainder); all equal if they sum to 0.
 
-    Returns ``(None, problems)`` when the route cannot be compiled; the caller
+    What is left of a rule once versions are dropped keeps its proportions:
+    90/10 over v1/v2 without v2 is v1 100; 0 to the only version left is 100.
+    """
+    if not weights:
+        return []
+    total = sum(weights)
+    shares = [100 * (w if total else 1) / (total or len(weights)) for w in weights]
+    out = [int(s) for s in shares]
+    by_remainder = sorted(range(len(out)), key=lambda k: (out[k] - shares[k], k))
+    for k in by_remainder[: 100 - sum(out)]:
+        out[k] += 1
+    return out
+
+
+def compile_rules(
+    route: RouteIntent,
+    versions: Collection[str],
+    refused: Mapping[str, str] | None = None,
+) -> tuple[tuple[Rule, ...] | None, list[Problem]]:
+    """Compile ``route`` against the target's usable versions.
+
+    A destination version that is not usable (``refused`` says why a
+    NatsService of it was left out; otherwise there is none) is dropped: the
+    rule's other destinations share its weight, a rule left with none is
+    dropped, and a ``VersionsDropped`` problem names what went and why, so
+    the route's status never claims it is applied as written. Returns
+    ``(None, problems)`` when the route cannot be compiled at all; the caller
     then keeps the default rules so traffic still flows.
     """
     problems: list[Problem] = []
+    refused = refused or {}
 
     def bad(reason: str, message: str) -> None:
         problems.append(Problem("NatsRoute", route.namespace, route.resource_name, reason, message))
@@ -96,6 +121,8 @@ def compile_rules(
     if not route.rules:
         bad("NoRules", "a route needs at least one rule")
     rules: list[Rule] = []
+    dropped: dict[str, list[str]] = {}  # version -> rules it was dropped from
+    emptied: list[str] = []
     for i, r in enumerate(route.rules):
         label = r.name or f"rule-{i}"
         if not r.destinations:
@@ -105,18 +132,17 @@ def compile_rules(
         if total != 100:
             bad("BadWeights", f"rule {label!r}: destination weights sum to {total}, not 100")
             continue
-        missing = sorted({d.version for d in r.destinations} - set(versions))
-        if missing:
-            have = ", ".join(sorted(versions)) or "none"
-            bad(
-                "UnknownVersion",
-                f"rule {label!r} routes to version(s) {', '.join(missing)} of "
-                f"{route.service} which has no such NatsService subset (have: {have})",
-            )
-            continue
         if r.retries.per_try_timeout_ms > r.timeout_ms:
             bad("BadTimeout", f"rule {label!r}: perTryTimeout exceeds the rule's timeout")
             continue
+        usable = [d for d in r.destinations if d.version in versions]
+        for d in r.destinations:
+            if d.version not in versions:
+                dropped.setdefault(d.version, []).append(label)
+        if not usable:
+            emptied.append(label)
+            continue
+        weights = rescale([d.weight for d in usable])
         rules.append(
             Rule(
                 name=label,
@@ -124,10 +150,10 @@ def compile_rules(
                 destinations=tuple(
                     WeightedDestination(
                         version=d.version,
-                        weight=d.weight,
+                        weight=w,
                         subject=subjects.request_subject(route.namespace, route.service, d.version),
                     )
-                    for d in r.destinations
+                    for d, w in zip(usable, weights, strict=True)
                 ),
                 timeout_ms=r.timeout_ms,
                 retries=r.retries,
@@ -135,7 +161,21 @@ def compile_rules(
                 circuit_breaker=r.circuit_breaker,
             )
         )
-    if problems:
+    if dropped:
+        have = ", ".join(sorted(versions)) or "none"
+        why = "; ".join(
+            f"{v} ({refused.get(v) or f'no NatsService of {route.service} serves {v}'})"
+            for v in sorted(dropped)
+        )
+        if not rules:
+            effect = f"no rule is left, calls take the default route to {default_version(versions)}"
+        elif emptied:
+            names = ", ".join(repr(e) for e in emptied)
+            effect = f"rule(s) {names} dropped, the others share their weight among {have}"
+        else:
+            effect = f"the rules share their weight among {have}"
+        bad("VersionsDropped", f"applied without version(s) {why}: {effect}")
+    if not rules or any(p.reason != "VersionsDropped" for p in problems):
         return None, problems
     # The sidecar relies on the last rule being a catch-all, so requests that
     # match no rule still go to the default subset instead of failing.

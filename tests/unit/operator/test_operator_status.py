@@ -6,6 +6,7 @@ from natsmesh_operator.handlers import status
 from natsmesh_operator.handlers.mesh import CredsOutcome, PassResult
 from natsmesh_operator.wiring.desired import CallerRef, ServiceIntent
 from natsmesh_operator.wiring.plan import plan
+from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
 
 OLD = "2026-01-01T00:00:00Z"
 
@@ -72,3 +73,15 @@ def test_a_grant_that_admits_nobody_is_its_own_condition_not_ready_false() -> No
     assert "CallersResolved" not in {
         c.type for c in status.service_conditions(result, "shop", "orders")
     }
+
+
+def test_a_route_that_dropped_a_version_is_not_ready_and_says_which() -> None:
+    v1 = ServiceIntent("shop", "orders", "v1")
+    v2 = ServiceIntent("shop", "orders", "v2", allow_same_namespace=False, resource="orders-v2")
+    route = RouteIntent(
+        "shop", "orders", (RouteRule((RouteDestination("v1", 90), RouteDestination("v2", 10))),)
+    )
+    result = PassResult(started=0.0, plan=plan([v1, v2], [route]))
+    (ready,) = status.route_conditions(result, "shop", "orders")
+    assert (ready.type, ready.ok, ready.reason) == ("Ready", False, "VersionsDropped")
+    assert "v2 (NatsService orders-v2 is InconsistentSubsets)" in ready.message
