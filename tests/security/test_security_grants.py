@@ -30,14 +30,14 @@ from nats.aio.msg import Msg
 from natsmesh_sidecar import subjects
 from tests.fixtures.cluster import nats_service
 from tests.fixtures.nats_operator import Probe, call
-from tests.fixtures.operator import OperatorProcess, claims, meshed_namespace
+from tests.fixtures.operator import OperatorProcess, claims, operator_namespace
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
 def caller_namespace(mesh_operator: OperatorProcess) -> Iterator[str]:
-    with meshed_namespace(mesh_operator) as name:
+    with operator_namespace(mesh_operator) as name:
         yield name
 
 

@@ -21,6 +21,7 @@ from lightkube.types import OnErrorAction, OnErrorResult
 from natsmesh_operator.handlers import kube
 from natsmesh_operator.handlers.background import Background
 from natsmesh_operator.metrics import METRICS
+from natsmesh_operator.watched import EVERYWHERE, Watched
 
 if TYPE_CHECKING:
     from natsmesh_operator.handlers.mesh import MeshReconciler
@@ -36,7 +37,7 @@ class CredsWatch:
         kube_client: AsyncClient,
         mesh: MeshReconciler,
         *,
-        watched: kube.Watched = lambda _: True,
+        watched: Watched = EVERYWHERE,
         retry_delay: float = 5.0,
     ) -> None:
         self.kube = kube_client
@@ -59,11 +60,17 @@ class CredsWatch:
         return OnErrorResult(OnErrorAction.RETRY, sleep=self.retry_delay)
 
     async def _watch(self) -> None:
+        # A namespaced install may not watch across the cluster (its Roles are
+        # per namespace), so it watches each listed namespace instead.
+        namespaces = self.watched.exact or ("*",)
+        await asyncio.gather(*(self._watch_in(ns) for ns in namespaces))
+
+    async def _watch_in(self, namespace: str) -> None:
         while True:
             try:
                 async for op, secret in self.kube.watch(
                     Secret,
-                    namespace="*",
+                    namespace=namespace,
                     labels={kube.LABEL_CREDS: "true"},
                     on_error=self._on_error,
                 ):

@@ -276,7 +276,7 @@ class MeshReconciler:
             raise LookupError(
                 f"bootstrap Secret {self.operator_namespace}/{self.bootstrap_secret} not found"
             )
-        return bootstrap_from_secret(data).system_user_creds
+        return Bootstrap.from_files(data).system_user_creds
 
     async def _save_keys(self, keys: KeyRing) -> None:
         data = dict(keys.dump())

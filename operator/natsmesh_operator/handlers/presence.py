@@ -144,7 +144,7 @@ class EndpointTracker:
         kube_client: AsyncClient,
         mesh: MeshReconciler,
         *,
-        watched: kube.Watched = lambda _: True,
+        watched: Callable[[str], bool] = lambda _: True,
         retry_delay: float = 5.0,
         settle: float = SETTLE,
         gap: float = GAP,

@@ -97,7 +97,7 @@ class Runtime:
             kube=kube,
             mesh=mesh,
             endpoints=EndpointTracker(kube, mesh, watched=settings.watches, retry_delay=retry),
-            creds_watch=CredsWatch(kube, mesh, watched=settings.watches, retry_delay=retry),
+            creds_watch=CredsWatch(kube, mesh, watched=settings.watched, retry_delay=retry),
             stream_watch=StreamWatch(mesh, watched=settings.watches, retry_delay=retry),
             webhook=webhook,
         )

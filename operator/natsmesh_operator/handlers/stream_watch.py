@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
-from natsmesh_operator.handlers import kube
 from natsmesh_operator.handlers.background import Background, cancel
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.wiring.apply import admin_creds, connect_creds
@@ -49,7 +48,7 @@ class StreamWatch:
         self,
         mesh: MeshReconciler,
         *,
-        watched: kube.Watched = lambda _: True,
+        watched: Callable[[str], bool] = lambda _: True,
         retry_delay: float = 5.0,
         ttl: int = WATCH_TTL,
     ) -> None:

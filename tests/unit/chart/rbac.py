@@ -15,7 +15,7 @@ OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
     ("natsmesh.io", "natsroutes/status"): {"get", "patch"},
     ("natsmesh.io", "natsservices/finalizers"): {"update"},
     ("natsmesh.io", "natsroutes/finalizers"): {"update"},
-    ("", "secrets"): {"list", "create", "patch", "delete"},
+    ("", "secrets"): {"list", "watch", "create", "patch", "delete"},
     ("", "events"): {"create"},
     ("networking.k8s.io", "networkpolicies"): {"list", "create", "patch", "delete"},
     ("", "pods"): {"list"},
