@@ -39,6 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"natsmesh: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
+    if name == "operator":
+        # Before the operator's imports, so tracing sees everything they hold.
+        from natsmesh_operator import memtrace
+
+        memtrace.start_from_env()
     func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
     return func(rest)
 
