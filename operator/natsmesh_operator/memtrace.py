@@ -1,7 +1,8 @@
 """Opt-in allocation tracing: where the operator's Python memory is, on demand.
 
-``NATSMESH_TRACEMALLOC=<path prefix>`` starts :mod:`tracemalloc` before the
-operator imports anything heavy. Then ``kill -USR1 <pid>`` (and, with
+``NATSMESH_TRACEMALLOC=<path prefix>`` starts :mod:`tracemalloc` once the
+operator's modules are imported (traced, the imports took 35x the CPU).
+Then ``kill -USR1 <pid>`` (and, with
 ``NATSMESH_TRACEMALLOC_INTERVAL=<seconds>``, every that many seconds) writes
 
 * ``<prefix>.<n>.snap``: the raw snapshot (``tracemalloc.Snapshot.load``),
