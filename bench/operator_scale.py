@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -71,6 +72,13 @@ def current_rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def trace_dump(pid: int, prefix: str | None) -> None:
+    """Ask an operator started with NATSMESH_TRACEMALLOC for a dump (numbered in order)."""
+    if prefix:
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(2)  # the dump pauses the operator's loop: not inside a measurement
 
 
 async def latency(kube: AsyncClient, namespace: str, count: int) -> list[float]:
@@ -157,6 +165,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) 
         config=KubeConfig.from_file(str(cluster.kubeconfig)), timeout=httpx2.Timeout(60)
     )
     rows: list[Row] = [("operator RSS idle", f"{current_rss_mb(pid):.0f} MB", "")]
+    trace_dump(pid, args.tracemalloc)
     try:
         if args.latency:
             ns = f"{scope}-lat-{uuid.uuid4().hex[:5]}"
@@ -171,6 +180,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) 
                 )
             )
             rows.append((f"operator RSS after the {len(lat)}", f"{current_rss_mb(pid):.0f} MB", ""))
+            trace_dump(pid, args.tracemalloc)
             await release(kube, cluster, [ns])
         if args.scale:
             tag = uuid.uuid4().hex[:5]
@@ -186,6 +196,9 @@ async def run(args: argparse.Namespace, cluster: Cluster, pid: int, scope: str) 
                 )
             )
             rows.append(("operator RSS peak", f"{peak_rss_mb(pid):.0f} MB", "<= 150 MB"))
+            now = f"{current_rss_mb(pid):.0f} MB"
+            rows.append((f"operator RSS with the {args.scale} Ready", now, ""))
+            trace_dump(pid, args.tracemalloc)
             await release(kube, cluster, namespaces)
     finally:
         await kube.close()
@@ -204,6 +217,7 @@ def report(rows: list[Row], load_before: float, load_after: float, quick: bool) 
 
 
 def main() -> int:
+    global MAX_WAIT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latency", type=int, default=100, help="services for the latency run")
     parser.add_argument("--scale", type=int, default=1000, help="services for the scale run")
@@ -221,7 +235,24 @@ def main() -> int:
         help="watch only the benchmark's namespaces (default: the whole cluster, as the chart "
         "does; needs a cluster of its own, which hack/with-cluster.sh starts)",
     )
+    parser.add_argument(
+        "--tracemalloc",
+        metavar="PREFIX",
+        help="run the operator with NATSMESH_TRACEMALLOC=PREFIX and take a dump idle, after the "
+        "latency run and with the scale run Ready (RSS figures are then inflated by tracing; "
+        "set NATSMESH_TRACEMALLOC_INTERVAL too for dumps during the burst)",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=MAX_WAIT,
+        help=f"seconds to wait for Ready before giving up (default {MAX_WAIT:g}; a busy box "
+        "needs more, and a peak RSS measured before all are Ready is not the whole burst's)",
+    )
     args = parser.parse_args()
+    MAX_WAIT = args.max_wait
+    if args.tracemalloc:
+        os.environ["NATSMESH_TRACEMALLOC"] = args.tracemalloc
     if args.quick:
         args.latency, args.scale, args.namespaces = 3, 10, 2
     kubeconfig = os.environ.get("NATSMESH_KUBECONFIG")

@@ -40,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, func_name, _ = COMMANDS[name]
     func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
+    if name == "operator":
+        # After the imports: traced, they took 35x the CPU (44.5 s against
+        # 1.25 s), too slow to start; what grows afterwards is what we look for.
+        from natsmesh_operator import memtrace
+
+        memtrace.start_from_env()
     return func(rest)
 
 
