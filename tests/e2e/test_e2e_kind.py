@@ -655,12 +655,13 @@ def test_nats_pod_deleted_mid_traffic_keeps_every_acked_event(
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason=(
-        "issue 18 (readiness-aware membership, in progress in the sidecar): measured 5 of 611 "
-        "checkouts failed with 502 app_unreachable ('app unreachable at 127.0.0.1:8080: "
-        "Connection refused'): a sidecar is in orders' queue group while its app is not "
-        "listening (the new pod's app not yet up, or the old pod's app gone first)"
+        "issue 18 (readiness-aware membership, in progress in the sidecar): a race, not every "
+        "run: measured 5 of 611 checkouts failed with 502 app_unreachable ('app unreachable at "
+        "127.0.0.1:8080: Connection refused') in one run, 0 of 798 in the next; a sidecar is in "
+        "orders' queue group while its app is not listening (the new pod's app not yet up, or "
+        "the old pod's app gone first). Make it strict once issue 18 lands."
     ),
 )
 def test_rolling_update_of_orders_under_traffic_loses_no_request(
