@@ -24,8 +24,13 @@
 # `kind create cluster --image <that>` then pulls nothing. kind's default CNI
 # (kindnetd) is not available, so the cluster is created without one and
 # this script installs a plain one: the CNI `ptp` plugin with host-local IPAM
-# on each node's podCIDR, and a route per other node's podCIDR (it does NOT
-# enforce NetworkPolicy).
+# on each node's podCIDR, and a route per other node's podCIDR. On top:
+# * kube-router's firewall (hack/kind/kube-router.yaml) enforces
+#   NetworkPolicies;
+# * rancher's local-path-provisioner (hack/kind/local-path.yaml) is the
+#   default StorageClass "standard";
+# both built by hack/kind-tools.sh onto one Debian add-ons base, loaded into
+# the nodes and applied on every `up`.
 #
 # Everything is cached by content: the binaries under ~/.cache/natsmesh/bin,
 # the root file systems under ~/.cache/natsmesh/images, the images in Docker
