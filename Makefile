@@ -6,7 +6,7 @@ PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
         test-unit test-integration test-security test-e2e e2e-local e2e-kind bench bench-quick \
-        clean images docker-down kind-tools kind-image kind-up kind-down
+        clean images docker-down kind-tools kind-image kind-up kind-down demo-kind demo-kind-down
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -46,6 +46,12 @@ demo: venv tools ## the 5-minute demo on the local control plane
 
 demo-down: ## remove everything the demo started
 	@hack/demo.sh down
+
+demo-kind: venv tools kind-tools ## the same demo on kind (real kubelets, NetworkPolicies enforced)
+	@hack/demo.sh kind-up
+
+demo-kind-down: ## delete the demo's kind cluster
+	@hack/demo.sh kind-down
 
 check: venv ## lint, format, types, CRD freshness
 	$(BIN)/ruff check .

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The natsmesh demo on the local control plane (no Docker):
 #
-#   hack/demo.sh up     cluster + `helm install` of the chart + the shop example
-#   hack/demo.sh down   stop everything the demo started and remove its state
+#   hack/demo.sh up         cluster + `helm install` of the chart + the shop example
+#   hack/demo.sh down       stop everything the demo started and remove its state
+#   hack/demo.sh kind-up    the same on kind: real kubelets, images built here
+#   hack/demo.sh kind-down  delete the demo's kind cluster
 #
 # The cluster is real (kube-apiserver & co. via kwokctl); its nodes are kwok's,
 # which run nothing. So the demo starts the emulator that plays their kubelet
@@ -54,6 +56,26 @@ adopt_crds() {
   done
 }
 
+# shop WRAP: the shop's NatsServices, then its workloads; WRAP shows and runs
+# the waits (the emulated flavour guards them against a pod that cannot start).
+shop() {
+  local wrap="$1"
+  say "the shop: gateway, orders (v1 + v2 canary), payments, inventory"
+  kubectl create namespace "$shop_ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  show kubectl label namespace "$shop_ns" natsmesh.io/inject=enabled --overwrite
+  show kubectl apply -n "$shop_ns" -f "$repo/examples/shop/"
+  "$wrap" kubectl wait -n "$shop_ns" --for=condition=Ready natsservice,natsroute --all \
+    --timeout=60s >/dev/null
+  show kubectl get natsmesh -n "$shop_ns"
+
+  say "what NATS now holds for the shop"
+  show kubectl get secrets -n "$shop_ns" -l natsmesh.io/creds=true
+  echo "  (each Secret is a NATS user whose JWT allows exactly what allowedCallers and events say)"
+
+  say "the workloads get the sidecar (mutating webhook, native sidecar)"
+  show kubectl apply -n "$shop_ns" -f "$repo/examples/shop/apps/"
+}
+
 up() {
   local start=$SECONDS
   mkdir -p "$state"
@@ -77,20 +99,7 @@ up() {
   "$venv/bin/python" "$repo/tests/e2e/demo_traffic.py" --pods "$state/pods/pods.json" \
     wait "$system_ns"
 
-  say "the shop: gateway, orders (v1 + v2 canary), payments, inventory"
-  kubectl create namespace "$shop_ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  show kubectl label namespace "$shop_ns" natsmesh.io/inject=enabled --overwrite
-  show kubectl apply -n "$shop_ns" -f "$repo/examples/shop/"
-  guarded kubectl wait -n "$shop_ns" --for=condition=Ready natsservice,natsroute --all \
-    --timeout=60s >/dev/null
-  show kubectl get natsmesh -n "$shop_ns"
-
-  say "what NATS now holds for the shop"
-  show kubectl get secrets -n "$shop_ns" -l natsmesh.io/creds=true
-  echo "  (each Secret is a NATS user whose JWT allows exactly what allowedCallers and events say)"
-
-  say "the workloads get the sidecar (mutating webhook, native sidecar)"
-  show kubectl apply -n "$shop_ns" -f "$repo/examples/shop/apps/"
+  shop guarded
   "$venv/bin/python" "$repo/tests/e2e/demo_traffic.py" --pods "$state/pods/pods.json" \
     traffic "$shop_ns"
   kubectl get pods -n "$shop_ns" \
@@ -120,8 +129,57 @@ down() {
   echo "demo: down"
 }
 
+# The demo on kind: hack/kind.sh's cluster (NetworkPolicies enforced, a
+# default StorageClass), the images built here, the same steps and output.
+kind_up() {
+  local start=$SECONDS
+  export NATSMESH_KIND_CLUSTER="${NATSMESH_KIND_CLUSTER:-natsmesh-demo}"
+  say "a kind cluster: real kubelets, built offline (hack/kind.sh up)"
+  "$here/venv.sh"
+  "$here/kind.sh" up 2>&1 | grep -E '^kind: (cluster|node image|ready)' || true
+  eval "$("$here/kind.sh" env)"
+  export KUBECONFIG PATH
+
+  say "helm install: operator (2 replicas, peering), webhooks, NATS, bootstrap hook"
+  local images; mapfile -t images < <("$here/images.sh" --print)
+  local nats; nats="$("$here/kind.sh" nats-image)"
+  show helm upgrade --install natsmesh "$repo/charts/natsmesh" \
+    --namespace "$system_ns" --create-namespace \
+    --set "image.operator.repository=${images[3]%:*},image.operator.tag=${images[3]##*:}" \
+    --set "image.sidecar.repository=${images[2]%:*},image.sidecar.tag=${images[2]##*:}" \
+    --set "nats.image.repository=${nats%:*},nats.image.tag=${nats##*:}" \
+    --set image.operator.pullPolicy=Never,image.sidecar.pullPolicy=Never \
+    --set nats.image.pullPolicy=Never,nats.replicas=1,nats.jetstream.persistence.size=2Gi \
+    --set nats.jetstream.maxFileStore=2Gi --wait --timeout 5m | sed -n '1,6p'
+  kubectl get pods -n "$system_ns" | sed 's/^/  /'
+
+  shop show
+  local d
+  for d in $(kubectl get deploy -n "$shop_ns" -o name); do
+    kubectl rollout status -n "$shop_ns" "$d" --timeout=180s >/dev/null
+  done
+  "$venv/bin/python" "$repo/tests/e2e/demo_traffic.py" kind-traffic "$shop_ns"
+  kubectl get pods -n "$shop_ns" \
+    -o custom-columns='POD:.metadata.name,STATUS:.status.phase,SIDECAR:.spec.initContainers[0].name'
+
+  say "done in $((SECONDS - start))s"
+  cat <<EOF
+  shell:      eval "\$(NATSMESH_KIND_CLUSTER=$NATSMESH_KIND_CLUSTER hack/kind.sh env)"
+              kubectl get natsmesh -A; kubectl describe nsvc -n $shop_ns orders
+              kubectl get networkpolicy -A    # enforced here (kube-router)
+  clean up:   make demo-kind-down
+EOF
+}
+
+kind_down() {
+  NATSMESH_KIND_CLUSTER="${NATSMESH_KIND_CLUSTER:-natsmesh-demo}" "$here/kind.sh" down
+  echo "demo: kind cluster deleted"
+}
+
 case "${1:-up}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  kind-up) kind_up ;;
+  kind-down) kind_down ;;
+  *) echo "usage: $0 up|down|kind-up|kind-down" >&2; exit 2 ;;
 esac

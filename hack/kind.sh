@@ -24,8 +24,13 @@
 # `kind create cluster --image <that>` then pulls nothing. kind's default CNI
 # (kindnetd) is not available, so the cluster is created without one and
 # this script installs a plain one: the CNI `ptp` plugin with host-local IPAM
-# on each node's podCIDR, and a route per other node's podCIDR (it does NOT
-# enforce NetworkPolicy).
+# on each node's podCIDR, and a route per other node's podCIDR. On top:
+# * kube-router's firewall (hack/kind/kube-router.yaml) enforces
+#   NetworkPolicies;
+# * rancher's local-path-provisioner (hack/kind/local-path.yaml) is the
+#   default StorageClass "standard";
+# both built by hack/kind-tools.sh onto one Debian add-ons base, loaded into
+# the nodes and applied on every `up`.
 #
 # Everything is cached by content: the binaries under ~/.cache/natsmesh/bin,
 # the root file systems under ~/.cache/natsmesh/images, the images in Docker
@@ -41,6 +46,10 @@ kubeconfig="$state/kubeconfig"
 k8s_version="$(awk -F'"' '/^k8s_version=/ {print $2}' "$here/lib/tools.sh")"
 NODE_OS_PACKAGES=systemd,dbus,jq,conntrack,iptables,nftables,iproute2,ethtool,util-linux,mount,kmod,libseccomp2,procps,bash,pigz,socat,ebtables
 PROXY_OS_PACKAGES=iptables,nftables,conntrack
+# One Debian base for the cluster's add-ons: kube-router's iptables and ipset,
+# a shell for local-path's helper pods, and sh + wget for the chart's NATS
+# probes (exec probes against the loopback-only monitoring port).
+ADDONS_OS_PACKAGES=iptables,ipset,wget
 
 log() { echo "kind: $*" >&2; }
 
@@ -235,15 +244,37 @@ nats_image() {
   echo "natsmesh/nats:${v#v}"
 }
 
-# natsmesh's images, and the chart's NATS server (nats-server on an empty image).
+# install_addon <tools module> <binary> <manifest under hack/kind/> <namespace> <workload>:
+# the binary on the add-ons' Debian base, loaded into the nodes, the manifest
+# applied with __IMAGE__ = that image, then waited for.
+install_addon() {
+  local module="$1" bin="$2" manifest="$3" ns="$4" workload="$5"
+  local kubectl; kubectl="$(bin_of kubectl)"
+  local mod v
+  mod="$(awk '$1 == "tool" {print $2}' "$here/tools/$module/go.mod")"
+  v="$(awk -v m="$mod" 'index(m, $1) == 1 && $2 ~ /^v/ {print $2}' "$here/tools/$module/go.mod" | head -1)"
+  local image="natsmesh/$bin:$v"
+  local os; os="$("$here/images.sh" --rootfs kind-addons-os "$ADDONS_OS_PACKAGES")"
+  component_image "$image" "$(bin_of "$bin")" "$os" entry
+  "$(bin_of kind)" load docker-image --name "$name" "$image" >&2
+  sed "s|__IMAGE__|$image|g" "$here/kind/$manifest" |
+    "$kubectl" --kubeconfig "$kubeconfig" apply -f - >&2
+  "$kubectl" --kubeconfig "$kubeconfig" -n "$ns" rollout status "$workload" --timeout=180s >&2
+}
+
+# natsmesh's images, and the chart's NATS server (nats-server on the add-ons'
+# base: its probes exec `sh -c wget ...`).
 load_images() {
   local kind_bin; kind_bin="$(bin_of kind)"
   "$here/images.sh" >&2
   NATS_IMAGE="$(nats_image)"
-  component_image "$NATS_IMAGE" "$(bin_of nats-server)" scratch
+  local os; os="$("$here/images.sh" --rootfs kind-addons-os "$ADDONS_OS_PACKAGES")"
+  component_image "$NATS_IMAGE" "$(bin_of nats-server)" "$os"
   local images; mapfile -t images < <("$here/images.sh" --print | tail -3)
   "$kind_bin" load docker-image --name "$name" "${images[@]}" "$NATS_IMAGE" >&2
 }
+
+kubectl_() { "$(bin_of kubectl)" --kubeconfig "$kubeconfig" "$@"; }
 
 up() {
   node_image
@@ -261,6 +292,17 @@ up() {
   fi
   install_cni
   "$(bin_of kubectl)" --kubeconfig "$kubeconfig" wait --for=condition=Ready nodes --all --timeout=180s
+  # NetworkPolicy enforcement: kube-router's firewall on the ptp network.
+  install_addon kuberouter kube-router kube-router.yaml kube-system ds/kube-router
+  # The default StorageClass (the chart's NATS StatefulSet claims a PVC). kind
+  # made one named "standard" for kubernetes.io/host-path, which nothing
+  # serves here (the node image has no /kind/manifests/default-storage.yaml):
+  # replaced by local-path's, under the same name.
+  local sc
+  sc="$(kubectl_ get storageclass standard -o 'jsonpath={.provisioner}' 2>/dev/null || true)"
+  [[ -z "$sc" || "$sc" == rancher.io/local-path ]] || kubectl_ delete storageclass standard >&2
+  install_addon localpath local-path-provisioner local-path.yaml \
+    local-path-storage deploy/local-path-provisioner
   load_images
   "$(bin_of kubectl)" --kubeconfig "$kubeconfig" -n kube-system rollout status deploy/coredns --timeout=180s
   log "ready: export KUBECONFIG=$kubeconfig"

@@ -4,15 +4,18 @@
     python tests/e2e/demo_traffic.py --pods .work/demo-run/pods/pods.json traffic shop
     python tests/e2e/demo_traffic.py --pods .work/demo-run/pods/pods.json \
         --emulator-pid PID --emulator-log LOG guard -- helm install ...
+    python tests/e2e/demo_traffic.py kind-traffic shop   # make demo-kind: real pods
 
 The pods run in the demo's emulator (``python -m tests.e2e.local``), which
 writes where each one listens to ``pods.json``. ``wait`` blocks until the
 chart's NATS server and operator replicas pass their probes; ``traffic`` uses
 the same scenario helpers as the e2e tests, but prints what happens instead of
-asserting it. ``guard`` runs a command (``helm install``, ``kubectl wait``)
-and stops it as soon as an emulated pod cannot start or the emulator is gone,
-with the pod's error and log tail on screen: such a pod never becomes
-Ready, and helm would otherwise wait out its whole timeout in silence.
+asserting it; ``kind-traffic`` does the same on a real cluster (kind) through
+``kubectl port-forward``s (tests/e2e/kindshop.py). ``guard`` runs a command
+(``helm install``, ``kubectl wait``) and stops it as soon as an emulated pod
+cannot start or the emulator is gone, with the pod's error and log tail on
+screen: such a pod never becomes Ready, and helm would otherwise wait out its
+whole timeout in silence.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.e2e import kindshop  # noqa: E402
 from tests.e2e import shop as scenarios  # noqa: E402
 
 Pod = dict[str, Any]
@@ -166,7 +171,23 @@ def traffic(registry: Path, namespace: str) -> None:
         app=lambda w: url(pods[w], pods[w]["containers"]["app"][0]),
     )
     print(f"  {len(pods)} pods running as local processes: app + injected sidecar each")
-    scenarios.warm_up(shop)
+    show(shop)
+
+
+def kind_traffic(namespace: str) -> None:
+    """The same, on real pods: port-forwards with kubectl (KUBECONFIG, PATH)."""
+    logs = Path(tempfile.mkdtemp(prefix="natsmesh-demo-forward-"))
+    forwarded = kindshop.forward_shop(["kubectl"], namespace, logs)
+    try:
+        print(f"  {len(forwarded.pods)} pods on kind's kubelets: app + injected sidecar each")
+        show(forwarded.endpoints, timeout=60)
+    finally:
+        forwarded.close()
+
+
+def show(shop: scenarios.ShopEndpoints, timeout: float = 30.0) -> None:
+    """Calls through the mesh, printed: a checkout, a refusal, the canary, events, metrics."""
+    scenarios.warm_up(shop, timeout=timeout)
 
     status, _, body = scenarios.http("POST", shop.gateway + "/checkout", {"item": "book"})
     print(f"\n  POST gateway /checkout -> {status}: gateway -> orders -> payments via NATS")
@@ -195,13 +216,15 @@ def traffic(registry: Path, namespace: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pods", required=True, help="the emulator's pods.json")
+    parser.add_argument("--pods", default="", help="the emulator's pods.json")
     parser.add_argument("--emulator-pid", type=int, default=0, help="guard: fail if it dies")
     parser.add_argument("--emulator-log", default="", help="guard: shown if the emulator died")
-    parser.add_argument("action", choices=["wait", "traffic", "guard"])
+    parser.add_argument("action", choices=["wait", "traffic", "kind-traffic", "guard"])
     parser.add_argument("rest", nargs="+", help="the namespace; for guard: -- COMMAND...")
     args = parser.parse_args()
     registry = Path(args.pods)
+    if args.action != "kind-traffic" and not args.pods:
+        parser.error(f"{args.action} needs --pods (the emulator's pods.json)")
     if args.action == "guard":
         return guard(args.rest, registry, args.emulator_pid, args.emulator_log)
     if len(args.rest) != 1:
@@ -209,6 +232,8 @@ def main() -> int:
     args.namespace = args.rest[0]
     if args.action == "wait":
         wait_system(registry, args.namespace)
+    elif args.action == "kind-traffic":
+        kind_traffic(args.namespace)
     else:
         traffic(registry, args.namespace)
     return 0

@@ -18,18 +18,20 @@ Skips with the reason where Docker is absent.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.e2e import kindshop
 from tests.e2e import shop as scenarios
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kind, pytest.mark.timeout(900)]
@@ -37,7 +39,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.kind, pytest.mark.timeout(900)]
 REPO = scenarios.REPO
 RELEASE = "natsmesh"
 SYSTEM_NS = "natsmesh-system"
-SIDECAR = "natsmesh-sidecar"
+SIDECAR = kindshop.SIDECAR
 
 
 def _bin_dirs() -> list[str]:
@@ -110,23 +112,6 @@ class Kind:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"port-forward on 127.0.0.1:{port} did not come up")
-
-
 def _image_names() -> dict[str, str]:
     out = run(str(REPO / "hack" / "images.sh"), "--print").split()
     return dict(zip(("base", "build", "sidecar", "operator", "app"), out, strict=True))
@@ -179,7 +164,10 @@ def release(kind: Kind) -> Iterator[Kind]:
         "--set", "nats.image.pullPolicy=Never",
         "--set", "operator.replicas=1",
         "--set", "nats.replicas=1",
-        "--set", "nats.jetstream.persistence.enabled=false",
+        # On the cluster's default StorageClass (local-path): the NATS pod's
+        # streams and account JWTs outlive it (test_nats_pod_deleted_...).
+        "--set", "nats.jetstream.persistence.size=2Gi",
+        "--set", "nats.jetstream.maxFileStore=2Gi",
         "--wait", "--timeout", "5m",
     )  # fmt: skip
     kind.kubectl(
@@ -196,7 +184,6 @@ def release(kind: Kind) -> Iterator[Kind]:
 
 
 class KindShop(scenarios.ShopEndpoints):
-    forwards: list[subprocess.Popen[bytes]]
     pods: dict[str, str]
 
 
@@ -206,8 +193,7 @@ def shop(release: Kind, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ki
     ns = f"shop-e2e-{uuid.uuid4().hex[:6]}"
     kind.kubectl("create", "namespace", ns)
     kind.kubectl("label", "namespace", ns, "natsmesh.io/inject=enabled")
-    forwards: list[subprocess.Popen[bytes]] = []
-    logs = tmp_path_factory.mktemp("port-forward")
+    forwarded: kindshop.ForwardedShop | None = None
     try:
         kind.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP))
         kind.kubectl(
@@ -217,61 +203,19 @@ def shop(release: Kind, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ki
         kind.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP_APPS))
         for deploy in ("gateway", "orders-v1", "orders-v2", "payments", "inventory"):
             kind.kubectl("rollout", "status", "-n", ns, f"deploy/{deploy}", "--timeout=180s")
-        pods: dict[str, str] = {}
-        ports: dict[str, dict[int, int]] = {}
-        for resource, labels in scenarios.WORKLOADS.items():
-            selector = ",".join(f"{k}={v}" for k, v in labels.items())
-            items = json.loads(kind.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json"))[
-                "items"
-            ]
-            running = [p for p in items if not p["metadata"].get("deletionTimestamp")]
-            assert len(running) == 1, f"{resource}: {[p['metadata']['name'] for p in running]}"
-            pod = running[0]
-            sidecars = [c["name"] for c in pod["spec"].get("initContainers", [])]
-            assert SIDECAR in sidecars, f"{resource}: the webhook did not inject the sidecar"
-            app_port = int(pod["spec"]["containers"][0]["ports"][0]["containerPort"])
-            pods[resource] = pod["metadata"]["name"]
-            ports[resource] = {p: _free_port() for p in (app_port, 15001, 15020)}
-            log = (logs / f"{resource}.log").open("wb")
-            forwards.append(
-                subprocess.Popen(
-                    [
-                        kind.kubectl_bin, "--kubeconfig", str(kind.kubeconfig),
-                        "port-forward", "-n", ns, f"pod/{pods[resource]}",
-                        *(f"{local}:{remote}" for remote, local in ports[resource].items()),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )  # fmt: skip
-            for local in ports[resource].values():
-                _wait_port(local)
-
-        def url(resource: str, port: int) -> str:
-            return f"http://127.0.0.1:{ports[resource][port]}"
-
-        def app_url(resource: str) -> str:
-            app_port = next(p for p in ports[resource] if p not in (15001, 15020))
-            return url(resource, app_port)
-
-        endpoints = KindShop(
-            namespace=ns,
-            gateway=app_url("gateway"),
-            outbound=lambda r: url(r, 15001),
-            admin=lambda r: url(r, 15020),
-            app=app_url,
+        forwarded = kindshop.forward_shop(
+            [kind.kubectl_bin, "--kubeconfig", str(kind.kubeconfig)],
+            ns,
+            tmp_path_factory.mktemp("port-forward"),
         )
-        endpoints.forwards = forwards
-        endpoints.pods = pods
+        e = forwarded.endpoints
+        endpoints = KindShop(ns, e.gateway, e.outbound, e.admin, e.app)
+        endpoints.pods = forwarded.pods
         scenarios.warm_up(endpoints, timeout=60)
         yield endpoints
     finally:
-        for fwd in forwards:
-            fwd.terminate()
-            try:
-                fwd.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                fwd.kill()
+        if forwarded is not None:
+            forwarded.close()
         kind.kubectl(
             "delete", "natsservices,natsroutes", "--all", "-n", ns, "--timeout=120s",
             check=False,
@@ -343,6 +287,403 @@ def test_native_sidecar_is_ready_before_the_app_starts(shop: KindShop, release: 
         assert app["restartCount"] == 0, resource
 
 
+# -- what only a real pod network shows ---------------------------------------
+
+CALL = """
+import http.client, socket, sys
+host, port, path, vhost = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+try:
+    c = http.client.HTTPConnection(host, port, timeout=float(sys.argv[5]))
+    c.request("GET", path, headers={"host": vhost} if vhost != "-" else {})
+    print(c.getresponse().status)
+except (socket.timeout, TimeoutError):
+    print("timeout")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+NATS_HELLO = """
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    print(s.recv(5).decode())
+except (socket.timeout, TimeoutError):
+    print("timeout")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+#: Long enough for a SYN that is answered; a dropped one never is.
+CONNECT_TIMEOUT = "4"
+#: What a refused connection looks like: kube-router REJECTs (ICMP port
+#: unreachable); a CNI that DROPs gives the timeout.
+CLOSED = ("ConnectionRefusedError", "timeout")
+
+
+def _pod_ip(kind: Kind, ns: str, pod: str) -> str:
+    return kind.kubectl("get", "pod", "-n", ns, pod, "-o", "jsonpath={.status.podIP}").strip()
+
+
+def _py(kind: Kind, ns: str, pod: str, container: str, script: str, *args: str) -> str:
+    return kind.kubectl(
+        "exec", "-n", ns, pod, "-c", container, "--", "python3", "-c", script, *args, timeout=60
+    ).strip()
+
+
+def _app_container(kind: Kind, ns: str, pod: str) -> tuple[str, int]:
+    spec = json.loads(kind.kubectl("get", "pod", "-n", ns, pod, "-o", "json"))["spec"]
+    app = spec["containers"][0]
+    return str(app["name"]), int(app["ports"][0]["containerPort"])
+
+
+@pytest.fixture(scope="module")
+def intruder(release: Kind) -> Iterator[tuple[str, str]]:
+    """A pod in a namespace the mesh does not manage (no injection), with python3."""
+    kind = release
+    ns = f"intruder-{uuid.uuid4().hex[:6]}"
+    kind.kubectl("create", "namespace", ns)
+    image = _image_names()["app"]
+    overrides = {
+        "spec": {
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+            "containers": [
+                {
+                    "name": "intruder",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": ["python3", "-c", "import time; time.sleep(86400)"],
+                }
+            ],
+        }
+    }
+    kind.kubectl(
+        "run", "intruder", "-n", ns, f"--image={image}", "--restart=Never",
+        f"--overrides={json.dumps(overrides)}",
+    )  # fmt: skip
+    kind.kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/intruder", "--timeout=120s")
+    try:
+        yield ns, "intruder"
+    finally:
+        kind.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_app_port_is_closed_to_other_pods_and_open_through_the_mesh(
+    shop: KindShop, release: Kind, intruder: tuple[str, str]
+) -> None:
+    """The operator's NetworkPolicy (natsmesh-orders-app) enforced by kube-router:
+    a direct call to orders' app port on its pod IP, from another namespace or
+    from a meshed pod of its own namespace, is refused, while the app answers
+    on that address from inside its pod, the sidecar's admin port on the same
+    pod IP answers the same callers, and the same call through the mesh is
+    served."""
+    kind, ns = release, shop.namespace
+    orders = shop.pods["orders"]
+    ip = _pod_ip(kind, ns, orders)
+    _, port = _app_container(kind, ns, orders)
+    gateway = shop.pods["gateway"]
+    gw_container, _ = _app_container(kind, ns, gateway)
+    kind.kubectl("get", "networkpolicy", "-n", ns, "natsmesh-orders-app")
+    # The app listens on the pod IP: from inside its own pod (no policy applies).
+    orders_container, _ = _app_container(kind, ns, orders)
+    own = _py(kind, ns, orders, orders_container, CALL, ip, str(port), "/version", "-",
+              CONNECT_TIMEOUT)  # fmt: skip
+    assert own == "200", own
+    attackers = [(intruder[0], intruder[1], "intruder"), (ns, gateway, gw_container)]
+    for a_ns, a_pod, a_container in attackers:
+        direct = _py(kind, a_ns, a_pod, a_container, CALL, ip, str(port), "/version", "-",
+                     CONNECT_TIMEOUT)  # fmt: skip
+        assert direct in CLOSED, (a_ns, a_pod, direct)
+        # The same pod IP, the port the policy admits: the path itself is open.
+        admin = _py(kind, a_ns, a_pod, a_container, CALL, ip, "15020", "/healthz", "-",
+                    CONNECT_TIMEOUT)  # fmt: skip
+        assert admin == "200", (a_ns, a_pod, admin)
+    # Through the gateway's sidecar (allowedCallers admits the gateway).
+    mesh = _py(kind, ns, gateway, gw_container, CALL, "127.0.0.1", "15001", "/version", "orders",
+               CONNECT_TIMEOUT)  # fmt: skip
+    assert mesh == "200", mesh
+
+
+def _nats_target(kind: Kind) -> tuple[str, str]:
+    """(client Service host, StatefulSet name) of the chart's NATS."""
+    sts = kind.kubectl(
+        "get", "statefulset", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=nats",
+        "-o", "jsonpath={.items[0].metadata.name}",
+    ).strip()  # fmt: skip
+    return f"{sts}.{SYSTEM_NS}.svc", sts
+
+
+def test_nats_client_port_is_closed_to_unmeshed_namespaces(
+    shop: KindShop, release: Kind, intruder: tuple[str, str]
+) -> None:
+    """The chart's NATS NetworkPolicy: the client port answers a pod of a meshed
+    namespace (natsmesh.io/inject=enabled) and not one of another namespace."""
+    kind, ns = release, shop.namespace
+    host, _ = _nats_target(kind)
+    gateway = shop.pods["gateway"]
+    gw_container, _ = _app_container(kind, ns, gateway)
+    meshed = _py(kind, ns, gateway, gw_container, NATS_HELLO, host, "4222", CONNECT_TIMEOUT)
+    assert meshed == "INFO", meshed  # the first bytes of the server's INFO line
+    outside = _py(kind, intruder[0], intruder[1], "intruder", NATS_HELLO, host, "4222",
+                  CONNECT_TIMEOUT)  # fmt: skip
+    assert outside in CLOSED, outside
+
+
+STARTER = """
+import http.client, json, time
+c = http.client.HTTPConnection("127.0.0.1", 15001, timeout=10)
+try:
+    c.request("GET", "/version", headers={"host": "inventory"})
+    r = c.getresponse()
+    print("first-call", r.status, r.read().decode(), flush=True)
+except OSError as e:
+    print("first-call", type(e).__name__, e, flush=True)
+time.sleep(86400)
+"""
+
+
+def test_new_pod_first_outbound_call_succeeds(shop: KindShop, release: Kind) -> None:
+    """A new meshed pod whose app calls another service the moment it starts:
+    the kubelet starts the app only after the injected sidecar is started and
+    ready, so that very first call is answered (200), with no restart."""
+    kind, ns = release, shop.namespace
+    image = _image_names()["app"]
+    nsvc = {
+        "apiVersion": "natsmesh.io/v1alpha1",
+        "kind": "NatsService",
+        "metadata": {"name": "starter"},
+        "spec": {"selector": {"matchLabels": {"app": "starter"}}, "port": 8080},
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "starter", "labels": {"app": "starter"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "starter",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": ["python3", "-c", STARTER],
+                    "ports": [{"containerPort": 8080}],
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 65532,
+                        "readOnlyRootFilesystem": True,
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": [nsvc]})
+    run_apply = subprocess.run(
+        [kind.kubectl_bin, "--kubeconfig", str(kind.kubeconfig), "apply", "-n", ns, "-f", "-"],
+        input=manifest, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run_apply.returncode == 0, run_apply.stderr
+    try:
+        kind.kubectl("wait", "-n", ns, "--for=condition=Ready", "nsvc/starter", "--timeout=120s")
+        created = subprocess.run(
+            [kind.kubectl_bin, "--kubeconfig", str(kind.kubeconfig), "create", "-n", ns, "-f", "-"],
+            input=json.dumps(pod), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        kind.kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/starter", "--timeout=120s")
+        logs = scenarios.wait_until(
+            "the starter's first call",
+            lambda: kind.kubectl("logs", "-n", ns, "starter", "-c", "starter") or None,
+            30,
+        )
+        first = logs.splitlines()[0].split(" ", 2)
+        assert first[:2] == ["first-call", "200"], logs
+        assert json.loads(first[2])["service"] == "inventory", logs
+        status = json.loads(kind.kubectl("get", "pod", "-n", ns, "starter", "-o", "json"))["status"]
+        sidecar = next(c for c in status["initContainerStatuses"] if c["name"] == SIDECAR)
+        app = status["containerStatuses"][0]
+        assert sidecar["ready"], status
+        assert app["restartCount"] == 0, status
+        assert sidecar["state"]["running"]["startedAt"] <= app["state"]["running"]["startedAt"]
+    finally:
+        kind.kubectl("delete", "pod", "-n", ns, "starter", "--ignore-not-found", "--wait=false")
+        kind.kubectl("delete", "nsvc", "-n", ns, "starter", "--ignore-not-found", "--timeout=60s")
+
+
+MEMORY = """
+import pathlib
+v2 = pathlib.Path("/sys/fs/cgroup/memory.current")
+if v2.exists():
+    usage, peak = int(v2.read_text()), int(pathlib.Path("/sys/fs/cgroup/memory.peak").read_text())
+    stat = dict(l.split() for l in open("/sys/fs/cgroup/memory.stat"))
+    inactive = int(stat["inactive_file"])
+else:
+    d = pathlib.Path("/sys/fs/cgroup/memory")
+    usage = int((d / "memory.usage_in_bytes").read_text())
+    peak = int((d / "memory.max_usage_in_bytes").read_text())
+    stat = dict(l.split() for l in open(d / "memory.stat"))
+    inactive = int(stat["total_inactive_file"])
+print(usage - inactive, peak)
+"""
+
+
+def _sidecar_memory(kind: Kind, ns: str, pod: str) -> tuple[int, int]:
+    """(working set, peak usage) of the sidecar container's cgroup, in bytes."""
+    working, peak = _py(kind, ns, pod, SIDECAR, MEMORY).split()
+    return int(working), int(peak)
+
+
+def test_sidecar_memory_under_load_stays_under_its_limit(shop: KindShop, release: Kind) -> None:
+    """The gateway's sidecar (every checkout passes it twice: the call out and
+    the answer) measured by its container cgroup, idle and after 2,000
+    checkouts over 32 connections; the peak stays under the container's limit."""
+    kind, ns = release, shop.namespace
+    pod = shop.pods["gateway"]
+    spec = json.loads(kind.kubectl("get", "pod", "-n", ns, pod, "-o", "json"))["spec"]
+    limit = next(c for c in spec["initContainers"] if c["name"] == SIDECAR)["resources"]["limits"]
+    assert limit["memory"].endswith("Mi"), limit
+    limit_bytes = int(limit["memory"][:-2]) * 2**20
+    idle, _ = _sidecar_memory(kind, ns, pod)
+    results = scenarios.many(shop.gateway, "GET", "/orders-version", 2000, 32)
+    assert sum(1 for r in results if r[0] == 200) == len(results)
+    loaded, peak = _sidecar_memory(kind, ns, pod)
+    print(
+        f"\nsidecar memory (cgroup): idle {idle / 2**20:.1f} MiB, after load "
+        f"{loaded / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, limit {limit['memory']}"
+    )
+    assert peak < limit_bytes, (peak, limit_bytes)
+
+
+class Traffic:
+    """Calls in a loop on a thread until stopped; every outcome kept in order."""
+
+    def __init__(self, call: Callable[[int], tuple[bool, str]]) -> None:
+        self.call = call
+        self.outcomes: list[tuple[float, bool, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                ok, detail = self.call(i)
+            except (OSError, http.client.HTTPException) as exc:
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            self.outcomes.append((time.monotonic(), ok, detail))
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def ok_since(self, t: float) -> int:
+        return sum(1 for at, ok, _ in self.outcomes if ok and at >= t)
+
+    def failures(self) -> list[str]:
+        return [detail for _, ok, detail in self.outcomes if not ok]
+
+
+def test_nats_pod_deleted_mid_traffic_keeps_every_acked_event(
+    shop: KindShop, release: Kind
+) -> None:
+    """orders publishes order.created (file-stored stream) in a loop while the
+    NATS pod is deleted: the StatefulSet brings it back on the same PVC and
+    every publish that was acked (202) is delivered to inventory and payments."""
+    kind = release
+    _, sts = _nats_target(kind)
+    pod = f"{sts}-0"
+    pvc = f"data-{pod}"
+    pvc_uid = kind.kubectl("get", "pvc", "-n", SYSTEM_NS, pvc, "-o", "jsonpath={.metadata.uid}")
+    assert kind.kubectl("get", "pvc", "-n", SYSTEM_NS, pvc, "-o", "jsonpath={.status.phase}") == (
+        "Bound"
+    )
+
+    def uid() -> str:
+        return kind.kubectl(
+            "get", "pod", "-n", SYSTEM_NS, pod, "-o", "jsonpath={.metadata.uid}", check=False
+        )  # fmt: skip
+
+    pod_uid = uid()
+    run_id = uuid.uuid4().hex[:6]
+    acked: list[str] = []
+
+    def publish(i: int) -> tuple[bool, str]:
+        key = f"nats-restart-{run_id}-{i}"
+        status, _, body = scenarios.http(
+            "POST", shop.outbound("orders") + "/_events/order.created",
+            {"id": key, "item": "chair"}, headers={"idempotency-key": key}, timeout=5,
+        )  # fmt: skip
+        if status == 202:
+            acked.append(key)
+            return True, key
+        time.sleep(0.2)
+        return False, f"{status} {body}"
+
+    with Traffic(publish) as traffic:
+        scenarios.wait_until("acked publishes before", lambda: len(acked) >= 20, 30)
+        kind.kubectl("delete", "pod", "-n", SYSTEM_NS, pod, "--wait=false")
+        scenarios.wait_until("a new NATS pod", lambda: uid() not in ("", pod_uid), 180)
+        kind.kubectl("wait", "-n", SYSTEM_NS, "--for=condition=Ready", f"pod/{pod}",
+                     "--timeout=180s", timeout=240)  # fmt: skip
+        back = time.monotonic()
+        scenarios.wait_until("acked publishes after", lambda: traffic.ok_since(back) >= 20, 120)
+    volumes = json.loads(kind.kubectl("get", "pod", "-n", SYSTEM_NS, pod, "-o", "json"))["spec"][
+        "volumes"
+    ]
+    assert {"claimName": pvc} in [v.get("persistentVolumeClaim") for v in volumes], volumes
+    assert kind.kubectl(
+        "get", "pvc", "-n", SYSTEM_NS, pvc, "-o", "jsonpath={.metadata.uid}"
+    ) == pvc_uid  # fmt: skip
+    print(f"\nNATS restart: {len(acked)} acked, {len(traffic.failures())} refused while down")
+
+    def all_processed(workload: str) -> Callable[[], bool]:
+        def check() -> bool:
+            processed = scenarios.deliveries(shop, workload)["processed"]
+            return all(k in processed for k in acked)
+
+        return check
+
+    for workload in ("inventory", "payments"):
+        scenarios.wait_until(
+            f"{workload} processed every acked event", all_processed(workload), 120
+        )
+
+
+def test_rolling_update_of_orders_under_traffic_loses_no_request(
+    shop: KindShop, release: Kind
+) -> None:
+    """``kubectl rollout restart deploy/orders-v1`` while the gateway is called
+    without pause: real SIGTERM, real endpoints, the new pod's sidecar joining
+    the queue group; not one checkout may fail. Runs after every test that
+    port-forwards to orders (its pod is replaced)."""
+    kind, ns = release, shop.namespace
+
+    def checkout(i: int) -> tuple[bool, str]:
+        status, _, body = scenarios.http(
+            "POST", shop.gateway + "/checkout", {"item": "mug", "order_id": f"roll-{i}"},
+            timeout=10,
+        )  # fmt: skip
+        return status == 200, f"{status} {body}"
+
+    with Traffic(checkout) as traffic:
+        scenarios.wait_until("checkouts before", lambda: traffic.ok_since(0) >= 20, 30)
+        kind.kubectl("rollout", "restart", "-n", ns, "deploy/orders-v1")
+        kind.kubectl("rollout", "status", "-n", ns, "deploy/orders-v1", "--timeout=180s",
+                     timeout=240)  # fmt: skip
+        done = time.monotonic()
+        # Past the old pod's drain (the sidecar's grace) with traffic still on.
+        scenarios.wait_until("checkouts after", lambda: traffic.ok_since(done + 25) >= 20, 90)
+    failures = traffic.failures()
+    total = len(traffic.outcomes)
+    print(f"\nrolling update of orders-v1: {total} checkouts, {len(failures)} failed")
+    assert failures == [], f"{len(failures)} of {total} failed: {failures[:5]}"
+
+
 def test_helm_uninstall_leaves_nothing_behind(shop: KindShop, release: Kind) -> None:
     """Runs last in this module (pytest keeps file order): removes the shop, then the release."""
     kind = release
@@ -359,11 +700,14 @@ def test_helm_uninstall_leaves_nothing_behind(shop: KindShop, release: Kind) -> 
     namespaced = kind.kubectl(
         "get", scenarios.RELEASE_KINDS, "-n", SYSTEM_NS, "-l", selector, "-o", "name"
     ).split()  # fmt: skip
-    # Kept on purpose (chart docs): the NATS trust root and its root key, not release objects.
+    # Kept on purpose (chart docs): the NATS trust root and its root key, not
+    # release objects, and the NATS data (persistence.retentionPolicy.whenDeleted: Retain).
+    kept = [f"persistentvolumeclaim/data-{RELEASE}-nats-0"]
     namespaced = [
         n for n in namespaced if not n.endswith(("-nats-bootstrap", "-nats-bootstrap-root"))
     ]
-    assert namespaced == [], namespaced
+    assert sorted(namespaced) == kept, namespaced
+    kind.kubectl("delete", *kept, "-n", SYSTEM_NS, "--timeout=120s")
     cluster_scoped = kind.kubectl(
         "get", scenarios.RELEASE_CLUSTER_KINDS, "-l", selector, "-o", "name"
     ).split()  # fmt: skip
