@@ -138,6 +138,7 @@ class Sidecar:
                 "natsmesh.io/sidecar": "true",
             },
             stats=self._micro_stats,
+            serving=lambda: self.joined,
         )
         self.consumers: dict[tuple[str, str], EventConsumer] = {}
         #: In the queue group (request subscriptions made); the app passed

@@ -18,6 +18,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "$SRV"
+SERVING_KEY = "natsmesh.io/serving"
+"""PING/INFO/STATS metadata: "false" while the sidecar is out of its queue group."""
 VERSION = "0.1.0"
 
 
@@ -32,6 +34,7 @@ class MicroService:
         metadata: dict[str, str],
         stats: Callable[[], dict[str, Any]],
         description: str = "natsmesh sidecar",
+        serving: Callable[[], bool] = lambda: True,
     ) -> None:
         self.name = name
         self.id = instance_id
@@ -40,6 +43,10 @@ class MicroService:
         self.metadata = metadata
         self.stats = stats
         self.description = description
+        #: Whether requests reach this instance now (in the queue group): the
+        #: operator counts endpoints from PING answers, and an instance whose
+        #: app is not ready must not count (metadata ``natsmesh.io/serving``).
+        self.serving = serving
         self.started = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
         self.subs: list[Any] = []
         #: With creds, answers may go only under this prefix (our JWT has no
@@ -75,7 +82,7 @@ class MicroService:
             "name": self.name,
             "id": self.id,
             "version": VERSION,
-            "metadata": self.metadata,
+            "metadata": {**self.metadata, SERVING_KEY: "true" if self.serving() else "false"},
         }
 
     def _endpoint(self) -> dict[str, Any]:

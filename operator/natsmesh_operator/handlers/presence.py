@@ -45,6 +45,7 @@ from natsmesh_operator.wiring import jwt
 from natsmesh_operator.wiring.apply import OPERATOR_USER_NAME, admin_creds, connect_creds
 from natsmesh_operator.wiring.keys import Key
 from natsmesh_sidecar import subjects
+from natsmesh_sidecar.micro import SERVING_KEY
 
 if TYPE_CHECKING:
     from natsmesh_operator.handlers.mesh import MeshReconciler
@@ -111,7 +112,9 @@ async def count_endpoints(nats_url: str, account: Key, *, wait: float = PING_WAI
                 key = (str(info["name"]), str(meta.get("version", "")))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
-            if meta.get("natsmesh.io/sidecar") == "true":
+            # A sidecar out of its queue group (app not ready) serves nothing;
+            # older sidecars do not say, and are in it whenever connected.
+            if meta.get("natsmesh.io/sidecar") == "true" and meta.get(SERVING_KEY) != "false":
                 counts[key] = counts.get(key, 0) + 1
     finally:
         await nc.close()

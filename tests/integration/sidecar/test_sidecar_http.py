@@ -423,6 +423,7 @@ async def test_micro_discovery(mesh: Mesh) -> None:
         ping = json.loads(msg.data)
         assert ping["type"] == "io.nats.micro.v1.ping_response"
         assert ping["name"] == "orders"
+        assert ping["metadata"]["natsmesh.io/serving"] == "true"
         await request(mesh.port, "GET", "/count")
         msg = await nc.request(f"$SRV.STATS.orders.{mesh.server.instance_id}", b"", timeout=2)
         stats = json.loads(msg.data)
