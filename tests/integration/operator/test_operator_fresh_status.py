@@ -331,7 +331,7 @@ def test_a_route_to_an_inconsistent_canary_says_what_it_dropped(
     event_operator: OperatorProcess, namespace: str
 ) -> None:
     op, ns = event_operator, namespace
-    apply_orders(op, ns, callers="{service: gateway}")
+    apply_orders(op, ns, callers="{name: gateway}")
     # v2 admits other callers than v1: the plan leaves it out.
     apply_orders(op, ns, name="orders-v2", version="v2")
     op.cluster.kubectl("apply", "-n", ns, "-f", "-", input=ROUTE)
@@ -350,6 +350,6 @@ def test_a_route_to_an_inconsistent_canary_says_what_it_dropped(
     row = op.cluster.kubectl("get", "nroute", "orders", "-n", ns, "--no-headers").stdout.split()
     assert row[:4] == ["orders", "orders", "2", "False"], row
     # v2 made consistent again: the route is whole and Ready.
-    apply_orders(op, ns, name="orders-v2", version="v2", callers="{service: gateway}")
+    apply_orders(op, ns, name="orders-v2", version="v2", callers="{name: gateway}")
     op.wait_ready("natsroute", "orders", ns, timeout=10)
     assert op.condition("natsroute", "orders", ns)["reason"] == "Compiled"
