@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
-        test-unit test-integration test-security test-e2e e2e-local e2e-kind bench bench-quick \
+        test-unit test-integration test-security test-change test-e2e e2e-local e2e-kind bench bench-quick \
         clean images docker-down kind-tools kind-image kind-up kind-down demo-kind demo-kind-down
 
 help: ## list targets
@@ -65,7 +65,7 @@ crds: venv ## regenerate crds/, the chart's copy and docs/resources.md from the 
 	$(BIN)/natsmesh crds --dir charts/natsmesh/files/crds --no-docs
 
 test: check test-unit ## everything CI runs (one local cluster for both server tiers)
-	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-security test-e2e
+	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-security test-change test-e2e
 
 test-unit: venv ## fast tier: pure logic, no servers (< 1 min)
 	$(PYTEST) tests/unit
@@ -75,6 +75,9 @@ test-integration: venv tools ## real nats-server and real kube-apiserver
 
 test-security: venv tools ## each known attack against real servers: it fails, the legitimate call beside it works
 	hack/with-cluster.sh $(PYTEST) tests/security
+
+test-change: venv tools ## continuous traffic through two hops while the mesh changes: 0 failed, 0 lost
+	hack/with-cluster.sh $(PYTEST) -s tests/change
 
 test-e2e e2e-local: venv tools ## the whole flow on the local control plane
 	hack/with-cluster.sh $(PYTEST) tests/e2e

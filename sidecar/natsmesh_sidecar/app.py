@@ -662,7 +662,6 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         logger.info("draining (grace %.1fs, %d in flight)", grace, self.inflight())
-        self.outbound.stop_accepting()
         # Leave the queue group first: no new request is routed here.
         async with self._membership:
             await self._leave()
@@ -671,8 +670,15 @@ class Sidecar:
             *(c.close(max(0.0, deadline - loop.time())) for c in self.consumers.values()),
             return_exceptions=True,
         )
-        # In-flight work is spread over connections, tasks and consumers; a
-        # short poll of one counter is simpler than an event per source.
+        # The outbound listener stays open while the app still works on what
+        # we handed it: finishing a request often means calling on through us
+        # (orders charging payments), and refusing that call would fail the
+        # request we are draining. In-flight work is spread over connections,
+        # tasks and consumers; a short poll of a counter is simpler than an
+        # event per source.
+        while self.inbound.pending() > 0 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        self.outbound.stop_accepting()
         while self.inflight() > 0 and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         if self.inflight():

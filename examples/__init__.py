@@ -1,0 +1,1 @@
+"""The demo's example apps (``python -m examples.apps.shop``)."""

@@ -1,0 +1,1 @@
+"""The shop app the demo and the change tier run."""

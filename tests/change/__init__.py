@@ -1,0 +1,1 @@
+"""The change tier: continuous traffic while the mesh changes (make test-change)."""
