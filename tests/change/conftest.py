@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from lightkube import AsyncClient, KubeConfig
+from lightkube import AsyncClient
 
 from tests.change.shopload import Fleet, SecretMirror
 from tests.fixtures.cluster import Cluster
-from tests.fixtures.operator import OperatorProcess, operator_namespace, start_operator
+from tests.fixtures.operator import OperatorProcess, kube_client, operator_namespace, start_operator
 
 SHOP = """
 apiVersion: natsmesh.io/v1alpha1
@@ -83,11 +83,8 @@ def shop_namespace(change_operator: OperatorProcess) -> Iterator[str]:
 
 @pytest.fixture
 async def kube(change_operator: OperatorProcess) -> AsyncIterator[AsyncClient]:
-    client = AsyncClient(config=KubeConfig.from_file(change_operator.cluster.kubeconfig))
-    try:
+    async with kube_client(change_operator) as client:
         yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

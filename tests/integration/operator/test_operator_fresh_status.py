@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from lightkube import AsyncClient, KubeConfig
+from lightkube import AsyncClient
 from nats.aio.client import Client as NATS
 
 from natsmesh_operator.handlers.kube import NatsServiceRes, body_of
@@ -28,7 +28,7 @@ from natsmesh_operator.wiring.keys import Key, Role
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
 from tests.fixtures.cluster import Cluster
-from tests.fixtures.operator import OperatorProcess, operator_namespace, start_operator
+from tests.fixtures.operator import OperatorProcess, kube_client, operator_namespace, start_operator
 from tests.integration.sidecar.sidecar_harness import TestApp, settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -106,11 +106,8 @@ def namespace(event_operator: OperatorProcess) -> Iterator[str]:
 
 @pytest.fixture
 async def kube(event_operator: OperatorProcess) -> AsyncIterator[AsyncClient]:
-    client = AsyncClient(config=KubeConfig.from_file(event_operator.cluster.kubeconfig))
-    try:
+    async with kube_client(event_operator) as client:
         yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture
