@@ -429,7 +429,7 @@ def test_nats_client_port_is_closed_to_unmeshed_namespaces(
 
 
 STARTER = """
-import http.client, json, time
+import http.client
 c = http.client.HTTPConnection("127.0.0.1", 15001, timeout=10)
 try:
     c.request("GET", "/version", headers={"host": "inventory"})
@@ -437,14 +437,19 @@ try:
     print("first-call", r.status, r.read().decode(), flush=True)
 except OSError as e:
     print("first-call", type(e).__name__, e, flush=True)
-time.sleep(86400)
+# Then it serves, like any app that calls out while starting: its sidecar
+# joins the queue group (and reports ready) only once this port answers.
+import http.server
+http.server.HTTPServer(("127.0.0.1", 8080), http.server.BaseHTTPRequestHandler).serve_forever()
 """
 
 
 def test_new_pod_first_outbound_call_succeeds(shop: KindShop, release: Kind) -> None:
-    """A new meshed pod whose app calls another service the moment it starts:
-    the kubelet starts the app only after the injected sidecar is started and
-    ready, so that very first call is answered (200), with no restart."""
+    """A new meshed pod whose app calls another service the moment it starts,
+    before it serves: the kubelet starts the app only after the injected
+    sidecar has started, whose outbound listener does not wait for the app,
+    so that very first call is answered (200), with no restart; the pod is
+    Ready once the app serves (the sidecar then joins its queue group)."""
     kind, ns = release, shop.namespace
     image = _image_names()["app"]
     nsvc = {
