@@ -7,6 +7,7 @@ and tests can point one client at the local control plane.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -65,6 +66,9 @@ def body_of(obj: Any) -> dict[str, Any]:
         data["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
     return data
 
+
+LIST_RETRY_SECONDS = 0.25
+"""Pause before the one retry of a failed list a webhook depends on."""
 
 LIST_CHUNK = 250
 """Objects per page when a pass lists a kind: one response of 1,000
@@ -146,11 +150,21 @@ async def list_routes(
 
 
 async def namespace_services(kube: AsyncClient, namespace: str) -> list[NatsService]:
-    """The NatsServices of one namespace, not being deleted; invalid ones left out."""
+    """The NatsServices of one namespace, not being deleted; invalid ones left out.
+
+    The webhooks ask this and fail closed on an error, so one failed list
+    (seen in CI right after the active operator replica was deleted) is
+    retried once before it refuses a user's request.
+    """
+    try:
+        bodies = [body_of(obj) async for obj in kube.list(NatsServiceRes, namespace=namespace)]
+    except ApiError as exc:
+        logger.warning("listing NatsServices in %s: %s; retrying once", namespace, exc)
+        await asyncio.sleep(LIST_RETRY_SECONDS)
+        bodies = [body_of(obj) async for obj in kube.list(NatsServiceRes, namespace=namespace)]
     invalid: list[Invalid] = []
     out = []
-    async for obj in kube.list(NatsServiceRes, namespace=namespace):
-        body = body_of(obj)
+    for body in bodies:
         if body.get("metadata", {}).get("deletionTimestamp"):
             continue
         try:
