@@ -329,6 +329,10 @@ def test_a_route_to_an_inconsistent_canary_says_what_it_dropped(
 ) -> None:
     op, ns = event_operator, namespace
     apply_orders(op, ns, callers="{name: gateway}")
+    # The first-created version sets the policy, by creation time (1 s
+    # resolution, then uid): v2 must be created in a later second than v1.
+    op.wait_ready("natsservice", "orders", ns)
+    time.sleep(1.1)
     # v2 admits other callers than v1: the plan leaves it out.
     apply_orders(op, ns, name="orders-v2", version="v2")
     op.cluster.kubectl("apply", "-n", ns, "-f", "-", input=ROUTE)
