@@ -63,11 +63,8 @@ SERVICES = ("gateway", "orders", "payments", "inventory")
 def change_operator(
     crds: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    op = start_operator(crds, tmp_path_factory.mktemp("change"))
-    try:
+    with start_operator(crds, tmp_path_factory.mktemp("change")) as op:
         yield op
-    finally:
-        op.teardown()
 
 
 @pytest.fixture(scope="module")

@@ -86,16 +86,13 @@ def event_operator(
     crds: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     """An operator whose timers are too slow to matter within a test."""
-    op = start_operator(
+    with start_operator(
         crds,
         tmp_path_factory.mktemp("fresh"),
         drift_interval=SLOW_TIMERS,
         endpoints_interval=SLOW_TIMERS,
-    )
-    try:
+    ) as op:
         yield op
-    finally:
-        op.teardown()
 
 
 @pytest.fixture
