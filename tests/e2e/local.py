@@ -186,11 +186,18 @@ class LocalRelease:
         )
 
     def wait_resource_ready(self, kind: str, name: str, namespace: str, timeout: float) -> None:
-        self.wait_for(
-            f"{kind} {namespace}/{name} Ready",
-            lambda: self.ready_count(namespace, f"{kind}/{name}") == 1,
-            timeout,
-        )
+        try:
+            self.wait_for(
+                f"{kind} {namespace}/{name} Ready",
+                lambda: self.ready_count(namespace, f"{kind}/{name}") == 1,
+                timeout,
+            )
+        except AssertionError as exc:
+            # The resource's own conditions say why; the pods' logs come after.
+            found = self.kubectl(
+                "get", f"{kind}/{name}", "-n", namespace, "-o", "jsonpath={.status}", check=False
+            )
+            raise AssertionError(f"{kind} {namespace}/{name} status: {found}\n{exc}") from None
 
     def secret_data(self, name: str) -> dict[str, str]:
         out = json.loads(self.kubectl("get", "secret", name, "-n", self.namespace, "-o", "json"))

@@ -156,6 +156,11 @@ def issued_user(secret: Any, account: Key | None, *, recorded: bool) -> str | No
     return user
 
 
+def retry_backoff(failed_passes: int, cap: float) -> float:
+    """Seconds before the pass after ``failed_passes`` failed ones in a row."""
+    return min(cap, 2.0 ** min(failed_passes, 16))
+
+
 class MeshReconciler:
     def __init__(
         self,
@@ -167,7 +172,11 @@ class MeshReconciler:
         watched: Watched = EVERYWHERE,
         creds: CredsSettings | None = None,
         app_network_policy: bool = True,
+        retry_delay: float = 10.0,
     ) -> None:
+        self.retry_delay = retry_delay
+        self._retry: asyncio.TimerHandle | None = None
+        self._failed_passes = 0
         self.watched = watched
         self.app_network_policy = app_network_policy
         self.creds_settings = creds or CredsSettings()
@@ -191,6 +200,8 @@ class MeshReconciler:
         self._loop_task.start()
 
     async def stop(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         await self._loop_task.stop()
 
     async def request(self) -> PassResult:
@@ -226,9 +237,33 @@ class MeshReconciler:
             METRICS.pass_duration.observe(time.monotonic() - started)
             METRICS.passes.labels(result="error" if result.fatal else "ok").inc()
             self.last = result
+            self._schedule_retry(result)
             async with self._finished:
                 self._done = upto
                 self._finished.notify_all()
+
+    def _schedule_retry(self, result: PassResult) -> None:
+        """After a pass that failed anywhere, another one follows by itself.
+
+        A handler retries only a fatal pass; an error in one namespace (a
+        stream the servers refused while their JetStream cluster was still
+        electing, a NetworkPolicy write) would otherwise wait for the next
+        drift check, a minute away. Backoff 1, 2, 4 ... s up to
+        ``retry_delay``, reset by a clean pass.
+        """
+        failed = bool(
+            result.fatal or (result.report is not None and result.report.errors)
+            or result.policy_errors
+        )
+        if not failed:
+            self._failed_passes = 0
+            return
+        delay = retry_backoff(self._failed_passes, self.retry_delay)
+        self._failed_passes += 1
+        if self._retry is not None:
+            self._retry.cancel()
+        logger.info("the last pass failed in places; another in %.0f s", delay)
+        self._retry = asyncio.get_running_loop().call_later(delay, self.poke)
 
     async def _pass_and_report(self, started: float) -> PassResult:
         invalid: list[kube.Invalid] = []

@@ -70,6 +70,7 @@ class Runtime:
             watched=settings.watched,
             creds=settings.creds,
             app_network_policy=settings.network.app_policy,
+            retry_delay=settings.reconcile.retry_delay,
         )
         webhook = None
         if settings.webhook.enabled:
