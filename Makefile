@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
-        test-unit test-integration test-security test-change test-e2e e2e-local e2e-kind bench bench-quick \
+        test-unit test-local test-integration test-security test-change test-e2e e2e-local e2e-kind bench bench-quick \
         clean images docker-down kind-tools kind-image kind-up kind-down demo-kind demo-kind-down
 
 help: ## list targets
@@ -64,7 +64,10 @@ crds: venv ## regenerate crds/, the chart's copy and docs/resources.md from the 
 	$(BIN)/natsmesh crds
 	$(BIN)/natsmesh crds --dir charts/natsmesh/files/crds --no-docs
 
-test: check test-unit ## everything CI runs (one local cluster for both server tiers)
+test: check test-unit ## everything CI runs: the local tiers on one local cluster, then real pods on kind
+	hack/with-docker.sh $(MAKE) --no-print-directory test-local e2e-kind
+
+test-local: venv tools ## the server tiers on one local control plane (integration, security, change, e2e)
 	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-security test-change test-e2e
 
 test-unit: venv ## fast tier: pure logic, no servers (< 1 min)
@@ -83,7 +86,7 @@ test-e2e e2e-local: venv tools ## the whole flow on the local control plane
 	hack/with-cluster.sh $(PYTEST) tests/e2e
 
 e2e-kind: venv tools kind-tools ## the whole flow on kind with real pods (Docker from Debian; builds the node image offline)
-	NATSMESH_E2E_KIND=1 $(PYTEST) tests/e2e/test_e2e_kind.py
+	NATSMESH_E2E_KIND=1 hack/with-docker.sh $(PYTEST) tests/e2e/test_e2e_kind.py
 
 bench: venv tools ## benchmarks (not timed tests): sidecar, namespace scale and operator
 	$(BIN)/python -m bench.sidecar

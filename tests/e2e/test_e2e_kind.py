@@ -121,6 +121,9 @@ def _image_names() -> dict[str, str]:
 def kind() -> Iterator[Kind]:
     name = os.environ.get("NATSMESH_KIND_CLUSTER", "natsmesh-e2e")
     env = {**os.environ, "NATSMESH_KIND_CLUSTER": name}
+    # An engine first (installed and started if missing; idempotent): `kind
+    # get clusters` fails outright without one.
+    run(str(REPO / "hack" / "docker.sh"), "up", timeout=900)
     kind_bin = _which("kind")
     existing = run(kind_bin, "get", "clusters").split() if kind_bin else []
     # Builds what is missing (node image, natsmesh's images), creates the
