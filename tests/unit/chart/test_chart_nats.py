@@ -92,7 +92,7 @@ def test_statefulset_details() -> None:
     sts = manifest.get("StatefulSet", NATS)
     pod = sts["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == "nats:2.12-alpine"
+    assert container["image"] == "nats:2.15.1-alpine"
     assert container["command"] == ["nats-server", "--config", "/etc/nats/config/nats.conf"]
     # No monitor port: the monitoring listener is on the pod's loopback by default.
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from natsmesh_operator.webhook.inject import InjectionSettings
+
 from .render import FULLNAME, env, operator_container, render
 from .values_sets import EXTERNAL_URL, VALUE_SETS
 
@@ -163,3 +165,14 @@ def test_pod_scheduling_values() -> None:
     assert pod["metadata"]["labels"]["a"] == "b"
     assert pod["spec"]["priorityClassName"] == "system-cluster-critical"
     assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_the_operators_own_sidecar_defaults_are_the_charts() -> None:
+    """An operator run without the chart (``natsmesh operator`` by hand)
+    injects the same sidecar the chart's defaults describe."""
+    values = env(operator_container(render()))
+    code = InjectionSettings()
+    assert values["NATSMESH_SIDECAR_CPU_REQUEST"] == code.cpu_request
+    assert values["NATSMESH_SIDECAR_MEMORY_REQUEST"] == code.memory_request
+    assert values["NATSMESH_SIDECAR_MEMORY_LIMIT"] == code.memory_limit
+    assert values["NATSMESH_SIDECAR_IMAGE_PULL_POLICY"] == code.image_pull_policy
