@@ -67,7 +67,8 @@ class ReconcileSettings:
     or deleted by hand). The safety net: a deleted creds Secret, stream or
     consumer is noticed by a watch and repaired at once."""
     retry_delay: float = 10.0
-    """Seconds before retrying after NATS or the API server failed."""
+    """Seconds before retrying after NATS or the API server failed; also the
+    cap of the backoff (1, 2, 4 ... s) after a pass that failed in places."""
     endpoints_interval: float = 30.0
     """Seconds between each NatsService's timer: an endpoint count ($SRV.PING)
     and a drift check when the last pass is older than ``drift_interval``.
