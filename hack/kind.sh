@@ -244,34 +244,34 @@ nats_image() {
   echo "natsmesh/nats:${v#v}"
 }
 
-# install_addon <tools module> <binary> <manifest under hack/kind/> <namespace> <workload>:
-# the binary on the add-ons' Debian base, loaded into the nodes, the manifest
-# applied with __IMAGE__ = that image, then waited for.
-install_addon() {
-  local module="$1" bin="$2" manifest="$3" ns="$4" workload="$5"
-  local kubectl; kubectl="$(bin_of kubectl)"
-  local mod v
+# addon_image <tools module> <binary>: the binary on the add-ons' Debian base
+# (built once, cached in Docker); prints the image name.
+addon_image() {
+  local module="$1" bin="$2" mod v
   mod="$(awk '$1 == "tool" {print $2}' "$here/tools/$module/go.mod")"
   v="$(awk -v m="$mod" 'index(m, $1) == 1 && $2 ~ /^v/ {print $2}' "$here/tools/$module/go.mod" | head -1)"
   local image="natsmesh/$bin:$v"
   local os; os="$("$here/images.sh" --rootfs kind-addons-os "$ADDONS_OS_PACKAGES")"
   component_image "$image" "$(bin_of "$bin")" "$os" entry
-  "$(bin_of kind)" load docker-image --name "$name" "$image" >&2
-  sed "s|__IMAGE__|$image|g" "$here/kind/$manifest" |
-    "$kubectl" --kubeconfig "$kubeconfig" apply -f - >&2
-  "$kubectl" --kubeconfig "$kubeconfig" -n "$ns" rollout status "$workload" --timeout=180s >&2
+  echo "$image"
 }
 
-# natsmesh's images, and the chart's NATS server (nats-server on the add-ons'
-# base: its probes exec `sh -c wget ...`).
+# apply_addon <manifest under hack/kind/> <image>: applied with __IMAGE__ = image.
+apply_addon() {
+  sed "s|__IMAGE__|$2|g" "$here/kind/$1" | kubectl_ apply -f - >&2
+}
+
+# Every image the cluster runs that no registry serves, loaded in one go (one
+# tar, imported into each node): the add-ons, natsmesh's images, and the
+# chart's NATS server (nats-server on the add-ons' base: its probes exec
+# `sh -c wget ...`).
 load_images() {
-  local kind_bin; kind_bin="$(bin_of kind)"
   "$here/images.sh" >&2
   NATS_IMAGE="$(nats_image)"
   local os; os="$("$here/images.sh" --rootfs kind-addons-os "$ADDONS_OS_PACKAGES")"
   component_image "$NATS_IMAGE" "$(bin_of nats-server)" "$os"
   local images; mapfile -t images < <("$here/images.sh" --print | tail -3)
-  "$kind_bin" load docker-image --name "$name" "${images[@]}" "$NATS_IMAGE" >&2
+  "$(bin_of kind)" load docker-image --name "$name" "$@" "${images[@]}" "$NATS_IMAGE" >&2
 }
 
 kubectl_() { "$(bin_of kubectl)" --kubeconfig "$kubeconfig" "$@"; }
@@ -291,9 +291,13 @@ up() {
     log "cluster created in $((SECONDS - start))s"
   fi
   install_cni
-  "$(bin_of kubectl)" --kubeconfig "$kubeconfig" wait --for=condition=Ready nodes --all --timeout=180s
+  local router_image path_image
+  router_image="$(addon_image kuberouter kube-router)"
+  path_image="$(addon_image localpath local-path-provisioner)"
+  load_images "$router_image" "$path_image"
+  kubectl_ wait --for=condition=Ready nodes --all --timeout=180s >&2
   # NetworkPolicy enforcement: kube-router's firewall on the ptp network.
-  install_addon kuberouter kube-router kube-router.yaml kube-system ds/kube-router
+  apply_addon kube-router.yaml "$router_image"
   # The default StorageClass (the chart's NATS StatefulSet claims a PVC). kind
   # made one named "standard" for kubernetes.io/host-path, which nothing
   # serves here (the node image has no /kind/manifests/default-storage.yaml):
@@ -301,10 +305,11 @@ up() {
   local sc
   sc="$(kubectl_ get storageclass standard -o 'jsonpath={.provisioner}' 2>/dev/null || true)"
   [[ -z "$sc" || "$sc" == rancher.io/local-path ]] || kubectl_ delete storageclass standard >&2
-  install_addon localpath local-path-provisioner local-path.yaml \
-    local-path-storage deploy/local-path-provisioner
-  load_images
-  "$(bin_of kubectl)" --kubeconfig "$kubeconfig" -n kube-system rollout status deploy/coredns --timeout=180s
+  apply_addon local-path.yaml "$path_image"
+  # Applied together, waited for together.
+  kubectl_ -n kube-system rollout status ds/kube-router --timeout=180s >&2
+  kubectl_ -n local-path-storage rollout status deploy/local-path-provisioner --timeout=180s >&2
+  kubectl_ -n kube-system rollout status deploy/coredns --timeout=180s >&2
   log "ready: export KUBECONFIG=$kubeconfig"
 }
 
