@@ -31,6 +31,7 @@ from nats import errors as nats_errors
 from natsmesh_sidecar import accesslog, codec, permissions, readiness, resilience, subjects
 from natsmesh_sidecar.events import EventConsumer, EventPublisher
 from natsmesh_sidecar.inbound import AppPool, InboundHandler, InboundLimits
+from natsmesh_sidecar.logthrottle import LogThrottle
 from natsmesh_sidecar.metrics import AdminServer, Metrics
 from natsmesh_sidecar.micro import MicroService
 from natsmesh_sidecar.natsfast import FastPath, Reply, violation_subject
@@ -161,6 +162,7 @@ class Sidecar:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._async_errors: list[str] = []
+        self._error_log = LogThrottle()
 
     # -- state used by the handlers -------------------------------------------
 
@@ -618,7 +620,10 @@ class Sidecar:
                 if self.fast is not None:
                     self.fast.fail_subject(found[1])
         else:
-            logger.warning("NATS async error: %s", text or type(exc).__name__)
+            held = self._error_log.allow(kind)
+            if held is not None:
+                more = f" ({held} more like it not logged)" if held else ""
+                logger.warning("NATS async error: %s%s", text or kind, more)
 
     async def _on_disconnected(self) -> None:
         self.metrics.nats_connected.set(0)

@@ -224,7 +224,9 @@ class EventConsumer:
                     await asyncio.wait_for(self.stop.wait(), 1.0)
 
     async def deliver(self, msg: Msg) -> str:
-        """Deliver one message; returns ``delivered``, ``retry``, ``dead`` or ``dropped``."""
+        """Deliver one message; returns ``delivered``, ``retry``, ``dead``, ``dropped``,
+        ``ack_lost`` (the app answered, the ack did not reach the server: it
+        redelivers) or ``error`` (nothing reached the app)."""
         d = self.d
         app = self.app
         t0 = time.perf_counter()
@@ -237,10 +239,13 @@ class EventConsumer:
             num, seq = 1, 0
         hdrs = msg.headers or {}
         rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
+        status = 0
+        answered = False
         try:
             if d.mode == "atMostOnce":
                 await msg.ack()
             status, err = await self._post(msg, hdrs, rid, num, seq)
+            answered = True
             ok = 200 <= status < 300
             result: str
             if d.mode == "atMostOnce":
@@ -262,9 +267,12 @@ class EventConsumer:
                 await msg.nak(delay=delay)
                 result = "retry"
         except Exception as exc:
-            # Ack/nak lost (e.g. NATS went away): the server redelivers after ackWait.
+            # Ack/nak lost (e.g. NATS went away): the server redelivers after
+            # ackWait. What the app answered stays on record: a 200 whose ack
+            # was lost is the app's success, and its redelivery carries the
+            # same Idempotency-Key.
             logger.warning("event %s seq %d: %s", d.topic, seq, exc)
-            status, result = 0, "error"
+            result = "ack_lost" if answered else "error"
         finally:
             self.inflight -= 1
         app.metrics.events_delivered.labels(d.topic, result).inc()

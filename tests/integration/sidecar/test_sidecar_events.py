@@ -231,6 +231,42 @@ async def test_exactly_once_double_ack(js_server: NatsServer) -> None:
         await stop_event_mesh(m)
 
 
+async def test_an_ack_lost_after_the_app_answered_is_recorded_as_the_apps_success(
+    nats_server: NatsServer,
+) -> None:
+    """exactlyOnce, and NATS goes away while the app handles the event: the
+    app's 200 stays on record (``ack_lost``, not status 0 / ``error``), the
+    server redelivers after ackWait with the same Idempotency-Key, and the
+    second delivery is acked."""
+    await make_stream_and_consumer(nats_server.url, ack_wait=1.0)
+    m = await start_event_mesh(nats_server, mode="exactlyOnce")
+    original = m.app.handler
+    outage = asyncio.Event()
+
+    async def handler(req: AppRequest) -> AppReply:
+        if not outage.is_set():
+            outage.set()
+            await asyncio.to_thread(nats_server.stop)
+        return await original(req)
+
+    m.app.handler = handler
+    delivered = m.subscriber.metrics.events_delivered
+    try:
+        r = await request(
+            m.publisher.outbound_port, "POST", f"/_events/{TOPIC}",
+            headers=[("Idempotency-Key", "lost-1")], body=b"{}",
+        )  # fmt: skip
+        assert r.status == 202
+        await wait_for(lambda: delivered.labels(TOPIC, "ack_lost").get() == 1)
+        assert delivered.labels(TOPIC, "error").get() == 0
+        await asyncio.to_thread(nats_server.start)
+        await wait_for(lambda: delivered.labels(TOPIC, "delivered").get() == 1, within=20)
+        # The duplicate the Idempotency-Key is for: the app saw the key twice.
+        assert m.acked == ["lost-1", "lost-1"]
+    finally:
+        await stop_event_mesh(m)
+
+
 async def test_dead_letter_after_max_deliver(nats_server: NatsServer) -> None:
     await make_stream_and_consumer(nats_server.url, max_deliver=3)
     m = await start_event_mesh(nats_server, fail_always=True, maxDeliver=3, backoffMs=[10])
