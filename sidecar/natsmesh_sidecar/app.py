@@ -273,11 +273,16 @@ class Sidecar:
             self.permissions = self.creds.permissions
             self.micro.reply_prefix = subjects.OPERATOR_INBOX_ROOT + "."
         if self._static_table is None and s.table_file:
+            applied: float | None = None
             try:
+                mtime = os.stat(s.table_file).st_mtime
                 self.apply_table(parse_table(read_bytes(s.table_file)))
+                applied = mtime
             except (OSError, ValueError) as exc:
                 logger.error("table file %s unusable at start: %s", s.table_file, exc)
-            self._spawn(watch_file(s.table_file, self.apply_table, self.table_poll, self._stop))
+            self._spawn(
+                watch_file(s.table_file, self.apply_table, self.table_poll, self._stop, applied)
+            )
         elif self._static_table is not None:
             self.apply_table(self._static_table)
         self.admin_port = await self.admin.start(s.admin_host, s.admin_port)

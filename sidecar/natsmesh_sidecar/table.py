@@ -89,9 +89,12 @@ def _mtime(path: str) -> float | None:
         return None
 
 
-async def watch_file(path: str, on_table: OnTable, poll: float, stop: asyncio.Event) -> None:
-    """Reload the table file whenever its mtime changes."""
-    last: float | None = None
+async def watch_file(
+    path: str, on_table: OnTable, poll: float, stop: asyncio.Event, since: float | None = None
+) -> None:
+    """Reload the table file whenever its mtime changes from ``since`` (the
+    mtime of the table applied at start: it is not applied a second time)."""
+    last = since
     while not stop.is_set():
         try:
             mtime = os.stat(path).st_mtime
