@@ -198,8 +198,11 @@ class Subscription(ApiModel):
     """HTTP path on the app each event is POSTed to, e.g. `/events/order-created`."""
     delivery: Literal["atMostOnce", "atLeastOnce", "exactlyOnce"] = "atLeastOnce"
     """`atMostOnce`: acked on receipt, lost if the app fails. `atLeastOnce`: acked
-    after a 2xx from the app, redelivered otherwise. `exactlyOnce`: like atLeastOnce,
-    plus publish de-duplication and a double ack."""
+    after a 2xx from the app, redelivered otherwise. `exactlyOnce`: stored once
+    (publish de-duplication on the Idempotency-Key), delivered until acknowledged
+    (a double ack the server confirms), and every delivery carries the event's
+    stable `Idempotency-Key` header, which the app must de-duplicate on: an event
+    whose 2xx or ack was lost to a crash or a NATS outage is delivered again."""
     max_deliver: Annotated[int, Field(ge=1, le=100)] | None = None
     """Deliveries before the event goes to the dead-letter subject; unset means 5
     (1 for atMostOnce)."""
