@@ -252,7 +252,8 @@ class MeshReconciler:
         ``retry_delay``, reset by a clean pass.
         """
         failed = bool(
-            result.fatal or (result.report is not None and result.report.errors)
+            result.fatal
+            or (result.report is not None and result.report.errors)
             or result.policy_errors
         )
         if not failed:
