@@ -1,7 +1,9 @@
-"""The ``natsmesh`` command: ``operator``, ``bootstrap``, ``crds`` and ``sidecar``.
+"""The ``natsmesh`` command: ``operator``, ``bootstrap``, ``crds`` and ``sidecar``,
+and for the people who run a mesh ``check``, ``status`` and ``analyze``.
 
 Each subcommand imports its implementation lazily, so ``natsmesh sidecar``
-never loads kopf or a Kubernetes client, and ``natsmesh crds`` starts fast.
+never loads kopf or a Kubernetes client, ``natsmesh crds`` starts fast, and
+the operator never loads the user commands (:mod:`natsmesh_operator.usercli`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "crds": ("natsmesh_operator.crdgen", "main", "write or check crds/*.yaml from the models"),
     "sidecar": ("natsmesh_sidecar.__main__", "main", "run the HTTP <-> NATS sidecar"),
+    "check": (
+        "natsmesh_operator.usercli.check",
+        "main",
+        "pre-install (--pre) and post-install checks, PASS/FAIL with fixes",
+    ),
+    "status": (
+        "natsmesh_operator.usercli.status",
+        "main",
+        "the mesh as tables: services, callers, routes, events and lag",
+    ),
+    "analyze": (
+        "natsmesh_operator.usercli.analyze",
+        "main",
+        "find mistakes in the applied resources (exit 1 on errors)",
+    ),
 }
 
 

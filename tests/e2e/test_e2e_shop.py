@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,58 @@ def test_event_delivered_exactly_once_after_a_failure(shop: LocalShop) -> None:
 
 def test_metrics_count_requests(shop: LocalShop) -> None:
     scenarios.check_metrics(shop)
+
+
+def test_natsmesh_check_and_status_on_the_installed_chart(
+    release: LocalRelease, shop: LocalShop
+) -> None:
+    """The user commands against the real chart: the webhook Service's endpoints and
+    the caBundle checked against the serving Secret (the Service is not reachable
+    from here), NATS through its pod's port (what a port-forward would give)."""
+    sim = release.sims[release.namespace]
+    (nats,) = sim.select(**{"app.kubernetes.io/component": "nats"})
+    url = f"nats://127.0.0.1:{nats.port(4222)}"
+    cli = [sys.executable, "-m", "natsmesh_operator.cli"]
+    env = release.cluster.env()
+    check = subprocess.run(
+        [*cli, "check", "-n", release.namespace, "--nats-url", url],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    lines = check.stdout.splitlines()
+    for hook in ("inject", "validate"):
+        assert any(
+            line.startswith(f"PASS  webhook {hook}.natsmesh.io")
+            and f"Service {release.namespace}/{RELEASE}-webhook: 2 ready endpoint(s)" in line
+            and f"caBundle verifies the serving certificate in Secret {release.namespace}/" in line
+            for line in lines
+        ), check.stdout
+    assert any(
+        line.startswith("PASS  operator") and line.endswith(f"{RELEASE}-operator: 2/2 ready")
+        for line in lines
+    ), check.stdout
+    assert any(
+        line.startswith("PASS  nats") and "operator mode, JetStream on" in line for line in lines
+    ), check.stdout
+    assert any(
+        line.startswith(f"PASS  namespace {shop.namespace}") and "5/5" in line for line in lines
+    ), check.stdout
+    # The chart leaves the root key in a Secret for the admin to take offline.
+    assert any(line.startswith("WARN  bootstrap root key") for line in lines), check.stdout
+
+    status = subprocess.run(
+        [*cli, "status", "-n", shop.namespace, "--system-namespace", release.namespace,
+         "--nats-url", url, "-o", "json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    # Every sidecar answers $SRV.PING: one endpoint per service, as counted by the operator.
+    assert {s["name"]: s["endpoints"] for s in data["services"]} == {
+        w: "1" for w in scenarios.WORKLOADS
+    }
+    assert data["lagNote"] == f"from {url}"
+    assert all(e["pending"] in ("0", "-") for e in data["events"]), data["events"]
 
 
 def test_chart_pods_run_as_their_specs_say(release: LocalRelease) -> None:
