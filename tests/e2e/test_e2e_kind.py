@@ -662,6 +662,70 @@ def test_nats_pod_deleted_mid_traffic_keeps_every_acked_event(
         )
 
 
+def _orders_versions(shop: KindShop, n: int = 20) -> set[str]:
+    found = set()
+    for _ in range(n):
+        status, _, body = scenarios.http("GET", shop.gateway + "/orders-version", timeout=10)
+        if status == 200:
+            found.add(body["orders_version"])
+    return found
+
+
+def _canary_weights(kind: Kind, ns: str, v1: int, v2: int) -> None:
+    patch = [
+        {"op": "replace", "path": "/spec/rules/1/destinations/0/weight", "value": v1},
+        {"op": "replace", "path": "/spec/rules/1/destinations/1/weight", "value": v2},
+    ]
+    kind.kubectl("patch", "natsroute", "orders", "-n", ns, "--type=json", "-p", json.dumps(patch))
+
+
+def test_the_mesh_changing_under_traffic_fails_no_request(shop: KindShop, release: Kind) -> None:
+    """Issue 18's change tier, on real pods: checkouts through the gateway
+    without pause while orders-v1 scales 1 -> 3 -> 1 (new pods join behind
+    their readiness, removed ones drain on a real SIGTERM), the canary route
+    shifts 90/10 -> 0/100 -> 90/10, and the operator's pod is deleted and
+    replaced. Not one checkout may fail."""
+    kind, ns = release, shop.namespace
+
+    def checkout(i: int) -> tuple[bool, str]:
+        status, _, body = scenarios.http(
+            "POST", shop.gateway + "/checkout", {"item": "mug", "order_id": f"chg-{i}"},
+            timeout=10,
+        )  # fmt: skip
+        return status == 200, f"{status} {body}"
+
+    steps: list[str] = []
+    with Traffic(checkout) as traffic:
+        scenarios.wait_until("checkouts before", lambda: traffic.ok_since(0) >= 20, 30)
+        kind.kubectl("scale", "-n", ns, "deploy/orders-v1", "--replicas=3")
+        kind.kubectl("rollout", "status", "-n", ns, "deploy/orders-v1", "--timeout=180s",
+                     timeout=240)  # fmt: skip
+        steps.append("orders-v1 scaled to 3")
+        kind.kubectl("scale", "-n", ns, "deploy/orders-v1", "--replicas=1")
+        kind.kubectl("rollout", "status", "-n", ns, "deploy/orders-v1", "--timeout=180s",
+                     timeout=240)  # fmt: skip
+        steps.append("orders-v1 scaled to 1")
+        _canary_weights(kind, ns, 0, 100)
+        scenarios.wait_until("all of orders on v2", lambda: _orders_versions(shop) == {"v2"}, 60)
+        _canary_weights(kind, ns, 90, 10)
+        scenarios.wait_until("v1 back", lambda: "v1" in _orders_versions(shop), 60)
+        steps.append("canary 90/10 -> 0/100 -> 90/10")
+        operator = "app.kubernetes.io/component=operator"
+        # Waits until the old pod is gone (its drain included), then for the new one.
+        kind.kubectl("delete", "pod", "-n", SYSTEM_NS, "-l", operator, "--timeout=120s")
+        kind.kubectl("wait", "pod", "-n", SYSTEM_NS, "-l", operator, "--for=condition=Ready",
+                     "--timeout=180s", timeout=240)  # fmt: skip
+        steps.append("operator pod replaced")
+        done = time.monotonic()
+        # Past the removed pods' drain (the sidecar's grace) with traffic still on.
+        scenarios.wait_until("checkouts after", lambda: traffic.ok_since(done + 20) >= 20, 90)
+    failures = traffic.failures()
+    total = len(traffic.outcomes)
+    changes = "; ".join(steps)
+    print(f"\nchanges under traffic ({changes}): {total} checkouts, {len(failures)} failed")
+    assert failures == [], f"{len(failures)} of {total} failed: {failures[:5]}"
+
+
 def test_rolling_update_of_orders_under_traffic_loses_no_request(
     shop: KindShop, release: Kind
 ) -> None:
