@@ -43,6 +43,7 @@ from natsmesh_operator.wiring.apply import (
     ApplyReport,
 )
 from natsmesh_operator.wiring.bootstrap import Bootstrap, BootstrapError
+from natsmesh_operator.wiring.held import HELD_KEY, Held, HeldRevocations, due, user_connections
 from natsmesh_operator.wiring.keys import Key, KeyRing, NKeyError, Role, is_public
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 
@@ -55,6 +56,12 @@ KEYS_SECRET_BUDGET = 640 * 1024
 """Bytes of data the keys Secret may hold (before base64): the API server
 refuses objects over 1 MiB, and seeds that cannot be saved are lost keys."""
 CREDS_CONCURRENCY = 16
+HOLD_FIRST_CHECK = 1.0
+"""Seconds after a pass that held a revocation until the pass that looks whether
+the old key is still connected (nobody may have used it at all)."""
+HOLD_RECHECK = 10.0
+"""While a revocation is held, a pass at least this often: the disconnect
+advisory that normally ends the hold may have been lost."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,8 @@ class PassResult:
     """Resources left out of the pass: each fails its own status only."""
     policy_errors: dict[tuple[str, str], str] = field(default_factory=dict)
     """NatsServices whose NetworkPolicy could not be written, and why."""
+    held: dict[tuple[str, str], Held] = field(default_factory=dict)
+    """NatsServices whose previous (wider) user key is still valid, held."""
 
     def namespace_errors(self, namespace: str) -> list[str]:
         if self.report is None:
@@ -192,6 +201,12 @@ class MeshReconciler:
         self._loop_task = Background("natsmesh-mesh-reconciler", self._loop)
         self._keys: KeyRing | None = None
         self._revocations: dict[str, dict[str, int]] = {}
+        self._held = HeldRevocations()
+        self._held_in_use: set[str] = set()
+        """Held keys a live creds Secret still holds (a re-issue that failed):
+        revoked once the Secret moves off them, no timer pass for them meanwhile."""
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._keys_saving = asyncio.Lock()
         self.last: PassResult | None = None
 
     # ------------------------------------------------------------ scheduling
@@ -200,8 +215,9 @@ class MeshReconciler:
         self._loop_task.start()
 
     async def stop(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
+        for timer in (self._retry, self._hold_timer):
+            if timer is not None:
+                timer.cancel()
         await self._loop_task.stop()
 
     async def request(self) -> PassResult:
@@ -252,7 +268,8 @@ class MeshReconciler:
         ``retry_delay``, reset by a clean pass.
         """
         failed = bool(
-            result.fatal or (result.report is not None and result.report.errors)
+            result.fatal
+            or (result.report is not None and result.report.errors)
             or result.policy_errors
         )
         if not failed:
@@ -297,6 +314,7 @@ class MeshReconciler:
             data = await kube.read_secret(self.kube, KEYS_SECRET, self.operator_namespace) or {}
             revocations = data.pop(REVOCATIONS_KEY, "{}")
             self._revocations = load_revocations(revocations)
+            self._held = HeldRevocations.load(data.pop(HELD_KEY, "{}"))
             self._keys = KeyRing(data)
         return self._keys
 
@@ -313,9 +331,19 @@ class MeshReconciler:
             )
         return Bootstrap.from_files(data).system_user_creds
 
+    def holding(self, user: str) -> bool:
+        """Whether ``user``'s revocation is held (its disconnect may end the hold)."""
+        return user in self._held
+
     async def _save_keys(self, keys: KeyRing) -> None:
+        # Concurrent creds writes each save a hold before their Secret moves.
+        async with self._keys_saving:
+            await self._write_keys(keys)
+
+    async def _write_keys(self, keys: KeyRing) -> None:
         data = dict(keys.dump())
         data[REVOCATIONS_KEY] = json.dumps(self._revocations, sort_keys=True)
+        data[HELD_KEY] = self._held.dump()
         size = sum(len(k) + len(v.encode()) for k, v in data.items())
         if size > KEYS_SECRET_BUDGET:
             # Refuse rather than drop entries: a dropped seed is a lost account,
@@ -397,8 +425,12 @@ class MeshReconciler:
         for secret, user in stale:
             if user not in in_use:
                 self._revoke(str(secret.metadata.namespace), str(secret.metadata.name), user)
+        bodies = {(str(svc.metadata.namespace), str(svc.metadata.name)): b for svc, b in services}
         try:
             async with self._applier(boot, keys) as applier:
+                if await self._release_held(applier, keys, in_use, set(bodies)):
+                    # Recorded before it is pushed: the Secret is what a restart knows.
+                    await self._save_keys(keys)
                 report = await applier.apply(mesh, prune=True, revocations=self._revocations)
         except ApplyFailed as exc:
             return PassResult(
@@ -407,7 +439,6 @@ class MeshReconciler:
         if keys.created:
             await self._save_keys(keys)
         result = PassResult(started=started, plan=mesh, report=report)
-        bodies = {(str(svc.metadata.namespace), str(svc.metadata.name)): b for svc, b in services}
         # Re-issues come in bursts (a new caller changes its targets' JWTs):
         # write them concurrently, bounded so the API server is not flooded.
         limit = asyncio.Semaphore(CREDS_CONCURRENCY)
@@ -423,6 +454,7 @@ class MeshReconciler:
                 result.creds[key] = outcome
 
         revoked_before = _revocation_count(self._revocations)
+        held_before = self._held.dump()
         await asyncio.gather(*(ensure(svc) for svc, _ in services))
         if _revocation_count(self._revocations) != revoked_before:
             # A narrowing re-issue revoked the key it replaced: push that now,
@@ -463,6 +495,10 @@ class MeshReconciler:
             )
         METRICS.managed.labels(kind="NatsService").set(len(services))
         METRICS.managed.labels(kind="NatsRoute").set(len(routes))
+        result.held = {
+            (h.namespace, h.service): h for h in self._held if h.user not in self._held_in_use
+        }
+        self._schedule_hold_check(fresh=held_before != self._held.dump())
         if report.changed:
             logger.info("mesh pass applied %s", {k: len(v) for k, v in report.changes.items()})
         return result
@@ -474,6 +510,94 @@ class MeshReconciler:
             system_creds=boot.system_user_creds,
             keyring=keys,
         )
+
+    async def _release_held(
+        self,
+        applier: Applier,
+        keys: KeyRing,
+        in_use: set[str],
+        live: set[tuple[str, str]],
+    ) -> int:
+        """Revoke the held keys that are due (:func:`~natsmesh_operator.wiring.held.due`).
+
+        A key a live creds Secret still holds is never revoked: its re-issue
+        failed (or the old creds were put back) and this pass re-issues it;
+        its deadline stands, so it is revoked on the pass after the move.
+        """
+        self._held_in_use = {h.user for h in self._held if h.user in in_use}
+        candidates = [h for h in self._held if h.user not in in_use]
+        if not candidates:
+            return 0
+        now = time.time()
+        accounts = {h.namespace: keys.existing_account(h.namespace) for h in candidates}
+        ask = [
+            (account.public, h.user)
+            for h in candidates
+            if now < h.until and (account := accounts[h.namespace]) is not None
+        ]
+        counts: dict[tuple[str, str], int] = {}
+        if ask:
+            try:
+                counts = await user_connections(applier.sys, ask)
+            except Exception as exc:  # unknown counts: only deadlines apply this pass
+                logger.warning("counting connections of held user keys failed: %s", exc)
+        released = 0
+        for h in candidates:
+            account = accounts[h.namespace]
+            if account is None:  # its account is gone, and the key with it
+                self._held.remove(h)
+                continue
+            why = due(
+                h,
+                now=now,
+                connections=counts.get((account.public, h.user)),
+                live=(h.namespace, h.service) in live,
+            )
+            if why is None:
+                continue
+            self._held.remove(h)
+            self._revocations.setdefault(h.namespace, {})[h.user] = int(now)
+            METRICS.held_revocations.labels(why=why).inc()
+            METRICS.revocation_hold.observe(max(0.0, now - h.since))
+            logger.info(
+                "revoking user %s of %s/%s after %.1f s held (%s)",
+                h.user, h.namespace, h.service, now - h.since, why,
+            )  # fmt: skip
+            released += 1
+        return released
+
+    def _schedule_hold_check(self, *, fresh: bool) -> None:
+        """A pass when the next held revocation is due, or to look again.
+
+        ``fresh``: this pass held a new one; the next looks soon whether any
+        connection uses the old key at all. Otherwise the disconnect advisory
+        of the old key's last connection asks for the pass that revokes it
+        (``handlers/presence.py``); this timer is the safety net.
+        """
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        waiting = [h for h in self._held if h.user not in self._held_in_use]
+        METRICS.revocations_held.set(len(self._held))
+        if not waiting:
+            return
+        delay = min(HOLD_RECHECK, max(0.0, min(h.until for h in waiting) - time.time()))
+        if fresh:
+            delay = min(delay, HOLD_FIRST_CHECK)
+        self._hold_timer = asyncio.get_running_loop().call_later(delay, self.poke)
+
+    async def _hold(self, keys: KeyRing, namespace: str, service: str, user: str) -> None:
+        """Hold ``user``'s revocation, saved before its creds Secret moves off it
+        (the other order could lose it in a restart: a key never revoked)."""
+        grace = self.creds_settings.revocation_grace_seconds
+        entry = self._held.hold(namespace, user, service, now=int(time.time()), grace=grace)
+        self._held_in_use.discard(user)  # the Secret moves off it now
+        await self._save_keys(keys)
+        logger.info(
+            "holding the revocation of user %s of %s/%s until no connection uses it, "
+            "at the latest %d s from now",
+            user, namespace, service, entry.until - int(time.time()),
+        )  # fmt: skip
 
     def _revoke(self, namespace: str, secret_name: str, user: str) -> None:
         self._revocations.setdefault(namespace, {})[user] = int(time.time())
@@ -506,28 +630,32 @@ class MeshReconciler:
             annotated = (secret.metadata.annotations or {}).get(kube.ANNOTATION_ISSUED_USER)
         ttl = self.creds_settings.ttl_seconds
         why = users.needs_reissue(current, user, account.public, ttl_seconds=ttl)
-        held = users.held(current)
+        current_user = users.held(current)
         if not why and annotated == ours:
             return CredsOutcome(
                 True,
                 "CredentialsIssued",
                 f"Secret {secret_name} is current",
-                user=held.public if held else None,
-                expires=held.expires if held else None,
+                user=current_user.public if current_user else None,
+                expires=current_user.expires if current_user else None,
             )
         why = why or "recording the issued user"
         user_key = None
         revoke: str | None = None
-        if held is not None and held.issuer == account.public:
-            if held.permissions is not None and user.permissions.narrows(held.permissions):
+        retire: str | None = None
+        if current_user is not None and current_user.issuer == account.public:
+            if current_user.permissions is not None and user.permissions.narrows(
+                current_user.permissions
+            ):
                 # The old JWT allows more than the service now may: a new key,
-                # and the old one revoked, so a copy of the old file is useless.
-                revoke = held.public
+                # and the old one revoked, so a copy of the old file is useless
+                # (held until the sidecars moved over, at most the grace).
+                retire = current_user.public
             else:
                 # Same identity, new JWT (renewal, or permissions that only grew).
-                user_key = held.key
+                user_key = current_user.key
         lost = str(((body.get("status") or {}).get("user")) or "")
-        if held is None and lost and is_public(lost, Role.USER):
+        if current_user is None and lost and is_public(lost, Role.USER):
             # The Secret was deleted (or emptied) by hand: whoever copied it
             # must not keep a working user. Status is writable by whoever may
             # write natsservices/status, so never a key a live Secret holds.
@@ -548,8 +676,13 @@ class MeshReconciler:
                 f"NATS CONNECT may carry (max_control_line "
                 f"{self.creds_settings.max_control_line}): list fewer allowedCallers from "
                 "other namespaces, topics or subscriptions, or raise nats.maxControlLine",
-                user=held.public if held else None,
+                user=current_user.public if current_user else None,
             )
+        if retire is not None:
+            if self.creds_settings.revocation_grace_seconds > 0:
+                await self._hold(keys, ns, name, retire)
+            else:
+                revoke = retire
         if revoke:
             self._revocations.setdefault(ns, {})[revoke] = int(time.time())
             logger.info("revoking user %s of %s/%s (%s)", revoke, ns, name, why)
