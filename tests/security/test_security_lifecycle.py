@@ -14,6 +14,8 @@ ends it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +24,11 @@ from contextlib import asynccontextmanager
 import pytest
 from nats.aio.client import Client as NATS
 
+from natsmesh_operator.wiring import jwt
 from natsmesh_operator.wiring.apply import connect_creds
+from natsmesh_operator.wiring.held import HELD_KEY
+from natsmesh_operator.wiring.keys import Key, Role
+from natsmesh_operator.wiring.users import managed_user_nats
 from natsmesh_sidecar import subjects
 from tests.fixtures.cluster import nats_service
 from tests.fixtures.operator import REVOCATION_GRACE, OperatorProcess, claims
@@ -189,3 +195,34 @@ async def test_deleting_the_service_revokes_its_user(
     mesh_operator.cluster.kubectl("delete", "natsservice", "d", "-n", ns, "--wait=false")
     await mesh_operator.refused_within(stolen, 30)
     assert await mesh_operator.connects(other)
+
+
+async def test_a_hold_another_replica_recorded_is_carried_out(
+    mesh_operator: OperatorProcess, mesh_namespace: str
+) -> None:
+    """A standby that takes over has loaded the keys Secret long before (it
+    counts endpoints too); the hold the active replica recorded since is
+    carried out all the same: each pass re-reads a Secret someone else wrote."""
+    op, ns = mesh_operator, mesh_namespace
+    op.apply(ns, nats_service("k"))
+    op.wait_ready("natsservice", "k", ns)
+    keys = op.get("secret", "natsmesh-keys", op.namespace)["data"]
+    account = Key.from_seed(base64.b64decode(keys[f"account.{ns}"]).decode(), Role.ACCOUNT)
+    # A key the other replica issued to k and then moved k's Secret off.
+    old = Key.create(Role.USER)
+    token = jwt.encode({"sub": old.public, "name": f"{ns}/k", "nats": managed_user_nats()}, account)
+    copy = jwt.creds(token, old.seed)
+    assert await op.connects(copy)
+    held = json.loads(base64.b64decode(keys.get(HELD_KEY) or "e30=").decode())
+    now = int(time.time())
+    held.setdefault(ns, {})[old.public] = {"service": "k", "since": now - 120, "until": now - 30}
+    encoded = base64.b64encode(json.dumps(held).encode()).decode()
+    op.cluster.kubectl(
+        "patch", "secret", "natsmesh-keys", "-n", op.namespace, "--type=merge",
+        "-p", json.dumps({"data": {HELD_KEY: encoded}}),
+    )  # fmt: skip
+    took = await op.refused_within(copy, SLACK)
+    print(f"a hold recorded by another replica -> carried out in {took:.2f}s")
+    current = op.creds(ns, "k")
+    assert current is not None
+    assert await op.connects(current), "the service itself keeps working"

@@ -200,6 +200,8 @@ class MeshReconciler:
         self._finished = asyncio.Condition()
         self._loop_task = Background("natsmesh-mesh-reconciler", self._loop)
         self._keys: KeyRing | None = None
+        self._keys_version: str | None = None
+        """resourceVersion of the keys Secret as this process last read or wrote it."""
         self._revocations: dict[str, dict[str, int]] = {}
         self._held = HeldRevocations()
         self._held_in_use: set[str] = set()
@@ -311,12 +313,33 @@ class MeshReconciler:
 
     async def _load_keys(self) -> KeyRing:
         if self._keys is None:
-            data = await kube.read_secret(self.kube, KEYS_SECRET, self.operator_namespace) or {}
+            found = await kube.read_secret_versioned(
+                self.kube, KEYS_SECRET, self.operator_namespace
+            )
+            data, self._keys_version = found if found is not None else ({}, None)
             revocations = data.pop(REVOCATIONS_KEY, "{}")
             self._revocations = load_revocations(revocations)
             self._held = HeldRevocations.load(data.pop(HELD_KEY, "{}"))
             self._keys = KeyRing(data)
         return self._keys
+
+    async def _fresh_keys(self) -> KeyRing:
+        """The keys for a pass, re-read if someone else wrote the Secret since.
+
+        A standby replica loads the keys as soon as it counts endpoints, long
+        before it takes over; the replica active meanwhile may have added
+        account keys, revocations and held revocations. Passing on that stale
+        copy would re-push accounts without the newer revocations (old creds
+        alive again) and never revoke the newer held keys.
+        """
+        if self._keys is not None:
+            found = await kube.read_secret_versioned(
+                self.kube, KEYS_SECRET, self.operator_namespace
+            )
+            if (found[1] if found is not None else None) != self._keys_version:
+                logger.info("the keys Secret was written by another replica: reloading it")
+                self._keys = None
+        return await self._load_keys()
 
     async def keys(self) -> KeyRing:
         """The account keys (loaded once from the keys Secret, grown by passes)."""
@@ -352,7 +375,9 @@ class MeshReconciler:
                 f"Secret {self.operator_namespace}/{KEYS_SECRET} would hold {size} bytes, "
                 f"over its budget of {KEYS_SECRET_BUDGET}"
             )
-        await kube.write_secret(self.kube, KEYS_SECRET, self.operator_namespace, data, labels={})
+        self._keys_version = await kube.write_secret(
+            self.kube, KEYS_SECRET, self.operator_namespace, data, labels={}
+        )
         keys.created.clear()
 
     async def _pass(
@@ -389,7 +414,7 @@ class MeshReconciler:
             [intents.service_intent(svc) for svc, _ in services],
             [intents.route_intent(r) for r, _ in routes],
         )
-        keys = await self._load_keys()
+        keys = await self._fresh_keys()
         secrets = await kube.list_creds_secrets(self.kube, self.watched)
         by_key = {
             (str(s.metadata.namespace), str(s.metadata.name)): s
