@@ -36,6 +36,25 @@ class OperatorMetrics:
         self.creds_issued = Counter(
             "natsmesh_operator_creds_issued", "Creds Secrets issued or re-issued", registry=r
         )
+        self.revocations_held = Gauge(
+            "natsmesh_operator_revocations_held",
+            "Old user keys of narrowed services still valid, waiting for their sidecars "
+            "to take the new creds up (bounded by the revocation grace)",
+            registry=r,
+        )
+        self.held_revocations = Counter(
+            "natsmesh_operator_held_revocations",
+            "Held revocations carried out, by why: no connection used the old key, the "
+            "grace expired, or the service was deleted",
+            ["why"],
+            registry=r,
+        )
+        self.revocation_hold = Histogram(
+            "natsmesh_operator_revocation_hold_seconds",
+            "Seconds an old user key stayed valid after a narrowing re-issue",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 90, 120, 300),
+            registry=r,
+        )
         self.endpoint_counts = Counter(
             "natsmesh_operator_endpoint_counts",
             "Namespaces' live endpoints counted ($SRV.PING), coalesced",

@@ -92,6 +92,13 @@ class CredsSettings:
     """The NATS servers' ``max_control_line`` (``NATSMESH_NATS_MAX_CONTROL_LINE``,
     set by the chart from the same value): a CONNECT carrying a longer JWT is
     refused, so the operator refuses to issue one (see :attr:`max_jwt_bytes`)."""
+    revocation_grace_seconds: float = 90.0
+    """A narrowing re-issue gives the service a new key; the old key stays
+    valid until no server reports a connection with it, for at most this long
+    (``NATSMESH_CREDS_REVOCATION_GRACE_SECONDS``): the time a kubelet may take
+    to rewrite the mounted Secret (its sync period, a minute by default, plus
+    its cache) and the sidecar to take the new creds up. 0 revokes at once,
+    cutting the sidecars that still use it (see docs/security.md)."""
 
     @property
     def max_jwt_bytes(self) -> int:
@@ -208,6 +215,15 @@ class OperatorSettings:
                 max_control_line=max(
                     4096,
                     int(get("NATS_MAX_CONTROL_LINE", str(CredsSettings.max_control_line))),
+                ),
+                revocation_grace_seconds=max(
+                    0.0,
+                    float(
+                        get(
+                            "CREDS_REVOCATION_GRACE_SECONDS",
+                            str(CredsSettings.revocation_grace_seconds),
+                        )
+                    ),
                 ),
             ),
             network=NetworkSettings(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from lightkube import AsyncClient
 
+from natsmesh_operator.settings import CredsSettings
 from tests.change.shopload import Fleet, SecretMirror
 from tests.fixtures.cluster import Cluster
 from tests.fixtures.operator import OperatorProcess, kube_client, operator_namespace, start_operator
@@ -63,7 +64,10 @@ SERVICES = ("gateway", "orders", "payments", "inventory")
 def change_operator(
     crds: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    with start_operator(crds, tmp_path_factory.mktemp("change")) as op:
+    # The production grace: a narrowing must be hitless because the old key
+    # is revoked once the sidecars left it, not because a short grace ran out.
+    grace = CredsSettings.revocation_grace_seconds
+    with start_operator(crds, tmp_path_factory.mktemp("change"), revocation_grace=grace) as op:
         yield op
 
 

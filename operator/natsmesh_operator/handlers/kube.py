@@ -192,13 +192,21 @@ def decode_secret(secret: Secret) -> dict[str, str]:
 
 
 async def read_secret(kube: AsyncClient, name: str, namespace: str) -> dict[str, str] | None:
+    found = await read_secret_versioned(kube, name, namespace)
+    return found[0] if found is not None else None
+
+
+async def read_secret_versioned(
+    kube: AsyncClient, name: str, namespace: str
+) -> tuple[dict[str, str], str] | None:
+    """The Secret's entries and its ``resourceVersion``, None if there is none."""
     try:
         secret = await kube.get(Secret, name, namespace=namespace)
     except ApiError as exc:
         if exc.status.code == 404:
             return None
         raise
-    return decode_secret(secret)
+    return decode_secret(secret), str(secret.metadata.resourceVersion if secret.metadata else "")
 
 
 async def list_creds_secrets(kube: AsyncClient, watched: Watched) -> list[Secret]:
@@ -230,8 +238,9 @@ async def write_secret(
     labels: Mapping[str, str],
     annotations: Mapping[str, str] | None = None,
     owner: OwnerReference | None = None,
-) -> None:
-    """Create or replace a Secret (server-side apply: one field manager, no races)."""
+) -> str:
+    """Create or replace a Secret (server-side apply: one field manager, no races);
+    its new ``resourceVersion``."""
     secret = Secret(
         metadata=ObjectMeta(
             name=name,
@@ -243,7 +252,8 @@ async def write_secret(
         type="Opaque",
         data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     )
-    await kube.apply(secret, force=True)
+    written = await kube.apply(secret, force=True)
+    return str(written.metadata.resourceVersion if written.metadata else "")
 
 
 async def delete_secret(kube: AsyncClient, name: str, namespace: str) -> None:

@@ -43,6 +43,7 @@ from natsmesh_operator.wiring.apply import (
     ApplyReport,
 )
 from natsmesh_operator.wiring.bootstrap import Bootstrap, BootstrapError
+from natsmesh_operator.wiring.held import HELD_KEY, Held, HeldRevocations, due, user_connections
 from natsmesh_operator.wiring.keys import Key, KeyRing, NKeyError, Role, is_public
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 
@@ -55,6 +56,12 @@ KEYS_SECRET_BUDGET = 640 * 1024
 """Bytes of data the keys Secret may hold (before base64): the API server
 refuses objects over 1 MiB, and seeds that cannot be saved are lost keys."""
 CREDS_CONCURRENCY = 16
+HOLD_FIRST_CHECK = 1.0
+"""Seconds after a pass that held a revocation until the pass that looks whether
+the old key is still connected (nobody may have used it at all)."""
+HOLD_RECHECK = 10.0
+"""While a revocation is held, a pass at least this often: the disconnect
+advisory that normally ends the hold may have been lost."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,8 @@ class PassResult:
     """Resources left out of the pass: each fails its own status only."""
     policy_errors: dict[tuple[str, str], str] = field(default_factory=dict)
     """NatsServices whose NetworkPolicy could not be written, and why."""
+    held: dict[tuple[str, str], Held] = field(default_factory=dict)
+    """NatsServices whose previous (wider) user key is still valid, held."""
 
     def namespace_errors(self, namespace: str) -> list[str]:
         if self.report is None:
@@ -191,7 +200,15 @@ class MeshReconciler:
         self._finished = asyncio.Condition()
         self._loop_task = Background("natsmesh-mesh-reconciler", self._loop)
         self._keys: KeyRing | None = None
+        self._keys_version: str | None = None
+        """resourceVersion of the keys Secret as this process last read or wrote it."""
         self._revocations: dict[str, dict[str, int]] = {}
+        self._held = HeldRevocations()
+        self._held_in_use: set[str] = set()
+        """Held keys a live creds Secret still holds (a re-issue that failed):
+        revoked once the Secret moves off them, no timer pass for them meanwhile."""
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._keys_saving = asyncio.Lock()
         self.last: PassResult | None = None
 
     # ------------------------------------------------------------ scheduling
@@ -200,8 +217,9 @@ class MeshReconciler:
         self._loop_task.start()
 
     async def stop(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
+        for timer in (self._retry, self._hold_timer):
+            if timer is not None:
+                timer.cancel()
         await self._loop_task.stop()
 
     async def request(self) -> PassResult:
@@ -295,11 +313,33 @@ class MeshReconciler:
 
     async def _load_keys(self) -> KeyRing:
         if self._keys is None:
-            data = await kube.read_secret(self.kube, KEYS_SECRET, self.operator_namespace) or {}
+            found = await kube.read_secret_versioned(
+                self.kube, KEYS_SECRET, self.operator_namespace
+            )
+            data, self._keys_version = found if found is not None else ({}, None)
             revocations = data.pop(REVOCATIONS_KEY, "{}")
             self._revocations = load_revocations(revocations)
+            self._held = HeldRevocations.load(data.pop(HELD_KEY, "{}"))
             self._keys = KeyRing(data)
         return self._keys
+
+    async def _fresh_keys(self) -> KeyRing:
+        """The keys for a pass, re-read if someone else wrote the Secret since.
+
+        A standby replica loads the keys as soon as it counts endpoints, long
+        before it takes over; the replica active meanwhile may have added
+        account keys, revocations and held revocations. Passing on that stale
+        copy would re-push accounts without the newer revocations (old creds
+        alive again) and never revoke the newer held keys.
+        """
+        if self._keys is not None:
+            found = await kube.read_secret_versioned(
+                self.kube, KEYS_SECRET, self.operator_namespace
+            )
+            if (found[1] if found is not None else None) != self._keys_version:
+                logger.info("the keys Secret was written by another replica: reloading it")
+                self._keys = None
+        return await self._load_keys()
 
     async def keys(self) -> KeyRing:
         """The account keys (loaded once from the keys Secret, grown by passes)."""
@@ -314,9 +354,19 @@ class MeshReconciler:
             )
         return Bootstrap.from_files(data).system_user_creds
 
+    def holding(self, user: str) -> bool:
+        """Whether ``user``'s revocation is held (its disconnect may end the hold)."""
+        return user in self._held
+
     async def _save_keys(self, keys: KeyRing) -> None:
+        # Concurrent creds writes each save a hold before their Secret moves.
+        async with self._keys_saving:
+            await self._write_keys(keys)
+
+    async def _write_keys(self, keys: KeyRing) -> None:
         data = dict(keys.dump())
         data[REVOCATIONS_KEY] = json.dumps(self._revocations, sort_keys=True)
+        data[HELD_KEY] = self._held.dump()
         size = sum(len(k) + len(v.encode()) for k, v in data.items())
         if size > KEYS_SECRET_BUDGET:
             # Refuse rather than drop entries: a dropped seed is a lost account,
@@ -325,7 +375,9 @@ class MeshReconciler:
                 f"Secret {self.operator_namespace}/{KEYS_SECRET} would hold {size} bytes, "
                 f"over its budget of {KEYS_SECRET_BUDGET}"
             )
-        await kube.write_secret(self.kube, KEYS_SECRET, self.operator_namespace, data, labels={})
+        self._keys_version = await kube.write_secret(
+            self.kube, KEYS_SECRET, self.operator_namespace, data, labels={}
+        )
         keys.created.clear()
 
     async def _pass(
@@ -362,7 +414,7 @@ class MeshReconciler:
             [intents.service_intent(svc) for svc, _ in services],
             [intents.route_intent(r) for r, _ in routes],
         )
-        keys = await self._load_keys()
+        keys = await self._fresh_keys()
         secrets = await kube.list_creds_secrets(self.kube, self.watched)
         by_key = {
             (str(s.metadata.namespace), str(s.metadata.name)): s
@@ -398,8 +450,12 @@ class MeshReconciler:
         for secret, user in stale:
             if user not in in_use:
                 self._revoke(str(secret.metadata.namespace), str(secret.metadata.name), user)
+        bodies = {(str(svc.metadata.namespace), str(svc.metadata.name)): b for svc, b in services}
         try:
             async with self._applier(boot, keys) as applier:
+                if await self._release_held(applier, keys, in_use, set(bodies)):
+                    # Recorded before it is pushed: the Secret is what a restart knows.
+                    await self._save_keys(keys)
                 report = await applier.apply(mesh, prune=True, revocations=self._revocations)
         except ApplyFailed as exc:
             return PassResult(
@@ -408,7 +464,6 @@ class MeshReconciler:
         if keys.created:
             await self._save_keys(keys)
         result = PassResult(started=started, plan=mesh, report=report)
-        bodies = {(str(svc.metadata.namespace), str(svc.metadata.name)): b for svc, b in services}
         # Re-issues come in bursts (a new caller changes its targets' JWTs):
         # write them concurrently, bounded so the API server is not flooded.
         limit = asyncio.Semaphore(CREDS_CONCURRENCY)
@@ -424,6 +479,7 @@ class MeshReconciler:
                 result.creds[key] = outcome
 
         revoked_before = _revocation_count(self._revocations)
+        held_before = self._held.dump()
         await asyncio.gather(*(ensure(svc) for svc, _ in services))
         if _revocation_count(self._revocations) != revoked_before:
             # A narrowing re-issue revoked the key it replaced: push that now,
@@ -464,6 +520,10 @@ class MeshReconciler:
             )
         METRICS.managed.labels(kind="NatsService").set(len(services))
         METRICS.managed.labels(kind="NatsRoute").set(len(routes))
+        result.held = {
+            (h.namespace, h.service): h for h in self._held if h.user not in self._held_in_use
+        }
+        self._schedule_hold_check(fresh=held_before != self._held.dump())
         if report.changed:
             logger.info("mesh pass applied %s", {k: len(v) for k, v in report.changes.items()})
         return result
@@ -475,6 +535,94 @@ class MeshReconciler:
             system_creds=boot.system_user_creds,
             keyring=keys,
         )
+
+    async def _release_held(
+        self,
+        applier: Applier,
+        keys: KeyRing,
+        in_use: set[str],
+        live: set[tuple[str, str]],
+    ) -> int:
+        """Revoke the held keys that are due (:func:`~natsmesh_operator.wiring.held.due`).
+
+        A key a live creds Secret still holds is never revoked: its re-issue
+        failed (or the old creds were put back) and this pass re-issues it;
+        its deadline stands, so it is revoked on the pass after the move.
+        """
+        self._held_in_use = {h.user for h in self._held if h.user in in_use}
+        candidates = [h for h in self._held if h.user not in in_use]
+        if not candidates:
+            return 0
+        now = time.time()
+        accounts = {h.namespace: keys.existing_account(h.namespace) for h in candidates}
+        ask = [
+            (account.public, h.user)
+            for h in candidates
+            if now < h.until and (account := accounts[h.namespace]) is not None
+        ]
+        counts: dict[tuple[str, str], int] = {}
+        if ask:
+            try:
+                counts = await user_connections(applier.sys, ask)
+            except Exception as exc:  # unknown counts: only deadlines apply this pass
+                logger.warning("counting connections of held user keys failed: %s", exc)
+        released = 0
+        for h in candidates:
+            account = accounts[h.namespace]
+            if account is None:  # its account is gone, and the key with it
+                self._held.remove(h)
+                continue
+            why = due(
+                h,
+                now=now,
+                connections=counts.get((account.public, h.user)),
+                live=(h.namespace, h.service) in live,
+            )
+            if why is None:
+                continue
+            self._held.remove(h)
+            self._revocations.setdefault(h.namespace, {})[h.user] = int(now)
+            METRICS.held_revocations.labels(why=why).inc()
+            METRICS.revocation_hold.observe(max(0.0, now - h.since))
+            logger.info(
+                "revoking user %s of %s/%s after %.1f s held (%s)",
+                h.user, h.namespace, h.service, now - h.since, why,
+            )  # fmt: skip
+            released += 1
+        return released
+
+    def _schedule_hold_check(self, *, fresh: bool) -> None:
+        """A pass when the next held revocation is due, or to look again.
+
+        ``fresh``: this pass held a new one; the next looks soon whether any
+        connection uses the old key at all. Otherwise the disconnect advisory
+        of the old key's last connection asks for the pass that revokes it
+        (``handlers/presence.py``); this timer is the safety net.
+        """
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        waiting = [h for h in self._held if h.user not in self._held_in_use]
+        METRICS.revocations_held.set(len(self._held))
+        if not waiting:
+            return
+        delay = min(HOLD_RECHECK, max(0.0, min(h.until for h in waiting) - time.time()))
+        if fresh:
+            delay = min(delay, HOLD_FIRST_CHECK)
+        self._hold_timer = asyncio.get_running_loop().call_later(delay, self.poke)
+
+    async def _hold(self, keys: KeyRing, namespace: str, service: str, user: str) -> None:
+        """Hold ``user``'s revocation, saved before its creds Secret moves off it
+        (the other order could lose it in a restart: a key never revoked)."""
+        grace = self.creds_settings.revocation_grace_seconds
+        entry = self._held.hold(namespace, user, service, now=int(time.time()), grace=grace)
+        self._held_in_use.discard(user)  # the Secret moves off it now
+        await self._save_keys(keys)
+        logger.info(
+            "holding the revocation of user %s of %s/%s until no connection uses it, "
+            "at the latest %d s from now",
+            user, namespace, service, entry.until - int(time.time()),
+        )  # fmt: skip
 
     def _revoke(self, namespace: str, secret_name: str, user: str) -> None:
         self._revocations.setdefault(namespace, {})[user] = int(time.time())
@@ -507,28 +655,32 @@ class MeshReconciler:
             annotated = (secret.metadata.annotations or {}).get(kube.ANNOTATION_ISSUED_USER)
         ttl = self.creds_settings.ttl_seconds
         why = users.needs_reissue(current, user, account.public, ttl_seconds=ttl)
-        held = users.held(current)
+        current_user = users.held(current)
         if not why and annotated == ours:
             return CredsOutcome(
                 True,
                 "CredentialsIssued",
                 f"Secret {secret_name} is current",
-                user=held.public if held else None,
-                expires=held.expires if held else None,
+                user=current_user.public if current_user else None,
+                expires=current_user.expires if current_user else None,
             )
         why = why or "recording the issued user"
         user_key = None
         revoke: str | None = None
-        if held is not None and held.issuer == account.public:
-            if held.permissions is not None and user.permissions.narrows(held.permissions):
+        retire: str | None = None
+        if current_user is not None and current_user.issuer == account.public:
+            if current_user.permissions is not None and user.permissions.narrows(
+                current_user.permissions
+            ):
                 # The old JWT allows more than the service now may: a new key,
-                # and the old one revoked, so a copy of the old file is useless.
-                revoke = held.public
+                # and the old one revoked, so a copy of the old file is useless
+                # (held until the sidecars moved over, at most the grace).
+                retire = current_user.public
             else:
                 # Same identity, new JWT (renewal, or permissions that only grew).
-                user_key = held.key
+                user_key = current_user.key
         lost = str(((body.get("status") or {}).get("user")) or "")
-        if held is None and lost and is_public(lost, Role.USER):
+        if current_user is None and lost and is_public(lost, Role.USER):
             # The Secret was deleted (or emptied) by hand: whoever copied it
             # must not keep a working user. Status is writable by whoever may
             # write natsservices/status, so never a key a live Secret holds.
@@ -549,8 +701,13 @@ class MeshReconciler:
                 f"NATS CONNECT may carry (max_control_line "
                 f"{self.creds_settings.max_control_line}): list fewer allowedCallers from "
                 "other namespaces, topics or subscriptions, or raise nats.maxControlLine",
-                user=held.public if held else None,
+                user=current_user.public if current_user else None,
             )
+        if retire is not None:
+            if self.creds_settings.revocation_grace_seconds > 0:
+                await self._hold(keys, ns, name, retire)
+            else:
+                revoke = retire
         if revoke:
             self._revocations.setdefault(ns, {})[revoke] = int(time.time())
             logger.info("revoking user %s of %s/%s (%s)", revoke, ns, name, why)

@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
@@ -71,8 +71,15 @@ count is a connection of its own."""
 Counts = dict[tuple[str, str], int]
 
 
-def advisory(subject: str, data: bytes) -> tuple[str, bool] | None:
-    """``(account, connected)`` of a client advisory, or None if it does not matter.
+class Advisory(NamedTuple):
+    account: str
+    connected: bool
+    user: str
+    """The client's user public key (what revocations name)."""
+
+
+def advisory(subject: str, data: bytes) -> Advisory | None:
+    """What a client advisory says, or None if it does not matter.
 
     None for anything unreadable and for the operator's own users: the JWT
     in an advisory is the one the server accepted, so its name is the
@@ -82,13 +89,14 @@ def advisory(subject: str, data: bytes) -> tuple[str, bool] | None:
     try:
         client = json.loads(data)["client"]
         account = str(client["acc"])
+        user = str(client.get("user") or "")
         token = client.get("jwt")
         name = jwt.decode(token, verify_signature=False).claims.get("name") if token else None
     except (ValueError, KeyError, TypeError):  # JwtError is a ValueError
         return None
     if name == OPERATOR_USER_NAME:
         return None
-    return account, connected
+    return Advisory(account, connected, user)
 
 
 async def count_endpoints(nats_url: str, account: Key, *, wait: float = PING_WAIT) -> Counts:
@@ -235,10 +243,13 @@ class EndpointTracker:
         found = advisory(msg.subject, msg.data)
         if found is None:
             return
-        account, connected = found
-        namespace = await self._namespace_of(account)
+        if not found.connected and self.mesh.holding(found.user):
+            # Maybe the last connection of a key whose revocation is held:
+            # the pass that revokes it need not wait for its timer.
+            self.mesh.poke()
+        namespace = await self._namespace_of(found.account)
         if namespace is not None:
-            self.mark(namespace, again=connected)
+            self.mark(namespace, again=found.connected)
 
     async def _namespace_of(self, account: str) -> str | None:
         namespace = self._accounts.get(account)

@@ -34,6 +34,9 @@ STATUS_CONCURRENCY = 16
 
 JsonDict = dict[str, Any]
 
+HELD_CONDITION = "PreviousCredentialsRevoked"
+"""Shown only while False: the previous, wider user key is still valid (held)."""
+
 
 @dataclass(frozen=True)
 class Cond:
@@ -80,8 +83,8 @@ def _problems(problems: Iterable[Problem], condition: str) -> list[Problem]:
 
 
 def service_conditions(result: PassResult, namespace: str, name: str) -> list[Cond]:
-    """CredentialsReady, StreamsReady, RoutesReady, CallersResolved (only while
-    False) and the summary Ready."""
+    """CredentialsReady, StreamsReady, RoutesReady, CallersResolved and
+    PreviousCredentialsRevoked (both only while False) and the summary Ready."""
     if result.fatal:
         retry = Cond("Ready", False, "NatsUnavailable", result.fatal)
         return [
@@ -126,6 +129,20 @@ def service_conditions(result: PassResult, namespace: str, name: str) -> list[Co
         # Only while failing, and not in Ready: the service works; a grant to
         # a caller that does not exist (yet) just admits nobody.
         conds.append(Cond(grants.CONDITION, False, callers[0].reason, callers[0].message))
+    held = result.held.get((namespace, name))
+    if held is not None:
+        # Not in Ready either: the service works on its new creds; this says
+        # that a copy of the old ones still does too, and until when.
+        conds.append(
+            Cond(
+                HELD_CONDITION,
+                False,
+                "RevocationHeld",
+                f"the previous user {held.user} (re-issued with narrower permissions) stays "
+                "valid until no connection uses it, at the latest until "
+                f"{_rfc3339(held.until)}, so sidecars take the new creds up first",
+            )
+        )
     if other:
         conds.append(Cond("Ready", False, other[0].reason, "; ".join(p.message for p in other)))
     elif failing:

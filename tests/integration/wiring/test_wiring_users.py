@@ -9,6 +9,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from natsmesh_operator.wiring import jwt, users
+from natsmesh_operator.wiring.held import user_connections
 from natsmesh_operator.wiring.plan import plan
 from tests.fixtures.nats_operator import OperatorNats, Probe, serve_as, shop_intents
 
@@ -60,3 +61,41 @@ async def test_rotation_reissues_and_revokes_the_old_key(nats_operator: Operator
     await fresh.close()
     with pytest.raises(Exception, match=r"[Aa]uthori"):
         await nats_operator.connect(old.creds)
+
+
+async def test_connections_of_a_user_key_are_counted_by_the_servers(
+    nats_operator: OperatorNats,
+) -> None:
+    """What ends a held revocation: the servers' CONNZ, filtered by account and key."""
+    p = plan(shop_intents())
+    ring = nats_operator.keyring
+    account = ring.account("shop")
+    async with nats_operator.applier() as a:
+        await a.apply(p)
+    orders = users.issue(p.user("shop", "orders"), account)
+    payments = users.issue(p.user("shop", "payments"), account)
+    first = await Probe.connect(nats_operator, orders.creds, "orders")
+    second = await Probe.connect(nats_operator, orders.creds, "orders")
+    other = await Probe.connect(nats_operator, payments.creds, "payments")
+    wanted = [(account.public, orders.public), (account.public, payments.public)]
+    unused = users.issue(p.user("shop", "orders"), account)
+    system = await nats_operator.system()
+    try:
+        counts = await user_connections(system, [*wanted, (account.public, unused.public)])
+        assert counts == {
+            (account.public, orders.public): 2,
+            (account.public, payments.public): 1,
+            (account.public, unused.public): 0,
+        }
+        await first.close()
+        await other.close()
+        after = {(account.public, orders.public): 1, (account.public, payments.public): 0}
+        # The server drops a closed client a moment after the client is done.
+        for _ in range(20):
+            if (counts := await user_connections(system, wanted)) == after:
+                break
+            await asyncio.sleep(0.1)
+        assert counts == after
+    finally:
+        await second.close()
+        await system.close()

@@ -35,6 +35,7 @@ def test_env_contract_with_defaults() -> None:
         "NATSMESH_LOG_FORMAT": "json",
         "NATSMESH_API_CONNECTIONS": "32",
         "NATSMESH_CREDS_TTL_SECONDS": "86400",
+        "NATSMESH_CREDS_REVOCATION_GRACE_SECONDS": "90",
         "NATSMESH_NATS_MAX_CONTROL_LINE": "16384",
         "NATSMESH_APP_NETWORK_POLICY": "true",
     }
@@ -65,6 +66,7 @@ def test_values_flow_into_env() -> None:
                     "logFormat": "text",
                     "apiConnections": 0,
                     "credsTTLSeconds": 3600,
+                    "revocationGraceSeconds": 30,
                 },
             }
         )
@@ -83,6 +85,7 @@ def test_values_flow_into_env() -> None:
     assert values["NATSMESH_LOG_FORMAT"] == "text"
     assert values["NATSMESH_API_CONNECTIONS"] == "0"
     assert values["NATSMESH_CREDS_TTL_SECONDS"] == "3600"
+    assert values["NATSMESH_CREDS_REVOCATION_GRACE_SECONDS"] == "30"
 
 
 def test_external_nats_env() -> None:

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.unit
 
 
 def event(account: Key, token: str, kind: str = "CONNECT") -> tuple[str, bytes]:
-    client = {"acc": account.public, "jwt": token}
+    user = jwt.decode(token, verify_signature=False).subject
+    client = {"acc": account.public, "user": user, "jwt": token}
     body = {"type": "io.nats.server.advisory.v1.client_connect", "client": client}
     return f"$SYS.ACCOUNT.{account.public}.{kind}", json.dumps(body).encode()
 
@@ -27,8 +28,10 @@ def test_a_service_users_advisory_names_its_account() -> None:
     account = Key.create(Role.ACCOUNT)
     user = Key.create(Role.USER)
     token = jwt.encode({"sub": user.public, "name": "shop/orders", "nats": {}}, account)
-    assert advisory(*event(account, token)) == (account.public, True)
-    assert advisory(*event(account, token, "DISCONNECT")) == (account.public, False)
+    assert advisory(*event(account, token)) == (account.public, True, user.public)
+    # A disconnect names the user key too: the last one of a key whose
+    # revocation is held ends the hold.
+    assert advisory(*event(account, token, "DISCONNECT")) == (account.public, False, user.public)
 
 
 def test_the_operators_own_connections_and_garbage_are_ignored() -> None:

@@ -14,6 +14,8 @@ def test_defaults_are_cluster_wide_with_peering() -> None:
     assert s.watches("anything")
     assert s.webhook.failure_policy == "Fail"
     assert s.injection.nats_url == s.nats.url
+    # A kubelet may take a minute to rewrite a mounted Secret.
+    assert s.creds.revocation_grace_seconds == 90.0
 
 
 def test_environment_overrides() -> None:
@@ -27,6 +29,7 @@ def test_environment_overrides() -> None:
             "NATSMESH_DRIFT_INTERVAL": "5",
             "NATSMESH_SIDECAR_READY_PERIOD_SECONDS": "0.5",
             "NATSMESH_SIDECAR_READY_FAILURE_THRESHOLD": "4",
+            "NATSMESH_CREDS_REVOCATION_GRACE_SECONDS": "7.5",
         }
     )
     assert s.peering is None
@@ -40,6 +43,9 @@ def test_environment_overrides() -> None:
     assert s.reconcile.drift_interval == 5.0
     assert s.injection.ready_period_seconds == 0.5
     assert s.injection.ready_failure_threshold == 4
+    assert s.creds.revocation_grace_seconds == 7.5
+    at_once = OperatorSettings.from_env({"NATSMESH_CREDS_REVOCATION_GRACE_SECONDS": "-3"})
+    assert at_once.creds.revocation_grace_seconds == 0.0
 
 
 def test_replicas_get_distinct_peering_priorities() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from natsmesh_operator.handlers import status
 from natsmesh_operator.handlers.mesh import CredsOutcome, PassResult
 from natsmesh_operator.wiring.desired import CallerRef, ServiceIntent
+from natsmesh_operator.wiring.held import Held
+from natsmesh_operator.wiring.keys import Key, Role
 from natsmesh_operator.wiring.plan import plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
 
@@ -85,3 +87,30 @@ def test_a_route_that_dropped_a_version_is_not_ready_and_says_which() -> None:
     (ready,) = status.route_conditions(result, "shop", "orders")
     assert (ready.type, ready.ok, ready.reason) == ("Ready", False, "VersionsDropped")
     assert "v2 (NatsService orders-v2 is InconsistentSubsets)" in ready.message
+
+
+def test_a_held_revocation_is_its_own_condition_and_says_until_when() -> None:
+    ok = CredsOutcome(True, "CredentialsIssued", "ok")
+    mesh = plan([ServiceIntent("shop", "orders"), ServiceIntent("shop", "web")])
+    old = Key.create(Role.USER).public
+    held = Held("shop", old, "orders", since=1_800_000_000, until=1_800_000_090)
+    result = PassResult(
+        started=0.0,
+        plan=mesh,
+        creds={("shop", "orders"): ok, ("shop", "web"): ok},
+        held={("shop", "orders"): held},
+    )
+    conds = {c.type: c for c in status.service_conditions(result, "shop", "orders")}
+    cond = conds[status.HELD_CONDITION]
+    assert (cond.ok, cond.reason) == (False, "RevocationHeld")
+    assert old in cond.message
+    assert "2027-01-15T08:01:30Z" in cond.message
+    # The service works on its new creds: Ready stays True.
+    assert conds["Ready"].ok
+    web = {c.type for c in status.service_conditions(result, "shop", "web")}
+    assert status.HELD_CONDITION not in web
+    # Once revoked (no longer held), the condition goes.
+    result.held.clear()
+    assert status.HELD_CONDITION not in {
+        c.type for c in status.service_conditions(result, "shop", "orders")
+    }
