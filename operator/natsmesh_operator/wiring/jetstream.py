@@ -80,12 +80,15 @@ def consumer_config(c: ConsumerPlan) -> dict[str, Any]:
         "metadata": dict(MANAGED_META),
     }
     if c.ack_explicit:
+        # No server-side `backoff`: the server then uses its first step as the
+        # ack wait of every delivery, so an app given `ackWait: 10s` with
+        # `backoff: [500ms, ...]` got a redelivery while still handling the
+        # first one after 500 ms (a duplicate under load, seen on kind). The
+        # subscriber's sidecar applies the backoff itself, as the delay of the
+        # nak after a failed delivery; a delivery nobody acks (the sidecar
+        # died) comes back after ackWait.
         cfg["ack_wait"] = c.ack_wait_ms * NS_PER_MS
         cfg["max_deliver"] = c.max_deliver
-        if c.backoff_ms:
-            cfg["backoff"] = [b * NS_PER_MS for b in c.backoff_ms]
-            # The server replaces ack_wait by the first backoff step.
-            cfg["ack_wait"] = c.backoff_ms[0] * NS_PER_MS
     return cfg
 
 

@@ -57,7 +57,12 @@ async def test_consumer_carries_the_subscription_settings(nats_operator: Operato
     admin = await nats_operator.connect(admin_creds(nats_operator.keyring.account("shop")))
     info = await admin.jetstream().consumer_info(delivery.stream, delivery.consumer)
     assert info.config.max_deliver == 4
-    assert info.config.backoff == [0.1, 2.0]
+    # The app's time is ackWait; the backoff is the sidecar's (the delay of
+    # its nak after a failure), never the server's: with a server-side
+    # backoff the server would redeliver after its first step (0.1 s) an
+    # event the app is still handling.
+    assert info.config.ack_wait == 1.5
+    assert not info.config.backoff
     assert info.config.filter_subject == EVENT
     assert info.config.durable_name == delivery.consumer
     assert getattr(info.config.ack_policy, "value", info.config.ack_policy) == "explicit"
@@ -84,6 +89,28 @@ async def test_ack_wait_redelivers_an_unacked_event(nats_operator: OperatorNats)
     assert second.data == b"slow"
     assert second.metadata.num_delivered == 2
     await second.ack_sync()
+    await orders.close()
+    await payments.close()
+
+
+async def test_a_backoff_does_not_cut_the_apps_ack_wait(nats_operator: OperatorNats) -> None:
+    """``ackWait: 3s, backoff: [100ms]``: an event still in the app's hands
+    after 1 s is not redelivered (it was, after 100 ms, while the backoff was
+    the server's); it comes again only after ackWait."""
+    sub = Subscribe(
+        "order.created", "orders", "/e", max_deliver=3, ack_wait_ms=3000, backoff_ms=(100,)
+    )
+    p, orders, payments = await setup(nats_operator, sub)
+    (delivery,) = p.tables[("shop", "payments")].subscriptions
+    await orders.nc.jetstream().publish(EVENT, b"slow")
+    psub = await payments.nc.jetstream().pull_subscribe_bind(delivery.consumer, delivery.stream)
+    (first,) = await psub.fetch(1, timeout=2)
+    with pytest.raises(nats.errors.TimeoutError):
+        await psub.fetch(1, timeout=1.5)
+    (again,) = await psub.fetch(1, timeout=5)
+    assert again.metadata.num_delivered == 2
+    assert first.metadata.sequence.stream == again.metadata.sequence.stream
+    await again.ack_sync()
     await orders.close()
     await payments.close()
 
