@@ -51,6 +51,11 @@ def target_of(svc: NatsService) -> Target:
         version=svc.spec.version,
         port=svc.spec.port,
         creds_secret=creds_secret_name(str(svc.metadata.name)),
+        receives=bool(
+            svc.spec.allow_same_namespace
+            or svc.spec.allowed_callers
+            or svc.spec.events.subscriptions
+        ),
     )
 
 

@@ -83,6 +83,10 @@ class Target:
     version: str
     port: int
     creds_secret: str
+    receives: bool = True
+    """Whether mesh traffic can reach the app: some caller is admitted or an
+    event subscription delivers to it. A pure client receives nothing, so its
+    sidecar has nothing to gate on the app's readiness."""
 
 
 class InvalidInjection(ValueError):
@@ -103,10 +107,16 @@ def wants_injection(pod: Mapping[str, Any]) -> bool:
     return SIDECAR_NAME not in names
 
 
-def readiness_env(pod: Mapping[str, Any], app_port: int) -> dict[str, str]:
+def readiness_env(
+    pod: Mapping[str, Any], app_port: int, *, receives: bool = True
+) -> dict[str, str]:
     """``NATSMESH_READY_*`` for the sidecar: what tells it the app can serve.
 
-    The ``natsmesh.io/ready-check`` annotation if set; else the readinessProbe
+    The ``natsmesh.io/ready-check`` annotation if set; else ``none`` when the
+    NatsService receives nothing over the mesh (it admits no caller and
+    subscribes to nothing: a pure client, whose app may listen on no port at
+    all; gating on a TCP connect kept such a pod from ever being Ready); else
+    the readinessProbe
     of the app container (the one exposing ``app_port``, or the only one):
     ``httpGet`` becomes the same GET on loopback, ``tcpSocket`` a connect,
     with the probe's port, timeout and failure threshold (not its period: the
@@ -124,6 +134,8 @@ def readiness_env(pod: Mapping[str, Any], app_port: int) -> dict[str, str]:
                 " use tcp, none or an HTTP path such as /healthz"
             )
         return {"NATSMESH_READY_CHECK": value}
+    if not receives:
+        return {"NATSMESH_READY_CHECK": readiness.NONE}
     container = _app_container((pod.get("spec") or {}).get("containers") or [], app_port)
     probe = (container or {}).get("readinessProbe") or {}
     if "httpGet" in probe:
@@ -262,7 +274,12 @@ def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSetting
     init = [*copy.deepcopy(spec.get("initContainers") or [])]
     # Native sidecars start in order: ours goes first so that other init
     # containers can already reach the mesh.
-    init.insert(0, sidecar_container(target, settings, readiness_env(pod, target.port)))
+    init.insert(
+        0,
+        sidecar_container(
+            target, settings, readiness_env(pod, target.port, receives=target.receives)
+        ),
+    )
 
     volumes = [v for v in copy.deepcopy(spec.get("volumes") or []) if v.get("name") != CREDS_VOLUME]
     volumes.append(

@@ -8,6 +8,7 @@ import pytest
 
 from natsmesh_operator.api import NatsService
 from natsmesh_operator.webhook import inject
+from natsmesh_operator.webhook.admission import target_of
 from natsmesh_operator.webhook.inject import InjectionSettings, Target
 from natsmesh_operator.webhook.server import WebhookServer
 from natsmesh_sidecar.wire import Settings
@@ -151,3 +152,45 @@ async def test_the_webhook_refuses_a_pod_with_a_bad_check_and_says_why() -> None
     bad = await server.inject({**review, "object": pod(app(), **{check: "h"})})
     assert bad["response"]["allowed"] is False
     assert check in bad["response"]["status"]["message"]
+
+
+def test_a_pure_client_is_not_gated_on_its_app() -> None:
+    """A NatsService that admits no caller and subscribes to nothing receives
+    no mesh traffic: its sidecar joins at once (the app may listen on no port),
+    unless the pod's annotation says otherwise."""
+    client = Target("loadgen", "shop", "v1", 8080, "natsmesh-loadgen-creds", receives=False)
+    probe = {"httpGet": {"path": "/ready", "port": 8080}}
+    assert inject.readiness_env(pod(app(probe)), 8080, receives=False) == {
+        "NATSMESH_READY_CHECK": "none"
+    }
+    assert inject.readiness_env(pod(app(probe), **{"natsmesh.io/ready-check": "/up"}), 8080,
+                                receives=False) == {"NATSMESH_READY_CHECK": "/up"}  # fmt: skip
+    # Whatever receives traffic keeps the app's own check.
+    assert inject.readiness_env(pod(app(probe)), 8080)["NATSMESH_READY_CHECK"] == "/ready"
+    assert client.receives is False
+    assert TARGET.receives is True
+
+
+@pytest.mark.parametrize(
+    ("spec", "receives"),
+    [
+        ({}, True),  # allowSameNamespace defaults to true
+        ({"allowSameNamespace": False}, False),
+        ({"allowSameNamespace": False, "allowedCallers": [{"name": "gateway"}]}, True),
+        (
+            {
+                "allowSameNamespace": False,
+                "events": {"subscriptions": [{"service": "orders", "topic": "t", "path": "/e"}]},
+            },
+            True,
+        ),
+    ],
+)
+def test_what_receives_mesh_traffic(spec: dict[str, Any], receives: bool) -> None:
+    body = {
+        "apiVersion": "natsmesh.io/v1alpha1",
+        "kind": "NatsService",
+        "metadata": {"name": "loadgen", "namespace": "shop"},
+        "spec": {"selector": {"matchLabels": {"app": "loadgen"}}, "port": 8080, **spec},
+    }
+    assert target_of(NatsService.model_validate(body)).receives is receives
