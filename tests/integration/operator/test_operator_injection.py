@@ -90,6 +90,35 @@ def test_new_deployment_gets_the_sidecar_field_by_field(
     )
 
 
+def test_a_pure_clients_sidecar_is_not_gated_on_its_app(
+    mesh_operator: OperatorProcess, mesh_namespace: str
+) -> None:
+    """A NatsService that admits nobody and subscribes to nothing (a load
+    generator, a cron job): its app listens on no port, and its sidecar gets
+    the check ``none``; a served service keeps the TCP default beside it."""
+    ns, kubectl = mesh_namespace, mesh_operator.cluster.kubectl
+    client = json.loads(service("loadgen", {"app": "loadgen"}))
+    client["spec"]["allowSameNamespace"] = False
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(client))
+    kubectl("apply", "-n", ns, "-f", "-", input=service("orders", {"app": "orders"}))
+    mesh_operator.wait_ready("natsservice", "loadgen", ns)
+    mesh_operator.wait_ready("natsservice", "orders", ns)
+    for name in ("loadgen", "orders"):
+        kubectl("apply", "-n", ns, "-f", "-", input=deployment(name, {"app": name}))
+    checks: dict[str, str | None] = {}
+    for name in ("loadgen", "orders"):
+        selector = f"app={name}"
+
+        def created(selector: str = selector) -> bool:
+            return bool(pods(mesh_operator, ns, selector))
+
+        mesh_operator.wait_for(f"a {name} pod", created)
+        sidecar = sidecar_of(pods(mesh_operator, ns, selector)[0])
+        assert sidecar is not None
+        checks[name] = {e["name"]: e["value"] for e in sidecar["env"]}.get("NATSMESH_READY_CHECK")
+    assert checks == {"loadgen": "none", "orders": None}  # None: the sidecar's TCP default
+
+
 def test_opt_out_and_proxy_env_annotations(
     mesh_operator: OperatorProcess, mesh_namespace: str
 ) -> None:
