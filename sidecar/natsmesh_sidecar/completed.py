@@ -15,6 +15,14 @@ any byte, a KV key may not, and the user's permissions name the
 lookup is a direct get (one request, no consumer, the least permission); a
 write is a JetStream publish.
 
+Sealed: JetStream publishes on a client's behalf to whatever reply subject
+the client chose (a publish ack, a direct get answer), so another service of
+the namespace could make the bucket store bytes under one of our keys and
+have an event skipped. The value is therefore an HMAC of the entry's subject
+under a key derived from the service's own creds seed (which only its
+replicas hold); a value that does not match is a miss. Without creds (a dev
+server, no accounts) values are empty and not checked.
+
 Never blocking: a lookup or a write that fails is counted and the event is
 delivered (at least once is the floor). A failed write is kept and retried,
 and the keys this process completed are remembered (bounded): a NATS outage,
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -53,6 +62,17 @@ FLUSH_BATCH = 256
 _DELETED = frozenset({"DEL", "PURGE"})
 
 
+def seal_key(seed: str) -> bytes:
+    """The HMAC key of completed-key values, derived from the user's nkey seed."""
+    return hashlib.sha256(b"natsmesh-done\x00" + seed.encode()).digest()
+
+
+def seal(secret: bytes | None, subject: str) -> bytes:
+    if secret is None:
+        return b""
+    return base64.urlsafe_b64encode(hmac.digest(secret, subject.encode(), "sha256")).rstrip(b"=")
+
+
 def key_token(key: str) -> str:
     """A KV-key-safe, fixed-length stand-in for an Idempotency-Key."""
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
@@ -63,8 +83,9 @@ class CompletedKeys:
     """One subscription's completed keys.
 
     ``connection`` returns the current NATS connection (or None), ``jetstream``
-    a JetStream context of the namespace's own account, ``unavailable`` is
-    called with ``lookup`` or ``record`` for each operation the store failed.
+    a JetStream context of the namespace's own account, ``secret`` the current
+    seal key (None without creds), ``unavailable`` is called with ``lookup`` or
+    ``record`` for each operation the store failed.
     """
 
     def __init__(
@@ -73,12 +94,14 @@ class CompletedKeys:
         *,
         connection: Callable[[], Any],
         jetstream: Callable[[], Any],
+        secret: Callable[[], bytes | None],
         unavailable: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scope = scope
         self._connection = connection
         self._jetstream = jetstream
+        self._secret = secret
         self._unavailable = unavailable
         self._clock = clock
         self._recent: OrderedDict[str, float] = OrderedDict()
@@ -97,6 +120,7 @@ class CompletedKeys:
         nc = self._connection()
         if nc is None or not nc.is_connected:
             return self._failed("lookup", "not connected")
+        subject = subjects.done_key_subject(self.scope, token)
         try:
             msg = await nc.request(
                 subjects.done_direct_get(self.scope, token), b"", timeout=LOOKUP_TIMEOUT
@@ -109,7 +133,16 @@ class CompletedKeys:
             return MISS
         if status:
             return self._failed("lookup", f"direct get answered {status} {hdrs.get('Description')}")
-        return MISS if hdrs.get("KV-Operation") in _DELETED else HIT
+        if hdrs.get("KV-Operation") in _DELETED:
+            return MISS
+        secret = self._secret()
+        if secret is not None and not hmac.compare_digest(msg.data, seal(secret, subject)):
+            # Not written by this service (or by it under creds since
+            # replaced): delivering is the safe side.
+            if self._logs.allow("unsealed") is not None:
+                logger.warning("completed keys %s: ignored an unsealed entry", self.scope)
+            return MISS
+        return HIT
 
     async def record(self, key: str) -> bool:
         """Write ``key`` as completed; False when the store did not confirm (kept for later)."""
@@ -135,9 +168,10 @@ class CompletedKeys:
         return done
 
     async def _put(self, token: str) -> bool:
+        subject = subjects.done_key_subject(self.scope, token)
         try:
             await self._jetstream().publish(
-                subjects.done_key_subject(self.scope, token), b"", timeout=WRITE_TIMEOUT
+                subject, seal(self._secret(), subject), timeout=WRITE_TIMEOUT
             )
         except Exception as exc:
             self._failed("record", f"{type(exc).__name__}: {exc}")

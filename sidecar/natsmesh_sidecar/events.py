@@ -27,7 +27,7 @@ from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
 from natsmesh_sidecar import accesslog, codec, subjects
-from natsmesh_sidecar.completed import HIT, CompletedKeys
+from natsmesh_sidecar.completed import HIT, CompletedKeys, seal_key
 from natsmesh_sidecar.inbound import AppError, AppPool
 from natsmesh_sidecar.wire import Delivery
 
@@ -67,10 +67,23 @@ def completed_keys(app: Sidecar, d: Delivery) -> CompletedKeys:
     """The completed-key record of subscription ``d``, in the sidecar's own account."""
     source_namespace = d.source.rpartition(".")[2]
     unavailable = app.metrics.events_dedup_unavailable
+    sealed: dict[str, bytes] = {}
+
+    def secret() -> bytes | None:
+        # The creds in use now: a renewal may change the seed.
+        creds = app.creds
+        if creds is None:
+            return None
+        if creds.seed not in sealed:
+            sealed.clear()
+            sealed[creds.seed] = seal_key(creds.seed)
+        return sealed[creds.seed]
+
     return CompletedKeys(
         subjects.done_scope(source_namespace, d.consumer),
         connection=lambda: app.nc,
         jetstream=app.js,
+        secret=secret,
         unavailable=lambda op: unavailable.labels(d.topic, op).inc(),
     )
 
