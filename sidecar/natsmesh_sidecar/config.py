@@ -242,6 +242,10 @@ class SidecarSettings(_Wire):
     ready_failure_threshold: int = Field(3, ge=1)
     """Failed checks in a row that make the sidecar leave the queue group; one
     success joins (again)."""
+    event_dedup: bool = True
+    """``exactlyOnce`` subscriptions skip an event whose Idempotency-Key the
+    namespace's completed-key record already holds (see
+    natsmesh_sidecar.completed); off only to measure what it removes."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:

@@ -7,8 +7,11 @@ accepted event survives a server restart; ``Idempotency-Key`` becomes
 Subscriptions bind to pull consumers the operator created (the sidecar never
 creates or changes them; its user may not be allowed to). A 2xx from the app
 acks; anything else naks with the configured backoff; exactly-once mode waits
-for the server to confirm the ack (double ack); on the last allowed delivery
-a failing message goes to the dead-letter subject and is terminated.
+for the server to confirm the ack (double ack) and, before that, writes the
+event's Idempotency-Key to the completed-key record, which it reads before
+handing a delivery to the app (natsmesh_sidecar.completed); on the last
+allowed delivery a failing message goes to the dead-letter subject and is
+terminated.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
 from natsmesh_sidecar import accesslog, codec, subjects
+from natsmesh_sidecar.completed import HIT, CompletedKeys, seal_key
 from natsmesh_sidecar.inbound import AppError, AppPool
 from natsmesh_sidecar.wire import Delivery
 
@@ -57,6 +61,31 @@ def idempotency_key(msg_id: str | None, stream: str, seq: int) -> str:
     if msg_id and not msg_id.startswith(DEFAULT_KEY_PREFIX):
         return msg_id
     return f"{DEFAULT_KEY_PREFIX}{stream}:{seq}"
+
+
+def completed_keys(app: Sidecar, d: Delivery) -> CompletedKeys:
+    """The completed-key record of subscription ``d``, in the sidecar's own account."""
+    source_namespace = d.source.rpartition(".")[2]
+    unavailable = app.metrics.events_dedup_unavailable
+    sealed: dict[str, bytes] = {}
+
+    def secret() -> bytes | None:
+        # The creds in use now: a renewal may change the seed.
+        creds = app.creds
+        if creds is None:
+            return None
+        if creds.seed not in sealed:
+            sealed.clear()
+            sealed[creds.seed] = seal_key(creds.seed)
+        return sealed[creds.seed]
+
+    return CompletedKeys(
+        subjects.done_scope(source_namespace, d.consumer),
+        connection=lambda: app.nc,
+        jetstream=app.js,
+        secret=secret,
+        unavailable=lambda op: unavailable.labels(d.topic, op).inc(),
+    )
 
 
 class EventPublisher:
@@ -179,6 +208,10 @@ class EventConsumer:
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.inflight = 0
+        #: Only exactlyOnce pays for the completed-key record.
+        self.done: CompletedKeys | None = None
+        if delivery.mode == "exactlyOnce" and app.settings.event_dedup:
+            self.done = completed_keys(app, delivery)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -206,6 +239,8 @@ class EventConsumer:
                 logger.info("bound to consumer %s/%s for topic %s", d.stream, d.consumer, d.topic)
                 try:
                     while not self.stop.is_set():
+                        if self.done is not None and self.done.unwritten:
+                            await self.done.flush()
                         try:
                             msgs = await psub.fetch(batch=self.batch, timeout=1.0)
                         except nats_errors.TimeoutError:
@@ -225,8 +260,9 @@ class EventConsumer:
 
     async def deliver(self, msg: Msg) -> str:
         """Deliver one message; returns ``delivered``, ``retry``, ``dead``, ``dropped``,
-        ``ack_lost`` (the app answered, the ack did not reach the server: it
-        redelivers) or ``error`` (nothing reached the app)."""
+        ``duplicate`` (exactlyOnce: its key was completed before; acked, not
+        handed to the app), ``ack_lost`` (the app answered, the ack did not
+        reach the server: it redelivers) or ``error`` (nothing reached the app)."""
         d = self.d
         app = self.app
         t0 = time.perf_counter()
@@ -239,38 +275,28 @@ class EventConsumer:
             num, seq = 1, 0
         hdrs = msg.headers or {}
         rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
+        key = idempotency_key(hdrs.get("Nats-Msg-Id"), d.stream, seq)
         status = 0
         answered = False
+        done = self.done
         try:
-            if d.mode == "atMostOnce":
-                await msg.ack()
-            status, err = await self._post(msg, hdrs, rid, num, seq)
-            answered = True
-            ok = 200 <= status < 300
-            result: str
-            if d.mode == "atMostOnce":
-                result = "delivered" if ok else "dropped"
-            elif ok:
-                if d.mode == "exactlyOnce":
-                    await msg.ack_sync()
-                else:
-                    await msg.ack()
-                result = "delivered"
-            elif num >= d.max_deliver:
-                await self._dead_letter(msg, hdrs, status, err, num, seq)
-                await msg.term()
-                result = "dead"
+            if done is not None and await done.lookup(key) == HIT:
+                # Completed before and its ack was lost: the double ack the
+                # first delivery could not make, and nothing for the app.
+                await msg.ack_sync()
+                result = "duplicate"
             else:
-                delay = None
-                if d.backoff_ms:
-                    delay = d.backoff_ms[min(num - 1, len(d.backoff_ms) - 1)] / 1000.0
-                await msg.nak(delay=delay)
-                result = "retry"
+                if d.mode == "atMostOnce":
+                    await msg.ack()
+                status, err = await self._post(msg, hdrs, rid, num, seq, key)
+                answered = True
+                result = await self._settle(msg, hdrs, status, err, num, seq, key)
         except Exception as exc:
             # Ack/nak lost (e.g. NATS went away): the server redelivers after
             # ackWait. What the app answered stays on record: a 200 whose ack
             # was lost is the app's success, and its redelivery carries the
-            # same Idempotency-Key.
+            # same Idempotency-Key (found in the completed-key record when
+            # exactlyOnce wrote it).
             logger.warning("event %s seq %d: %s", d.topic, seq, exc)
             result = "ack_lost" if answered else "error"
         finally:
@@ -294,8 +320,36 @@ class EventConsumer:
             )
         return result
 
+    async def _settle(
+        self, msg: Msg, hdrs: dict[str, str], status: int, err: str, num: int, seq: int, key: str
+    ) -> str:
+        """Ack, nak or dead-letter after the app answered ``status``."""
+        d = self.d
+        ok = 200 <= status < 300
+        if d.mode == "atMostOnce":
+            return "delivered" if ok else "dropped"
+        if ok:
+            if d.mode == "exactlyOnce":
+                if self.done is not None:
+                    # After the 2xx, before the ack: a redelivery of an event
+                    # whose ack is lost finds it there (never raises).
+                    await self.done.record(key)
+                await msg.ack_sync()
+            else:
+                await msg.ack()
+            return "delivered"
+        if num >= d.max_deliver:
+            await self._dead_letter(msg, hdrs, status, err, num, seq)
+            await msg.term()
+            return "dead"
+        delay = None
+        if d.backoff_ms:
+            delay = d.backoff_ms[min(num - 1, len(d.backoff_ms) - 1)] / 1000.0
+        await msg.nak(delay=delay)
+        return "retry"
+
     async def _post(
-        self, msg: Msg, hdrs: dict[str, str], rid: str, num: int, seq: int
+        self, msg: Msg, hdrs: dict[str, str], rid: str, num: int, seq: int, key: str
     ) -> tuple[int, str]:
         d = self.d
         # The message is the publisher's word, and a raw publisher can write
@@ -307,7 +361,7 @@ class EventConsumer:
             ("Nm-Event-Source", d.source),
             ("Nm-Event-Seq", str(seq)),
             ("Nm-Event-Delivery", str(num)),
-            ("Idempotency-Key", idempotency_key(hdrs.get("Nats-Msg-Id"), d.stream, seq)),
+            ("Idempotency-Key", key),
         ]
         if codec.REQUEST_ID not in hdrs:
             headers.append((codec.REQUEST_ID, rid))

@@ -248,6 +248,13 @@ class Metrics:
         self.events_delivered = metric(
             "events_delivered", "Event deliveries to the app", "counter", "topic", "result"
         )
+        self.events_dedup_unavailable = metric(
+            "events_dedup_unavailable",
+            "exactlyOnce: completed-key lookups or writes that failed (the event was delivered)",
+            "counter",
+            "topic",
+            "op",
+        )
         self.events_dead = metric(
             "events_dead_lettered", "Events sent to the dead-letter subject", "counter", "topic"
         )

@@ -36,6 +36,9 @@ OPERATOR_INBOX_ROOT = "_INBOX.natsmesh"
 #: The JetStream API prefix of the sidecar's own account.
 JS_API_PREFIX = "$JS.API"
 ROUTES_BUCKET = "natsmesh-routes"
+#: Completed Idempotency-Keys of exactlyOnce subscriptions, one bucket per
+#: namespace account (see natsmesh_sidecar.completed).
+DONE_BUCKET = "natsmesh-done"
 DEFAULT_VERSION = "v1"
 
 #: A DNS-1123 label: what Kubernetes allows for namespace and service names.
@@ -192,6 +195,29 @@ def routes_key_subject(service: str) -> str:
 
 def routes_key(service: str) -> str:
     return service
+
+
+def done_stream() -> str:
+    return f"KV_{DONE_BUCKET}"
+
+
+def done_scope(source_namespace: str, consumer: str) -> str:
+    """The key prefix of one subscription's completed keys.
+
+    The consumer's name alone is not enough: two publishers of one name in
+    two namespaces give one subscriber two consumers of the same name.
+    """
+    return f"{source_namespace}.{consumer}"
+
+
+def done_key_subject(scope: str, entry: str = "*") -> str:
+    """Where a completed key is put (``*``: all of one subscription's)."""
+    return f"$KV.{DONE_BUCKET}.{scope}.{entry}"
+
+
+def done_direct_get(scope: str, entry: str = "*") -> str:
+    """The direct get of one completed key's last value."""
+    return f"{JS_API_PREFIX}.DIRECT.GET.{done_stream()}.{done_key_subject(scope, entry)}"
 
 
 TARGET_KEY_PREFIX = "to."

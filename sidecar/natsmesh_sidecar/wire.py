@@ -184,6 +184,7 @@ class Settings:
     ready_period_seconds: float = 1.0
     ready_timeout_seconds: float = 1.0
     ready_failure_threshold: int = 3
+    event_dedup: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -463,6 +464,7 @@ _SETTINGS = (
         _F("ready_period_seconds", _float(0), None),
         _F("ready_timeout_seconds", _float(0), None),
         _F("ready_failure_threshold", _int(1), None),
+        _F("event_dedup", _bool, None),
     ),
 )
 

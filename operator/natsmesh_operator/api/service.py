@@ -201,8 +201,12 @@ class Subscription(ApiModel):
     after a 2xx from the app, redelivered otherwise. `exactlyOnce`: stored once
     (publish de-duplication on the Idempotency-Key), delivered until acknowledged
     (a double ack the server confirms), and every delivery carries the event's
-    stable `Idempotency-Key` header, which the app must de-duplicate on: an event
-    whose 2xx or ack was lost to a crash or a NATS outage is delivered again."""
+    stable `Idempotency-Key` header, which the app must de-duplicate on. The
+    subscriber's sidecar records each key after the app's 2xx and before the ack
+    (a KV bucket of the namespace, shared by its replicas, kept for the
+    redelivery window) and does not hand a redelivery with a recorded key to the
+    app again; a sidecar that dies after the app answered but before it recorded
+    the key still causes a repeat."""
     max_deliver: Annotated[int, Field(ge=1, le=100)] | None = None
     """Deliveries before the event goes to the dead-letter subject; unset means 5
     (1 for atMostOnce)."""

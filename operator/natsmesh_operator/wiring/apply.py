@@ -5,7 +5,8 @@
   content differs; accounts we manage that are no longer wanted are removed
   with the resolver's ``$SYS.REQ.CLAIMS.DELETE`` (a request signed by the
   operator's signing key), after their streams are removed.
-* Streams, consumers and the route KV bucket: per account, through a short-
+* Streams, consumers, the route KV bucket and (for a namespace with an
+  exactlyOnce subscriber) the completed-key bucket: per account, through a short-
   lived admin user signed by that account's key; created when missing,
   updated when a field we own drifted, left alone otherwise. Fields whose
   change would lose data (storage, retention, deliver/ack policy) are reported
@@ -42,6 +43,8 @@ from natsmesh_operator.wiring.jetstream import (
     STREAM_IMMUTABLE,
     consumer_config,
     differences,
+    done_stream_config,
+    done_window_ms,
     is_managed,
     routes_stream_config,
     stream_config,
@@ -481,13 +484,22 @@ class Applier:
                 if await self._ensure_stream(nc, namespace, stream_config(s), report):
                     ok_streams.add(s.name)
             await self._ensure_stream(nc, namespace, routes_stream_config(), report)
+            keep = {subjects.routes_stream()}
+            exactly_once = plan.exactly_once_of(namespace)
+            if exactly_once:
+                # Only a namespace with an exactlyOnce subscriber pays for it.
+                config = done_stream_config(done_window_ms(exactly_once))
+                await self._ensure_stream(nc, namespace, config, report)
+                keep.add(subjects.done_stream())
             wanted_consumers: dict[str, set[str]] = {}
             for c in plan.consumers_in(namespace):
                 wanted_consumers.setdefault(c.stream, set()).add(c.name)
                 if c.stream in ok_streams:
                     await self._ensure_consumer(nc, namespace, c.stream, consumer_config(c), report)
             if prune:
-                await self._prune_streams(nc, namespace, wanted_streams, wanted_consumers, report)
+                await self._prune_streams(
+                    nc, namespace, wanted_streams, wanted_consumers, keep, report
+                )
             kv = await js.key_value(subjects.ROUTES_BUCKET)
             account = self.keyring.account(namespace)
             wanted_keys = set()
@@ -544,11 +556,12 @@ class Applier:
         namespace: str,
         wanted_streams: Mapping[str, object],
         wanted_consumers: Mapping[str, set[str]],
+        keep: set[str],
         report: ApplyReport,
     ) -> None:
         for cfg in await self._list_streams(nc):
             name = cfg["name"]
-            if not is_managed(cfg) or name == subjects.routes_stream():
+            if not is_managed(cfg) or name in keep:
                 continue
             if name not in wanted_streams:
                 await _request(nc, f"{JS}.STREAM.DELETE.{name}", b"", self.timeout)

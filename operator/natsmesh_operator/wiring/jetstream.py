@@ -10,7 +10,7 @@ unchanged object is never updated. Fields the server adds (defaults, its own
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from natsmesh_operator.wiring.plan import ConsumerPlan, StreamPlan
@@ -27,6 +27,11 @@ STREAM_IMMUTABLE = ("storage", "retention")
 CONSUMER_IMMUTABLE = ("deliver_policy", "ack_policy")
 
 ROUTES_HISTORY = 5
+
+#: The shortest a completed key is kept (see :func:`done_window_ms`).
+DONE_MIN_MS = 5 * 60 * 1000
+#: ... and the longest: a day of keys is plenty of storage already.
+DONE_MAX_MS = 24 * 60 * 60 * 1000
 
 
 def stream_config(s: StreamPlan) -> dict[str, Any]:
@@ -64,6 +69,48 @@ def routes_stream_config(replicas: int = 1) -> dict[str, Any]:
         "allow_direct": True,
         "duplicate_window": 120 * 1_000_000_000,
         "max_age": 0,
+        "metadata": dict(MANAGED_META),
+    }
+
+
+def done_window_ms(consumers: Iterable[ConsumerPlan]) -> int:
+    """How long a completed key must be kept: until its event cannot come again.
+
+    A delivery whose ack was lost comes again after ackWait (or its backoff
+    step), up to maxDeliver times, so the last redelivery of an event is at
+    most ``maxDeliver x (ackWait + the longest backoff)`` after the first;
+    the longest of the namespace's exactlyOnce subscriptions, and never
+    under five minutes, so a restart of nats-server or of a sidecar (which
+    delays redelivery by the time it takes) stays inside it too.
+    """
+    longest = 0
+    for c in consumers:
+        step = c.ack_wait_ms + max(c.backoff_ms, default=0)
+        longest = max(longest, c.max_deliver * step)
+    return min(max(longest, DONE_MIN_MS), DONE_MAX_MS)
+
+
+def done_stream_config(window_ms: int, replicas: int = 1) -> dict[str, Any]:
+    """The completed-key bucket of exactlyOnce subscribers, as a KV stream.
+
+    One value per key (a repeat put replaces it) and each expires
+    ``window_ms`` after it was written; direct gets so a lookup is one
+    request that needs no consumer.
+    """
+    return {
+        "name": subjects.done_stream(),
+        "description": "natsmesh: Idempotency-Keys exactlyOnce subscribers completed",
+        "subjects": [f"$KV.{subjects.DONE_BUCKET}.>"],
+        "retention": "limits",
+        "storage": "file",
+        "num_replicas": replicas,
+        "max_msgs_per_subject": 1,
+        "discard": "old",
+        "allow_rollup_hdrs": True,
+        "deny_delete": True,
+        "allow_direct": True,
+        "duplicate_window": min(120_000, window_ms) * NS_PER_MS,
+        "max_age": window_ms * NS_PER_MS,
         "metadata": dict(MANAGED_META),
     }
 

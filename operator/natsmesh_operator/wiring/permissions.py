@@ -17,6 +17,10 @@ publish:
   * ``events.<ns>.<self>.<topic>`` of each topic it publishes
   * for each of its subscriptions: ``<api>.CONSUMER.MSG.NEXT|INFO.<stream>.<consumer>``
     and ``$JS.ACK.<stream>.<consumer>.>``, plus its dead-letter subject
+  * for each exactlyOnce subscription, its completed keys:
+    ``$KV.natsmesh-done.<source-ns>.<consumer>.*`` (put) and
+    ``$JS.API.DIRECT.GET.KV_natsmesh-done.$KV.natsmesh-done.<source-ns>.<consumer>.*``
+    (read one key): never another subscription's, nor a listing of the bucket
   * its own route-table key and its namespace's target keys:
     ``$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.<self>`` and
     ``…$KV.natsmesh-routes.to.*`` (a target is every caller's to read)
@@ -82,6 +86,8 @@ class ConsumerAccess:
     consumer: str
     dead_letter_subject: str
     acks: bool
+    source_namespace: str = ""
+    exactly_once: bool = False
 
 
 def consumer_api_subjects(api_prefix: str, stream: str, consumer: str) -> tuple[str, str]:
@@ -93,6 +99,12 @@ def consumer_api_subjects(api_prefix: str, stream: str, consumer: str) -> tuple[
 
 def ack_subject(stream: str, consumer: str) -> str:
     return f"{JS_ACK_PREFIX}.{stream}.{consumer}.>"
+
+
+def completed_keys_pub(source_namespace: str, consumer: str) -> tuple[str, str]:
+    """Write and direct-get its own subscription's completed keys, and no others'."""
+    scope = subjects.done_scope(source_namespace, consumer)
+    return (subjects.done_key_subject(scope), subjects.done_direct_get(scope))
 
 
 def routes_kv_pub(service: str) -> tuple[str, ...]:
@@ -160,6 +172,8 @@ def service_permissions(
         if c.acks:
             pub.append(ack_subject(c.stream, c.consumer))
             pub.append(c.dead_letter_subject)
+        if c.exactly_once:
+            pub += completed_keys_pub(c.source_namespace, c.consumer)
     pub += routes_kv_pub(service)
     pub += micro_pub()
     sub = [

@@ -126,6 +126,8 @@ class ConsumerPlan:
     deliver_policy: DeliverPolicy
     subscriber: tuple[str, str]
     description: str = ""
+    exactly_once: bool = False
+    """Its subscriber keeps a completed-key record (in the subscriber's account)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,11 @@ class MeshPlan:
 
     def consumers_in(self, namespace: str) -> tuple[ConsumerPlan, ...]:
         return tuple(c for c in self.consumers if c.namespace == namespace)
+
+    def exactly_once_of(self, namespace: str) -> tuple[ConsumerPlan, ...]:
+        """The exactlyOnce consumers whose subscribers live in ``namespace``
+        (their completed keys are kept in that namespace's account)."""
+        return tuple(c for c in self.consumers if c.exactly_once and c.subscriber[0] == namespace)
 
 
 # --------------------------------------------------------------------------
@@ -409,6 +416,7 @@ def plan(
             deliver_policy=s.spec.deliver_policy,
             subscriber=(s.subscriber.namespace, s.subscriber.name),
             description=f"natsmesh: {s.subscriber.name}.{s.subscriber.namespace} <- {s.spec.topic}",
+            exactly_once=s.spec.delivery == "exactlyOnce",
         )
         for s in subs
     )
@@ -431,7 +439,13 @@ def plan(
                 publish_topics=topics[key],
                 consumers=[
                     ConsumerAccess(
-                        s.api_prefix, s.stream, s.consumer, s.dead_letter_subject, s.acks
+                        s.api_prefix,
+                        s.stream,
+                        s.consumer,
+                        s.dead_letter_subject,
+                        s.acks,
+                        source_namespace=s.source[0],
+                        exactly_once=s.spec.delivery == "exactlyOnce",
                     )
                     for s in subs_of[key]
                 ],
