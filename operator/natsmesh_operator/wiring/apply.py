@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -127,7 +128,9 @@ async def connect_creds(url: str | list[str], creds: str, **kwargs: Any) -> NATS
     each server ``max_reconnect_attempts`` (60) times, even with
     ``allow_reconnect=False`` -- two minutes before an error.
     """
-    servers = url if isinstance(url, list) else [url]
+    # A comma-separated list too (as nats-server and the nats CLI take it):
+    # the servers of a cluster without one Service in front of them.
+    servers = url if isinstance(url, list) else [u.strip() for u in url.split(",") if u.strip()]
     options: dict[str, Any] = {
         "allow_reconnect": False,
         "max_reconnect_attempts": 1,
@@ -136,10 +139,25 @@ async def connect_creds(url: str | list[str], creds: str, **kwargs: Any) -> NATS
         "error_cb": _quiet_error,
         **kwargs,
     }
-    nc: NATS = await nats.connect(
-        servers=servers, user_credentials=RawCredentials(creds), **options
-    )
-    return nc
+    if options["allow_reconnect"] or len(servers) == 1:
+        nc: NATS = await nats.connect(
+            servers=servers, user_credentials=RawCredentials(creds), **options
+        )
+        return nc
+    # Without reconnects nats-py gives up at the first server that refuses
+    # (one restarting): each in turn, in random order to spread the load.
+    failed: Exception | None = None
+    for server in random.sample(servers, len(servers)):
+        try:
+            nc = await nats.connect(
+                servers=[server], user_credentials=RawCredentials(creds), **options
+            )
+        except Exception as exc:
+            failed = exc
+            continue
+        return nc
+    assert failed is not None
+    raise failed
 
 
 OPERATOR_USER_NAME = "natsmesh-operator"
@@ -203,8 +221,12 @@ class Applier:
         system_creds: str,
         keyring: KeyRing,
         timeout: float = 5.0,
+        replicas: int = 1,
     ) -> None:
         self.url = url
+        self.replicas = replicas
+        """Replicas of the mesh's own streams (route bucket, dead letters):
+        the NATS cluster's size."""
         self.signer = signer
         """The operator's signing key (the root only for a legacy bootstrap)."""
         self.system_creds = system_creds
@@ -478,9 +500,11 @@ class Applier:
             wanted_streams = {s.name: s for s in plan.streams_in(namespace)}
             ok_streams = set()
             for s in wanted_streams.values():
-                if await self._ensure_stream(nc, namespace, stream_config(s), report):
+                if await self._ensure_stream(
+                    nc, namespace, stream_config(s, self.replicas), report
+                ):
                     ok_streams.add(s.name)
-            await self._ensure_stream(nc, namespace, routes_stream_config(), report)
+            await self._ensure_stream(nc, namespace, routes_stream_config(self.replicas), report)
             wanted_consumers: dict[str, set[str]] = {}
             for c in plan.consumers_in(namespace):
                 wanted_consumers.setdefault(c.stream, set()).add(c.name)
