@@ -411,6 +411,7 @@ class Applier:
                 report.errors.append(ApplyError(namespace, f"stream {name}", _err(resp)))
                 return False
             report.streams_created.append(label)
+            await self._wait_for_leader(nc, name)
             return True
         diff = differences(wanted, info["config"])
         if not diff:
@@ -437,6 +438,20 @@ class Applier:
         report.streams_updated.append(label)
         log.info("updated stream %s: %s", label, ", ".join(diff))
         return True
+
+    async def _wait_for_leader(self, nc: NATS, name: str) -> None:
+        """A new stream of a clustered JetStream takes a moment to elect its
+        leader; a put meanwhile found no stream (the pass failed and the
+        route tables came only with the next one). A server outside a cluster
+        (no ``cluster.name``) leads its streams at once."""
+        deadline = time.monotonic() + JS_READY_SECONDS
+        while time.monotonic() < deadline:
+            info = await _request(nc, f"{JS}.STREAM.INFO.{name}", b"", self.timeout)
+            cluster = info.get("cluster") or {}
+            if "error" not in info and (cluster.get("leader") or not cluster.get("name")):
+                return
+            await asyncio.sleep(0.05)
+        log.warning("stream %s has no leader after %.0fs", name, JS_READY_SECONDS)
 
     async def _ensure_consumer(
         self, nc: NATS, namespace: str, stream: str, wanted: dict[str, Any], report: ApplyReport
