@@ -21,7 +21,13 @@ class NatsSettings:
     """How the operator reaches NATS and where the bootstrap material lives."""
 
     url: str = "nats://127.0.0.1:4222"
-    """NATS URL the operator connects to (as the system account's user)."""
+    """NATS URL the operator connects to (as the system account's user); a
+    comma-separated list names several servers of one cluster."""
+    replicas: int = 1
+    """Replicas of the mesh's own streams, the route bucket and the dead
+    letters (``NATSMESH_NATS_REPLICAS``; the chart sets ``nats.replicas``):
+    the NATS cluster's size, so one server's restart loses no route table.
+    A bucket made with fewer is raised in place. See docs/architecture.md."""
     bootstrap_secret: str = "natsmesh-nats-bootstrap"  # noqa: S105 - a Secret name
     """Secret in the operator namespace made by ``natsmesh bootstrap``: the
     operator seed (signs account JWTs) and the system user's creds."""
@@ -177,6 +183,7 @@ class OperatorSettings:
             ),
             nats=NatsSettings(
                 url=nats_url,
+                replicas=max(1, int(get("NATS_REPLICAS", str(NatsSettings.replicas)))),
                 bootstrap_secret=get("BOOTSTRAP_SECRET", NatsSettings.bootstrap_secret),
             ),
             webhook=WebhookSettings(

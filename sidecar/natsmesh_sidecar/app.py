@@ -50,6 +50,11 @@ from natsmesh_sidecar.wire import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+#: Connections tried when moving off a server in lame duck mode, and the
+#: seconds each may take (its client listener is closed: a connection that
+#: reaches it, e.g. through a Service, is refused and the next server tried).
+MOVE_ATTEMPTS = 5
+MOVE_CONNECT_SECONDS = 5.0
 #: Room kept for NATS headers when deciding 413 up front: the server counts
 #: headers and payload against max_payload together.
 HEADER_ROOM = 16 * 1024
@@ -155,6 +160,8 @@ class Sidecar:
             )
         #: Joins and leaves (the readiness timer, connect, renewal, drain) one at a time.
         self._membership = asyncio.Lock()
+        #: Moves to a new connection (creds renewal, lame duck) one at a time.
+        self._moving = asyncio.Lock()
         self.outbound_port = 0
         self.admin_port = 0
         self.draining = False
@@ -311,7 +318,11 @@ class Sidecar:
                 raise TimeoutError("sidecar not ready")
             await asyncio.sleep(0.01)
 
-    def _options(self, box: list[Any]) -> dict[str, Any]:
+    def _configured_servers(self) -> list[str]:
+        """``nats_url``: one URL (a Service in front of the cluster) or a comma-separated list."""
+        return [u.strip() for u in self.settings.nats_url.split(",") if u.strip()]
+
+    def _options(self, box: list[Any], servers: list[str] | None = None) -> dict[str, Any]:
         """Connection options; the state callbacks act only while ``box[0]`` is
         the current connection (an old one being drained must not touch it)."""
         s = self.settings
@@ -331,13 +342,18 @@ class Sidecar:
             if current():
                 await self._on_closed()
 
+        async def lame_duck() -> None:
+            if current():
+                self._on_lame_duck(box[0])
+
         opts: dict[str, Any] = {
-            "servers": [s.nats_url],
+            "servers": servers or self._configured_servers(),
             "name": f"natsmesh-sidecar {self.source}",
             "error_cb": self._on_error,
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
             "closed_cb": closed,
+            "lame_duck_mode_cb": lame_duck,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
             "connect_timeout": 2,
@@ -478,24 +494,80 @@ class Sidecar:
         self._sync_consumers()
 
     async def _renew(self) -> None:
-        """Take up new creds without failing a request: make before break.
+        """Take up new creds without failing a request: make before break
+        (see :meth:`_move_to`). A forced reconnect instead failed every call
+        in flight and every call of the gap."""
+        async with self._moving:
+            if self.nc is None or self.draining:
+                return
+            nc = await self._open(retry=False)
+            if nc is None:
+                # The old connection carries on (and re-signs with the new creds
+                # if the server ever drops it).
+                logger.error(
+                    "new creds: connecting with them failed; keeping the current connection"
+                )
+                return
+            await self._move_to(nc, "creds renewed")
+            self.metrics.creds_renewals.inc()
 
-        A second connection signs with the new creds and subscribes like the
-        first (same queue groups, so both share the load meanwhile); new calls
-        go out on it; then the old one stops hearing requests, its calls in
-        flight get their answers (bounded by the longest route timeout), its
-        event deliveries in hand finish, and it closes. A forced reconnect
-        instead failed every call in flight and every call of the gap.
+    def _on_lame_duck(self, nc: Any) -> None:
+        """Our server entered lame duck mode (it is about to stop): move to
+        another before it drops us, the way new creds are taken up."""
+        if self.draining:
+            return
+        url = nc.connected_url
+        server_id = (getattr(nc, "_server_info", None) or {}).get("server_id")
+        logger.info("NATS server %s is in lame duck mode: moving to another", url and url.netloc)
+        self._spawn(self._leave_lame_duck(nc, url.netloc if url else "", server_id))
+
+    async def _leave_lame_duck(self, old_nc: Any, netloc: str, server_id: str | None) -> None:
+        async with self._moving:
+            if self.nc is not old_nc or self.draining:
+                return  # moved already (a renewal, an earlier notice)
+            nc = await self._open_elsewhere(old_nc, netloc, server_id)
+            if nc is None:
+                # The server drops us at the end of its grace period; the
+                # connection then reconnects elsewhere by itself.
+                logger.error("no other NATS server reachable; staying until dropped")
+                return
+            await self._move_to(nc, f"left lame-duck server {netloc}")
+            self.metrics.lame_duck_moves.inc()
+
+    async def _open_elsewhere(self, old_nc: Any, netloc: str, server_id: str | None) -> Any:
+        """A connection to any known server but the one at ``netloc`` / ``server_id``.
+
+        Known: the configured URLs and the servers the cluster announced to
+        ``old_nc``. A configured URL may be a Service in front of all of them,
+        the lame duck included: its listener is closed, so such a connect is
+        refused and the next one tried; one that still lands there is closed.
         """
-        old_nc, old_fast, old_serving = self.nc, self.fast, self.serving
-        if old_nc is None or self.draining:
-            return
-        nc = await self._open(retry=False)
-        if nc is None:
-            # The old connection carries on (and re-signs with the new creds
-            # if the server ever drops it).
-            logger.error("new creds: connecting with them failed; keeping the current connection")
-            return
+        known = [f"{u.scheme}://{u.netloc}" for u in old_nc.servers if u.netloc != netloc]
+        servers = list(dict.fromkeys(known + self._configured_servers()))
+        for attempt in range(MOVE_ATTEMPTS):
+            box: list[Any] = []
+            opts = self._options(box, servers)
+            try:
+                nc = await asyncio.wait_for(nats.connect(**opts), MOVE_CONNECT_SECONDS)
+            except Exception as exc:
+                logger.warning("moving off %s: connect failed (%s)", netloc, exc)
+                continue
+            box.append(nc)
+            landed = (getattr(nc, "_server_info", None) or {}).get("server_id")
+            if server_id is None or landed != server_id:
+                return nc
+            logger.info("moving off %s: landed on it again (attempt %d)", netloc, attempt + 1)
+            with contextlib.suppress(Exception):
+                await nc.close()
+        return None
+
+    async def _move_to(self, nc: Any, why: str) -> None:
+        """Make before break onto ``nc``: it subscribes like the current
+        connection (same queue groups, so both share the load meanwhile); new
+        calls go out on it; then the old one stops hearing requests, its calls
+        in flight get their answers (bounded by the longest route timeout),
+        its event deliveries in hand finish, and it closes."""
+        old_nc, old_fast = self.nc, self.fast
         async with self._membership:
             old_serving, join = self.serving, self._want_joined()
             fast, serving = await self._serve_on(nc, join)
@@ -506,8 +578,7 @@ class Sidecar:
             self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
             self.joined = join
         self.metrics.nats_connected.set(1)
-        self.metrics.creds_renewals.inc()
-        logger.info("creds renewed: new connection serving %s; draining the old", sorted(serving))
+        logger.info("%s: new connection serving %s; draining the old", why, sorted(serving))
         if self.targets is not None:
             with contextlib.suppress(Exception):
                 await self.targets.start(nc)

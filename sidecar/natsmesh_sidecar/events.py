@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 5.0
+#: Seconds a publish answered "no responders" is retried: the stream has no
+#: leader for a moment while one is elected (a NATS server restarting). Such
+#: a message reached no stream, so sending it again stores it once.
+NO_LEADER_RETRY_SECONDS = 3.0
+NO_LEADER_RETRY_WAIT = 0.1
 _JSON = [("content-type", "application/json")]
 #: Idempotency keys the consumer makes up for messages without one
 #: (``nm:<stream>:<seq>``). A message's own ``Nats-Msg-Id`` with this prefix
@@ -162,9 +167,7 @@ class EventPublisher:
                 )
             headers["Nats-Msg-Id"] = key
         try:
-            ack = await app.js().publish(
-                pub.subject, req.body, timeout=PUBLISH_TIMEOUT, stream=pub.stream, headers=headers
-            )
+            ack = await _publish(app, pub.subject, req.body, pub.stream, headers)
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
             return (
                 503,
@@ -195,6 +198,24 @@ class EventPublisher:
             {"stream": ack.stream, "seq": ack.seq, "duplicate": bool(ack.duplicate)}
         ).encode()
         return 202, list(_JSON), body
+
+
+async def _publish(
+    app: Sidecar, subject: str, body: bytes, stream: str, headers: dict[str, str]
+) -> Any:
+    """Publish to the stream, again while it has no leader (see NO_LEADER_RETRY_SECONDS)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + NO_LEADER_RETRY_SECONDS
+    while True:
+        try:
+            # app.js() each time: the connection may have moved meanwhile.
+            return await app.js().publish(
+                subject, body, timeout=PUBLISH_TIMEOUT, stream=stream, headers=headers
+            )
+        except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
+            if loop.time() + NO_LEADER_RETRY_WAIT > deadline:
+                raise
+            await asyncio.sleep(NO_LEADER_RETRY_WAIT)
 
 
 class EventConsumer:

@@ -265,6 +265,11 @@ class Metrics:
             "New creds taken up: a second connection opened, then the old one drained",
             "counter",
         )
+        self.lame_duck_moves = metric(
+            "nats_lame_duck_moves",
+            "Moves off a server in lame duck mode: a connection to another, then the old drained",
+            "counter",
+        )
         self.nats_errors = metric(
             "nats_async_errors", "Asynchronous NATS errors", "counter", "kind"
         )

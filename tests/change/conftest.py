@@ -72,11 +72,17 @@ def change_operator(
 
 
 @pytest.fixture(scope="module")
-def shop_namespace(change_operator: OperatorProcess) -> Iterator[str]:
+def shop_manifest() -> str:
+    """The shop's NatsServices (a module may ask for other stream settings)."""
+    return SHOP
+
+
+@pytest.fixture(scope="module")
+def shop_namespace(change_operator: OperatorProcess, shop_manifest: str) -> Iterator[str]:
     """A namespace with the shop's NatsServices, all Ready."""
     op = change_operator
     with operator_namespace(op) as ns:
-        op.cluster.kubectl("apply", "-n", ns, "-f", "-", input=SHOP)
+        op.cluster.kubectl("apply", "-n", ns, "-f", "-", input=shop_manifest)
         for name in SERVICES:
             op.wait_ready("natsservice", name, ns, timeout=60)
         yield ns

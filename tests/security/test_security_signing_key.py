@@ -29,6 +29,7 @@ from natsmesh_operator.wiring.keys import Key, Role
 from natsmesh_operator.wiring.plan import plan
 from tests.fixtures.cluster import nats_service
 from tests.fixtures.nats_operator import OperatorNats, shop_intents
+from tests.fixtures.nats_server import NatsServer
 from tests.fixtures.operator import OperatorProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -150,6 +151,7 @@ async def test_a_rotated_out_signing_key_is_refused(nats_operator: OperatorNats)
     # the servers store them; then the servers restart with the new operator JWT.
     on.boot = bootstrap.rotate_signing_key(replace(on.boot, root=None), on.boot.root)
     assert await apply_shop(on) == ["shop"]
+    assert isinstance(on.server, NatsServer)
     on.server.extra_config = on.boot.auth_conf()
     on.restart()
 

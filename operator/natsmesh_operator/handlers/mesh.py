@@ -177,6 +177,7 @@ class MeshReconciler:
         kube_client: AsyncClient,
         nats_url: str,
         operator_namespace: str,
+        nats_replicas: int = 1,
         bootstrap_secret: str,
         watched: Watched = EVERYWHERE,
         creds: CredsSettings | None = None,
@@ -191,6 +192,7 @@ class MeshReconciler:
         self.creds_settings = creds or CredsSettings()
         self.kube = kube_client
         self.nats_url = nats_url
+        self.nats_replicas = nats_replicas
         self.operator_namespace = operator_namespace
         self.bootstrap_secret = bootstrap_secret
         self._warned_legacy = False
@@ -534,6 +536,7 @@ class MeshReconciler:
             signer=boot.signing_key,
             system_creds=boot.system_user_creds,
             keyring=keys,
+            replicas=self.nats_replicas,
         )
 
     async def _release_held(

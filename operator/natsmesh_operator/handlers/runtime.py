@@ -65,6 +65,7 @@ class Runtime:
         mesh = MeshReconciler(
             kube_client=kube,
             nats_url=settings.nats.url,
+            nats_replicas=settings.nats.replicas,
             operator_namespace=settings.namespace,
             bootstrap_secret=settings.nats.bootstrap_secret,
             watched=settings.watched,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,7 +131,9 @@ async def connect_creds(url: str | list[str], creds: str, **kwargs: Any) -> NATS
     each server ``max_reconnect_attempts`` (60) times, even with
     ``allow_reconnect=False`` -- two minutes before an error.
     """
-    servers = url if isinstance(url, list) else [url]
+    # A comma-separated list too (as nats-server and the nats CLI take it):
+    # the servers of a cluster without one Service in front of them.
+    servers = url if isinstance(url, list) else [u.strip() for u in url.split(",") if u.strip()]
     options: dict[str, Any] = {
         "allow_reconnect": False,
         "max_reconnect_attempts": 1,
@@ -139,10 +142,25 @@ async def connect_creds(url: str | list[str], creds: str, **kwargs: Any) -> NATS
         "error_cb": _quiet_error,
         **kwargs,
     }
-    nc: NATS = await nats.connect(
-        servers=servers, user_credentials=RawCredentials(creds), **options
-    )
-    return nc
+    if options["allow_reconnect"] or len(servers) == 1:
+        nc: NATS = await nats.connect(
+            servers=servers, user_credentials=RawCredentials(creds), **options
+        )
+        return nc
+    # Without reconnects nats-py gives up at the first server that refuses
+    # (one restarting): each in turn, in random order to spread the load.
+    failed: Exception | None = None
+    for server in random.sample(servers, len(servers)):
+        try:
+            nc = await nats.connect(
+                servers=[server], user_credentials=RawCredentials(creds), **options
+            )
+        except Exception as exc:
+            failed = exc
+            continue
+        return nc
+    assert failed is not None
+    raise failed
 
 
 OPERATOR_USER_NAME = "natsmesh-operator"
@@ -206,8 +224,12 @@ class Applier:
         system_creds: str,
         keyring: KeyRing,
         timeout: float = 5.0,
+        replicas: int = 1,
     ) -> None:
         self.url = url
+        self.replicas = replicas
+        """Replicas of the mesh's own streams (route bucket, dead letters):
+        the NATS cluster's size."""
         self.signer = signer
         """The operator's signing key (the root only for a legacy bootstrap)."""
         self.system_creds = system_creds
@@ -392,6 +414,7 @@ class Applier:
                 report.errors.append(ApplyError(namespace, f"stream {name}", _err(resp)))
                 return False
             report.streams_created.append(label)
+            await self._wait_for_leader(nc, name)
             return True
         diff = differences(wanted, info["config"])
         if not diff:
@@ -418,6 +441,20 @@ class Applier:
         report.streams_updated.append(label)
         log.info("updated stream %s: %s", label, ", ".join(diff))
         return True
+
+    async def _wait_for_leader(self, nc: NATS, name: str) -> None:
+        """A new stream of a clustered JetStream takes a moment to elect its
+        leader; a put meanwhile found no stream (the pass failed and the
+        route tables came only with the next one). A server outside a cluster
+        (no ``cluster.name``) leads its streams at once."""
+        deadline = time.monotonic() + JS_READY_SECONDS
+        while time.monotonic() < deadline:
+            info = await _request(nc, f"{JS}.STREAM.INFO.{name}", b"", self.timeout)
+            cluster = info.get("cluster") or {}
+            if "error" not in info and (cluster.get("leader") or not cluster.get("name")):
+                return
+            await asyncio.sleep(0.05)
+        log.warning("stream %s has no leader after %.0fs", name, JS_READY_SECONDS)
 
     async def _ensure_consumer(
         self, nc: NATS, namespace: str, stream: str, wanted: dict[str, Any], report: ApplyReport
@@ -481,14 +518,17 @@ class Applier:
             wanted_streams = {s.name: s for s in plan.streams_in(namespace)}
             ok_streams = set()
             for s in wanted_streams.values():
-                if await self._ensure_stream(nc, namespace, stream_config(s), report):
+                if await self._ensure_stream(
+                    nc, namespace, stream_config(s, self.replicas), report
+                ):
                     ok_streams.add(s.name)
-            await self._ensure_stream(nc, namespace, routes_stream_config(), report)
+            await self._ensure_stream(nc, namespace, routes_stream_config(self.replicas), report)
             keep = {subjects.routes_stream()}
             exactly_once = plan.exactly_once_of(namespace)
             if exactly_once:
-                # Only a namespace with an exactlyOnce subscriber pays for it.
-                config = done_stream_config(done_window_ms(exactly_once))
+                # Only a namespace with an exactlyOnce subscriber pays for it;
+                # replicated like the mesh's other own streams.
+                config = done_stream_config(done_window_ms(exactly_once), self.replicas)
                 await self._ensure_stream(nc, namespace, config, report)
                 keep.add(subjects.done_stream())
             wanted_consumers: dict[str, set[str]] = {}

@@ -34,7 +34,9 @@ DONE_MIN_MS = 5 * 60 * 1000
 DONE_MAX_MS = 24 * 60 * 60 * 1000
 
 
-def stream_config(s: StreamPlan) -> dict[str, Any]:
+def stream_config(s: StreamPlan, nats_replicas: int = 1) -> dict[str, Any]:
+    """``nats_replicas``: what the mesh's own streams are replicated to (see
+    :attr:`StreamPlan.mesh_owned`); a NatsService's event stream has its own."""
     st = s.settings
     return {
         "name": s.name,
@@ -42,7 +44,7 @@ def stream_config(s: StreamPlan) -> dict[str, Any]:
         "subjects": list(s.subjects),
         "retention": st.retention,
         "storage": st.storage,
-        "num_replicas": st.replicas,
+        "num_replicas": nats_replicas if s.mesh_owned else st.replicas,
         "max_age": st.max_age_ms * NS_PER_MS,
         "max_bytes": st.max_bytes,
         "max_msgs": st.max_msgs,
@@ -54,7 +56,11 @@ def stream_config(s: StreamPlan) -> dict[str, Any]:
 
 
 def routes_stream_config(replicas: int = 1) -> dict[str, Any]:
-    """The route KV bucket as a stream, shaped like the clients' KV buckets."""
+    """The route KV bucket as a stream, shaped like the clients' KV buckets.
+
+    ``replicas`` follows the NATS cluster: an R1 bucket on a three-server
+    cluster is unreadable while its one server restarts (no sidecar could
+    start then). Raising it on a live bucket is a plain stream update."""
     return {
         "name": subjects.routes_stream(),
         "description": "natsmesh: compiled route tables, one key per service",

@@ -110,6 +110,10 @@ class StreamPlan:
     subjects: tuple[str, ...]
     settings: StreamSettings
     description: str = ""
+    mesh_owned: bool = False
+    """The mesh's own stream (dead letters), not one a NatsService asked for:
+    its replicas follow the NATS cluster (the operator's ``NATSMESH_NATS_REPLICAS``),
+    not ``settings.replicas``."""
 
 
 @dataclass(frozen=True)
@@ -547,6 +551,7 @@ def _streams(
                 subjects=(subjects.dead_letter_wildcard(ns, svc),),
                 settings=DLQ_SETTINGS,
                 description=f"natsmesh: dead letters of {svc}.{ns}",
+                mesh_owned=True,
             )
         )
     return tuple(out)

@@ -19,6 +19,7 @@ def test_env_contract_with_defaults() -> None:
     assert env(container) == {
         "NATSMESH_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         "NATSMESH_NATS_URL": IN_CHART_URL,
+        "NATSMESH_NATS_REPLICAS": "3",
         "NATSMESH_SIDECAR_NATS_URL": IN_CHART_URL,
         "NATSMESH_BOOTSTRAP_SECRET": f"{FULLNAME}-nats-bootstrap",
         "NATSMESH_SIDECAR_IMAGE": "natsmesh/sidecar:0.1.0",
@@ -93,6 +94,8 @@ def test_external_nats_env() -> None:
     assert values["NATSMESH_NATS_URL"] == EXTERNAL_URL
     assert values["NATSMESH_SIDECAR_NATS_URL"] == EXTERNAL_URL
     assert values["NATSMESH_BOOTSTRAP_SECRET"] == f"{FULLNAME}-nats-bootstrap"
+    # The external server's size is not the in-chart StatefulSet's.
+    assert values["NATSMESH_NATS_REPLICAS"] == "1"
     values = env(operator_container(render(VALUE_SETS["nats-external-secret"])))
     assert values["NATSMESH_BOOTSTRAP_SECRET"] == "my-nats-bootstrap"
 

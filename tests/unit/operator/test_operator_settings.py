@@ -14,6 +14,7 @@ def test_defaults_are_cluster_wide_with_peering() -> None:
     assert s.watches("anything")
     assert s.webhook.failure_policy == "Fail"
     assert s.injection.nats_url == s.nats.url
+    assert s.nats.replicas == 1  # a single server unless told (the chart tells)
     # A kubelet may take a minute to rewrite a mounted Secret.
     assert s.creds.revocation_grace_seconds == 90.0
 
@@ -24,6 +25,7 @@ def test_environment_overrides() -> None:
             "NATSMESH_PEERING": "standalone",
             "NATSMESH_WATCH_NAMESPACES": "shop-*, team-a",
             "NATSMESH_NATS_URL": "nats://nats:4222",
+            "NATSMESH_NATS_REPLICAS": "3",
             "NATSMESH_SIDECAR_NATS_URL": "nats://nats.mesh.svc:4222",
             "NATSMESH_WEBHOOK_CERT_DIR": "/tls",
             "NATSMESH_DRIFT_INTERVAL": "5",
@@ -38,6 +40,7 @@ def test_environment_overrides() -> None:
     assert not s.watches("team-b")
     assert not s.watches("kube-system")
     assert s.nats.url == "nats://nats:4222"
+    assert s.nats.replicas == 3
     assert s.injection.nats_url == "nats://nats.mesh.svc:4222"
     assert s.webhook.cert_dir == Path("/tls")
     assert s.reconcile.drift_interval == 5.0
