@@ -35,7 +35,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/venv/bin:/usr/sbin:/usr/b
 RUN echo "nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin" >> /etc/passwd \
     && echo "nonroot:x:65532:" >> /etc/group
 
-# ---- sidecar: nats-py, pydantic, prometheus-client, httptools, uvloop ------
+# ---- sidecar: nats-py, pydantic, httptools, uvloop ---------------------------
 FROM build AS sidecar-deps
 RUN python3 -m venv --without-pip /venv && /venv/bin/python /pip/pip install \
       --no-index --find-links /wheels --require-hashes -r /wheels/sidecar.txt

@@ -101,7 +101,7 @@ def test_sidecar_image_has_no_kopf_and_no_kubernetes_client(images: Images) -> N
     code = (
         "import importlib.util as u;"
         "print([m for m in ('kopf','kubernetes','kubernetes_asyncio','lightkube',"
-        "'natsmesh_operator','aiohttp') if u.find_spec(m)])"
+        "'natsmesh_operator','aiohttp','prometheus_client') if u.find_spec(m)])"
     )
     assert images.python(images.sidecar, code) == "[]"
     # ... while the operator image has what it runs on.
