@@ -154,6 +154,49 @@ def http_to_nats(
     return out
 
 
+#: App header name -> its NATS key (:func:`escape_name`): the same few names
+#: come with every request. Bounded: names come from clients and apps.
+_KEYS: dict[str, str] = {}
+_KEYS_MAX = 4096
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def nats_lines(headers: Sequence[tuple[str, str]]) -> str:
+    """``http_to_nats(headers)`` as the lines of a NATS header block.
+
+    What ``natsfast.encode_headers`` writes for that dict, less its first
+    line and the blank line that ends it, without building the dict: names
+    are escaped from a cache, and repeats and values holding CR or LF (both
+    rare) take the dict's way.
+    """
+    if not headers:
+        return ""
+    keys = _KEYS
+    lines = []
+    for name, value in headers:
+        key = keys.get(name)
+        if key is None:
+            key = escape_name(name)
+            if len(keys) >= _KEYS_MAX:
+                keys.clear()
+            keys[name] = key
+        lines.append(f"{key}: {value}\r\n")
+    text = "".join(lines)
+    n = len(lines)
+    if (
+        text.count("\n") == n
+        and text.count("\r") == n
+        and (n == 1 or len({line.partition(":")[0] for line in lines}) == n)
+    ):
+        return text
+    out = []
+    for key, value in http_to_nats(headers).items():
+        if "\r" in value or "\n" in value:
+            value = value.translate(_NEWLINES)
+        out.append(f"{key}: {value}\r\n")
+    return "".join(out)
+
+
 def nats_to_http(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     """The app-level headers of a NATS message, mesh headers removed."""
     out: list[tuple[str, str]] = []
@@ -171,6 +214,60 @@ def nats_to_http(headers: Mapping[str, str]) -> list[tuple[str, str]]:
             continue
         out.append((key, value))
     return out
+
+
+#: NATS header key -> what :func:`http_block` does with it (cached: the same
+#: few keys come with every message; bounded: keys come from peers).
+_KINDS: dict[str, int] = {}
+_KINDS_MAX = 4096
+_APP, _HOST, _LEFT_OUT, _ESCAPED = 0, 1, 2, 3
+
+
+def _kind(key: str) -> int:
+    kind = _KINDS.get(key)
+    if kind is None:
+        if key[:3] in ("Nm-", "nm-", "NM-"):
+            # As nats_to_http: these two prefixes are case-sensitive.
+            escaped = key.startswith(ESC_PREFIX) or key.startswith(DUP_PREFIX)
+            kind = _ESCAPED if escaped else _LEFT_OUT
+        else:
+            low = key.lower()
+            kind = _LEFT_OUT if low in HOP_BY_HOP else _HOST if low == "host" else _APP
+        if len(_KINDS) >= _KINDS_MAX:
+            _KINDS.clear()
+        _KINDS[key] = kind
+    return kind
+
+
+def http_block(
+    headers: Mapping[str, str], extra: Sequence[tuple[str, str]] = ()
+) -> tuple[bytes, bool]:
+    """``_header_block(nats_to_http(headers) + extra)``: a NATS message's app
+    headers as an HTTP block, and whether it names the host.
+
+    One pass over the message's headers, no list in between; escaped and
+    repeated names (``Nm-Esc-``, ``Nm-Dup-``), ``extra`` headers (a request
+    id the caller did not send) and a block the one regex refuses take the
+    general way.
+    """
+    lines = []
+    has_host = False
+    kinds = _KINDS
+    for key, value in headers.items():
+        kind = kinds.get(key)
+        if kind is None:
+            kind = _kind(key)
+        if kind == _APP:
+            lines.append(f"{key}: {value}\r\n")
+        elif kind == _HOST:
+            has_host = True
+            lines.append(f"{key}: {value}\r\n")
+        elif kind == _ESCAPED:
+            return _header_block([*nats_to_http(headers), *extra])
+    block = "".join(lines).encode("latin-1", "replace")
+    if not extra and _VALID_BLOCK_RE.fullmatch(block) is not None:
+        return block, has_host
+    return _header_block([*nats_to_http(headers), *extra])
 
 
 def valid_header(name: bytes, value: bytes) -> bool:
@@ -279,15 +376,34 @@ def render_response(
     if final_status(status) is None:
         raise ValueError(f"refusing to write status {status} as a final response")
     block, _ = _header_block(headers if isinstance(headers, list) else list(headers))
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status)), block]
-    if status not in (204, 304):
-        parts.append(b"content-length: %d\r\n" % len(body))
-    if not keep_alive:
-        parts.append(b"connection: close\r\n")
-    parts.append(b"\r\n")
-    if not head and status not in (204, 304):
-        parts.append(body)
-    return b"".join(parts)
+    return _response(status, block, body, keep_alive, head)
+
+
+def render_response_from_nats(
+    status: int, headers: Mapping[str, str], body: bytes, *, keep_alive: bool, head: bool = False
+) -> bytes:
+    """``render_response(status, nats_to_http(headers), ...)``, see :func:`http_block`."""
+    if final_status(status) is None:
+        raise ValueError(f"refusing to write status {status} as a final response")
+    return _response(status, http_block(headers)[0], body, keep_alive, head)
+
+
+def _response(status: int, block: bytes, body: bytes, keep_alive: bool, head: bool) -> bytes:
+    if status == 204 or status == 304:
+        return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+            status,
+            reason(status),
+            block,
+            b"" if keep_alive else b"connection: close\r\n",
+        )
+    return b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\n%s\r\n%s" % (
+        status,
+        reason(status),
+        block,
+        len(body),
+        b"" if keep_alive else b"connection: close\r\n",
+        b"" if head else body,
+    )
 
 
 def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bool]:
@@ -335,16 +451,55 @@ def render_request(
     host: str,
 ) -> bytes | None:
     """An HTTP/1.1 request to the app, or None when the input is not safe to send."""
+    if _unsafe_request_line(method, target):
+        return None
+    return _request(method, target, *_header_block(headers), body, host)
+
+
+def render_request_from_nats(
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    extra: Sequence[tuple[str, str]],
+    body: bytes,
+    host: str,
+) -> bytes | None:
+    """``render_request(method, target, nats_to_http(headers) + extra, ...)``.
+
+    See :func:`http_block`.
+    """
+    if _unsafe_request_line(method, target):
+        return None
+    return _request(method, target, *http_block(headers, extra), body, host)
+
+
+#: Methods seen valid (bounded: they come from callers).
+_METHODS: set[str] = set()
+
+
+def _unsafe_request_line(method: str, target: str) -> bool:
+    if method not in _METHODS:
+        if not valid_method(method):
+            return True
+        if len(_METHODS) < 256:
+            _METHODS.add(method)
+    t = target.encode("latin-1", "replace")
+    return not t.startswith(b"/") or _BAD_VALUE_RE.search(t) is not None or b" " in t
+
+
+def _request(
+    method: str, target: str, block: bytes, has_host: bool, body: bytes, host: str
+) -> bytes:
     m = method.encode("latin-1", "replace")
     t = target.encode("latin-1", "replace")
-    if not valid_method(method) or not t.startswith(b"/") or _BAD_VALUE_RE.search(t) or b" " in t:
-        return None
-    block, has_host = _header_block(headers)
-    parts = [b"%s %s HTTP/1.1\r\n" % (m, t), block]
-    if not has_host:
-        parts.append(b"host: %s\r\n" % host.encode())
+    host_line = b"" if has_host else b"host: %s\r\n" % host.encode()
     if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        parts.append(b"content-length: %d\r\n" % len(body))
-    parts.append(b"\r\n")
-    parts.append(body)
-    return b"".join(parts)
+        return b"%s %s HTTP/1.1\r\n%s%scontent-length: %d\r\n\r\n%s" % (
+            m,
+            t,
+            block,
+            host_line,
+            len(body),
+            body,
+        )
+    return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (m, t, block, host_line)

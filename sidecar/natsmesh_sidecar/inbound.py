@@ -38,6 +38,7 @@ MAX_BACKLOG = 65536
 #: Response headers that delimit the body; without either, the connection's
 #: close does.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 
 class AppError(Exception):
@@ -341,6 +342,19 @@ class AppPool:
             self.idle.pop().close()
 
 
+def reply_head(lines: str, status: int, error: str) -> bytes:
+    """A reply's NATS header block from the app's header lines (:func:`codec.nats_lines`).
+
+    What ``natsfast.encode_headers`` writes for ``http_to_nats(headers)``
+    with ``Nm-Status`` and ``Nm-Error`` added: no app header's key is one of
+    those (``Nm-`` names are escaped), so they come last.
+    """
+    tail = f"Nm-Status: {status}\r\n"
+    if error:
+        tail += f"Nm-Error: {error.translate(_NEWLINES)}\r\n"
+    return f"NATS/1.0\r\n{lines}{tail}\r\n".encode()
+
+
 def _expire(fut: asyncio.Future[AppResponse] | _Call) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
@@ -541,14 +555,22 @@ class InboundHandler:
         finally:
             self._end(msg, t0, rid, method, target, status, error)
 
-    def _reply(self, msg: Msg, status: int, rh: dict[str, str], body: bytes, error: str) -> None:
+    def _reply(
+        self, msg: Msg, status: int, rh: dict[str, str] | str, body: bytes, error: str
+    ) -> None:
+        """Answer the caller: ``rh`` is a header dict, or the app's header lines
+        (:func:`codec.nats_lines`: no key of theirs is a mesh header)."""
         if msg.reply:
+            fast = self.fast()
+            if fast is None:
+                return
+            if isinstance(rh, str):
+                fast.publish_block(msg.reply.encode(), b"", reply_head(rh, status, error), body)
+                return
             rh[codec.H_STATUS] = str(status)
             if error:
                 rh[codec.H_ERROR] = error
-            fast = self.fast()
-            if fast is not None:
-                fast.publish(msg.reply, "", rh, body)
+            fast.publish(msg.reply, "", rh, body)
 
     def _failed(self, msg: Msg, rid: str, exc: Exception) -> None:
         logger.error("inbound request failed", exc_info=exc)
@@ -600,7 +622,7 @@ class InboundHandler:
 
     async def _call_app(
         self, msg: Msg, hdrs: dict[str, str], rid: str, method: str, target: str
-    ) -> tuple[int, dict[str, str], bytes, str]:
+    ) -> tuple[int, dict[str, str] | str, bytes, str]:
         """(status, reply NATS headers, body, error code)."""
         if not method or not target:
             return self._error(400, "bad_request", "message lacks Nm-Method/Nm-Target", rid)
@@ -618,14 +640,12 @@ class InboundHandler:
     def _render(
         self, msg: Msg, hdrs: dict[str, str], rid: str, method: str, target: str
     ) -> bytes | None:
-        headers = codec.nats_to_http(hdrs)
-        if codec.REQUEST_ID not in hdrs:
-            headers.append((codec.REQUEST_ID, rid))
-        return codec.render_request(method, target, headers, msg.data, self.app_host)
+        extra = () if codec.REQUEST_ID in hdrs else ((codec.REQUEST_ID, rid),)
+        return codec.render_request_from_nats(method, target, hdrs, extra, msg.data, self.app_host)
 
     def _app_result(
         self, resp: AppResponse | Exception, rid: str
-    ) -> tuple[int, dict[str, str], bytes, str]:
+    ) -> tuple[int, dict[str, str] | str, bytes, str]:
         """The app's answer (or the error calling it) as (status, headers, body, error code)."""
         if isinstance(resp, TimeoutError):
             return self._error(504, "app_timeout", "the app did not answer in time", rid)
@@ -643,8 +663,8 @@ class InboundHandler:
         if codec.final_status(resp.status) is None:
             self.last_error = f"app answered status {resp.status}"
             return self._error(502, "app_bad_status", f"the app answered {resp.status}", rid)
-        out = codec.http_to_nats(resp.headers)
-        return resp.status, out, resp.body, ""
+        # The NATS header lines, not a dict: _reply writes them as they are.
+        return resp.status, codec.nats_lines(resp.headers), resp.body, ""
 
     def _error(
         self, status: int, code: str, message: str, rid: str

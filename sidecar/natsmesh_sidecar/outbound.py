@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import random
 import time
@@ -27,13 +26,13 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from natsmesh_sidecar import accesslog, codec, resilience
+from natsmesh_sidecar.natsfast import Reply
 from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN
 from natsmesh_sidecar.targets import MISS
 from natsmesh_sidecar.wire import Rule, Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
-    from natsmesh_sidecar.natsfast import Reply
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ EVENTS_PREFIX = "/_events/"
 #: Headers the handler needs by name; everything else is only forwarded.
 _SPECIAL = frozenset({"host", "x-request-id", "traceparent", "idempotency-key", "content-type"})
 _DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 
 class Request:
@@ -101,6 +101,8 @@ class OutboundConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
+        #: What the handler calls back with a later response (bound once).
+        self._resume_cb = self._resume
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -249,7 +251,7 @@ class OutboundConnection(asyncio.Protocol):
                     self._write(item)
                     self._close()
                     break
-                resp = self.handler.start(item, functools.partial(self._resume, item))
+                resp = self.handler.start(item, self._resume_cb)
                 if resp is None:
                     return
                 if not self._answered(item, resp):
@@ -270,9 +272,10 @@ class OutboundConnection(asyncio.Protocol):
             logger.exception("outbound connection failed")
             self._close()
             answered = False
-        if answered:
+        if answered and (self.queue or self.eof):
             self._pump()
         else:
+            # Nothing more to answer now (what _pump ends with).
             self.busy = False
             self.last = time.monotonic()
 
@@ -374,7 +377,7 @@ Result = tuple[int, list[tuple[str, str]], bytes, str, str, int, str]
 class _Plan:
     """A routed request: everything the NATS attempts and the answer need."""
 
-    __slots__ = ("abort", "breaker", "delay", "dest_key", "hdrs", "rule", "subject")
+    __slots__ = ("abort", "breaker", "delay", "dest_key", "head", "rule", "simple", "subject")
 
     def __init__(
         self,
@@ -384,7 +387,7 @@ class _Plan:
         breaker: resilience.Breaker | None,
         delay: float,
         abort: int | None,
-        hdrs: dict[str, str],
+        head: bytes,
     ) -> None:
         self.dest_key = dest_key
         self.rule = rule
@@ -392,7 +395,10 @@ class _Plan:
         self.breaker = breaker
         self.delay = delay
         self.abort = abort
-        self.hdrs = hdrs
+        #: The NATS header block up to the per-attempt timeout (``_per_try``).
+        self.head = head
+        #: No retry and no breaker: a reply is the answer as it is (``_answer``).
+        self.simple = breaker is None and rule.retries.attempts <= 0
 
 
 class OutboundHandler:
@@ -408,44 +414,86 @@ class OutboundHandler:
         self.app = app
         self.inflight = 0
         self._rand = random.random
+        #: id(destination) -> (destination, whether a rule matches on headers).
+        self._header_rules: dict[int, tuple[object, bool]] = {}
 
-    def start(self, req: Request, done: Callable[[bytes], None]) -> bytes | None:
-        """The response now, or None when ``done(response)`` will be called later."""
+    def _needs_headers(self, dest: object) -> bool:
+        """Whether rule selection needs all the request's headers (cached per destination)."""
+        hit = self._header_rules.get(id(dest))
+        if hit is not None and hit[0] is dest:
+            return hit[1]
+        needs = _matches_headers(dest)
+        if len(self._header_rules) >= 1024:
+            self._header_rules.clear()  # tables were swapped many times
+        self._header_rules[id(dest)] = (dest, needs)
+        return needs
+
+    def start(self, req: Request, done: Callable[[Request, bytes], None]) -> bytes | None:
+        """The response now, or None when ``done(req, response)`` will be called later."""
         t0 = time.perf_counter()
         rid = req.special.get("x-request-id") or codec.new_request_id()
         self.inflight += 1
         try:
             if req.path.startswith(EVENTS_PREFIX):
-                self._later(self._finish_async(req, rid, t0, None), done)
+                self._later(req, self._finish_async(req, rid, t0, None), done)
                 return None
             step = self._route(req, rid, MISS)
-            if isinstance(step, tuple):
-                return self._respond(req, rid, t0, step)
-            if isinstance(step, str) or step.delay or step.abort is not None:
-                self._later(self._finish_async(req, rid, t0, step), done)
+            if step.__class__ is not _Plan:
+                if isinstance(step, tuple):
+                    return self._respond(req, rid, t0, step)
+                self._later(req, self._finish_async(req, rid, t0, step), done)
                 return None
             plan = step
+            if plan.delay or plan.abort is not None:
+                self._later(req, self._finish_async(req, rid, t0, plan), done)
+                return None
             deadline = time.monotonic() + plan.rule.timeout_ms / 1000.0
-            limit = self._per_try(plan, deadline)
+            limit, hdr = self._per_try(plan, deadline)
             unsent = self._unsendable(req.body, limit)
             if unsent is not None:
                 return self._after(req, rid, t0, plan, deadline, unsent, None, done)
 
             def replied(result: Reply | str) -> None:
+                resp: bytes | None
                 try:
-                    outcome, reply = _received(result)
-                    resp = self._after(req, rid, t0, plan, deadline, outcome, reply, done)
+                    if plan.simple and result.__class__ is Reply:
+                        resp = self._answer(req, rid, t0, plan, result)
+                    else:
+                        outcome, reply = _received(result)
+                        resp = self._after(req, rid, t0, plan, deadline, outcome, reply, done)
                 except Exception as exc:
                     resp = self._crashed(req, rid, t0, exc)
                 if resp is not None:
-                    done(resp)
+                    done(req, resp)
 
-            assert self.app.fast is not None
-            if not self.app.fast.send_request(plan.subject, plan.hdrs, req.body, limit, replied):
+            fast = self.app.fast
+            assert fast is not None
+            if not fast.send_request(plan.subject, hdr, req.body, limit, replied):
                 return self._after(req, rid, t0, plan, deadline, "unavailable", None, done)
             return None
         except Exception as exc:
             return self._crashed(req, rid, t0, exc)
+
+    def _answer(self, req: Request, rid: str, t0: float, plan: _Plan, reply: Reply) -> bytes:
+        """A reply to a plan without retries or breaker: what :meth:`_settle` and
+        :meth:`_respond` make of it, in one step for the common case."""
+        rh = reply.headers
+        status = codec.final_status(rh.get(codec.H_STATUS))
+        if status is None or codec.H_ERROR in rh:
+            # No valid status (a 502) or an error code to add the request id for.
+            outcome, got = _received(reply)
+            step = self._settle(req, rid, plan, 0, outcome, got, 0.0)
+            assert isinstance(step, tuple)
+            return self._respond(req, rid, t0, step)
+        try:
+            resp = codec.render_response_from_nats(
+                status, rh, reply.data, keep_alive=req.keep_alive, head=req.method == "HEAD"
+            )
+        except Exception as exc:
+            return self._crashed(req, rid, t0, exc, plan.dest_key, plan.rule.name, 1)
+        self.inflight -= 1
+        self._record(req, rid, t0, status, plan.dest_key, plan.rule.name, 1, "")
+        return resp
 
     def _after(
         self,
@@ -456,19 +504,24 @@ class OutboundHandler:
         deadline: float,
         outcome: str | int,
         reply: Reply | None,
-        done: Callable[[bytes], None],
+        done: Callable[[Request, bytes], None],
     ) -> bytes | None:
         """The first attempt's outcome: the response, or None if a retry task took over."""
         step = self._settle(req, rid, plan, 0, outcome, reply, deadline)
         if isinstance(step, tuple):
             return self._respond(req, rid, t0, step)
-        self._later(self._retry(req, rid, t0, plan, step, deadline), done)
+        self._later(req, self._retry(req, rid, t0, plan, step, deadline), done)
         return None
 
-    def _later(self, coro: Coroutine[Any, Any, bytes], done: Callable[[bytes], None]) -> None:
+    def _later(
+        self,
+        req: Request,
+        coro: Coroutine[Any, Any, bytes],
+        done: Callable[[Request, bytes], None],
+    ) -> None:
         def finished(task: asyncio.Task[bytes]) -> None:
             if not task.cancelled():
-                done(task.result())
+                done(req, task.result())
 
         asyncio.get_running_loop().create_task(coro).add_done_callback(finished)
 
@@ -643,7 +696,7 @@ class OutboundHandler:
             dest.rules,
             req.method,
             req.path,
-            req.lower_headers() if _needs_headers(dest) else req.special,
+            req.lower_headers() if self._needs_headers(dest) else req.special,
         )
         if rule is None:
             s, h, b = self._error(
@@ -684,35 +737,25 @@ class OutboundHandler:
         if rule.fault is not None:
             delay, abort = resilience.fault_decision(rule.fault, self._rand(), self._rand())
 
-        hdrs = codec.http_to_nats(req.headers)
-        hdrs[codec.H_METHOD] = req.method
-        hdrs[codec.H_TARGET] = req.target
-        hdrs[codec.H_SOURCE] = app.source
-        hdrs[codec.REQUEST_ID] = rid
-        hdrs[codec.TRACEPARENT] = codec.next_traceparent(req.special.get("traceparent"))
-        # Special headers the parser keeps aside; the app still needs them.
-        for name in ("content-type", "idempotency-key"):
-            v = req.special.get(name)
-            if v is not None:
-                hdrs[name] = v
-        return _Plan(dest_key, rule, subject, breaker, delay, abort, hdrs)
+        return _Plan(dest_key, rule, subject, breaker, delay, abort, _head(req, rid, app.source))
 
-    def _per_try(self, plan: _Plan, deadline: float) -> float:
+    def _per_try(self, plan: _Plan, deadline: float) -> tuple[float, bytes]:
+        """The next attempt's time limit and its NATS header block."""
         remaining = deadline - time.monotonic()
         per_try = remaining
         retries = plan.rule.retries
         if retries.per_try_timeout_ms:
             per_try = min(remaining, retries.per_try_timeout_ms / 1000.0)
-        plan.hdrs[codec.H_TIMEOUT] = str(int(per_try * 1000))
-        return per_try
+        # Nm-Timeout-Ms is the last header: it changes per attempt.
+        return per_try, b"%sNm-Timeout-Ms: %d\r\n\r\n" % (plan.head, int(per_try * 1000))
 
     async def _attempts(
         self, req: Request, rid: str, plan: _Plan, attempt: int, deadline: float
     ) -> Result:
         """Attempts from ``attempt`` on until one settles the request."""
         while True:
-            per_try = self._per_try(plan, deadline)
-            sent = self._send(plan.subject, req.body, per_try, plan.hdrs)
+            per_try, hdr = self._per_try(plan, deadline)
+            sent = self._send(plan.subject, req.body, per_try, hdr)
             outcome, reply = sent if isinstance(sent, tuple) else _received(await sent)
             step = self._settle(req, rid, plan, attempt, outcome, reply, deadline)
             if isinstance(step, tuple):
@@ -814,7 +857,7 @@ class OutboundHandler:
         return None
 
     def _send(
-        self, subject: str, body: bytes, limit_s: float, hdrs: dict[str, str]
+        self, subject: str, body: bytes, limit_s: float, hdrs: bytes
     ) -> tuple[str | int, Reply | None] | asyncio.Future[Reply | str]:
         """One NATS request: its future, or the outcome when it cannot be sent."""
         unsent = self._unsendable(body, limit_s)
@@ -822,6 +865,44 @@ class OutboundHandler:
             return unsent, None
         assert self.app.fast is not None
         return self.app.fast.request(subject, hdrs, body, limit_s)
+
+
+def _head(req: Request, rid: str, source: str) -> bytes:
+    """The request's NATS header block, less Nm-Timeout-Ms and the blank line.
+
+    The app's headers (:func:`codec.nats_lines`), then the mesh's and the two
+    the parser kept aside (the app still needs them): what
+    ``natsfast.encode_headers`` writes for the dict of all of them, built
+    as text at once.
+    """
+    special = req.special
+    tp = codec.next_traceparent(special.get("traceparent"))
+    mesh = (
+        f"Nm-Method: {req.method}\r\nNm-Target: {req.target}\r\nNm-Source: {source}\r\n"
+        f"X-Request-Id: {rid}\r\ntraceparent: {tp}\r\n"
+    )
+    lines = 5
+    ct = special.get("content-type")
+    if ct is not None:
+        mesh += f"content-type: {ct}\r\n"
+        lines += 1
+    key = special.get("idempotency-key")
+    if key is not None:
+        mesh += f"idempotency-key: {key}\r\n"
+        lines += 1
+    if mesh.count("\n") != lines or mesh.count("\r") != lines:
+        # A value held CR or LF: blanked, as encode_headers does.
+        pairs = [
+            (codec.H_METHOD, req.method),
+            (codec.H_TARGET, req.target),
+            (codec.H_SOURCE, source),
+            (codec.REQUEST_ID, rid),
+            (codec.TRACEPARENT, tp),
+            ("content-type", ct),
+            ("idempotency-key", key),
+        ]
+        mesh = "".join(f"{k}: {v.translate(_NEWLINES)}\r\n" for k, v in pairs if v is not None)
+    return f"NATS/1.0\r\n{codec.nats_lines(req.headers)}{mesh}".encode()
 
 
 def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
@@ -836,6 +917,6 @@ def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
     return status, reply
 
 
-def _needs_headers(dest: object) -> bool:
+def _matches_headers(dest: object) -> bool:
     rules = getattr(dest, "rules", ())
     return any(r.match.headers for r in rules)
