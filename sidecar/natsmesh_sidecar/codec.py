@@ -376,19 +376,13 @@ def render_response(
     if final_status(status) is None:
         raise ValueError(f"refusing to write status {status} as a final response")
     block, _ = _header_block(headers if isinstance(headers, list) else list(headers))
-    return _response(status, block, body, keep_alive, head)
+    return render_block_response(status, block, body, keep_alive, head)
 
 
-def render_response_from_nats(
-    status: int, headers: Mapping[str, str], body: bytes, *, keep_alive: bool, head: bool = False
+def render_block_response(
+    status: int, block: bytes, body: bytes, keep_alive: bool, head: bool
 ) -> bytes:
-    """``render_response(status, nats_to_http(headers), ...)``, see :func:`http_block`."""
-    if final_status(status) is None:
-        raise ValueError(f"refusing to write status {status} as a final response")
-    return _response(status, http_block(headers)[0], body, keep_alive, head)
-
-
-def _response(status: int, block: bytes, body: bytes, keep_alive: bool, head: bool) -> bytes:
+    """:func:`render_response` with the header block made and the status checked."""
     if status == 204 or status == 304:
         return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
             status,

@@ -233,7 +233,9 @@ class AppPool:
         False, with nothing sent, unless a slot and an idle connection are
         free right now; else ``done`` gets the response or the error later.
         """
-        if not self._take_slot():
+        if self.free > 0 and not self._slot_waiters:  # _take_slot, inlined
+            self.free -= 1
+        else:
             return False
         conn = self._idle_conn()
         if conn is None:
@@ -377,12 +379,6 @@ class _Call:
     def done(self) -> bool:
         return self.finished
 
-    def set_result(self, result: AppResponse) -> None:
-        self._finish(result)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._finish(exc)
-
     def _finish(self, result: AppResponse | BaseException) -> None:
         if self.finished:
             return
@@ -391,6 +387,10 @@ class _Call:
             self.callback(result)
         except Exception:
             logger.exception("app call completion failed")
+
+    # A future's two setters, one call each.
+    set_result = _finish
+    set_exception = _finish
 
 
 @dataclass(frozen=True)

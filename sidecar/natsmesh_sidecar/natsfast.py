@@ -128,43 +128,12 @@ def parse_headers(raw: bytes) -> dict[str, str]:
     return out
 
 
-#: The control lines of HMSG and MSG frames as nats-server writes them (single
-#: spaces, decimal numbers); anything else goes through :func:`_split_any`.
-_HMSG = re.compile(rb"HMSG (\S+) (\d+) (?:(\S+) )?(\d+) (\d+)\r\n")
-_MSG = re.compile(rb"MSG (\S+) (\d+) (?:(\S+) )?(\d+)\r\n")
-_H = ord("H")
-
-
 def _split(data: bytes, pos: int) -> tuple[int, int, bytes, bytes, bytes, bytes | None] | None:
     """The complete MSG/HMSG frame at ``pos``: (end, sid, subject, reply, payload, headers).
 
     None for anything else: another operation, a frame cut by the read, a
     malformed control line.
     """
-    if pos < len(data) and data[pos] == _H:
-        m = _HMSG.match(data, pos)
-        if m is None:
-            return _split_any(data, pos)
-        subject, sid_b, reply, hdr_b, total_b = m.groups()
-        hdr_len = int(hdr_b)
-    else:
-        m = _MSG.match(data, pos)
-        if m is None:
-            return _split_any(data, pos)
-        subject, sid_b, reply, total_b = m.groups()
-        hdr_len = -1
-    start = m.end()
-    end = start + int(total_b)
-    if end + 2 > len(data) or hdr_len > end - start:
-        return None
-    if hdr_len < 0:
-        return end + 2, int(sid_b), subject, reply or b"", data[start:end], None
-    cut = start + hdr_len
-    return end + 2, int(sid_b), subject, reply or b"", data[cut:end], data[start:cut]
-
-
-def _split_any(data: bytes, pos: int) -> tuple[int, int, bytes, bytes, bytes, bytes | None] | None:
-    """:func:`_split` for any control line nats-py's parser would take."""
     if data.startswith(b"HMSG ", pos):
         has_headers = True
     elif data.startswith(b"MSG ", pos):

@@ -29,7 +29,7 @@ from natsmesh_sidecar import accesslog, codec, resilience
 from natsmesh_sidecar.natsfast import Reply
 from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN
 from natsmesh_sidecar.targets import MISS
-from natsmesh_sidecar.wire import Rule, Target
+from natsmesh_sidecar.wire import Destination, Rule, Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
@@ -283,7 +283,8 @@ class OutboundConnection(asyncio.Protocol):
         """Write a response; False when the connection is done with."""
         if self.closed:
             return False
-        self._write(resp)
+        if self.transport is not None:
+            self.transport.write(resp)
         if not item.keep_alive or self.server.draining:
             self._close()
             return False
@@ -414,19 +415,22 @@ class OutboundHandler:
         self.app = app
         self.inflight = 0
         self._rand = random.random
-        #: id(destination) -> (destination, whether a rule matches on headers).
-        self._header_rules: dict[int, tuple[object, bool]] = {}
+        #: id(destination) -> what selecting its rule needs (:meth:`_select`).
+        self._selection: dict[int, tuple[Destination, bool, Rule | None]] = {}
 
-    def _needs_headers(self, dest: object) -> bool:
-        """Whether rule selection needs all the request's headers (cached per destination)."""
-        hit = self._header_rules.get(id(dest))
-        if hit is not None and hit[0] is dest:
-            return hit[1]
-        needs = _matches_headers(dest)
-        if len(self._header_rules) >= 1024:
-            self._header_rules.clear()  # tables were swapped many times
-        self._header_rules[id(dest)] = (dest, needs)
-        return needs
+    def _select(self, dest: Destination) -> tuple[Destination, bool, Rule | None]:
+        """(dest, whether a rule matches on headers, its sole rule if that rule
+        matches on the path alone); cached per destination object, which the
+        entry keeps alive so its id is not reused."""
+        rules = dest.rules
+        sole = rules[0] if len(rules) == 1 else None
+        if sole is not None and (sole.match.methods or sole.match.headers):
+            sole = None
+        found = (dest, any(r.match.headers for r in rules), sole)
+        if len(self._selection) >= 1024:
+            self._selection.clear()  # tables were swapped many times
+        self._selection[id(dest)] = found
+        return found
 
     def start(self, req: Request, done: Callable[[Request, bytes], None]) -> bytes | None:
         """The response now, or None when ``done(req, response)`` will be called later."""
@@ -486,8 +490,9 @@ class OutboundHandler:
             assert isinstance(step, tuple)
             return self._respond(req, rid, t0, step)
         try:
-            resp = codec.render_response_from_nats(
-                status, rh, reply.data, keep_alive=req.keep_alive, head=req.method == "HEAD"
+            block = codec.http_block(rh)[0]
+            resp = codec.render_block_response(
+                status, block, reply.data, req.keep_alive, req.method == "HEAD"
             )
         except Exception as exc:
             return self._crashed(req, rid, t0, exc, plan.dest_key, plan.rule.name, 1)
@@ -692,18 +697,31 @@ class OutboundHandler:
             s, h, b = self._error(404, "unknown_service", f"no service {dest_key} in the mesh", rid)
             return s, h, b, "-", "-", 0, "unknown_service"
 
-        rule = resilience.select_rule(
-            dest.rules,
-            req.method,
-            req.path,
-            req.lower_headers() if self._needs_headers(dest) else req.special,
-        )
+        selection = self._selection.get(id(dest))
+        if selection is None or selection[0] is not dest:
+            selection = self._select(dest)
+        sole = selection[2]
+        if sole is not None:
+            # One rule matching on the path alone: what select_rule decides.
+            rule = sole if req.path.startswith(sole.match.path_prefix) else None
+        else:
+            rule = resilience.select_rule(
+                dest.rules,
+                req.method,
+                req.path,
+                req.lower_headers() if selection[1] else req.special,
+            )
         if rule is None:
             s, h, b = self._error(
                 404, "no_route", f"no route of {dest_key} matches {req.path}", rid
             )
             return s, h, b, dest_key, "-", 0, "no_route"
-        target = resilience.pick_destination(rule.destinations, self._rand())
+        weighted = rule.destinations
+        if len(weighted) == 1:
+            # pick_destination's first case, without drawing a random number.
+            target = weighted[0] if weighted[0].weight > 0 else None
+        else:
+            target = resilience.pick_destination(weighted, self._rand())
         if target is None:
             s, h, b = self._error(
                 503, "no_destination", f"route {rule.name} has no weighted destination", rid
@@ -721,9 +739,9 @@ class OutboundHandler:
             )
             return s, h, b, dest_key, rule.name, 0, "payload_too_large"
 
-        breaker = app.breaker(subject, rule.circuit_breaker)
-        now = time.monotonic()
-        if breaker is not None and not breaker.allow(now):
+        config = rule.circuit_breaker
+        breaker = None if config is None else app.breaker(subject, config)
+        if breaker is not None and not breaker.allow(now := time.monotonic()):
             s, h, b = self._error(
                 503,
                 "circuit_open",
@@ -915,8 +933,3 @@ def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
         # like no responders, safe to try another replica.
         return resilience.UNDELIVERED, reply
     return status, reply
-
-
-def _matches_headers(dest: object) -> bool:
-    rules = getattr(dest, "rules", ())
-    return any(r.match.headers for r in rules)

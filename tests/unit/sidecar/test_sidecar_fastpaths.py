@@ -239,9 +239,8 @@ def test_http_block_matches_mapping_then_rendering(
     )
     for status, head in ((200, False), (204, False), (404, True)):
         for keep_alive in (True, False):
-            got = codec.render_response_from_nats(
-                status, headers, b"body", keep_alive=keep_alive, head=head
-            )
+            block = codec.http_block(headers)[0]
+            got = codec.render_block_response(status, block, b"body", keep_alive, head)
             assert got == codec.render_response(
                 status, codec.nats_to_http(headers), b"body", keep_alive=keep_alive, head=head
             )
@@ -295,42 +294,3 @@ def test_request_head_continues_the_callers_trace() -> None:
     assert tp.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
     assert tp.endswith("-01")
     assert tp != incoming
-
-
-_control = st.lists(
-    st.sampled_from(
-        [
-            b"HMSG",
-            b"MSG",
-            b" ",
-            b"  ",
-            b"\t",
-            b"a.b",
-            b"2",
-            b"12",
-            b"-1",
-            b"+3",
-            b"1_0",
-            b"r.x",
-            b"\r\n",
-        ]
-    ),
-    max_size=9,
-).map(b"".join)
-
-
-@settings(max_examples=500, deadline=None)
-@given(_control, st.binary(max_size=20), st.integers(0, 12), st.integers(0, 12))
-def test_frame_split_matches_the_general_split(
-    line: bytes, rest: bytes, hdr: int, total: int
-) -> None:
-    frames = [
-        line + b"\r\n" + rest,
-        b"HMSG a 2 %d %d\r\n" % (hdr, total) + rest,
-        b"HMSG a 2 r.x %d %d\r\n" % (hdr, total) + rest,
-        b"MSG a 2 r %d\r\n" % total + rest,
-        b"MSG a 2 %d\r\n" % total + rest,
-    ]
-    for data in frames:
-        assert natsfast._split(data, 0) == natsfast._split_any(data, 0)
-        assert natsfast._split(b"xx" + data, 2) == natsfast._split_any(b"xx" + data, 2)
