@@ -168,7 +168,7 @@ class Sidecar:
 
     def max_body(self) -> int:
         nc = self.nc
-        limit = nc.max_payload if nc is not None and nc.max_payload else DEFAULT_MAX_PAYLOAD
+        limit = (nc.max_payload if nc is not None else 0) or DEFAULT_MAX_PAYLOAD
         return int(limit) - HEADER_ROOM
 
     def js(self, prefix: str = subjects.JS_API_PREFIX) -> Any:

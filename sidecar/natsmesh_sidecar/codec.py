@@ -102,8 +102,11 @@ REASONS: dict[int, str] = {
 }
 
 
+_REASONS = {status: text.encode() for status, text in REASONS.items()}
+
+
 def reason(status: int) -> bytes:
-    return REASONS.get(status, "Unknown").encode()
+    return _REASONS.get(status, b"Unknown")
 
 
 #: The statuses a reply may carry: final ones only. A 1xx written as a final
@@ -113,12 +116,21 @@ FINAL_STATUS_MIN = 200
 FINAL_STATUS_MAX = 599
 
 
+#: "200" .. "599": the texts :func:`final_status` takes, and their statuses.
+_FINAL_TEXT = {str(n): n for n in range(FINAL_STATUS_MIN, FINAL_STATUS_MAX + 1)}
+
+
 def final_status(value: object) -> int | None:
     """The final HTTP status ``value`` names (``Nm-Status`` text or an int), else None.
 
     Anything but three ASCII digits in 200-599 is refused: ``int()`` alone
     would take " 200", "+200", "2_00" and non-ASCII digits.
     """
+    # Plain str and int (what every reply and app response carries): one lookup.
+    if value.__class__ is str:
+        return _FINAL_TEXT.get(value)
+    if value.__class__ is int:
+        return value if FINAL_STATUS_MIN <= value <= FINAL_STATUS_MAX else None
     if isinstance(value, int) and not isinstance(value, bool):
         status = value
     elif isinstance(value, str) and len(value) == 3 and value.isascii() and value.isdigit():
@@ -183,11 +195,8 @@ def nats_lines(headers: Sequence[tuple[str, str]]) -> str:
         lines.append(f"{key}: {value}\r\n")
     text = "".join(lines)
     n = len(lines)
-    if (
-        text.count("\n") == n
-        and text.count("\r") == n
-        and (n == 1 or len({line.partition(":")[0] for line in lines}) == n)
-    ):
+    # A repeated name is a repeated key (escape_name maps names one to one).
+    if text.count("\n") == n and text.count("\r") == n and (n == 1 or len(dict(headers)) == n):
         return text
     out = []
     for key, value in http_to_nats(headers).items():
@@ -220,7 +229,7 @@ def nats_to_http(headers: Mapping[str, str]) -> list[tuple[str, str]]:
 #: few keys come with every message; bounded: keys come from peers).
 _KINDS: dict[str, int] = {}
 _KINDS_MAX = 4096
-_APP, _HOST, _LEFT_OUT, _ESCAPED = 0, 1, 2, 3
+_LEFT_OUT, _APP, _HOST, _ESCAPED = 0, 1, 2, 3
 
 
 def _kind(key: str) -> int:
@@ -257,13 +266,12 @@ def http_block(
         kind = kinds.get(key)
         if kind is None:
             kind = _kind(key)
-        if kind == _APP:
+        if kind:  # not _LEFT_OUT, the mesh's own headers
+            if kind == _ESCAPED:
+                return _header_block([*nats_to_http(headers), *extra])
+            if kind == _HOST:
+                has_host = True
             lines.append(f"{key}: {value}\r\n")
-        elif kind == _HOST:
-            has_host = True
-            lines.append(f"{key}: {value}\r\n")
-        elif kind == _ESCAPED:
-            return _header_block([*nats_to_http(headers), *extra])
     block = "".join(lines).encode("latin-1", "replace")
     if not extra and _VALID_BLOCK_RE.fullmatch(block) is not None:
         return block, has_host

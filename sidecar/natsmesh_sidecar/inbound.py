@@ -39,6 +39,8 @@ MAX_BACKLOG = 65536
 #: close does.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: Response header name as received -> (name, whether it frames the body).
+_NAMES: dict[bytes, tuple[str, bool]] = {}
 
 
 class AppError(Exception):
@@ -115,10 +117,16 @@ class _AppConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_RESPONSE_HEADER_BYTES:
             raise AppError("response headers too large")
-        n = name.decode("latin-1")
-        if not self._framed and n.lower() in _FRAMING:
+        hit = _NAMES.get(name)
+        if hit is None:
+            n = name.decode("latin-1")
+            hit = (n, n.lower() in _FRAMING)
+            if len(_NAMES) >= 4096:
+                _NAMES.clear()  # names come from the app
+            _NAMES[name] = hit
+        if hit[1]:
             self._framed = True
-        self._headers.append((n, value.decode("latin-1")))
+        self._headers.append((hit[0], value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()

@@ -42,6 +42,27 @@ EVENTS_PREFIX = "/_events/"
 _SPECIAL = frozenset({"host", "x-request-id", "traceparent", "idempotency-key", "content-type"})
 _DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: What on_header does with a header: forward it, keep it aside (the host
+#: both), or drop it.
+_FORWARD, _SPECIAL_ONLY, _HOST, _DROPPED = 0, 1, 2, 3
+#: Header name as received -> (name, lower-case name, what to do): the same
+#: few names come with every request. Bounded: names come from clients.
+_NAMES: dict[bytes, tuple[str, str, int]] = {}
+
+
+def _name(name: bytes) -> tuple[str, str, int]:
+    n = name.decode("latin-1")
+    low = n.lower()
+    if low in _SPECIAL:
+        kind = _HOST if low == "host" else _SPECIAL_ONLY
+    elif low in _DROP or low.startswith(codec.MESH_PREFIX_LOWER):
+        kind = _DROPPED
+    else:
+        kind = _FORWARD
+    if len(_NAMES) >= 4096:
+        _NAMES.clear()
+    found = _NAMES[name] = (n, low, kind)
+    return found
 
 
 class Request:
@@ -162,17 +183,17 @@ class OutboundConnection(asyncio.Protocol):
         if self._header_bytes > self.server.max_header_bytes:
             self.reject = (431, "headers_too_large", "request headers too large")
             raise _Reject
-        n = name.decode("latin-1")
-        low = n.lower()
-        v = value.decode("latin-1")
-        if low in _SPECIAL:
+        hit = _NAMES.get(name)
+        if hit is None:
+            hit = _name(name)
+        n, low, kind = hit
+        if kind == _FORWARD:
+            self._headers.append((n, value.decode("latin-1")))
+        elif kind != _DROPPED:
+            v = value.decode("latin-1")
             self._special[low] = v
-            if low == "host":
+            if kind == _HOST:
                 self._headers.append((n, v))
-        elif low in _DROP or low.startswith(codec.MESH_PREFIX_LOWER):
-            return
-        else:
-            self._headers.append((n, v))
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
