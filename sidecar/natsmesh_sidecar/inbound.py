@@ -228,18 +228,12 @@ class AppPool:
         finally:
             self._release()
 
-    def send(
-        self,
-        data: bytes,
-        *,
-        head: bool,
-        limit_s: float,
-        done: Callable[[AppResponse | Exception], None],
-    ) -> bool:
+    def send(self, data: bytes, head: bool, limit_s: float, call: _Call) -> bool:
         """:meth:`request` (with ``retry_stale``) without awaiting, for the hot path.
 
         False, with nothing sent, unless a slot and an idle connection are
-        free right now; else ``done`` gets the response or the error later.
+        free right now; else ``call.complete`` gets the response or the error
+        later (:meth:`_Call.settle`).
         """
         if self.free > 0 and not self._slot_waiters:  # _take_slot, inlined
             self.free -= 1
@@ -249,35 +243,12 @@ class AppPool:
         if conn is None:
             self._release()
             return False
-        timer: asyncio.TimerHandle | None = None
-
-        def settled(result: AppResponse | BaseException) -> None:
-            if timer is not None:
-                timer.cancel()
-            if isinstance(result, AppResponse):
-                self._keep(conn)
-                self._release()
-                done(result)
-                return
-            conn.close()
-            if isinstance(result, AppError) and conn.received == 0:
-                # Stale, as in _request: try again (a fresh connection if need be).
-                retry = asyncio.get_running_loop().create_task(
-                    self._request(data, head=head, limit_s=limit_s, retry_stale=True)
-                )
-
-                def retried(t: asyncio.Task[AppResponse]) -> None:
-                    self._release()
-                    if not t.cancelled():
-                        e = t.exception()
-                        done(t.result() if e is None else cast(Exception, e))
-
-                retry.add_done_callback(retried)
-                return
-            self._release()
-            done(cast(Exception, result))
-
-        _, timer = self._send(conn, data, head, limit_s, _Call(settled))
+        call.pool = self
+        call.conn = conn
+        call.data = data
+        call.head = head
+        call.limit_s = limit_s
+        _, call.timer = self._send(conn, data, head, limit_s, call)
         return True
 
     def _idle_conn(self) -> _AppConnection | None:
@@ -371,18 +342,24 @@ def _expire(fut: asyncio.Future[AppResponse] | _Call) -> None:
 
 
 class _Call:
-    """What a connection resolves on the hot path instead of a future.
+    """An app call on the hot path (:meth:`AppPool.send`), resolved instead of a future.
 
-    ``set_result`` and ``set_exception`` call back at once, from the parser
+    ``set_result`` and ``set_exception`` act at once, from the parser
     callback, the timer or ``connection_lost``: no future, no scheduled
-    callback per app call.
+    callback and no closures per app call. The pool fills in the connection
+    part; :meth:`complete` is the caller's (a subclass's).
     """
 
-    __slots__ = ("callback", "finished")
+    __slots__ = ("conn", "data", "finished", "head", "limit_s", "pool", "timer")
 
-    def __init__(self, callback: Callable[[AppResponse | BaseException], None]) -> None:
-        self.callback = callback
+    def __init__(self) -> None:
         self.finished = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.pool: AppPool
+        self.conn: _AppConnection
+        self.data = b""
+        self.head = False
+        self.limit_s = 0.0
 
     def done(self) -> bool:
         return self.finished
@@ -392,13 +369,73 @@ class _Call:
             return
         self.finished = True
         try:
-            self.callback(result)
+            self.settle(result)
         except Exception:
             logger.exception("app call completion failed")
 
     # A future's two setters, one call each.
     set_result = _finish
     set_exception = _finish
+
+    def settle(self, result: AppResponse | BaseException) -> None:
+        """The pool's part: the connection back (or closed), the slot freed; then complete."""
+        pool, conn = self.pool, self.conn
+        if self.timer is not None:
+            self.timer.cancel()
+        if isinstance(result, AppResponse):
+            pool._keep(conn)
+            pool._release()
+            self.complete(result)
+            return
+        conn.close()
+        if isinstance(result, AppError) and conn.received == 0:
+            # Stale, as in _request: try again (a fresh connection if need be).
+            retry = asyncio.get_running_loop().create_task(
+                pool._request(self.data, head=self.head, limit_s=self.limit_s, retry_stale=True)
+            )
+
+            def retried(t: asyncio.Task[AppResponse]) -> None:
+                pool._release()
+                if not t.cancelled():
+                    e = t.exception()
+                    self.complete(t.result() if e is None else cast(Exception, e))
+
+            retry.add_done_callback(retried)
+            return
+        pool._release()
+        self.complete(cast(Exception, result))
+
+    def complete(self, result: AppResponse | Exception) -> None:
+        raise NotImplementedError
+
+
+class _InboundCall(_Call):
+    """One message's app call: what answering it needs."""
+
+    __slots__ = ("handler", "method", "msg", "rid", "t0", "target")
+
+    def __init__(
+        self, handler: InboundHandler, msg: Msg, t0: float, rid: str, method: str, target: str
+    ) -> None:
+        super().__init__()
+        self.handler = handler
+        self.msg = msg
+        self.t0 = t0
+        self.rid = rid
+        self.method = method
+        self.target = target
+
+    def complete(self, result: AppResponse | Exception) -> None:
+        h, msg, rid = self.handler, self.msg, self.rid
+        status, error = 500, ""
+        try:
+            status, rh, body, error = h._app_result(result, rid)
+            h._reply(msg, status, rh, body, error)
+        except Exception as exc:
+            status, error = 500, error or "internal"
+            h._failed(msg, rid, exc)
+        h._end(msg, self.t0, rid, self.method, self.target, status, error)
+        h._next()
 
 
 @dataclass(frozen=True)
@@ -529,18 +566,8 @@ class InboundHandler:
         if data is None:
             return False
 
-        def done(resp: AppResponse | Exception) -> None:
-            status, error = 500, ""
-            try:
-                status, rh, body, error = self._app_result(resp, rid)
-                self._reply(msg, status, rh, body, error)
-            except Exception as exc:
-                status, error = 500, error or "internal"
-                self._failed(msg, rid, exc)
-            self._end(msg, t0, rid, method, target, status, error)
-            self._next()
-
-        return self.pool.send(data, head=method == "HEAD", limit_s=self.timeout_of(hdrs), done=done)
+        call = _InboundCall(self, msg, t0, rid, method, target)
+        return self.pool.send(data, method == "HEAD", self.timeout_of(hdrs), call)
 
     def pending(self) -> int:
         return self.inflight + len(self.backlog)

@@ -164,7 +164,8 @@ class OutboundConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_headers = True
         self.in_message = True
-        self.started = time.monotonic()
+        # data_received set ``last`` just before feeding the parser.
+        self.started = self.last
         self._url = b""
         self._headers = []
         self._special = {}
@@ -472,8 +473,9 @@ class OutboundHandler:
             if plan.delay or plan.abort is not None:
                 self._later(req, self._finish_async(req, rid, t0, plan), done)
                 return None
-            deadline = time.monotonic() + plan.rule.timeout_ms / 1000.0
-            limit, hdr = self._per_try(plan, deadline)
+            now = time.monotonic()
+            deadline = now + plan.rule.timeout_ms / 1000.0
+            limit, hdr = self._per_try(plan, deadline, now)
             unsent = self._unsendable(req.body, limit)
             if unsent is not None:
                 return self._after(req, rid, t0, plan, deadline, unsent, None, done)
@@ -778,9 +780,11 @@ class OutboundHandler:
 
         return _Plan(dest_key, rule, subject, breaker, delay, abort, _head(req, rid, app.source))
 
-    def _per_try(self, plan: _Plan, deadline: float) -> tuple[float, bytes]:
+    def _per_try(
+        self, plan: _Plan, deadline: float, now: float | None = None
+    ) -> tuple[float, bytes]:
         """The next attempt's time limit and its NATS header block."""
-        remaining = deadline - time.monotonic()
+        remaining = deadline - (time.monotonic() if now is None else now)
         per_try = remaining
         retries = plan.rule.retries
         if retries.per_try_timeout_ms:
