@@ -453,9 +453,10 @@ def render_request(
     host: str,
 ) -> bytes | None:
     """An HTTP/1.1 request to the app, or None when the input is not safe to send."""
-    if _unsafe_request_line(method, target):
+    line = _request_line(method, target)
+    if line is None:
         return None
-    return _request(method, target, *_header_block(headers), body, host)
+    return _request(line, method, *_header_block(headers), body, host)
 
 
 def render_request_from_nats(
@@ -470,38 +471,33 @@ def render_request_from_nats(
 
     See :func:`http_block`.
     """
-    if _unsafe_request_line(method, target):
+    line = _request_line(method, target)
+    if line is None:
         return None
-    return _request(method, target, *http_block(headers, extra), body, host)
+    return _request(line, method, *http_block(headers, extra), body, host)
 
 
 #: Methods seen valid (bounded: they come from callers).
 _METHODS: set[str] = set()
 
 
-def _unsafe_request_line(method: str, target: str) -> bool:
+def _request_line(method: str, target: str) -> bytes | None:
+    """``METHOD TARGET HTTP/1.1``, or None for a method or target not safe to write."""
     if method not in _METHODS:
         if not valid_method(method):
-            return True
+            return None
         if len(_METHODS) < 256:
             _METHODS.add(method)
     t = target.encode("latin-1", "replace")
-    return not t.startswith(b"/") or _BAD_VALUE_RE.search(t) is not None or b" " in t
+    if not t.startswith(b"/") or _BAD_VALUE_RE.search(t) is not None or b" " in t:
+        return None
+    return b"%s %s HTTP/1.1\r\n" % (method.encode("latin-1", "replace"), t)
 
 
 def _request(
-    method: str, target: str, block: bytes, has_host: bool, body: bytes, host: str
+    line: bytes, method: str, block: bytes, has_host: bool, body: bytes, host: str
 ) -> bytes:
-    m = method.encode("latin-1", "replace")
-    t = target.encode("latin-1", "replace")
     host_line = b"" if has_host else b"host: %s\r\n" % host.encode()
     if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        return b"%s %s HTTP/1.1\r\n%s%scontent-length: %d\r\n\r\n%s" % (
-            m,
-            t,
-            block,
-            host_line,
-            len(body),
-            body,
-        )
-    return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (m, t, block, host_line)
+        return b"%s%s%scontent-length: %d\r\n\r\n%s" % (line, block, host_line, len(body), body)
+    return b"%s%s%s\r\n" % (line, block, host_line)
