@@ -473,9 +473,8 @@ class OutboundHandler:
             if plan.delay or plan.abort is not None:
                 self._later(req, self._finish_async(req, rid, t0, plan), done)
                 return None
-            now = time.monotonic()
-            deadline = now + plan.rule.timeout_ms / 1000.0
-            limit, hdr = self._per_try(plan, deadline, now)
+            deadline = time.monotonic() + plan.rule.timeout_ms / 1000.0
+            limit, hdr = self._per_try(plan, deadline)
             unsent = self._unsendable(req.body, limit)
             if unsent is not None:
                 return self._after(req, rid, t0, plan, deadline, unsent, None, done)
@@ -780,11 +779,9 @@ class OutboundHandler:
 
         return _Plan(dest_key, rule, subject, breaker, delay, abort, _head(req, rid, app.source))
 
-    def _per_try(
-        self, plan: _Plan, deadline: float, now: float | None = None
-    ) -> tuple[float, bytes]:
+    def _per_try(self, plan: _Plan, deadline: float) -> tuple[float, bytes]:
         """The next attempt's time limit and its NATS header block."""
-        remaining = deadline - (time.monotonic() if now is None else now)
+        remaining = deadline - time.monotonic()
         per_try = remaining
         retries = plan.rule.retries
         if retries.per_try_timeout_ms:
