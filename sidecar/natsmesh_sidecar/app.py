@@ -99,6 +99,8 @@ class Sidecar:
         #: Request subscriptions by subject (one per admitted caller group).
         self.serving: dict[str, Any] = {}
         self._refused = 0
+        #: Request subject -> its caller (:meth:`_caller_of`).
+        self._callers: dict[str, tuple[str, str, str]] = {}
         #: Appended to a route table's base subjects: who we are, as callers.
         self.caller_suffix = subjects.caller_suffix(settings.namespace, settings.service)
         self.breakers: dict[str, resilience.Breaker] = {}
@@ -175,7 +177,7 @@ class Sidecar:
 
     def max_body(self) -> int:
         nc = self.nc
-        limit = nc.max_payload if nc is not None and nc.max_payload else DEFAULT_MAX_PAYLOAD
+        limit = (nc.max_payload if nc is not None else 0) or DEFAULT_MAX_PAYLOAD
         return int(limit) - HEADER_ROOM
 
     def js(self, prefix: str = subjects.JS_API_PREFIX) -> Any:
@@ -622,8 +624,10 @@ class Sidecar:
     def _on_request(self, msg: Reply) -> None:
         """Admit a request only as from the caller its subject names (see
         subjects.reply_admissible); the source header comes from the subject."""
-        caller = subjects.caller_of(msg.subject)
-        if caller is None or not subjects.reply_admissible(
+        caller = self._callers.get(msg.subject)
+        if caller is None:
+            caller = self._caller_of(msg.subject)
+        if not caller[2] or not subjects.reply_admissible(
             self.settings.namespace,
             caller[0],
             caller[1],
@@ -641,8 +645,18 @@ class Sidecar:
                     msg.reply,
                 )
             return
-        msg.headers[codec.H_SOURCE] = subjects.host_of(*caller)
+        msg.headers[codec.H_SOURCE] = caller[2]
         self.inbound.on_msg(msg)
+
+    def _caller_of(self, subject: str) -> tuple[str, str, str]:
+        """(namespace, service, ``Nm-Source``) of the caller a request subject
+        names, ``("", "", "")`` if none; cached, the same few subjects come again."""
+        caller = subjects.caller_of(subject)
+        found = ("", "", "") if caller is None else (*caller, subjects.host_of(*caller))
+        if len(self._callers) >= 4096:
+            self._callers.clear()  # subjects come from the server's wildcard matches
+        self._callers[subject] = found
+        return found
 
     def _user_jwt(self) -> bytearray:
         assert self.creds is not None

@@ -102,8 +102,11 @@ REASONS: dict[int, str] = {
 }
 
 
+_REASONS = {status: text.encode() for status, text in REASONS.items()}
+
+
 def reason(status: int) -> bytes:
-    return REASONS.get(status, "Unknown").encode()
+    return _REASONS.get(status, b"Unknown")
 
 
 #: The statuses a reply may carry: final ones only. A 1xx written as a final
@@ -113,12 +116,21 @@ FINAL_STATUS_MIN = 200
 FINAL_STATUS_MAX = 599
 
 
+#: "200" .. "599": the texts :func:`final_status` takes, and their statuses.
+_FINAL_TEXT = {str(n): n for n in range(FINAL_STATUS_MIN, FINAL_STATUS_MAX + 1)}
+
+
 def final_status(value: object) -> int | None:
     """The final HTTP status ``value`` names (``Nm-Status`` text or an int), else None.
 
     Anything but three ASCII digits in 200-599 is refused: ``int()`` alone
     would take " 200", "+200", "2_00" and non-ASCII digits.
     """
+    # Plain str and int (what every reply and app response carries): one lookup.
+    if value.__class__ is str:
+        return _FINAL_TEXT.get(value)
+    if value.__class__ is int:
+        return value if FINAL_STATUS_MIN <= value <= FINAL_STATUS_MAX else None
     if isinstance(value, int) and not isinstance(value, bool):
         status = value
     elif isinstance(value, str) and len(value) == 3 and value.isascii() and value.isdigit():
@@ -154,6 +166,46 @@ def http_to_nats(
     return out
 
 
+#: App header name -> its NATS key (:func:`escape_name`): the same few names
+#: come with every request. Bounded: names come from clients and apps.
+_KEYS: dict[str, str] = {}
+_KEYS_MAX = 4096
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def nats_lines(headers: Sequence[tuple[str, str]]) -> str:
+    """``http_to_nats(headers)`` as the lines of a NATS header block.
+
+    What ``natsfast.encode_headers`` writes for that dict, less its first
+    line and the blank line that ends it, without building the dict: names
+    are escaped from a cache, and repeats and values holding CR or LF (both
+    rare) take the dict's way.
+    """
+    if not headers:
+        return ""
+    keys = _KEYS
+    lines = []
+    for name, value in headers:
+        key = keys.get(name)
+        if key is None:
+            key = escape_name(name)
+            if len(keys) >= _KEYS_MAX:
+                keys.clear()
+            keys[name] = key
+        lines.append(f"{key}: {value}\r\n")
+    text = "".join(lines)
+    n = len(lines)
+    # A repeated name is a repeated key (escape_name maps names one to one).
+    if text.count("\n") == n and text.count("\r") == n and (n == 1 or len(dict(headers)) == n):
+        return text
+    out = []
+    for key, value in http_to_nats(headers).items():
+        if "\r" in value or "\n" in value:
+            value = value.translate(_NEWLINES)
+        out.append(f"{key}: {value}\r\n")
+    return "".join(out)
+
+
 def nats_to_http(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     """The app-level headers of a NATS message, mesh headers removed."""
     out: list[tuple[str, str]] = []
@@ -171,6 +223,59 @@ def nats_to_http(headers: Mapping[str, str]) -> list[tuple[str, str]]:
             continue
         out.append((key, value))
     return out
+
+
+#: NATS header key -> what :func:`http_block` does with it (cached: the same
+#: few keys come with every message; bounded: keys come from peers).
+_KINDS: dict[str, int] = {}
+_KINDS_MAX = 4096
+_LEFT_OUT, _APP, _HOST, _ESCAPED = 0, 1, 2, 3
+
+
+def _kind(key: str) -> int:
+    kind = _KINDS.get(key)
+    if kind is None:
+        if key[:3] in ("Nm-", "nm-", "NM-"):
+            # As nats_to_http: these two prefixes are case-sensitive.
+            escaped = key.startswith(ESC_PREFIX) or key.startswith(DUP_PREFIX)
+            kind = _ESCAPED if escaped else _LEFT_OUT
+        else:
+            low = key.lower()
+            kind = _LEFT_OUT if low in HOP_BY_HOP else _HOST if low == "host" else _APP
+        if len(_KINDS) >= _KINDS_MAX:
+            _KINDS.clear()
+        _KINDS[key] = kind
+    return kind
+
+
+def http_block(
+    headers: Mapping[str, str], extra: Sequence[tuple[str, str]] = ()
+) -> tuple[bytes, bool]:
+    """``_header_block(nats_to_http(headers) + extra)``: a NATS message's app
+    headers as an HTTP block, and whether it names the host.
+
+    One pass over the message's headers, no list in between; escaped and
+    repeated names (``Nm-Esc-``, ``Nm-Dup-``), ``extra`` headers (a request
+    id the caller did not send) and a block the one regex refuses take the
+    general way.
+    """
+    lines = []
+    has_host = False
+    kinds = _KINDS
+    for key, value in headers.items():
+        kind = kinds.get(key)
+        if kind is None:
+            kind = _kind(key)
+        if kind:  # not _LEFT_OUT, the mesh's own headers
+            if kind == _ESCAPED:
+                return _header_block([*nats_to_http(headers), *extra])
+            if kind == _HOST:
+                has_host = True
+            lines.append(f"{key}: {value}\r\n")
+    block = "".join(lines).encode("latin-1", "replace")
+    if not extra and _VALID_BLOCK_RE.fullmatch(block) is not None:
+        return block, has_host
+    return _header_block([*nats_to_http(headers), *extra])
 
 
 def valid_header(name: bytes, value: bytes) -> bool:
@@ -279,15 +384,28 @@ def render_response(
     if final_status(status) is None:
         raise ValueError(f"refusing to write status {status} as a final response")
     block, _ = _header_block(headers if isinstance(headers, list) else list(headers))
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status)), block]
-    if status not in (204, 304):
-        parts.append(b"content-length: %d\r\n" % len(body))
-    if not keep_alive:
-        parts.append(b"connection: close\r\n")
-    parts.append(b"\r\n")
-    if not head and status not in (204, 304):
-        parts.append(body)
-    return b"".join(parts)
+    return render_block_response(status, block, body, keep_alive, head)
+
+
+def render_block_response(
+    status: int, block: bytes, body: bytes, keep_alive: bool, head: bool
+) -> bytes:
+    """:func:`render_response` with the header block made and the status checked."""
+    if status == 204 or status == 304:
+        return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+            status,
+            reason(status),
+            block,
+            b"" if keep_alive else b"connection: close\r\n",
+        )
+    return b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\n%s\r\n%s" % (
+        status,
+        reason(status),
+        block,
+        len(body),
+        b"" if keep_alive else b"connection: close\r\n",
+        b"" if head else body,
+    )
 
 
 def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bool]:
@@ -335,16 +453,51 @@ def render_request(
     host: str,
 ) -> bytes | None:
     """An HTTP/1.1 request to the app, or None when the input is not safe to send."""
-    m = method.encode("latin-1", "replace")
-    t = target.encode("latin-1", "replace")
-    if not valid_method(method) or not t.startswith(b"/") or _BAD_VALUE_RE.search(t) or b" " in t:
+    line = _request_line(method, target)
+    if line is None:
         return None
-    block, has_host = _header_block(headers)
-    parts = [b"%s %s HTTP/1.1\r\n" % (m, t), block]
-    if not has_host:
-        parts.append(b"host: %s\r\n" % host.encode())
+    return _request(line, method, *_header_block(headers), body, host)
+
+
+def render_request_from_nats(
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    extra: Sequence[tuple[str, str]],
+    body: bytes,
+    host: str,
+) -> bytes | None:
+    """``render_request(method, target, nats_to_http(headers) + extra, ...)``.
+
+    See :func:`http_block`.
+    """
+    line = _request_line(method, target)
+    if line is None:
+        return None
+    return _request(line, method, *http_block(headers, extra), body, host)
+
+
+#: Methods seen valid (bounded: they come from callers).
+_METHODS: set[str] = set()
+
+
+def _request_line(method: str, target: str) -> bytes | None:
+    """``METHOD TARGET HTTP/1.1``, or None for a method or target not safe to write."""
+    if method not in _METHODS:
+        if not valid_method(method):
+            return None
+        if len(_METHODS) < 256:
+            _METHODS.add(method)
+    t = target.encode("latin-1", "replace")
+    if not t.startswith(b"/") or _BAD_VALUE_RE.search(t) is not None or b" " in t:
+        return None
+    return b"%s %s HTTP/1.1\r\n" % (method.encode("latin-1", "replace"), t)
+
+
+def _request(
+    line: bytes, method: str, block: bytes, has_host: bool, body: bytes, host: str
+) -> bytes:
+    host_line = b"" if has_host else b"host: %s\r\n" % host.encode()
     if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        parts.append(b"content-length: %d\r\n" % len(body))
-    parts.append(b"\r\n")
-    parts.append(body)
-    return b"".join(parts)
+        return b"%s%s%scontent-length: %d\r\n\r\n%s" % (line, block, host_line, len(body), body)
+    return b"%s%s%s\r\n" % (line, block, host_line)

@@ -38,6 +38,9 @@ MAX_BACKLOG = 65536
 #: Response headers that delimit the body; without either, the connection's
 #: close does.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: Response header name as received -> (name, whether it frames the body).
+_NAMES: dict[bytes, tuple[str, bool]] = {}
 
 
 class AppError(Exception):
@@ -114,10 +117,16 @@ class _AppConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_RESPONSE_HEADER_BYTES:
             raise AppError("response headers too large")
-        n = name.decode("latin-1")
-        if not self._framed and n.lower() in _FRAMING:
+        hit = _NAMES.get(name)
+        if hit is None:
+            n = name.decode("latin-1")
+            hit = (n, n.lower() in _FRAMING)
+            if len(_NAMES) >= 4096:
+                _NAMES.clear()  # names come from the app
+            _NAMES[name] = hit
+        if hit[1]:
             self._framed = True
-        self._headers.append((n, value.decode("latin-1")))
+        self._headers.append((hit[0], value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -219,54 +228,27 @@ class AppPool:
         finally:
             self._release()
 
-    def send(
-        self,
-        data: bytes,
-        *,
-        head: bool,
-        limit_s: float,
-        done: Callable[[AppResponse | Exception], None],
-    ) -> bool:
+    def send(self, data: bytes, head: bool, limit_s: float, call: _Call) -> bool:
         """:meth:`request` (with ``retry_stale``) without awaiting, for the hot path.
 
         False, with nothing sent, unless a slot and an idle connection are
-        free right now; else ``done`` gets the response or the error later.
+        free right now; else ``call.complete`` gets the response or the error
+        later (:meth:`_Call.settle`).
         """
-        if not self._take_slot():
+        if self.free > 0 and not self._slot_waiters:  # _take_slot, inlined
+            self.free -= 1
+        else:
             return False
         conn = self._idle_conn()
         if conn is None:
             self._release()
             return False
-        timer: asyncio.TimerHandle | None = None
-
-        def settled(result: AppResponse | BaseException) -> None:
-            if timer is not None:
-                timer.cancel()
-            if isinstance(result, AppResponse):
-                self._keep(conn)
-                self._release()
-                done(result)
-                return
-            conn.close()
-            if isinstance(result, AppError) and conn.received == 0:
-                # Stale, as in _request: try again (a fresh connection if need be).
-                retry = asyncio.get_running_loop().create_task(
-                    self._request(data, head=head, limit_s=limit_s, retry_stale=True)
-                )
-
-                def retried(t: asyncio.Task[AppResponse]) -> None:
-                    self._release()
-                    if not t.cancelled():
-                        e = t.exception()
-                        done(t.result() if e is None else cast(Exception, e))
-
-                retry.add_done_callback(retried)
-                return
-            self._release()
-            done(cast(Exception, result))
-
-        _, timer = self._send(conn, data, head, limit_s, _Call(settled))
+        call.pool = self
+        call.conn = conn
+        call.data = data
+        call.head = head
+        call.limit_s = limit_s
+        _, call.timer = self._send(conn, data, head, limit_s, call)
         return True
 
     def _idle_conn(self) -> _AppConnection | None:
@@ -341,42 +323,119 @@ class AppPool:
             self.idle.pop().close()
 
 
+def reply_head(lines: str, status: int, error: str) -> bytes:
+    """A reply's NATS header block from the app's header lines (:func:`codec.nats_lines`).
+
+    What ``natsfast.encode_headers`` writes for ``http_to_nats(headers)``
+    with ``Nm-Status`` and ``Nm-Error`` added: no app header's key is one of
+    those (``Nm-`` names are escaped), so they come last.
+    """
+    tail = f"Nm-Status: {status}\r\n"
+    if error:
+        tail += f"Nm-Error: {error.translate(_NEWLINES)}\r\n"
+    return f"NATS/1.0\r\n{lines}{tail}\r\n".encode()
+
+
 def _expire(fut: asyncio.Future[AppResponse] | _Call) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
 
 
 class _Call:
-    """What a connection resolves on the hot path instead of a future.
+    """An app call on the hot path (:meth:`AppPool.send`), resolved instead of a future.
 
-    ``set_result`` and ``set_exception`` call back at once, from the parser
+    ``set_result`` and ``set_exception`` act at once, from the parser
     callback, the timer or ``connection_lost``: no future, no scheduled
-    callback per app call.
+    callback and no closures per app call. The pool fills in the connection
+    part; :meth:`complete` is the caller's (a subclass's).
     """
 
-    __slots__ = ("callback", "finished")
+    __slots__ = ("conn", "data", "finished", "head", "limit_s", "pool", "timer")
 
-    def __init__(self, callback: Callable[[AppResponse | BaseException], None]) -> None:
-        self.callback = callback
+    def __init__(self) -> None:
         self.finished = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.pool: AppPool
+        self.conn: _AppConnection
+        self.data = b""
+        self.head = False
+        self.limit_s = 0.0
 
     def done(self) -> bool:
         return self.finished
-
-    def set_result(self, result: AppResponse) -> None:
-        self._finish(result)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._finish(exc)
 
     def _finish(self, result: AppResponse | BaseException) -> None:
         if self.finished:
             return
         self.finished = True
         try:
-            self.callback(result)
+            self.settle(result)
         except Exception:
             logger.exception("app call completion failed")
+
+    # A future's two setters, one call each.
+    set_result = _finish
+    set_exception = _finish
+
+    def settle(self, result: AppResponse | BaseException) -> None:
+        """The pool's part: the connection back (or closed), the slot freed; then complete."""
+        pool, conn = self.pool, self.conn
+        if self.timer is not None:
+            self.timer.cancel()
+        if isinstance(result, AppResponse):
+            pool._keep(conn)
+            pool._release()
+            self.complete(result)
+            return
+        conn.close()
+        if isinstance(result, AppError) and conn.received == 0:
+            # Stale, as in _request: try again (a fresh connection if need be).
+            retry = asyncio.get_running_loop().create_task(
+                pool._request(self.data, head=self.head, limit_s=self.limit_s, retry_stale=True)
+            )
+
+            def retried(t: asyncio.Task[AppResponse]) -> None:
+                pool._release()
+                if not t.cancelled():
+                    e = t.exception()
+                    self.complete(t.result() if e is None else cast(Exception, e))
+
+            retry.add_done_callback(retried)
+            return
+        pool._release()
+        self.complete(cast(Exception, result))
+
+    def complete(self, result: AppResponse | Exception) -> None:
+        raise NotImplementedError
+
+
+class _InboundCall(_Call):
+    """One message's app call: what answering it needs."""
+
+    __slots__ = ("handler", "method", "msg", "rid", "t0", "target")
+
+    def __init__(
+        self, handler: InboundHandler, msg: Msg, t0: float, rid: str, method: str, target: str
+    ) -> None:
+        super().__init__()
+        self.handler = handler
+        self.msg = msg
+        self.t0 = t0
+        self.rid = rid
+        self.method = method
+        self.target = target
+
+    def complete(self, result: AppResponse | Exception) -> None:
+        h, msg, rid = self.handler, self.msg, self.rid
+        status, error = 500, ""
+        try:
+            status, rh, body, error = h._app_result(result, rid)
+            h._reply(msg, status, rh, body, error)
+        except Exception as exc:
+            status, error = 500, error or "internal"
+            h._failed(msg, rid, exc)
+        h._end(msg, self.t0, rid, self.method, self.target, status, error)
+        h._next()
 
 
 @dataclass(frozen=True)
@@ -507,18 +566,8 @@ class InboundHandler:
         if data is None:
             return False
 
-        def done(resp: AppResponse | Exception) -> None:
-            status, error = 500, ""
-            try:
-                status, rh, body, error = self._app_result(resp, rid)
-                self._reply(msg, status, rh, body, error)
-            except Exception as exc:
-                status, error = 500, error or "internal"
-                self._failed(msg, rid, exc)
-            self._end(msg, t0, rid, method, target, status, error)
-            self._next()
-
-        return self.pool.send(data, head=method == "HEAD", limit_s=self.timeout_of(hdrs), done=done)
+        call = _InboundCall(self, msg, t0, rid, method, target)
+        return self.pool.send(data, method == "HEAD", self.timeout_of(hdrs), call)
 
     def pending(self) -> int:
         return self.inflight + len(self.backlog)
@@ -541,14 +590,22 @@ class InboundHandler:
         finally:
             self._end(msg, t0, rid, method, target, status, error)
 
-    def _reply(self, msg: Msg, status: int, rh: dict[str, str], body: bytes, error: str) -> None:
+    def _reply(
+        self, msg: Msg, status: int, rh: dict[str, str] | str, body: bytes, error: str
+    ) -> None:
+        """Answer the caller: ``rh`` is a header dict, or the app's header lines
+        (:func:`codec.nats_lines`: no key of theirs is a mesh header)."""
         if msg.reply:
+            fast = self.fast()
+            if fast is None:
+                return
+            if isinstance(rh, str):
+                fast.publish_block(msg.reply.encode(), b"", reply_head(rh, status, error), body)
+                return
             rh[codec.H_STATUS] = str(status)
             if error:
                 rh[codec.H_ERROR] = error
-            fast = self.fast()
-            if fast is not None:
-                fast.publish(msg.reply, "", rh, body)
+            fast.publish(msg.reply, "", rh, body)
 
     def _failed(self, msg: Msg, rid: str, exc: Exception) -> None:
         logger.error("inbound request failed", exc_info=exc)
@@ -600,7 +657,7 @@ class InboundHandler:
 
     async def _call_app(
         self, msg: Msg, hdrs: dict[str, str], rid: str, method: str, target: str
-    ) -> tuple[int, dict[str, str], bytes, str]:
+    ) -> tuple[int, dict[str, str] | str, bytes, str]:
         """(status, reply NATS headers, body, error code)."""
         if not method or not target:
             return self._error(400, "bad_request", "message lacks Nm-Method/Nm-Target", rid)
@@ -618,14 +675,12 @@ class InboundHandler:
     def _render(
         self, msg: Msg, hdrs: dict[str, str], rid: str, method: str, target: str
     ) -> bytes | None:
-        headers = codec.nats_to_http(hdrs)
-        if codec.REQUEST_ID not in hdrs:
-            headers.append((codec.REQUEST_ID, rid))
-        return codec.render_request(method, target, headers, msg.data, self.app_host)
+        extra = () if codec.REQUEST_ID in hdrs else ((codec.REQUEST_ID, rid),)
+        return codec.render_request_from_nats(method, target, hdrs, extra, msg.data, self.app_host)
 
     def _app_result(
         self, resp: AppResponse | Exception, rid: str
-    ) -> tuple[int, dict[str, str], bytes, str]:
+    ) -> tuple[int, dict[str, str] | str, bytes, str]:
         """The app's answer (or the error calling it) as (status, headers, body, error code)."""
         if isinstance(resp, TimeoutError):
             return self._error(504, "app_timeout", "the app did not answer in time", rid)
@@ -643,8 +698,8 @@ class InboundHandler:
         if codec.final_status(resp.status) is None:
             self.last_error = f"app answered status {resp.status}"
             return self._error(502, "app_bad_status", f"the app answered {resp.status}", rid)
-        out = codec.http_to_nats(resp.headers)
-        return resp.status, out, resp.body, ""
+        # The NATS header lines, not a dict: _reply writes them as they are.
+        return resp.status, codec.nats_lines(resp.headers), resp.body, ""
 
     def _error(
         self, status: int, code: str, message: str, rid: str

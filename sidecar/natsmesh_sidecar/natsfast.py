@@ -43,6 +43,8 @@ _CRLF = b"\r\n"
 _AWAITING_CONTROL_LINE = 1
 _HDR_LINE = b"NATS/1.0\r\n"
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: Bound of :attr:`FastPath._subjects`.
+_SUBJECTS_MAX = 4096
 
 #: Outcomes a waiter can end with besides a reply.
 TIMEOUT = "timeout"
@@ -113,11 +115,14 @@ def parse_headers(raw: bytes) -> dict[str, str]:
     # One decode for the whole block: CR, LF and ":" are ASCII, so they split
     # the text where they split the bytes, and an invalid byte decodes to
     # U+FFFD whether its line is decoded alone or with the others.
+    keys = _KEYS
     for line in rest.decode("utf-8", "replace").split("\r\n"):
         name, sep, value = line.partition(":")
         if not sep:
             continue
-        key = _key(name)
+        key = keys.get(name)
+        if key is None:
+            key = _key(name)
         if key:
             out[key] = value.strip(_WS)
     return out
@@ -178,9 +183,13 @@ class FastPath:
     def __init__(self, nc: Any) -> None:
         self.nc = nc
         self.loop = asyncio.get_running_loop()
-        self.waiters: dict[str, Waiter] = {}
+        #: Requests waiting for their reply, by the reply subject's last token.
+        self.waiters: dict[bytes, Waiter] = {}
+        #: Encoded request subjects (from the route table, so few).
+        self._subjects: dict[str, bytes] = {}
         self.handlers: dict[int, Callable[[Reply], None]] = {}
         self._prefix = ""
+        self._prefix_b = b""
         self._prefix_len = 0
         self._reply_sid = -1
         self._seq = 0
@@ -198,7 +207,8 @@ class FastPath:
 
     async def start(self, inbox_prefix: str) -> None:
         self._prefix = f"{inbox_prefix}.{os.urandom(8).hex()}."
-        self._prefix_len = len(self._prefix)
+        self._prefix_b = self._prefix.encode()
+        self._prefix_len = len(self._prefix_b)
         sub = await self.nc.subscribe(self._prefix + "*")
         self._reply_sid = sub._id
 
@@ -318,8 +328,7 @@ class FastPath:
         return True
 
     def _on_reply(self, subject: bytes, data: bytes, headers: bytes) -> None:
-        token = subject[self._prefix_len :].decode()
-        waiter = self.waiters.get(token)
+        waiter = self.waiters.get(subject[self._prefix_len :])
         if waiter is None:
             return
         hdrs = parse_headers(headers)
@@ -332,19 +341,16 @@ class FastPath:
 
     def publish(self, subject: str, reply: str, headers: dict[str, str], payload: bytes) -> bool:
         """Queue an HPUB; False if the connection is closed (nothing sent)."""
+        hdr = encode_headers(headers)
+        return self.publish_block(subject.encode(), reply.encode(), hdr, payload)
+
+    def publish_block(self, subject: bytes, reply: bytes, hdr: bytes, payload: bytes) -> bool:
+        """:meth:`publish` with the header block already encoded (:func:`encode_headers`)."""
         nc = self.nc
         if nc.is_closed:
             return False
-        hdr = encode_headers(headers)
         total = len(hdr) + len(payload)
-        cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-            subject.encode(),
-            reply.encode(),
-            len(hdr),
-            total,
-            hdr,
-            payload,
-        )
+        cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject, reply, len(hdr), total, hdr, payload)
         nc._pending.append(cmd)
         nc._pending_data_size += len(cmd)
         stats = nc.stats
@@ -390,7 +396,7 @@ class FastPath:
             fq.put_nowait(self._done)
 
     def request(
-        self, subject: str, headers: dict[str, str], payload: bytes, timeout: float
+        self, subject: str, headers: dict[str, str] | bytes, payload: bytes, timeout: float
     ) -> asyncio.Future[Reply | str]:
         """A future resolving to the :class:`Reply` or an outcome string.
 
@@ -410,23 +416,30 @@ class FastPath:
     def send_request(
         self,
         subject: str,
-        headers: dict[str, str],
+        headers: dict[str, str] | bytes,
         payload: bytes,
         timeout: float,
         callback: Callable[[Reply | str], None],
     ) -> bool:
         """:meth:`request` with a callback instead of a future (the hot path).
 
+        ``headers`` is a header dict or a block :func:`encode_headers` made.
         ``callback`` gets the reply or the outcome exactly once, straight from
         the parser, the timer or :meth:`fail_all`: no future, no scheduled
         callbacks. False (and no callback ever) if nothing could be sent.
         """
         self._seq += 1
-        token = f"{self._seq:x}"
+        token = b"%x" % self._seq
         waiter = Waiter(self.waiters, token, subject, callback)
         self.waiters[token] = waiter
         waiter.timer = self.loop.call_later(timeout, waiter.resolve, TIMEOUT)
-        if not self.publish(subject, self._prefix + token, headers, payload):
+        subject_b = self._subjects.get(subject)
+        if subject_b is None:
+            subject_b = subject.encode()
+            if len(self._subjects) < _SUBJECTS_MAX:
+                self._subjects[subject] = subject_b
+        hdr = headers if isinstance(headers, bytes) else encode_headers(headers)
+        if not self.publish_block(subject_b, self._prefix_b + token, hdr, payload):
             waiter.cancel()
             return False
         return True
@@ -455,8 +468,8 @@ class Waiter:
 
     def __init__(
         self,
-        waiters: dict[str, Waiter],
-        token: str,
+        waiters: dict[bytes, Waiter],
+        token: bytes,
         subject: str,
         callback: Callable[[Reply | str], None],
     ) -> None:

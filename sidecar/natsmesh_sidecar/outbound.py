@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import random
 import time
@@ -27,13 +26,13 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from natsmesh_sidecar import accesslog, codec, resilience
+from natsmesh_sidecar.natsfast import Reply
 from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN
 from natsmesh_sidecar.targets import MISS
-from natsmesh_sidecar.wire import Rule, Target
+from natsmesh_sidecar.wire import Destination, Rule, Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
-    from natsmesh_sidecar.natsfast import Reply
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +41,28 @@ EVENTS_PREFIX = "/_events/"
 #: Headers the handler needs by name; everything else is only forwarded.
 _SPECIAL = frozenset({"host", "x-request-id", "traceparent", "idempotency-key", "content-type"})
 _DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: What on_header does with a header: forward it, keep it aside (the host
+#: both), or drop it.
+_FORWARD, _SPECIAL_ONLY, _HOST, _DROPPED = 0, 1, 2, 3
+#: Header name as received -> (name, lower-case name, what to do): the same
+#: few names come with every request. Bounded: names come from clients.
+_NAMES: dict[bytes, tuple[str, str, int]] = {}
+
+
+def _name(name: bytes) -> tuple[str, str, int]:
+    n = name.decode("latin-1")
+    low = n.lower()
+    if low in _SPECIAL:
+        kind = _HOST if low == "host" else _SPECIAL_ONLY
+    elif low in _DROP or low.startswith(codec.MESH_PREFIX_LOWER):
+        kind = _DROPPED
+    else:
+        kind = _FORWARD
+    if len(_NAMES) >= 4096:
+        _NAMES.clear()
+    found = _NAMES[name] = (n, low, kind)
+    return found
 
 
 class Request:
@@ -101,6 +122,8 @@ class OutboundConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
+        #: What the handler calls back with a later response (bound once).
+        self._resume_cb = self._resume
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -141,7 +164,8 @@ class OutboundConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_headers = True
         self.in_message = True
-        self.started = time.monotonic()
+        # data_received set ``last`` just before feeding the parser.
+        self.started = self.last
         self._url = b""
         self._headers = []
         self._special = {}
@@ -160,17 +184,17 @@ class OutboundConnection(asyncio.Protocol):
         if self._header_bytes > self.server.max_header_bytes:
             self.reject = (431, "headers_too_large", "request headers too large")
             raise _Reject
-        n = name.decode("latin-1")
-        low = n.lower()
-        v = value.decode("latin-1")
-        if low in _SPECIAL:
+        hit = _NAMES.get(name)
+        if hit is None:
+            hit = _name(name)
+        n, low, kind = hit
+        if kind == _FORWARD:
+            self._headers.append((n, value.decode("latin-1")))
+        elif kind != _DROPPED:
+            v = value.decode("latin-1")
             self._special[low] = v
-            if low == "host":
+            if kind == _HOST:
                 self._headers.append((n, v))
-        elif low in _DROP or low.startswith(codec.MESH_PREFIX_LOWER):
-            return
-        else:
-            self._headers.append((n, v))
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
@@ -249,7 +273,7 @@ class OutboundConnection(asyncio.Protocol):
                     self._write(item)
                     self._close()
                     break
-                resp = self.handler.start(item, functools.partial(self._resume, item))
+                resp = self.handler.start(item, self._resume_cb)
                 if resp is None:
                     return
                 if not self._answered(item, resp):
@@ -270,9 +294,10 @@ class OutboundConnection(asyncio.Protocol):
             logger.exception("outbound connection failed")
             self._close()
             answered = False
-        if answered:
+        if answered and (self.queue or self.eof):
             self._pump()
         else:
+            # Nothing more to answer now (what _pump ends with).
             self.busy = False
             self.last = time.monotonic()
 
@@ -280,7 +305,8 @@ class OutboundConnection(asyncio.Protocol):
         """Write a response; False when the connection is done with."""
         if self.closed:
             return False
-        self._write(resp)
+        if self.transport is not None:
+            self.transport.write(resp)
         if not item.keep_alive or self.server.draining:
             self._close()
             return False
@@ -374,7 +400,7 @@ Result = tuple[int, list[tuple[str, str]], bytes, str, str, int, str]
 class _Plan:
     """A routed request: everything the NATS attempts and the answer need."""
 
-    __slots__ = ("abort", "breaker", "delay", "dest_key", "hdrs", "rule", "subject")
+    __slots__ = ("abort", "breaker", "delay", "dest_key", "head", "rule", "simple", "subject")
 
     def __init__(
         self,
@@ -384,7 +410,7 @@ class _Plan:
         breaker: resilience.Breaker | None,
         delay: float,
         abort: int | None,
-        hdrs: dict[str, str],
+        head: bytes,
     ) -> None:
         self.dest_key = dest_key
         self.rule = rule
@@ -392,7 +418,10 @@ class _Plan:
         self.breaker = breaker
         self.delay = delay
         self.abort = abort
-        self.hdrs = hdrs
+        #: The NATS header block up to the per-attempt timeout (``_per_try``).
+        self.head = head
+        #: No retry and no breaker: a reply is the answer as it is (``_answer``).
+        self.simple = breaker is None and rule.retries.attempts <= 0
 
 
 class OutboundHandler:
@@ -408,44 +437,90 @@ class OutboundHandler:
         self.app = app
         self.inflight = 0
         self._rand = random.random
+        #: id(destination) -> what selecting its rule needs (:meth:`_select`).
+        self._selection: dict[int, tuple[Destination, bool, Rule | None]] = {}
 
-    def start(self, req: Request, done: Callable[[bytes], None]) -> bytes | None:
-        """The response now, or None when ``done(response)`` will be called later."""
+    def _select(self, dest: Destination) -> tuple[Destination, bool, Rule | None]:
+        """(dest, whether a rule matches on headers, its sole rule if that rule
+        matches on the path alone); cached per destination object, which the
+        entry keeps alive so its id is not reused."""
+        rules = dest.rules
+        sole = rules[0] if len(rules) == 1 else None
+        if sole is not None and (sole.match.methods or sole.match.headers):
+            sole = None
+        found = (dest, any(r.match.headers for r in rules), sole)
+        if len(self._selection) >= 1024:
+            self._selection.clear()  # tables were swapped many times
+        self._selection[id(dest)] = found
+        return found
+
+    def start(self, req: Request, done: Callable[[Request, bytes], None]) -> bytes | None:
+        """The response now, or None when ``done(req, response)`` will be called later."""
         t0 = time.perf_counter()
         rid = req.special.get("x-request-id") or codec.new_request_id()
         self.inflight += 1
         try:
             if req.path.startswith(EVENTS_PREFIX):
-                self._later(self._finish_async(req, rid, t0, None), done)
+                self._later(req, self._finish_async(req, rid, t0, None), done)
                 return None
             step = self._route(req, rid, MISS)
-            if isinstance(step, tuple):
-                return self._respond(req, rid, t0, step)
-            if isinstance(step, str) or step.delay or step.abort is not None:
-                self._later(self._finish_async(req, rid, t0, step), done)
+            if step.__class__ is not _Plan:
+                if isinstance(step, tuple):
+                    return self._respond(req, rid, t0, step)
+                self._later(req, self._finish_async(req, rid, t0, step), done)
                 return None
             plan = step
+            if plan.delay or plan.abort is not None:
+                self._later(req, self._finish_async(req, rid, t0, plan), done)
+                return None
             deadline = time.monotonic() + plan.rule.timeout_ms / 1000.0
-            limit = self._per_try(plan, deadline)
+            limit, hdr = self._per_try(plan, deadline)
             unsent = self._unsendable(req.body, limit)
             if unsent is not None:
                 return self._after(req, rid, t0, plan, deadline, unsent, None, done)
 
             def replied(result: Reply | str) -> None:
+                resp: bytes | None
                 try:
-                    outcome, reply = _received(result)
-                    resp = self._after(req, rid, t0, plan, deadline, outcome, reply, done)
+                    if plan.simple and result.__class__ is Reply:
+                        resp = self._answer(req, rid, t0, plan, result)
+                    else:
+                        outcome, reply = _received(result)
+                        resp = self._after(req, rid, t0, plan, deadline, outcome, reply, done)
                 except Exception as exc:
                     resp = self._crashed(req, rid, t0, exc)
                 if resp is not None:
-                    done(resp)
+                    done(req, resp)
 
-            assert self.app.fast is not None
-            if not self.app.fast.send_request(plan.subject, plan.hdrs, req.body, limit, replied):
+            fast = self.app.fast
+            assert fast is not None
+            if not fast.send_request(plan.subject, hdr, req.body, limit, replied):
                 return self._after(req, rid, t0, plan, deadline, "unavailable", None, done)
             return None
         except Exception as exc:
             return self._crashed(req, rid, t0, exc)
+
+    def _answer(self, req: Request, rid: str, t0: float, plan: _Plan, reply: Reply) -> bytes:
+        """A reply to a plan without retries or breaker: what :meth:`_settle` and
+        :meth:`_respond` make of it, in one step for the common case."""
+        rh = reply.headers
+        status = codec.final_status(rh.get(codec.H_STATUS))
+        if status is None or codec.H_ERROR in rh:
+            # No valid status (a 502) or an error code to add the request id for.
+            outcome, got = _received(reply)
+            step = self._settle(req, rid, plan, 0, outcome, got, 0.0)
+            assert isinstance(step, tuple)
+            return self._respond(req, rid, t0, step)
+        try:
+            block = codec.http_block(rh)[0]
+            resp = codec.render_block_response(
+                status, block, reply.data, req.keep_alive, req.method == "HEAD"
+            )
+        except Exception as exc:
+            return self._crashed(req, rid, t0, exc, plan.dest_key, plan.rule.name, 1)
+        self.inflight -= 1
+        self._record(req, rid, t0, status, plan.dest_key, plan.rule.name, 1, "")
+        return resp
 
     def _after(
         self,
@@ -456,19 +531,24 @@ class OutboundHandler:
         deadline: float,
         outcome: str | int,
         reply: Reply | None,
-        done: Callable[[bytes], None],
+        done: Callable[[Request, bytes], None],
     ) -> bytes | None:
         """The first attempt's outcome: the response, or None if a retry task took over."""
         step = self._settle(req, rid, plan, 0, outcome, reply, deadline)
         if isinstance(step, tuple):
             return self._respond(req, rid, t0, step)
-        self._later(self._retry(req, rid, t0, plan, step, deadline), done)
+        self._later(req, self._retry(req, rid, t0, plan, step, deadline), done)
         return None
 
-    def _later(self, coro: Coroutine[Any, Any, bytes], done: Callable[[bytes], None]) -> None:
+    def _later(
+        self,
+        req: Request,
+        coro: Coroutine[Any, Any, bytes],
+        done: Callable[[Request, bytes], None],
+    ) -> None:
         def finished(task: asyncio.Task[bytes]) -> None:
             if not task.cancelled():
-                done(task.result())
+                done(req, task.result())
 
         asyncio.get_running_loop().create_task(coro).add_done_callback(finished)
 
@@ -639,18 +719,31 @@ class OutboundHandler:
             s, h, b = self._error(404, "unknown_service", f"no service {dest_key} in the mesh", rid)
             return s, h, b, "-", "-", 0, "unknown_service"
 
-        rule = resilience.select_rule(
-            dest.rules,
-            req.method,
-            req.path,
-            req.lower_headers() if _needs_headers(dest) else req.special,
-        )
+        selection = self._selection.get(id(dest))
+        if selection is None or selection[0] is not dest:
+            selection = self._select(dest)
+        sole = selection[2]
+        if sole is not None:
+            # One rule matching on the path alone: what select_rule decides.
+            rule = sole if req.path.startswith(sole.match.path_prefix) else None
+        else:
+            rule = resilience.select_rule(
+                dest.rules,
+                req.method,
+                req.path,
+                req.lower_headers() if selection[1] else req.special,
+            )
         if rule is None:
             s, h, b = self._error(
                 404, "no_route", f"no route of {dest_key} matches {req.path}", rid
             )
             return s, h, b, dest_key, "-", 0, "no_route"
-        target = resilience.pick_destination(rule.destinations, self._rand())
+        weighted = rule.destinations
+        if len(weighted) == 1:
+            # pick_destination's first case, without drawing a random number.
+            target = weighted[0] if weighted[0].weight > 0 else None
+        else:
+            target = resilience.pick_destination(weighted, self._rand())
         if target is None:
             s, h, b = self._error(
                 503, "no_destination", f"route {rule.name} has no weighted destination", rid
@@ -668,9 +761,9 @@ class OutboundHandler:
             )
             return s, h, b, dest_key, rule.name, 0, "payload_too_large"
 
-        breaker = app.breaker(subject, rule.circuit_breaker)
-        now = time.monotonic()
-        if breaker is not None and not breaker.allow(now):
+        config = rule.circuit_breaker
+        breaker = None if config is None else app.breaker(subject, config)
+        if breaker is not None and not breaker.allow(now := time.monotonic()):
             s, h, b = self._error(
                 503,
                 "circuit_open",
@@ -684,35 +777,25 @@ class OutboundHandler:
         if rule.fault is not None:
             delay, abort = resilience.fault_decision(rule.fault, self._rand(), self._rand())
 
-        hdrs = codec.http_to_nats(req.headers)
-        hdrs[codec.H_METHOD] = req.method
-        hdrs[codec.H_TARGET] = req.target
-        hdrs[codec.H_SOURCE] = app.source
-        hdrs[codec.REQUEST_ID] = rid
-        hdrs[codec.TRACEPARENT] = codec.next_traceparent(req.special.get("traceparent"))
-        # Special headers the parser keeps aside; the app still needs them.
-        for name in ("content-type", "idempotency-key"):
-            v = req.special.get(name)
-            if v is not None:
-                hdrs[name] = v
-        return _Plan(dest_key, rule, subject, breaker, delay, abort, hdrs)
+        return _Plan(dest_key, rule, subject, breaker, delay, abort, _head(req, rid, app.source))
 
-    def _per_try(self, plan: _Plan, deadline: float) -> float:
+    def _per_try(self, plan: _Plan, deadline: float) -> tuple[float, bytes]:
+        """The next attempt's time limit and its NATS header block."""
         remaining = deadline - time.monotonic()
         per_try = remaining
         retries = plan.rule.retries
         if retries.per_try_timeout_ms:
             per_try = min(remaining, retries.per_try_timeout_ms / 1000.0)
-        plan.hdrs[codec.H_TIMEOUT] = str(int(per_try * 1000))
-        return per_try
+        # Nm-Timeout-Ms is the last header: it changes per attempt.
+        return per_try, b"%sNm-Timeout-Ms: %d\r\n\r\n" % (plan.head, int(per_try * 1000))
 
     async def _attempts(
         self, req: Request, rid: str, plan: _Plan, attempt: int, deadline: float
     ) -> Result:
         """Attempts from ``attempt`` on until one settles the request."""
         while True:
-            per_try = self._per_try(plan, deadline)
-            sent = self._send(plan.subject, req.body, per_try, plan.hdrs)
+            per_try, hdr = self._per_try(plan, deadline)
+            sent = self._send(plan.subject, req.body, per_try, hdr)
             outcome, reply = sent if isinstance(sent, tuple) else _received(await sent)
             step = self._settle(req, rid, plan, attempt, outcome, reply, deadline)
             if isinstance(step, tuple):
@@ -814,7 +897,7 @@ class OutboundHandler:
         return None
 
     def _send(
-        self, subject: str, body: bytes, limit_s: float, hdrs: dict[str, str]
+        self, subject: str, body: bytes, limit_s: float, hdrs: bytes
     ) -> tuple[str | int, Reply | None] | asyncio.Future[Reply | str]:
         """One NATS request: its future, or the outcome when it cannot be sent."""
         unsent = self._unsendable(body, limit_s)
@@ -822,6 +905,44 @@ class OutboundHandler:
             return unsent, None
         assert self.app.fast is not None
         return self.app.fast.request(subject, hdrs, body, limit_s)
+
+
+def _head(req: Request, rid: str, source: str) -> bytes:
+    """The request's NATS header block, less Nm-Timeout-Ms and the blank line.
+
+    The app's headers (:func:`codec.nats_lines`), then the mesh's and the two
+    the parser kept aside (the app still needs them): what
+    ``natsfast.encode_headers`` writes for the dict of all of them, built
+    as text at once.
+    """
+    special = req.special
+    tp = codec.next_traceparent(special.get("traceparent"))
+    mesh = (
+        f"Nm-Method: {req.method}\r\nNm-Target: {req.target}\r\nNm-Source: {source}\r\n"
+        f"X-Request-Id: {rid}\r\ntraceparent: {tp}\r\n"
+    )
+    lines = 5
+    ct = special.get("content-type")
+    if ct is not None:
+        mesh += f"content-type: {ct}\r\n"
+        lines += 1
+    key = special.get("idempotency-key")
+    if key is not None:
+        mesh += f"idempotency-key: {key}\r\n"
+        lines += 1
+    if mesh.count("\n") != lines or mesh.count("\r") != lines:
+        # A value held CR or LF: blanked, as encode_headers does.
+        pairs = [
+            (codec.H_METHOD, req.method),
+            (codec.H_TARGET, req.target),
+            (codec.H_SOURCE, source),
+            (codec.REQUEST_ID, rid),
+            (codec.TRACEPARENT, tp),
+            ("content-type", ct),
+            ("idempotency-key", key),
+        ]
+        mesh = "".join(f"{k}: {v.translate(_NEWLINES)}\r\n" for k, v in pairs if v is not None)
+    return f"NATS/1.0\r\n{codec.nats_lines(req.headers)}{mesh}".encode()
 
 
 def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
@@ -834,8 +955,3 @@ def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
         # like no responders, safe to try another replica.
         return resilience.UNDELIVERED, reply
     return status, reply
-
-
-def _needs_headers(dest: object) -> bool:
-    rules = getattr(dest, "rules", ())
-    return any(r.match.headers for r in rules)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from natsmesh_sidecar import codec, natsfast
+from natsmesh_sidecar import codec, inbound, natsfast, outbound
 
 pytestmark = pytest.mark.unit
 
@@ -182,3 +182,115 @@ def test_ids_from_the_random_buffer_stay_valid_and_distinct() -> None:
     parents = [codec.next_traceparent(None) for _ in range(300)]
     assert all(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", p) for p in parents)
     assert len({p.split("-")[1] for p in parents}) == len(parents)
+
+
+# -- header blocks without the dicts in between --------------------------------------
+#
+# The request and reply paths used to map headers HTTP -> dict -> NATS block ->
+# dict -> HTTP; the fused functions must write exactly what those compositions of
+# the general functions (still in codec, and their fallback) wrote.
+
+_NAMES = st.sampled_from(
+    ["Host", "host", "Accept", "X-A", "x-a", "Status", "description", "Nats-Foo", "a!#b"]
+)
+_NATS_KEYS = st.sampled_from(
+    [
+        "Host",
+        "X-A",
+        "x-a",
+        "Content-Length",
+        "connection",
+        "Nm-Method",
+        "nm-x",
+        "NM-Y",
+        "nM-Z",
+        "Nm-Esc-Status",
+        "Nm-Dup-1-X-A",
+        "Nm-Dup-2-Nm-Esc-Status",
+        "Nm-Dup-x",
+        "Status",
+        "bad name",
+        "X-Request-Id",
+    ]
+)
+_pairs = st.lists(st.tuples(_NAMES, _text), max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_pairs)
+def test_nats_lines_match_encoding_the_mapped_dict(headers: list[tuple[str, str]]) -> None:
+    block = natsfast.encode_headers(codec.http_to_nats(headers))
+    assert codec.nats_lines(headers) == block[len(b"NATS/1.0\r\n") : -2].decode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(_NATS_KEYS, _text, max_size=8),
+    st.lists(st.tuples(st.sampled_from(["X-Request-Id", "host", "TE", "Nm-Q"]), _text), max_size=2),
+)
+def test_http_block_matches_mapping_then_rendering(
+    headers: dict[str, str], extra: list[tuple[str, str]]
+) -> None:
+    want = codec._header_block([*codec.nats_to_http(headers), *extra])
+    assert codec.http_block(headers, extra) == want
+    got = codec.render_request_from_nats("PUT", "/a?b", headers, extra, b"x", "app:1")
+    assert got == codec.render_request(
+        "PUT", "/a?b", [*codec.nats_to_http(headers), *extra], b"x", "app:1"
+    )
+    for status, head in ((200, False), (204, False), (404, True)):
+        for keep_alive in (True, False):
+            block = codec.http_block(headers)[0]
+            got = codec.render_block_response(status, block, b"body", keep_alive, head)
+            assert got == codec.render_response(
+                status, codec.nats_to_http(headers), b"body", keep_alive=keep_alive, head=head
+            )
+
+
+@settings(max_examples=300, deadline=None)
+@given(_pairs, st.integers(100, 599), st.sampled_from(["", "app_timeout", "a\r\nb"]))
+def test_reply_head_matches_encoding_the_reply_dict(
+    headers: list[tuple[str, str]], status: int, error: str
+) -> None:
+    rh = codec.http_to_nats(headers)
+    rh[codec.H_STATUS] = str(status)
+    if error:
+        rh[codec.H_ERROR] = error
+    got = inbound.reply_head(codec.nats_lines(headers), status, error)
+    assert got == natsfast.encode_headers(rh)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    _pairs,
+    st.sampled_from(["GET", "POST"]),
+    _text,
+    st.dictionaries(st.sampled_from(["content-type", "idempotency-key", "traceparent"]), _text),
+    st.integers(-5, 30_000),
+)
+def test_request_head_matches_encoding_the_request_dict(
+    headers: list[tuple[str, str]], method: str, rid: str, special: dict[str, str], ms: int
+) -> None:
+    """What outbound sent before: the dict of the app's and the mesh's headers, encoded."""
+    req = outbound.Request(method, "/p?q", "app", headers, special, b"", True)
+    got = b"%sNm-Timeout-Ms: %d\r\n\r\n" % (outbound._head(req, rid, "gw.shop"), ms)
+    hdrs = codec.http_to_nats(headers)
+    hdrs[codec.H_METHOD] = method
+    hdrs[codec.H_TARGET] = "/p?q"
+    hdrs[codec.H_SOURCE] = "gw.shop"
+    hdrs[codec.REQUEST_ID] = rid
+    # A random span id (the trace's is kept: see the test below): from the output.
+    hdrs[codec.TRACEPARENT] = natsfast.parse_headers(got)[codec.TRACEPARENT]
+    for name in ("content-type", "idempotency-key"):
+        if name in special:
+            hdrs[name] = special[name]
+    hdrs[codec.H_TIMEOUT] = str(ms)
+    assert got == natsfast.encode_headers(hdrs)
+
+
+def test_request_head_continues_the_callers_trace() -> None:
+    incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    req = outbound.Request("GET", "/", "app", [], {"traceparent": incoming}, b"", True)
+    tp = natsfast.parse_headers(outbound._head(req, "r", "gw.shop") + b"\r\n")[codec.TRACEPARENT]
+    assert tp.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+    assert tp.endswith("-01")
+    assert tp != incoming
