@@ -596,6 +596,19 @@ class Traffic:
         return [detail for _, ok, detail in self.outcomes if not ok]
 
 
+def checkouts(shop: KindShop, prefix: str) -> Callable[[int], tuple[bool, str]]:
+    """The call a Traffic loop makes: one checkout through the gateway."""
+
+    def checkout(i: int) -> tuple[bool, str]:
+        status, _, body = scenarios.http(
+            "POST", shop.gateway + "/checkout", {"item": "mug", "order_id": f"{prefix}-{i}"},
+            timeout=10,
+        )  # fmt: skip
+        return status == 200, f"{status} {body}"
+
+    return checkout
+
+
 def test_nats_pod_deleted_mid_traffic_keeps_every_acked_event(
     shop: KindShop, release: Kind
 ) -> None:
@@ -687,15 +700,8 @@ def test_the_mesh_changing_under_traffic_fails_no_request(shop: KindShop, releas
     replaced. Not one checkout may fail."""
     kind, ns = release, shop.namespace
 
-    def checkout(i: int) -> tuple[bool, str]:
-        status, _, body = scenarios.http(
-            "POST", shop.gateway + "/checkout", {"item": "mug", "order_id": f"chg-{i}"},
-            timeout=10,
-        )  # fmt: skip
-        return status == 200, f"{status} {body}"
-
     steps: list[str] = []
-    with Traffic(checkout) as traffic:
+    with Traffic(checkouts(shop, "chg")) as traffic:
         scenarios.wait_until("checkouts before", lambda: traffic.ok_since(0) >= 20, 30)
         kind.kubectl("scale", "-n", ns, "deploy/orders-v1", "--replicas=3")
         kind.kubectl("rollout", "status", "-n", ns, "deploy/orders-v1", "--timeout=180s",
@@ -735,14 +741,7 @@ def test_rolling_update_of_orders_under_traffic_loses_no_request(
     port-forwards to orders (its pod is replaced)."""
     kind, ns = release, shop.namespace
 
-    def checkout(i: int) -> tuple[bool, str]:
-        status, _, body = scenarios.http(
-            "POST", shop.gateway + "/checkout", {"item": "mug", "order_id": f"roll-{i}"},
-            timeout=10,
-        )  # fmt: skip
-        return status == 200, f"{status} {body}"
-
-    with Traffic(checkout) as traffic:
+    with Traffic(checkouts(shop, "roll")) as traffic:
         scenarios.wait_until("checkouts before", lambda: traffic.ok_since(0) >= 20, 30)
         kind.kubectl("rollout", "restart", "-n", ns, "deploy/orders-v1")
         kind.kubectl("rollout", "status", "-n", ns, "deploy/orders-v1", "--timeout=180s",
