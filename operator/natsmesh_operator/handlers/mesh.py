@@ -185,7 +185,9 @@ class MeshReconciler:
         retry_delay: float = 10.0,
     ) -> None:
         self.retry_delay = retry_delay
-        self._retry: asyncio.TimerHandle | None = None
+        self._later: asyncio.TimerHandle | None = None
+        """The one timer for "pass again later" (a retry, a held revocation's
+        check): the earliest asked for since the last pass wins."""
         self._failed_passes = 0
         self.watched = watched
         self.app_network_policy = app_network_policy
@@ -209,7 +211,6 @@ class MeshReconciler:
         self._held_in_use: set[str] = set()
         """Held keys a live creds Secret still holds (a re-issue that failed):
         revoked once the Secret moves off them, no timer pass for them meanwhile."""
-        self._hold_timer: asyncio.TimerHandle | None = None
         self._keys_saving = asyncio.Lock()
         self.last: PassResult | None = None
 
@@ -219,9 +220,8 @@ class MeshReconciler:
         self._loop_task.start()
 
     async def stop(self) -> None:
-        for timer in (self._retry, self._hold_timer):
-            if timer is not None:
-                timer.cancel()
+        if self._later is not None:
+            self._later.cancel()
         await self._loop_task.stop()
 
     async def request(self) -> PassResult:
@@ -241,6 +241,20 @@ class MeshReconciler:
         self._requested += 1
         self._wakeup.set()
 
+    def _pass_later(self, delay: float) -> None:
+        """A pass in ``delay`` seconds, unless one is already due sooner.
+
+        Whoever asks does so during or right after a pass, and a pass that
+        starts meets every earlier request (``_loop`` drops the timer), so
+        the earliest request since the last pass is the only one to keep.
+        """
+        loop = asyncio.get_running_loop()
+        if self._later is not None:
+            if self._later.when() <= loop.time() + delay:
+                return
+            self._later.cancel()
+        self._later = loop.call_later(delay, self.poke)
+
     async def recent(self, max_age: float) -> PassResult:
         """The last result if younger than ``max_age`` seconds, else a new pass."""
         if self.last is not None and time.monotonic() - self.last.started < max_age:
@@ -251,6 +265,9 @@ class MeshReconciler:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self._later is not None:
+                self._later.cancel()
+                self._later = None
             upto = self._requested
             started = time.monotonic()
             result = await self._pass_and_report(started)
@@ -281,10 +298,8 @@ class MeshReconciler:
             return
         delay = retry_backoff(self._failed_passes, self.retry_delay)
         self._failed_passes += 1
-        if self._retry is not None:
-            self._retry.cancel()
         logger.info("the last pass failed in places; another in %.0f s", delay)
-        self._retry = asyncio.get_running_loop().call_later(delay, self.poke)
+        self._pass_later(delay)
 
     async def _pass_and_report(self, started: float) -> PassResult:
         invalid: list[kube.Invalid] = []
@@ -602,9 +617,6 @@ class MeshReconciler:
         of the old key's last connection asks for the pass that revokes it
         (``handlers/presence.py``); this timer is the safety net.
         """
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-            self._hold_timer = None
         waiting = [h for h in self._held if h.user not in self._held_in_use]
         METRICS.revocations_held.set(len(self._held))
         if not waiting:
@@ -612,7 +624,7 @@ class MeshReconciler:
         delay = min(HOLD_RECHECK, max(0.0, min(h.until for h in waiting) - time.time()))
         if fresh:
             delay = min(delay, HOLD_FIRST_CHECK)
-        self._hold_timer = asyncio.get_running_loop().call_later(delay, self.poke)
+        self._pass_later(delay)
 
     async def _hold(self, keys: KeyRing, namespace: str, service: str, user: str) -> None:
         """Hold ``user``'s revocation, saved before its creds Secret moves off it

@@ -72,3 +72,21 @@ async def test_a_pass_with_errors_is_retried_without_anyone_asking() -> None:
 def test_backoff_doubles_and_is_capped_by_the_retry_delay() -> None:
     assert [retry_backoff(n, 10) for n in range(6)] == [1, 2, 4, 8, 10, 10]
     assert retry_backoff(10_000, 10) == 10  # no overflow after a long outage
+
+
+async def test_of_two_requests_for_a_later_pass_the_earlier_wins() -> None:
+    """A retry and a held revocation's check share one timer: the sooner
+    request is kept whichever came first, and a pass meets both."""
+    mesh = Scripted([], retry_delay=10)
+    try:
+        await mesh.request()
+        for delays in ((5.0, 0.05), (0.05, 5.0)):
+            before = len(mesh.ran)
+            for delay in delays:
+                mesh._pass_later(delay)
+            await settle(mesh, before + 1, within=2)
+            assert len(mesh.ran) == before + 1, f"no pass within 2 s for {delays}"
+        # The pass met the 5 s request too: no timer is left.
+        assert mesh._later is None
+    finally:
+        await mesh.stop()
