@@ -18,6 +18,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${NATSMESH_CACHE:-$HOME/.cache/natsmesh}"
+# shellcheck source=hack/lib/apt.sh
+. "$here/lib/apt.sh"
 state="$cache/docker"
 pidfile="$state/dockerd.pid"      # present only while a dockerd started here runs
 log="$state/dockerd.log"
@@ -31,18 +33,6 @@ docker_cli() {
   fi
 }
 
-apt_install() {
-  local pkgs=("$@")
-  [[ ${#pkgs[@]} -gt 0 ]] || return 0
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "docker: missing ${pkgs[*]}; install them (apt-get install ${pkgs[*]}) or run as root" >&2
-    exit 1
-  fi
-  echo "docker: installing ${pkgs[*]} (apt-get)"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
-}
-
 ensure_packages() {
   local missing=()
   command -v dockerd >/dev/null || [[ -x /usr/sbin/dockerd ]] || missing+=(docker.io)
@@ -50,7 +40,7 @@ ensure_packages() {
   command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
   # shellcheck disable=SC2207
   missing=($(printf '%s\n' "${missing[@]}" | sort -u))
-  apt_install "${missing[@]}"
+  apt_install docker "${missing[@]}"
 }
 
 engine_answers() { "$(docker_cli)" info >/dev/null 2>&1; }

@@ -29,6 +29,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=hack/lib/tools.sh
 . "$here/lib/tools.sh"
+# shellcheck source=hack/lib/apt.sh
+. "$here/lib/apt.sh"
 sets=(node kind containerd runc critools cni coredns pause nats kuberouter localpath)
 
 if [[ "${1:-}" == "--print" ]]; then
@@ -36,6 +38,7 @@ if [[ "${1:-}" == "--print" ]]; then
   exit 0
 fi
 
+lock_cache kind-tools
 export GOFLAGS="-mod=readonly -trimpath"
 export GOMAXPROCS="${NATSMESH_GO_PROCS:-1}"
 
@@ -68,10 +71,8 @@ build_set containerd 0 "no_aufs no_zfs no_btrfs no_devmapper" \
   github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
   github.com/containerd/containerd/v2/cmd/ctr
 runc_version="$(awk '$1 == "github.com/opencontainers/runc" {print $2}' "$here/tools/runc/go.mod")"
-if ! [[ -f /usr/include/seccomp.h ]]; then
-  echo "kind-tools: runc needs libseccomp-dev (apt-get install libseccomp-dev)" >&2
-  exit 1
-fi
+# runc links libseccomp (cgo), as kind's runc does: its headers are a build need.
+[[ -f "$(bin_dir_of runc)/.complete" || -f /usr/include/seccomp.h ]] || apt_install kind-tools libseccomp-dev
 build_set runc 1 "seccomp urfave_cli_no_docs" "-X main.version=${runc_version#v}" \
   github.com/opencontainers/runc
 build_set critools 0 "" "" sigs.k8s.io/cri-tools/cmd/crictl

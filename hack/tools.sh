@@ -20,6 +20,7 @@ if [[ "${1:-}" == "--print" ]]; then
   exit 0
 fi
 
+lock_cache tools
 export GOFLAGS="-mod=readonly -trimpath"
 export CGO_ENABLED=0
 

@@ -26,3 +26,15 @@ k8s_version_ldflags() {
   done
   echo "$stamp"
 }
+
+# Serialises builds into the cache: two checkouts (a CI run beside a worktree,
+# two worktrees) building the same set would otherwise delete each other's
+# half-built "$out.tmp". The second waits, then finds the set complete.
+lock_cache() {
+  mkdir -p "$cache"
+  exec 9>"$cache/.lock-$1"
+  if ! flock -n 9; then
+    echo "tools: another build into $cache is running; waiting for it" >&2
+    flock 9
+  fi
+}
