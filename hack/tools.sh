@@ -16,7 +16,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib/tools.sh"
 
 if [[ "${1:-}" == "--print" ]]; then
-  for set in k8s etcd kwok helm natscli; do bin_dir_of "$set"; done
+  for set in k8s etcd kwok helm natscli prometheus; do bin_dir_of "$set"; done
   exit 0
 fi
 
@@ -28,6 +28,7 @@ build_set() {
   local set="$1"; shift
   local out; out="$(bin_dir_of "$set")"
   local ldflags="-s -w ${LDFLAGS_EXTRA:-}"
+  local tags="${TAGS_EXTRA:-}"
   if [[ -f "$out/.complete" ]]; then
     echo "tools: $set cached in $out"
     return
@@ -35,7 +36,7 @@ build_set() {
   echo "tools: building $set ($*) into $out"
   local start=$SECONDS
   rm -rf "$out.tmp" && mkdir -p "$out.tmp"
-  (cd "$here/tools/$set" && go build -ldflags "$ldflags" -o "$out.tmp/" "$@")
+  (cd "$here/tools/$set" && go build -tags "$tags" -ldflags "$ldflags" -o "$out.tmp/" "$@")
   touch "$out.tmp/.complete"
   rm -rf "$out" && mv "$out.tmp" "$out"
   echo "tools: built $set in $((SECONDS - start))s"
@@ -52,6 +53,12 @@ mv_etcd
 build_set kwok sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok/cmd/kwokctl
 build_set helm helm.sh/helm/v3/cmd/helm
 build_set natscli github.com/nats-io/natscli/nats
+# Prometheus for the dashboard/alert tests: remove_all_sd keeps only the
+# static, file and http discovery (no cloud SDKs), and
+# without the builtinassets tag there is no web UI, only the API.
+TAGS_EXTRA="remove_all_sd" build_set prometheus \
+  github.com/prometheus/prometheus/cmd/prometheus \
+  github.com/prometheus/prometheus/cmd/promtool
 
 LDFLAGS_EXTRA="$(k8s_version_ldflags)" build_set k8s \
   k8s.io/kubernetes/cmd/kube-apiserver \
@@ -60,4 +67,4 @@ LDFLAGS_EXTRA="$(k8s_version_ldflags)" build_set k8s \
   k8s.io/kubernetes/cmd/kubectl
 
 echo "tools: all present after $((SECONDS - total_start))s"
-for set in k8s etcd kwok helm natscli; do bin_dir_of "$set"; done
+for set in k8s etcd kwok helm natscli prometheus; do bin_dir_of "$set"; done

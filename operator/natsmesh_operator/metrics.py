@@ -94,6 +94,23 @@ class OperatorMetrics:
             ["kind"],
             registry=r,
         )
+        self._zero_failures()
+
+    def _zero_failures(self) -> None:
+        """Expose the failure series at 0 from the start.
+
+        A labelled counter has no series until its first inc(), so an alert
+        on ``increase(...{result="retry"}[10m])`` would see nothing (not 0) on
+        a healthy operator, and a typo in it would go unnoticed. The
+        Prometheus guidelines: initialise the label sets you know.
+        """
+        for kind in ("NatsService", "NatsRoute"):
+            for result in ("ok", "retry"):
+                self.reconciles.labels(kind=kind, result=result)
+        for result in ("ok", "error"):
+            self.passes.labels(result=result)
+        for webhook in ("inject", "validate"):
+            self.admissions.labels(webhook=webhook, outcome="error")
 
 
 METRICS = OperatorMetrics()

@@ -135,6 +135,12 @@ class Sidecar:
         # Read at scrape time: no lock and no call per request.
         self.metrics.inflight_out.set_function(lambda: float(self.outbound.handler.inflight))
         self.metrics.inflight_in.set_function(lambda: float(self.inbound.pending()))
+        self.metrics.creds_expiry.set_function(
+            lambda: float(self.creds.expires) if self.creds is not None else 0.0
+        )
+        self.metrics.creds_issued.set_function(
+            lambda: float(self.creds.issued) if self.creds is not None else 0.0
+        )
         self.micro = MicroService(
             name=settings.service,
             instance_id=self.instance_id,

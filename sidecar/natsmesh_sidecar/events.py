@@ -229,6 +229,9 @@ class EventConsumer:
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.inflight = 0
+        #: Exposed from the start (0), so a dashboard sees the subscription before an event.
+        self.pending = app.metrics.events_pending.labels(delivery.topic)
+        app.metrics.events_dead.labels(delivery.topic)  # 0 until one is dead-lettered
         #: Only exactlyOnce pays for the completed-key record.
         self.done: CompletedKeys | None = None
         if delivery.mode == "exactlyOnce" and app.settings.event_dedup:
@@ -292,6 +295,9 @@ class EventConsumer:
             meta: Any = msg.metadata
             num = int(meta.num_delivered)
             seq = int(meta.sequence.stream)
+            # The ack subject says how many are left behind this one: the
+            # consumer's lag, free of a consumer-info request.
+            self.pending.set(int(meta.num_pending))
         except Exception:
             num, seq = 1, 0
         hdrs = msg.headers or {}

@@ -130,6 +130,9 @@ class Metric(_Family):
     def set(self, value: float) -> None:
         self._only.set(value)
 
+    def set_function(self, fn: Callable[[], float]) -> None:
+        self._only.set_function(fn)
+
     def samples(self) -> Iterator[Sample]:
         for key, child in list(self.children.items()):
             yield self.name, dict(zip(self.labelnames, key, strict=True)), child.get()
@@ -273,7 +276,23 @@ class Metrics:
         self.nats_errors = metric(
             "nats_async_errors", "Asynchronous NATS errors", "counter", "kind"
         )
+        self.events_pending = metric(
+            "events_pending",
+            "Messages left in the consumer after the last one delivered here (consumer lag)",
+            "gauge",
+            "topic",
+        )
         self.table_swaps = metric("table_updates", "Route tables applied", "counter")
+        self.creds_expiry = metric(
+            "creds_expiry_timestamp_seconds",
+            "Expiry of the NATS user JWT in use, Unix seconds (0: none or no creds)",
+            "gauge",
+        )
+        self.creds_issued = metric(
+            "creds_issued_timestamp_seconds",
+            "Issue time of the NATS user JWT in use, Unix seconds (0: unknown or no creds)",
+            "gauge",
+        )
         self._sources: set[str] = set()
         self._destinations: set[str] = set()
         self.inflight_out = self.inflight.labels("outbound")
@@ -295,6 +314,10 @@ class Metrics:
             s = series.get(key)
             if s is None:
                 s = series[key] = _Series()
+                if direction == "outbound" and destination != "-":
+                    # A destination called shows 0 retries, not no series: a
+                    # dashboard or alert on retries must not read "no data".
+                    self.retries.labels(destination)
         s.count += 1
         s.sum += seconds
         s.buckets[bisect.bisect_left(_BUCKETS, seconds)] += 1

@@ -130,7 +130,7 @@ class Creds:
     reads a file that is being rewritten.
     """
 
-    __slots__ = ("account", "jwt", "permissions", "seed", "subscribe")
+    __slots__ = ("account", "expires", "issued", "jwt", "permissions", "seed", "subscribe")
 
     def __init__(self, text: str) -> None:
         self.jwt = jwt_from_creds(text)
@@ -140,6 +140,10 @@ class Creds:
         self.subscribe = subscribe_allow(claims)
         #: The account that signed the JWT: it also signs our route tables.
         self.account = str(claims.get("iss", ""))
+        #: Unix seconds (0: no expiry); in the metrics, so an alert sees a
+        #: renewal that did not come before NATS drops the connection.
+        self.expires = _seconds(claims.get("exp"))
+        self.issued = _seconds(claims.get("iat"))
 
     @classmethod
     def read(cls, path: str) -> Creds:
@@ -159,6 +163,11 @@ class Creds:
             return base64.b64encode(kp.sign(nonce.encode()))
         finally:
             kp.wipe()
+
+
+def _seconds(value: object) -> int:
+    """A JWT time claim as Unix seconds; 0 when absent or not a number."""
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def from_creds_file(path: str) -> Permissions:

@@ -323,3 +323,26 @@ def check_metrics(shop: ShopEndpoints, n: int = 5) -> None:
     assert inbound() == before_in + n
     assert "natsmesh_sidecar_request_duration_seconds_bucket" in text
     assert metric_samples(text, "natsmesh_sidecar_nats_connected") == 1
+
+
+def check_chaos(shop: ShopEndpoints, batch: int = 16, batches: int = 8) -> collections.Counter[int]:
+    """orders -> payments with ``x-chaos: on``: the chaos rule's faults, caller-side.
+
+    payments-route.yaml delays half of these calls by 500 ms and aborts a
+    tenth with 503, so the 5xx, latency and fault series exist. Batches of
+    parallel calls until an abort was seen (0.9^16 per batch: 8 is plenty).
+    """
+    url = shop.outbound("orders") + "/charge"
+    headers = {"host": "payments", "x-chaos": "on"}
+    statuses: collections.Counter[int] = collections.Counter()
+    with ThreadPoolExecutor(batch) as pool:
+        for _ in range(batches):
+            for status, _, _ in pool.map(
+                lambda _: http("POST", url, {"order_id": "chaos"}, headers), range(batch)
+            ):
+                statuses[status] += 1
+            if statuses[503]:
+                break
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[503] >= 1, statuses
+    return statuses

@@ -26,6 +26,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True}}},
     "dashboard": {"metrics": {"dashboard": {"enabled": True}}},
+    "prometheus-rule": {"metrics": {"prometheusRule": {"enabled": True}}},
     "crds-off": {"crds": {"enabled": False}},
     "crds-no-keep": {"crds": {"keep": False}},
     "operator-single-no-pdb": {
@@ -62,7 +63,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "everything-on": {
         "webhook": {"certManager": {"enabled": True}, "clientAuth": {"enabled": True}},
-        "metrics": {"serviceMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True},
+            "dashboard": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+        },
         "nats": {"replicas": 3, "monitoring": {"expose": True}, "maxControlLine": 65536},
         "imagePullSecrets": [{"name": "regcred"}],
         "operator": {"priorityClassName": "system-cluster-critical", "podLabels": {"a": "b"}},

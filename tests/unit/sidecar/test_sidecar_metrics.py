@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from natsmesh_sidecar import metrics
+from natsmesh_sidecar import metrics, permissions
 
 pytestmark = pytest.mark.unit
 
@@ -128,3 +131,39 @@ def test_whole_exposition_is_prometheus_clients() -> None:
     assert _without_created(m.render()) == _without_created(generate_latest(ref))
     assert m.registry.get_sample_value("natsmesh_sidecar_table_updates_total") == 1.0
     assert m.registry.get_sample_value("natsmesh_sidecar_nope") is None
+
+
+def test_a_destination_called_shows_zero_retries() -> None:
+    """Retries read 0, not "no data", for every destination this sidecar called."""
+    m = metrics.Metrics()
+    m.observe("outbound", "a.ns", "d.ns", 200, 0.001)
+    m.observe("outbound", "a.ns", "-", 404, 0.0)  # no destination: no series
+    m.observe("inbound", "b.ns", "a.ns", 200, 0.001)  # ourselves: not a destination
+    get = m.registry.get_sample_value
+    assert get("natsmesh_sidecar_retries_total", {"destination": "d.ns"}) == 0.0
+    assert get("natsmesh_sidecar_retries_total", {"destination": "-"}) is None
+    assert get("natsmesh_sidecar_retries_total", {"destination": "a.ns"}) is None
+
+
+def test_creds_times_come_from_the_jwt(tmp_path: Path) -> None:
+    """The alert on creds near expiry reads exp and iat of the JWT in use."""
+
+    def creds(claims: dict[str, object]) -> permissions.Creds:
+        def enc(obj: object) -> str:
+            return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+        jwt = f"{enc({'typ': 'JWT', 'alg': 'ed25519-nkey'})}.{enc(claims)}.sig"
+        return permissions.Creds(
+            f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+            "-----BEGIN USER NKEY SEED-----\nSUAXXX\n------END USER NKEY SEED------\n"
+        )
+
+    held = creds({"iat": 1000, "exp": 87400, "nats": {}})
+    assert (held.issued, held.expires) == (1000, 87400)
+    # No expiry (a dev server's user), or a claim that is not a number: 0.
+    assert creds({"nats": {}}).expires == 0
+    assert creds({"exp": "soon", "iat": True, "nats": {}}).expires == 0
+    m = metrics.Metrics()
+    m.creds_expiry.set_function(lambda: float(held.expires))
+    text = m.render().decode()
+    assert "natsmesh_sidecar_creds_expiry_timestamp_seconds 87400.0\n" in text
