@@ -636,6 +636,12 @@ class Sidecar:
             return None
 
     async def _on_tap_control(self, msg: Any) -> None:
+        if msg.reply or msg.headers:
+            # The CLI sends neither. JetStream does, when it publishes a
+            # tenant's stored message (or an ack) to a reply subject the
+            # tenant chose: that could otherwise start a tap of any service.
+            logger.debug("tap control message with a reply or headers ignored")
+            return
         tapper = self._tapper
         if tapper is None:
             from natsmesh_sidecar.tap import Tap  # only once someone taps

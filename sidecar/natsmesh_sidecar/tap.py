@@ -6,7 +6,9 @@ one attribute check per request (``tap is None``).
 
 A control message is JSON ``{"session": "<token>", "ttl": <seconds>}``: start
 or renew that session for ``ttl`` seconds (at most :data:`MAX_TTL`), ``ttl`` 0
-stops it. The CLI renews every few seconds, so a CLI that dies is forgotten
+stops it; a message with a reply subject or headers is dropped before it
+gets here (``Sidecar._on_tap_control``: JetStream delivers a tenant's stored
+bodies with both). The CLI renews every few seconds, so a CLI that dies is forgotten
 within its ttl. Each live session gets every record on
 ``natsmesh.tap.<ns>.<svc>.rec.<session>``; the records are rate-limited per
 sidecar (:class:`RateLimit`), and what the limit dropped is counted in the

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx2
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Secret
@@ -244,17 +243,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max", type=int, help="stop after this many requests")
     parser.add_argument("--nats-url", help="NATS URL (default: the one in the tap Secret)")
     args = parser.parse_args(argv)
-    common.setup_logging(args.verbose)
-    found = common.access(args, PROG)
-    if found is None:
-        return EXIT_FAILED
     try:
-        return common.run(run(args, found))
+        code = common.execute(args, PROG, run)
     except TapError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.code
-    except ApiError as exc:
-        print(f"{PROG}: {exc.status.code} {exc.status.message}", file=sys.stderr)
-    except (httpx2.HTTPError, OSError) as exc:
-        print(f"{PROG}: cannot reach {found.server}: {exc}", file=sys.stderr)
-    return EXIT_FAILED
+    return EXIT_FAILED if code is None else code
