@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,24 @@ async def tapped(nats_operator: OperatorNats, tmp_path: Path) -> AsyncIterator[T
         await app.stop()
 
 
+async def eventually(check: Callable[[], object]) -> None:
+    for _ in range(100):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not within 2 s")
+
+
+async def start_tap(tapped: Tapped, tap: Probe) -> list[Msg]:
+    """The tap user starts session ``s1`` of b: what b's sidecar sends it."""
+    records = await heard(tap, subjects.tap_records(NS, "b", "s1"))
+    await tap.nc.publish(subjects.tap_control(NS, "b"), START)
+    await tap.nc.flush()
+    await eventually(lambda: records)
+    assert tapped.sidecar.tap is not None
+    return records
+
+
 async def heard(subject_of: Probe, subject: str) -> list[Msg]:
     got: list[Msg] = []
 
@@ -100,14 +118,7 @@ async def test_service_creds_cannot_start_a_tap_the_tap_creds_can(tapped: Tapped
         await asyncio.sleep(0.2)
         assert tapped.sidecar.tap is None  # b's sidecar heard nothing
         # The tap user starts it; b's sidecar answers into the session.
-        records = await heard(tap, subjects.tap_records(NS, "b", "s1"))
-        await tap.nc.publish(ctl, START)
-        await tap.nc.flush()
-        for _ in range(100):
-            if records:
-                break
-            await asyncio.sleep(0.02)
-        assert tapped.sidecar.tap is not None
+        records = await start_tap(tapped, tap)
         assert json.loads(records[0].data)["kind"] == "status"
     finally:
         await attacker.close()
@@ -127,13 +138,7 @@ async def test_service_creds_cannot_read_another_services_tap_records(tapped: Ta
             await attacker.nc.flush()
             await attacker.violation("subscription", target)
         # Beside it the tap user reads b's records of a real call.
-        records = await heard(tap, subjects.tap_records(NS, "b", "s1"))
-        await tap.nc.publish(subjects.tap_control(NS, "b"), START)
-        await tap.nc.flush()
-        for _ in range(100):
-            if tapped.sidecar.tap is not None:
-                break
-            await asyncio.sleep(0.02)
+        records = await start_tap(tapped, tap)
         # a's call, sent with a's creds as its sidecar sends it:
         reply = await attacker.nc.request(
             call(NS, "b", NS, "a"),
@@ -143,10 +148,7 @@ async def test_service_creds_cannot_read_another_services_tap_records(tapped: Ta
         )
         assert reply.headers is not None
         assert reply.headers.get("Nm-Status") == "200"
-        for _ in range(100):
-            if any(json.loads(m.data)["kind"] == "request" for m in records):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: len(records) == 2)
         (rec,) = [json.loads(m.data) for m in records if json.loads(m.data)["kind"] == "request"]
         assert (rec["direction"], rec["source"], rec["path"]) == ("inbound", f"a.{NS}", "/orders")
     finally:
@@ -198,14 +200,8 @@ async def test_an_outside_session_name_cannot_escape_the_records_subject(tapped:
         await asyncio.sleep(0.2)
         assert tapped.sidecar.tap is None
         # A plain token starts it.
-        await tap.nc.publish(subjects.tap_control(NS, "b"), START)
-        await tap.nc.flush()
-        for _ in range(100):
-            if tapped.sidecar.tap is not None:
-                break
-            await asyncio.sleep(0.02)
-        assert tapped.sidecar.tap is not None
-        assert list(tapped.sidecar.tap.sessions) == ["s1"]
+        await start_tap(tapped, tap)
+        assert list(tapped.sidecar._tapper.sessions) == ["s1"]
     finally:
         await tap.close()
 

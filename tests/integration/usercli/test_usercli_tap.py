@@ -136,6 +136,7 @@ async def test_tap_shows_both_directions_from_every_replica_and_stops(
             headers=[
                 ("authorization", "Bearer topsecret"),
                 ("cookie", "s=topsecret"),
+                ("idempotency-key", "topsecret"),
                 ("x-request-id", f"tap-{len(sent)}"),
             ],
         )
@@ -148,6 +149,7 @@ async def test_tap_shows_both_directions_from_every_replica_and_stops(
     assert text.returncode == 0, err.decode()
     assert "request(s) shown from 1 sidecar(s) of front" in err.decode()
     lines = out.decode().splitlines()
+    print(err.decode(), *lines[:3], sep="\n")
     assert len(lines) >= 20
     assert all("  out  GET /items/7  200  " in line for line in lines), lines
     assert all(f"front.{ns} -> back.{ns}  rid=tap-" in line for line in lines), lines
