@@ -1,5 +1,5 @@
 """The ``natsmesh`` command: ``operator``, ``bootstrap``, ``crds`` and ``sidecar``,
-and for the people who run a mesh ``check``, ``status`` and ``analyze``.
+and for the people who run a mesh ``check``, ``status``, ``tap`` and ``analyze``.
 
 Each subcommand imports its implementation lazily, so ``natsmesh sidecar``
 never loads kopf or a Kubernetes client, ``natsmesh crds`` starts fast, and
@@ -31,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "natsmesh_operator.usercli.status",
         "main",
         "the mesh as tables: services, callers, routes, events and lag",
+    ),
+    "tap": (
+        "natsmesh_operator.usercli.tap",
+        "main",
+        "live requests to and from a service, from its sidecars (Ctrl-C to stop)",
     ),
     "analyze": (
         "natsmesh_operator.usercli.analyze",

@@ -154,6 +154,11 @@ class Sidecar:
             stats=self._micro_stats,
             serving=lambda: self.joined,
         )
+        #: natsmesh_sidecar.tap.Tap while someone taps this service, else None
+        #: (the request paths check only this). Imported on the first control message.
+        self.tap: Any = None
+        self._tapper: Any = None
+        self._tap_sub: Any = None
         self.consumers: dict[tuple[str, str], EventConsumer] = {}
         #: In the queue group (request subscriptions made); the app passed
         #: its check, the connection is up, not draining.
@@ -475,6 +480,7 @@ class Sidecar:
             self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
             self.metrics.nats_connected.set(1)
             await self.micro.start(nc)
+            self._tap_sub = await self._tap_listen(nc)
             await nc.flush()
             # Ready only once the server has our subscriptions.
             self.joined = join
@@ -582,6 +588,9 @@ class Sidecar:
             old_micro = list(self.micro.subs)
             self.micro.subs.clear()
             await self.micro.start(nc)
+            if self._tap_sub is not None:
+                old_micro.append(self._tap_sub)
+            self._tap_sub = await self._tap_listen(nc)
             await nc.flush()
             self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
             self.joined = join
@@ -614,6 +623,52 @@ class Sidecar:
             await asyncio.sleep(0.05)
         with contextlib.suppress(Exception):
             await old_nc.close()
+
+    # -- tap ----------------------------------------------------------------------
+
+    async def _tap_listen(self, nc: Any) -> Any:
+        """The one idle subscription tapping costs: our tap control subject
+        (every replica, no queue group), if the JWT allows it."""
+        s = self.settings
+        subject = subjects.tap_control(s.namespace, s.service)
+        if self.creds is not None and not any(
+            subjects.subject_matches(p.split(" ")[0], subject) for p in self.creds.subscribe
+        ):
+            return None  # creds from an operator without tap
+        try:
+            return await nc.subscribe(subject, cb=self._on_tap_control)
+        except Exception as exc:
+            logger.warning("tap control subscription failed: %s", exc)
+            return None
+
+    async def _on_tap_control(self, msg: Any) -> None:
+        if msg.reply or msg.headers:
+            # The CLI sends neither. JetStream does, when it publishes a
+            # tenant's stored message (or an ack) to a reply subject the
+            # tenant chose: that could otherwise start a tap of any service.
+            logger.debug("tap control message with a reply or headers ignored")
+            return
+        tapper = self._tapper
+        if tapper is None:
+            from natsmesh_sidecar.tap import Tap  # only once someone taps
+
+            s = self.settings
+            tapper = self._tapper = Tap(
+                instance=self.instance_id,
+                subject=lambda session: subjects.tap_records(s.namespace, s.service, session),
+                publish=self._tap_publish,
+                activate=self._set_tap,
+            )
+        tapper.control(msg.data)
+
+    def _tap_publish(self, subject: str, payload: bytes) -> bool:
+        fast = self.fast
+        return fast is not None and fast.publish(subject, "", {}, payload)
+
+    def _set_tap(self, tap: Any) -> None:
+        if (tap is None) != (self.tap is None):
+            logger.info("tap %s", "started" if tap is not None else "stopped")
+        self.tap = self.inbound.tap = tap
 
     @property
     def signer(self) -> str | None:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -478,6 +478,8 @@ class InboundHandler:
         self.version = version
         self.fast = fast
         self.access_log = access_log
+        #: natsmesh_sidecar.tap.Tap while someone taps (set by the sidecar), else None.
+        self.tap: Any = None
         #: Told when the app refused or dropped a call (a readiness check now).
         self.app_failed = app_failed
         self.inflight = 0
@@ -643,6 +645,20 @@ class InboundHandler:
                 path=target.split("?", 1)[0],
                 status=status,
                 duration_s=elapsed,
+                error=error,
+            )
+        tap = self.tap
+        if tap is not None:
+            tap.request(
+                direction="inbound",
+                method=method,
+                path=target,
+                status=status,
+                duration_s=elapsed,
+                source=source,
+                destination=self.source,
+                request_id=rid,
+                route=self.version,
                 error=error,
             )
 

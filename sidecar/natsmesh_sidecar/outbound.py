@@ -638,6 +638,20 @@ class OutboundHandler:
                 attempts=attempts,
                 error=error,
             )
+        tap = app.tap
+        if tap is not None:
+            tap.request(
+                direction="outbound",
+                method=req.method,
+                path=req.path,
+                status=status,
+                duration_s=elapsed,
+                source=app.source,
+                destination=dest_key,
+                request_id=rid,
+                route=route,
+                error=error,
+            )
 
     def _error(
         self,

@@ -14,6 +14,10 @@ Inboxes:   ``_INBOX.mesh.<service>.>`` (connect with ``inbox_prefix``; other
            answer only into the inboxes of callers it admits)
 Dead letters: ``deadletter.<namespace>.<service>.<consumer>`` into stream
            ``DLQ_<service>`` in the subscriber's account
+Tap:       ``natsmesh.tap.<namespace>.<service>.ctl`` (a tap starts, renews or
+           stops; every sidecar of the service listens, no queue group) and
+           ``natsmesh.tap.<namespace>.<service>.rec.<session>`` (its records);
+           only the namespace's tap user may publish the one and read the other
 
 Kubernetes names are DNS labels (``[a-z0-9-]``), so they are always safe as
 single subject tokens; topics are validated against :data:`TOPIC_PATTERN`.
@@ -218,6 +222,19 @@ def done_key_subject(scope: str, entry: str = "*") -> str:
 def done_direct_get(scope: str, entry: str = "*") -> str:
     """The direct get of one completed key's last value."""
     return f"{JS_API_PREFIX}.DIRECT.GET.{done_stream()}.{done_key_subject(scope, entry)}"
+
+
+TAP_PREFIX = "natsmesh.tap"
+
+
+def tap_control(namespace: str, service: str) -> str:
+    """Where a tap of ``service`` is started, renewed and stopped (``*``: any service)."""
+    return f"{TAP_PREFIX}.{namespace}.{service}.ctl"
+
+
+def tap_records(namespace: str, service: str, session: str = "*") -> str:
+    """Where ``service``'s sidecars send one tap session's records (``*``: any session)."""
+    return f"{TAP_PREFIX}.{namespace}.{service}.rec.{session}"
 
 
 TARGET_KEY_PREFIX = "to."

@@ -20,14 +20,13 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from natsmesh_operator.wiring import bootstrap
-from tests.fixtures.cluster import REPO, Cluster, nats_service, tool
+from tests.fixtures.cluster import REPO, Cluster, nats_service, token_kubeconfig, tool
 from tests.fixtures.operator import OperatorProcess, start_operator
 
 pytestmark = pytest.mark.timeout(240)
@@ -71,27 +70,6 @@ def rendered_rbac(release: str, namespace: str, listed: str) -> list[dict[str, A
         # The bootstrap hook's own objects are not the operator's.
         and "helm.sh/hook" not in (d["metadata"].get("annotations") or {})
     ]
-
-
-def token_kubeconfig(cluster: Cluster, account: str, namespace: str, path: Path) -> Path:
-    """A kubeconfig that authenticates as the ServiceAccount (a TokenRequest token)."""
-    token = cluster.kubectl(
-        "create", "token", account, "-n", namespace, "--duration=1h"
-    ).stdout.strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": admin["clusters"],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [
-            {"name": "sa", "context": {"cluster": admin["clusters"][0]["name"], "user": "sa"}}
-        ],
-        "current-context": "sa",
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture(scope="module")

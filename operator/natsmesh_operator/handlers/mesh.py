@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from lightkube import AsyncClient
 
 from natsmesh_operator.api import NatsRoute, NatsService
-from natsmesh_operator.handlers import intents, kube, policies, status
+from natsmesh_operator.handlers import intents, kube, policies, status, tap_creds
 from natsmesh_operator.handlers.background import Background
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import CredsSettings
@@ -498,6 +498,18 @@ class MeshReconciler:
         revoked_before = _revocation_count(self._revocations)
         held_before = self._held.dump()
         await asyncio.gather(*(ensure(svc) for svc, _ in services))
+        tap = await tap_creds.sync(
+            self.kube,
+            self.watched,
+            mesh.tap_users,
+            account=keys.account,
+            existing_account=keys.existing_account,
+            nats_url=self.nats_url,
+            ttl_seconds=self.creds_settings.ttl_seconds,
+            revoke=self._revoke,
+        )
+        for ns, why in tap.errors.items():
+            logger.error("tap creds of namespace %s: %s (retried next pass)", ns, why)
         if _revocation_count(self._revocations) != revoked_before:
             # A narrowing re-issue revoked the key it replaced: push that now,
             # not on the next pass, so the old creds stop working within seconds.
@@ -513,7 +525,9 @@ class MeshReconciler:
             await kube.delete_secret(
                 self.kube, str(secret.metadata.name), str(secret.metadata.namespace)
             )
-        if stale:
+        for ns in tap.stale:
+            await kube.delete_secret(self.kube, tap_creds.TAP_USER, ns)
+        if stale or tap.stale:
             await self._save_keys(keys)
         try:
             # Every pass, not only on change: a policy deleted or edited by

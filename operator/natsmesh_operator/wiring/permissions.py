@@ -21,6 +21,8 @@ publish:
     ``$KV.natsmesh-done.<source-ns>.<consumer>.*`` (put) and
     ``$JS.API.DIRECT.GET.KV_natsmesh-done.$KV.natsmesh-done.<source-ns>.<consumer>.*``
     (read one key): never another subscription's, nor a listing of the bucket
+  * its own tap records: ``natsmesh.tap.<ns>.<self>.rec.*`` (sent only while
+    its namespace's tap user asks for them)
   * its own route-table key and its namespace's target keys:
     ``$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.<self>`` and
     ``…$KV.natsmesh-routes.to.*`` (a target is every caller's to read)
@@ -31,6 +33,8 @@ subscribe:
   * ``_INBOX.mesh.<self>.>`` (its own inbox prefix), ``$KV.natsmesh-routes.<self>``
     and ``$KV.natsmesh-routes.to.*``
   * the micro-service discovery subjects for its own name
+  * its own tap control subject ``natsmesh.tap.<ns>.<self>.ctl`` (no queue
+    group: every replica reports)
 no response permission (``resp``): with it, whoever receives a message may
 publish once to whatever reply subject the *sender* chose, and a service that
 can send itself a request could publish anywhere in its account. Nor any
@@ -174,6 +178,7 @@ def service_permissions(
             pub.append(c.dead_letter_subject)
         if c.exactly_once:
             pub += completed_keys_pub(c.source_namespace, c.consumer)
+    pub.append(subjects.tap_records(namespace, service))
     pub += routes_kv_pub(service)
     pub += micro_pub()
     sub = [
@@ -182,8 +187,19 @@ def service_permissions(
         subjects.routes_key_subject(service),
         subjects.target_key_subject("*"),
         *micro_sub(service),
+        subjects.tap_control(namespace, service),
     ]
     return Permissions(pub_allow=tuple(dict.fromkeys(pub)), sub_allow=tuple(sub))
+
+
+def tap_permissions(namespace: str) -> Permissions:
+    """The namespace's tap user (``natsmesh tap``): start, renew and stop taps of
+    the namespace's services and read their records; nothing else (no call, no
+    event, no inbox, no JetStream). Fixed size, whatever the namespace holds."""
+    return Permissions(
+        pub_allow=(subjects.tap_control(namespace, "*"),),
+        sub_allow=(subjects.tap_records(namespace, "*"),),
+    )
 
 
 def may_publish(permissions: Permissions, subject: str) -> bool:

@@ -46,6 +46,7 @@ from natsmesh_operator.wiring.permissions import (
     ack_subject,
     consumer_api_subjects,
     service_permissions,
+    tap_permissions,
 )
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.config import (
@@ -58,6 +59,9 @@ from natsmesh_sidecar.config import (
 )
 
 log = logging.getLogger(__name__)
+
+TAP_USER = "natsmesh-tap"
+"""The name of each namespace's tap user (and of the Secret its creds live in)."""
 
 DLQ_SETTINGS = StreamSettings(retention="limits", max_age_ms=14 * 24 * 3600 * 1000)
 
@@ -144,6 +148,8 @@ class MeshPlan:
     problems: tuple[Problem, ...] = ()
     targets: Mapping[tuple[str, str], Target] = field(default_factory=dict)
     """Each service's policy for its own namespace's callers (KV ``to.<svc>``)."""
+    tap_users: tuple[UserPlan, ...] = ()
+    """One per namespace with a service: ``natsmesh tap`` (see :func:`tap_user`)."""
 
     def problems_for(self, kind: str, namespace: str, name: str) -> tuple[Problem, ...]:
         return tuple(
@@ -479,6 +485,18 @@ def plan(
         tables=tables,
         problems=tuple(sorted(set(problems))),
         targets=targets,
+        tap_users=tuple(tap_user(ns) for ns in sorted({ns for ns, _ in primary})),
+    )
+
+
+def tap_user(namespace: str) -> UserPlan:
+    """The namespace's tap user: whoever may read its Secret may tap the namespace."""
+    return UserPlan(
+        namespace=namespace,
+        service="",
+        version="",
+        resource=TAP_USER,
+        permissions=tap_permissions(namespace),
     )
 
 

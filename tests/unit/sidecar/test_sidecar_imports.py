@@ -60,3 +60,8 @@ def test_sidecar_runtime_does_not_import_prometheus_client() -> None:
     mods = runtime_modules()
     assert [m for m in mods if m.split(".")[0] == "prometheus_client"] == []
     assert "natsmesh_sidecar.metrics" in mods
+
+
+def test_tap_is_imported_only_when_someone_taps() -> None:
+    """A sidecar nobody taps holds one idle subscription and none of the tap's code."""
+    assert "natsmesh_sidecar.tap" not in runtime_modules()

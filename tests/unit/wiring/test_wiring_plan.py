@@ -37,6 +37,8 @@ def test_worked_example_orders_permissions() -> None:
         # replies only into the inbox of its one admitted caller
         "_INBOX.mesh.gateway.>",
         "events.shop.orders.order.created",
+        # its own tap records, sent only while the namespace's tap user asks
+        "natsmesh.tap.shop.orders.rec.*",
         "$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.orders",
         "$JS.API.DIRECT.GET.KV_natsmesh-routes.$KV.natsmesh-routes.to.*",
         "_INBOX.natsmesh.>",
@@ -52,6 +54,8 @@ def test_worked_example_orders_permissions() -> None:
         "$SRV.STATS",
         "$SRV.*.orders",
         "$SRV.*.orders.*",
+        # every replica hears a tap of orders (no queue group)
+        "natsmesh.tap.shop.orders.ctl",
     )
     assert "resp" not in perms.to_claims()
 
@@ -392,3 +396,22 @@ def test_needs_reissue() -> None:
     forever = users.issue(user, account)
     assert check(forever.creds, user, account.public) == ""
     assert check(forever.creds, user, account.public, ttl_seconds=60) == "expiry policy changed"
+
+
+def test_tap_users_one_per_namespace_fixed_permissions() -> None:
+    """The tap user may start taps and read records of its namespace, nothing else,
+    and neither its JWT nor a service's grows with the namespace."""
+    small = plan([ServiceIntent("shop", "a"), ServiceIntent("other", "b")])
+    assert [(u.namespace, u.resource) for u in small.tap_users] == [
+        ("other", "natsmesh-tap"),
+        ("shop", "natsmesh-tap"),
+    ]
+    shop_tap = small.tap_users[1].permissions
+    assert shop_tap.pub_allow == ("natsmesh.tap.shop.*.ctl",)
+    assert shop_tap.sub_allow == ("natsmesh.tap.shop.*.rec.*",)
+    assert not may_publish(shop_tap, "mesh.shop.a.v1.shop.a")
+    big = plan([ServiceIntent("shop", f"s{i}") for i in range(300)])
+    assert big.tap_users[0].permissions == shop_tap
+    grown = big.user("shop", "s0").permissions
+    assert len(grown.pub_allow) == len(small.user("shop", "a").permissions.pub_allow)
+    assert len(grown.sub_allow) == len(small.user("shop", "a").permissions.sub_allow)
