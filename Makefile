@@ -64,10 +64,13 @@ crds: venv ## regenerate crds/, the chart's copy and docs/resources.md from the 
 	$(BIN)/natsmesh crds
 	$(BIN)/natsmesh crds --dir charts/natsmesh/files/crds --no-docs
 
-test: venv tools ## everything CI runs: checks and unit tier, the local tiers on one local cluster, then real pods on kind
+test: venv tools ## everything CI runs: checks and unit tier, then the local tiers on one local cluster beside real pods on kind
 	@# lint/types and the unit tier are each one CPU-bound process: side by side on two cores.
 	$(MAKE) --no-print-directory -j2 --output-sync=target check test-unit
-	hack/with-docker.sh $(MAKE) --no-print-directory test-local e2e-kind
+	@# The kind tier mostly waits (node containers booting, kubeadm, image loads, pods
+	@# rolling, traffic at a few requests a second): it runs beside the local tiers, not
+	@# after them. Lines, not whole outputs, are kept together: a tier that hangs still shows.
+	hack/with-docker.sh $(MAKE) --no-print-directory -j2 --output-sync=line test-local e2e-kind
 
 test-local: venv tools ## the server tiers on one local control plane (integration, security, change, e2e)
 	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-security test-change test-e2e

@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats import errors as nats_errors
@@ -46,6 +46,9 @@ from natsmesh_sidecar.wire import (
     invalid_subject,
     parse_table,
 )
+
+if TYPE_CHECKING:
+    from natsmesh_sidecar.tap import Tap
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +159,7 @@ class Sidecar:
         )
         #: natsmesh_sidecar.tap.Tap while someone taps this service, else None
         #: (the request paths check only this). Imported on the first control message.
-        self.tap: Any = None
+        self.tap: Tap | None = None
         self._tapper: Any = None
         self._tap_sub: Any = None
         self.consumers: dict[tuple[str, str], EventConsumer] = {}
@@ -665,7 +668,7 @@ class Sidecar:
         fast = self.fast
         return fast is not None and fast.publish(subject, "", {}, payload)
 
-    def _set_tap(self, tap: Any) -> None:
+    def _set_tap(self, tap: Tap | None) -> None:
         if (tap is None) != (self.tap is None):
             logger.info("tap %s", "started" if tap is not None else "stopped")
         self.tap = self.inbound.tap = tap

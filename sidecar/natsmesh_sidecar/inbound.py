@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -28,6 +28,7 @@ from natsmesh_sidecar.metrics import Metrics
 if TYPE_CHECKING:
     from natsmesh_sidecar.natsfast import FastPath
     from natsmesh_sidecar.natsfast import Reply as Msg
+    from natsmesh_sidecar.tap import Tap
 
 logger = logging.getLogger(__name__)
 
@@ -479,7 +480,7 @@ class InboundHandler:
         self.fast = fast
         self.access_log = access_log
         #: natsmesh_sidecar.tap.Tap while someone taps (set by the sidecar), else None.
-        self.tap: Any = None
+        self.tap: Tap | None = None
         #: Told when the app refused or dropped a call (a readiness check now).
         self.app_failed = app_failed
         self.inflight = 0

@@ -113,7 +113,9 @@ async def test_tap_shows_both_directions_from_every_replica_and_stops(
     killed.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     await killed.wait()
-    (session,) = backs[0].tap.sessions
+    tapped = backs[0].tap
+    assert tapped is not None
+    (session,) = tapped.sessions
     lapsed = asyncio.create_task(
         until(lambda: all(session not in s._tapper.sessions for s in backs), 30)
     )
