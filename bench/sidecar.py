@@ -414,6 +414,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         }
         if not args.access_log:
             base["NATSMESH_ACCESS_LOG"] = "0"
+        if args.otlp_endpoint:
+            # Every request is sampled (no traceparent from the load generator,
+            # ratio 1): the most tracing can cost.
+            base["NATSMESH_OTLP_ENDPOINT"] = args.otlp_endpoint
         sidecar = [py, "-m", "natsmesh_sidecar"]
         b_pid = procs.start(
             "sidecar-B",
@@ -583,6 +587,11 @@ def cli() -> int:
         "--access-log", action="store_true", help="keep the sidecars' access log on (to /dev/null)"
     )
     parser.add_argument("--json", help="also write the figures as JSON here")
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="turn the sidecars' tracing on, exporting every span to this OTLP/HTTP collector",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",

@@ -110,11 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("invalid NATSMESH_* settings: %s", exc)
         return 2
     _trim_heap()
-    sidecar = Sidecar(
-        settings,
-        access_log=not no_access_log,
-        header_timeout=float(os.environ.get("NATSMESH_HEADER_TIMEOUT_SECONDS", "10")),
-    )
+    try:
+        sidecar = Sidecar(
+            settings,
+            access_log=not no_access_log,
+            header_timeout=float(os.environ.get("NATSMESH_HEADER_TIMEOUT_SECONDS", "10")),
+        )
+    except ValueError as exc:
+        # e.g. an OTLP endpoint that is not an http(s) URL
+        logger.error("invalid NATSMESH_* settings: %s", exc)
+        return 2
     _quiet_gc()
     try:
         import uvloop

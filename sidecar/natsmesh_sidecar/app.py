@@ -49,6 +49,7 @@ from natsmesh_sidecar.wire import (
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.tap import Tap
+    from natsmesh_sidecar.tracing import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,21 @@ class Sidecar:
         self.creds_poll = creds_poll
         self.table_poll = table_poll
         self.metrics = Metrics()
+        #: Spans of each hop, only with an OTLP endpoint: the handlers test
+        #: ``tracer is None`` and nothing of tracing is imported otherwise.
+        self.tracer: Tracer | None = None
+        if settings.otlp_endpoint:
+            from natsmesh_sidecar.tracing import Tracer
+
+            self.tracer = Tracer.create(
+                settings.otlp_endpoint,
+                service=settings.service,
+                namespace=settings.namespace,
+                version=settings.version,
+                instance=self.instance_id,
+                ratio=settings.trace_sample_ratio,
+                registry=self.metrics.registry,
+            )
         self._static_table = None if table is None else coerce_table(table)
         self.router = Router(
             self._static_table or empty_table(settings.namespace, settings.service)
@@ -128,6 +144,7 @@ class Sidecar:
             fast=lambda: self.fast,
             access_log=access_log,
             app_failed=self._app_failed,
+            tracer=self.tracer,
         )
         self.outbound = OutboundServer(
             OutboundHandler(self),
@@ -325,6 +342,8 @@ class Sidecar:
         self._spawn(self._connect_loop())
         if s.creds_file:
             self._spawn(self._watch_creds(s.creds_file))
+        if self.tracer is not None:
+            self._spawn(self.tracer.exporter.run(self._stop))
 
     async def wait_ready(self, within: float = 10.0) -> None:
         loop = asyncio.get_running_loop()
@@ -846,6 +865,9 @@ class Sidecar:
             await asyncio.wait(list(self.inbound.tasks), timeout=max(0.05, deadline - loop.time()))
         self._stop.set()
         await self.outbound.close()
+        if self.tracer is not None:
+            # The drain's own spans too; bounded, a dead collector cannot hold it.
+            await self.tracer.exporter.flush(1.0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -246,6 +246,14 @@ class SidecarSettings(_Wire):
     """``exactlyOnce`` subscriptions skip an event whose Idempotency-Key the
     namespace's completed-key record already holds (see
     natsmesh_sidecar.completed); off only to measure what it removes."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector base URL (``http://jaeger-collector.tracing:4318``):
+    each hop's span is POSTed, in batches, to ``<endpoint>/v1/traces``
+    (natsmesh_sidecar.tracing). Unset or empty: no tracing code is loaded."""
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1)
+    """Share of the traces that start at this sidecar (no valid incoming
+    ``traceparent``) that are sampled; a traceparent's sampled flag decides
+    for every hop under it."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:

@@ -144,11 +144,14 @@ class EventPublisher:
                 [*_JSON, ("retry-after", "1")],
                 codec.error_body("nats_unavailable", "NATS connection is down; retry shortly", rid),
             )
-        headers = {
-            codec.REQUEST_ID: rid,
-            codec.TRACEPARENT: codec.next_traceparent(req.special.get("traceparent")),
-            codec.H_SOURCE: app.source,
-        }
+        incoming = req.special.get("traceparent")
+        tracer = app.tracer
+        tp = req.traceparent = (
+            codec.next_traceparent(incoming)
+            if tracer is None
+            else tracer.next_traceparent(incoming)
+        )
+        headers = {codec.REQUEST_ID: rid, codec.TRACEPARENT: tp, codec.H_SOURCE: app.source}
         ctype = req.special.get("content-type")
         if ctype:
             headers["Content-Type"] = ctype
@@ -306,6 +309,9 @@ class EventConsumer:
         status = 0
         answered = False
         done = self.done
+        tracer = app.tracer
+        #: With tracing, the app continues under this delivery's span.
+        own = None if tracer is None else tracer.next_traceparent(hdrs.get(codec.TRACEPARENT))
         try:
             if done is not None and await done.lookup(key) == HIT:
                 # Completed before and its ack was lost: the double ack the
@@ -315,7 +321,7 @@ class EventConsumer:
             else:
                 if d.mode == "atMostOnce":
                     await msg.ack()
-                status, err = await self._post(msg, hdrs, rid, num, seq, key)
+                status, err = await self._post(msg, hdrs, rid, num, seq, key, own)
                 answered = True
                 result = await self._settle(msg, hdrs, status, err, num, seq, key)
         except Exception as exc:
@@ -331,6 +337,7 @@ class EventConsumer:
         app.metrics.events_delivered.labels(d.topic, result).inc()
         if result == "dead":
             app.metrics.events_dead.labels(d.topic).inc()
+        elapsed = time.perf_counter() - t0
         if app.access_log:
             accesslog.log(
                 request_id=rid,
@@ -341,9 +348,23 @@ class EventConsumer:
                 method="POST",
                 path=d.path,
                 status=status,
-                duration_s=time.perf_counter() - t0,
+                duration_s=elapsed,
                 attempts=num,
                 error="" if result == "delivered" else result,
+            )
+        if tracer is not None and own is not None:
+            tracer.delivery(
+                own,
+                hdrs.get(codec.TRACEPARENT),
+                elapsed,
+                topic=d.topic,
+                publisher=d.source,
+                path=d.path,
+                seq=seq,
+                attempt=num,
+                status=status,
+                result=result,
+                request_id=rid,
             )
         return result
 
@@ -376,13 +397,24 @@ class EventConsumer:
         return "retry"
 
     async def _post(
-        self, msg: Msg, hdrs: dict[str, str], rid: str, num: int, seq: int, key: str
+        self,
+        msg: Msg,
+        hdrs: dict[str, str],
+        rid: str,
+        num: int,
+        seq: int,
+        key: str,
+        traceparent: str | None = None,
     ) -> tuple[int, str]:
+        """POST the event to the app; ``traceparent`` (tracing on) replaces the message's."""
         d = self.d
         # The message is the publisher's word, and a raw publisher can write
         # anything: what the sidecar vouches for (source, topic, sequence,
         # key) is set here only, after dropping every copy the message carried.
         headers = [(k, v) for k, v in codec.nats_to_http(hdrs) if not _sidecar_owned(k)]
+        if traceparent is not None:
+            headers = [(k, v) for k, v in headers if k.lower() != codec.TRACEPARENT]
+            headers.append((codec.TRACEPARENT, traceparent))
         headers += [
             ("Nm-Event-Topic", d.topic),
             ("Nm-Event-Source", d.source),

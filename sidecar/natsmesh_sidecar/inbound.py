@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from natsmesh_sidecar.natsfast import FastPath
     from natsmesh_sidecar.natsfast import Reply as Msg
     from natsmesh_sidecar.tap import Tap
+    from natsmesh_sidecar.tracing import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -471,8 +472,11 @@ class InboundHandler:
         fast: Callable[[], FastPath | None],
         access_log: bool = True,
         app_failed: Callable[[], None] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.pool = pool
+        #: Set only with an OTLP endpoint (natsmesh_sidecar.tracing).
+        self.tracer = tracer
         self.limits = limits
         self.metrics = metrics
         self.source = source
@@ -506,6 +510,9 @@ class InboundHandler:
         admitted when nothing is held, so a budget below max_payload cannot
         starve the service.
         """
+        if self.tracer is not None:
+            # Before anything renders the message for the app.
+            self.tracer.adopt(msg.headers)
         size = len(msg.data)
         if self.held_bytes and self.held_bytes + size > self.limits.max_bytes:
             self._overloaded(msg, "sidecar memory budget for requests in hand is full")
@@ -526,9 +533,21 @@ class InboundHandler:
         self.last_error = "overloaded"
         # Counted under "-": the source of a refused message is not worth a series.
         self.metrics.observe("inbound", "-", self.source, 503, 0.0)
+        rid = msg.headers.get(codec.REQUEST_ID) or codec.new_request_id()
+        if self.tracer is not None:
+            hdrs = msg.headers
+            self._span(
+                self.tracer,
+                msg,
+                0.0,
+                rid,
+                hdrs.get(codec.H_METHOD, ""),
+                hdrs.get(codec.H_TARGET, ""),
+                503,
+                "overloaded",
+            )
         if not msg.reply or fast is None:
             return
-        rid = msg.headers.get(codec.REQUEST_ID) or codec.new_request_id()
         _, rh, body, _ = self._error(503, "overloaded", why, rid)
         rh[codec.H_STATUS] = "503"
         rh[codec.H_ERROR] = "overloaded"
@@ -635,6 +654,8 @@ class InboundHandler:
             self.errors += 1
         source = msg.headers.get(codec.H_SOURCE, "-") if msg.headers else "-"
         self.metrics.observe("inbound", source, self.source, status, elapsed)
+        if self.tracer is not None:
+            self._span(self.tracer, msg, elapsed, rid, method, target, status, error)
         if self.access_log:
             accesslog.log(
                 request_id=rid,
@@ -662,6 +683,30 @@ class InboundHandler:
                 route=self.version,
                 error=error,
             )
+
+    def _span(
+        self,
+        tracer: Tracer,
+        msg: Msg,
+        seconds: float,
+        rid: str,
+        method: str,
+        target: str,
+        status: int,
+        error: str,
+    ) -> None:
+        tracer.inbound(
+            msg.headers,
+            seconds,
+            method=method,
+            # The path only: a query string may carry what a trace store must not keep.
+            path=target.split("?", 1)[0],
+            caller=msg.headers.get(codec.H_SOURCE, "-"),
+            status=status,
+            error=error,
+            version=self.version,
+            request_id=rid,
+        )
 
     def timeout_of(self, hdrs: Mapping[str, str]) -> float:
         """The caller's ``Nm-Timeout-Ms`` in seconds, clamped to this callee's ceiling."""

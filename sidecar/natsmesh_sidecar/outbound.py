@@ -33,6 +33,7 @@ from natsmesh_sidecar.wire import Destination, Rule, Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.tracing import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,17 @@ def _name(name: bytes) -> tuple[str, str, int]:
 
 
 class Request:
-    __slots__ = ("body", "headers", "host", "keep_alive", "method", "path", "special", "target")
+    __slots__ = (
+        "body",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "special",
+        "target",
+        "traceparent",
+    )
 
     def __init__(
         self,
@@ -86,6 +97,8 @@ class Request:
         self.special = special
         self.body = body
         self.keep_alive = keep_alive
+        #: The traceparent sent on (the outbound span's, when tracing).
+        self.traceparent: str | None = None
 
     def lower_headers(self) -> dict[str, str]:
         return {k.lower(): v for k, v in self.headers} | self.special
@@ -624,6 +637,21 @@ class OutboundHandler:
         app = self.app
         elapsed = time.perf_counter() - t0
         app.metrics.observe("outbound", app.source, dest_key, status, elapsed)
+        tracer = app.tracer
+        if tracer is not None:
+            tracer.outbound(
+                req.traceparent,
+                req.special.get("traceparent"),
+                elapsed,
+                method=req.method,
+                path=req.path,
+                destination=dest_key,
+                route=route,
+                status=status,
+                error=error,
+                attempts=attempts,
+                request_id=rid,
+            )
         if app.access_log:
             accesslog.log(
                 request_id=rid,
@@ -791,7 +819,9 @@ class OutboundHandler:
         if rule.fault is not None:
             delay, abort = resilience.fault_decision(rule.fault, self._rand(), self._rand())
 
-        return _Plan(dest_key, rule, subject, breaker, delay, abort, _head(req, rid, app.source))
+        return _Plan(
+            dest_key, rule, subject, breaker, delay, abort, _head(req, rid, app.source, app.tracer)
+        )
 
     def _per_try(self, plan: _Plan, deadline: float) -> tuple[float, bytes]:
         """The next attempt's time limit and its NATS header block."""
@@ -921,7 +951,7 @@ class OutboundHandler:
         return self.app.fast.request(subject, hdrs, body, limit_s)
 
 
-def _head(req: Request, rid: str, source: str) -> bytes:
+def _head(req: Request, rid: str, source: str, tracer: Tracer | None) -> bytes:
     """The request's NATS header block, less Nm-Timeout-Ms and the blank line.
 
     The app's headers (:func:`codec.nats_lines`), then the mesh's and the two
@@ -930,7 +960,10 @@ def _head(req: Request, rid: str, source: str) -> bytes:
     as text at once.
     """
     special = req.special
-    tp = codec.next_traceparent(special.get("traceparent"))
+    incoming = special.get("traceparent")
+    tp = req.traceparent = (
+        codec.next_traceparent(incoming) if tracer is None else tracer.next_traceparent(incoming)
+    )
     mesh = (
         f"Nm-Method: {req.method}\r\nNm-Target: {req.target}\r\nNm-Source: {source}\r\n"
         f"X-Request-Id: {rid}\r\ntraceparent: {tp}\r\n"

@@ -185,6 +185,8 @@ class Settings:
     ready_timeout_seconds: float = 1.0
     ready_failure_threshold: int = 3
     event_dedup: bool = True
+    otlp_endpoint: str | None = None
+    trace_sample_ratio: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -465,6 +467,8 @@ _SETTINGS = (
         _F("ready_timeout_seconds", _float(0), None),
         _F("ready_failure_threshold", _int(1), None),
         _F("event_dedup", _bool, None),
+        _F("otlp_endpoint", _opt(_str), None),
+        _F("trace_sample_ratio", _float(0, 1), None),
     ),
 )
 

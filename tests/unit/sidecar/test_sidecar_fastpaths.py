@@ -272,7 +272,7 @@ def test_request_head_matches_encoding_the_request_dict(
 ) -> None:
     """What outbound sent before: the dict of the app's and the mesh's headers, encoded."""
     req = outbound.Request(method, "/p?q", "app", headers, special, b"", True)
-    got = b"%sNm-Timeout-Ms: %d\r\n\r\n" % (outbound._head(req, rid, "gw.shop"), ms)
+    got = b"%sNm-Timeout-Ms: %d\r\n\r\n" % (outbound._head(req, rid, "gw.shop", None), ms)
     hdrs = codec.http_to_nats(headers)
     hdrs[codec.H_METHOD] = method
     hdrs[codec.H_TARGET] = "/p?q"
@@ -290,7 +290,9 @@ def test_request_head_matches_encoding_the_request_dict(
 def test_request_head_continues_the_callers_trace() -> None:
     incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     req = outbound.Request("GET", "/", "app", [], {"traceparent": incoming}, b"", True)
-    tp = natsfast.parse_headers(outbound._head(req, "r", "gw.shop") + b"\r\n")[codec.TRACEPARENT]
+    tp = natsfast.parse_headers(outbound._head(req, "r", "gw.shop", None) + b"\r\n")[
+        codec.TRACEPARENT
+    ]
     assert tp.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
     assert tp.endswith("-01")
     assert tp != incoming

@@ -21,21 +21,27 @@ FORBIDDEN = (
 )
 
 
-@functools.cache
-def runtime_modules() -> list[str]:
-    """Every module a fresh sidecar process has loaded once it can serve."""
-    code = (
+def modules_after(code: str) -> list[str]:
+    """Every module a fresh sidecar process has loaded after running ``code``."""
+    script = (
         "import sys, json\n"
         "import natsmesh_sidecar.__main__ as m\n"
         "m._block_websocket_deps('nats://127.0.0.1:4222')\n"
         "import natsmesh_sidecar.app\n"
+        f"{code}\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout
     mods: list[str] = json.loads(out)
     return mods
+
+
+@functools.cache
+def runtime_modules() -> list[str]:
+    """Every module a fresh sidecar process has loaded once it can serve."""
+    return modules_after("")
 
 
 def test_main_module_imports_nothing_forbidden() -> None:
@@ -65,3 +71,20 @@ def test_sidecar_runtime_does_not_import_prometheus_client() -> None:
 def test_tap_is_imported_only_when_someone_taps() -> None:
     """A sidecar nobody taps holds one idle subscription and none of the tap's code."""
     assert "natsmesh_sidecar.tap" not in runtime_modules()
+
+
+def _with_a_sidecar(otlp_endpoint: str | None) -> list[str]:
+    return modules_after(
+        "from natsmesh_sidecar.wire import Settings\n"
+        f"natsmesh_sidecar.app.Sidecar(Settings('a', 'b', otlp_endpoint={otlp_endpoint!r}))"
+    )
+
+
+def test_tracing_off_loads_nothing_of_it_and_on_loads_only_our_exporter() -> None:
+    """No OTLP endpoint: neither tracing module is imported (the sidecar's
+    idle RSS must not grow). With one: our two modules, no SDK, no HTTP client."""
+    off = _with_a_sidecar(None)
+    assert "natsmesh_sidecar.tracing" not in off
+    assert "natsmesh_sidecar.otlp" not in off
+    on = _with_a_sidecar("http://127.0.0.1:4318")
+    assert sorted(set(on) - set(off)) == ["natsmesh_sidecar.otlp", "natsmesh_sidecar.tracing"]
