@@ -216,6 +216,19 @@ class OperatorSettings:
                         str(InjectionSettings.ready_failure_threshold),
                     )
                 ),
+                otlp_endpoint=get("SIDECAR_OTLP_ENDPOINT", "").strip(),
+                trace_sample_ratio=min(
+                    1.0,
+                    max(
+                        0.0,
+                        float(
+                            get(
+                                "SIDECAR_TRACE_SAMPLE_RATIO",
+                                str(InjectionSettings.trace_sample_ratio),
+                            )
+                        ),
+                    ),
+                ),
             ),
             creds=CredsSettings(
                 ttl_seconds=max(300, int(get("CREDS_TTL_SECONDS", str(CredsSettings.ttl_seconds)))),

@@ -70,8 +70,22 @@ class InjectionSettings:
     ready_failure_threshold: int = 3
     """Failed checks in a row that take a replica out of its queue group
     (a readinessProbe's own failureThreshold wins)."""
+    otlp_endpoint: str = ""
+    """OTLP/HTTP collector base URL the sidecars export spans to; empty: no
+    tracing (and nothing of it loaded in the sidecars)."""
+    trace_sample_ratio: float = 1.0
+    """Share of the traces starting at a sidecar that are sampled."""
     extra_env: Mapping[str, str] = field(default_factory=dict)
     """More ``NATSMESH_*`` settings for every sidecar (e.g. drain seconds)."""
+
+    def tracing_env(self) -> dict[str, str]:
+        """The sidecar's tracing settings; none at all while tracing is off."""
+        if not self.otlp_endpoint:
+            return {}
+        return {
+            "NATSMESH_OTLP_ENDPOINT": self.otlp_endpoint,
+            "NATSMESH_TRACE_SAMPLE_RATIO": str(self.trace_sample_ratio),
+        }
 
 
 @dataclass(frozen=True)
@@ -199,6 +213,7 @@ def sidecar_container(
         "NATSMESH_ADMIN_PORT": str(ADMIN_PORT),
         "NATSMESH_READY_PERIOD_SECONDS": str(settings.ready_period_seconds),
         "NATSMESH_READY_FAILURE_THRESHOLD": str(settings.ready_failure_threshold),
+        **settings.tracing_env(),
         **settings.extra_env,
         # The pod's own probe is more specific than an operator-wide setting.
         **(ready_env or {}),
