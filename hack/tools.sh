@@ -16,7 +16,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib/tools.sh"
 
 if [[ "${1:-}" == "--print" ]]; then
-  for set in k8s etcd kwok helm natscli prometheus; do bin_dir_of "$set"; done
+  for set in k8s etcd kwok helm natscli prometheus jaeger; do bin_dir_of "$set"; done
   exit 0
 fi
 
@@ -59,6 +59,9 @@ build_set natscli github.com/nats-io/natscli/nats
 TAGS_EXTRA="remove_all_sd" build_set prometheus \
   github.com/prometheus/prometheus/cmd/prometheus \
   github.com/prometheus/prometheus/cmd/promtool
+# Jaeger v2 (an OpenTelemetry collector with Jaeger's storage and query
+# API; no UI assets): the OTLP receiver the tracing tests export spans to.
+build_set jaeger github.com/jaegertracing/jaeger/cmd/jaeger
 
 LDFLAGS_EXTRA="$(k8s_version_ldflags)" build_set k8s \
   k8s.io/kubernetes/cmd/kube-apiserver \
@@ -67,4 +70,4 @@ LDFLAGS_EXTRA="$(k8s_version_ldflags)" build_set k8s \
   k8s.io/kubernetes/cmd/kubectl
 
 echo "tools: all present after $((SECONDS - total_start))s"
-for set in k8s etcd kwok helm natscli prometheus; do bin_dir_of "$set"; done
+for set in k8s etcd kwok helm natscli prometheus jaeger; do bin_dir_of "$set"; done

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.nats_operator",
     "tests.fixtures.cluster",
     "tests.fixtures.operator",
+    "tests.fixtures.jaeger",
 ]
