@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -348,3 +351,22 @@ def test_strings_from_apps_and_callers_stay_valid_json() -> None:
     assert span["parentSpanId"] == 'x"y'
     assert span["attributes"] == [{"key": "url.path", "value": {"stringValue": odd}}]
     assert span["status"]["message"] == odd
+
+
+def test_a_sidecar_with_an_unusable_endpoint_refuses_to_start_without_echoing_it() -> None:
+    env = {
+        **os.environ,
+        "NATSMESH_SERVICE": "a",
+        "NATSMESH_NAMESPACE": "b",
+        "NATSMESH_OTLP_ENDPOINT": "http://user:s3cret@collector:4318",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "natsmesh_sidecar"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "OTLP endpoint" in proc.stderr
+    assert "s3cret" not in proc.stderr + proc.stdout
