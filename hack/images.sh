@@ -89,6 +89,13 @@ timer() { echo "images: $1 in $((SECONDS - $2))s"; }
 eval "$("$here/docker.sh" up | grep '^DOCKER=')"
 export DOCKER_BUILDKIT=1
 
+# One build at a time into the cache and Docker (the kind tier and the image
+# tests run side by side in CI): the second waits, then finds everything built.
+# Taken after docker.sh up, so a dockerd started there does not inherit the lock.
+mkdir -p "$cache"
+exec 9>"$cache/.lock-images"
+flock 9
+
 base_image() {
   local name="$1" packages="$2"
   local key; key="$(rootfs_key "$packages")"
