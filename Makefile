@@ -64,37 +64,28 @@ crds: venv ## regenerate crds/, the chart's copy and docs/resources.md from the 
 	$(BIN)/natsmesh crds
 	$(BIN)/natsmesh crds --dir charts/natsmesh/files/crds --no-docs
 
-test: venv tools ## everything CI runs: checks and unit tier, then the server tiers and real pods on kind, two at a time
+test: venv tools ## everything CI runs: checks and unit tier, the local tiers on one local cluster, then real pods on kind
 	@# lint/types and the unit tier are each one CPU-bound process: side by side on two cores.
 	$(MAKE) --no-print-directory -j2 --output-sync=target check test-unit
-	@# Two jobs at a time in all (make's job server is shared with test-local): the kind tier
-	@# and the integration tier first, the shorter tiers as slots free up. Lines, not whole
-	@# outputs, are kept together: a tier that hangs still shows.
-	hack/with-docker.sh $(MAKE) --no-print-directory -j2 --output-sync=line test-local e2e-kind
+	hack/with-docker.sh $(MAKE) --no-print-directory test-local e2e-kind
 
-# Each server tier gets a local control plane of its own: tiers that run side by side
-# must not meet each other's cluster-wide webhooks (a release's validating webhook
-# answers for every namespace; an operator a tier kills on purpose must not fail the
-# kubectl of another). NATSMESH_KUBECONFIG given: every tier reuses that cluster.
-cluster_for = NATSMESH_TEST_CLUSTER=$${NATSMESH_TEST_CLUSTER:-natsmesh-test-$(1)} hack/with-cluster.sh
-
-test-local: venv tools ## the server tiers (integration, security, change, e2e), each on its own local control plane
-	$(MAKE) --no-print-directory test-integration test-security test-change test-e2e
+test-local: venv tools ## the server tiers on one local control plane (integration, security, change, e2e)
+	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-security test-change test-e2e
 
 test-unit: venv ## fast tier: pure logic, no servers (< 1 min)
 	$(PYTEST) tests/unit
 
 test-integration: venv tools ## real nats-server and real kube-apiserver
-	$(call cluster_for,integration) $(PYTEST) tests/integration
+	hack/with-cluster.sh $(PYTEST) tests/integration
 
 test-security: venv tools ## each known attack against real servers: it fails, the legitimate call beside it works
-	$(call cluster_for,security) $(PYTEST) tests/security
+	hack/with-cluster.sh $(PYTEST) tests/security
 
 test-change: venv tools ## continuous traffic through two hops while the mesh changes: 0 failed, 0 lost
-	$(call cluster_for,change) $(PYTEST) -s tests/change
+	hack/with-cluster.sh $(PYTEST) -s tests/change
 
 test-e2e e2e-local: venv tools ## the whole flow on the local control plane
-	$(call cluster_for,e2e) $(PYTEST) -m "not kind" tests/e2e
+	hack/with-cluster.sh $(PYTEST) -m "not kind" tests/e2e
 
 e2e-kind: venv tools kind-tools ## the whole flow on kind with real pods (Docker from Debian; builds the node image offline)
 	NATSMESH_E2E_KIND=1 hack/with-docker.sh $(PYTEST) tests/e2e/test_e2e_kind.py
