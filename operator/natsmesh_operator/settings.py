@@ -216,7 +216,7 @@ class OperatorSettings:
                         str(InjectionSettings.ready_failure_threshold),
                     )
                 ),
-                otlp_endpoint=get("SIDECAR_OTLP_ENDPOINT", "").strip(),
+                otlp_endpoint=_otlp_endpoint(get("SIDECAR_OTLP_ENDPOINT", "")),
                 trace_sample_ratio=min(
                     1.0,
                     max(
@@ -258,3 +258,17 @@ class OperatorSettings:
                 api_connections=int(get("API_CONNECTIONS", str(ReconcileSettings.api_connections))),
             ),
         )
+
+
+def _otlp_endpoint(value: str) -> str:
+    """The sidecars' OTLP endpoint, refused here if they would refuse it:
+    injected, every new meshed pod's sidecar would exit at start."""
+    value = value.strip()
+    if value:
+        from natsmesh_sidecar.otlp import Endpoint  # the sidecar's own check
+
+        try:
+            Endpoint.parse(value)
+        except ValueError as exc:
+            raise ValueError(f"NATSMESH_SIDECAR_OTLP_ENDPOINT: {exc}") from None
+    return value

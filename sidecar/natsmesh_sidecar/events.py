@@ -233,8 +233,9 @@ class EventConsumer:
         self.task: asyncio.Task[None] | None = None
         self.inflight = 0
         #: Exposed from the start (0), so a dashboard sees the subscription before an event.
-        self.pending = app.metrics.events_pending.labels(delivery.topic)
-        app.metrics.events_dead.labels(delivery.topic)  # 0 until one is dead-lettered
+        self.pending = app.metrics.events_pending.labels(delivery.source, delivery.topic)
+        # 0 until one is dead-lettered
+        app.metrics.events_dead.labels(delivery.source, delivery.topic)
         #: Only exactlyOnce pays for the completed-key record.
         self.done: CompletedKeys | None = None
         if delivery.mode == "exactlyOnce" and app.settings.event_dedup:
@@ -336,7 +337,7 @@ class EventConsumer:
             self.inflight -= 1
         app.metrics.events_delivered.labels(d.topic, result).inc()
         if result == "dead":
-            app.metrics.events_dead.labels(d.topic).inc()
+            app.metrics.events_dead.labels(d.source, d.topic).inc()
         elapsed = time.perf_counter() - t0
         if app.access_log:
             accesslog.log(

@@ -258,8 +258,14 @@ class Metrics:
             "topic",
             "op",
         )
+        # By subscription (publisher and topic): a service may take one topic
+        # from two publishers, whose consumers lag and dead-letter apart.
         self.events_dead = metric(
-            "events_dead_lettered", "Events sent to the dead-letter subject", "counter", "topic"
+            "events_dead_lettered",
+            "Events sent to the dead-letter subject",
+            "counter",
+            "source",
+            "topic",
         )
         self.nats_connected = metric("nats_connected", "1 while connected to NATS", "gauge")
         self.nats_reconnects = metric("nats_reconnects", "NATS reconnections", "counter")
@@ -280,6 +286,7 @@ class Metrics:
             "events_pending",
             "Messages left in the consumer after the last one delivered here (consumer lag)",
             "gauge",
+            "source",
             "topic",
         )
         self.table_swaps = metric("table_updates", "Route tables applied", "counter")

@@ -39,6 +39,10 @@ RATE = 100.0
 """Records per second per sidecar, on average."""
 BURST = 100.0
 _SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: The longest method, path and request id a record carries (what ``natsmesh
+#: tap`` accepts): a caller chooses all three, and a record the CLI refused
+#: would hide that request from the tap.
+MAX_METHOD, MAX_PATH, MAX_REQUEST_ID = 32, 4096, 256
 
 
 class RateLimit:
@@ -98,13 +102,13 @@ def record(
         "ts": round(time.time() if ts is None else ts, 3),
         "instance": instance,
         "direction": direction,
-        "method": method,
-        "path": path.split("?", 1)[0],
+        "method": method[:MAX_METHOD],
+        "path": path.split("?", 1)[0][:MAX_PATH],
         "status": status,
         "latencyMs": round(duration_s * 1000.0, 3),
         "source": source,
         "destination": destination,
-        "requestId": request_id,
+        "requestId": request_id[:MAX_REQUEST_ID],
         "route": route,
         "error": error,
     }

@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 #: the traceparent the caller sent while the app gets the inbound span's.
 #: An ``Nm-`` name: never rendered to the app.
 CALLER_TRACEPARENT = "Nm-Caller-Traceparent"
+#: The longest method, path and request id a span keeps. Callers choose all
+#: three (as large as NATS's max_payload), apps their URL (64 KB); the queue
+#: holds up to 4096 spans while the collector is slow or down.
+MAX_TEXT = 512
 
 
 def sampled(traceparent: str) -> bool:
@@ -157,6 +161,8 @@ class Tracer:
         request_id: str,
     ) -> None:
         """An app's call through the outbound listener (or its event publish)."""
+        # Slices: a short string comes back as it is, for ~50 ns each.
+        method, path, request_id = method[:MAX_TEXT], path[:MAX_TEXT], request_id[:MAX_TEXT]
         if own is None:
             # Refused before it was routed (unknown service, forbidden):
             # still the app's call, a span of its own.
@@ -210,6 +216,7 @@ class Tracer:
         request_id: str,
     ) -> None:
         """A caller's request served by the app behind this sidecar (after :meth:`adopt`)."""
+        method, path, request_id = method[:MAX_TEXT], path[:MAX_TEXT], request_id[:MAX_TEXT]
         incoming = headers.get(CALLER_TRACEPARENT) or None
         own = headers.get(codec.TRACEPARENT)
         if own is None or CALLER_TRACEPARENT not in headers:
@@ -242,6 +249,7 @@ class Tracer:
         request_id: str,
     ) -> None:
         """An event handed to the app (or skipped as a duplicate)."""
+        request_id = request_id[:MAX_TEXT]  # the publisher's
         attrs: tuple[tuple[str, AttrValue], ...] = (
             ("messaging.system", "nats"),
             ("messaging.operation.type", "process"),

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Secret
+from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 
 from natsmesh_operator.handlers import kube
@@ -171,6 +173,10 @@ async def stream(
                 shown += 1
                 if limits.max_records is not None and shown >= limits.max_records:
                     break
+    except nats_errors.Error as exc:  # closed, flush timed out, buffer full while away
+        raise TapError(
+            f"lost the connection to NATS ({type(exc).__name__}) after {shown} request(s)"
+        ) from exc
     finally:
         with contextlib.suppress(Exception):
             await nc.publish(ctl, control(session, 0))
@@ -180,11 +186,17 @@ async def stream(
     return shown, sidecars
 
 
-def _emitter(output: str) -> Callable[[tapview.TapRecord], None]:
+def _emitter(output: str, stop: asyncio.Event) -> Callable[[tapview.TapRecord], None]:
     def emit(record: tapview.TapRecord) -> None:
         text = json.dumps(record.to_json()) if output == "json" else tapview.line(record)
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop as on Ctrl-C. stdout now
+            # points at /dev/null, or the interpreter's last flush fails again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            stop.set()
 
     return emit
 
@@ -219,7 +231,7 @@ async def run(args: argparse.Namespace, access: Access) -> int:
             nc,
             namespace,
             args.service,
-            _emitter(args.output),
+            _emitter(args.output, stop),
             limits=Limits(args.duration, args.max),
             stop=stop,
             warn=_warn,
@@ -235,12 +247,27 @@ async def run(args: argparse.Namespace, access: Access) -> int:
     return 0
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: ``kind`` of the text, above 0 (0 would read as "no limit")."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str]) -> int:
     parser = common.parser(PROG, "Show live requests to and from a service's sidecars.")
     parser.add_argument("service", help="the mesh service (a NatsService's spec.service)")
     parser.add_argument("-n", "--namespace", help="namespace (default: the context's)")
-    parser.add_argument("--duration", type=float, help="stop after this many seconds")
-    parser.add_argument("--max", type=int, help="stop after this many requests")
+    parser.add_argument("--duration", type=_positive(float), help="stop after this many seconds")
+    parser.add_argument("--max", type=_positive(int), help="stop after this many requests")
     parser.add_argument("--nats-url", help="NATS URL (default: the one in the tap Secret)")
     args = parser.parse_args(argv)
     try:

@@ -10,12 +10,21 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
+
+#: C0 and C1 controls, DEL, line separators and bidi overrides: a caller
+#: picks the path and method a record shows, and escape sequences in them
+#: would drive the reader's terminal (or reorder what it shows).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+#: Times a record may carry (Unix seconds before the year 5000): a forged
+#: one past that would end the CLI in ``datetime.fromtimestamp``.
+_MAX_TS = 95_617_584_000.0
 
 
 class TapRecord(BaseModel):
@@ -24,13 +33,13 @@ class TapRecord(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     kind: Literal["request"]
-    ts: float
+    ts: float = Field(ge=0, le=_MAX_TS, allow_inf_nan=False)
     instance: str = Field(max_length=64)
     direction: Literal["inbound", "outbound"]
     method: str = Field(max_length=32)
     path: str = Field(max_length=4096)
     status: int
-    latency_ms: float = Field(alias="latencyMs")
+    latency_ms: float = Field(alias="latencyMs", allow_inf_nan=False)
     source: str = Field(max_length=256)
     destination: str = Field(max_length=256)
     request_id: str = Field(alias="requestId", max_length=256)
@@ -47,7 +56,8 @@ class TapStatus(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     kind: Literal["status"]
-    instance: str = Field(max_length=64)
+    #: A sidecar's instance id; the CLI prints it in its warnings, unescaped.
+    instance: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     sent: int = 0
     dropped: int = 0
     rate: float = 0.0
@@ -77,16 +87,22 @@ def _latency(ms: float) -> str:
     return f"{ms / 1000:.2f}s"
 
 
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
 def line(r: TapRecord) -> str:
     """``HH:MM:SS.mmm  in  POST /charge  200  3.2ms  orders.shop -> payments.shop  rid=..``"""
     when = datetime.datetime.fromtimestamp(r.ts, tz=datetime.UTC).strftime("%H:%M:%S.%f")[:-3]
     arrow = "in " if r.direction == "inbound" else "out"
     error = f"  error={r.error}" if r.error else ""
-    return (
+    text = (
         f"{when}  {arrow}  {r.method} {r.path}  {r.status}  {_latency(r.latency_ms)}  "
         f"{r.source} -> {r.destination}  rid={r.request_id}  "
         f"sidecar={r.instance[:8]}{error}"
     )
+    return _CONTROL.sub(_escape, text)
 
 
 @dataclass

@@ -333,9 +333,10 @@ async def test_dead_letter_after_max_deliver(nats_server: NatsServer) -> None:
         assert msg.headers is not None
         assert msg.headers["Nm-Dead-Deliveries"] == "3"
         metrics = (await request(m.subscriber.admin_port, "GET", "/metrics")).body.decode()
-        assert 'natsmesh_sidecar_events_dead_lettered_total{topic="created"} 1.0' in metrics
+        labels = '{source="orders.shop",topic="created"}'
+        assert f"natsmesh_sidecar_events_dead_lettered_total{labels} 1.0" in metrics
         # The consumer's lag, from the last delivery's metadata: nothing left.
-        assert 'natsmesh_sidecar_events_pending{topic="created"} 0.0' in metrics
+        assert f"natsmesh_sidecar_events_pending{labels} 0.0" in metrics
     finally:
         await stop_event_mesh(m)
 

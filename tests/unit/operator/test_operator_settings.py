@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from natsmesh_operator.settings import OperatorSettings
 
 
@@ -80,3 +82,13 @@ def test_exact_namespaces_are_listed_one_by_one() -> None:
         watched = OperatorSettings.from_env({"NATSMESH_WATCH_NAMESPACES": globs}).watched
         assert watched.exact is None, globs
     assert OperatorSettings.from_env({}).watched.exact is None
+
+
+@pytest.mark.parametrize("endpoint", ["http://:4318", "http://jaeger:99999", "http://jaeger:x"])
+def test_an_otlp_endpoint_the_sidecars_would_refuse_stops_the_operator(endpoint: str) -> None:
+    # The chart's pattern admits these; injected, every new meshed pod's
+    # sidecar would exit 2 at start. Refused once, where it is set.
+    with pytest.raises(ValueError, match="NATSMESH_SIDECAR_OTLP_ENDPOINT"):
+        OperatorSettings.from_env({"NATSMESH_SIDECAR_OTLP_ENDPOINT": endpoint})
+    ok = OperatorSettings.from_env({"NATSMESH_SIDECAR_OTLP_ENDPOINT": " http://jaeger:4318 "})
+    assert ok.injection.otlp_endpoint == "http://jaeger:4318"

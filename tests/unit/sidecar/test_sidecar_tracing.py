@@ -370,3 +370,24 @@ def test_a_sidecar_with_an_unusable_endpoint_refuses_to_start_without_echoing_it
     assert proc.returncode == 2
     assert "OTLP endpoint" in proc.stderr
     assert "s3cret" not in proc.stderr + proc.stdout
+
+
+def test_what_callers_choose_is_clipped_before_it_is_queued() -> None:
+    # A caller picks Nm-Target, Nm-Method and the request id (up to NATS's
+    # max_payload, 1 MB); an app its URL (64 KB). With the collector slow or
+    # down the queue holds 4096 spans: unclipped, gigabytes in a 30 MB sidecar.
+    t = tracer()
+    big = "x" * 100_000
+    headers: dict[str, str] = {}
+    t.adopt(headers)
+    t.inbound(headers, 0.0, **{**INBOUND, "method": big, "path": "/" + big, "request_id": big})  # type: ignore[arg-type]
+    outbound(t, None, None, method=big, path="/" + big, request_id=big)
+    queued = list(t.exporter.queue)
+    assert len(queued) == 2
+    for span in queued:
+        name, attributes = span[4], span[7]
+        assert len(name) <= tracing.MAX_TEXT + len(" orders.shop")  # the method, clipped
+        assert all(len(v) <= tracing.MAX_TEXT for _, v in attributes if isinstance(v, str))
+    [inbound, _] = decoded(t)
+    assert attrs(inbound)["url.path"] == ("/" + big)[: tracing.MAX_TEXT]
+    assert attrs(inbound)["http.response.status_code"] == "200"
