@@ -10,10 +10,14 @@ events stream keeps the replicas its spec asks for.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from nats import errors as nats_errors
+from nats.aio.client import Client as NATS
 
 from natsmesh_operator.wiring.apply import admin_creds
 from natsmesh_operator.wiring.plan import plan
@@ -34,6 +38,24 @@ def nats_cluster(tmp_path: Path) -> Iterator[OperatorNats]:
         on.server.stop()
 
 
+async def stream_info(nc: NATS, name: str) -> dict[str, Any]:
+    """The stream's info once it has a leader.
+
+    Right after an R1 -> R3 update the stream's new group elects a leader and
+    nobody answers STREAM.INFO meanwhile (seen at 5 s on a busy box); the
+    figures asked for are the same before and after, so the read waits for
+    the election, bounded.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            msg = await nc.request(f"{subjects.JS_API_PREFIX}.STREAM.INFO.{name}", b"", timeout=5)
+            return cast(dict[str, Any], json.loads(msg.data))
+        except nats_errors.TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
 async def replicas_and_messages(on: OperatorNats) -> dict[str, tuple[int, int]]:
     nc = await on.connect(admin_creds(on.keyring.account(NS)))
     try:
@@ -43,8 +65,7 @@ async def replicas_and_messages(on: OperatorNats) -> dict[str, tuple[int, int]]:
             subjects.stream_name("orders"),
             subjects.dead_letter_stream("payments"),
         ):
-            msg = await nc.request(f"{subjects.JS_API_PREFIX}.STREAM.INFO.{name}", b"", timeout=5)
-            info = json.loads(msg.data)
+            info = await stream_info(nc, name)
             out[name] = (info["config"]["num_replicas"], info["state"]["messages"])
         return out
     finally:
