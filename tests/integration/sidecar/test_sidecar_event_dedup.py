@@ -240,6 +240,12 @@ async def chaos(tmp_path: Path, *, dedup: bool) -> tuple[Counter[str], CountingA
             await asyncio.to_thread(server.start)
             await wait_for(lambda: len(counting.keys()) >= EVENTS * SIDECAR_KILL_AT, within=30)
             replicas[0].kill()
+            # The kill (a blocking wait) held this loop: what the sidecar handed
+            # over before it died may still sit unread in the app's sockets, and
+            # the app stamps a delivery when it reads it. Let the loop read it, so
+            # the boundary falls between the dead sidecar's handovers and the
+            # next one's (which cannot start before the Replica below exists).
+            await asyncio.sleep(0.5)
             killed_at = time.monotonic()
             replicas.append(Replica(server.url, counting.app.port, tmp_path, dedup=dedup))
             await replicas[1].ready()
