@@ -204,9 +204,10 @@ class EventPublisher:
 
 
 async def _publish(
-    app: Sidecar, subject: str, body: bytes, stream: str, headers: dict[str, str]
+    app: Sidecar, subject: str, body: bytes, stream: str | None, headers: dict[str, str]
 ) -> Any:
-    """Publish to the stream, again while it has no leader (see NO_LEADER_RETRY_SECONDS)."""
+    """Publish to the stream (``None``: whichever keeps ``subject``), again while
+    it has no leader (see NO_LEADER_RETRY_SECONDS)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + NO_LEADER_RETRY_SECONDS
     while True:
@@ -459,11 +460,10 @@ class EventConsumer:
             }
         )
         try:
-            await self.app.js().publish(
-                d.dead_letter_subject, msg.data, timeout=PUBLISH_TIMEOUT, headers=headers
-            )
+            # Like an event: a dead-letter stream electing its leader is waited out.
+            await _publish(self.app, d.dead_letter_subject, msg.data, None, headers)
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
-            # No stream keeps dead letters: still tell whoever listens.
+            # Still no stream keeps dead letters: still tell whoever listens.
             nc = self.app.nc
             if nc is not None:
                 await nc.publish(d.dead_letter_subject, msg.data, headers=headers)

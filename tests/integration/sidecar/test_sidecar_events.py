@@ -35,8 +35,20 @@ CONSUMER = subjects.consumer_name("billing", "orders", TOPIC)
 DLQ = subjects.dead_letter_subject("shop", "billing", CONSUMER)
 
 
+async def make_dead_letter_stream(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_stream(
+            StreamConfig(
+                name="DLQ_billing", subjects=[subjects.dead_letter_wildcard("shop", "billing")]
+            )
+        )
+    finally:
+        await nc.close()
+
+
 async def make_stream_and_consumer(
-    url: str, *, max_deliver: int = 5, ack_wait: float = 5.0
+    url: str, *, max_deliver: int = 5, ack_wait: float = 5.0, dead_letters: bool = True
 ) -> None:
     """What the operator would create: the publisher's stream, the durable
     consumer, and the subscriber's completed-key bucket (exactlyOnce)."""
@@ -66,12 +78,9 @@ async def make_stream_and_consumer(
             filter_subject=subjects.event_subject("shop", "orders", TOPIC),
         ),
     )
-    await js.add_stream(
-        StreamConfig(
-            name="DLQ_billing", subjects=[subjects.dead_letter_wildcard("shop", "billing")]
-        )
-    )
     await nc.close()
+    if dead_letters:
+        await make_dead_letter_stream(url)
 
 
 @dataclass
@@ -337,6 +346,40 @@ async def test_dead_letter_after_max_deliver(nats_server: NatsServer) -> None:
         assert f"natsmesh_sidecar_events_dead_lettered_total{labels} 1.0" in metrics
         # The consumer's lag, from the last delivery's metadata: nothing left.
         assert f"natsmesh_sidecar_events_pending{labels} 0.0" in metrics
+    finally:
+        await stop_event_mesh(m)
+
+
+async def test_a_dead_letter_waits_for_its_stream_to_answer(nats_server: NatsServer) -> None:
+    """A dead-letter stream that does not answer yet (electing a leader, or
+    created a moment late) is waited for, like an event's: the dead letter is
+    kept, not published to no one."""
+    await make_stream_and_consumer(nats_server.url, max_deliver=2, dead_letters=False)
+    m = await start_event_mesh(nats_server, fail_always=True, maxDeliver=2, backoffMs=[10])
+    try:
+        r = await request(
+            m.publisher.outbound_port,
+            "POST",
+            f"/_events/{TOPIC}",
+            headers=[("Idempotency-Key", "late-1")],
+            body=b"late",
+        )
+        assert r.status == 202
+        await wait_for(lambda: m.attempts.get("late-1") == 2)
+        # The sidecar is now retrying the dead-letter publish (3 s at most).
+        await asyncio.sleep(0.3)
+        await make_dead_letter_stream(nats_server.url)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        # Polling a remote counter: there is no local event to wait on.
+        while await stream_msgs(nats_server.url, "DLQ_billing") < 1 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        nc = await nats.connect(nats_server.url)
+        msg = await nc.jetstream().get_last_msg("DLQ_billing", DLQ)
+        await nc.close()
+        assert msg.data == b"late"
+        assert msg.headers is not None
+        assert msg.headers["Nm-Dead-Deliveries"] == "2"
     finally:
         await stop_event_mesh(m)
 
