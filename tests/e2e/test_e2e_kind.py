@@ -85,9 +85,12 @@ def run(*argv: str, timeout: float = 600, check: bool = True) -> str:
 
 
 class Kind:
-    def __init__(self, name: str, kubeconfig: Path) -> None:
+    def __init__(self, name: str, kubeconfig: Path, disposable: bool = False) -> None:
         self.name = name
         self.kubeconfig = kubeconfig
+        #: The cluster is deleted after this module: what is in it need not be
+        #: waited out on the way down (a namespace's pods draining).
+        self.disposable = disposable
         self.kubectl_bin = _which("kubectl") or "kubectl"
         self.helm_bin = _which("helm") or "helm"
 
@@ -138,10 +141,11 @@ def kind() -> Iterator[Kind]:
         check=True,
     ).stdout  # fmt: skip
     kubeconfig = Path(exports.split("KUBECONFIG=", 1)[1].split()[0])
+    disposable = name not in existing and not os.environ.get("NATSMESH_KIND_KEEP")
     try:
-        yield Kind(name, kubeconfig)
+        yield Kind(name, kubeconfig, disposable)
     finally:
-        if name not in existing and not os.environ.get("NATSMESH_KIND_KEEP"):
+        if disposable:
             subprocess.run(
                 [str(REPO / "hack" / "kind.sh"), "down"], env=env, capture_output=True, timeout=600
             )
@@ -223,7 +227,9 @@ def shop(release: Kind, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ki
             "delete", "natsservices,natsroutes", "--all", "-n", ns, "--timeout=120s",
             check=False,
         )  # fmt: skip
-        kind.kubectl("delete", "namespace", ns, "--timeout=180s", check=False)
+        # On a cluster about to be deleted, not waited for (its pods' drain).
+        wait = "--wait=false" if kind.disposable else "--timeout=180s"
+        kind.kubectl("delete", "namespace", ns, wait, check=False)
 
 
 def test_traffic_flows_gateway_orders_payments(shop: KindShop) -> None:
@@ -676,12 +682,8 @@ def test_nats_pod_deleted_mid_traffic_keeps_every_acked_event(
 
 
 def _orders_versions(shop: KindShop, n: int = 20) -> set[str]:
-    found = set()
-    for _ in range(n):
-        status, _, body = scenarios.http("GET", shop.gateway + "/orders-version", timeout=10)
-        if status == 200:
-            found.add(body["orders_version"])
-    return found
+    answers = scenarios.many(shop.gateway, "GET", "/orders-version", n, 4)
+    return {body["orders_version"] for status, _, body in answers if status == 200}
 
 
 def _canary_weights(kind: Kind, ns: str, v1: int, v2: int) -> None:
