@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -227,10 +228,14 @@ class Sidecar:
         b = self.breakers.get(subject)
         if b is None or b.config != config:
             b = self.breakers[subject] = resilience.Breaker(config)
+            # Read at scrape time: the state a call would find now, not the
+            # one the last completed call left.
+            breaker = b
+            self.metrics.circuit.labels(subject).set_function(
+                lambda: breaker.state_at(time.monotonic())
+            )
+            self.metrics.circuit_refused.labels(subject)  # 0 until a call is refused
         return b
-
-    def report_circuit(self, subject: str, breaker: resilience.Breaker) -> None:
-        self.metrics.circuit.labels(subject).set(breaker.state)
 
     def healthy(self) -> bool:
         return not self.stopped.is_set()

@@ -245,6 +245,12 @@ class Metrics:
             "gauge",
             "destination",
         )
+        self.circuit_refused = metric(
+            "circuit_refused",
+            "Calls refused by an open circuit (503 circuit_open) per destination subject",
+            "counter",
+            "destination",
+        )
         self.events_published = metric(
             "events_published", "Events acknowledged by JetStream", "counter", "topic"
         )

@@ -806,6 +806,7 @@ class OutboundHandler:
         config = rule.circuit_breaker
         breaker = None if config is None else app.breaker(subject, config)
         if breaker is not None and not breaker.allow(now := time.monotonic()):
+            app.metrics.circuit_refused.labels(subject).inc()
             s, h, b = self._error(
                 503,
                 "circuit_open",
@@ -876,7 +877,6 @@ class OutboundHandler:
             # Once per request, with its final outcome: a retry that got
             # through is a success, three failed attempts are one failure.
             breaker.record(resilience.verdict(outcome), time.monotonic())
-            app.report_circuit(subject, breaker)
         if outcome == resilience.UNAVAILABLE:
             s, h, b = self._error(
                 503,

@@ -144,6 +144,14 @@ class Breaker:
             return True
         return False
 
+    def state_at(self, now: float) -> int:
+        """The state a call arriving at ``now`` would find. An open circuit past
+        ``open_ms`` lets the next call probe: half-open, though no call came to
+        move it there (the metric must not say open forever once callers stop)."""
+        if self.state == OPEN and now - self.opened_at >= self.config.open_ms / 1000.0:
+            return HALF_OPEN
+        return self.state
+
     def retry_after(self, now: float) -> int:
         """Whole seconds until a probe may go through (at least 1)."""
         left = self.config.open_ms / 1000.0 - (now - self.opened_at)

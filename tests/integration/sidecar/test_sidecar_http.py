@@ -241,7 +241,17 @@ async def test_circuit_opens_503_with_retry_after(nats_server: NatsServer) -> No
         assert r.status == 503
         assert r.json()["error"] == "circuit_open"
         assert r.header("retry-after") == "1"
+        metrics = (await request(mesh.caller.admin_port, "GET", "/metrics")).body.decode()
+        dest = next(
+            x for x in metrics.splitlines() if x.startswith("natsmesh_sidecar_circuit_state{")
+        )
+        assert dest.endswith(" 1.0"), dest
+        # One call refused so far.
+        assert dest.replace("circuit_state", "circuit_refused_total") in metrics
         await asyncio.sleep(0.35)
+        # No call since: the next one would probe, and the gauge says so.
+        metrics = (await request(mesh.caller.admin_port, "GET", "/metrics")).body.decode()
+        assert dest.replace(" 1.0", " 2.0") in metrics
         assert (
             await request(mesh.port, "GET", "/status/200")
         ).status == 200  # half-open probe closes it

@@ -22,6 +22,7 @@ SIDECAR_METRICS = {
     "natsmesh_sidecar_inflight_requests",
     "natsmesh_sidecar_retries_total",
     "natsmesh_sidecar_circuit_state",
+    "natsmesh_sidecar_circuit_refused_total",
     "natsmesh_sidecar_events_published_total",
     "natsmesh_sidecar_events_delivered_total",
     "natsmesh_sidecar_events_dead_lettered_total",

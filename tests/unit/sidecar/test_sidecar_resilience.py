@@ -104,6 +104,19 @@ def test_breaker_cycle() -> None:
     assert b.allow(2.5)
 
 
+def test_state_at_says_half_open_once_an_idle_open_circuit_would_let_a_probe_through() -> None:
+    b = r.Breaker(CircuitBreaker(consecutive_failures=1, open_ms=1000))
+    assert b.state_at(0.0) == r.CLOSED
+    b.record(False, 0.0)
+    assert b.state_at(0.9) == r.OPEN
+    # No call came: the stored state is still open, a call now would probe.
+    assert b.state_at(1.0) == r.HALF_OPEN
+    assert b.state == r.OPEN
+    assert b.allow(1.0)
+    b.record(False, 1.1)
+    assert b.state_at(1.2) == r.OPEN
+
+
 def test_fault_decision() -> None:
     f = Fault(delay=FaultDelay(delay_ms=100, percent=50), abort=FaultAbort(status=503, percent=10))
     assert r.fault_decision(f, 0.2, 0.05) == (0.1, 503)

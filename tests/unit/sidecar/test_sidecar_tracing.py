@@ -307,8 +307,10 @@ async def test_batches_are_posted_when_full_and_on_the_interval() -> None:
         assert b"content-type: application/json" in head.lower()
         assert len(json.loads(body)["resourceSpans"][0]["scopeSpans"][0]["spans"]) == 3
         ex.add(SPAN)  # one span: goes on the interval
-        for _ in range(100):
-            if len(collector.requests) == 2:
+        # The collector holds the request before the exporter has read the
+        # answer and counted the spans: wait for both.
+        for _ in range(200):
+            if len(collector.requests) == 2 and ex.exported.labels().get() == 4.0:
                 break
             await asyncio.sleep(0.01)
         assert len(collector.requests) == 2
