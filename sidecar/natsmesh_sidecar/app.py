@@ -130,6 +130,8 @@ class Sidecar:
             settings.app_port,
             settings.max_inflight,
             idle_timeout=settings.app_idle_timeout_seconds,
+            stream_limits=settings.stream_limits(),
+            inline_max=self.max_body,
         )
         self.inbound = InboundHandler(
             self.pool,
@@ -146,6 +148,7 @@ class Sidecar:
             access_log=access_log,
             app_failed=self._app_failed,
             tracer=self.tracer,
+            may_stream=self._may_stream,
         )
         self.outbound = OutboundServer(
             OutboundHandler(self),
@@ -708,6 +711,17 @@ class Sidecar:
             return dict(subjects.serve_subjects(self.creds.subscribe, self.subject))
         # No creds (a dev server without accounts): every caller.
         return {f"{self.subject}.*.*": subjects.queue_group(self.settings.service)}
+
+    def _may_stream(self, subject: str) -> bool:
+        """Whether our user may subscribe to ``subject`` (a stream's call subject)
+        without a queue group."""
+        creds = self.creds
+        if creds is None:
+            return True
+        return any(
+            " " not in entry and subjects.subject_matches(entry, subject)
+            for entry in creds.subscribe
+        )
 
     def _on_request(self, msg: Reply) -> None:
         """Admit a request only as from the caller its subject names (see

@@ -36,6 +36,9 @@ H_TIMEOUT = "Nm-Timeout-Ms"
 #: On a callee's 502: its app refused the connection, nothing was delivered
 #: (so any replica may be tried, whatever the method).
 H_UNDELIVERED = "Nm-Undelivered"
+#: A request head whose body streams, or a reply whose response does
+#: (natsmesh_sidecar.stream.protocol.H_STREAM, checked here without importing it).
+H_STREAM = "Nm-Stream"
 DUP_PREFIX = "Nm-Dup-"
 ESC_PREFIX = "Nm-Esc-"
 MESH_PREFIX_LOWER = "nm-"
@@ -475,6 +478,27 @@ def render_request_from_nats(
     if line is None:
         return None
     return _request(line, method, *http_block(headers, extra), body, host)
+
+
+def render_request_head_from_nats(
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    extra: Sequence[tuple[str, str]],
+    host: str,
+    length: int | None,
+) -> bytes | None:
+    """The head of a request whose body follows in pieces (a streamed body):
+    ``content-length`` when ``length`` is known, else chunked."""
+    line = _request_line(method, target)
+    if line is None:
+        return None
+    block, has_host = http_block(headers, extra)
+    host_line = b"" if has_host else b"host: %s\r\n" % host.encode()
+    framing = (
+        b"transfer-encoding: chunked\r\n" if length is None else b"content-length: %d\r\n" % length
+    )
+    return b"%s%s%s%s\r\n" % (line, block, host_line, framing)
 
 
 #: Methods seen valid (bounded: they come from callers).

@@ -254,6 +254,15 @@ class SidecarSettings(_Wire):
     """Share of the traces that start at this sidecar (no valid incoming
     ``traceparent``) that are sampled; a traceparent's sampled flag decides
     for every hop under it."""
+    stream_idle_timeout_seconds: float = Field(60.0, gt=0)
+    """A streamed body (natsmesh_sidecar.stream) is cut when nothing was heard
+    from the other sidecar for this long; both sidecars send a beat every
+    quarter of it, so an idle Server-Sent Events stream lives on. Once a
+    response streams, this replaces the route's request timeout."""
+    stream_chunk_bytes: int = Field(128 * 1024, ge=1024, le=512 * 1024)
+    """Size of a streamed body's chunks (one NATS message each)."""
+    stream_window: int = Field(8, ge=1, le=256)
+    """Chunks in flight per direction of a stream before the receiver's credit."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SidecarSettings:

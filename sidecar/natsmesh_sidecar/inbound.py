@@ -16,14 +16,15 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
 from natsmesh_sidecar import accesslog, codec
 from natsmesh_sidecar.metrics import Metrics
+from natsmesh_sidecar.wire import StreamLimits
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.natsfast import FastPath
@@ -41,8 +42,12 @@ MAX_BACKLOG = 65536
 #: close does.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
-#: Response header name as received -> (name, whether it frames the body).
-_NAMES: dict[bytes, tuple[str, bool]] = {}
+#: Response header name as received -> (name, which framing header it is:
+#: 0 none, else _LENGTH or _CHUNKED).
+_NAMES: dict[bytes, tuple[str, int]] = {}
+_LENGTH, _CHUNKED = 1, 2
+#: Content-Length values this long (in digits) may be over the inline limit.
+_LONG = 7
 
 
 class AppError(Exception):
@@ -80,6 +85,13 @@ class _AppConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._framed = False
         self._complete_on_close = False
+        self._chunked = False
+        self._length = b""
+        #: The response may have to stream (chunked, or longer than one
+        #: message): decided once the read that brought its head is parsed.
+        self._maybe_stream = False
+        #: The stream its response became (natsmesh_sidecar.stream.callee.CalleeStream).
+        self.stream: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
@@ -94,10 +106,12 @@ class _AppConnection(asyncio.Protocol):
                 self._finish()
             else:
                 fut.set_exception(AppError("app closed the connection"))
+        elif self.stream is not None:
+            self.stream.app_lost()
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        if self.future is None:
+        if self.future is None and self.stream is None:
             # Bytes nobody asked for: the connection is out of step; drop it.
             self.close()
             return
@@ -105,15 +119,44 @@ class _AppConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.reuse = False
-            if not self.future.done():
+            if self.stream is not None:
+                self.stream.cut(f"malformed response from app: {exc}")
+            elif self.future is not None and not self.future.done():
                 self.future.set_exception(AppError(f"malformed response from app: {exc}"))
             self.close()
+            return
+        if self._maybe_stream:
+            self._stream()
+
+    def _stream(self) -> None:
+        """A response still incomplete after the read that brought its head
+        streams from here on (natsmesh_sidecar.stream.callee)."""
+        self._maybe_stream = False
+        fut = self.future
+        if fut is None or fut.done() or self.transport is None:
+            return
+        from natsmesh_sidecar.stream import callee
+
+        stream = self.stream = callee.for_response(
+            self.pool.stream_limits, self.transport, self.close
+        )
+        stream.length = None if self._chunked or not self._length else int(self._length)
+        for piece in self._body:
+            stream.feed(piece)
+        # on_body appends to it from now on.
+        self._body = cast(list[bytes], stream)
+        self.reuse = False
+        fut.set_result(
+            AppResponse(self.parser.get_status_code(), self._headers, cast(bytes, stream))
+        )
 
     def on_message_begin(self) -> None:
         self._headers = []
         self._body = []
         self._header_bytes = 0
         self._framed = False
+        self._chunked = False
+        self._length = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
@@ -122,12 +165,20 @@ class _AppConnection(asyncio.Protocol):
         hit = _NAMES.get(name)
         if hit is None:
             n = name.decode("latin-1")
-            hit = (n, n.lower() in _FRAMING)
+            low = n.lower()
+            hit = (
+                n,
+                0 if low not in _FRAMING else _LENGTH if low == "content-length" else _CHUNKED,
+            )
             if len(_NAMES) >= 4096:
                 _NAMES.clear()  # names come from the app
             _NAMES[name] = hit
         if hit[1]:
             self._framed = True
+            if hit[1] == _LENGTH:
+                self._length = value
+            else:
+                self._chunked = True
         self._headers.append((hit[0], value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -142,13 +193,21 @@ class _AppConnection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
             return
         self._complete_on_close = not self._framed
+        if self._chunked or (
+            len(self._length) >= _LONG and int(self._length) > self.pool.inline_max()
+        ):
+            self._maybe_stream = True
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         if self.future is not None and not self.future.done():
+            self._maybe_stream = False  # complete within one read: no stream
             self._finish()
+        elif self.stream is not None:
+            self.stream.end()
+            self.close()
 
     def _finish(self) -> None:
         fut = self.future
@@ -168,9 +227,21 @@ class _AppConnection(asyncio.Protocol):
 class AppPool:
     """Keep-alive connections to the app, at most ``limit`` requests at once."""
 
-    def __init__(self, host: str, port: int, limit: int, idle_timeout: float = 4.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        limit: int,
+        idle_timeout: float = 4.0,
+        *,
+        stream_limits: StreamLimits | None = None,
+        inline_max: Callable[[], int] = lambda: 1024 * 1024 - 16 * 1024,
+    ) -> None:
         self.host = host
         self.port = port
+        #: A response longer than this (or chunked across reads) streams.
+        self.inline_max = inline_max
+        self.stream_limits = stream_limits or StreamLimits()
         #: An app's server closes keep-alive connections it sees idle (Node 5 s,
         #: Go's and uvicorn's 5 s, gunicorn 2 s): we drop ours first, so a reused
         #: connection is rarely one the app is closing at that very moment.
@@ -290,8 +361,9 @@ class AppPool:
         if conn.reuse and not conn.closed:
             conn.idle_since = time.monotonic()
             self.idle.append(conn)
-        else:
+        elif conn.stream is None:
             conn.close()
+        # else its response streams: it closes once that is done.
 
     async def _request(
         self, data: bytes, *, head: bool, limit_s: float, retry_stale: bool
@@ -473,8 +545,13 @@ class InboundHandler:
         access_log: bool = True,
         app_failed: Callable[[], None] | None = None,
         tracer: Tracer | None = None,
+        may_stream: Callable[[str], bool] = lambda subject: True,
     ) -> None:
         self.pool = pool
+        #: Whether our NATS user may subscribe to a call subject (a stream's).
+        self.may_stream = may_stream
+        #: Streamed responses being set up (natsmesh_sidecar.stream.callee).
+        self.stream_tasks: set[asyncio.Task[None]] = set()
         #: Set only with an OTLP endpoint (natsmesh_sidecar.tracing).
         self.tracer = tracer
         self.limits = limits
@@ -564,6 +641,48 @@ class InboundHandler:
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
+    def _track(self, coro: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(self._done if tasks is self.tasks else tasks.discard)
+
+    async def _serve_upload(
+        self, msg: Msg, hdrs: dict[str, str], t0: float, rid: str, method: str, target: str
+    ) -> None:
+        """A request whose body streams (natsmesh_sidecar.stream.callee)."""
+        from natsmesh_sidecar.stream import callee
+
+        status, error = 500, "internal"
+        extra = () if codec.REQUEST_ID in hdrs else ((codec.REQUEST_ID, rid),)
+
+        def head(length: int | None) -> bytes | None:
+            return codec.render_request_head_from_nats(
+                method, target, hdrs, extra, self.app_host, length
+            )
+
+        try:
+            fast = self.fast()
+            if fast is None:
+                status, error = 503, "nats_unavailable"
+                return
+            status, error = await callee.serve_upload(
+                msg,
+                head,
+                fast=fast,
+                limits=self.pool.stream_limits,
+                app_host=self.pool.host,
+                app_port=self.pool.port,
+                may_subscribe=self.may_stream,
+                timeout_s=self.timeout_of(hdrs),
+            )
+        except Exception as exc:
+            self._failed(msg, rid, exc)
+        finally:
+            self._end(msg, t0, rid, method, target, status, error)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self._next()
@@ -584,6 +703,9 @@ class InboundHandler:
         if not method or not target:
             return False
         rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
+        if codec.H_STREAM in hdrs:
+            self._track(self._serve_upload(msg, hdrs, t0, rid, method, target), self.tasks)
+            return True
         data = self._render(msg, hdrs, rid, method, target)
         if data is None:
             return False
@@ -622,12 +744,36 @@ class InboundHandler:
             if fast is None:
                 return
             if isinstance(rh, str):
+                if body.__class__ is not bytes:
+                    self._stream_reply(fast, msg, status, rh, body)
+                    return
                 fast.publish_block(msg.reply.encode(), b"", reply_head(rh, status, error), body)
                 return
             rh[codec.H_STATUS] = str(status)
             if error:
                 rh[codec.H_ERROR] = error
             fast.publish(msg.reply, "", rh, body)
+
+    def _stream_reply(
+        self, fast: FastPath, msg: Msg, status: int, lines: str, body: object
+    ) -> None:
+        """The app's response streams (inbound's connection made ``body`` a CalleeStream)."""
+        from natsmesh_sidecar.stream import callee
+
+        stream = cast(callee.CalleeStream, body)
+        self._track(
+            callee.begin_response(
+                stream,
+                fast,
+                msg,
+                status,
+                lines,
+                stream.length,
+                self.may_stream,
+                self.pool.inline_max(),
+            ),
+            self.stream_tasks,
+        )
 
     def _failed(self, msg: Msg, rid: str, exc: Exception) -> None:
         logger.error("inbound request failed", exc_info=exc)

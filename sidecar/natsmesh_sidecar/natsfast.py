@@ -185,6 +185,10 @@ class FastPath:
         self.loop = asyncio.get_running_loop()
         #: Requests waiting for their reply, by the reply subject's last token.
         self.waiters: dict[bytes, Waiter] = {}
+        #: Streamed calls' inboxes (natsmesh_sidecar.stream), by the same
+        #: last token: every message, until closed. Looked up only when no
+        #: waiter matched.
+        self.streams: dict[bytes, Callable[[Reply | str], None]] = {}
         #: Encoded request subjects (from the route table, so few).
         self._subjects: dict[str, bytes] = {}
         self.handlers: dict[int, Callable[[Reply], None]] = {}
@@ -330,12 +334,34 @@ class FastPath:
     def _on_reply(self, subject: bytes, data: bytes, headers: bytes) -> None:
         waiter = self.waiters.get(subject[self._prefix_len :])
         if waiter is None:
+            if self.streams:
+                self._on_stream(subject[self._prefix_len :], data, headers)
             return
         hdrs = parse_headers(headers)
         if not data and hdrs.get("Status") == "503":
             waiter.resolve(NO_RESPONDERS)
             return
         waiter.resolve(Reply("", "", data, hdrs))
+
+    def _on_stream(self, token: bytes, data: bytes, headers: bytes) -> None:
+        handler = self.streams.get(token)
+        if handler is None:
+            return
+        try:
+            handler(Reply("", "", data, parse_headers(headers)))
+        except Exception:
+            logger.exception("stream handler failed")
+
+    def open_inbox(self, handler: Callable[[Reply | str], None]) -> bytes:
+        """A reply subject of ours whose every message goes to ``handler``
+        (until :meth:`close_inbox`); :meth:`fail_all` tells it ``UNAVAILABLE``."""
+        self._seq += 1
+        token = b"s%x" % self._seq
+        self.streams[token] = handler
+        return self._prefix_b + token
+
+    def close_inbox(self, inbox: bytes) -> None:
+        self.streams.pop(inbox[self._prefix_len :], None)
 
     # -- send --------------------------------------------------------------------
 
@@ -451,6 +477,13 @@ class FastPath:
         waiters = list(self.waiters.values())
         for waiter in waiters:
             waiter.resolve(outcome)
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for handler in streams:
+            try:
+                handler(outcome)
+            except Exception:
+                logger.exception("stream handler failed")
         return len(waiters)
 
     def fail_subject(self, subject: str, outcome: str = VIOLATION) -> int:

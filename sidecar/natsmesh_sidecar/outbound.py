@@ -5,8 +5,10 @@ framework, and no per-request task: a request waiting on NATS is answered
 from the reply's callback (a task only for retries, fault delays, policy
 fetches and events).
 Pipelined requests queue per connection and are answered strictly in order.
-Untrusted input is bounded: URL and header bytes, body size (413 above the NATS
-max_payload), and a header deadline against slowloris clients (408).
+Untrusted input is bounded: URL and header bytes, and a header deadline
+against slowloris clients (408). A body that outgrows one NATS message
+streams (natsmesh_sidecar.stream, imported then): the request is started
+with what arrived and the rest follows as the client sends it.
 
 :class:`OutboundHandler` turns one parsed request into a response: resolve the
 host in the route table, check the sidecar's own publish permissions, apply the
@@ -21,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httptools
 
@@ -33,14 +35,28 @@ from natsmesh_sidecar.wire import Destination, Rule, Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.stream.caller import CallerStream
     from natsmesh_sidecar.tracing import Tracer
 
 logger = logging.getLogger(__name__)
+R = TypeVar("R", bound="Request")
 
 MAX_URL = 8192
 EVENTS_PREFIX = "/_events/"
 #: Headers the handler needs by name; everything else is only forwarded.
-_SPECIAL = frozenset({"host", "x-request-id", "traceparent", "idempotency-key", "content-type"})
+_SPECIAL = frozenset(
+    {
+        "host",
+        "x-request-id",
+        "traceparent",
+        "idempotency-key",
+        "content-type",
+        # Never forwarded: a streamed body's length travels as Nm-Length, and
+        # the listener answers 100 Continue itself.
+        "content-length",
+        "expect",
+    }
+)
 _DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 #: What on_header does with a header: forward it, keep it aside (the host
@@ -104,6 +120,14 @@ class Request:
         return {k.lower(): v for k, v in self.headers} | self.special
 
 
+class StreamedRequest(Request):
+    """A request whose body is still arriving: ``stream`` carries it (and its answer)."""
+
+    __slots__ = ("stream",)
+
+    stream: CallerStream
+
+
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing with an HTTP error."""
 
@@ -137,6 +161,11 @@ class OutboundConnection(asyncio.Protocol):
         self._body_len = 0
         #: What the handler calls back with a later response (bound once).
         self._resume_cb = self._resume
+        #: The stream this connection's client is sending to or reading from
+        #: (natsmesh_sidecar.stream.caller.CallerStream), told of the socket's state.
+        self.stream: Any = None
+        #: The stream of the request whose body is arriving now.
+        self._upload: Any = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -149,6 +178,16 @@ class OutboundConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self.stream is not None:
+            self.stream.client_lost()
+
+    def pause_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.writable(False)
+
+    def resume_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.writable(True)
 
     def eof_received(self) -> bool | None:
         # A half-closing client (shutdown(SHUT_WR)) still wants its answers:
@@ -211,19 +250,56 @@ class OutboundConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
+        if "expect" in self._special and not self.busy and self.transport is not None:
+            # The body is ours to take (and to stream): no need to ask the callee.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
         if self._body_len > self.handler.app.max_body():
-            self.reject = (413, "payload_too_large", "request body exceeds the NATS max_payload")
-            raise _Reject
+            self._stream_body(body)
+            return
         self._body.append(body)
+
+    def _stream_body(self, body: bytes) -> None:
+        """A body past one message: start its request now, stream the rest."""
+        upload = self._upload
+        if upload is None:
+            if self.stopped or self.transport is None:
+                return
+            from natsmesh_sidecar.stream.caller import CallerStream
+
+            length = self._special.get("content-length", "")
+            upload = self._upload = CallerStream.for_upload(
+                self.handler.stream_limits,
+                self.transport,
+                keep_alive=self.parser.should_keep_alive(),
+                length=int(length) if length.isdigit() else None,
+            )
+            if self.stream is None:
+                self.stream = upload  # told if the client goes away mid-body
+            req = self._request(StreamedRequest, b"")
+            req.stream = upload
+            for piece in self._body:
+                upload.feed(piece)
+            self._body = []
+            self._enqueue(req)
+        upload.feed(body)
 
     def on_message_complete(self) -> None:
         self.in_message = False
         if self.stopped:
             # Pipelined after a request that closed the connection.
             return
+        upload = self._upload
+        if upload is not None:
+            self._upload = None
+            upload.end_body()
+            return
+        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._enqueue(self._request(Request, body))
+
+    def _request(self, cls: type[R], body: bytes) -> R:
         parser = self.parser
         method = parser.get_method().decode("latin-1")
         url = self._url.decode("latin-1")
@@ -240,10 +316,10 @@ class OutboundConnection(asyncio.Protocol):
             url = (parsed.path or b"/").decode("latin-1")
             if parsed.query:
                 url += "?" + parsed.query.decode("latin-1")
-        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
-        req = Request(
-            method, url, host, self._headers, self._special, body, parser.should_keep_alive()
-        )
+        keep_alive = parser.should_keep_alive()
+        return cls(method, url, host, self._headers, self._special, body, keep_alive)
+
+    def _enqueue(self, req: Request) -> None:
         self.queue.append(req)
         if len(self.queue) > 32 and not self.paused and self.transport is not None:
             # A client pipelining faster than we answer: stop reading until we catch up.
@@ -300,7 +376,11 @@ class OutboundConnection(asyncio.Protocol):
         self.busy = False
         self.last = time.monotonic()
 
-    def _resume(self, item: Request, resp: bytes) -> None:
+    def _resume(self, item: Request, resp: bytes | CallerStream) -> None:
+        if resp.__class__ is not bytes:
+            # A streamed response: it writes itself, then calls here with b"".
+            cast("CallerStream", resp).attach(self, item, self._resume_cb)
+            return
         try:
             answered = self._answered(item, resp)
         except Exception:
@@ -408,6 +488,12 @@ class OutboundServer:
 
 #: (status, headers, body, destination, route, attempts, error code)
 Result = tuple[int, list[tuple[str, str]], bytes, str, str, int, str]
+#: How a handler hands a later answer to the connection.
+Done = Callable[[Request, "bytes | CallerStream"], None]
+#: The outcome of a reply that says the response streams (natsmesh_sidecar.stream).
+STREAMED = "streamed"
+#: Outcomes of an upload whose stream broke before any response.
+_STREAM_BROKE = frozenset({"aborted", "bad_stream", "cut", "bad_subject"})
 
 
 class _Plan:
@@ -449,6 +535,7 @@ class OutboundHandler:
     def __init__(self, app: Sidecar) -> None:
         self.app = app
         self.inflight = 0
+        self.stream_limits = app.settings.stream_limits()
         self._rand = random.random
         #: id(destination) -> what selecting its rule needs (:meth:`_select`).
         self._selection: dict[int, tuple[Destination, bool, Rule | None]] = {}
@@ -467,12 +554,15 @@ class OutboundHandler:
         self._selection[id(dest)] = found
         return found
 
-    def start(self, req: Request, done: Callable[[Request, bytes], None]) -> bytes | None:
+    def start(self, req: Request, done: Done) -> bytes | None:
         """The response now, or None when ``done(req, response)`` will be called later."""
         t0 = time.perf_counter()
         rid = req.special.get("x-request-id") or codec.new_request_id()
         self.inflight += 1
         try:
+            if req.__class__ is not Request:
+                self._later(req, self._stream_call(cast(StreamedRequest, req), rid, t0), done)
+                return None
             if req.path.startswith(EVENTS_PREFIX):
                 self._later(req, self._finish_async(req, rid, t0, None), done)
                 return None
@@ -490,10 +580,13 @@ class OutboundHandler:
             limit, hdr = self._per_try(plan, deadline)
             unsent = self._unsendable(req.body, limit)
             if unsent is not None:
-                return self._after(req, rid, t0, plan, deadline, unsent, None, done)
+                # Without a reply there is no stream.
+                return cast(
+                    "bytes | None", self._after(req, rid, t0, plan, deadline, unsent, None, done)
+                )
 
             def replied(result: Reply | str) -> None:
-                resp: bytes | None
+                resp: bytes | CallerStream | None
                 try:
                     if plan.simple and result.__class__ is Reply:
                         resp = self._answer(req, rid, t0, plan, result)
@@ -508,22 +601,28 @@ class OutboundHandler:
             fast = self.app.fast
             assert fast is not None
             if not fast.send_request(plan.subject, hdr, req.body, limit, replied):
-                return self._after(req, rid, t0, plan, deadline, "unavailable", None, done)
+                after = self._after(req, rid, t0, plan, deadline, "unavailable", None, done)
+                return cast("bytes | None", after)
             return None
         except Exception as exc:
             return self._crashed(req, rid, t0, exc)
 
-    def _answer(self, req: Request, rid: str, t0: float, plan: _Plan, reply: Reply) -> bytes:
+    def _answer(
+        self, req: Request, rid: str, t0: float, plan: _Plan, reply: Reply
+    ) -> bytes | CallerStream:
         """A reply to a plan without retries or breaker: what :meth:`_settle` and
         :meth:`_respond` make of it, in one step for the common case."""
         rh = reply.headers
         status = codec.final_status(rh.get(codec.H_STATUS))
         if status is None or codec.H_ERROR in rh:
-            # No valid status (a 502) or an error code to add the request id for.
+            # No valid status (a 502, or a streamed response) or an error code
+            # to add the request id for.
             outcome, got = _received(reply)
             step = self._settle(req, rid, plan, 0, outcome, got, 0.0)
-            assert isinstance(step, tuple)
-            return self._respond(req, rid, t0, step)
+            assert not isinstance(step, float)  # no retries in a simple plan
+            if isinstance(step, tuple):
+                return self._respond(req, rid, t0, step)
+            return self._streaming(req, rid, t0, step)
         try:
             block = codec.http_block(rh)[0]
             resp = codec.render_block_response(
@@ -544,22 +643,24 @@ class OutboundHandler:
         deadline: float,
         outcome: str | int,
         reply: Reply | None,
-        done: Callable[[Request, bytes], None],
-    ) -> bytes | None:
+        done: Done,
+    ) -> bytes | CallerStream | None:
         """The first attempt's outcome: the response, or None if a retry task took over."""
         step = self._settle(req, rid, plan, 0, outcome, reply, deadline)
         if isinstance(step, tuple):
             return self._respond(req, rid, t0, step)
+        if not isinstance(step, float):
+            return self._streaming(req, rid, t0, step)
         self._later(req, self._retry(req, rid, t0, plan, step, deadline), done)
         return None
 
     def _later(
         self,
         req: Request,
-        coro: Coroutine[Any, Any, bytes],
-        done: Callable[[Request, bytes], None],
+        coro: Coroutine[Any, Any, bytes | CallerStream],
+        done: Done,
     ) -> None:
-        def finished(task: asyncio.Task[bytes]) -> None:
+        def finished(task: asyncio.Task[bytes | CallerStream]) -> None:
             if not task.cancelled():
                 done(req, task.result())
 
@@ -567,26 +668,117 @@ class OutboundHandler:
 
     async def _finish_async(
         self, req: Request, rid: str, t0: float, plan: _Plan | str | None
-    ) -> bytes:
+    ) -> bytes | CallerStream:
         try:
             if req.path.startswith(EVENTS_PREFIX):
                 status, headers, body = await self.app.events.publish_http(req, rid)
-                result: Result = (status, headers, body, "_events", "-", 0, "")
+                result: Result | CallerStream = (status, headers, body, "_events", "-", 0, "")
             else:
                 result = await self._call(req, rid, plan)
         except Exception as exc:
             return self._crashed(req, rid, t0, exc)
-        return self._respond(req, rid, t0, result)
+        if isinstance(result, tuple):
+            return self._respond(req, rid, t0, result)
+        return self._streaming(req, rid, t0, result)
 
     async def _retry(
         self, req: Request, rid: str, t0: float, plan: _Plan, backoff: float, deadline: float
-    ) -> bytes:
+    ) -> bytes | CallerStream:
         try:
             await asyncio.sleep(backoff)
             result = await self._attempts(req, rid, plan, 1, deadline)
         except Exception as exc:
             return self._crashed(req, rid, t0, exc)
+        if isinstance(result, tuple):
+            return self._respond(req, rid, t0, result)
+        return self._streaming(req, rid, t0, result)
+
+    async def _stream_call(self, req: StreamedRequest, rid: str, t0: float) -> bytes | CallerStream:
+        """A request whose body streams: never retried (its body is read once)."""
+        try:
+            step = await self._prepare(req, rid, None)
+            if isinstance(step, tuple):
+                result = step
+            else:
+                answer = await self._streamed(req, rid, step)
+                if not isinstance(answer, tuple):
+                    return self._streaming(req, rid, t0, answer)
+                result = answer
+        except Exception as exc:
+            req.keep_alive = False
+            return self._crashed(req, rid, t0, exc)
+        # Answered without reading the body to its end: the connection cannot go on.
+        req.keep_alive = False
         return self._respond(req, rid, t0, result)
+
+    async def _streamed(self, req: StreamedRequest, rid: str, plan: _Plan) -> Result | CallerStream:
+        from natsmesh_sidecar.stream import protocol
+
+        app, rule = self.app, plan.rule
+        if not protocol.same_namespace(plan.subject):
+            s, h, b = self._error(
+                413,
+                "payload_too_large",
+                "request bodies larger than one NATS message do not cross namespaces",
+                rid,
+            )
+            return s, h, b, plan.dest_key, rule.name, 0, "payload_too_large"
+        fast = app.fast
+        reply: Reply | None = None
+        streamed: CallerStream | None = None
+        if fast is None or app.nc is None or not app.nc.is_connected:
+            outcome: str | int = resilience.UNAVAILABLE
+        else:
+            head = b"%sNm-Timeout-Ms: %d\r\n" % (plan.head, rule.timeout_ms)
+            answer = await req.stream.start_upload(
+                fast, plan.subject, head, rule.timeout_ms / 1000.0
+            )
+            if isinstance(answer, Reply):
+                outcome, reply = _received(answer)
+            elif isinstance(answer, str):
+                outcome = answer
+            else:
+                outcome, streamed = STREAMED, answer
+                answer.destination, answer.route = plan.dest_key, rule.name
+        if outcome in _STREAM_BROKE:
+            # The stream broke before a response (an abort, a protocol error).
+            if plan.breaker is not None:
+                plan.breaker.record(False, time.monotonic())
+            s, h, b = self._error(
+                502, "stream_failed", f"streamed call to {plan.subject} broke ({outcome})", rid
+            )
+            return s, h, b, plan.dest_key, rule.name, 1, "stream_failed"
+        # The last attempt's number: no retry.
+        step = self._settle(
+            req, rid, plan, rule.retries.attempts, outcome, reply, 0.0, streamed=streamed
+        )
+        assert not isinstance(step, float)
+        return step
+
+    def _relay(self, req: Request, rid: str, plan: _Plan, reply: Reply) -> Result | CallerStream:
+        """A reply that says the response streams: the stream that relays it."""
+        from natsmesh_sidecar.stream.caller import CallerStream
+        from natsmesh_sidecar.stream.protocol import StreamError
+
+        fast = self.app.fast
+        try:
+            if fast is None:
+                raise StreamError("NATS connection lost")
+            stream = CallerStream.from_head(
+                fast, self.stream_limits, plan.subject, reply, keep_alive=req.keep_alive
+            )
+        except StreamError as exc:
+            s, h, b = self._error(502, "bad_stream", f"{plan.subject} streamed badly: {exc}", rid)
+            return s, h, b, plan.dest_key, plan.rule.name, 1, "bad_stream"
+        stream.destination, stream.route = plan.dest_key, plan.rule.name
+        return stream
+
+    def _streaming(self, req: Request, rid: str, t0: float, stream: CallerStream) -> CallerStream:
+        """Count and log a request whose response streams, at its head (the
+        access log's duration is the time to the first byte)."""
+        self.inflight -= 1
+        self._record(req, rid, t0, stream.status, stream.destination, stream.route, 1, "")
+        return stream
 
     def _respond(self, req: Request, rid: str, t0: float, result: Result) -> bytes:
         """Render the response; count and log the request."""
@@ -694,8 +886,18 @@ class OutboundHandler:
             headers.extend(extra)
         return status, headers, codec.error_body(code, message, rid)
 
-    async def _call(self, req: Request, rid: str, plan: _Plan | str | None = None) -> Result:
-        """(status, headers, body, destination, route, attempts, error code)."""
+    async def _call(
+        self, req: Request, rid: str, plan: _Plan | str | None = None
+    ) -> Result | CallerStream:
+        """(status, headers, body, destination, route, attempts, error code), or a stream."""
+        step = await self._prepare(req, rid, plan)
+        if isinstance(step, tuple):
+            return step
+        deadline = time.monotonic() + step.rule.timeout_ms / 1000.0
+        return await self._attempts(req, rid, step, 0, deadline)
+
+    async def _prepare(self, req: Request, rid: str, plan: _Plan | str | None) -> Result | _Plan:
+        """Route (fetching the policy if need be) and apply the rule's faults."""
         app = self.app
         step = self._route(req, rid, MISS) if plan is None else plan
         if isinstance(step, str):
@@ -722,8 +924,7 @@ class OutboundHandler:
                 step.abort, "fault_injected", f"fault injected by route {rule.name}", rid
             )
             return s, h, b, step.dest_key, rule.name, 0, "fault_injected"
-        deadline = time.monotonic() + rule.timeout_ms / 1000.0
-        return await self._attempts(req, rid, step, 0, deadline)
+        return step
 
     def _route(self, req: Request, rid: str, policy: object) -> Result | _Plan | str:
         """Resolve, authorise and plan a request; no awaiting.
@@ -836,14 +1037,14 @@ class OutboundHandler:
 
     async def _attempts(
         self, req: Request, rid: str, plan: _Plan, attempt: int, deadline: float
-    ) -> Result:
+    ) -> Result | CallerStream:
         """Attempts from ``attempt`` on until one settles the request."""
         while True:
             per_try, hdr = self._per_try(plan, deadline)
             sent = self._send(plan.subject, req.body, per_try, hdr)
             outcome, reply = sent if isinstance(sent, tuple) else _received(await sent)
             step = self._settle(req, rid, plan, attempt, outcome, reply, deadline)
-            if isinstance(step, tuple):
+            if not isinstance(step, float):
                 return step
             attempt += 1
             await asyncio.sleep(step)
@@ -857,11 +1058,29 @@ class OutboundHandler:
         outcome: str | int,
         reply: Reply | None,
         deadline: float,
-    ) -> Result | float:
-        """An attempt's outcome: the result, or the backoff before the next attempt."""
+        *,
+        streamed: object = None,
+    ) -> Result | float | CallerStream:
+        """An attempt's outcome: the result, or the backoff before the next attempt.
+
+        A streamed response is never retried: its first chunk may already be
+        on the client's socket.
+        """
         app = self.app
         breaker, subject, dest_key, rule = plan.breaker, plan.subject, plan.dest_key, plan.rule
         retries = rule.retries
+        if outcome == STREAMED:
+            if streamed is None:
+                assert reply is not None
+                streamed = self._relay(req, rid, plan, reply)
+            if isinstance(streamed, tuple):
+                outcome = streamed[0]
+            else:
+                outcome = cast("CallerStream", streamed).status
+            if breaker is not None:
+                breaker.record(resilience.verdict(outcome), time.monotonic())
+                app.report_circuit(subject, breaker)
+            return cast("Result | CallerStream", streamed)
         if (
             outcome not in resilience.CALLER_SIDE
             and attempt < retries.attempts
@@ -997,8 +1216,11 @@ def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
         # TIMEOUT and NO_RESPONDERS are resilience's names too.
         return reply, None
     status = codec.final_status(reply.headers.get(codec.H_STATUS)) or 502
-    if status == 502 and codec.H_UNDELIVERED in reply.headers:
-        # The callee's app refused the connection (it is starting or dying):
-        # like no responders, safe to try another replica.
-        return resilience.UNDELIVERED, reply
+    if status == 502:
+        if codec.H_UNDELIVERED in reply.headers:
+            # The callee's app refused the connection (it is starting or dying):
+            # like no responders, safe to try another replica.
+            return resilience.UNDELIVERED, reply
+        if codec.H_STREAM in reply.headers and codec.H_STATUS not in reply.headers:
+            return STREAMED, reply
     return status, reply

@@ -6,6 +6,12 @@ Requests:  ``mesh.<namespace>.<service>.<version>.<caller-ns>.<caller>`` (queue
            subscribes only to the callers it admits (permissions that do not grow
            with the namespace). Route tables carry the first four tokens (the
            *base* subject); each sidecar appends its own identity.
+Streams of one call (a body larger than one message, natsmesh_sidecar.stream):
+           ``mesh._<namespace>.<service>.<call>.<caller-ns>.<caller>`` carries the
+           caller's chunks and credits to the one callee instance that took the
+           call; the caller's own request permission covers it (its identity is
+           still last), only the callee may subscribe (no queue group), and the
+           ``_`` keeps it apart from every service subject
 Events:    ``events.<namespace>.<service>.<topic>``
 Streams:   ``EVENTS_<service>`` in the namespace's account (one per publisher)
 Route KV:  bucket ``natsmesh-routes`` in the namespace's account, key ``<service>``
@@ -85,6 +91,16 @@ def caller_publish(namespace: str, service: str) -> str:
 def serve_subject(namespace: str, service: str, version: str, caller_ns: str, caller: str) -> str:
     """What a callee subscribes to for one admitted caller (``*``: all of ``caller_ns``)."""
     return f"{REQUEST_PREFIX}.{namespace}.{service}.{version}.{caller_ns}.{caller}"
+
+
+#: Marks the namespace token of a stream's call subject (no namespace starts with it).
+STREAM_MARK = "_"
+
+
+def stream_serve_subject(namespace: str, service: str, caller_ns: str, caller: str) -> str:
+    """What a callee may subscribe to for the streamed calls of ``caller`` (``*``: all
+    of ``caller_ns``): every call id, without a queue group."""
+    return f"{REQUEST_PREFIX}.{STREAM_MARK}{namespace}.{service}.*.{caller_ns}.{caller}"
 
 
 def import_subject(namespace: str, service: str, caller_ns: str, caller: str) -> str:

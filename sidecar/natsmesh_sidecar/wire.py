@@ -157,6 +157,15 @@ class MeshTable:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """What a streamed body (natsmesh_sidecar.stream) may hold and wait for."""
+
+    chunk_bytes: int = 128 * 1024
+    window: int = 8
+    idle_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The static ``NATSMESH_*`` settings (as config.SidecarSettings)."""
 
@@ -187,6 +196,16 @@ class Settings:
     event_dedup: bool = True
     otlp_endpoint: str | None = None
     trace_sample_ratio: float = 1.0
+    stream_idle_timeout_seconds: float = 60.0
+    stream_chunk_bytes: int = 128 * 1024
+    stream_window: int = 8
+
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(
+            chunk_bytes=self.stream_chunk_bytes,
+            window=self.stream_window,
+            idle_timeout_s=self.stream_idle_timeout_seconds,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -469,6 +488,9 @@ _SETTINGS = (
         _F("event_dedup", _bool, None),
         _F("otlp_endpoint", _opt(_str), None),
         _F("trace_sample_ratio", _float(0, 1), None),
+        _F("stream_idle_timeout_seconds", _float(0), None),
+        _F("stream_chunk_bytes", _int(1024, 512 * 1024), None),
+        _F("stream_window", _int(1, 256), None),
     ),
 )
 

@@ -30,6 +30,13 @@ subscribe:
   * ``mesh.<ns>.<self>.<version>.<ns>.*`` when it admits its own namespace, and
     ``mesh.<ns>.<self>.<version>.<caller-ns>.<caller>`` per other admitted
     caller, each with queue group ``<self>`` only
+  * ``mesh._<ns>.<self>.*.<ns>.*`` when it admits its own namespace, and
+    ``mesh._<ns>.<self>.*.<ns>.<caller>`` per other admitted caller of its
+    namespace, without a queue group: the call subjects of streamed bodies
+    (natsmesh_sidecar.stream), which the instance that took a call
+    subscribes to for that call alone. The callers' side needs nothing new:
+    their request permission already ends in their identity, and the
+    callee answers into their inboxes as for any reply
   * ``_INBOX.mesh.<self>.>`` (its own inbox prefix), ``$KV.natsmesh-routes.<self>``
     and ``$KV.natsmesh-routes.to.*``
   * the micro-service discovery subjects for its own name
@@ -160,13 +167,17 @@ def service_permissions(
     )
     serve: list[str] = []
     replies: list[str] = []
+    streams: list[str] = []
     if admits_namespace:
         serve.append(subjects.serve_subject(namespace, service, version, namespace, "*"))
         replies.append(f"{subjects.INBOX_ROOT}.*.>")
+        streams.append(subjects.stream_serve_subject(namespace, service, namespace, "*"))
     for ns, svc in callers:
         serve.append(subjects.serve_subject(namespace, service, version, ns, svc))
         if ns == namespace:
             replies.append(f"{subjects.inbox_prefix(svc)}.>")
+            # Streams stay within a namespace (a service import answers once).
+            streams.append(subjects.stream_serve_subject(namespace, service, ns, svc))
     if any(ns != namespace for ns, _ in callers):
         replies.append(f"{subjects.SERVICE_REPLY_PREFIX}>")
     pub: list[str] = [subjects.caller_publish(namespace, service), *replies]
@@ -183,6 +194,7 @@ def service_permissions(
     pub += micro_pub()
     sub = [
         *(f"{s} {group}" for s in serve),
+        *streams,
         f"{subjects.inbox_prefix(service)}.>",
         subjects.routes_key_subject(service),
         subjects.target_key_subject("*"),

@@ -46,6 +46,8 @@ def test_worked_example_orders_permissions() -> None:
     assert perms.sub_allow == (
         # it hears exactly gateway, nobody else
         "mesh.shop.orders.v1.shop.gateway orders",
+        # and only gateway's streamed calls (each instance the calls it took)
+        "mesh._shop.orders.*.shop.gateway",
         "_INBOX.mesh.orders.>",
         "$KV.natsmesh-routes.orders",
         "$KV.natsmesh-routes.to.*",
@@ -73,7 +75,8 @@ def test_worked_example_payments_consumer_permissions() -> None:
     assert [s for s in pub if s.startswith("mesh.")] == ["mesh.*.*.*.shop.payments"]
     sub = p.user("shop", "payments").permissions.sub_allow
     assert [s for s in sub if s.startswith("mesh.")] == [
-        "mesh.shop.payments.v1.shop.orders payments"
+        "mesh.shop.payments.v1.shop.orders payments",
+        "mesh._shop.payments.*.shop.orders",
     ]
 
 

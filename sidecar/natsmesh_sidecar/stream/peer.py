@@ -1,0 +1,85 @@
+"""What both ends of a streamed call share: the idle clock and its beat.
+
+Each end notes when it last heard from the other; every quarter of the idle
+timeout it either gives up (nothing heard for a whole timeout: the other
+sidecar, its app or NATS is gone) or sends a beat, so a stream with nothing
+to say (an idle Server-Sent Events feed) is not taken for a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from natsmesh_sidecar.natsfast import Reply
+from natsmesh_sidecar.stream import protocol
+from natsmesh_sidecar.stream.receiver import Receiver
+from natsmesh_sidecar.wire import StreamLimits
+
+logger = logging.getLogger(__name__)
+
+
+class Peer:
+    def __init__(self, limits: StreamLimits) -> None:
+        self.limits = limits
+        self.finished = False
+        self.last_heard = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        #: The receiving end of the direction that streams toward us, if any.
+        self.receiver: Receiver | None = None
+
+    def on_message(self, msg: Reply) -> None:
+        """A message from the other end: chunks to the receiver, the rest to :meth:`handle`."""
+        if self.finished:
+            return
+        self.last_heard = time.monotonic()
+        what = protocol.kind(msg.headers, msg.data)
+        try:
+            if what == protocol.CHUNK:
+                if self.receiver is None:
+                    raise protocol.StreamError("a chunk where no body streams")
+                self.receiver.on_chunk(msg.headers, msg.data)
+            elif what == protocol.ABORT:
+                self.aborted(msg.headers.get(protocol.H_ABORT, ""))
+            elif what != protocol.BEAT:
+                self.handle(what, msg)
+        except protocol.StreamError as exc:
+            self.broken(str(exc))
+
+    def handle(self, what: str, msg: Reply) -> None:
+        """Any other message (a credit, a response head...); StreamError if out of place."""
+        raise protocol.StreamError(f"unexpected {what} message")
+
+    def aborted(self, reason: str) -> None:
+        """The other end gave up."""
+        raise NotImplementedError
+
+    def broken(self, reason: str) -> None:
+        """The other end broke the protocol."""
+        raise NotImplementedError
+
+    def _arm(self) -> None:
+        beat = self.limits.idle_timeout_s / 4
+        self._timer = asyncio.get_running_loop().call_later(beat, self._tick)
+
+    def _tick(self) -> None:
+        if self.finished:
+            return
+        if time.monotonic() - self.last_heard > self.limits.idle_timeout_s:
+            self.silent()
+            return
+        self.beat()
+        self._arm()
+
+    def _stop_clock(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def silent(self) -> None:
+        """Nothing heard for the idle timeout."""
+        raise NotImplementedError
+
+    def beat(self) -> None:
+        """Tell the other end we are here."""
+        raise NotImplementedError
