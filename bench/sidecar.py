@@ -607,11 +607,15 @@ def cli() -> int:
     if args.role == "responder":
         uvloop.run(role_responder(args.url))
         return 0
-    results = uvloop.run(main(args))
-    report(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    emit(uvloop.run(main(args)), report, args.json)
     return 0
+
+
+def emit(results: dict[str, Any], show: Callable[[dict[str, Any]], None], path: str | None) -> None:
+    """Print a run's table and, if asked, write its figures as JSON."""
+    show(results)
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

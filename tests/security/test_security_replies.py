@@ -22,10 +22,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from natsmesh_operator.wiring import users
 from natsmesh_operator.wiring.apply import admin_creds
 from natsmesh_operator.wiring.desired import CallerRef, Publish, ServiceIntent, Subscribe
-from natsmesh_operator.wiring.plan import MeshPlan, plan
+from natsmesh_operator.wiring.plan import MeshPlan
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
 from tests.fixtures.nats_operator import OperatorNats, Probe, call, serve_as
@@ -64,15 +63,7 @@ class Tenant:
 
 @pytest.fixture
 async def t(nats_operator: OperatorNats) -> Tenant:
-    p = plan(tenant())
-    assert not p.problems, p.problems
-    async with nats_operator.applier() as a:
-        report = await a.apply(p)
-        assert report.ok, report.errors
-    account = nats_operator.keyring.account(NS)
-    creds = {
-        i.name: users.issue(p.user(NS, i.name), account, ttl_seconds=3600).creds for i in tenant()
-    }
+    p, creds = await nats_operator.apply_tenant(tenant(), NS)
     return Tenant(nats_operator, p, creds)
 
 

@@ -143,6 +143,8 @@ class CallerStream(Peer):
         the stream and, once the body is sent, for the response head; while
         the body is being sent, the idle timeout does.
         """
+        if self.finished:
+            return "cut"  # the client left while the request waited its turn
         loop = asyncio.get_running_loop()
         self.fast = fast
         self.request_subject = subject
@@ -175,9 +177,15 @@ class CallerStream(Peer):
                 self.cut("no answer in time", answer=TIMEOUT)
                 return TIMEOUT
             try:
-                return await asyncio.wait_for(asyncio.shield(self.answer), left)
+                answer = await asyncio.wait_for(asyncio.shield(self.answer), left)
             except TimeoutError:
                 continue
+            if answer is not self and not self.finished:
+                # Answered whole (a refusal, an error): nothing more will come.
+                self._abort_upload("answered before the body was sent")
+                self.finished = True
+                self._stop()
+            return answer
 
     # -- messages from the callee --------------------------------------------------------
 
@@ -350,6 +358,7 @@ class CallerStream(Peer):
         conn, done = self.conn, self.done
         if conn is None or done is None or self.finished:
             return
+        self._abort_upload("the response ended before the body was sent")
         self.finished = True
         self._stop()
         if conn.transport is not None and self.length is None:
@@ -358,6 +367,12 @@ class CallerStream(Peer):
         if not self.body_complete or not self.keep_alive:
             self.req.keep_alive = False
         done(self.req, b"")
+
+    def _abort_upload(self, reason: str) -> None:
+        """Tell the callee a body it is still waiting for will not come."""
+        upload = self.upload
+        if upload is not None and upload.publish is not None and not upload.eof_sent:
+            self._publish(protocol.abort_block(reason))
 
     def client_lost(self) -> None:
         """The client went away: stop, and tell the callee (its app's call is closed)."""

@@ -8,6 +8,7 @@ are asserted: no timing, the figures of a tiny run on a shared box mean nothing.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,17 @@ def test_sidecar_bench_quick() -> None:
     assert "added latency of the two-sidecar path vs direct" in out
     assert "sidecar path / direct" in out
     assert "CPU per request per sidecar: A " in out
+    assert "sidecar RSS idle" in out
+
+
+@pytest.mark.timeout(120)
+def test_stream_bench_quick() -> None:
+    """Needs nats-server (the venv's) and curl, as tests/integration/stream."""
+    out = run_bench(["bench.stream", "--quick"], dict(os.environ), timeout=100)
+    assert "natsmesh streamed bodies, 8 MiB each way" in out
+    for path in ("direct", "sidecars"):
+        assert re.search(rf"\n{path} +[0-9.]+ +[0-9.]+\n", out), out
+    assert "sidecars / direct: upload" in out
     assert "sidecar RSS idle" in out
 
 

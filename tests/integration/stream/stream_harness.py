@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -52,7 +55,7 @@ async def _upload(request: web.Request) -> web.Response:
     async for chunk in request.content.iter_any():
         h.update(chunk)
         n += len(chunk)
-    request.app["state"].uploads += 1
+    request.app[STATE].uploads += 1
     return web.json_response(
         {"sha256": h.hexdigest(), "bytes": n, "te": request.headers.get("transfer-encoding", "")}
     )
@@ -75,6 +78,25 @@ async def _download(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _upload_503(request: web.Request) -> web.Response:
+    """Reads the whole body, then fails: a retry would have to send it again."""
+    await _upload(request)
+    return web.json_response({"error": "unavailable"}, status=503)
+
+
+async def _broken(request: web.Request) -> web.StreamResponse:
+    """Announces ``n`` bytes, sends half, drops the connection."""
+    n = int(request.match_info["n"])
+    resp = web.StreamResponse(headers={"content-type": "application/octet-stream"})
+    resp.content_length = n
+    await resp.prepare(request)
+    await resp.write(BLOCK[: n // 2])
+    await asyncio.sleep(0.2)
+    assert request.transport is not None
+    request.transport.abort()
+    return resp
+
+
 async def _sse(request: web.Request) -> web.StreamResponse:
     count = int(request.query.get("n", "3"))
     every = float(request.query.get("every", "1"))
@@ -92,7 +114,7 @@ async def _sse(request: web.Request) -> web.StreamResponse:
 
 async def _endless(request: web.Request) -> web.StreamResponse:
     """A tick every 50 ms until writing fails (the client, through the mesh, left)."""
-    state: AppState = request.app["state"]
+    state: AppState = request.app[STATE]
     resp = web.StreamResponse(headers={"content-type": "text/plain"})
     await resp.prepare(request)
     try:
@@ -105,10 +127,15 @@ async def _endless(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+STATE = web.AppKey("state", AppState)
+
+
 def make_app(state: AppState) -> web.Application:
     app = web.Application(client_max_size=1024**4)
-    app["state"] = state
+    app[STATE] = state
     app.router.add_post("/upload", _upload)
+    app.router.add_post("/upload-503", _upload_503)
+    app.router.add_get("/broken/{n}", _broken)
     app.router.add_get("/download/{n}", _download)
     app.router.add_get("/sse", _sse)
     app.router.add_get("/endless", _endless)
@@ -135,13 +162,21 @@ class SidecarProc:
 
 
 async def start_sidecar(
-    service: str, nats_url: str, workdir: Path, *, app_port: int = 0, **env: str
+    service: str,
+    nats_url: str,
+    workdir: Path,
+    *,
+    app_port: int = 0,
+    rule: dict[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> SidecarProc:
-    """``python -m natsmesh_sidecar`` for ``service`` of namespace shop; ready when it returns."""
+    """``python -m natsmesh_sidecar`` for ``service`` of namespace shop; ready when it returns.
+
+    Without an app it is a caller of orders (with ``rule``'s settings)."""
     if app_port:
         t = table("shop", service)
     else:
-        t = table("shop", service, destinations=[destination("shop", "orders")])
+        t = table("shop", service, destinations=[destination("shop", "orders", **(rule or {}))])
     table_file = workdir / f"{service}.json"
     table_file.write_bytes(t.to_json())
     listen_port, admin_port = free_port(), free_port()
@@ -156,8 +191,8 @@ async def start_sidecar(
         "NATSMESH_ADMIN_HOST": "127.0.0.1",
         "NATSMESH_ADMIN_PORT": str(admin_port),
         "NATSMESH_TABLE_FILE": str(table_file),
-        "NATSMESH_DRAIN_SECONDS": "1",
-        **env,
+        "NATSMESH_DRAIN_SECONDS": "0.2",
+        **(env or {}),
     }
     log = workdir / f"{service}.log"
     with log.open("wb") as err:
@@ -205,3 +240,56 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     asyncio.run(main(parser.parse_args().port))
+
+
+@dataclass
+class Mesh:
+    """An aiohttp app behind orders' sidecar, and web's sidecar calling it."""
+
+    state: AppState
+    app_port: int
+    caller: SidecarProc
+    callee: SidecarProc
+    workdir: Path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.caller.listen_port}{path}"
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(
+    nats_url: str, workdir: Path, *, rule: dict[str, Any] | None = None, **env: str
+) -> AsyncIterator[Mesh]:
+    state = AppState()
+    runner, app_port = await start_app(state)
+    started = await asyncio.gather(
+        start_sidecar("orders", nats_url, workdir, app_port=app_port, env=env),
+        start_sidecar("web", nats_url, workdir, rule=rule, env=env),
+        return_exceptions=True,
+    )
+    sides = [s for s in started if isinstance(s, SidecarProc)]
+    try:
+        for failed in started:
+            if isinstance(failed, BaseException):
+                raise failed
+        yield Mesh(state, app_port, sides[1], sides[0], workdir)
+    finally:
+        for side in sides:
+            stop_sidecar(side)
+        await runner.cleanup()
+
+
+async def curl(*args: str, within: float = 60) -> tuple[int, bytes, bytes]:
+    """curl (Debian's) through the caller's sidecar: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "-sS",
+        "-H",
+        "Host: orders.shop",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), within)
+    assert proc.returncode is not None
+    return proc.returncode, out, err

@@ -1,0 +1,122 @@
+"""Streamed responses as they happen, and how a stream ends when something dies.
+
+A cut stream must look cut to the client (curl reports an incomplete or
+reset transfer), never like a complete body; a client that leaves must
+reach the app (its connection closes); a body once streamed is never sent
+again by a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.nats_server import NatsServer
+from tests.integration.stream.stream_harness import BLOCK, Mesh, curl, running_mesh
+
+pytestmark = pytest.mark.integration
+
+#: curl's exit codes for a transfer that did not complete: 18 partial file
+#: (shorter than its Content-Length or its chunked framing), 56 receive
+#: failure (reset), 52 nothing received.
+CUT = {18, 52, 56}
+
+
+async def endless(mesh: Mesh) -> asyncio.subprocess.Process:
+    """curl on the app's endless stream, its first tick read."""
+    proc = await start_curl(mesh, "/endless")
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 5) == b"tick\n"
+    return proc
+
+
+async def start_curl(mesh: Mesh, path: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        "curl",
+        "-sSN",
+        "-H",
+        "Host: orders.shop",
+        mesh.url(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def test_server_sent_events_arrive_one_per_second(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Each event reaches the caller when the app writes it, not when it finishes."""
+    async with running_mesh(nats_server.url, tmp_path) as mesh:
+        proc = await start_curl(mesh, "/sse?n=3&every=1")
+        assert proc.stdout is not None
+        t0 = time.monotonic()
+        seen: list[float] = []
+        while len(seen) < 3:
+            line = await asyncio.wait_for(proc.stdout.readline(), 5)
+            assert line, "the stream ended early"
+            if line.startswith(b"data: event"):
+                seen.append(time.monotonic() - t0)
+        assert await asyncio.wait_for(proc.wait(), 5) == 0
+        # The first event long before the app's last (which comes at 2 s).
+        assert seen[0] < 0.8, seen
+        for earlier, later in itertools.pairwise(seen):
+            assert 0.6 < later - earlier < 1.4, seen
+
+
+async def test_callee_sidecar_killed_mid_stream_cuts_the_callers_response(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with running_mesh(
+        nats_server.url, tmp_path, NATSMESH_STREAM_IDLE_TIMEOUT_SECONDS="1"
+    ) as mesh:
+        proc = await endless(mesh)
+        mesh.callee.proc.kill()
+        t0 = time.monotonic()
+        rc = await asyncio.wait_for(proc.wait(), 10)
+        assert rc in CUT, rc
+        # Within the idle timeout and a beat of it.
+        assert time.monotonic() - t0 < 3
+
+
+async def test_app_dying_mid_body_cuts_the_stream(nats_server: NatsServer, tmp_path: Path) -> None:
+    size = 4 * 1024 * 1024
+    async with running_mesh(nats_server.url, tmp_path) as mesh:
+        rc, out, _ = await curl(mesh.url(f"/broken/{size}"), within=20)
+        assert rc in CUT, rc
+        assert len(out) < size
+        assert out == BLOCK[: len(out)]
+        # The mesh is fine afterwards.
+        rc, out, _ = await curl(mesh.url("/download/2000000"))
+        assert (rc, len(out)) == (0, 2000000)
+
+
+async def test_caller_going_away_closes_the_apps_connection(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with running_mesh(nats_server.url, tmp_path) as mesh:
+        proc = await endless(mesh)
+        proc.kill()
+        await proc.wait()
+        # The caller's abort reaches the callee, which closes the app's connection.
+        await asyncio.wait_for(mesh.state.endless_closed.wait(), 5)
+
+
+async def test_a_streamed_upload_is_never_retried(nats_server: NatsServer, tmp_path: Path) -> None:
+    """The route retries 5xx, POST included; a streamed body is still sent once."""
+    retries = {"attempts": 3, "retryOn": ["5xx"], "retryNonIdempotent": True}
+    async with running_mesh(nats_server.url, tmp_path, rule={"retries": retries}) as mesh:
+        upload = tmp_path / "upload.bin"
+        upload.write_bytes(BLOCK * 2)
+        rc, out, err = await curl("--data-binary", f"@{upload}", mesh.url("/upload-503"))
+        assert rc == 0, err
+        assert json.loads(out) == {"error": "unavailable"}
+        assert mesh.state.uploads == 1
+        # A small POST on the same route is retried as configured.
+        rc, out, err = await curl("--data-binary", "small", mesh.url("/upload-503"))
+        assert rc == 0, err
+        assert mesh.state.uploads == 1 + 4
