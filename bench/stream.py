@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.sidecar import Procs, emit, free_port, loadavg, rss_mb, wait_port
+from bench.sidecar import Procs, cpu_seconds, emit, free_port, loadavg, rss_mb, wait_port
 
 MIB = 1024 * 1024
 
@@ -116,17 +116,33 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         host = ("-H", "Host: orders.shop")
         rows: dict[str, dict[str, float]] = {}
         peak = Peak({"A": caller.pid, "B": callee.pid})
+        cpu: dict[str, float] = {}
+
+        def used() -> tuple[float, float]:
+            return cpu_seconds(caller.pid), cpu_seconds(callee.pid)
+
         for name, base, extra in (("direct", direct, ()), ("sidecars", mesh, host)):
+            before = used()
             up_s, out = await timed(*extra, "--data-binary", f"@{upload}", f"{base}/upload")
+            mid = used()
             got = json.loads(out)
             if got["sha256"] != want:
                 raise RuntimeError(f"{name} upload arrived corrupted: {got}")
             down_s, _ = await timed(*extra, "-o", str(down), f"{base}/download/{size}")
+            after = used()
             if sha_file(down) != want:
                 raise RuntimeError(f"{name} download arrived corrupted")
+            if name == "sidecars":
+                gib = size / (1024 * MIB)
+                cpu = {
+                    "upload A": (mid[0] - before[0]) / gib,
+                    "upload B": (mid[1] - before[1]) / gib,
+                    "download A": (after[0] - mid[0]) / gib,
+                    "download B": (after[1] - mid[1]) / gib,
+                }
             rows[name] = {"upload_MBps": size / up_s / 1e6, "download_MBps": size / down_s / 1e6}
         loaded = peak.stop()
-        results.update(rows=rows, rss_idle_mb=idle, rss_peak_mb=loaded)
+        results.update(rows=rows, rss_idle_mb=idle, rss_peak_mb=loaded, cpu_s_per_gib=cpu)
         results["loadavg_after"] = list(os.getloadavg())
     finally:
         for side in sides:
@@ -148,6 +164,12 @@ def report(r: dict[str, Any]) -> None:
     print(
         f"sidecars / direct: upload {s['upload_MBps'] / d['upload_MBps']:.2f}x,"
         f" download {s['download_MBps'] / d['download_MBps']:.2f}x"
+    )
+    cpu = r["cpu_s_per_gib"]
+    print(
+        "sidecar CPU seconds per GiB (the figure to compare between runs on a shared box):"
+        f" upload A {cpu['upload A']:.1f} B {cpu['upload B']:.1f},"
+        f" download A {cpu['download A']:.1f} B {cpu['download B']:.1f}"
     )
     idle, peak = r["rss_idle_mb"], r["rss_peak_mb"]
     print(

@@ -43,6 +43,7 @@ R = TypeVar("R", bound="Request")
 
 MAX_URL = 8192
 EVENTS_PREFIX = "/_events/"
+_EVENTS_PREFIX_B = EVENTS_PREFIX.encode()
 #: Headers the handler needs by name; everything else is only forwarded.
 _SPECIAL = frozenset(
     {
@@ -267,6 +268,10 @@ class OutboundConnection(asyncio.Protocol):
         if upload is None:
             if self.stopped or self.transport is None:
                 return
+            if self._url.startswith(_EVENTS_PREFIX_B):
+                # An event is one JetStream message: it cannot stream.
+                self.reject = (413, "payload_too_large", "event body exceeds the NATS max_payload")
+                raise _Reject
             from natsmesh_sidecar.stream.caller import CallerStream
 
             length = self._special.get("content-length", "")

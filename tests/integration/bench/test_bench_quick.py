@@ -57,6 +57,7 @@ def test_stream_bench_quick() -> None:
     for path in ("direct", "sidecars"):
         assert re.search(rf"\n{path} +[0-9.]+ +[0-9.]+\n", out), out
     assert "sidecars / direct: upload" in out
+    assert "sidecar CPU seconds per GiB" in out
     assert "sidecar RSS idle" in out
 
 
