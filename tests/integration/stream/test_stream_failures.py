@@ -81,6 +81,12 @@ async def test_callee_sidecar_killed_mid_stream_cuts_the_callers_response(
         assert rc in CUT, rc
         # Within the idle timeout and a beat of it.
         assert time.monotonic() - t0 < 3
+        # With no callee left, a streamed upload is refused at once: no responders.
+        upload = tmp_path / "upload.bin"
+        upload.write_bytes(BLOCK * 2)
+        rc, out, err = await curl("--data-binary", f"@{upload}", mesh.url("/upload"))
+        assert rc == 0, err
+        assert json.loads(out)["error"] == "no_responders"
 
 
 async def test_app_dying_mid_body_cuts_the_stream(nats_server: NatsServer, tmp_path: Path) -> None:
