@@ -208,6 +208,20 @@ class CalleeStream(Peer):
         if not self.headed.done():
             self.headed.set_result(0)
 
+    def stalled(self, now: float) -> str | None:
+        # Beats keep a quiet stream alive, but a request body that stopped
+        # half-way (a client that stalls its upload) must not hold the app's
+        # connection for ever. A response may be quiet for hours (SSE).
+        receiver = self.receiver
+        if (
+            receiver is not None
+            and not receiver.done
+            and not receiver.blocked
+            and now - receiver.last_chunk > self.limits.idle_timeout_s
+        ):
+            return "no chunk of the request body for the stream idle timeout"
+        return None
+
     def silent(self) -> None:
         self.cut("the caller went silent past the stream idle timeout")
 

@@ -66,8 +66,13 @@ class Peer:
     def _tick(self) -> None:
         if self.finished:
             return
-        if time.monotonic() - self.last_heard > self.limits.idle_timeout_s:
+        now = time.monotonic()
+        if now - self.last_heard > self.limits.idle_timeout_s:
             self.silent()
+            return
+        stalled = self.stalled(now)
+        if stalled:
+            self.broken(stalled)
             return
         self.beat()
         self._arm()
@@ -75,6 +80,10 @@ class Peer:
     def _stop_clock(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+
+    def stalled(self, now: float) -> str | None:
+        """Why the stream is stuck although the other end still beats, if it is."""
+        return None
 
     def silent(self) -> None:
         """Nothing heard for the idle timeout."""

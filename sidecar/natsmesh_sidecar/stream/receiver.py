@@ -9,6 +9,7 @@ keeps up: a sink that stops draining stops the sender a window later.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 from natsmesh_sidecar.stream import protocol
@@ -24,6 +25,7 @@ class Receiver:
         "expected",
         "finish",
         "granted",
+        "last_chunk",
         "length",
         "received",
         "send_credit",
@@ -49,6 +51,7 @@ class Receiver:
         self.received = 0
         self.blocked = False
         self.done = False
+        self.last_chunk = time.monotonic()
 
     def open(self) -> int:
         """The first credit: a whole window."""
@@ -61,6 +64,7 @@ class Receiver:
             raise protocol.StreamError("chunk after the last one")
         eof = protocol.check_chunk(self.expected, headers)
         self.expected += 1
+        self.last_chunk = time.monotonic()
         self.received += len(data)
         if self.length is not None and self.received > self.length:
             raise protocol.StreamError(f"body longer than the announced {self.length} bytes")
@@ -80,6 +84,7 @@ class Receiver:
         """The sink's write buffer is above (True) or back below (False) its mark."""
         self.blocked = blocked
         if not blocked:
+            self.last_chunk = time.monotonic()  # the wait was ours, not the sender's
             self._grant()
 
     def _grant(self) -> None:

@@ -126,3 +126,26 @@ async def test_a_streamed_upload_is_never_retried(nats_server: NatsServer, tmp_p
         rc, out, err = await curl("--data-binary", "small", mesh.url("/upload-503"))
         assert rc == 0, err
         assert mesh.state.uploads == 1 + 4
+
+
+async def test_a_stalled_upload_is_cut_after_the_idle_timeout(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Beats keep a quiet stream alive, but a client that stops half-way
+    through its body does not hold the app for ever: 502, the app's request cut."""
+    async with running_mesh(
+        nats_server.url, tmp_path, NATSMESH_STREAM_IDLE_TIMEOUT_SECONDS="1"
+    ) as mesh:
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.caller.listen_port)
+        size = 4 * 1024 * 1024
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: orders.shop\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        writer.write(BLOCK * 2)  # half of it, then nothing
+        await writer.drain()
+        t0 = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 502"), head
+        assert 0.9 < time.monotonic() - t0 < 4
+        writer.close()
+        assert mesh.state.uploads == 0  # the app never got a whole body
