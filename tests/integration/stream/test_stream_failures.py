@@ -89,6 +89,24 @@ async def test_callee_sidecar_killed_mid_stream_cuts_the_callers_response(
         assert json.loads(out)["error"] == "no_responders"
 
 
+@pytest.mark.parametrize("dies", ["caller-sidecar", "nats-server"])
+async def test_caller_side_or_nats_dying_mid_stream_closes_the_apps_connection(
+    nats_server: NatsServer, tmp_path: Path, dies: str
+) -> None:
+    async with running_mesh(
+        nats_server.url, tmp_path, NATSMESH_STREAM_IDLE_TIMEOUT_SECONDS="1"
+    ) as mesh:
+        proc = await endless(mesh)
+        if dies == "nats-server":
+            nats_server.stop()
+        else:
+            mesh.caller.proc.kill()
+        # The client's transfer is cut (its sidecar reset it, or died)...
+        assert await asyncio.wait_for(proc.wait(), 5) in CUT
+        # ...and the callee, hearing nothing past the idle timeout, closes the app's call.
+        await asyncio.wait_for(mesh.state.endless_closed.wait(), 5)
+
+
 async def test_app_dying_mid_body_cuts_the_stream(nats_server: NatsServer, tmp_path: Path) -> None:
     size = 4 * 1024 * 1024
     async with running_mesh(nats_server.url, tmp_path) as mesh:
