@@ -657,6 +657,17 @@ class InboundHandler:
 
         status, error = 500, "internal"
         extra = () if codec.REQUEST_ID in hdrs else ((codec.REQUEST_ID, rid),)
+        # What the upload may hold (a window of chunks in flight to the app,
+        # one more in its socket's buffer) counts against the byte budget
+        # like a body in hand, until the response head.
+        limits = self.pool.stream_limits
+        reserve = (limits.window + 1) * limits.chunk_bytes
+        if self.held_bytes and self.held_bytes + reserve > self.limits.max_bytes:
+            self._overloaded(msg, "sidecar memory budget for requests in hand is full")
+            self.inflight -= 1
+            self.held_bytes -= len(msg.data)
+            return
+        self.held_bytes += reserve
 
         def head(length: int | None) -> bytes | None:
             return codec.render_request_head_from_nats(
@@ -681,6 +692,7 @@ class InboundHandler:
         except Exception as exc:
             self._failed(msg, rid, exc)
         finally:
+            self.held_bytes -= reserve
             self._end(msg, t0, rid, method, target, status, error)
 
     def _done(self, task: asyncio.Task[None]) -> None:

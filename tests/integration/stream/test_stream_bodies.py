@@ -111,3 +111,40 @@ async def test_chunked_upload_and_chunked_download_of_unknown_length(
         # A small request and answer on the same mesh still take the unary path.
         rc, out, err = await curl(mesh.url("/download/1000"))
         assert (rc, len(out)) == (0, 1000)
+
+
+async def start_upload(port: int, size: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw client that sends the head and half of a ``size`` body, then waits."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: orders.shop\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % size
+    )
+    writer.write((BLOCK * 4)[: size // 2])
+    await writer.drain()
+    return reader, writer
+
+
+async def test_uploads_in_hand_count_against_the_callees_byte_budget(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Each upload reserves its window of NATSMESH_INBOUND_MAX_BYTES until its
+    response head: past the budget the next one is answered 503 at once, so
+    concurrent uploads cannot grow the callee's memory without bound."""
+    size = 4 * MIB
+    async with running_mesh(nats_server.url, tmp_path, NATSMESH_INBOUND_MAX_BYTES=str(MIB)) as mesh:
+        port = mesh.caller.listen_port
+        first = await start_upload(port, size)
+        await asyncio.sleep(0.3)  # its head is in the callee's hands
+        reader, writer = await start_upload(port, size)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 503"), head
+        writer.close()
+        # The first is unaffected: the rest of its body, its answer.
+        reader, writer = first
+        writer.write((BLOCK * 4)[size // 2 : size])
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        assert response.startswith(b"HTTP/1.1 200"), response[:200]
+        assert json.loads(response.partition(b"\r\n\r\n")[2])["sha256"] == pattern_sha256(size)
