@@ -39,6 +39,10 @@ H_UNDELIVERED = "Nm-Undelivered"
 #: A request head whose body streams, or a reply whose response does
 #: (natsmesh_sidecar.stream.protocol.H_STREAM, checked here without importing it).
 H_STREAM = "Nm-Stream"
+#: A streamed request's method, in place of ``Nm-Method``: a sidecar that
+#: knows nothing of streams answers 400 instead of calling its app with an
+#: empty body.
+H_STREAM_METHOD = "Nm-Stream-Method"
 DUP_PREFIX = "Nm-Dup-"
 ESC_PREFIX = "Nm-Esc-"
 MESH_PREFIX_LOWER = "nm-"

@@ -713,11 +713,14 @@ class InboundHandler:
         method = hdrs.get(codec.H_METHOD, "")
         target = hdrs.get(codec.H_TARGET, "")
         if not method or not target:
+            method = hdrs.get(codec.H_STREAM_METHOD, "")
+            if method and target and codec.H_STREAM in hdrs:
+                # A request whose body streams (natsmesh_sidecar.stream).
+                rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
+                self._track(self._serve_upload(msg, hdrs, t0, rid, method, target), self.tasks)
+                return True
             return False
         rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
-        if codec.H_STREAM in hdrs:
-            self._track(self._serve_upload(msg, hdrs, t0, rid, method, target), self.tasks)
-            return True
         data = self._render(msg, hdrs, rid, method, target)
         if data is None:
             return False

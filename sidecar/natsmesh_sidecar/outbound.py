@@ -734,7 +734,10 @@ class OutboundHandler:
         if fast is None or app.nc is None or not app.nc.is_connected:
             outcome: str | int = resilience.UNAVAILABLE
         else:
-            head = b"%sNm-Timeout-Ms: %d\r\n" % (plan.head, rule.timeout_ms)
+            # Nm-Stream-Method, not Nm-Method: a callee too old to stream
+            # answers 400 rather than call its app with an empty body.
+            mesh = plan.head.replace(b"\r\nNm-Method: ", b"\r\nNm-Stream-Method: ", 1)
+            head = b"%sNm-Timeout-Ms: %d\r\n" % (mesh, rule.timeout_ms)
             answer = await req.stream.start_upload(
                 fast, plan.subject, head, rule.timeout_ms / 1000.0
             )

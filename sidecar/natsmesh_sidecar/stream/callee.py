@@ -478,7 +478,7 @@ async def serve_upload(
     await stream.open()
     try:
         _, app = await loop.create_connection(
-            lambda: _AppCall(stream, length is None, hdrs.get(codec.H_METHOD) == "HEAD"),
+            lambda: _AppCall(stream, length is None, hdrs.get(codec.H_STREAM_METHOD) == "HEAD"),
             app_host,
             app_port,
         )
