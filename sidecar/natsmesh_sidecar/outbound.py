@@ -1087,7 +1087,6 @@ class OutboundHandler:
                 outcome = cast("CallerStream", streamed).status
             if breaker is not None:
                 breaker.record(resilience.verdict(outcome), time.monotonic())
-                app.report_circuit(subject, breaker)
             return cast("Result | CallerStream", streamed)
         if (
             outcome not in resilience.CALLER_SIDE

@@ -133,7 +133,8 @@ async def test_caller_going_away_closes_the_apps_connection(
 async def test_a_streamed_upload_is_never_retried(nats_server: NatsServer, tmp_path: Path) -> None:
     """The route retries 5xx, POST included; a streamed body is still sent once."""
     retries = {"attempts": 3, "retryOn": ["5xx"], "retryNonIdempotent": True}
-    async with running_mesh(nats_server.url, tmp_path, rule={"retries": retries}) as mesh:
+    rule = {"retries": retries, "circuitBreaker": {"consecutiveFailures": 100}}
+    async with running_mesh(nats_server.url, tmp_path, rule=rule) as mesh:
         upload = tmp_path / "upload.bin"
         upload.write_bytes(BLOCK * 2)
         rc, out, err = await curl("--data-binary", f"@{upload}", mesh.url("/upload-503"))
@@ -144,6 +145,9 @@ async def test_a_streamed_upload_is_never_retried(nats_server: NatsServer, tmp_p
         rc, out, err = await curl("--data-binary", "small", mesh.url("/upload-503"))
         assert rc == 0, err
         assert mesh.state.uploads == 1 + 4
+        # A streamed response on a rule with retries and a breaker: relayed once.
+        rc, out, err = await curl(mesh.url("/download/3000000"))
+        assert (rc, len(out)) == (0, 3000000), err
 
 
 async def test_a_stalled_upload_is_cut_after_the_idle_timeout(
