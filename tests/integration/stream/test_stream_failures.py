@@ -63,9 +63,11 @@ async def test_server_sent_events_arrive_one_per_second(
                 seen.append(time.monotonic() - t0)
         assert await asyncio.wait_for(proc.wait(), 5) == 0
         # The first event long before the app's last (which comes at 2 s).
-        assert seen[0] < 0.8, seen
+        # (bounds wide enough for a loaded two-core box, narrow enough to
+        # tell one per second from all at the end)
+        assert seen[0] < 1.0, seen
         for earlier, later in itertools.pairwise(seen):
-            assert 0.6 < later - earlier < 1.4, seen
+            assert 0.5 < later - earlier < 1.6, seen
 
 
 async def test_callee_sidecar_killed_mid_stream_cuts_the_callers_response(
@@ -79,8 +81,8 @@ async def test_callee_sidecar_killed_mid_stream_cuts_the_callers_response(
         t0 = time.monotonic()
         rc = await asyncio.wait_for(proc.wait(), 10)
         assert rc in CUT, rc
-        # Within the idle timeout and a beat of it.
-        assert time.monotonic() - t0 < 3
+        # Within the idle timeout and a beat of it (and the box's load).
+        assert time.monotonic() - t0 < 4
         # With no callee left, a streamed upload is refused at once: no responders.
         upload = tmp_path / "upload.bin"
         upload.write_bytes(BLOCK * 2)
@@ -168,6 +170,6 @@ async def test_a_stalled_upload_is_cut_after_the_idle_timeout(
         t0 = time.monotonic()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 502"), head
-        assert 0.9 < time.monotonic() - t0 < 4
+        assert 0.9 < time.monotonic() - t0 < 5
         writer.close()
         assert mesh.state.uploads == 0  # the app never got a whole body
