@@ -20,6 +20,12 @@ if [[ "${1:-}" == "--print" ]]; then
   exit 0
 fi
 
+# The host commands the tests call beside the built tools: Debian's curl
+# (tests/integration/stream sends uploads and reads downloads with it).
+# shellcheck source=hack/lib/apt.sh
+. "$here/lib/apt.sh"
+command -v curl >/dev/null || apt_install tools curl
+
 lock_cache tools
 export GOFLAGS="-mod=readonly -trimpath"
 export CGO_ENABLED=0
