@@ -226,20 +226,39 @@ class MeshReconciler:
 
     async def request(self) -> PassResult:
         """Wait for a pass that started after this call; return its result."""
+        return await self.result_of(self.ask())
+
+    def ask(self) -> int:
+        """Ask for a pass; the ticket :meth:`result_of` waits on."""
         self.start()
         self._requested += 1
-        mine = self._requested
         self._wakeup.set()
+        return self._requested
+
+    async def result_of(self, ticket: int) -> PassResult:
+        """The result of the first pass that started after ``ticket`` was asked for."""
         async with self._finished:
-            await self._finished.wait_for(lambda: self._done >= mine)
+            await self._finished.wait_for(lambda: self._done >= ticket)
         assert self.last is not None
         return self.last
 
+    @property
+    def served(self) -> int:
+        """The last ticket a finished pass served (every ticket up to it)."""
+        return self._done
+
     def poke(self) -> None:
         """Ask for a pass without waiting for it (an event saw something to repair)."""
-        self.start()
-        self._requested += 1
-        self._wakeup.set()
+        self.ask()
+
+    def refresh(self, max_age: float) -> None:
+        """Ask for a pass unless one started less than ``max_age`` seconds ago or is
+        already asked for; never waits (what a periodic check needs)."""
+        if self._requested > self._done:
+            return
+        if self.last is not None and time.monotonic() - self.last.started < max_age:
+            return
+        self.ask()
 
     def _pass_later(self, delay: float) -> None:
         """A pass in ``delay`` seconds, unless one is already due sooner.
@@ -254,12 +273,6 @@ class MeshReconciler:
                 return
             self._later.cancel()
         self._later = loop.call_later(delay, self.poke)
-
-    async def recent(self, max_age: float) -> PassResult:
-        """The last result if younger than ``max_age`` seconds, else a new pass."""
-        if self.last is not None and time.monotonic() - self.last.started < max_age:
-            return self.last
-        return await self.request()
 
     async def _loop(self) -> None:
         while True:
