@@ -27,7 +27,7 @@ from typing import Any, cast
 import kopf
 
 from natsmesh_operator.api import LabelSelector
-from natsmesh_operator.handlers import status
+from natsmesh_operator.handlers import bounded, status
 from natsmesh_operator.handlers.background import cancel
 from natsmesh_operator.handlers.mesh import MeshReconciler, PassResult
 from natsmesh_operator.metrics import METRICS
@@ -134,17 +134,13 @@ class AfterPass:
                 await self._finish(due, result)
 
     async def _finish(self, due: list[Followup], result: PassResult) -> None:
-        # CONCURRENCY workers share one iterator: that many coroutines, not one per follow-up.
-        queue = iter(due)
+        async def one(f: Followup) -> None:
+            try:
+                await self._after(f, result)
+            except Exception:  # one service's follow-up must not stop the others'
+                logger.exception("after the pass of %s/%s", f.namespace, f.name)
 
-        async def drain() -> None:
-            for f in queue:
-                try:
-                    await self._after(f, result)
-                except Exception:  # one service's follow-up must not stop the others'
-                    logger.exception("after the pass of %s/%s", f.namespace, f.name)
-
-        await asyncio.gather(*(drain() for _ in range(min(CONCURRENCY, len(due)))))
+        await bounded.each(due, one, CONCURRENCY)
 
     async def _after(self, f: Followup, result: PassResult) -> None:
         # A service created or changed may have sidecars already connected.

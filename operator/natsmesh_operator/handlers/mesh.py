@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from lightkube import AsyncClient
 
 from natsmesh_operator.api import NatsRoute, NatsService
-from natsmesh_operator.handlers import intents, kube, policies, status, tap_creds
+from natsmesh_operator.handlers import bounded, intents, kube, policies, status, tap_creds
 from natsmesh_operator.handlers.background import Background
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import CredsSettings
@@ -494,23 +494,21 @@ class MeshReconciler:
         if keys.created:
             await self._save_keys(keys)
         result = PassResult(started=started, plan=mesh, report=report)
+
         # Re-issues come in bursts (a new caller changes its targets' JWTs):
         # write them concurrently, bounded so the API server is not flooded.
-        limit = asyncio.Semaphore(CREDS_CONCURRENCY)
-
         async def ensure(svc: NatsService) -> None:
             key = (str(svc.metadata.namespace), str(svc.metadata.name))
-            async with limit:
-                try:
-                    outcome = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
-                except Exception as exc:  # this service's status, not the pass
-                    logger.exception("creds of %s/%s", *key)
-                    outcome = CredsOutcome(False, "CredsFailed", f"{type(exc).__name__}: {exc}")
-                result.creds[key] = outcome
+            try:
+                outcome = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
+            except Exception as exc:  # this service's status, not the pass
+                logger.exception("creds of %s/%s", *key)
+                outcome = CredsOutcome(False, "CredsFailed", f"{type(exc).__name__}: {exc}")
+            result.creds[key] = outcome
 
         revoked_before = _revocation_count(self._revocations)
         held_before = self._held.dump()
-        await asyncio.gather(*(ensure(svc) for svc, _ in services))
+        await bounded.each((svc for svc, _ in services), ensure, CREDS_CONCURRENCY)
         tap = await tap_creds.sync(
             self.kube,
             self.watched,
