@@ -286,6 +286,9 @@ class MeshReconciler:
             result = await self._pass_and_report(started)
             METRICS.pass_duration.observe(time.monotonic() - started)
             METRICS.passes.labels(result="error" if result.fatal else "ok").inc()
+            if result.plan is not None:
+                # The statuses are written: keep only what later readers use.
+                result.plan = result.plan.kept()
             self.last = result
             self._schedule_retry(result)
             async with self._finished:
