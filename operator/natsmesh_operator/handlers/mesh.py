@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from lightkube import AsyncClient
 
 from natsmesh_operator.api import NatsRoute, NatsService
-from natsmesh_operator.handlers import intents, kube, policies, status, tap_creds
+from natsmesh_operator.handlers import bounded, intents, kube, policies, status, tap_creds
 from natsmesh_operator.handlers.background import Background
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import CredsSettings
@@ -226,20 +226,39 @@ class MeshReconciler:
 
     async def request(self) -> PassResult:
         """Wait for a pass that started after this call; return its result."""
+        return await self.result_of(self.ask())
+
+    def ask(self) -> int:
+        """Ask for a pass; the ticket :meth:`result_of` waits on."""
         self.start()
         self._requested += 1
-        mine = self._requested
         self._wakeup.set()
+        return self._requested
+
+    async def result_of(self, ticket: int) -> PassResult:
+        """The result of the first pass that started after ``ticket`` was asked for."""
         async with self._finished:
-            await self._finished.wait_for(lambda: self._done >= mine)
+            await self._finished.wait_for(lambda: self._done >= ticket)
         assert self.last is not None
         return self.last
 
+    @property
+    def served(self) -> int:
+        """The last ticket a finished pass served (every ticket up to it)."""
+        return self._done
+
     def poke(self) -> None:
         """Ask for a pass without waiting for it (an event saw something to repair)."""
-        self.start()
-        self._requested += 1
-        self._wakeup.set()
+        self.ask()
+
+    def refresh(self, max_age: float) -> None:
+        """Ask for a pass unless one started less than ``max_age`` seconds ago or is
+        already asked for; never waits (what a periodic check needs)."""
+        if self._requested > self._done:
+            return
+        if self.last is not None and time.monotonic() - self.last.started < max_age:
+            return
+        self.ask()
 
     def _pass_later(self, delay: float) -> None:
         """A pass in ``delay`` seconds, unless one is already due sooner.
@@ -255,12 +274,6 @@ class MeshReconciler:
             self._later.cancel()
         self._later = loop.call_later(delay, self.poke)
 
-    async def recent(self, max_age: float) -> PassResult:
-        """The last result if younger than ``max_age`` seconds, else a new pass."""
-        if self.last is not None and time.monotonic() - self.last.started < max_age:
-            return self.last
-        return await self.request()
-
     async def _loop(self) -> None:
         while True:
             await self._wakeup.wait()
@@ -273,6 +286,9 @@ class MeshReconciler:
             result = await self._pass_and_report(started)
             METRICS.pass_duration.observe(time.monotonic() - started)
             METRICS.passes.labels(result="error" if result.fatal else "ok").inc()
+            if result.plan is not None:
+                # The statuses are written: keep only what later readers use.
+                result.plan = result.plan.kept()
             self.last = result
             self._schedule_retry(result)
             async with self._finished:
@@ -481,23 +497,21 @@ class MeshReconciler:
         if keys.created:
             await self._save_keys(keys)
         result = PassResult(started=started, plan=mesh, report=report)
+
         # Re-issues come in bursts (a new caller changes its targets' JWTs):
         # write them concurrently, bounded so the API server is not flooded.
-        limit = asyncio.Semaphore(CREDS_CONCURRENCY)
-
         async def ensure(svc: NatsService) -> None:
             key = (str(svc.metadata.namespace), str(svc.metadata.name))
-            async with limit:
-                try:
-                    outcome = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
-                except Exception as exc:  # this service's status, not the pass
-                    logger.exception("creds of %s/%s", *key)
-                    outcome = CredsOutcome(False, "CredsFailed", f"{type(exc).__name__}: {exc}")
-                result.creds[key] = outcome
+            try:
+                outcome = await self._ensure_creds(svc, bodies[key], mesh, keys, by_key)
+            except Exception as exc:  # this service's status, not the pass
+                logger.exception("creds of %s/%s", *key)
+                outcome = CredsOutcome(False, "CredsFailed", f"{type(exc).__name__}: {exc}")
+            result.creds[key] = outcome
 
         revoked_before = _revocation_count(self._revocations)
         held_before = self._held.dump()
-        await asyncio.gather(*(ensure(svc) for svc, _ in services))
+        await bounded.each((svc for svc, _ in services), ensure, CREDS_CONCURRENCY)
         tap = await tap_creds.sync(
             self.kube,
             self.watched,

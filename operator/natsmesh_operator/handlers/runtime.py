@@ -31,7 +31,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from natsmesh_operator.api import GROUP, VERSION
 from natsmesh_operator.handlers import kube as kube_mod
+from natsmesh_operator.handlers import rollout
 from natsmesh_operator.handlers.creds_watch import CredsWatch
+from natsmesh_operator.handlers.followup import AfterPass
 from natsmesh_operator.handlers.mesh import MeshReconciler
 from natsmesh_operator.handlers.presence import EndpointTracker
 from natsmesh_operator.handlers.stream_watch import StreamWatch
@@ -56,6 +58,7 @@ class Runtime:
     endpoints: EndpointTracker
     creds_watch: CredsWatch
     stream_watch: StreamWatch
+    after_pass: AfterPass
     webhook: WebhookServer | None = None
     _metrics_runner: web.AppRunner | None = field(default=None, repr=False)
 
@@ -94,13 +97,19 @@ class Runtime:
                 port=settings.webhook.port,
             )
         retry = settings.reconcile.retry_delay
+        endpoints = EndpointTracker(kube, mesh, watched=settings.watches, retry_delay=retry)
         return cls(
             settings=settings,
             kube=kube,
             mesh=mesh,
-            endpoints=EndpointTracker(kube, mesh, watched=settings.watches, retry_delay=retry),
+            endpoints=endpoints,
             creds_watch=CredsWatch(kube, mesh, watched=settings.watched, retry_delay=retry),
             stream_watch=StreamWatch(mesh, watched=settings.watches, retry_delay=retry),
+            after_pass=AfterPass(
+                mesh,
+                restart=functools.partial(rollout.restart_selected, kube, injecting=True),
+                recount=functools.partial(endpoints.mark, again=True),
+            ),
             webhook=webhook,
         )
 
@@ -116,6 +125,7 @@ class Runtime:
                 await self.register_webhooks(self.settings.webhook.self_register_url)
 
     async def stop(self) -> None:
+        await self.after_pass.stop()
         await self.stream_watch.stop()
         await self.creds_watch.stop()
         await self.endpoints.stop()

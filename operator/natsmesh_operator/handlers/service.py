@@ -1,8 +1,10 @@
 """kopf handlers for NatsService: reconcile, drift check, delete.
 
 One action per handler run: ask the mesh reconciler for a pass that includes
-this change, then write what it found into status. NATS failures become a
-False condition naming the cause and a retry, never a stack trace in status.
+this change; the pass writes what it found into status, and the follow-up
+(:mod:`natsmesh_operator.handlers.followup`) posts the events. NATS failures
+become a False condition naming the cause and another pass, never a stack
+trace in status.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any
 import kopf
 
 from natsmesh_operator.api import GROUP, VERSION, NatsService
-from natsmesh_operator.handlers import rollout, status
-from natsmesh_operator.handlers.mesh import PassResult
+from natsmesh_operator.handlers import rollout
+from natsmesh_operator.handlers.followup import Followup
 from natsmesh_operator.handlers.runtime import from_memo
 from natsmesh_operator.metrics import METRICS
 from natsmesh_operator.settings import OperatorSettings
@@ -25,11 +27,6 @@ logger = logging.getLogger(__name__)
 PLURAL = "natsservices"
 
 
-def _ready(result: PassResult, body: kopf.Body) -> status.Cond:
-    meta = body["metadata"]
-    return status.service_conditions(result, meta["namespace"], meta["name"])[-1]
-
-
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
     retry = settings.reconcile.retry_delay
 
@@ -37,36 +34,32 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
     async def service_reconcile(body: kopf.Body, memo: kopf.Memo, reason: str, **_: Any) -> None:
-        started = time.perf_counter()
+        # Ask for a pass and return: the follow-up (events, the rollout
+        # restart, metrics) runs once the pass is over, without keeping this
+        # handler and everything kopf holds for it waiting (handlers/followup.py).
         rt = from_memo(memo)
-        result = await rt.mesh.request()
-        # A service created or changed may have sidecars already connected.
-        rt.endpoints.mark(body["metadata"]["namespace"], again=True)
-        METRICS.reconcile_duration.labels(kind="NatsService").observe(time.perf_counter() - started)
-        METRICS.reconciles.labels(
-            kind="NatsService", result="retry" if result.fatal else "ok"
-        ).inc()
-        if result.fatal:
-            kopf.warn(body, reason="NatsUnavailable", message=result.fatal)
-            raise kopf.TemporaryError(f"{result.fatal}; retrying in {retry:g}s", delay=retry)
-        # The reconciler wrote the status already; events tell the story.
-        ready = _ready(result, body)
-        if not ready.ok:
-            kopf.warn(body, reason=ready.reason, message=ready.message)
-        elif reason != "resume":
-            kopf.event(body, type="Normal", reason="Reconciled", message=ready.message)
-        if reason in ("create", "resume"):
-            svc = NatsService.from_body(body)
-            restarted = await rollout.restart_selected(
-                rt.kube, str(svc.metadata.namespace), svc.spec.selector, injecting=True
+        ticket = rt.mesh.ask()
+        try:
+            selector = NatsService.from_body(body).spec.selector
+        except ValueError:  # the pass marks it Invalid; nothing to restart
+            selector = None
+        meta = body["metadata"]
+        ref = {
+            "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "kind": body.get("kind", "NatsService"),
+            "namespace": meta["namespace"],
+            "name": meta["name"],
+            "uid": meta.get("uid"),
+        }
+        rt.after_pass.add(
+            Followup(
+                ticket=ticket,
+                reason=reason,
+                ref=ref,
+                selector=selector,
+                started=time.perf_counter(),
             )
-            if restarted:
-                kopf.event(
-                    body,
-                    type="Normal",
-                    reason="RolloutRestart",
-                    message=f"restarted {', '.join(restarted)} to inject the sidecar",
-                )
+        )
 
     @kopf.timer(
         GROUP,
@@ -80,12 +73,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     async def service_drift(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         # A pass repairs drift (deleted Secrets, streams, consumers come back);
         # passes are shared, so all services' timers cost one pass per interval.
+        # Asked for, not waited for: during a burst the passes run long, and
+        # 1,000 timers each waiting inside kopf for one held ~40 KiB apiece.
         rt = from_memo(memo)
-        result = await rt.mesh.recent(settings.reconcile.drift_interval)
+        rt.mesh.refresh(settings.reconcile.drift_interval)
         # The safety net under the advisories: the namespace's timers share one count.
         rt.endpoints.refresh(body["metadata"]["namespace"])
+        last = rt.mesh.last
         METRICS.reconciles.labels(
-            kind="NatsService", result="retry" if result.fatal else "drift"
+            kind="NatsService", result="retry" if last is not None and last.fatal else "drift"
         ).inc()
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, retries=60)

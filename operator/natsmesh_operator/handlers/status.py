@@ -7,7 +7,6 @@ a drift check that finds everything well writes nothing new.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,7 +18,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.types import PatchType
 
 from natsmesh_operator.api import NatsRoute, NatsService
-from natsmesh_operator.handlers import kube
+from natsmesh_operator.handlers import bounded, kube
 from natsmesh_operator.handlers.intents import service_name
 from natsmesh_operator.wiring import grants
 from natsmesh_operator.wiring.errors import Problem
@@ -250,22 +249,21 @@ async def write_all(
             fields = status_of(result, obj, body.get("status") or {})
             if fields:
                 todo.append((res, str(obj.metadata.name), str(obj.metadata.namespace), fields))
+
     # Concurrent but bounded: a pass can change hundreds of statuses at once.
-    limit = asyncio.Semaphore(STATUS_CONCURRENCY)
+    async def write(item: tuple[Any, str, str, dict[str, Any]]) -> bool:
+        res, name, namespace, fields = item
+        try:
+            await client.patch(
+                res, name, {"status": fields}, namespace=namespace, patch_type=PatchType.MERGE
+            )
+            return True
+        except ApiError as exc:
+            if exc.status.code != 404:  # deleted meanwhile: nothing to report on
+                logger.warning("writing status of %s/%s failed: %s", namespace, name, exc)
+            return False
 
-    async def write(res: Any, name: str, namespace: str, fields: dict[str, Any]) -> bool:
-        async with limit:
-            try:
-                await client.patch(
-                    res, name, {"status": fields}, namespace=namespace, patch_type=PatchType.MERGE
-                )
-                return True
-            except ApiError as exc:
-                if exc.status.code != 404:  # deleted meanwhile: nothing to report on
-                    logger.warning("writing status of %s/%s failed: %s", namespace, name, exc)
-                return False
-
-    return sum(await asyncio.gather(*(write(*item) for item in todo)))
+    return sum(await bounded.each(todo, write, STATUS_CONCURRENCY))
 
 
 async def write_invalid(client: AsyncClient, invalid: Sequence[kube.Invalid]) -> int:

@@ -418,3 +418,15 @@ def test_tap_users_one_per_namespace_fixed_permissions() -> None:
     grown = big.user("shop", "s0").permissions
     assert len(grown.pub_allow) == len(small.user("shop", "a").permissions.pub_allow)
     assert len(grown.sub_allow) == len(small.user("shop", "a").permissions.sub_allow)
+
+
+def test_the_plan_kept_after_a_pass_holds_what_its_readers_use() -> None:
+    full = plan(shop_intents())
+    kept = full.kept()
+    assert full.users
+    assert full.tables
+    assert (kept.users, kept.tables, kept.targets, kept.tap_users) == ((), {}, {}, ())
+    assert kept.accounts == full.accounts
+    assert kept.streams == full.streams
+    assert kept.consumers == full.consumers
+    assert kept.problems == full.problems
