@@ -293,7 +293,7 @@ def test_native_sidecar_is_ready_before_the_app_starts(shop: KindShop, release: 
         app_started = app["state"]["running"]["startedAt"]
         assert sidecar_started <= app_started, (resource, sidecar_started, app_started)
         # A container that crashed before its first call would show restarts.
-        assert app["restartCount"] == 0, resource
+        assert app["restartCount"] == 0, (resource, app.get("lastState"))
 
 
 # -- what only a real pod network shows ---------------------------------------
