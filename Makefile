@@ -65,22 +65,16 @@ crds: venv ## regenerate crds/, the chart's copy and docs/resources.md from the 
 	$(BIN)/natsmesh crds
 	$(BIN)/natsmesh crds --dir charts/natsmesh/files/crds --no-docs
 
-test: venv tools ## everything CI runs: checks and unit tier, real pods on kind, then the local tiers
+test: venv tools ## everything CI runs: checks and unit tier, the local tiers on one local cluster, then real pods on kind
 	@# lint/types and the unit tier are each one CPU-bound process: side by side on two cores.
 	$(MAKE) --no-print-directory -j2 --output-sync=target check test-unit
-	hack/with-docker.sh $(MAKE) --no-print-directory e2e-kind test-local
+	hack/with-docker.sh $(MAKE) --no-print-directory test-local e2e-kind
 
-# Integration, security and kwok e2e tests mostly wait (servers starting,
-# reconcile passes, grace periods, helm): two pytest-xdist workers, each with
-# its own local control plane (tests/fixtures/cluster.py starts one per
-# session when NATSMESH_KUBECONFIG is unset), whole files per worker, so no
-# test sees another's CRDs, webhooks or operator. The change tier asserts 0
-# failed requests at a paced rate: it keeps the box to itself.
-WORKERS ?= 2
-test-local: venv tools ## the server tiers: integration, security, e2e on $(WORKERS) workers, then change alone
-	env -u NATSMESH_KUBECONFIG $(PYTEST) -n $(WORKERS) --dist loadfile -m "not kind" \
-	  tests/integration tests/security tests/e2e
-	$(MAKE) --no-print-directory test-change
+# One tier at a time on one cluster: side by side on two cores (tiers, or
+# pytest-xdist workers) the timing-bound tests stop being reliable
+# (docs/architecture.md, "CI, cold and warm").
+test-local: venv tools ## the server tiers on one local control plane (integration, security, change, e2e)
+	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-security test-change test-e2e
 
 test-unit: venv ## fast tier: pure logic, no servers (< 1 min)
 	$(PYTEST) tests/unit
