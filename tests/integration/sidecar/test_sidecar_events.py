@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import nats
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, RawStreamMsg, StorageType, StreamConfig
 
 from natsmesh_operator.wiring.jetstream import DONE_MIN_MS, done_stream_config
 from natsmesh_sidecar import subjects
@@ -317,6 +317,20 @@ async def test_an_ack_lost_after_the_app_answered_is_recorded_as_the_apps_succes
         await stop_event_mesh(m)
 
 
+async def last_dead_letter(url: str) -> RawStreamMsg:
+    """The last message DLQ_billing keeps, once it keeps one (5 s at most)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    # Polling a remote counter: there is no local event to wait on.
+    while await stream_msgs(url, "DLQ_billing") < 1 and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    nc = await nats.connect(url)
+    try:
+        return await nc.jetstream().get_last_msg("DLQ_billing", DLQ)
+    finally:
+        await nc.close()
+
+
 async def test_dead_letter_after_max_deliver(nats_server: NatsServer) -> None:
     await make_stream_and_consumer(nats_server.url, max_deliver=3)
     m = await start_event_mesh(nats_server, fail_always=True, maxDeliver=3, backoffMs=[10])
@@ -330,14 +344,7 @@ async def test_dead_letter_after_max_deliver(nats_server: NatsServer) -> None:
         )
         assert r.status == 202
         await wait_for(lambda: m.attempts.get("d-1") == 3)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        # Polling a remote counter: there is no local event to wait on.
-        while await stream_msgs(nats_server.url, "DLQ_billing") < 1 and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        nc = await nats.connect(nats_server.url)
-        msg = await nc.jetstream().get_last_msg("DLQ_billing", DLQ)
-        await nc.close()
+        msg = await last_dead_letter(nats_server.url)
         assert msg.data == b"dead"
         assert msg.headers is not None
         assert msg.headers["Nm-Dead-Deliveries"] == "3"
@@ -369,14 +376,7 @@ async def test_a_dead_letter_waits_for_its_stream_to_answer(nats_server: NatsSer
         # The sidecar is now retrying the dead-letter publish (3 s at most).
         await asyncio.sleep(0.3)
         await make_dead_letter_stream(nats_server.url)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        # Polling a remote counter: there is no local event to wait on.
-        while await stream_msgs(nats_server.url, "DLQ_billing") < 1 and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        nc = await nats.connect(nats_server.url)
-        msg = await nc.jetstream().get_last_msg("DLQ_billing", DLQ)
-        await nc.close()
+        msg = await last_dead_letter(nats_server.url)
         assert msg.data == b"late"
         assert msg.headers is not None
         assert msg.headers["Nm-Dead-Deliveries"] == "2"
