@@ -29,16 +29,18 @@ from typing import TYPE_CHECKING, Any
 import nats
 from nats import errors as nats_errors
 
-from natsmesh_sidecar import accesslog, codec, permissions, readiness, resilience, subjects
-from natsmesh_sidecar.events import EventConsumer, EventPublisher
-from natsmesh_sidecar.inbound import AppPool, InboundHandler, InboundLimits
+from natsmesh_sidecar import codec, readiness, subjects
+from natsmesh_sidecar.calls.inbound import AppPool, InboundHandler, InboundLimits
+from natsmesh_sidecar.calls.outbound import OutboundHandler, OutboundServer
+from natsmesh_sidecar.events.publisher import EventConsumer, EventPublisher
 from natsmesh_sidecar.logthrottle import LogThrottle
-from natsmesh_sidecar.metrics import AdminServer, Metrics
-from natsmesh_sidecar.micro import MicroService
-from natsmesh_sidecar.natsfast import FastPath, Reply, violation_subject
-from natsmesh_sidecar.outbound import OutboundHandler, OutboundServer
-from natsmesh_sidecar.table import KvWatch, Router, empty_table, read_bytes, watch_file
-from natsmesh_sidecar.targets import TargetCache
+from natsmesh_sidecar.observe import accesslog
+from natsmesh_sidecar.observe.metrics import AdminServer, Metrics
+from natsmesh_sidecar.policy import permissions, resilience
+from natsmesh_sidecar.policy.table import KvWatch, Router, empty_table, read_bytes, watch_file
+from natsmesh_sidecar.policy.targets import TargetCache
+from natsmesh_sidecar.transport.micro import MicroService
+from natsmesh_sidecar.transport.natsfast import FastPath, Reply, violation_subject
 from natsmesh_sidecar.wire import (
     CircuitBreaker,
     Delivery,
@@ -49,8 +51,8 @@ from natsmesh_sidecar.wire import (
 )
 
 if TYPE_CHECKING:
-    from natsmesh_sidecar.tap import Tap
-    from natsmesh_sidecar.tracing import Tracer
+    from natsmesh_sidecar.observe.tap import Tap
+    from natsmesh_sidecar.observe.tracing import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class Sidecar:
         #: ``tracer is None`` and nothing of tracing is imported otherwise.
         self.tracer: Tracer | None = None
         if settings.otlp_endpoint:
-            from natsmesh_sidecar.tracing import Tracer
+            from natsmesh_sidecar.observe.tracing import Tracer
 
             self.tracer = Tracer.create(
                 settings.otlp_endpoint,
@@ -178,7 +180,7 @@ class Sidecar:
             stats=self._micro_stats,
             serving=lambda: self.joined,
         )
-        #: natsmesh_sidecar.tap.Tap while someone taps this service, else None
+        #: natsmesh_sidecar.observe.tap.Tap while someone taps this service, else None
         #: (the request paths check only this). Imported on the first control message.
         self.tap: Tap | None = None
         self._tapper: Any = None
@@ -680,7 +682,7 @@ class Sidecar:
             return
         tapper = self._tapper
         if tapper is None:
-            from natsmesh_sidecar.tap import Tap  # only once someone taps
+            from natsmesh_sidecar.observe.tap import Tap  # only once someone taps
 
             s = self.settings
             tapper = self._tapper = Tap(

@@ -37,7 +37,7 @@ H_TIMEOUT = "Nm-Timeout-Ms"
 #: (so any replica may be tried, whatever the method).
 H_UNDELIVERED = "Nm-Undelivered"
 #: A request head whose body streams, or a reply whose response does
-#: (natsmesh_sidecar.stream.protocol.H_STREAM, checked here without importing it).
+#: (natsmesh_sidecar.transport.stream.protocol.H_STREAM, checked here without importing it).
 H_STREAM = "Nm-Stream"
 #: A streamed request's method, in place of ``Nm-Method``: a sidecar that
 #: knows nothing of streams answers 400 instead of calling its app with an

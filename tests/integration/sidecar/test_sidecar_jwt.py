@@ -24,9 +24,10 @@ from natsmesh_operator.wiring import users
 from natsmesh_operator.wiring.apply import admin_creds, put_table
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
-from natsmesh_sidecar import permissions, subjects
+from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import Fault, FaultAbort, Match, MeshTable
+from natsmesh_sidecar.policy import permissions
 from tests.fixtures.nats_operator import OperatorNats, shop_intents
 from tests.integration.sidecar.jwt_harness import (
     NS,

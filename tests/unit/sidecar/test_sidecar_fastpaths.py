@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from natsmesh_sidecar import codec, inbound, natsfast, outbound
+from natsmesh_sidecar import codec
+from natsmesh_sidecar.calls import inbound, outbound
+from natsmesh_sidecar.transport import natsfast
 
 pytestmark = pytest.mark.unit
 

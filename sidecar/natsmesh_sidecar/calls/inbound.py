@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from natsmesh_sidecar import accesslog, codec
-from natsmesh_sidecar.metrics import Metrics
+from natsmesh_sidecar import codec
+from natsmesh_sidecar.observe import accesslog
+from natsmesh_sidecar.observe.metrics import Metrics
 from natsmesh_sidecar.wire import StreamLimits
 
 if TYPE_CHECKING:
-    from natsmesh_sidecar.natsfast import FastPath
-    from natsmesh_sidecar.natsfast import Reply as Msg
-    from natsmesh_sidecar.tap import Tap
-    from natsmesh_sidecar.tracing import Tracer
+    from natsmesh_sidecar.observe.tap import Tap
+    from natsmesh_sidecar.observe.tracing import Tracer
+    from natsmesh_sidecar.transport.natsfast import FastPath
+    from natsmesh_sidecar.transport.natsfast import Reply as Msg
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class _AppConnection(asyncio.Protocol):
         #: The response may have to stream (chunked, or longer than one
         #: message): decided once the read that brought its head is parsed.
         self._maybe_stream = False
-        #: The stream its response became (natsmesh_sidecar.stream.callee.CalleeStream).
+        #: The stream its response became (natsmesh_sidecar.transport.stream.callee.CalleeStream).
         self.stream: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -130,12 +131,12 @@ class _AppConnection(asyncio.Protocol):
 
     def _stream(self) -> None:
         """A response still incomplete after the read that brought its head
-        streams from here on (natsmesh_sidecar.stream.callee)."""
+        streams from here on (natsmesh_sidecar.transport.stream.callee)."""
         self._maybe_stream = False
         fut = self.future
         if fut is None or fut.done() or self.transport is None:
             return
-        from natsmesh_sidecar.stream import callee
+        from natsmesh_sidecar.transport.stream import callee
 
         stream = self.stream = callee.for_response(
             self.pool.stream_limits, self.transport, self.close
@@ -550,9 +551,9 @@ class InboundHandler:
         self.pool = pool
         #: Whether our NATS user may subscribe to a call subject (a stream's).
         self.may_stream = may_stream
-        #: Streamed responses being set up (natsmesh_sidecar.stream.callee).
+        #: Streamed responses being set up (natsmesh_sidecar.transport.stream.callee).
         self.stream_tasks: set[asyncio.Task[None]] = set()
-        #: Set only with an OTLP endpoint (natsmesh_sidecar.tracing).
+        #: Set only with an OTLP endpoint (natsmesh_sidecar.observe.tracing).
         self.tracer = tracer
         self.limits = limits
         self.metrics = metrics
@@ -560,7 +561,7 @@ class InboundHandler:
         self.version = version
         self.fast = fast
         self.access_log = access_log
-        #: natsmesh_sidecar.tap.Tap while someone taps (set by the sidecar), else None.
+        #: natsmesh_sidecar.observe.tap.Tap while someone taps (set by the sidecar), else None.
         self.tap: Tap | None = None
         #: Told when the app refused or dropped a call (a readiness check now).
         self.app_failed = app_failed
@@ -652,8 +653,8 @@ class InboundHandler:
     async def _serve_upload(
         self, msg: Msg, hdrs: dict[str, str], t0: float, rid: str, method: str, target: str
     ) -> None:
-        """A request whose body streams (natsmesh_sidecar.stream.callee)."""
-        from natsmesh_sidecar.stream import callee
+        """A request whose body streams (natsmesh_sidecar.transport.stream.callee)."""
+        from natsmesh_sidecar.transport.stream import callee
 
         status, error = 500, "internal"
         extra = () if codec.REQUEST_ID in hdrs else ((codec.REQUEST_ID, rid),)
@@ -715,7 +716,7 @@ class InboundHandler:
         if not method or not target:
             method = hdrs.get(codec.H_STREAM_METHOD, "")
             if method and target and codec.H_STREAM in hdrs:
-                # A request whose body streams (natsmesh_sidecar.stream).
+                # A request whose body streams (natsmesh_sidecar.transport.stream).
                 rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
                 self._track(self._serve_upload(msg, hdrs, t0, rid, method, target), self.tasks)
                 return True
@@ -773,7 +774,7 @@ class InboundHandler:
         self, fast: FastPath, msg: Msg, status: int, lines: str, body: object
     ) -> None:
         """The app's response streams (inbound's connection made ``body`` a CalleeStream)."""
-        from natsmesh_sidecar.stream import callee
+        from natsmesh_sidecar.transport.stream import callee
 
         stream = cast(callee.CalleeStream, body)
         self._track(

@@ -12,9 +12,9 @@ import asyncio
 import logging
 import time
 
-from natsmesh_sidecar.natsfast import Reply
-from natsmesh_sidecar.stream import protocol
-from natsmesh_sidecar.stream.receiver import Receiver
+from natsmesh_sidecar.transport.natsfast import Reply
+from natsmesh_sidecar.transport.stream import protocol
+from natsmesh_sidecar.transport.stream.receiver import Receiver
 from natsmesh_sidecar.wire import StreamLimits
 
 logger = logging.getLogger(__name__)

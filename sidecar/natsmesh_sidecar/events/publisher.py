@@ -9,7 +9,7 @@ creates or changes them; its user may not be allowed to). A 2xx from the app
 acks; anything else naks with the configured backoff; exactly-once mode waits
 for the server to confirm the ack (double ack) and, before that, writes the
 event's Idempotency-Key to the completed-key record, which it reads before
-handing a delivery to the app (natsmesh_sidecar.completed); on the last
+handing a delivery to the app (natsmesh_sidecar.events.completed); on the last
 allowed delivery a failing message goes to the dead-letter subject and is
 terminated.
 """
@@ -26,16 +26,17 @@ from typing import TYPE_CHECKING, Any
 from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
-from natsmesh_sidecar import accesslog, codec, subjects
-from natsmesh_sidecar.completed import HIT, CompletedKeys, seal_key
-from natsmesh_sidecar.inbound import AppError, AppPool
+from natsmesh_sidecar import codec, subjects
+from natsmesh_sidecar.calls.inbound import AppError, AppPool
+from natsmesh_sidecar.events.completed import HIT, CompletedKeys, seal_key
+from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.wire import Delivery
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from natsmesh_sidecar.app import Sidecar
-    from natsmesh_sidecar.outbound import Request
+    from natsmesh_sidecar.calls.outbound import Request
 
 logger = logging.getLogger(__name__)
 

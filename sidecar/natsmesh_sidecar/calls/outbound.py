@@ -7,7 +7,7 @@ fetches and events).
 Pipelined requests queue per connection and are answered strictly in order.
 Untrusted input is bounded: URL and header bytes, and a header deadline
 against slowloris clients (408). A body that outgrows one NATS message
-streams (natsmesh_sidecar.stream, imported then): the request is started
+streams (natsmesh_sidecar.transport.stream, imported then): the request is started
 with what arrived and the rest follows as the client sends it.
 
 :class:`OutboundHandler` turns one parsed request into a response: resolve the
@@ -27,16 +27,18 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httptools
 
-from natsmesh_sidecar import accesslog, codec, resilience
-from natsmesh_sidecar.natsfast import Reply
-from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN
-from natsmesh_sidecar.targets import MISS
+from natsmesh_sidecar import codec
+from natsmesh_sidecar.observe import accesslog
+from natsmesh_sidecar.policy import resilience
+from natsmesh_sidecar.policy.table import FORBIDDEN, FOUND, UNKNOWN
+from natsmesh_sidecar.policy.targets import MISS
+from natsmesh_sidecar.transport.natsfast import Reply
 from natsmesh_sidecar.wire import Destination, Rule, Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
-    from natsmesh_sidecar.stream.caller import CallerStream
-    from natsmesh_sidecar.tracing import Tracer
+    from natsmesh_sidecar.observe.tracing import Tracer
+    from natsmesh_sidecar.transport.stream.caller import CallerStream
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R", bound="Request")
@@ -163,7 +165,7 @@ class OutboundConnection(asyncio.Protocol):
         #: What the handler calls back with a later response (bound once).
         self._resume_cb = self._resume
         #: The stream this connection's client is sending to or reading from
-        #: (natsmesh_sidecar.stream.caller.CallerStream), told of the socket's state.
+        #: (natsmesh_sidecar.transport.stream.caller.CallerStream), told of the socket's state.
         self.stream: Any = None
         #: The stream of the request whose body is arriving now.
         self._upload: Any = None
@@ -272,7 +274,7 @@ class OutboundConnection(asyncio.Protocol):
                 # An event is one JetStream message: it cannot stream.
                 self.reject = (413, "payload_too_large", "event body exceeds the NATS max_payload")
                 raise _Reject
-            from natsmesh_sidecar.stream.caller import CallerStream
+            from natsmesh_sidecar.transport.stream.caller import CallerStream
 
             length = self._special.get("content-length", "")
             upload = self._upload = CallerStream.for_upload(
@@ -495,7 +497,7 @@ class OutboundServer:
 Result = tuple[int, list[tuple[str, str]], bytes, str, str, int, str]
 #: How a handler hands a later answer to the connection.
 Done = Callable[[Request, "bytes | CallerStream"], None]
-#: The outcome of a reply that says the response streams (natsmesh_sidecar.stream).
+#: The outcome of a reply that says the response streams (natsmesh_sidecar.transport.stream).
 STREAMED = "streamed"
 #: Outcomes of an upload whose stream broke before any response.
 _STREAM_BROKE = frozenset({"aborted", "bad_stream", "cut", "bad_subject"})
@@ -717,7 +719,7 @@ class OutboundHandler:
         return self._respond(req, rid, t0, result)
 
     async def _streamed(self, req: StreamedRequest, rid: str, plan: _Plan) -> Result | CallerStream:
-        from natsmesh_sidecar.stream import protocol
+        from natsmesh_sidecar.transport.stream import protocol
 
         app, rule = self.app, plan.rule
         if not protocol.same_namespace(plan.subject):
@@ -765,8 +767,8 @@ class OutboundHandler:
 
     def _relay(self, req: Request, rid: str, plan: _Plan, reply: Reply) -> Result | CallerStream:
         """A reply that says the response streams: the stream that relays it."""
-        from natsmesh_sidecar.stream.caller import CallerStream
-        from natsmesh_sidecar.stream.protocol import StreamError
+        from natsmesh_sidecar.transport.stream.caller import CallerStream
+        from natsmesh_sidecar.transport.stream.protocol import StreamError
 
         fast = self.app.fast
         try:
