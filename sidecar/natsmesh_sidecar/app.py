@@ -30,9 +30,12 @@ import nats
 from nats import errors as nats_errors
 
 from natsmesh_sidecar import codec, readiness, subjects
-from natsmesh_sidecar.calls.inbound import AppPool, InboundHandler, InboundLimits
-from natsmesh_sidecar.calls.outbound import OutboundHandler, OutboundServer
-from natsmesh_sidecar.events.publisher import EventConsumer, EventPublisher
+from natsmesh_sidecar.calls.inbound import InboundHandler, InboundLimits
+from natsmesh_sidecar.calls.outbound import OutboundHandler
+from natsmesh_sidecar.edge.appclient import AppPool
+from natsmesh_sidecar.edge.listener import OutboundServer
+from natsmesh_sidecar.events.consumer import EventConsumer
+from natsmesh_sidecar.events.publisher import EventPublisher
 from natsmesh_sidecar.logthrottle import LogThrottle
 from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.observe.metrics import AdminServer, Metrics
@@ -152,14 +155,19 @@ class Sidecar:
             tracer=self.tracer,
             may_stream=self._may_stream,
         )
+        self.outbound_handler = OutboundHandler(self)
         self.outbound = OutboundServer(
-            OutboundHandler(self),
+            self.outbound_handler,
+            metrics=self.metrics,
+            source=self.source,
+            max_body=self.max_body,
+            stream_limits=settings.stream_limits(),
             header_timeout=header_timeout,
             idle_timeout=settings.idle_timeout_seconds if idle_timeout is None else idle_timeout,
         )
         self.admin = AdminServer(self.metrics, self.healthy, self.ready)
         # Read at scrape time: no lock and no call per request.
-        self.metrics.inflight_out.set_function(lambda: float(self.outbound.handler.inflight))
+        self.metrics.inflight_out.set_function(lambda: float(self.outbound_handler.inflight))
         self.metrics.inflight_in.set_function(lambda: float(self.inbound.pending()))
         self.metrics.creds_expiry.set_function(
             lambda: float(self.creds.expires) if self.creds is not None else 0.0
@@ -849,7 +857,7 @@ class Sidecar:
 
     def inflight(self) -> int:
         consumers = sum(c.inflight for c in self.consumers.values())
-        return self.outbound.handler.inflight + self.inbound.pending() + consumers
+        return self.outbound_handler.inflight + self.inbound.pending() + consumers
 
     async def stop(self) -> None:
         """Drain: take no new work, finish in-flight within the grace period, close."""

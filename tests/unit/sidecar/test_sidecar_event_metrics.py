@@ -6,7 +6,7 @@ import pytest
 
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import SidecarSettings
-from natsmesh_sidecar.events.publisher import EventConsumer
+from natsmesh_sidecar.events.consumer import EventConsumer
 from natsmesh_sidecar.wire import Delivery
 
 pytestmark = pytest.mark.unit
