@@ -34,7 +34,7 @@ from natsmesh_sidecar.calls.inbound import InboundHandler, InboundLimits
 from natsmesh_sidecar.calls.outbound import OutboundHandler
 from natsmesh_sidecar.edge.appclient import AppPool
 from natsmesh_sidecar.edge.listener import OutboundServer
-from natsmesh_sidecar.events.consumer import EventConsumer
+from natsmesh_sidecar.events.consumer import ConsumerContext, EventConsumer
 from natsmesh_sidecar.events.publisher import EventPublisher
 from natsmesh_sidecar.logthrottle import LogThrottle
 from natsmesh_sidecar.observe import accesslog
@@ -126,10 +126,10 @@ class Sidecar:
         self._refused = 0
         #: Request subject -> its caller (:meth:`_caller_of`).
         self._callers: dict[str, tuple[str, str, str]] = {}
-        #: Appended to a route table's base subjects: who we are, as callers.
-        self.caller_suffix = subjects.caller_suffix(settings.namespace, settings.service)
         self.breakers: dict[str, resilience.Breaker] = {}
-        self.events = EventPublisher(self)
+        self.events = EventPublisher(
+            self, source=self.source, metrics=self.metrics, tracer=self.tracer
+        )
         self.pool = AppPool(
             settings.app_host,
             settings.app_port,
@@ -137,6 +137,16 @@ class Sidecar:
             idle_timeout=settings.app_idle_timeout_seconds,
             stream_limits=settings.stream_limits(),
             inline_max=self.max_body,
+        )
+        self.event_context = ConsumerContext(
+            self,
+            self.pool,
+            self.metrics,
+            source=self.source,
+            app_host=f"{settings.app_host}:{settings.app_port}",
+            dedup=settings.event_dedup,
+            tracer=self.tracer,
+            access_log=access_log,
         )
         self.inbound = InboundHandler(
             self.pool,
@@ -155,7 +165,17 @@ class Sidecar:
             tracer=self.tracer,
             may_stream=self._may_stream,
         )
-        self.outbound_handler = OutboundHandler(self)
+        self.outbound_handler = OutboundHandler(
+            self,
+            namespace=settings.namespace,
+            service=settings.service,
+            metrics=self.metrics,
+            breaker=self.breaker,
+            publish_event=self.events.publish_http,
+            stream_limits=settings.stream_limits(),
+            tracer=self.tracer,
+            access_log=access_log,
+        )
         self.outbound = OutboundServer(
             self.outbound_handler,
             metrics=self.metrics,
@@ -313,7 +333,7 @@ class Sidecar:
                 self._spawn(consumer.close(self.settings.drain_seconds))
         for key, d in wanted.items():
             if key not in self.consumers:
-                c = self.consumers[key] = EventConsumer(self, self.pool, d)
+                c = self.consumers[key] = EventConsumer(self.event_context, d)
                 c.start()
 
     def _spawn(self, coro: Any) -> None:

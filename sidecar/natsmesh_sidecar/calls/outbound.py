@@ -11,21 +11,26 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from natsmesh_sidecar import codec
+from natsmesh_sidecar import codec, subjects
 from natsmesh_sidecar.edge.listener import EVENTS_PREFIX, Done, Request, StreamedRequest
 from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.policy import resilience
 from natsmesh_sidecar.policy.table import FORBIDDEN, FOUND, UNKNOWN
 from natsmesh_sidecar.policy.targets import MISS
 from natsmesh_sidecar.transport.natsfast import Reply
-from natsmesh_sidecar.wire import Destination, Rule, Target
+from natsmesh_sidecar.wire import CircuitBreaker, Destination, Rule, StreamLimits, Target
 
 if TYPE_CHECKING:
-    from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.observe.metrics import Metrics
+    from natsmesh_sidecar.observe.tap import Tap
     from natsmesh_sidecar.observe.tracing import Tracer
+    from natsmesh_sidecar.policy.permissions import Permissions
+    from natsmesh_sidecar.policy.table import Router
+    from natsmesh_sidecar.policy.targets import TargetCache
+    from natsmesh_sidecar.transport.natsfast import FastPath
     from natsmesh_sidecar.transport.stream.caller import CallerStream
 
 logger = logging.getLogger(__name__)
@@ -66,6 +71,34 @@ class _Plan:
         self.simple = breaker is None and rule.retries.attempts <= 0
 
 
+class Mesh(Protocol):
+    """What the handler reads per request because it changes while the sidecar
+    runs: the NATS connection (reconnects, renewals), the route table and our
+    namespace's targets (swaps), the publish permissions (new creds), the tap."""
+
+    @property
+    def nc(self) -> Any: ...
+    @property
+    def fast(self) -> FastPath | None: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def targets(self) -> TargetCache | None: ...
+    @property
+    def permissions(self) -> Permissions: ...
+    @property
+    def tap(self) -> Tap | None: ...
+    def max_body(self) -> int:
+        """The largest body one NATS message carries on the current connection."""
+        ...
+
+
+#: An event's publish (natsmesh_sidecar.events.publisher): (status, headers, body).
+PublishEvent = Callable[[Request, str], Awaitable[tuple[int, list[tuple[str, str]], bytes]]]
+#: The circuit breaker of a subject under a rule's config.
+BreakerOf = Callable[[str, CircuitBreaker], "resilience.Breaker | None"]
+
+
 class OutboundHandler:
     """Turns one request into one response; never raises.
 
@@ -73,12 +106,39 @@ class OutboundHandler:
     but one NATS request (no policy fetch, no fault delay, no retry) is
     answered from callbacks, without a task or a coroutine chain; anything
     else continues in a task running the same steps (:meth:`_finish_async`).
+
+    Takes what it uses: ``mesh`` for the state that changes while the sidecar
+    runs, the rest fixed at start.
     """
 
-    def __init__(self, app: Sidecar) -> None:
-        self.app = app
+    def __init__(
+        self,
+        mesh: Mesh,
+        *,
+        namespace: str,
+        service: str,
+        metrics: Metrics,
+        breaker: BreakerOf,
+        publish_event: PublishEvent,
+        stream_limits: StreamLimits,
+        tracer: Tracer | None = None,
+        access_log: bool = True,
+    ) -> None:
+        self.mesh = mesh
+        self.namespace = namespace
+        self.service = service
+        #: Who we are in labels, logs and errors (``<service>.<namespace>``).
+        self.source = subjects.host_of(namespace, service)
+        #: Appended to a route table's base subjects: who we are, as callers.
+        self.caller_suffix = subjects.caller_suffix(namespace, service)
+        self.metrics = metrics
+        self.breaker = breaker
+        self.publish_event = publish_event
+        self.stream_limits = stream_limits
+        #: Set only with an OTLP endpoint (natsmesh_sidecar.observe.tracing).
+        self.tracer = tracer
+        self.access_log = access_log
         self.inflight = 0
-        self.stream_limits = app.settings.stream_limits()
         self._rand = random.random
         #: id(destination) -> what selecting its rule needs (:meth:`_select`).
         self._selection: dict[int, tuple[Destination, bool, Rule | None]] = {}
@@ -141,7 +201,7 @@ class OutboundHandler:
                 if resp is not None:
                     done(req, resp)
 
-            fast = self.app.fast
+            fast = self.mesh.fast
             assert fast is not None
             if not fast.send_request(plan.subject, hdr, req.body, limit, replied):
                 after = self._after(req, rid, t0, plan, deadline, "unavailable", None, done)
@@ -214,7 +274,7 @@ class OutboundHandler:
     ) -> bytes | CallerStream:
         try:
             if req.path.startswith(EVENTS_PREFIX):
-                status, headers, body = await self.app.events.publish_http(req, rid)
+                status, headers, body = await self.publish_event(req, rid)
                 result: Result | CallerStream = (status, headers, body, "_events", "-", 0, "")
             else:
                 result = await self._call(req, rid, plan)
@@ -257,7 +317,7 @@ class OutboundHandler:
     async def _streamed(self, req: StreamedRequest, rid: str, plan: _Plan) -> Result | CallerStream:
         from natsmesh_sidecar.transport.stream import protocol
 
-        app, rule = self.app, plan.rule
+        mesh, rule = self.mesh, plan.rule
         if not protocol.same_namespace(plan.subject):
             s, h, b = self._error(
                 413,
@@ -266,16 +326,16 @@ class OutboundHandler:
                 rid,
             )
             return s, h, b, plan.dest_key, rule.name, 0, "payload_too_large"
-        fast = app.fast
+        fast = mesh.fast
         reply: Reply | None = None
         streamed: CallerStream | None = None
-        if fast is None or app.nc is None or not app.nc.is_connected:
+        if fast is None or mesh.nc is None or not mesh.nc.is_connected:
             outcome: str | int = resilience.UNAVAILABLE
         else:
             # Nm-Stream-Method, not Nm-Method: a callee too old to stream
             # answers 400 rather than call its app with an empty body.
-            mesh = plan.head.replace(b"\r\nNm-Method: ", b"\r\nNm-Stream-Method: ", 1)
-            head = b"%sNm-Timeout-Ms: %d\r\n" % (mesh, rule.timeout_ms)
+            start = plan.head.replace(b"\r\nNm-Method: ", b"\r\nNm-Stream-Method: ", 1)
+            head = b"%sNm-Timeout-Ms: %d\r\n" % (start, rule.timeout_ms)
             answer = await req.stream.start_upload(
                 fast, plan.subject, head, rule.timeout_ms / 1000.0
             )
@@ -306,7 +366,7 @@ class OutboundHandler:
         from natsmesh_sidecar.transport.stream.caller import CallerStream
         from natsmesh_sidecar.transport.stream.protocol import StreamError
 
-        fast = self.app.fast
+        fast = self.mesh.fast
         try:
             if fast is None:
                 raise StreamError("NATS connection lost")
@@ -372,10 +432,9 @@ class OutboundHandler:
         attempts: int,
         error: str,
     ) -> None:
-        app = self.app
         elapsed = time.perf_counter() - t0
-        app.metrics.observe("outbound", app.source, dest_key, status, elapsed)
-        tracer = app.tracer
+        self.metrics.observe("outbound", self.source, dest_key, status, elapsed)
+        tracer = self.tracer
         if tracer is not None:
             tracer.outbound(
                 req.traceparent,
@@ -390,11 +449,11 @@ class OutboundHandler:
                 attempts=attempts,
                 request_id=rid,
             )
-        if app.access_log:
+        if self.access_log:
             accesslog.log(
                 request_id=rid,
                 direction="outbound",
-                source=app.source,
+                source=self.source,
                 destination=dest_key,
                 route=route,
                 method=req.method,
@@ -404,7 +463,7 @@ class OutboundHandler:
                 attempts=attempts,
                 error=error,
             )
-        tap = app.tap
+        tap = self.mesh.tap
         if tap is not None:
             tap.request(
                 direction="outbound",
@@ -412,7 +471,7 @@ class OutboundHandler:
                 path=req.path,
                 status=status,
                 duration_s=elapsed,
-                source=app.source,
+                source=self.source,
                 destination=dest_key,
                 request_id=rid,
                 route=route,
@@ -444,15 +503,15 @@ class OutboundHandler:
 
     async def _prepare(self, req: Request, rid: str, plan: _Plan | str | None) -> Result | _Plan:
         """Route (fetching the policy if need be) and apply the rule's faults."""
-        app = self.app
         step = self._route(req, rid, MISS) if plan is None else plan
         if isinstance(step, str):
             # A service of our own namespace whose policy is not cached yet.
             dest_key = step
             svc = dest_key.partition(".")[0]
-            assert app.targets is not None
+            targets = self.mesh.targets
+            assert targets is not None
             try:
-                policy = await app.targets.get(svc)
+                policy = await targets.get(svc)
             except Exception as exc:
                 s, h, b = self._error(
                     503, "table_unavailable", f"policy of {dest_key} unreadable: {exc}", rid
@@ -478,20 +537,19 @@ class OutboundHandler:
         A result tuple answers it at once; a string is the destination whose
         policy must be fetched first (then call again with ``policy``).
         """
-        app = self.app
-        router = app.router
-        found, dest_key, dest = router.resolve(req.host)
-        if dest is None and found == UNKNOWN and app.targets is not None:
+        mesh = self.mesh
+        found, dest_key, dest = mesh.router.resolve(req.host)
+        if dest is None and found == UNKNOWN and mesh.targets is not None:
             # A service of our own namespace: its own KV key (see targets.py).
             svc, _, ns = dest_key.partition(".")
-            if ns == app.settings.namespace:
-                targets = app.targets
+            if ns == self.namespace:
+                targets = mesh.targets
                 if policy is MISS:
                     policy = targets.cached(svc)
                     if policy is MISS:
                         return dest_key
                 if isinstance(policy, Target):
-                    if policy.admits(app.settings.service):
+                    if policy.admits(self.service):
                         found, dest = FOUND, targets.destinations[svc]
                     else:
                         found = FORBIDDEN
@@ -501,7 +559,7 @@ class OutboundHandler:
                 return s, h, b, "-", "-", 0, "bad_request"
             if found == FORBIDDEN:
                 s, h, b = self._error(
-                    403, "forbidden", f"{app.source} may not call {dest_key}", rid
+                    403, "forbidden", f"{self.source} may not call {dest_key}", rid
                 )
                 return s, h, b, dest_key, "-", 0, "forbidden"
             assert found == UNKNOWN
@@ -538,22 +596,22 @@ class OutboundHandler:
                 503, "no_destination", f"route {rule.name} has no weighted destination", rid
             )
             return s, h, b, dest_key, rule.name, 0, "no_destination"
-        subject = target.subject + app.caller_suffix
-        if not app.permissions.can_publish(subject):
+        subject = target.subject + self.caller_suffix
+        if not mesh.permissions.can_publish(subject):
             s, h, b = self._error(
-                403, "forbidden", f"{app.source} is not permitted to publish to {subject}", rid
+                403, "forbidden", f"{self.source} is not permitted to publish to {subject}", rid
             )
             return s, h, b, dest_key, rule.name, 0, "forbidden"
-        if len(req.body) > app.max_body():
+        if len(req.body) > mesh.max_body():
             s, h, b = self._error(
                 413, "payload_too_large", "request body exceeds the NATS max_payload", rid
             )
             return s, h, b, dest_key, rule.name, 0, "payload_too_large"
 
         config = rule.circuit_breaker
-        breaker = None if config is None else app.breaker(subject, config)
+        breaker = None if config is None else self.breaker(subject, config)
         if breaker is not None and not breaker.allow(now := time.monotonic()):
-            app.metrics.circuit_refused.labels(subject).inc()
+            self.metrics.circuit_refused.labels(subject).inc()
             s, h, b = self._error(
                 503,
                 "circuit_open",
@@ -568,7 +626,13 @@ class OutboundHandler:
             delay, abort = resilience.fault_decision(rule.fault, self._rand(), self._rand())
 
         return _Plan(
-            dest_key, rule, subject, breaker, delay, abort, _head(req, rid, app.source, app.tracer)
+            dest_key,
+            rule,
+            subject,
+            breaker,
+            delay,
+            abort,
+            _head(req, rid, self.source, self.tracer),
         )
 
     def _per_try(self, plan: _Plan, deadline: float) -> tuple[float, bytes]:
@@ -612,7 +676,6 @@ class OutboundHandler:
         A streamed response is never retried: its first chunk may already be
         on the client's socket.
         """
-        app = self.app
         breaker, subject, dest_key, rule = plan.breaker, plan.subject, plan.dest_key, plan.rule
         retries = rule.retries
         if outcome == STREAMED:
@@ -633,7 +696,7 @@ class OutboundHandler:
         ):
             backoff = resilience.backoff_seconds(attempt, retries, self._rand())
             if time.monotonic() + backoff < deadline:
-                app.metrics.retries.labels(dest_key).inc()
+                self.metrics.retries.labels(dest_key).inc()
                 return backoff
 
         attempts = attempt + 1
@@ -656,7 +719,7 @@ class OutboundHandler:
             s, h, b = self._error(
                 403,
                 "permission_violation",
-                f"NATS refused {app.source} publishing to {subject}",
+                f"NATS refused {self.source} publishing to {subject}",
                 rid,
             )
             return s, h, b, dest_key, rule.name, attempts, "permission_violation"
@@ -695,8 +758,8 @@ class OutboundHandler:
 
     def _unsendable(self, body: bytes, limit_s: float) -> str | None:
         """Why a NATS request cannot be sent now, or None."""
-        nc = self.app.nc
-        if nc is None or self.app.fast is None or not nc.is_connected:
+        nc = self.mesh.nc
+        if nc is None or self.mesh.fast is None or not nc.is_connected:
             return "unavailable"
         if limit_s <= 0:
             return resilience.TIMEOUT
@@ -711,8 +774,9 @@ class OutboundHandler:
         unsent = self._unsendable(body, limit_s)
         if unsent is not None:
             return unsent, None
-        assert self.app.fast is not None
-        return self.app.fast.request(subject, hdrs, body, limit_s)
+        fast = self.mesh.fast
+        assert fast is not None
+        return fast.request(subject, hdrs, body, limit_s)
 
 
 def _head(req: Request, rid: str, source: str, tracer: Tracer | None) -> bytes:

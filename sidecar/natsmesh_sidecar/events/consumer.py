@@ -16,7 +16,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nats import errors as nats_errors
 from nats.js import errors as js_errors
@@ -24,14 +25,16 @@ from nats.js import errors as js_errors
 from natsmesh_sidecar import codec, subjects
 from natsmesh_sidecar.edge.appclient import AppError, AppPool
 from natsmesh_sidecar.events.completed import HIT, CompletedKeys, seal_key
-from natsmesh_sidecar.events.publisher import DEFAULT_KEY_PREFIX, publish_to_stream
+from natsmesh_sidecar.events.publisher import DEFAULT_KEY_PREFIX, JetStreamLink, publish_to_stream
 from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.wire import Delivery
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-    from natsmesh_sidecar.app import Sidecar
+    from natsmesh_sidecar.observe.metrics import Metrics
+    from natsmesh_sidecar.observe.tracing import Tracer
+    from natsmesh_sidecar.policy.permissions import Creds
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +55,39 @@ def idempotency_key(msg_id: str | None, stream: str, seq: int) -> str:
     return f"{DEFAULT_KEY_PREFIX}{stream}:{seq}"
 
 
-def completed_keys(app: Sidecar, d: Delivery) -> CompletedKeys:
+class ConsumerLink(JetStreamLink, Protocol):
+    """The connection, and the creds in use now (their seed keys the completed-key record)."""
+
+    @property
+    def creds(self) -> Creds | None: ...
+
+
+@dataclass(frozen=True)
+class ConsumerContext:
+    """What every event consumer of one sidecar shares, fixed at start."""
+
+    link: ConsumerLink
+    pool: AppPool
+    metrics: Metrics
+    #: This sidecar as a destination (``<service>.<namespace>``), for logs.
+    source: str
+    #: ``host:port`` of the app, its requests' Host header.
+    app_host: str
+    #: Whether ``exactlyOnce`` subscriptions keep the completed-key record.
+    dedup: bool = True
+    tracer: Tracer | None = None
+    access_log: bool = True
+
+
+def completed_keys(link: ConsumerLink, metrics: Metrics, d: Delivery) -> CompletedKeys:
     """The completed-key record of subscription ``d``, in the sidecar's own account."""
     source_namespace = d.source.rpartition(".")[2]
-    unavailable = app.metrics.events_dedup_unavailable
+    unavailable = metrics.events_dedup_unavailable
     sealed: dict[str, bytes] = {}
 
     def secret() -> bytes | None:
         # The creds in use now: a renewal may change the seed.
-        creds = app.creds
+        creds = link.creds
         if creds is None:
             return None
         if creds.seed not in sealed:
@@ -70,8 +97,8 @@ def completed_keys(app: Sidecar, d: Delivery) -> CompletedKeys:
 
     return CompletedKeys(
         subjects.done_scope(source_namespace, d.consumer),
-        connection=lambda: app.nc,
-        jetstream=app.js,
+        connection=lambda: link.nc,
+        jetstream=link.js,
         secret=secret,
         unavailable=lambda op: unavailable.labels(d.topic, op).inc(),
     )
@@ -80,22 +107,24 @@ def completed_keys(app: Sidecar, d: Delivery) -> CompletedKeys:
 class EventConsumer:
     """Pulls one durable consumer and delivers to the app's path."""
 
-    def __init__(self, app: Sidecar, pool: AppPool, delivery: Delivery, batch: int = 16) -> None:
-        self.app = app
-        self.pool = pool
+    def __init__(self, ctx: ConsumerContext, delivery: Delivery, batch: int = 16) -> None:
+        self.ctx = ctx
+        self.link = ctx.link
+        self.pool = ctx.pool
+        self.metrics = metrics = ctx.metrics
         self.d = delivery
         self.batch = batch
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.inflight = 0
         #: Exposed from the start (0), so a dashboard sees the subscription before an event.
-        self.pending = app.metrics.events_pending.labels(delivery.source, delivery.topic)
+        self.pending = metrics.events_pending.labels(delivery.source, delivery.topic)
         # 0 until one is dead-lettered
-        app.metrics.events_dead.labels(delivery.source, delivery.topic)
+        metrics.events_dead.labels(delivery.source, delivery.topic)
         #: Only exactlyOnce pays for the completed-key record.
         self.done: CompletedKeys | None = None
-        if delivery.mode == "exactlyOnce" and app.settings.event_dedup:
-            self.done = completed_keys(app, delivery)
+        if delivery.mode == "exactlyOnce" and ctx.dedup:
+            self.done = completed_keys(ctx.link, metrics, delivery)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -118,7 +147,7 @@ class EventConsumer:
             try:
                 # Consumers of another namespace's stream are reached through
                 # the imported JetStream API prefix the operator wired.
-                js = self.app.js(d.api_prefix)
+                js = self.link.js(d.api_prefix)
                 psub = await js.pull_subscribe_bind(durable=d.consumer, stream=d.stream)
                 logger.info("bound to consumer %s/%s for topic %s", d.stream, d.consumer, d.topic)
                 try:
@@ -148,7 +177,7 @@ class EventConsumer:
         handed to the app), ``ack_lost`` (the app answered, the ack did not
         reach the server: it redelivers) or ``error`` (nothing reached the app)."""
         d = self.d
-        app = self.app
+        ctx = self.ctx
         t0 = time.perf_counter()
         self.inflight += 1
         try:
@@ -166,7 +195,7 @@ class EventConsumer:
         status = 0
         answered = False
         done = self.done
-        tracer = app.tracer
+        tracer = ctx.tracer
         #: With tracing, the app continues under this delivery's span.
         own = None if tracer is None else tracer.next_traceparent(hdrs.get(codec.TRACEPARENT))
         try:
@@ -191,16 +220,16 @@ class EventConsumer:
             result = "ack_lost" if answered else "error"
         finally:
             self.inflight -= 1
-        app.metrics.events_delivered.labels(d.topic, result).inc()
+        self.metrics.events_delivered.labels(d.topic, result).inc()
         if result == "dead":
-            app.metrics.events_dead.labels(d.source, d.topic).inc()
+            self.metrics.events_dead.labels(d.source, d.topic).inc()
         elapsed = time.perf_counter() - t0
-        if app.access_log:
+        if ctx.access_log:
             accesslog.log(
                 request_id=rid,
                 direction="event",
                 source=d.source,
-                destination=app.source,
+                destination=ctx.source,
                 route=d.topic,
                 method="POST",
                 path=d.path,
@@ -281,10 +310,7 @@ class EventConsumer:
         ]
         if codec.REQUEST_ID not in hdrs:
             headers.append((codec.REQUEST_ID, rid))
-        app = self.app
-        data = codec.render_request(
-            "POST", d.path, headers, msg.data, f"{app.settings.app_host}:{app.settings.app_port}"
-        )
+        data = codec.render_request("POST", d.path, headers, msg.data, self.ctx.app_host)
         if data is None:
             return 400, "bad_path"
         try:
@@ -316,10 +342,10 @@ class EventConsumer:
         )
         try:
             # Like an event: a dead-letter stream electing its leader is waited out.
-            await publish_to_stream(self.app, d.dead_letter_subject, msg.data, None, headers)
+            await publish_to_stream(self.link, d.dead_letter_subject, msg.data, None, headers)
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
             # Still no stream keeps dead letters: still tell whoever listens.
-            nc = self.app.nc
+            nc = self.link.nc
             if nc is not None:
                 await nc.publish(d.dead_letter_subject, msg.data, headers=headers)
         logger.warning(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nats import errors as nats_errors
 from nats.js import errors as js_errors
@@ -19,8 +19,11 @@ from nats.js import errors as js_errors
 from natsmesh_sidecar import codec, subjects
 
 if TYPE_CHECKING:
-    from natsmesh_sidecar.app import Sidecar
     from natsmesh_sidecar.edge.listener import Request
+    from natsmesh_sidecar.observe.metrics import Metrics
+    from natsmesh_sidecar.observe.tracing import Tracer
+    from natsmesh_sidecar.policy.permissions import Permissions
+    from natsmesh_sidecar.policy.table import Router
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +41,47 @@ _JSON = [("content-type", "application/json")]
 DEFAULT_KEY_PREFIX = "nm:"
 
 
+class JetStreamLink(Protocol):
+    """The current NATS connection and JetStream contexts on it: both change
+    with a reconnect elsewhere or a creds renewal, so they are asked each time."""
+
+    @property
+    def nc(self) -> Any: ...
+    def js(self, prefix: str = subjects.JS_API_PREFIX) -> Any: ...
+
+
+class PublishLink(JetStreamLink, Protocol):
+    """What a publish reads as it is at that moment: the route table's topics,
+    our publish permissions, the connection's message limit."""
+
+    @property
+    def router(self) -> Router: ...
+    @property
+    def permissions(self) -> Permissions: ...
+    def max_body(self) -> int: ...
+
+
 class EventPublisher:
-    def __init__(self, app: Sidecar) -> None:
-        self.app = app
+    """``POST /_events/<topic>`` from the app, answered once the stream stored it."""
+
+    def __init__(
+        self,
+        link: PublishLink,
+        *,
+        source: str,
+        metrics: Metrics,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self.link = link
+        self.source = source
+        self.metrics = metrics
+        #: Set only with an OTLP endpoint (natsmesh_sidecar.observe.tracing).
+        self.tracer = tracer
 
     async def publish_http(
         self, req: Request, rid: str
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        app = self.app
+        link, source = self.link, self.source
         if req.method != "POST":
             return (
                 405,
@@ -59,30 +95,28 @@ class EventPublisher:
                 list(_JSON),
                 codec.error_body("bad_request", f"invalid topic {topic!r}", rid),
             )
-        pub = app.router.table.publishes.get(topic)
+        pub = link.router.table.publishes.get(topic)
         if pub is None:
             return (
                 404,
                 list(_JSON),
-                codec.error_body(
-                    "unknown_topic", f"{app.source} does not publish topic {topic}", rid
-                ),
+                codec.error_body("unknown_topic", f"{source} does not publish topic {topic}", rid),
             )
-        if not app.permissions.can_publish(pub.subject):
+        if not link.permissions.can_publish(pub.subject):
             return (
                 403,
                 list(_JSON),
                 codec.error_body(
-                    "forbidden", f"{app.source} is not permitted to publish to {pub.subject}", rid
+                    "forbidden", f"{source} is not permitted to publish to {pub.subject}", rid
                 ),
             )
-        if len(req.body) > app.max_body():
+        if len(req.body) > link.max_body():
             return (
                 413,
                 list(_JSON),
                 codec.error_body("payload_too_large", "event exceeds max_payload", rid),
             )
-        nc = app.nc
+        nc = link.nc
         if nc is None or not nc.is_connected:
             return (
                 503,
@@ -90,13 +124,13 @@ class EventPublisher:
                 codec.error_body("nats_unavailable", "NATS connection is down; retry shortly", rid),
             )
         incoming = req.special.get("traceparent")
-        tracer = app.tracer
+        tracer = self.tracer
         tp = req.traceparent = (
             codec.next_traceparent(incoming)
             if tracer is None
             else tracer.next_traceparent(incoming)
         )
-        headers = {codec.REQUEST_ID: rid, codec.TRACEPARENT: tp, codec.H_SOURCE: app.source}
+        headers = {codec.REQUEST_ID: rid, codec.TRACEPARENT: tp, codec.H_SOURCE: source}
         ctype = req.special.get("content-type")
         if ctype:
             headers["Content-Type"] = ctype
@@ -115,7 +149,7 @@ class EventPublisher:
                 )
             headers["Nats-Msg-Id"] = key
         try:
-            ack = await publish_to_stream(app, pub.subject, req.body, pub.stream, headers)
+            ack = await publish_to_stream(link, pub.subject, req.body, pub.stream, headers)
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
             return (
                 503,
@@ -141,7 +175,7 @@ class EventPublisher:
                 [*_JSON, ("retry-after", "1")],
                 codec.error_body("nats_unavailable", "NATS connection is down; retry shortly", rid),
             )
-        app.metrics.events_published.labels(topic).inc()
+        self.metrics.events_published.labels(topic).inc()
         body = json.dumps(
             {"stream": ack.stream, "seq": ack.seq, "duplicate": bool(ack.duplicate)}
         ).encode()
@@ -149,7 +183,7 @@ class EventPublisher:
 
 
 async def publish_to_stream(
-    app: Sidecar, subject: str, body: bytes, stream: str | None, headers: dict[str, str]
+    link: JetStreamLink, subject: str, body: bytes, stream: str | None, headers: dict[str, str]
 ) -> Any:
     """Publish to the stream (``None``: whichever keeps ``subject``), again while
     it has no leader (see NO_LEADER_RETRY_SECONDS)."""
@@ -157,8 +191,8 @@ async def publish_to_stream(
     deadline = loop.time() + NO_LEADER_RETRY_SECONDS
     while True:
         try:
-            # app.js() each time: the connection may have moved meanwhile.
-            return await app.js().publish(
+            # link.js() each time: the connection may have moved meanwhile.
+            return await link.js().publish(
                 subject, body, timeout=PUBLISH_TIMEOUT, stream=stream, headers=headers
             )
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
