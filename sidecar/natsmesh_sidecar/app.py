@@ -32,6 +32,7 @@ from nats import errors as nats_errors
 from natsmesh_sidecar import codec, readiness, subjects
 from natsmesh_sidecar.calls.inbound import InboundHandler, InboundLimits
 from natsmesh_sidecar.calls.outbound import OutboundHandler
+from natsmesh_sidecar.calls.route import Planner
 from natsmesh_sidecar.edge.appclient import AppPool
 from natsmesh_sidecar.edge.listener import OutboundServer
 from natsmesh_sidecar.events.consumer import ConsumerContext, EventConsumer
@@ -167,10 +168,15 @@ class Sidecar:
         )
         self.outbound_handler = OutboundHandler(
             self,
-            namespace=settings.namespace,
-            service=settings.service,
+            Planner(
+                self,
+                namespace=settings.namespace,
+                service=settings.service,
+                metrics=self.metrics,
+                breaker=self.breaker,
+                tracer=self.tracer,
+            ),
             metrics=self.metrics,
-            breaker=self.breaker,
             publish_event=self.events.publish_http,
             stream_limits=settings.stream_limits(),
             tracer=self.tracer,

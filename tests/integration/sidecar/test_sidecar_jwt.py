@@ -210,7 +210,7 @@ async def test_server_permissions_violation_is_surfaced(
     # The sidecar's view of its JWT goes stale (as if it read an older, wider
     # one) and it names another caller: the server refuses the publish.
     jwt_mesh.gateway.permissions = permissions.Permissions.allow_all()
-    jwt_mesh.gateway.outbound_handler.caller_suffix = subjects.caller_suffix(NS, "orders")
+    jwt_mesh.gateway.outbound_handler.planner.caller_suffix = subjects.caller_suffix(NS, "orders")
     subject = call(NS, "payments", "orders")
     caplog.set_level(logging.INFO, logger="natsmesh_sidecar")
     t0 = time.monotonic()
@@ -246,7 +246,7 @@ async def test_server_permissions_violation_is_surfaced(
     )
     assert after == before
     # And with its own identity back, the allowed destination is unaffected.
-    jwt_mesh.gateway.outbound_handler.caller_suffix = subjects.caller_suffix(NS, "gateway")
+    jwt_mesh.gateway.outbound_handler.planner.caller_suffix = subjects.caller_suffix(NS, "gateway")
     r = await request(jwt_mesh.port, "GET", "/ok", host="orders")
     assert r.status == 200
 
