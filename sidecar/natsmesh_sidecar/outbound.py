@@ -56,6 +56,8 @@ _SPECIAL = frozenset(
         # the listener answers 100 Continue itself.
         "content-length",
         "expect",
+        # Kept aside, never forwarded: which protocol an Upgrade asks for.
+        "upgrade",
     }
 )
 _DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
@@ -126,7 +128,7 @@ class StreamedRequest(Request):
 
     __slots__ = ("stream",)
 
-    stream: CallerStream
+    stream: CallerStream  # or a WebSocket's natsmesh_sidecar.stream.tunnel.CallerTunnel
 
 
 class _Reject(Exception):
@@ -204,8 +206,8 @@ class OutboundConnection(asyncio.Protocol):
         self.last = time.monotonic()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "bad_request", "protocol upgrades and CONNECT are not supported")
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0] :])
         except httptools.HttpParserCallbackError:
             status, code, message = self.reject or (400, "bad_request", "malformed HTTP request")
             self._fail(status, code, message)
@@ -293,8 +295,9 @@ class OutboundConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = False
-        if self.stopped:
-            # Pipelined after a request that closed the connection.
+        if self.stopped or self.parser.should_upgrade():
+            # Pipelined after a request that closed the connection, or an
+            # upgrade: HttpParserUpgrade comes next (data_received).
             return
         upload = self._upload
         if upload is not None:
@@ -303,6 +306,23 @@ class OutboundConnection(asyncio.Protocol):
             return
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._enqueue(self._request(Request, body))
+
+    def _upgrade(self, rest: bytes) -> None:
+        """An Upgrade or CONNECT: a WebSocket is tunnelled (natsmesh_sidecar.stream.tunnel)."""
+        from natsmesh_sidecar.stream import tunnel
+
+        refused = tunnel.refusal(self.parser.get_method(), self._special.get("upgrade", ""))
+        if refused is not None or self.stopped or self.transport is None:
+            self._fail(400, "upgrade_not_supported", refused or "connection closing")
+            return
+        self.stopped = True  # nothing more to parse: the rest is the tunnel's
+        req = self._request(StreamedRequest, b"")
+        req.keep_alive = False  # an upgrade refused ends the connection
+        limits = self.handler.stream_limits
+        # Routed as a streamed request: the handler uses only what both kinds have.
+        upgrade = tunnel.CallerTunnel(limits, self.transport, rest)
+        req.stream = self.stream = cast("CallerStream", upgrade)
+        self._enqueue(req)
 
     def _request(self, cls: type[R], body: bytes) -> R:
         parser = self.parser
@@ -721,13 +741,9 @@ class OutboundHandler:
 
         app, rule = self.app, plan.rule
         if not protocol.same_namespace(plan.subject):
-            s, h, b = self._error(
-                413,
-                "payload_too_large",
-                "request bodies larger than one NATS message do not cross namespaces",
-                rid,
-            )
-            return s, h, b, plan.dest_key, rule.name, 0, "payload_too_large"
+            status, code, message = req.stream.CROSS_NAMESPACE
+            s, h, b = self._error(status, code, message, rid)
+            return s, h, b, plan.dest_key, rule.name, 0, code
         fast = app.fast
         reply: Reply | None = None
         streamed: CallerStream | None = None
