@@ -112,11 +112,6 @@ def _clock(limits: StreamLimits) -> _Clock:
     return clock
 
 
-def open_tunnels() -> int:
-    """How many tunnel ends this process holds (tests, metrics)."""
-    return sum(len(c.ends) for c in _CLOCKS.values())
-
-
 # -- what both sides share ----------------------------------------------------------------
 
 
@@ -127,7 +122,7 @@ class _End(Peer, asyncio.Protocol):
     writes the other side's into the socket.
     """
 
-    __slots__ = ("fast", "own_eof", "sender", "transport")
+    __slots__ = ("fast", "sender", "transport")
 
     #: Whose socket this is, for the log.
     side = "socket"
@@ -136,7 +131,6 @@ class _End(Peer, asyncio.Protocol):
         Peer.__init__(self, limits)
         self.fast: FastPath | None = None
         self.transport: asyncio.Transport | None = None
-        self.own_eof = False
         self.sender = Sender(
             limits.chunk_bytes,
             pause=self._pause,
@@ -152,7 +146,6 @@ class _End(Peer, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # A half-close: this direction ends, the other may go on.
-        self.own_eof = True
         if not self.finished:
             self.sender.end()
             self._maybe_close()
@@ -362,6 +355,12 @@ class CallerTunnel(_End):
             self.cut("NATS connection lost", tell=False)
         else:
             self.on_message(msg)
+
+    def cut(self, reason: str, *, tell: bool = True, transport: bool = True) -> None:
+        # Before the 101 reached the client, its connection is the outbound
+        # handler's to answer (502, 503...): only a tunnel in use resets it.
+        super().cut(reason, tell=tell, transport=transport and self.receiver is not None)
+        self._settle("bad_stream")
 
     def _settle(self, result: CallerTunnel | Reply | str) -> bool:
         answer = self.answer

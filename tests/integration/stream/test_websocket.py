@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -34,8 +35,9 @@ from tests.integration.stream.ws_harness import WsMesh, connect_via, echo_once, 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 MIB = 1024 * 1024
-#: The callee's death must reach the client within this (the idle timeout
-#: is 2 s here: a quarter of it, a beat answered "no responders", then slack).
+IDLE_TIMEOUT_S = 2.0
+#: A sidecar's death must reach the other end within this: a quarter of the
+#: idle timeout, a beat answered "no responders", then slack for a busy box.
 CUT_WITHIN_S = 3.0
 
 
@@ -186,13 +188,18 @@ async def test_a_client_going_away_closes_the_apps_socket(mesh: WsMesh) -> None:
     assert mesh.state.closes[-1][0] is None, mesh.state.closes[-1]
 
 
-async def test_idle_sockets_cost_little_memory(mesh: WsMesh) -> None:
+async def test_idle_sockets_cost_little_memory_and_outlive_the_idle_timeout(
+    mesh: WsMesh,
+) -> None:
     """200 open idle sockets; each sidecar's growth per socket stays under a bound.
 
     Both ends hold a socket, its protocol object, a sender and a receiver of
     the two streams, and an inbox entry (caller) or a NATS subscription
     (callee): a few KB. 16 KB per socket puts 1,000 sockets within the
-    sidecar's +16 MB budget for what it carries.
+    sidecar's +16 MB budget for what it carries. Quiet for longer than the
+    stream idle timeout, they stay open: the sidecars' beats keep them. Once
+    closed, nothing of them is left on the server (the callee's
+    subscriptions to their call subjects are gone).
     """
     n = 200
     sides = [mesh.sides["web"].pid, mesh.sides["orders"].pid]
@@ -209,10 +216,33 @@ async def test_idle_sockets_cost_little_memory(mesh: WsMesh) -> None:
         assert await echo_once(sockets[-1], "alive") == "alive"
         await asyncio.sleep(0.5)
         per_socket_kb = {pid: (rss_mb(pid) - base[pid]) * 1024 / n for pid in sides}
+        assert call_subscriptions(mesh) == n
+        # Past the idle timeout (2 s) without a message: still open both ways.
+        await asyncio.sleep(IDLE_TIMEOUT_S * 1.3)
+        for ws in (sockets[0], sockets[n // 2], sockets[-1]):
+            assert await echo_once(ws, "still here") == "still here"
     finally:
         await asyncio.gather(*(ws.close() for ws in sockets))
     print(f"RSS per idle socket, caller / callee: {per_socket_kb} KB")
     assert all(kb < 16 for kb in per_socket_kb.values()), per_socket_kb
+    for _ in range(30):  # their unsubscribes reach the server within 3 s
+        if not call_subscriptions(mesh):
+            break
+        await asyncio.sleep(0.1)
+    assert call_subscriptions(mesh) == 0
+
+
+def call_subscriptions(mesh: WsMesh) -> int:
+    """The callee's subscriptions to call subjects, as the server counts them."""
+    url = f"{mesh.on.server.monitor_url}/connz?subs=1&limit=1024"
+    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - the test's own server
+        connz = json.load(r)
+    return sum(
+        1
+        for c in connz["connections"]
+        for sub in c.get("subscriptions_list") or ()
+        if sub.startswith("mesh._shop.orders.")
+    )
 
 
 async def _open(mesh: WsMesh) -> ClientConnection:
@@ -230,3 +260,28 @@ async def test_callee_sidecar_killed_cuts_the_client_within_a_bound(mesh: WsMesh
     await mesh.restart("orders")
     async with connect_via(mesh.port(), "/echo") as ws:
         assert await echo_once(ws, "after the restart") == "after the restart"
+
+
+async def test_caller_sidecar_killed_closes_the_apps_socket_within_a_bound(mesh: WsMesh) -> None:
+    mesh.state.ended.clear()
+    async with connect_via(mesh.port(), "/echo") as ws:
+        assert await echo_once(ws, "x") == "x"
+        mesh.sides["web"].proc.kill()
+        t0 = time.monotonic()
+        await asyncio.wait_for(mesh.state.ended.wait(), CUT_WITHIN_S + 2)
+        assert time.monotonic() - t0 < CUT_WITHIN_S
+        assert mesh.state.closes[-1][0] is None  # no close frame: the connection was cut
+    await mesh.restart("web")
+
+
+async def test_nats_server_dying_cuts_both_ends(mesh: WsMesh) -> None:
+    """Last: the mesh's server goes away, and comes back for nothing after."""
+    mesh.state.ended.clear()
+    async with connect_via(mesh.port(), "/echo") as ws:
+        assert await echo_once(ws, "x") == "x"
+        mesh.on.server.stop()
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), CUT_WITHIN_S + 2)
+        await asyncio.wait_for(mesh.state.ended.wait(), CUT_WITHIN_S + 2)
+        assert time.monotonic() - t0 < CUT_WITHIN_S
