@@ -230,14 +230,18 @@ class CalleeStream(Peer):
 
     def _stop(self) -> None:
         self._stop_clock()
-        sub = self.sub
-        self.sub = None
-        if sub is not None:
-            fast = self.fast
-            if fast is not None:
-                fast.handlers.pop(sub._id, None)
-            task = asyncio.get_running_loop().create_task(sub.unsubscribe())
-            task.add_done_callback(_quiet)
+        sub, self.sub = self.sub, None
+        drop_subscription(self.fast, sub)
+
+
+def drop_subscription(fast: FastPath | None, sub: Any) -> None:
+    """Forget a call subject's subscription now; its UNSUB goes out in the background."""
+    if sub is None:
+        return
+    if fast is not None:
+        fast.handlers.pop(sub._id, None)
+    task = asyncio.get_running_loop().create_task(sub.unsubscribe())
+    task.add_done_callback(_quiet)
 
 
 def _quiet(task: asyncio.Task[Any]) -> None:

@@ -48,7 +48,7 @@ import httptools
 from natsmesh_sidecar import codec, subjects
 from natsmesh_sidecar.natsfast import TIMEOUT, UNAVAILABLE, FastPath, Reply
 from natsmesh_sidecar.stream import protocol
-from natsmesh_sidecar.stream.callee import streamable, unary_reply
+from natsmesh_sidecar.stream.callee import drop_subscription, streamable, unary_reply
 from natsmesh_sidecar.stream.peer import Peer
 from natsmesh_sidecar.stream.receiver import Receiver
 from natsmesh_sidecar.stream.sender import Sender
@@ -198,12 +198,18 @@ class _End(Peer, asyncio.Protocol):
 
     # -- the other side ----------------------------------------------------------------
 
-    def _credit(self, msg: Reply) -> None:
+    def _first_credit(self, msg: Reply, credit: int) -> None:
+        """The other side's first credit: check it, then :meth:`_joined`."""
         raise NotImplementedError
 
     def handle(self, what: str, msg: Reply) -> None:
         if what == protocol.CREDIT:
-            self._credit(msg)
+            credit = protocol.credit_of(msg.headers)
+            if self.sender.publish is None:
+                self._first_credit(msg, credit)
+            else:
+                self.sender.on_credit(credit)
+                self._maybe_close()
         elif what == protocol.NO_RESPONDERS:
             raise protocol.StreamError("the other sidecar is gone (no responders)")
         else:
@@ -229,6 +235,9 @@ class _End(Peer, asyncio.Protocol):
 
     def beat(self) -> None:
         self._tell(protocol.BEAT_BLOCK)
+
+    def _send_credit(self, credit: int) -> None:
+        self._tell(protocol.credit_block(credit))
 
     def cut(self, reason: str, *, tell: bool = True, transport: bool = True) -> None:
         """Break the tunnel: the other side is told, our socket reset."""
@@ -392,12 +401,7 @@ class CallerTunnel(_End):
             raise protocol.StreamError("a head after the caller stopped waiting")
         self._arm()
 
-    def _credit(self, msg: Reply) -> None:
-        credit = protocol.credit_of(msg.headers)
-        if self.sender.publish is not None:
-            self.sender.on_credit(credit)
-            self._maybe_close()
-            return
+    def _first_credit(self, msg: Reply, credit: int) -> None:
         if msg.headers.get(protocol.H_STREAM) != self.call or not self.status:
             raise protocol.StreamError("credit before the upgrade, or for another call")
         fast, subject, inbox = self.fast, self.call_subject, self.inbox
@@ -438,9 +442,6 @@ class CallerTunnel(_End):
         self._send_credit(receiver.open())
         if not self.sender.paused:
             transport.resume_reading()
-
-    def _send_credit(self, credit: int) -> None:
-        self._tell(protocol.credit_block(credit))
 
     def writable(self, ok: bool) -> None:
         """The outbound connection's pause_writing/resume_writing, before the 101."""
@@ -630,12 +631,7 @@ class CalleeTunnel(_End):
 
     # -- the caller ----------------------------------------------------------------------
 
-    def _credit(self, msg: Reply) -> None:
-        credit = protocol.credit_of(msg.headers)
-        if self.sender.publish is not None:
-            self.sender.on_credit(credit)
-            self._maybe_close()
-            return
+    def _first_credit(self, msg: Reply, credit: int) -> None:
         if self.receiver is None or not msg.reply.startswith(self.caller_inbox):
             raise protocol.StreamError("credit before the upgrade, or naming another inbox")
         fast, target, own = self.fast, msg.reply.encode(), self.call_subject.encode()
@@ -653,9 +649,6 @@ class CalleeTunnel(_End):
         if fast is not None:
             fast.publish_block(self.target or self.reply, self.call_subject.encode(), block, b"")
 
-    def _send_credit(self, credit: int) -> None:
-        self._tell(protocol.credit_block(credit))
-
     def cut(self, reason: str, *, tell: bool = True, transport: bool = True) -> None:
         self.parser = None
         super().cut(reason, tell=tell, transport=transport)
@@ -664,17 +657,7 @@ class CalleeTunnel(_End):
     def _stop(self) -> None:
         super()._stop()
         sub, self.sub = self.sub, None
-        if sub is not None:
-            fast = self.fast
-            if fast is not None:
-                fast.handlers.pop(sub._id, None)
-            task = asyncio.get_running_loop().create_task(sub.unsubscribe())
-            task.add_done_callback(_quiet)
-
-
-def _quiet(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.debug("unsubscribing a tunnel failed: %s", task.exception())
+        drop_subscription(self.fast, sub)
 
 
 async def serve(

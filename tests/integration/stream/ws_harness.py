@@ -13,7 +13,6 @@ alone (bench/websocket.py runs it so).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import socket
@@ -32,7 +31,13 @@ from natsmesh_operator.wiring.plan import plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
 from natsmesh_sidecar.config import Match
 from tests.fixtures.nats_operator import OperatorNats
-from tests.integration.stream.stream_harness import SidecarProc, start_sidecar, stop_sidecar
+from tests.integration.stream.stream_harness import (
+    SidecarProc,
+    run_app,
+    serve_alone,
+    start_sidecar,
+    stop_sidecar,
+)
 
 NS = "shop"
 
@@ -116,13 +121,7 @@ def make_app(state: WsState) -> web.Application:
 
 
 async def start_app(state: WsState, port: int = 0) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(make_app(state), handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.Server)
-    return runner, server.sockets[0].getsockname()[1]
+    return await run_app(make_app(state), port)
 
 
 #: The sidecars by NatsService resource: (service, version).
@@ -262,15 +261,5 @@ async def echo_once(ws: ClientConnection, message: str | bytes) -> str | bytes:
     return await asyncio.wait_for(ws.recv(), 5)
 
 
-async def main(port: int) -> None:
-    runner, _ = await start_app(WsState(), port)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    asyncio.run(main(parser.parse_args().port))
+    serve_alone(lambda port: start_app(WsState(), port))
