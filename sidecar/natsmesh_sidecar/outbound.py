@@ -311,12 +311,18 @@ class OutboundConnection(asyncio.Protocol):
         """An Upgrade or CONNECT: a WebSocket is tunnelled (natsmesh_sidecar.stream.tunnel)."""
         from natsmesh_sidecar.stream import tunnel
 
+        if self.stopped or self.transport is None:
+            return  # pipelined after a request that closes the connection
         refused = tunnel.refusal(self.parser.get_method(), self._special.get("upgrade", ""))
-        if refused is not None or self.stopped or self.transport is None:
-            self._fail(400, "upgrade_not_supported", refused or "connection closing")
+        if refused is not None:
+            self._fail(400, "upgrade_not_supported", refused)
+            return
+        try:
+            req = self._request(StreamedRequest, b"")
+        except _Reject:
+            self._fail(*(self.reject or (400, "bad_request", "invalid request target")))
             return
         self.stopped = True  # nothing more to parse: the rest is the tunnel's
-        req = self._request(StreamedRequest, b"")
         req.keep_alive = False  # an upgrade refused ends the connection
         limits = self.handler.stream_limits
         # Routed as a streamed request: the handler uses only what both kinds have.

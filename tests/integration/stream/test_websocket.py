@@ -153,9 +153,24 @@ async def test_an_unknown_route_and_other_upgrades_are_refused(mesh: WsMesh) -> 
         async with connect_via(mesh.port(), "/echo", host="nobody.shop"):
             pass
     assert unknown.value.response.status_code == 404
-    for head in (
-        b"GET / HTTP/1.1\r\nHost: orders.shop\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
-        b"CONNECT orders.shop:443 HTTP/1.1\r\nHost: orders.shop:443\r\n\r\n",
+    upgrade = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    for head, code in (
+        (
+            b"GET / HTTP/1.1\r\nHost: orders.shop\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "upgrade_not_supported",
+        ),
+        (
+            b"CONNECT orders.shop:443 HTTP/1.1\r\nHost: orders.shop:443\r\n\r\n",
+            "upgrade_not_supported",
+        ),
+        (
+            b"POST /echo HTTP/1.1\r\nHost: orders.shop\r\n" + upgrade + b"\r\n",
+            "upgrade_not_supported",
+        ),
+        (
+            b"GET http://[x/echo HTTP/1.1\r\nHost: orders.shop\r\n" + upgrade + b"\r\n",
+            "bad_request",
+        ),
     ):
         reader, writer = await asyncio.open_connection("127.0.0.1", mesh.port())
         writer.write(head)
@@ -163,7 +178,7 @@ async def test_an_unknown_route_and_other_upgrades_are_refused(mesh: WsMesh) -> 
         writer.close()
         status, _, body = answer.partition(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 400 "), answer
-        assert json.loads(body)["error"] == "upgrade_not_supported"
+        assert json.loads(body)["error"] == code, answer
 
 
 async def test_the_app_refusing_the_upgrade_is_relayed(mesh: WsMesh) -> None:
