@@ -8,7 +8,9 @@ Pipelined requests queue per connection and are answered strictly in order.
 Untrusted input is bounded: URL and header bytes, and a header deadline
 against slowloris clients (408). A body that outgrows one NATS message
 streams (natsmesh_sidecar.stream, imported then): the request is started
-with what arrived and the rest follows as the client sends it.
+with what arrived and the rest follows as the client sends it. An
+``Upgrade: websocket`` is routed the same way and, once the callee's app
+switched protocols, tunnelled (natsmesh_sidecar.stream.tunnel).
 
 :class:`OutboundHandler` turns one parsed request into a response: resolve the
 host in the route table, check the sidecar's own publish permissions, apply the
