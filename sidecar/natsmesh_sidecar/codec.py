@@ -43,6 +43,9 @@ H_STREAM = "Nm-Stream"
 #: knows nothing of streams answers 400 instead of calling its app with an
 #: empty body.
 H_STREAM_METHOD = "Nm-Stream-Method"
+#: On a streamed request's head: an HTTP Upgrade to tunnel (its value the
+#: protocol, only ``websocket``; natsmesh_sidecar.transport.stream.tunnel).
+H_UPGRADE = "Nm-Upgrade"
 DUP_PREFIX = "Nm-Dup-"
 ESC_PREFIX = "Nm-Esc-"
 MESH_PREFIX_LOWER = "nm-"

@@ -219,7 +219,8 @@ class InboundHandler:
     async def _serve_upload(
         self, msg: Msg, hdrs: dict[str, str], t0: float, rid: str, method: str, target: str
     ) -> None:
-        """A request whose body streams (natsmesh_sidecar.transport.stream.callee)."""
+        """A request whose body streams (natsmesh_sidecar.transport.stream.callee), or a
+        WebSocket upgrade (natsmesh_sidecar.transport.stream.tunnel): done at its answer's head."""
         from natsmesh_sidecar.transport.stream import callee
 
         status, error = 500, "internal"
@@ -228,7 +229,12 @@ class InboundHandler:
         # one more in its socket's buffer) counts against the byte budget
         # like a body in hand, until the response head.
         limits = self.pool.stream_limits
-        reserve = (limits.window + 1) * limits.chunk_bytes
+        serve, reserve = callee.serve_upload, (limits.window + 1) * limits.chunk_bytes
+        if codec.H_UPGRADE in hdrs:
+            from natsmesh_sidecar.transport.stream import tunnel
+
+            # Nothing flows until the app's answer.
+            serve, reserve = tunnel.serve, 0
         if self.held_bytes and self.held_bytes + reserve > self.limits.max_bytes:
             self._overloaded(msg, "sidecar memory budget for requests in hand is full")
             self.inflight -= 1
@@ -246,7 +252,7 @@ class InboundHandler:
             if fast is None:
                 status, error = 503, "nats_unavailable"
                 return
-            status, error = await callee.serve_upload(
+            status, error = await serve(
                 msg,
                 head,
                 fast=fast,

@@ -307,14 +307,8 @@ class OutboundHandler:
 
         mesh, rule = self.mesh, plan.rule
         if not protocol.same_namespace(plan.subject):
-            return refusal(
-                413,
-                "payload_too_large",
-                "request bodies larger than one NATS message do not cross namespaces",
-                rid,
-                plan.dest_key,
-                rule.name,
-            )
+            status, code, message = req.stream.CROSS_NAMESPACE
+            return refusal(status, code, message, rid, plan.dest_key, rule.name)
         fast = mesh.fast
         reply: Reply | None = None
         streamed: CallerStream | None = None

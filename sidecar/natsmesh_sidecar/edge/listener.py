@@ -8,7 +8,9 @@ Pipelined requests queue per connection and are answered strictly in order.
 Untrusted input is bounded: URL and header bytes, and a header deadline
 against slowloris clients (408). A body that outgrows one NATS message
 streams (natsmesh_sidecar.transport.stream, imported then): the request is started
-with what arrived and the rest follows as the client sends it.
+with what arrived and the rest follows as the client sends it. An
+``Upgrade: websocket`` is routed the same way and, once the callee's app
+switched protocols, tunnelled (natsmesh_sidecar.transport.stream.tunnel).
 
 What a parsed request becomes is the :class:`Handler`'s business
 (natsmesh_sidecar.calls.outbound); this module knows only its ``start``.
@@ -50,6 +52,8 @@ _SPECIAL = frozenset(
         # the listener answers 100 Continue itself.
         "content-length",
         "expect",
+        # Kept aside, never forwarded: which protocol an Upgrade asks for.
+        "upgrade",
     }
 )
 _DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
@@ -119,7 +123,7 @@ class StreamedRequest(Request):
 
     __slots__ = ("stream",)
 
-    stream: CallerStream
+    stream: CallerStream  # or a WebSocket's natsmesh_sidecar.transport.stream.tunnel.CallerTunnel
 
 
 #: How a handler hands a later answer to the connection.
@@ -211,8 +215,8 @@ class OutboundConnection(asyncio.Protocol):
         self.last = time.monotonic()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "bad_request", "protocol upgrades and CONNECT are not supported")
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0] :])
         except httptools.HttpParserCallbackError:
             status, code, message = self.reject or (400, "bad_request", "malformed HTTP request")
             self._fail(status, code, message)
@@ -300,8 +304,9 @@ class OutboundConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = False
-        if self.stopped:
-            # Pipelined after a request that closed the connection.
+        if self.stopped or self.parser.should_upgrade():
+            # Pipelined after a request that closed the connection, or an
+            # upgrade: HttpParserUpgrade comes next (data_received).
             return
         upload = self._upload
         if upload is not None:
@@ -310,6 +315,29 @@ class OutboundConnection(asyncio.Protocol):
             return
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._enqueue(self._request(Request, body))
+
+    def _upgrade(self, rest: bytes) -> None:
+        """An Upgrade or CONNECT: a WebSocket is tunnelled (transport.stream.tunnel)."""
+        from natsmesh_sidecar.transport.stream import tunnel
+
+        if self.stopped or self.transport is None:
+            return  # pipelined after a request that closes the connection
+        refused = tunnel.refusal(self.parser.get_method(), self._special.get("upgrade", ""))
+        if refused is not None:
+            self._fail(400, "upgrade_not_supported", refused)
+            return
+        try:
+            req = self._request(StreamedRequest, b"")
+        except _Reject:
+            self._fail(*(self.reject or (400, "bad_request", "invalid request target")))
+            return
+        self.stopped = True  # nothing more to parse: the rest is the tunnel's
+        req.keep_alive = False  # an upgrade refused ends the connection
+        limits = self.server.stream_limits
+        # Routed as a streamed request: the handler uses only what both kinds have.
+        upgrade = tunnel.CallerTunnel(limits, self.transport, rest)
+        req.stream = self.stream = cast("CallerStream", upgrade)
+        self._enqueue(req)
 
     def _request(self, cls: type[R], body: bytes) -> R:
         parser = self.parser

@@ -61,6 +61,18 @@ def test_stream_bench_quick() -> None:
     assert "sidecar RSS idle" in out
 
 
+@pytest.mark.timeout(120)
+def test_websocket_bench_quick() -> None:
+    """Needs nats-server (the venv's), as tests/integration/stream."""
+    out = run_bench(["bench.websocket", "--quick"], dict(os.environ), timeout=100)
+    assert "natsmesh WebSocket, 100 round trips each" in out
+    for size in ("32 B text", "64 KiB binary"):
+        for path in ("direct", "sidecars"):
+            assert re.search(rf"\n{size} +{path} +[0-9.]+ +[0-9.]+ +[0-9.]+\n", out), out
+        assert f"{size:<14} added    p50 " in out
+    assert re.search(r"RSS per open idle socket \(50 sockets\): A -?[0-9.]+ KB", out), out
+
+
 @pytest.mark.timeout(300)
 def test_operator_bench_quick(crds: Cluster) -> None:
     """On the tier's shared cluster, so scoped to the benchmark's own namespaces."""

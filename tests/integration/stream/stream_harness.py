@@ -19,7 +19,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,12 @@ def make_app(state: AppState) -> web.Application:
 
 
 async def start_app(state: AppState, port: int = 0) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(make_app(state), handle_signals=False)
+    return await run_app(make_app(state), port)
+
+
+async def run_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on 127.0.0.1 (``port``, or a free one): its runner and port."""
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port or free_port())
     await site.start()
@@ -228,18 +233,24 @@ def stop_sidecar(side: SidecarProc) -> None:
             side.proc.wait()
 
 
-async def main(port: int) -> None:
-    runner, _ = await start_app(AppState(), port)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+def serve_alone(start: Callable[[int], Awaitable[tuple[web.AppRunner, int]]]) -> None:
+    """``--port N``: serve the app ``start(port)`` starts until killed (for bench/)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    port = parser.parse_args().port
+
+    async def main() -> None:
+        runner, _ = await start(port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    asyncio.run(main(parser.parse_args().port))
+    serve_alone(lambda port: start_app(AppState(), port))
 
 
 @dataclass

@@ -95,6 +95,7 @@ def test_tracing_off_loads_nothing_of_it_and_on_loads_only_our_exporter() -> Non
 
 def test_stream_is_imported_only_when_a_body_streams() -> None:
     """A sidecar whose calls all fit one message holds none of the stream code
-    (idle RSS must not grow): outbound, inbound and natsfast import it lazily."""
+    (idle RSS must not grow), nor of the WebSocket tunnel: outbound, inbound
+    and natsfast import them lazily."""
     for mods in (runtime_modules(), _with_a_sidecar(None)):
         assert [m for m in mods if m.startswith("natsmesh_sidecar.transport.stream")] == []

@@ -11,7 +11,9 @@ sidecar that never streams holds none of this code.
 * :mod:`.caller`: the caller's sidecar (an upload from the app's client, a
   streamed response relayed to it);
 * :mod:`.callee`: the callee's sidecar (an upload written into the app, the
-  app's streamed response sent back).
+  app's streamed response sent back);
+* :mod:`.tunnel`: a WebSocket, both sidecars' ends: after the app's 101 a
+  byte stream each way between the client's socket and the app's.
 
-See docs/architecture.md, "Streamed bodies".
+See docs/architecture.md, "Streamed bodies" and "WebSocket".
 """

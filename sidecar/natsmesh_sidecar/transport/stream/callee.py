@@ -230,14 +230,18 @@ class CalleeStream(Peer):
 
     def _stop(self) -> None:
         self._stop_clock()
-        sub = self.sub
-        self.sub = None
-        if sub is not None:
-            fast = self.fast
-            if fast is not None:
-                fast.handlers.pop(sub._id, None)
-            task = asyncio.get_running_loop().create_task(sub.unsubscribe())
-            task.add_done_callback(_quiet)
+        sub, self.sub = self.sub, None
+        drop_subscription(self.fast, sub)
+
+
+def drop_subscription(fast: FastPath | None, sub: Any) -> None:
+    """Forget a call subject's subscription now; its UNSUB goes out in the background."""
+    if sub is None:
+        return
+    if fast is not None:
+        fast.handlers.pop(sub._id, None)
+    task = asyncio.get_running_loop().create_task(sub.unsubscribe())
+    task.add_done_callback(_quiet)
 
 
 def _quiet(task: asyncio.Task[Any]) -> None:
@@ -295,7 +299,7 @@ async def begin_response(
         await stream.open()
     except Exception as exc:
         stream.cut(f"cannot subscribe to the call: {exc}", tell=False)
-        _unary(fast, msg.reply, 502, "stream_failed", "the callee could not stream its answer")
+        unary_reply(fast, msg.reply, 502, "stream_failed", "the callee could not stream its answer")
         return
     stream.flush_head()
 
@@ -324,10 +328,11 @@ async def _whole(
         return
     stream.finished = True
     stream.close_app()
-    _unary(fast, msg.reply, 502, "response_too_large", "the response does not fit one message")
+    unary_reply(fast, msg.reply, 502, "response_too_large", "the response does not fit one message")
 
 
-def _unary(fast: FastPath, reply: str, status: int, code: str, message: str) -> None:
+def unary_reply(fast: FastPath, reply: str, status: int, code: str, message: str) -> None:
+    """A refusal or an error as one reply (``Nm-Status``, a JSON error body)."""
     if not reply:
         return
     headers = {
@@ -469,11 +474,13 @@ async def serve_upload(
         close_app=close_app,
     )
     if length == -1 or not streamable(msg, may_subscribe) or not stream.bind(fast, msg, call):
-        _unary(fast, msg.reply, 413, "payload_too_large", "this callee cannot take a streamed body")
+        unary_reply(
+            fast, msg.reply, 413, "payload_too_large", "this callee cannot take a streamed body"
+        )
         return 413, "payload_too_large"
     head = request(length)
     if head is None:
-        _unary(fast, msg.reply, 400, "bad_request", "invalid method or target")
+        unary_reply(fast, msg.reply, 400, "bad_request", "invalid method or target")
         return 400, "bad_request"
     await stream.open()
     try:
@@ -484,7 +491,9 @@ async def serve_upload(
         )
     except OSError as exc:
         stream.cut(f"app unreachable: {exc}", tell=False)
-        _unary(fast, msg.reply, 502, "app_unreachable", f"app unreachable: {exc.strerror or exc}")
+        unary_reply(
+            fast, msg.reply, 502, "app_unreachable", f"app unreachable: {exc.strerror or exc}"
+        )
         return 502, "app_unreachable"
     holder.append(app)
     assert app.transport is not None
@@ -510,7 +519,7 @@ async def _headed(stream: CalleeStream, fast: FastPath, reply: str, timeout_s: f
             done_at = time.monotonic()
         if done_at and time.monotonic() - done_at > timeout_s:
             stream.cut("the app did not answer in time", tell=False)
-            _unary(fast, reply, 504, "app_timeout", "the app did not answer in time")
+            unary_reply(fast, reply, 504, "app_timeout", "the app did not answer in time")
             return 504
         try:
             await asyncio.wait_for(asyncio.shield(stream.headed), 0.25)

@@ -48,6 +48,14 @@ class Client(Protocol):
 
 
 class CallerStream(Peer):
+    #: What a request that would stream across namespaces is answered: there
+    #: a callee answers once, through a service import.
+    CROSS_NAMESPACE = (
+        413,
+        "payload_too_large",
+        "request bodies larger than one NATS message do not cross namespaces",
+    )
+
     def __init__(
         self, limits: StreamLimits, *, keep_alive: bool, length: int | None = None
     ) -> None:

@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 
 class Peer:
+    # Slots: a WebSocket tunnel (natsmesh_sidecar.transport.stream.tunnel) holds one per socket.
+    __slots__ = ("_timer", "finished", "last_heard", "limits", "receiver")
+
     def __init__(self, limits: StreamLimits) -> None:
         self.limits = limits
         self.finished = False
