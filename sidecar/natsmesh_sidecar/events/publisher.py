@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nats import errors as nats_errors
@@ -27,7 +28,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a publish may take in all, resends included (then 504).
 PUBLISH_TIMEOUT = 5.0
+#: Seconds one attempt waits for the stream's ack before the same message is
+#: sent again. A server restarting can lose a publish or its ack; the resend
+#: carries the same ``Nats-Msg-Id``, so the stream's duplicate window stores
+#: the message once whichever attempt got through.
+ACK_RESEND_SECONDS = 1.5
 #: Seconds a publish answered "no responders" is retried: the stream has no
 #: leader for a moment while one is elected (a NATS server restarting). Such
 #: a message reached no stream, so sending it again stores it once.
@@ -39,6 +46,10 @@ _JSON = [("content-type", "application/json")]
 #: is forged -- a raw publisher aiming at another message's key -- and is
 #: ignored; the publishing sidecar refuses such keys from its app.
 DEFAULT_KEY_PREFIX = "nm:"
+#: ``Nats-Msg-Id`` of an event published without an ``Idempotency-Key``: one
+#: random id per publish, so its resends are stored once. Under the reserved
+#: prefix, so the subscriber still sees ``nm:<stream>:<seq>`` as its key.
+PUBLISHED_KEY_PREFIX = DEFAULT_KEY_PREFIX + "pub:"
 
 
 class JetStreamLink(Protocol):
@@ -148,6 +159,8 @@ class EventPublisher:
                     ),
                 )
             headers["Nats-Msg-Id"] = key
+        else:
+            headers["Nats-Msg-Id"] = PUBLISHED_KEY_PREFIX + uuid.uuid4().hex
         try:
             ack = await publish_to_stream(link, pub.subject, req.body, pub.stream, headers)
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
@@ -176,26 +189,40 @@ class EventPublisher:
                 codec.error_body("nats_unavailable", "NATS connection is down; retry shortly", rid),
             )
         self.metrics.events_published.labels(topic).inc()
-        body = json.dumps(
-            {"stream": ack.stream, "seq": ack.seq, "duplicate": bool(ack.duplicate)}
-        ).encode()
+        # Without the app's key, a duplicate can only be our own resend.
+        duplicate = bool(ack.duplicate) and bool(key)
+        body = json.dumps({"stream": ack.stream, "seq": ack.seq, "duplicate": duplicate}).encode()
         return 202, list(_JSON), body
 
 
 async def publish_to_stream(
     link: JetStreamLink, subject: str, body: bytes, stream: str | None, headers: dict[str, str]
 ) -> Any:
-    """Publish to the stream (``None``: whichever keeps ``subject``), again while
-    it has no leader (see NO_LEADER_RETRY_SECONDS)."""
+    """Publish to the stream (``None``: whichever keeps ``subject``), within
+    PUBLISH_TIMEOUT in all: again while it has no leader (see
+    NO_LEADER_RETRY_SECONDS) and, when ``headers`` carry a ``Nats-Msg-Id``,
+    again when an ack is late (see ACK_RESEND_SECONDS)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + NO_LEADER_RETRY_SECONDS
+    start = loop.time()
+    no_leader_until = start + NO_LEADER_RETRY_SECONDS
+    deadline = start + PUBLISH_TIMEOUT
+    # Without an id a resend could store the message twice: wait it out once.
+    per_try = ACK_RESEND_SECONDS if "Nats-Msg-Id" in headers else PUBLISH_TIMEOUT
     while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise nats_errors.TimeoutError
         try:
             # link.js() each time: the connection may have moved meanwhile.
             return await link.js().publish(
-                subject, body, timeout=PUBLISH_TIMEOUT, stream=stream, headers=headers
+                subject, body, timeout=min(per_try, left), stream=stream, headers=headers
             )
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
-            if loop.time() + NO_LEADER_RETRY_WAIT > deadline:
+            now = loop.time()
+            if now + NO_LEADER_RETRY_WAIT > min(no_leader_until, deadline):
                 raise
             await asyncio.sleep(NO_LEADER_RETRY_WAIT)
+        except nats_errors.TimeoutError:
+            if per_try >= PUBLISH_TIMEOUT:
+                raise
+            logger.debug("no ack for %s within %.1fs: sending it again", subject, per_try)
