@@ -33,7 +33,7 @@ from natsmesh_sidecar import accesslog, codec, resilience
 from natsmesh_sidecar.natsfast import Reply
 from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN
 from natsmesh_sidecar.targets import MISS
-from natsmesh_sidecar.wire import Destination, Rule, Target
+from natsmesh_sidecar.wire import Destination, Rule, StreamLimits, Target
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
@@ -525,6 +525,9 @@ Result = tuple[int, list[tuple[str, str]], bytes, str, str, int, str]
 Done = Callable[[Request, "bytes | CallerStream"], None]
 #: The outcome of a reply that says the response streams (natsmesh_sidecar.stream).
 STREAMED = "streamed"
+#: A streamed request body outgrew its rule's ``max_body_bytes``
+#: (natsmesh_sidecar.stream.caller.CallerStream.feed).
+BODY_LIMIT = "body_limit"
 #: Outcomes of an upload whose stream broke before any response.
 _STREAM_BROKE = frozenset({"aborted", "bad_stream", "cut", "bad_subject"})
 
@@ -752,6 +755,9 @@ class OutboundHandler:
             status, code, message = req.stream.CROSS_NAMESPACE
             s, h, b = self._error(status, code, message, rid)
             return s, h, b, plan.dest_key, rule.name, 0, code
+        if req.stream.limit_body(rule.max_body_bytes):
+            return self._body_limit(rule, plan.dest_key, rid)
+        req.stream.limits = self._limits(rule)
         fast = app.fast
         reply: Reply | None = None
         streamed: CallerStream | None = None
@@ -772,6 +778,9 @@ class OutboundHandler:
             else:
                 outcome, streamed = STREAMED, answer
                 answer.destination, answer.route = plan.dest_key, rule.name
+        if outcome == BODY_LIMIT:
+            # A chunked body outgrew the rule's limit on its way: the callee was told.
+            return self._body_limit(rule, plan.dest_key, rid, attempts=1)
         if outcome in _STREAM_BROKE:
             # The stream broke before a response (an abort, a protocol error).
             if plan.breaker is not None:
@@ -797,13 +806,31 @@ class OutboundHandler:
             if fast is None:
                 raise StreamError("NATS connection lost")
             stream = CallerStream.from_head(
-                fast, self.stream_limits, plan.subject, reply, keep_alive=req.keep_alive
+                fast, self._limits(plan.rule), plan.subject, reply, keep_alive=req.keep_alive
             )
         except StreamError as exc:
             s, h, b = self._error(502, "bad_stream", f"{plan.subject} streamed badly: {exc}", rid)
             return s, h, b, plan.dest_key, plan.rule.name, 1, "bad_stream"
         stream.destination, stream.route = plan.dest_key, plan.rule.name
         return stream
+
+    def _body_limit(self, rule: Rule, dest_key: str, rid: str, attempts: int = 0) -> Result:
+        """413 for a request body past its rule's ``max_body_bytes``."""
+        limit, name = rule.max_body_bytes, rule.name
+        message = f"request body exceeds {limit} bytes, the maxBodyBytes of route {name}"
+        s, h, b = self._error(413, "payload_too_large", message, rid)
+        return s, h, b, dest_key, name, attempts, "payload_too_large"
+
+    def _limits(self, rule: Rule) -> StreamLimits:
+        """The stream limits of a call by ``rule``: its ``stream`` settings, else the sidecar's."""
+        base, policy = self.stream_limits, rule.stream
+        if policy is None:
+            return base
+        return StreamLimits(
+            chunk_bytes=base.chunk_bytes,
+            window=policy.window or base.window,
+            idle_timeout_s=policy.idle_timeout_ms / 1000.0 or base.idle_timeout_s,
+        )
 
     def _streaming(self, req: Request, rid: str, t0: float, stream: CallerStream) -> CallerStream:
         """Count and log a request whose response streams, at its head (the
@@ -1035,6 +1062,8 @@ class OutboundHandler:
                 413, "payload_too_large", "request body exceeds the NATS max_payload", rid
             )
             return s, h, b, dest_key, rule.name, 0, "payload_too_large"
+        if rule.max_body_bytes and len(req.body) > rule.max_body_bytes:
+            return self._body_limit(rule, dest_key, rid)
 
         config = rule.circuit_breaker
         breaker = None if config is None else app.breaker(subject, config)
@@ -1053,9 +1082,12 @@ class OutboundHandler:
         if rule.fault is not None:
             delay, abort = resilience.fault_decision(rule.fault, self._rand(), self._rand())
 
-        return _Plan(
-            dest_key, rule, subject, breaker, delay, abort, _head(req, rid, app.source, app.tracer)
-        )
+        head = _head(req, rid, app.source, app.tracer)
+        policy = rule.stream
+        if policy is not None:
+            # The callee's end of a stream takes these (its response may stream too).
+            head += codec.stream_lines(policy.window, policy.idle_timeout_ms)
+        return _Plan(dest_key, rule, subject, breaker, delay, abort, head)
 
     def _per_try(self, plan: _Plan, deadline: float) -> tuple[float, bytes]:
         """The next attempt's time limit and its NATS header block."""

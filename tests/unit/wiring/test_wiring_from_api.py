@@ -12,6 +12,7 @@ import pytest
 from natsmesh_operator.api import NatsRoute, NatsService
 from natsmesh_operator.handlers.intents import route_intent, service_intent
 from natsmesh_operator.wiring.plan import plan
+from natsmesh_sidecar import config as wire
 
 pytestmark = pytest.mark.unit
 
@@ -92,14 +93,22 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
                         "retries": {"attempts": 1, "perTryTimeout": "1s", "retryOnCodes": [503]},
                         "fault": {"abort": {"httpStatus": 503, "percent": 5}},
                         "circuitBreaker": {"consecutiveFailures": 4, "openDuration": "30s"},
-                    }
+                        "maxBodyBytes": 1048576,
+                        "stream": {"idleTimeout": "1m30s", "window": 32},
+                    },
+                    {
+                        "name": "plain",
+                        "match": {"pathPrefix": "/plain"},
+                        "destinations": [{"version": "v1"}],
+                        "stream": {},
+                    },
                 ],
             },
         }
     )
     p = plan(intents, [route_intent(route)])
     assert p.problems == ()
-    (rule,) = p.targets[("shop", "orders")].rules
+    rule, plain, *_ = p.targets[("shop", "orders")].rules
     assert [(d.subject, d.weight) for d in rule.destinations] == [
         ("mesh.shop.orders.v1", 80),
         ("mesh.shop.orders.v2", 20),
@@ -112,6 +121,10 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
     assert rule.fault.abort.status == 503
     assert rule.circuit_breaker
     assert rule.circuit_breaker.open_ms == 30_000
+    assert rule.max_body_bytes == 1 << 20
+    assert rule.stream == wire.StreamPolicy(idle_timeout_ms=90_000, window=32)
+    # Unset (or empty) means the sidecar's settings.
+    assert (plain.max_body_bytes, plain.stream) == (0, None)
     assert {u.resource for u in p.users} == {"gateway", "orders", "orders-v2", "payments"}
 
 
