@@ -265,7 +265,7 @@ def _otlp_endpoint(value: str) -> str:
     injected, every new meshed pod's sidecar would exit at start."""
     value = value.strip()
     if value:
-        from natsmesh_sidecar.otlp import Endpoint  # the sidecar's own check
+        from natsmesh_sidecar.observe.otlp import Endpoint  # the sidecar's own check
 
         try:
             Endpoint.parse(value)

@@ -29,16 +29,22 @@ from typing import TYPE_CHECKING, Any
 import nats
 from nats import errors as nats_errors
 
-from natsmesh_sidecar import accesslog, codec, permissions, readiness, resilience, subjects
-from natsmesh_sidecar.events import EventConsumer, EventPublisher
-from natsmesh_sidecar.inbound import AppPool, InboundHandler, InboundLimits
+from natsmesh_sidecar import codec, readiness, subjects
+from natsmesh_sidecar.calls.inbound import InboundHandler, InboundLimits
+from natsmesh_sidecar.calls.outbound import OutboundHandler
+from natsmesh_sidecar.calls.route import Planner
+from natsmesh_sidecar.edge.appclient import AppPool
+from natsmesh_sidecar.edge.listener import OutboundServer
+from natsmesh_sidecar.events.consumer import ConsumerContext, EventConsumer
+from natsmesh_sidecar.events.publisher import EventPublisher
 from natsmesh_sidecar.logthrottle import LogThrottle
-from natsmesh_sidecar.metrics import AdminServer, Metrics
-from natsmesh_sidecar.micro import MicroService
-from natsmesh_sidecar.natsfast import FastPath, Reply, violation_subject
-from natsmesh_sidecar.outbound import OutboundHandler, OutboundServer
-from natsmesh_sidecar.table import KvWatch, Router, empty_table, read_bytes, watch_file
-from natsmesh_sidecar.targets import TargetCache
+from natsmesh_sidecar.observe import accesslog
+from natsmesh_sidecar.observe.metrics import AdminServer, Metrics
+from natsmesh_sidecar.policy import permissions, resilience
+from natsmesh_sidecar.policy.table import KvWatch, Router, empty_table, read_bytes, watch_file
+from natsmesh_sidecar.policy.targets import TargetCache
+from natsmesh_sidecar.transport.micro import MicroService
+from natsmesh_sidecar.transport.natsfast import FastPath, Reply, violation_subject
 from natsmesh_sidecar.wire import (
     CircuitBreaker,
     Delivery,
@@ -49,8 +55,8 @@ from natsmesh_sidecar.wire import (
 )
 
 if TYPE_CHECKING:
-    from natsmesh_sidecar.tap import Tap
-    from natsmesh_sidecar.tracing import Tracer
+    from natsmesh_sidecar.observe.tap import Tap
+    from natsmesh_sidecar.observe.tracing import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +99,7 @@ class Sidecar:
         #: ``tracer is None`` and nothing of tracing is imported otherwise.
         self.tracer: Tracer | None = None
         if settings.otlp_endpoint:
-            from natsmesh_sidecar.tracing import Tracer
+            from natsmesh_sidecar.observe.tracing import Tracer
 
             self.tracer = Tracer.create(
                 settings.otlp_endpoint,
@@ -121,10 +127,10 @@ class Sidecar:
         self._refused = 0
         #: Request subject -> its caller (:meth:`_caller_of`).
         self._callers: dict[str, tuple[str, str, str]] = {}
-        #: Appended to a route table's base subjects: who we are, as callers.
-        self.caller_suffix = subjects.caller_suffix(settings.namespace, settings.service)
         self.breakers: dict[str, resilience.Breaker] = {}
-        self.events = EventPublisher(self)
+        self.events = EventPublisher(
+            self, source=self.source, metrics=self.metrics, tracer=self.tracer
+        )
         self.pool = AppPool(
             settings.app_host,
             settings.app_port,
@@ -132,6 +138,16 @@ class Sidecar:
             idle_timeout=settings.app_idle_timeout_seconds,
             stream_limits=settings.stream_limits(),
             inline_max=self.max_body,
+        )
+        self.event_context = ConsumerContext(
+            self,
+            self.pool,
+            self.metrics,
+            source=self.source,
+            app_host=f"{settings.app_host}:{settings.app_port}",
+            dedup=settings.event_dedup,
+            tracer=self.tracer,
+            access_log=access_log,
         )
         self.inbound = InboundHandler(
             self.pool,
@@ -150,14 +166,34 @@ class Sidecar:
             tracer=self.tracer,
             may_stream=self._may_stream,
         )
+        self.outbound_handler = OutboundHandler(
+            self,
+            Planner(
+                self,
+                namespace=settings.namespace,
+                service=settings.service,
+                metrics=self.metrics,
+                breaker=self.breaker,
+                tracer=self.tracer,
+            ),
+            metrics=self.metrics,
+            publish_event=self.events.publish_http,
+            stream_limits=settings.stream_limits(),
+            tracer=self.tracer,
+            access_log=access_log,
+        )
         self.outbound = OutboundServer(
-            OutboundHandler(self),
+            self.outbound_handler,
+            metrics=self.metrics,
+            source=self.source,
+            max_body=self.max_body,
+            stream_limits=settings.stream_limits(),
             header_timeout=header_timeout,
             idle_timeout=settings.idle_timeout_seconds if idle_timeout is None else idle_timeout,
         )
         self.admin = AdminServer(self.metrics, self.healthy, self.ready)
         # Read at scrape time: no lock and no call per request.
-        self.metrics.inflight_out.set_function(lambda: float(self.outbound.handler.inflight))
+        self.metrics.inflight_out.set_function(lambda: float(self.outbound_handler.inflight))
         self.metrics.inflight_in.set_function(lambda: float(self.inbound.pending()))
         self.metrics.creds_expiry.set_function(
             lambda: float(self.creds.expires) if self.creds is not None else 0.0
@@ -178,7 +214,7 @@ class Sidecar:
             stats=self._micro_stats,
             serving=lambda: self.joined,
         )
-        #: natsmesh_sidecar.tap.Tap while someone taps this service, else None
+        #: natsmesh_sidecar.observe.tap.Tap while someone taps this service, else None
         #: (the request paths check only this). Imported on the first control message.
         self.tap: Tap | None = None
         self._tapper: Any = None
@@ -303,7 +339,7 @@ class Sidecar:
                 self._spawn(consumer.close(self.settings.drain_seconds))
         for key, d in wanted.items():
             if key not in self.consumers:
-                c = self.consumers[key] = EventConsumer(self, self.pool, d)
+                c = self.consumers[key] = EventConsumer(self.event_context, d)
                 c.start()
 
     def _spawn(self, coro: Any) -> None:
@@ -680,7 +716,7 @@ class Sidecar:
             return
         tapper = self._tapper
         if tapper is None:
-            from natsmesh_sidecar.tap import Tap  # only once someone taps
+            from natsmesh_sidecar.observe.tap import Tap  # only once someone taps
 
             s = self.settings
             tapper = self._tapper = Tap(
@@ -847,7 +883,7 @@ class Sidecar:
 
     def inflight(self) -> int:
         consumers = sum(c.inflight for c in self.consumers.values())
-        return self.outbound.handler.inflight + self.inbound.pending() + consumers
+        return self.outbound_handler.inflight + self.inbound.pending() + consumers
 
     async def stop(self) -> None:
         """Drain: take no new work, finish in-flight within the grace period, close."""

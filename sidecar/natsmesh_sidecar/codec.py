@@ -37,19 +37,19 @@ H_TIMEOUT = "Nm-Timeout-Ms"
 #: (so any replica may be tried, whatever the method).
 H_UNDELIVERED = "Nm-Undelivered"
 #: A request head whose body streams, or a reply whose response does
-#: (natsmesh_sidecar.stream.protocol.H_STREAM, checked here without importing it).
+#: (natsmesh_sidecar.transport.stream.protocol.H_STREAM, checked here without importing it).
 H_STREAM = "Nm-Stream"
 #: A streamed request's method, in place of ``Nm-Method``: a sidecar that
 #: knows nothing of streams answers 400 instead of calling its app with an
 #: empty body.
 H_STREAM_METHOD = "Nm-Stream-Method"
 #: On a streamed request's head: an HTTP Upgrade to tunnel (its value the
-#: protocol, only ``websocket``; natsmesh_sidecar.stream.tunnel).
+#: protocol, only ``websocket``; natsmesh_sidecar.transport.stream.tunnel).
 H_UPGRADE = "Nm-Upgrade"
 #: On a request head, when the caller's route rule sets them (NatsRoute
 #: ``stream``): the window the callee grants a streamed request body and
 #: the idle timeout of the call's stream, which both ends must share
-#: (natsmesh_sidecar.stream.protocol.limits_of).
+#: (natsmesh_sidecar.transport.stream.protocol.limits_of).
 H_STREAM_WINDOW = "Nm-Window"
 H_STREAM_IDLE = "Nm-Idle-Ms"
 _STREAM_WINDOW_B = H_STREAM_WINDOW.encode()

@@ -100,9 +100,12 @@ class Rule(_Wire):
     retries: Retries = Field(default_factory=lambda: Retries())
     fault: Fault | None = None
     circuit_breaker: CircuitBreaker | None = Field(None, alias="circuitBreaker")
-    max_body_bytes: int = Field(0, ge=0, alias="maxBodyBytes")
+    # Written only when set: a table of rules that don't use them keeps the
+    # shape older sidecars accept (their Rule forbids unknown keys), so a new
+    # operator serves them until they are upgraded too.
+    max_body_bytes: int = Field(0, ge=0, alias="maxBodyBytes", exclude_if=lambda v: not v)
     """0: no limit of the rule's own."""
-    stream: StreamPolicy | None = None
+    stream: StreamPolicy | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class Destination(_Wire):
@@ -255,17 +258,17 @@ class SidecarSettings(_Wire):
     event_dedup: bool = True
     """``exactlyOnce`` subscriptions skip an event whose Idempotency-Key the
     namespace's completed-key record already holds (see
-    natsmesh_sidecar.completed); off only to measure what it removes."""
+    natsmesh_sidecar.events.completed); off only to measure what it removes."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP collector base URL (``http://jaeger-collector.tracing:4318``):
     each hop's span is POSTed, in batches, to ``<endpoint>/v1/traces``
-    (natsmesh_sidecar.tracing). Unset or empty: no tracing code is loaded."""
+    (natsmesh_sidecar.observe.tracing). Unset or empty: no tracing code is loaded."""
     trace_sample_ratio: float = Field(1.0, ge=0, le=1)
     """Share of the traces that start at this sidecar (no valid incoming
     ``traceparent``) that are sampled; a traceparent's sampled flag decides
     for every hop under it."""
     stream_idle_timeout_seconds: float = Field(60.0, gt=0)
-    """A streamed body (natsmesh_sidecar.stream) is cut when nothing was heard
+    """A streamed body (natsmesh_sidecar.transport.stream) is cut when nothing was heard
     from the other sidecar for this long; both sidecars send a beat every
     quarter of it, so an idle Server-Sent Events stream lives on. Once a
     response streams, this replaces the route's request timeout."""

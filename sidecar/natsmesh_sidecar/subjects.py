@@ -6,7 +6,7 @@ Requests:  ``mesh.<namespace>.<service>.<version>.<caller-ns>.<caller>`` (queue
            subscribes only to the callers it admits (permissions that do not grow
            with the namespace). Route tables carry the first four tokens (the
            *base* subject); each sidecar appends its own identity.
-Streams of one call (a body larger than one message, natsmesh_sidecar.stream):
+Streams of one call (a body larger than one message, natsmesh_sidecar.transport.stream):
            ``mesh._<namespace>.<service>.<call>.<caller-ns>.<caller>`` carries the
            caller's chunks and credits to the one callee instance that took the
            call; the caller's own request permission covers it (its identity is
@@ -47,7 +47,7 @@ OPERATOR_INBOX_ROOT = "_INBOX.natsmesh"
 JS_API_PREFIX = "$JS.API"
 ROUTES_BUCKET = "natsmesh-routes"
 #: Completed Idempotency-Keys of exactlyOnce subscriptions, one bucket per
-#: namespace account (see natsmesh_sidecar.completed).
+#: namespace account (see natsmesh_sidecar.events.completed).
 DONE_BUCKET = "natsmesh-done"
 DEFAULT_VERSION = "v1"
 

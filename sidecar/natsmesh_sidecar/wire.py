@@ -166,7 +166,7 @@ class MeshTable:
 
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
-    """What a streamed body (natsmesh_sidecar.stream) may hold and wait for."""
+    """What a streamed body (natsmesh_sidecar.transport.stream) may hold and wait for."""
 
     chunk_bytes: int = 128 * 1024
     window: int = 8

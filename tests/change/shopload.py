@@ -26,8 +26,8 @@ from examples.apps.shop import MeshClient, Shop, serve_connection
 from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Secret
 
-from natsmesh_sidecar import permissions
 from natsmesh_sidecar.app import Sidecar
+from natsmesh_sidecar.policy import permissions
 from tests.integration.sidecar.sidecar_harness import settings
 
 logger = logging.getLogger(__name__)

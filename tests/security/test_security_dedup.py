@@ -30,7 +30,7 @@ from natsmesh_operator.wiring.desired import Subscribe
 from natsmesh_operator.wiring.plan import plan
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
-from natsmesh_sidecar.completed import key_token
+from natsmesh_sidecar.events.completed import key_token
 from tests.fixtures.nats_operator import OperatorNats, Probe, shop_intents
 from tests.integration.sidecar.sidecar_harness import TestApp, settings
 

@@ -15,7 +15,7 @@ import nats
 import pytest
 
 from natsmesh_sidecar import subjects
-from natsmesh_sidecar.events import DEFAULT_KEY_PREFIX
+from natsmesh_sidecar.events.publisher import DEFAULT_KEY_PREFIX
 from tests.fixtures.nats_server import NatsServer
 from tests.integration.sidecar.sidecar_harness import AppRequest, request
 from tests.integration.sidecar.test_sidecar_events import (

@@ -38,8 +38,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from natsmesh_sidecar import metrics, subjects
+from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
+from natsmesh_sidecar.observe import metrics
 from tests.fixtures.nats_server import NatsServer, free_port, stop_process
 from tests.integration.sidecar.sidecar_harness import (
     AppReply,

@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from natsmesh_operator.wiring.desired import CallerRef, ServiceIntent
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
-from natsmesh_sidecar.stream import protocol
+from natsmesh_sidecar.transport.stream import protocol
 from tests.fixtures.nats_operator import OperatorNats, Probe
 from tests.integration.sidecar.sidecar_harness import destination, settings, table
 from tests.integration.stream.stream_harness import AppState, pattern_sha256, start_app

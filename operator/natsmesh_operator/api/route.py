@@ -46,7 +46,7 @@ HEADER_NAME_PATTERN = r"^[a-z0-9][-a-z0-9_.]*$"
 _HEADER_NAME_RE = re.compile(HEADER_NAME_PATTERN)
 DEFAULT_TIMEOUT = "15s"
 #: Bounds of a rule's ``stream`` settings; the callee's sidecar clamps what a
-#: stream's head asks for to the same (natsmesh_sidecar.stream.protocol).
+#: stream's head asks for to the same (natsmesh_sidecar.transport.stream.protocol).
 MAX_STREAM_WINDOW = 64
 STREAM_IDLE_RANGE = DurationRange("1s", "1h")
 #: 1 TiB: a bound for the schema, not a size anyone should send through a mesh.

@@ -45,7 +45,7 @@ from natsmesh_operator.wiring import jwt
 from natsmesh_operator.wiring.apply import OPERATOR_USER_NAME, admin_creds, connect_creds
 from natsmesh_operator.wiring.keys import Key
 from natsmesh_sidecar import subjects
-from natsmesh_sidecar.micro import SERVING_KEY
+from natsmesh_sidecar.transport.micro import SERVING_KEY
 
 if TYPE_CHECKING:
     from natsmesh_operator.handlers.mesh import MeshReconciler

@@ -1,6 +1,6 @@
 """What ``natsmesh tap`` prints: one line per request, and the sidecars' drop counts.
 
-Pure: records in (the JSON a sidecar sends, :mod:`natsmesh_sidecar.tap`),
+Pure: records in (the JSON a sidecar sends, :mod:`natsmesh_sidecar.observe.tap`),
 text out. A record is checked with pydantic at this boundary: a sidecar of
 the tapped service could send anything on its records subject.
 """

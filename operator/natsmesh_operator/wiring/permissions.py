@@ -33,7 +33,7 @@ subscribe:
   * ``mesh._<ns>.<self>.*.<ns>.*`` when it admits its own namespace, and
     ``mesh._<ns>.<self>.*.<ns>.<caller>`` per other admitted caller of its
     namespace, without a queue group: the call subjects of streamed bodies
-    (natsmesh_sidecar.stream), which the instance that took a call
+    (natsmesh_sidecar.transport.stream), which the instance that took a call
     subscribes to for that call alone. The callers' side needs nothing new:
     their request permission already ends in their identity, and the
     callee answers into their inboxes as for any reply
@@ -56,7 +56,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from natsmesh_sidecar import subjects
-from natsmesh_sidecar.permissions import allow_list
+from natsmesh_sidecar.policy.permissions import allow_list
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def completed_keys_pub(source_namespace: str, consumer: str) -> tuple[str, str]:
 
 def routes_kv_pub(service: str) -> tuple[str, ...]:
     # Only a direct get of its own key: the watch is a plain subscription on
-    # the key's subject (see natsmesh_sidecar.table.KvWatch).
+    # the key's subject (see natsmesh_sidecar.policy.table.KvWatch).
     stream = subjects.routes_stream()
     key = subjects.routes_key_subject(service)
     return (

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from natsmesh_sidecar import inbound
 from natsmesh_sidecar.app import Sidecar
+from natsmesh_sidecar.calls import inbound
 from tests.fixtures.nats_server import NatsServer
 from tests.integration.sidecar.sidecar_harness import (
     AppReply,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from natsmesh_operator.wiring.routes import RouteDestination, RouteRule
-from natsmesh_sidecar import resilience
 from natsmesh_sidecar.config import CircuitBreaker, Retries
+from natsmesh_sidecar.policy import resilience
 from tests.fixtures.nats_operator import OperatorNats
 from tests.integration.sidecar.jwt_harness import CutProxy, Load, RoutedShop, metric, wait_for
 from tests.integration.sidecar.sidecar_harness import AppReply, AppRequest, TestApp, echo, request

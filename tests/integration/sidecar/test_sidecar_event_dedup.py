@@ -24,7 +24,7 @@ import pytest
 
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
-from natsmesh_sidecar.completed import key_token
+from natsmesh_sidecar.events.completed import key_token
 from tests.fixtures.nats_server import NatsServer, free_port, running, stop_process
 from tests.integration.sidecar.sidecar_harness import (
     AppReply,

@@ -14,8 +14,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, RawStreamMsg, StorageType, St
 from natsmesh_operator.wiring.jetstream import DONE_MIN_MS, done_stream_config
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
-from natsmesh_sidecar.completed import key_token
 from natsmesh_sidecar.config import Delivery
+from natsmesh_sidecar.events.completed import key_token
 from tests.fixtures.nats_server import NatsServer
 from tests.integration.sidecar.sidecar_harness import (
     AppReply,

@@ -178,7 +178,7 @@ async def test_head_and_204(mesh: Mesh) -> None:
 
 
 async def test_2mb_body_streams_to_the_app(mesh: Mesh) -> None:
-    """Past one NATS message the body streams (natsmesh_sidecar.stream): no more 413."""
+    """Past one NATS message the body streams (natsmesh_sidecar.transport.stream): no more 413."""
     body = bytes(range(256)) * (8 * 1024)
     r = await request(mesh.port, "POST", "/big", body=body)
     assert r.status == 200

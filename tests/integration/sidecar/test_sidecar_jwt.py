@@ -24,9 +24,10 @@ from natsmesh_operator.wiring import users
 from natsmesh_operator.wiring.apply import admin_creds, put_table
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
-from natsmesh_sidecar import permissions, subjects
+from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import Fault, FaultAbort, Match, MeshTable
+from natsmesh_sidecar.policy import permissions
 from tests.fixtures.nats_operator import OperatorNats, shop_intents
 from tests.integration.sidecar.jwt_harness import (
     NS,
@@ -209,7 +210,7 @@ async def test_server_permissions_violation_is_surfaced(
     # The sidecar's view of its JWT goes stale (as if it read an older, wider
     # one) and it names another caller: the server refuses the publish.
     jwt_mesh.gateway.permissions = permissions.Permissions.allow_all()
-    jwt_mesh.gateway.caller_suffix = subjects.caller_suffix(NS, "orders")
+    jwt_mesh.gateway.outbound_handler.planner.caller_suffix = subjects.caller_suffix(NS, "orders")
     subject = call(NS, "payments", "orders")
     caplog.set_level(logging.INFO, logger="natsmesh_sidecar")
     t0 = time.monotonic()
@@ -245,7 +246,7 @@ async def test_server_permissions_violation_is_surfaced(
     )
     assert after == before
     # And with its own identity back, the allowed destination is unaffected.
-    jwt_mesh.gateway.caller_suffix = subjects.caller_suffix(NS, "gateway")
+    jwt_mesh.gateway.outbound_handler.planner.caller_suffix = subjects.caller_suffix(NS, "gateway")
     r = await request(jwt_mesh.port, "GET", "/ok", host="orders")
     assert r.status == 200
 

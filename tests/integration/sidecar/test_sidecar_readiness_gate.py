@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from natsmesh_operator.wiring.routes import RouteDestination, RouteRule
-from natsmesh_sidecar import resilience
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import CircuitBreaker, Retries
+from natsmesh_sidecar.policy import resilience
 from tests.fixtures.nats_operator import OperatorNats
 from tests.fixtures.nats_server import free_port
 from tests.integration.sidecar.jwt_harness import Load, RoutedShop, wait_for

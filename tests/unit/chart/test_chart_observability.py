@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from natsmesh_operator.metrics import OperatorMetrics
-from natsmesh_sidecar.metrics import Metrics
+from natsmesh_sidecar.observe.metrics import Metrics
 
 from .render import FULLNAME, NAMESPACE, render
 from .values_sets import VALUE_SETS

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from natsmesh_sidecar import codec, permissions
+from natsmesh_sidecar import codec
 from natsmesh_sidecar.config import MeshTable
-from natsmesh_sidecar.table import FORBIDDEN, FOUND, UNKNOWN, Router
+from natsmesh_sidecar.policy import permissions
+from natsmesh_sidecar.policy.table import FORBIDDEN, FOUND, UNKNOWN, Router
 from natsmesh_sidecar.wire import coerce_table
 from tests.integration.sidecar.sidecar_harness import destination, table
 

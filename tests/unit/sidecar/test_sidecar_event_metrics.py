@@ -6,7 +6,7 @@ import pytest
 
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import SidecarSettings
-from natsmesh_sidecar.events import EventConsumer
+from natsmesh_sidecar.events.consumer import EventConsumer
 from natsmesh_sidecar.wire import Delivery
 
 pytestmark = pytest.mark.unit
@@ -33,8 +33,8 @@ async def test_two_publishers_of_one_topic_are_two_series() -> None:
         {"service": "billing", "namespace": "shop", "nats_url": "nats://127.0.0.1:1"}
     )
     app = Sidecar(settings)
-    lagging = EventConsumer(app, app.pool, delivery("orders.shop"))
-    idle = EventConsumer(app, app.pool, delivery("returns.shop"))
+    lagging = EventConsumer(app.event_context, delivery("orders.shop"))
+    idle = EventConsumer(app.event_context, delivery("returns.shop"))
     assert lagging.pending is not idle.pending
     lagging.pending.set(5000)
     idle.pending.set(0)

@@ -15,7 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from natsmesh_sidecar import codec, inbound, natsfast, outbound
+from natsmesh_sidecar import codec
+from natsmesh_sidecar.calls import inbound, route
+from natsmesh_sidecar.edge import listener
+from natsmesh_sidecar.transport import natsfast
 
 pytestmark = pytest.mark.unit
 
@@ -271,8 +274,8 @@ def test_request_head_matches_encoding_the_request_dict(
     headers: list[tuple[str, str]], method: str, rid: str, special: dict[str, str], ms: int
 ) -> None:
     """What outbound sent before: the dict of the app's and the mesh's headers, encoded."""
-    req = outbound.Request(method, "/p?q", "app", headers, special, b"", True)
-    got = b"%sNm-Timeout-Ms: %d\r\n\r\n" % (outbound._head(req, rid, "gw.shop", None), ms)
+    req = listener.Request(method, "/p?q", "app", headers, special, b"", True)
+    got = b"%sNm-Timeout-Ms: %d\r\n\r\n" % (route.request_head(req, rid, "gw.shop", None), ms)
     hdrs = codec.http_to_nats(headers)
     hdrs[codec.H_METHOD] = method
     hdrs[codec.H_TARGET] = "/p?q"
@@ -289,8 +292,8 @@ def test_request_head_matches_encoding_the_request_dict(
 
 def test_request_head_continues_the_callers_trace() -> None:
     incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    req = outbound.Request("GET", "/", "app", [], {"traceparent": incoming}, b"", True)
-    tp = natsfast.parse_headers(outbound._head(req, "r", "gw.shop", None) + b"\r\n")[
+    req = listener.Request("GET", "/", "app", [], {"traceparent": incoming}, b"", True)
+    tp = natsfast.parse_headers(route.request_head(req, "r", "gw.shop", None) + b"\r\n")[
         codec.TRACEPARENT
     ]
     assert tp.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")

@@ -51,7 +51,7 @@ def test_main_module_imports_nothing_forbidden() -> None:
         m for m in mods if m == "aiohttp.client"
     ]
     assert bad == []
-    assert "natsmesh_sidecar.outbound" in mods
+    assert "natsmesh_sidecar.calls.outbound" in mods
 
 
 def test_sidecar_runtime_does_not_import_pydantic() -> None:
@@ -65,12 +65,12 @@ def test_sidecar_runtime_does_not_import_prometheus_client() -> None:
     """metrics.py writes the exposition itself: the library and its servers cost ~2 MB RSS."""
     mods = runtime_modules()
     assert [m for m in mods if m.split(".")[0] == "prometheus_client"] == []
-    assert "natsmesh_sidecar.metrics" in mods
+    assert "natsmesh_sidecar.observe.metrics" in mods
 
 
 def test_tap_is_imported_only_when_someone_taps() -> None:
     """A sidecar nobody taps holds one idle subscription and none of the tap's code."""
-    assert "natsmesh_sidecar.tap" not in runtime_modules()
+    assert "natsmesh_sidecar.observe.tap" not in runtime_modules()
 
 
 def _with_a_sidecar(otlp_endpoint: str | None) -> list[str]:
@@ -84,10 +84,13 @@ def test_tracing_off_loads_nothing_of_it_and_on_loads_only_our_exporter() -> Non
     """No OTLP endpoint: neither tracing module is imported (the sidecar's
     idle RSS must not grow). With one: our two modules, no SDK, no HTTP client."""
     off = _with_a_sidecar(None)
-    assert "natsmesh_sidecar.tracing" not in off
-    assert "natsmesh_sidecar.otlp" not in off
+    assert "natsmesh_sidecar.observe.tracing" not in off
+    assert "natsmesh_sidecar.observe.otlp" not in off
     on = _with_a_sidecar("http://127.0.0.1:4318")
-    assert sorted(set(on) - set(off)) == ["natsmesh_sidecar.otlp", "natsmesh_sidecar.tracing"]
+    assert sorted(set(on) - set(off)) == [
+        "natsmesh_sidecar.observe.otlp",
+        "natsmesh_sidecar.observe.tracing",
+    ]
 
 
 def test_stream_is_imported_only_when_a_body_streams() -> None:
@@ -95,4 +98,4 @@ def test_stream_is_imported_only_when_a_body_streams() -> None:
     (idle RSS must not grow), nor of the WebSocket tunnel: outbound, inbound
     and natsfast import them lazily."""
     for mods in (runtime_modules(), _with_a_sidecar(None)):
-        assert [m for m in mods if m.startswith("natsmesh_sidecar.stream")] == []
+        assert [m for m in mods if m.startswith("natsmesh_sidecar.transport.stream")] == []

@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from natsmesh_sidecar import metrics, permissions
+from natsmesh_sidecar.observe import metrics
+from natsmesh_sidecar.policy import permissions
 
 pytestmark = pytest.mark.unit
 

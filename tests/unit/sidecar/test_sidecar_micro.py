@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from natsmesh_sidecar.micro import SERVING_KEY, MicroService
+from natsmesh_sidecar.transport.micro import SERVING_KEY, MicroService
 
 
 def micro(serving: list[bool]) -> MicroService:

@@ -10,7 +10,7 @@ from nats.aio.client import Client
 from nats.aio.transport import TcpTransport
 from nats.protocol import parser
 
-from natsmesh_sidecar import natsfast
+from natsmesh_sidecar.transport import natsfast
 
 pytestmark = pytest.mark.unit
 

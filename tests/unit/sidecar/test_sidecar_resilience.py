@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from natsmesh_sidecar import resilience as r
+from natsmesh_sidecar.policy import resilience as r
 from natsmesh_sidecar.wire import (
     CircuitBreaker,
     Fault,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from natsmesh_sidecar.table import watch_file
+from natsmesh_sidecar.policy.table import watch_file
 from natsmesh_sidecar.wire import MeshTable
 
 pytestmark = pytest.mark.unit

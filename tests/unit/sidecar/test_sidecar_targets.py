@@ -7,7 +7,7 @@ import pytest
 from natsmesh_operator.wiring.keys import Key, Role
 from natsmesh_sidecar import signing, subjects
 from natsmesh_sidecar.config import Rule, Target, WeightedDestination
-from natsmesh_sidecar.targets import MISS, TargetCache
+from natsmesh_sidecar.policy.targets import MISS, TargetCache
 
 pytestmark = pytest.mark.unit
 

@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
-from natsmesh_sidecar import codec, otlp, tracing
-from natsmesh_sidecar.metrics import Registry
+from natsmesh_sidecar import codec
+from natsmesh_sidecar.observe import otlp, tracing
+from natsmesh_sidecar.observe.metrics import Registry
 from tests.fixtures.nats_server import free_port
 
 pytestmark = pytest.mark.unit

@@ -7,11 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natsmesh_sidecar import codec, subjects
-from natsmesh_sidecar.natsfast import parse_headers
-from natsmesh_sidecar.stream import protocol
-from natsmesh_sidecar.stream.protocol import StreamError
-from natsmesh_sidecar.stream.receiver import Receiver
-from natsmesh_sidecar.stream.sender import Sender
+from natsmesh_sidecar.transport.natsfast import parse_headers
+from natsmesh_sidecar.transport.stream import protocol
+from natsmesh_sidecar.transport.stream.protocol import StreamError
+from natsmesh_sidecar.transport.stream.receiver import Receiver
+from natsmesh_sidecar.transport.stream.sender import Sender
 from natsmesh_sidecar.wire import StreamLimits
 
 pytestmark = pytest.mark.unit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from natsmesh_sidecar.stream.tunnel import refusal
+from natsmesh_sidecar.transport.stream.tunnel import refusal
 
 pytestmark = pytest.mark.unit
 

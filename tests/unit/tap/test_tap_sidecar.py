@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from natsmesh_sidecar import tap
-from natsmesh_sidecar.tap import RateLimit, Tap, parse_control
+from natsmesh_sidecar.observe import tap
+from natsmesh_sidecar.observe.tap import RateLimit, Tap, parse_control
 
 pytestmark = pytest.mark.unit
 

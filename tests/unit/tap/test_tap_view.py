@@ -8,7 +8,7 @@ import pytest
 
 from natsmesh_operator.usercli import tapview
 from natsmesh_operator.usercli.tap import control
-from natsmesh_sidecar import tap
+from natsmesh_sidecar.observe import tap
 
 pytestmark = pytest.mark.unit
 

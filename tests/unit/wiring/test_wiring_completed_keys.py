@@ -13,7 +13,7 @@ from natsmesh_operator.wiring.jetstream import (
 )
 from natsmesh_operator.wiring.plan import plan
 from natsmesh_sidecar import subjects
-from natsmesh_sidecar.completed import key_token
+from natsmesh_sidecar.events.completed import key_token
 from tests.fixtures.nats_operator import shop_intents
 
 CONSUMER = "payments--orders--order_created"

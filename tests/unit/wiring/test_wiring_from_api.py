@@ -5,6 +5,7 @@ A contract test between the api models, the handler's conversion and the wiring.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -126,6 +127,43 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
     # Unset (or empty) means the sidecar's settings.
     assert (plain.max_body_bytes, plain.stream) == (0, None)
     assert {u.resource for u in p.users} == {"gateway", "orders", "orders-v2", "payments"}
+
+
+#: A compiled rule's keys before NatsRoute had maxBodyBytes and stream: what
+#: a sidecar of then accepts (its Rule forbids unknown keys).
+OLD_RULE_KEYS = {"name", "match", "destinations", "timeoutMs", "retries", "fault", "circuitBreaker"}
+
+
+def test_a_rule_without_stream_limits_compiles_to_the_old_keys() -> None:
+    """A new operator keeps serving old sidecars during an upgrade: the new
+    fields are written only for the rules that set them."""
+    intents = [svc("orders", {}), svc("gateway", {})]
+    v1 = {"destinations": [{"version": "v1"}]}
+    route = NatsRoute.from_body(
+        {
+            "apiVersion": "natsmesh.io/v1alpha1",
+            "kind": "NatsRoute",
+            "metadata": {"name": "orders", "namespace": "shop"},
+            "spec": {
+                "service": "orders",
+                "rules": [
+                    {"name": "big", "match": {"pathPrefix": "/b"}, "maxBodyBytes": 10, **v1},
+                    {"name": "sse", "match": {"pathPrefix": "/s"}, "stream": {"window": 2}, **v1},
+                    {"name": "empty", "match": {"pathPrefix": "/e"}, "stream": {}, **v1},
+                    {"name": "bare", **v1},
+                ],
+            },
+        }
+    )
+    p = plan([service_intent(r) for r in intents], [route_intent(route)])
+    assert p.problems == ()
+    stored = json.loads(p.targets[("shop", "orders")].to_json())
+    keys = {rule["name"]: set(rule) for rule in stored["rules"]}
+    assert keys["big"] == OLD_RULE_KEYS | {"maxBodyBytes"}
+    assert keys["sse"] == OLD_RULE_KEYS | {"stream"}
+    assert keys["empty"] == keys["bare"] == OLD_RULE_KEYS
+    # And the sidecar reads both shapes back to the same rules.
+    assert wire.Target.model_validate_json(json.dumps(stored)) == p.targets[("shop", "orders")]
 
 
 def test_creation_order_reaches_the_plan() -> None:

@@ -12,16 +12,16 @@ import asyncio
 import logging
 import time
 
-from natsmesh_sidecar.natsfast import Reply
-from natsmesh_sidecar.stream import protocol
-from natsmesh_sidecar.stream.receiver import Receiver
+from natsmesh_sidecar.transport.natsfast import Reply
+from natsmesh_sidecar.transport.stream import protocol
+from natsmesh_sidecar.transport.stream.receiver import Receiver
 from natsmesh_sidecar.wire import StreamLimits
 
 logger = logging.getLogger(__name__)
 
 
 class Peer:
-    # Slots: a WebSocket tunnel (natsmesh_sidecar.stream.tunnel) holds one per socket.
+    # Slots: a WebSocket tunnel (natsmesh_sidecar.transport.stream.tunnel) holds one per socket.
     __slots__ = ("_timer", "finished", "last_heard", "limits", "receiver")
 
     def __init__(self, limits: StreamLimits) -> None:

@@ -32,11 +32,11 @@ from typing import Any, cast
 import httptools
 
 from natsmesh_sidecar import codec, subjects
-from natsmesh_sidecar.natsfast import FastPath, Reply
-from natsmesh_sidecar.stream import protocol
-from natsmesh_sidecar.stream.peer import Peer
-from natsmesh_sidecar.stream.receiver import Receiver
-from natsmesh_sidecar.stream.sender import Sender
+from natsmesh_sidecar.transport.natsfast import FastPath, Reply
+from natsmesh_sidecar.transport.stream import protocol
+from natsmesh_sidecar.transport.stream.peer import Peer
+from natsmesh_sidecar.transport.stream.receiver import Receiver
+from natsmesh_sidecar.transport.stream.sender import Sender
 from natsmesh_sidecar.wire import StreamLimits
 
 logger = logging.getLogger(__name__)

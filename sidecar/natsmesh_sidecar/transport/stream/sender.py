@@ -15,7 +15,7 @@ import collections
 import logging
 from collections.abc import Callable
 
-from natsmesh_sidecar.stream import protocol
+from natsmesh_sidecar.transport.stream import protocol
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Traffic policy decisions: rule match, weighted split, retries, circuit breaker, faults.
 
 Everything here is pure (time and randomness are passed in) so it is unit tested
-without servers; :mod:`natsmesh_sidecar.outbound` applies the decisions.
+without servers; :mod:`natsmesh_sidecar.calls.outbound` applies the decisions.
 """
 
 from __future__ import annotations

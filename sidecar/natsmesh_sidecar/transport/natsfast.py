@@ -185,7 +185,7 @@ class FastPath:
         self.loop = asyncio.get_running_loop()
         #: Requests waiting for their reply, by the reply subject's last token.
         self.waiters: dict[bytes, Waiter] = {}
-        #: Streamed calls' inboxes (natsmesh_sidecar.stream), by the same
+        #: Streamed calls' inboxes (natsmesh_sidecar.transport.stream), by the same
         #: last token: every message, until closed. Looked up only when no
         #: waiter matched.
         self.streams: dict[bytes, Callable[[Reply | str], None]] = {}

@@ -34,8 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from natsmesh_sidecar import codec
-from natsmesh_sidecar.metrics import Registry
-from natsmesh_sidecar.otlp import (
+from natsmesh_sidecar.observe.metrics import Registry
+from natsmesh_sidecar.observe.otlp import (
     CLIENT,
     CONSUMER,
     PRODUCER,

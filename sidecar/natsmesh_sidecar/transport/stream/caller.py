@@ -29,11 +29,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from natsmesh_sidecar import codec
-from natsmesh_sidecar.natsfast import TIMEOUT, UNAVAILABLE, FastPath, Reply
-from natsmesh_sidecar.stream import protocol
-from natsmesh_sidecar.stream.peer import Peer
-from natsmesh_sidecar.stream.receiver import Receiver
-from natsmesh_sidecar.stream.sender import Sender
+from natsmesh_sidecar.transport.natsfast import TIMEOUT, UNAVAILABLE, FastPath, Reply
+from natsmesh_sidecar.transport.stream import protocol
+from natsmesh_sidecar.transport.stream.peer import Peer
+from natsmesh_sidecar.transport.stream.receiver import Receiver
+from natsmesh_sidecar.transport.stream.sender import Sender
 from natsmesh_sidecar.wire import StreamLimits
 
 logger = logging.getLogger(__name__)

@@ -1,15 +1,11 @@
-"""Events: ``POST /_events/<topic>`` -> JetStream, and durable subscriptions -> the app.
-
-Publishing answers 202 only after the stream acknowledged the message, so an
-accepted event survives a server restart; ``Idempotency-Key`` becomes
-``Nats-Msg-Id`` and the stream's duplicate window stores a repeat once.
+"""Events: durable subscriptions -> the app.
 
 Subscriptions bind to pull consumers the operator created (the sidecar never
 creates or changes them; its user may not be allowed to). A 2xx from the app
 acks; anything else naks with the configured backoff; exactly-once mode waits
 for the server to confirm the ack (double ack) and, before that, writes the
 event's Idempotency-Key to the completed-key record, which it reads before
-handing a delivery to the app (natsmesh_sidecar.completed); on the last
+handing a delivery to the app (natsmesh_sidecar.events.completed); on the last
 allowed delivery a failing message goes to the dead-letter subject and is
 terminated.
 """
@@ -18,39 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
-from natsmesh_sidecar import accesslog, codec, subjects
-from natsmesh_sidecar.completed import HIT, CompletedKeys, seal_key
-from natsmesh_sidecar.inbound import AppError, AppPool
+from natsmesh_sidecar import codec, subjects
+from natsmesh_sidecar.edge.appclient import AppError, AppPool
+from natsmesh_sidecar.events.completed import HIT, CompletedKeys, seal_key
+from natsmesh_sidecar.events.publisher import DEFAULT_KEY_PREFIX, JetStreamLink, publish_to_stream
+from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.wire import Delivery
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-    from natsmesh_sidecar.app import Sidecar
-    from natsmesh_sidecar.outbound import Request
+    from natsmesh_sidecar.observe.metrics import Metrics
+    from natsmesh_sidecar.observe.tracing import Tracer
+    from natsmesh_sidecar.policy.permissions import Creds
 
 logger = logging.getLogger(__name__)
 
-PUBLISH_TIMEOUT = 5.0
-#: Seconds a publish answered "no responders" is retried: the stream has no
-#: leader for a moment while one is elected (a NATS server restarting). Such
-#: a message reached no stream, so sending it again stores it once.
-NO_LEADER_RETRY_SECONDS = 3.0
-NO_LEADER_RETRY_WAIT = 0.1
-_JSON = [("content-type", "application/json")]
-#: Idempotency keys the consumer makes up for messages without one
-#: (``nm:<stream>:<seq>``). A message's own ``Nats-Msg-Id`` with this prefix
-#: is forged -- a raw publisher aiming at another message's key -- and is
-#: ignored; the publishing sidecar refuses such keys from its app.
-DEFAULT_KEY_PREFIX = "nm:"
 #: Header names the consuming sidecar sets for the app itself; copies in the
 #: message (raw ``Nm-*``, escaped ``Nm-Esc-Nm-*``, ``Nats-*``) never reach it.
 _OWNED = ("nm-", "nats-")
@@ -68,15 +55,39 @@ def idempotency_key(msg_id: str | None, stream: str, seq: int) -> str:
     return f"{DEFAULT_KEY_PREFIX}{stream}:{seq}"
 
 
-def completed_keys(app: Sidecar, d: Delivery) -> CompletedKeys:
+class ConsumerLink(JetStreamLink, Protocol):
+    """The connection, and the creds in use now (their seed keys the completed-key record)."""
+
+    @property
+    def creds(self) -> Creds | None: ...
+
+
+@dataclass(frozen=True)
+class ConsumerContext:
+    """What every event consumer of one sidecar shares, fixed at start."""
+
+    link: ConsumerLink
+    pool: AppPool
+    metrics: Metrics
+    #: This sidecar as a destination (``<service>.<namespace>``), for logs.
+    source: str
+    #: ``host:port`` of the app, its requests' Host header.
+    app_host: str
+    #: Whether ``exactlyOnce`` subscriptions keep the completed-key record.
+    dedup: bool = True
+    tracer: Tracer | None = None
+    access_log: bool = True
+
+
+def completed_keys(link: ConsumerLink, metrics: Metrics, d: Delivery) -> CompletedKeys:
     """The completed-key record of subscription ``d``, in the sidecar's own account."""
     source_namespace = d.source.rpartition(".")[2]
-    unavailable = app.metrics.events_dedup_unavailable
+    unavailable = metrics.events_dedup_unavailable
     sealed: dict[str, bytes] = {}
 
     def secret() -> bytes | None:
         # The creds in use now: a renewal may change the seed.
-        creds = app.creds
+        creds = link.creds
         if creds is None:
             return None
         if creds.seed not in sealed:
@@ -86,161 +97,34 @@ def completed_keys(app: Sidecar, d: Delivery) -> CompletedKeys:
 
     return CompletedKeys(
         subjects.done_scope(source_namespace, d.consumer),
-        connection=lambda: app.nc,
-        jetstream=app.js,
+        connection=lambda: link.nc,
+        jetstream=link.js,
         secret=secret,
         unavailable=lambda op: unavailable.labels(d.topic, op).inc(),
     )
 
 
-class EventPublisher:
-    def __init__(self, app: Sidecar) -> None:
-        self.app = app
-
-    async def publish_http(
-        self, req: Request, rid: str
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        app = self.app
-        if req.method != "POST":
-            return (
-                405,
-                [*_JSON, ("allow", "POST")],
-                codec.error_body("method_not_allowed", "events are published with POST", rid),
-            )
-        topic = req.path[len("/_events/") :]
-        if not subjects.is_topic(topic):
-            return (
-                400,
-                list(_JSON),
-                codec.error_body("bad_request", f"invalid topic {topic!r}", rid),
-            )
-        pub = app.router.table.publishes.get(topic)
-        if pub is None:
-            return (
-                404,
-                list(_JSON),
-                codec.error_body(
-                    "unknown_topic", f"{app.source} does not publish topic {topic}", rid
-                ),
-            )
-        if not app.permissions.can_publish(pub.subject):
-            return (
-                403,
-                list(_JSON),
-                codec.error_body(
-                    "forbidden", f"{app.source} is not permitted to publish to {pub.subject}", rid
-                ),
-            )
-        if len(req.body) > app.max_body():
-            return (
-                413,
-                list(_JSON),
-                codec.error_body("payload_too_large", "event exceeds max_payload", rid),
-            )
-        nc = app.nc
-        if nc is None or not nc.is_connected:
-            return (
-                503,
-                [*_JSON, ("retry-after", "1")],
-                codec.error_body("nats_unavailable", "NATS connection is down; retry shortly", rid),
-            )
-        incoming = req.special.get("traceparent")
-        tracer = app.tracer
-        tp = req.traceparent = (
-            codec.next_traceparent(incoming)
-            if tracer is None
-            else tracer.next_traceparent(incoming)
-        )
-        headers = {codec.REQUEST_ID: rid, codec.TRACEPARENT: tp, codec.H_SOURCE: app.source}
-        ctype = req.special.get("content-type")
-        if ctype:
-            headers["Content-Type"] = ctype
-        key = req.special.get("idempotency-key")
-        if key:
-            if key.startswith(DEFAULT_KEY_PREFIX):
-                return (
-                    400,
-                    list(_JSON),
-                    codec.error_body(
-                        "bad_request",
-                        f"Idempotency-Key may not start with {DEFAULT_KEY_PREFIX!r}: "
-                        "the mesh reserves those for events without a key",
-                        rid,
-                    ),
-                )
-            headers["Nats-Msg-Id"] = key
-        try:
-            ack = await _publish(app, pub.subject, req.body, pub.stream, headers)
-        except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
-            return (
-                503,
-                [*_JSON, ("retry-after", "1")],
-                codec.error_body("no_stream", f"no stream accepts {pub.subject}", rid),
-            )
-        except nats_errors.TimeoutError:
-            return (
-                504,
-                list(_JSON),
-                codec.error_body("timeout", "the stream did not acknowledge in time", rid),
-            )
-        except js_errors.APIError as exc:
-            return 502, list(_JSON), codec.error_body("stream_error", str(exc), rid)
-        except (
-            nats_errors.ConnectionClosedError,
-            nats_errors.ConnectionReconnectingError,
-            nats_errors.ConnectionDrainingError,
-            nats_errors.OutboundBufferLimitError,
-        ):
-            return (
-                503,
-                [*_JSON, ("retry-after", "1")],
-                codec.error_body("nats_unavailable", "NATS connection is down; retry shortly", rid),
-            )
-        app.metrics.events_published.labels(topic).inc()
-        body = json.dumps(
-            {"stream": ack.stream, "seq": ack.seq, "duplicate": bool(ack.duplicate)}
-        ).encode()
-        return 202, list(_JSON), body
-
-
-async def _publish(
-    app: Sidecar, subject: str, body: bytes, stream: str | None, headers: dict[str, str]
-) -> Any:
-    """Publish to the stream (``None``: whichever keeps ``subject``), again while
-    it has no leader (see NO_LEADER_RETRY_SECONDS)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + NO_LEADER_RETRY_SECONDS
-    while True:
-        try:
-            # app.js() each time: the connection may have moved meanwhile.
-            return await app.js().publish(
-                subject, body, timeout=PUBLISH_TIMEOUT, stream=stream, headers=headers
-            )
-        except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
-            if loop.time() + NO_LEADER_RETRY_WAIT > deadline:
-                raise
-            await asyncio.sleep(NO_LEADER_RETRY_WAIT)
-
-
 class EventConsumer:
     """Pulls one durable consumer and delivers to the app's path."""
 
-    def __init__(self, app: Sidecar, pool: AppPool, delivery: Delivery, batch: int = 16) -> None:
-        self.app = app
-        self.pool = pool
+    def __init__(self, ctx: ConsumerContext, delivery: Delivery, batch: int = 16) -> None:
+        self.ctx = ctx
+        self.link = ctx.link
+        self.pool = ctx.pool
+        self.metrics = metrics = ctx.metrics
         self.d = delivery
         self.batch = batch
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.inflight = 0
         #: Exposed from the start (0), so a dashboard sees the subscription before an event.
-        self.pending = app.metrics.events_pending.labels(delivery.source, delivery.topic)
+        self.pending = metrics.events_pending.labels(delivery.source, delivery.topic)
         # 0 until one is dead-lettered
-        app.metrics.events_dead.labels(delivery.source, delivery.topic)
+        metrics.events_dead.labels(delivery.source, delivery.topic)
         #: Only exactlyOnce pays for the completed-key record.
         self.done: CompletedKeys | None = None
-        if delivery.mode == "exactlyOnce" and app.settings.event_dedup:
-            self.done = completed_keys(app, delivery)
+        if delivery.mode == "exactlyOnce" and ctx.dedup:
+            self.done = completed_keys(ctx.link, metrics, delivery)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -263,7 +147,7 @@ class EventConsumer:
             try:
                 # Consumers of another namespace's stream are reached through
                 # the imported JetStream API prefix the operator wired.
-                js = self.app.js(d.api_prefix)
+                js = self.link.js(d.api_prefix)
                 psub = await js.pull_subscribe_bind(durable=d.consumer, stream=d.stream)
                 logger.info("bound to consumer %s/%s for topic %s", d.stream, d.consumer, d.topic)
                 try:
@@ -293,7 +177,7 @@ class EventConsumer:
         handed to the app), ``ack_lost`` (the app answered, the ack did not
         reach the server: it redelivers) or ``error`` (nothing reached the app)."""
         d = self.d
-        app = self.app
+        ctx = self.ctx
         t0 = time.perf_counter()
         self.inflight += 1
         try:
@@ -311,7 +195,7 @@ class EventConsumer:
         status = 0
         answered = False
         done = self.done
-        tracer = app.tracer
+        tracer = ctx.tracer
         #: With tracing, the app continues under this delivery's span.
         own = None if tracer is None else tracer.next_traceparent(hdrs.get(codec.TRACEPARENT))
         try:
@@ -336,16 +220,16 @@ class EventConsumer:
             result = "ack_lost" if answered else "error"
         finally:
             self.inflight -= 1
-        app.metrics.events_delivered.labels(d.topic, result).inc()
+        self.metrics.events_delivered.labels(d.topic, result).inc()
         if result == "dead":
-            app.metrics.events_dead.labels(d.source, d.topic).inc()
+            self.metrics.events_dead.labels(d.source, d.topic).inc()
         elapsed = time.perf_counter() - t0
-        if app.access_log:
+        if ctx.access_log:
             accesslog.log(
                 request_id=rid,
                 direction="event",
                 source=d.source,
-                destination=app.source,
+                destination=ctx.source,
                 route=d.topic,
                 method="POST",
                 path=d.path,
@@ -426,10 +310,7 @@ class EventConsumer:
         ]
         if codec.REQUEST_ID not in hdrs:
             headers.append((codec.REQUEST_ID, rid))
-        app = self.app
-        data = codec.render_request(
-            "POST", d.path, headers, msg.data, f"{app.settings.app_host}:{app.settings.app_port}"
-        )
+        data = codec.render_request("POST", d.path, headers, msg.data, self.ctx.app_host)
         if data is None:
             return 400, "bad_path"
         try:
@@ -461,10 +342,10 @@ class EventConsumer:
         )
         try:
             # Like an event: a dead-letter stream electing its leader is waited out.
-            await _publish(self.app, d.dead_letter_subject, msg.data, None, headers)
+            await publish_to_stream(self.link, d.dead_letter_subject, msg.data, None, headers)
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
             # Still no stream keeps dead letters: still tell whoever listens.
-            nc = self.app.nc
+            nc = self.link.nc
             if nc is not None:
                 await nc.publish(d.dead_letter_subject, msg.data, headers=headers)
         logger.warning(

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from natsmesh_sidecar.stream import protocol
+from natsmesh_sidecar.transport.stream import protocol
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """A small OTLP/HTTP span exporter: JSON encoding, POST to ``<endpoint>/v1/traces``.
 
 Imported only when ``NATSMESH_OTLP_ENDPOINT`` is set (by
-:mod:`natsmesh_sidecar.tracing`). The OpenTelemetry Python SDK would do
+:mod:`natsmesh_sidecar.observe.tracing`). The OpenTelemetry Python SDK would do
 this too, but it brings its API, SDK, protobuf and exporter packages (and a
 thread per batch processor) into a process whose whole budget is ~30 MB;
 the part of OTLP a sidecar needs is one JSON document per batch
@@ -35,7 +35,7 @@ from json.encoder import encode_basestring_ascii
 from urllib.parse import urlsplit
 
 from natsmesh_sidecar.logthrottle import LogThrottle
-from natsmesh_sidecar.metrics import Metric, Registry
+from natsmesh_sidecar.observe.metrics import Metric, Registry
 
 logger = logging.getLogger(__name__)
 

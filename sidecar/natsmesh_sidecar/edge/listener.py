@@ -1,0 +1,537 @@
+"""The outbound edge: the listener on 127.0.0.1:15001 the app's HTTP calls reach.
+
+:class:`OutboundConnection` is a raw asyncio Protocol fed to httptools: no
+framework, and no per-request task: a request waiting on NATS is answered
+from the reply's callback (a task only for retries, fault delays, policy
+fetches and events).
+Pipelined requests queue per connection and are answered strictly in order.
+Untrusted input is bounded: URL and header bytes, and a header deadline
+against slowloris clients (408). A body that outgrows one NATS message
+streams (natsmesh_sidecar.transport.stream, imported then): the request is started
+with what arrived and the rest follows as the client sends it. An
+``Upgrade: websocket`` is routed the same way and, once the callee's app
+switched protocols, tunnelled (natsmesh_sidecar.transport.stream.tunnel).
+
+What a parsed request becomes is the :class:`Handler`'s business
+(natsmesh_sidecar.calls.outbound); this module knows only its ``start``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+import httptools
+
+from natsmesh_sidecar import codec
+from natsmesh_sidecar.wire import StreamLimits
+
+if TYPE_CHECKING:
+    from natsmesh_sidecar.observe.metrics import Metrics
+    from natsmesh_sidecar.transport.stream.caller import CallerStream
+
+logger = logging.getLogger(__name__)
+R = TypeVar("R", bound="Request")
+
+MAX_URL = 8192
+EVENTS_PREFIX = "/_events/"
+_EVENTS_PREFIX_B = EVENTS_PREFIX.encode()
+#: Headers the handler needs by name; everything else is only forwarded.
+_SPECIAL = frozenset(
+    {
+        "host",
+        "x-request-id",
+        "traceparent",
+        "idempotency-key",
+        "content-type",
+        # Never forwarded: a streamed body's length travels as Nm-Length, and
+        # the listener answers 100 Continue itself.
+        "content-length",
+        "expect",
+        # Kept aside, never forwarded: which protocol an Upgrade asks for.
+        "upgrade",
+    }
+)
+_DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
+#: What on_header does with a header: forward it, keep it aside (the host
+#: both), or drop it.
+_FORWARD, _SPECIAL_ONLY, _HOST, _DROPPED = 0, 1, 2, 3
+#: Header name as received -> (name, lower-case name, what to do): the same
+#: few names come with every request. Bounded: names come from clients.
+_NAMES: dict[bytes, tuple[str, str, int]] = {}
+
+
+def _name(name: bytes) -> tuple[str, str, int]:
+    n = name.decode("latin-1")
+    low = n.lower()
+    if low in _SPECIAL:
+        kind = _HOST if low == "host" else _SPECIAL_ONLY
+    elif low in _DROP or low.startswith(codec.MESH_PREFIX_LOWER):
+        kind = _DROPPED
+    else:
+        kind = _FORWARD
+    if len(_NAMES) >= 4096:
+        _NAMES.clear()
+    found = _NAMES[name] = (n, low, kind)
+    return found
+
+
+class Request:
+    __slots__ = (
+        "body",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "special",
+        "target",
+        "traceparent",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        host: str,
+        headers: list[tuple[str, str]],
+        special: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path = target.split("?", 1)[0]
+        self.host = host
+        self.headers = headers
+        self.special = special
+        self.body = body
+        self.keep_alive = keep_alive
+        #: The traceparent sent on (the outbound span's, when tracing).
+        self.traceparent: str | None = None
+
+    def lower_headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.headers} | self.special
+
+
+class StreamedRequest(Request):
+    """A request whose body is still arriving: ``stream`` carries it (and its answer)."""
+
+    __slots__ = ("stream",)
+
+    stream: CallerStream  # or a WebSocket's natsmesh_sidecar.transport.stream.tunnel.CallerTunnel
+
+
+#: How a handler hands a later answer to the connection.
+Done = Callable[[Request, "bytes | CallerStream"], None]
+
+
+class Handler(Protocol):
+    """What turns a parsed request into its response (natsmesh_sidecar.calls.outbound)."""
+
+    def start(self, req: Request, done: Done) -> bytes | None:
+        """The response now, or None when ``done(req, response)`` will be called later."""
+        ...
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing with an HTTP error."""
+
+
+class OutboundConnection(asyncio.Protocol):
+    """One client connection; keep-alive and pipelining-safe."""
+
+    def __init__(self, server: OutboundServer) -> None:
+        self.server = server
+        self.handler = server.handler
+        #: The largest body sent inline (bound once: asked per body piece).
+        self._max_body = server.max_body
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: collections.deque[Request | bytes] = collections.deque()
+        self.busy = False
+        self.closed = False
+        self.stopped = False
+        self.paused = False
+        self.eof = False
+        self.in_headers = False
+        #: Between on_message_begin and on_message_complete: only then can a
+        #: client be "slow"; a completed request's body must never count.
+        self.in_message = False
+        self.started = 0.0
+        self.last = 0.0
+        self.reject: tuple[int, str, str] | None = None
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._special: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_len = 0
+        #: What the handler calls back with a later response (bound once).
+        self._resume_cb = self._resume
+        #: The stream this connection's client is sending to or reading from
+        #: (natsmesh_sidecar.transport.stream.caller.CallerStream), told of the socket's state.
+        self.stream: Any = None
+        #: The stream of the request whose body is arriving now.
+        self._upload: Any = None
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        self.last = self.started = time.monotonic()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.stream is not None:
+            self.stream.client_lost()
+
+    def pause_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.writable(False)
+
+    def resume_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.writable(True)
+
+    def eof_received(self) -> bool | None:
+        # A half-closing client (shutdown(SHUT_WR)) still wants its answers:
+        # keep the transport open until the queued requests are answered.
+        self.eof = True
+        if self.busy or self.queue:
+            return True
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        self.last = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0] :])
+        except httptools.HttpParserCallbackError:
+            status, code, message = self.reject or (400, "bad_request", "malformed HTTP request")
+            self._fail(status, code, message)
+        except httptools.HttpParserError as exc:
+            self._fail(400, "bad_request", f"malformed HTTP request: {exc}")
+
+    # -- httptools callbacks -----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_headers = True
+        self.in_message = True
+        # data_received set ``last`` just before feeding the parser.
+        self.started = self.last
+        self._url = b""
+        self._headers = []
+        self._special = {}
+        self._header_bytes = 0
+        self._body = []
+        self._body_len = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_URL:
+            self.reject = (414, "uri_too_long", "request target too long")
+            raise _Reject
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.server.max_header_bytes:
+            self.reject = (431, "headers_too_large", "request headers too large")
+            raise _Reject
+        hit = _NAMES.get(name)
+        if hit is None:
+            hit = _name(name)
+        n, low, kind = hit
+        if kind == _FORWARD:
+            self._headers.append((n, value.decode("latin-1")))
+        elif kind != _DROPPED:
+            v = value.decode("latin-1")
+            self._special[low] = v
+            if kind == _HOST:
+                self._headers.append((n, v))
+
+    def on_headers_complete(self) -> None:
+        self.in_headers = False
+        if "expect" in self._special and not self.busy and self.transport is not None:
+            # The body is ours to take (and to stream): no need to ask the callee.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self._max_body():
+            self._stream_body(body)
+            return
+        self._body.append(body)
+
+    def _stream_body(self, body: bytes) -> None:
+        """A body past one message: start its request now, stream the rest."""
+        upload = self._upload
+        if upload is None:
+            if self.stopped or self.transport is None:
+                return
+            if self._url.startswith(_EVENTS_PREFIX_B):
+                # An event is one JetStream message: it cannot stream.
+                self.reject = (413, "payload_too_large", "event body exceeds the NATS max_payload")
+                raise _Reject
+            from natsmesh_sidecar.transport.stream.caller import CallerStream
+
+            length = self._special.get("content-length", "")
+            upload = self._upload = CallerStream.for_upload(
+                self.server.stream_limits,
+                self.transport,
+                keep_alive=self.parser.should_keep_alive(),
+                length=int(length) if length.isdigit() else None,
+            )
+            if self.stream is None:
+                self.stream = upload  # told if the client goes away mid-body
+            req = self._request(StreamedRequest, b"")
+            req.stream = upload
+            for piece in self._body:
+                upload.feed(piece)
+            self._body = []
+            self._enqueue(req)
+        upload.feed(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        if self.stopped or self.parser.should_upgrade():
+            # Pipelined after a request that closed the connection, or an
+            # upgrade: HttpParserUpgrade comes next (data_received).
+            return
+        upload = self._upload
+        if upload is not None:
+            self._upload = None
+            upload.end_body()
+            return
+        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._enqueue(self._request(Request, body))
+
+    def _upgrade(self, rest: bytes) -> None:
+        """An Upgrade or CONNECT: a WebSocket is tunnelled (transport.stream.tunnel)."""
+        from natsmesh_sidecar.transport.stream import tunnel
+
+        if self.stopped or self.transport is None:
+            return  # pipelined after a request that closes the connection
+        refused = tunnel.refusal(self.parser.get_method(), self._special.get("upgrade", ""))
+        if refused is not None:
+            self._fail(400, "upgrade_not_supported", refused)
+            return
+        try:
+            req = self._request(StreamedRequest, b"")
+        except _Reject:
+            self._fail(*(self.reject or (400, "bad_request", "invalid request target")))
+            return
+        self.stopped = True  # nothing more to parse: the rest is the tunnel's
+        req.keep_alive = False  # an upgrade refused ends the connection
+        limits = self.server.stream_limits
+        # Routed as a streamed request: the handler uses only what both kinds have.
+        upgrade = tunnel.CallerTunnel(limits, self.transport, rest)
+        req.stream = self.stream = cast("CallerStream", upgrade)
+        self._enqueue(req)
+
+    def _request(self, cls: type[R], body: bytes) -> R:
+        parser = self.parser
+        method = parser.get_method().decode("latin-1")
+        url = self._url.decode("latin-1")
+        host = self._special.get("host", "")
+        if not url.startswith("/"):
+            # Absolute-form (an HTTP_PROXY client): the URL names the destination.
+            try:
+                parsed = httptools.parse_url(self._url)
+            except httptools.HttpParserInvalidURLError:
+                self.reject = (400, "bad_request", "invalid request target")
+                raise _Reject from None
+            if parsed.host:
+                host = parsed.host.decode("latin-1")
+            url = (parsed.path or b"/").decode("latin-1")
+            if parsed.query:
+                url += "?" + parsed.query.decode("latin-1")
+        keep_alive = parser.should_keep_alive()
+        return cls(method, url, host, self._headers, self._special, body, keep_alive)
+
+    def _enqueue(self, req: Request) -> None:
+        self.queue.append(req)
+        if len(self.queue) > 32 and not self.paused and self.transport is not None:
+            # A client pipelining faster than we answer: stop reading until we catch up.
+            self.paused = True
+            self.transport.pause_reading()
+        if not self.busy:
+            self.busy = True
+            self._pump()
+
+    # -- responses ----------------------------------------------------------
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        """Answer an unparseable request after the ones before it, then close."""
+        self.stopped = True
+        rid = codec.new_request_id()
+        body = codec.error_body(code, message, rid)
+        resp = codec.render_response(
+            status,
+            [("content-type", "application/json"), ("x-request-id", rid)],
+            body,
+            keep_alive=False,
+        )
+        self.server.metrics.observe("outbound", self.server.source, "-", status, 0.0)
+        logger.info("rejected request: %d %s", status, message)
+        self.queue.append(resp)
+        if not self.busy:
+            self.busy = True
+            self._pump()
+
+    def _pump(self) -> None:
+        """Answer the queued requests in order; ``busy`` while one is in hand.
+
+        A request waiting on NATS comes back through :meth:`_resume`: no task
+        per request.
+        """
+        try:
+            while self.queue:
+                item = self.queue.popleft()
+                if isinstance(item, bytes):
+                    self._write(item)
+                    self._close()
+                    break
+                resp = self.handler.start(item, self._resume_cb)
+                if resp is None:
+                    return
+                if not self._answered(item, resp):
+                    break
+            else:
+                if self.eof:
+                    self._close()
+        except Exception:
+            logger.exception("outbound connection failed")
+            self._close()
+        self.busy = False
+        self.last = time.monotonic()
+
+    def _resume(self, item: Request, resp: bytes | CallerStream) -> None:
+        if resp.__class__ is not bytes:
+            # A streamed response: it writes itself, then calls here with b"".
+            cast("CallerStream", resp).attach(self, item, self._resume_cb)
+            return
+        try:
+            answered = self._answered(item, resp)
+        except Exception:
+            logger.exception("outbound connection failed")
+            self._close()
+            answered = False
+        if answered and (self.queue or self.eof):
+            self._pump()
+        else:
+            # Nothing more to answer now (what _pump ends with).
+            self.busy = False
+            self.last = time.monotonic()
+
+    def _answered(self, item: Request, resp: bytes) -> bool:
+        """Write a response; False when the connection is done with."""
+        if self.closed:
+            return False
+        if self.transport is not None:
+            self.transport.write(resp)
+        if not item.keep_alive or self.server.draining:
+            self._close()
+            return False
+        if self.paused and len(self.queue) < 8 and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return True
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        self.stopped = True
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def sweep(self, now: float) -> None:
+        """Called periodically: enforce the header deadline and the idle timeout."""
+        if self.closed or self.busy:
+            return
+        if self.in_headers and now - self.started > self.server.header_timeout:
+            self._fail(408, "request_timeout", "request headers not received in time")
+        elif self.in_message:
+            if now - self.last > self.server.header_timeout:
+                # A body that stalls half-way is the same attack as slow headers.
+                self._fail(408, "request_timeout", "request body not received in time")
+        elif not self.queue and now - self.last > self.server.idle_timeout:
+            # An idle keep-alive connection is closed silently, as a proxy does:
+            # never answer a request that was not received.
+            self._close()
+
+
+class OutboundServer:
+    """The listener plus its connection set (for sweeping and draining)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        metrics: Metrics,
+        source: str,
+        max_body: Callable[[], int],
+        stream_limits: StreamLimits,
+        max_header_bytes: int = 64 * 1024,
+        header_timeout: float = 10.0,
+        idle_timeout: float = 120.0,
+    ) -> None:
+        self.handler = handler
+        #: Requests refused before a handler saw them are counted under ``source``.
+        self.metrics = metrics
+        self.source = source
+        #: A body longer than this (the connection's NATS max_payload less
+        #: header room, so it changes with the connection) streams.
+        self.max_body = max_body
+        self.stream_limits = stream_limits
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.connections: set[OutboundConnection] = set()
+        self.server: asyncio.Server | None = None
+        self.draining = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: OutboundConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+        self._sweeper = loop.create_task(self._sweep())
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        period = max(0.05, min(1.0, self.header_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.sweep(now)
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        # Idle keep-alive connections would otherwise hold the drain open.
+        for conn in list(self.connections):
+            if not conn.busy and not conn.queue:
+                conn._close()
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn._close()

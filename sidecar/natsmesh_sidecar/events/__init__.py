@@ -1,0 +1,1 @@
+"""Events: publishing to JetStream and delivering durable subscriptions to the app."""
