@@ -28,6 +28,16 @@ def svc(name: str, spec: dict[str, Any]) -> NatsService:
     return NatsService.from_body(body)
 
 
+def orders_route(name: str, rules: list[dict[str, Any]]) -> NatsRoute:
+    body = {
+        "apiVersion": "natsmesh.io/v1alpha1",
+        "kind": "NatsRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"service": "orders", "rules": rules},
+    }
+    return NatsRoute.from_body(body)
+
+
 def test_shop_resources_plan_like_the_shop_intents() -> None:
     resources = [
         svc("gateway", {"allowSameNamespace": False}),
@@ -76,36 +86,29 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
     (sub,) = intents[2].subscriptions
     assert (sub.max_deliver, sub.ack_wait_ms, sub.backoff_ms) == (3, 10_000, (1000, 5000))
 
-    route = NatsRoute.from_body(
-        {
-            "apiVersion": "natsmesh.io/v1alpha1",
-            "kind": "NatsRoute",
-            "metadata": {"name": "orders-canary", "namespace": "shop"},
-            "spec": {
-                "service": "orders",
-                "rules": [
-                    {
-                        "name": "canary",
-                        "destinations": [
-                            {"version": "v1", "weight": 80},
-                            {"version": "v2", "weight": 20},
-                        ],
-                        "timeout": "3s",
-                        "retries": {"attempts": 1, "perTryTimeout": "1s", "retryOnCodes": [503]},
-                        "fault": {"abort": {"httpStatus": 503, "percent": 5}},
-                        "circuitBreaker": {"consecutiveFailures": 4, "openDuration": "30s"},
-                        "maxBodyBytes": 1048576,
-                        "stream": {"idleTimeout": "1m30s", "window": 32},
-                    },
-                    {
-                        "name": "plain",
-                        "match": {"pathPrefix": "/plain"},
-                        "destinations": [{"version": "v1"}],
-                        "stream": {},
-                    },
+    route = orders_route(
+        "orders-canary",
+        [
+            {
+                "name": "canary",
+                "destinations": [
+                    {"version": "v1", "weight": 80},
+                    {"version": "v2", "weight": 20},
                 ],
+                "timeout": "3s",
+                "retries": {"attempts": 1, "perTryTimeout": "1s", "retryOnCodes": [503]},
+                "fault": {"abort": {"httpStatus": 503, "percent": 5}},
+                "circuitBreaker": {"consecutiveFailures": 4, "openDuration": "30s"},
+                "maxBodyBytes": 1048576,
+                "stream": {"idleTimeout": "1m30s", "window": 32},
             },
-        }
+            {
+                "name": "plain",
+                "match": {"pathPrefix": "/plain"},
+                "destinations": [{"version": "v1"}],
+                "stream": {},
+            },
+        ],
     )
     p = plan(intents, [route_intent(route)])
     assert p.problems == ()
@@ -139,21 +142,14 @@ def test_a_rule_without_stream_limits_compiles_to_the_old_keys() -> None:
     fields are written only for the rules that set them."""
     intents = [svc("orders", {}), svc("gateway", {})]
     v1 = {"destinations": [{"version": "v1"}]}
-    route = NatsRoute.from_body(
-        {
-            "apiVersion": "natsmesh.io/v1alpha1",
-            "kind": "NatsRoute",
-            "metadata": {"name": "orders", "namespace": "shop"},
-            "spec": {
-                "service": "orders",
-                "rules": [
-                    {"name": "big", "match": {"pathPrefix": "/b"}, "maxBodyBytes": 10, **v1},
-                    {"name": "sse", "match": {"pathPrefix": "/s"}, "stream": {"window": 2}, **v1},
-                    {"name": "empty", "match": {"pathPrefix": "/e"}, "stream": {}, **v1},
-                    {"name": "bare", **v1},
-                ],
-            },
-        }
+    route = orders_route(
+        "orders",
+        [
+            {"name": "big", "match": {"pathPrefix": "/b"}, "maxBodyBytes": 10, **v1},
+            {"name": "sse", "match": {"pathPrefix": "/s"}, "stream": {"window": 2}, **v1},
+            {"name": "empty", "match": {"pathPrefix": "/e"}, "stream": {}, **v1},
+            {"name": "bare", **v1},
+        ],
     )
     p = plan([service_intent(r) for r in intents], [route_intent(route)])
     assert p.problems == ()
