@@ -19,6 +19,14 @@ Roles:
 * ``payments``: ``POST /charge`` answers 200.
 * ``inventory``: only events.
 
+Streams (bodies past one NATS message, Server-Sent Events, WebSocket): the
+gateway relays ``POST /upload``, ``GET /order-status`` and ``GET /ws`` byte
+for byte to orders through its sidecar, where ``POST /uploads`` hashes a body
+of up to 64 MiB as it arrives and answers ``{sha256, bytes, version}``,
+``GET /order-status?id=&n=&every=`` streams an order's statuses as events
+(``n`` of them, ``every`` seconds apart) and ``GET /ws`` echoes WebSocket
+messages (text, binary, ping, close).
+
 Every role answers ``GET /healthz``, ``GET /version``, records the events the
 sidecar delivers (``POST /events/...``) and lists them at ``GET /events``.
 ``FAIL_FIRST=N`` makes the first N deliveries answer 500, to show redelivery;
@@ -29,7 +37,9 @@ answered 200 and not processed again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -37,19 +47,29 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 log = logging.getLogger("shop")
 
 ROLES = ("gateway", "orders", "payments", "inventory")
 MAX_BODY = 1024 * 1024
+#: What ``POST /uploads`` reads (hashing it as it comes, never holding it).
+MAX_UPLOAD = 64 * 1024 * 1024
+#: WebSocket messages echoed; larger ones close the socket (1009).
+MAX_MESSAGE = 16 * 1024 * 1024
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+ORDER_STATUSES = ("placed", "paid", "packed", "shipped", "delivered")
+#: Gateway paths relayed to orders as they are (a stream, not one JSON body).
+RELAYED = {"/upload": "/uploads", "/order-status": "/order-status", "/ws": "/ws"}
 #: Bound on everything the app waits for (a call through the mesh, a read).
 IO_TIMEOUT = 10.0
 REASONS = {
     200: "OK",
     201: "Created",
     202: "Accepted",
+    101: "Switching Protocols",
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -186,6 +206,179 @@ class MeshClient:
 
 
 # --------------------------------------------------------------------------
+# Streams: a relay, a hashed upload, Server-Sent Events, a WebSocket echo
+# --------------------------------------------------------------------------
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then half-close ``writer``."""
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(64 * 1024):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
+async def relay(proxy: MeshClient, start: str, headers: Headers, client: Stream) -> None:
+    """Send a request to orders through the sidecar and its answer back, byte for byte.
+
+    The body (an upload) streams as the client sends it and the answer (a
+    download, events, a WebSocket after its 101) as orders writes it: the
+    sidecars carry it over NATS in chunks. Ends when the sidecar closes.
+    """
+    up_reader, up_writer = await asyncio.wait_for(
+        asyncio.open_connection(proxy.host, proxy.port), IO_TIMEOUT
+    )
+    hdrs = {**headers, "host": "orders"}
+    if "upgrade" not in hdrs.get("connection", "").lower():
+        hdrs["connection"] = "close"
+    lines = [start, *(f"{k}: {v}" for k, v in hdrs.items())]
+    up_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    upload = asyncio.create_task(_pump(client[0], up_writer))
+    try:
+        await _pump(up_reader, client[1])
+    finally:
+        upload.cancel()
+        up_writer.close()
+
+
+async def _read_chunks(
+    reader: asyncio.StreamReader, headers: Headers, limit: int
+) -> AsyncIterator[bytes]:
+    """The body's pieces as they arrive (Content-Length or chunked), at most ``limit`` bytes."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        total = 0
+        while size := int((await reader.readline()).split(b";")[0].strip() or b"0", 16):
+            total += size
+            if total > limit:
+                raise HttpError("body too large")
+            yield await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")
+        return
+    left = int(headers.get("content-length", "0") or "0")
+    if left > limit:
+        raise HttpError("body too large")
+    while left:
+        data = await reader.read(min(left, 256 * 1024))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", left)
+        left -= len(data)
+        yield data
+
+
+def _answer(writer: asyncio.StreamWriter, reply: Reply) -> None:
+    status, rh, data = reply
+    rh["connection"] = "close"
+    writer.write(_render(f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", rh, data))
+
+
+async def hashed_upload(version: str, headers: Headers, client: Stream) -> None:
+    """``POST /uploads``: the body's sha256 and length, read as it arrives."""
+    reader, writer = client
+    digest, size = hashlib.sha256(), 0
+    try:
+        async with asyncio.timeout(60):
+            async for piece in _read_chunks(reader, headers, MAX_UPLOAD):
+                digest.update(piece)
+                size += len(piece)
+    except HttpError:
+        _answer(writer, _json(413, {"error": f"uploads are at most {MAX_UPLOAD} bytes"}))
+        return
+    log.info("upload of %d bytes", size)
+    answer = {"sha256": digest.hexdigest(), "bytes": size, "version": version}
+    _answer(writer, _json(200, answer, {"x-shop-version": version}))
+
+
+async def order_status(version: str, query: dict[str, str], writer: asyncio.StreamWriter) -> None:
+    """``GET /order-status``: Server-Sent Events, one per status, ``every`` seconds apart."""
+    order = query.get("id", "")
+    count = max(1, min(int(query.get("n", "5") or "5"), 100))
+    every = max(0.0, min(float(query.get("every", "0.2") or "0.2"), 10.0))
+    writer.write(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+        b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    for i in range(count):
+        status = ORDER_STATUSES[min(i, len(ORDER_STATUSES) - 1)]
+        data = _dumps({"order": order, "status": status, "seq": i, "version": version})
+        event = b"id: %d\nevent: status\ndata: %s\n\n" % (i, data)
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        if i < count - 1:
+            await asyncio.sleep(every)
+    writer.write(b"0\r\n\r\n")
+
+
+async def _ws_frame(reader: asyncio.StreamReader) -> tuple[bool, int, bytes]:
+    """One frame from a client (masked): (fin, opcode, payload)."""
+    b0, b1 = await reader.readexactly(2)
+    size = b1 & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    if size > MAX_MESSAGE:
+        raise HttpError("message too large")
+    mask = await reader.readexactly(4) if b1 & 0x80 else b""
+    payload = await reader.readexactly(size)
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bool(b0 & 0x80), b0 & 0x0F, payload
+
+
+def _ws_send(writer: asyncio.StreamWriter, opcode: int, payload: bytes) -> None:
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, size))
+    elif size < 1 << 16:
+        head = bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+    writer.write(head + payload)
+
+
+async def websocket_echo(headers: Headers, client: Stream) -> None:
+    """``GET /ws``: every text and binary message back, pings answered, close returned."""
+    reader, writer = client
+    key = headers.get("sec-websocket-key", "")
+    if headers.get("upgrade", "").lower() != "websocket" or not key:
+        _answer(writer, _json(400, {"error": "a WebSocket upgrade is expected"}))
+        return
+    digest = hashlib.sha1((key + WS_GUID).encode(), usedforsecurity=False).digest()
+    accept = base64.b64encode(digest)
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-accept: %s\r\n\r\n" % accept
+    )
+    parts: list[bytes] = []
+    kind = 0
+    try:
+        while True:
+            fin, opcode, payload = await _ws_frame(reader)
+            if opcode == 0x8:  # close: the same code back, then the TCP close
+                _ws_send(writer, 0x8, payload[:2])
+                await writer.drain()
+                return
+            if opcode == 0x9:
+                _ws_send(writer, 0xA, payload)
+            elif opcode in (0x0, 0x1, 0x2):
+                kind = opcode or kind
+                parts.append(payload)
+                if sum(map(len, parts)) > MAX_MESSAGE:
+                    raise HttpError("message too large")
+                if fin:
+                    _ws_send(writer, kind, b"".join(parts))
+                    parts.clear()
+            await writer.drain()
+    except HttpError:
+        _ws_send(writer, 0x8, (1009).to_bytes(2, "big"))
+
+
+# --------------------------------------------------------------------------
 # The shop
 # --------------------------------------------------------------------------
 
@@ -221,6 +414,24 @@ class Shop:
             return _json(404, {"error": f"{self.role} has no {method} {path}"})
         result: Reply = await route(headers, _loads(body))
         return result
+
+    async def stream(self, start: str, headers: Headers, client: Stream) -> bool:
+        """Serve a streaming request (its body not yet read); False if it is not one."""
+        method, target, *_ = [*start.split(" "), "", ""]
+        url = urlsplit(target)
+        if self.role == "gateway" and url.path in RELAYED:
+            path = RELAYED[url.path] + (f"?{url.query}" if url.query else "")
+            await relay(self.mesh, f"{method} {path} HTTP/1.1", headers, client)
+        elif self.role == "orders" and (method, url.path) == ("POST", "/uploads"):
+            await hashed_upload(self.version, headers, client)
+        elif self.role == "orders" and (method, url.path) == ("GET", "/order-status"):
+            await order_status(self.version, dict(parse_qsl(url.query)), client[1])
+        elif self.role == "orders" and (method, url.path) == ("GET", "/ws"):
+            await websocket_echo(headers, client)
+        else:
+            return False
+        self.requests += 1
+        return True
 
     def _me(self) -> dict[str, str]:
         return {"service": self.role, "version": self.version}
@@ -312,6 +523,9 @@ async def serve_connection(
             if head is None:
                 return
             start, headers = head
+            if await shop.stream(start, headers, (reader, writer)):
+                await writer.drain()
+                return  # a stream ends its connection
             method, target, *_ = [*start.split(" "), "", ""]
             body = await asyncio.wait_for(_read_body(reader, headers), IO_TIMEOUT)
             try:

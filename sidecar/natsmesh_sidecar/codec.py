@@ -46,6 +46,14 @@ H_STREAM_METHOD = "Nm-Stream-Method"
 #: On a streamed request's head: an HTTP Upgrade to tunnel (its value the
 #: protocol, only ``websocket``; natsmesh_sidecar.transport.stream.tunnel).
 H_UPGRADE = "Nm-Upgrade"
+#: On a request head, when the caller's route rule sets them (NatsRoute
+#: ``stream``): the window the callee grants a streamed request body and
+#: the idle timeout of the call's stream, which both ends must share
+#: (natsmesh_sidecar.transport.stream.protocol.limits_of).
+H_STREAM_WINDOW = "Nm-Window"
+H_STREAM_IDLE = "Nm-Idle-Ms"
+_STREAM_WINDOW_B = H_STREAM_WINDOW.encode()
+_STREAM_IDLE_B = H_STREAM_IDLE.encode()
 DUP_PREFIX = "Nm-Dup-"
 ESC_PREFIX = "Nm-Esc-"
 MESH_PREFIX_LOWER = "nm-"
@@ -532,3 +540,14 @@ def _request(
     if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         return b"%s%s%scontent-length: %d\r\n\r\n%s" % (line, block, host_line, len(body), body)
     return b"%s%s%s\r\n" % (line, block, host_line)
+
+
+def stream_lines(window: int, idle_timeout_ms: int) -> bytes:
+    """The head's lines asking the callee for a rule's stream window and idle
+    timeout (``H_STREAM_WINDOW``, ``H_STREAM_IDLE``; 0: not asked)."""
+    out = b""
+    if window:
+        out += b"%s: %d\r\n" % (_STREAM_WINDOW_B, window)
+    if idle_timeout_ms:
+        out += b"%s: %d\r\n" % (_STREAM_IDLE_B, idle_timeout_ms)
+    return out

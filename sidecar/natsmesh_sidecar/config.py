@@ -85,6 +85,13 @@ class CircuitBreaker(_Wire):
     half_open_probes: int = Field(1, ge=1, alias="halfOpenProbes")
 
 
+class StreamPolicy(_Wire):
+    """A rule's streamed-call settings; 0 means the sidecar's own."""
+
+    idle_timeout_ms: int = Field(0, ge=0, alias="idleTimeoutMs")
+    window: int = Field(0, ge=0, le=256)
+
+
 class Rule(_Wire):
     name: str = "default"
     match: Match = Field(default_factory=lambda: Match())
@@ -93,6 +100,12 @@ class Rule(_Wire):
     retries: Retries = Field(default_factory=lambda: Retries())
     fault: Fault | None = None
     circuit_breaker: CircuitBreaker | None = Field(None, alias="circuitBreaker")
+    # Written only when set: a table of rules that don't use them keeps the
+    # shape older sidecars accept (their Rule forbids unknown keys), so a new
+    # operator serves them until they are upgraded too.
+    max_body_bytes: int = Field(0, ge=0, alias="maxBodyBytes", exclude_if=lambda v: not v)
+    """0: no limit of the rule's own."""
+    stream: StreamPolicy | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class Destination(_Wire):

@@ -87,6 +87,12 @@ class CircuitBreaker:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamPolicy:
+    idle_timeout_ms: int = 0
+    window: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     destinations: tuple[WeightedDestination, ...]
     name: str = "default"
@@ -95,6 +101,8 @@ class Rule:
     retries: Retries = field(default_factory=Retries)
     fault: Fault | None = None
     circuit_breaker: CircuitBreaker | None = None
+    max_body_bytes: int = 0
+    stream: StreamPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +422,10 @@ _CB = (
     _F("open_ms", _int(1), None, "openMs"),
     _F("half_open_probes", _int(1), None, "halfOpenProbes"),
 )
+_STREAM = (
+    _F("idle_timeout_ms", _int(0), None, "idleTimeoutMs"),
+    _F("window", _int(0, 256), None),
+)
 _RULE = (
     _F("name", _str, None),
     _F("match", _model(Match, _MATCH), None),
@@ -422,6 +434,8 @@ _RULE = (
     _F("retries", _model(Retries, _RETRIES), None),
     _F("fault", _opt(_model(Fault, _FAULT)), None),
     _F("circuit_breaker", _opt(_model(CircuitBreaker, _CB)), None, "circuitBreaker"),
+    _F("max_body_bytes", _int(0), None, "maxBodyBytes"),
+    _F("stream", _opt(_model(StreamPolicy, _STREAM)), None),
 )
 _DEST = (
     _F("namespace", _str),

@@ -9,8 +9,10 @@ flavour (test_e2e_shop.py) points them at emulated pods, the kind flavour
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.client as httpc
 import json
+import random
 import threading
 import time
 import uuid
@@ -45,6 +47,10 @@ RELEASE_CLUSTER_KINDS = (
     "mutatingwebhookconfigurations,validatingwebhookconfigurations"
 )
 CANARY_CONCURRENCY = 32
+#: An upload several NATS messages (1 MiB) long: it streams through the mesh.
+UPLOAD_BYTES = 6 * 1024 * 1024
+#: The order-status feed's events and their spacing (orders' GET /order-status).
+FEED_EVENTS, FEED_EVERY = 5, 0.2
 
 Response = tuple[int, dict[str, str], Any]
 
@@ -346,3 +352,69 @@ def check_chaos(shop: ShopEndpoints, batch: int = 16, batches: int = 8) -> colle
     assert set(statuses) <= {200, 503}, statuses
     assert statuses[503] >= 1, statuses
     return statuses
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    hostport = url.partition("://")[2].partition("/")[0]
+    host, _, port = hostport.partition(":")
+    return host, int(port or 80)
+
+
+def check_upload(shop: ShopEndpoints) -> None:
+    """A file upload through the shop: the gateway relays a 6 MiB body to orders
+    through the mesh (it streams: past one NATS message), orders hashes it."""
+    body = random.Random(15).randbytes(UPLOAD_BYTES)
+    conn = httpc.HTTPConnection(*_host_port(shop.gateway), timeout=30)
+    try:
+        conn.request("POST", "/upload", body=body, headers={"content-type": "image/png"})
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 200, answer
+    assert answer["sha256"] == hashlib.sha256(body).hexdigest(), answer
+    assert answer["bytes"] == UPLOAD_BYTES
+    assert answer["version"] in ("v1", "v2")
+
+
+def check_order_status_feed(shop: ShopEndpoints) -> None:
+    """Server-Sent Events through the shop: each status reaches the client when
+    orders writes it, not when the feed ends."""
+    conn = httpc.HTTPConnection(*_host_port(shop.gateway), timeout=10)
+    t0 = time.monotonic()
+    try:
+        conn.request("GET", f"/order-status?id=o-1&n={FEED_EVENTS}&every={FEED_EVERY}")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("content-type") == "text/event-stream"
+        events: list[tuple[float, dict[str, Any]]] = []
+        while line := resp.readline():
+            if line.startswith(b"data: "):
+                events.append((time.monotonic() - t0, json.loads(line[6:])))
+    finally:
+        conn.close()
+    statuses = [e["status"] for _, e in events]
+    assert statuses == ["placed", "paid", "packed", "shipped", "delivered"], events
+    assert {e["order"] for _, e in events} == {"o-1"}
+    # The first event well before the last was written (0.8 s later): streamed,
+    # not buffered whole (bounds wide enough for a loaded box).
+    first, last = events[0][0], events[-1][0]
+    assert last - first > (FEED_EVENTS - 1) * FEED_EVERY * 0.6, events
+
+
+def check_websocket_echo(shop: ShopEndpoints) -> None:
+    """A WebSocket through the shop: the gateway relays the upgrade to orders,
+    the sidecars tunnel it; text, binary, ping and the close handshake."""
+    from websockets.sync.client import connect
+
+    host, port = _host_port(shop.gateway)
+    blob = random.Random(16).randbytes(300 * 1024)  # more than two 128 KiB chunks
+    with connect(f"ws://{host}:{port}/ws", open_timeout=10, compression=None) as ws:
+        for i in range(20):
+            ws.send(f"order {i}")
+        assert [ws.recv(timeout=10) for _ in range(20)] == [f"order {i}" for i in range(20)]
+        ws.send(blob)
+        assert ws.recv(timeout=10) == blob
+        assert ws.ping(b"are you there").wait(10)
+        ws.close(code=4000, reason="done")
+    assert ws.close_code == 4000

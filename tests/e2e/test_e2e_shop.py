@@ -161,6 +161,18 @@ def test_metrics_count_requests(shop: LocalShop) -> None:
     scenarios.check_metrics(shop)
 
 
+def test_file_upload_streams_through_the_shop(shop: LocalShop) -> None:
+    scenarios.check_upload(shop)
+
+
+def test_order_status_feed_arrives_event_by_event(shop: LocalShop) -> None:
+    scenarios.check_order_status_feed(shop)
+
+
+def test_websocket_echo_through_the_shop(shop: LocalShop) -> None:
+    scenarios.check_websocket_echo(shop)
+
+
 def test_dashboard_and_alert_queries_return_data(
     release: LocalRelease, shop: LocalShop, tmp_path: Path
 ) -> None:

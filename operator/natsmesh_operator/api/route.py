@@ -45,6 +45,12 @@ RetryCondition = Literal["noResponders", "timeout", "5xx"]
 HEADER_NAME_PATTERN = r"^[a-z0-9][-a-z0-9_.]*$"
 _HEADER_NAME_RE = re.compile(HEADER_NAME_PATTERN)
 DEFAULT_TIMEOUT = "15s"
+#: Bounds of a rule's ``stream`` settings; the callee's sidecar clamps what a
+#: stream's head asks for to the same (natsmesh_sidecar.transport.stream.protocol).
+MAX_STREAM_WINDOW = 64
+STREAM_IDLE_RANGE = DurationRange("1s", "1h")
+#: 1 TiB: a bound for the schema, not a size anyone should send through a mesh.
+MAX_BODY_BYTES = 1 << 40
 
 _HEADER_NAMES = "header names must be lower-case, e.g. x-canary"
 _WEIGHTS = "destination weights must sum to 100"
@@ -213,6 +219,26 @@ class CircuitBreaker(ApiModel):
     opens it again."""
 
 
+class StreamSettings(ApiModel):
+    """How a streamed call of this rule behaves: a body past one NATS message
+    (about 1 MiB), a response the app writes over time (Server-Sent Events),
+    or a WebSocket. Unset fields take the sidecar's settings."""
+
+    idle_timeout: Annotated[Duration, STREAM_IDLE_RANGE] | None = None
+    """Once a call streams, the route's `timeout` no longer applies: the stream is
+    cut when the other sidecar was silent this long (both beat every quarter of
+    it, so a quiet SSE feed or WebSocket lives on), and a request body that
+    stops arriving is cut after this long without a chunk (the caller gets 502).
+    Unset: `NATSMESH_STREAM_IDLE_TIMEOUT_SECONDS` (60s). Sent to the callee's
+    sidecar with the call, so both ends keep the same clock."""
+    window: Annotated[int, Field(ge=1, le=MAX_STREAM_WINDOW)] | None = None
+    """Chunks (128 KiB each) in flight per direction before the receiving
+    sidecar grants more: the caller's grants it for the response (and a
+    WebSocket's app-to-client bytes), the callee's for the request body (and
+    client-to-app bytes). Larger is faster over a slow link and holds more
+    memory per stream. Unset: `NATSMESH_STREAM_WINDOW` (8)."""
+
+
 class Rule(ApiModel):
     """One routing rule: requests it matches and how they are sent."""
 
@@ -258,6 +284,14 @@ class Rule(ApiModel):
     """Fault injection; unset means none."""
     circuit_breaker: CircuitBreaker | None = None
     """Circuit breaking; unset means none."""
+    max_body_bytes: Annotated[int, Field(ge=1, le=MAX_BODY_BYTES)] | None = None
+    """Largest request body the caller's sidecar sends, in bytes. A larger
+    Content-Length is answered 413 before anything is sent; a chunked body
+    that outgrows it is cut on its way (the callee's app sees its request
+    aborted) and answered 413. Unset: no limit of the rule's own (a body past
+    one NATS message streams, whatever its size). Not applied to WebSockets."""
+    stream: StreamSettings | None = None
+    """Idle timeout and window of the rule's streamed calls; unset, the sidecar's."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

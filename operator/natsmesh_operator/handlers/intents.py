@@ -93,6 +93,15 @@ def _breaker(cb: api_route.CircuitBreaker | None) -> wire.CircuitBreaker | None:
     )
 
 
+def _stream(s: api_route.StreamSettings | None) -> wire.StreamPolicy | None:
+    if s is None or (s.idle_timeout is None and s.window is None):
+        return None
+    return wire.StreamPolicy(
+        idle_timeout_ms=parse_duration_ms(s.idle_timeout) if s.idle_timeout else 0,
+        window=s.window or 0,
+    )
+
+
 def route_intent(route: NatsRoute) -> RouteIntent:
     rules = tuple(
         RouteRule(
@@ -107,6 +116,8 @@ def route_intent(route: NatsRoute) -> RouteIntent:
             retries=_retries(rule.retries),
             fault=_fault(rule.fault),
             circuit_breaker=_breaker(rule.circuit_breaker),
+            max_body_bytes=rule.max_body_bytes or 0,
+            stream=_stream(rule.stream),
         )
         for i, rule in enumerate(route.spec.rules)
     )

@@ -8,7 +8,8 @@ sidecar runs.
 
 Input is :class:`RouteIntent`, the wiring's own Kubernetes-free type; the
 handler converts a NatsRoute resource to it. Traffic-policy parts that already
-have a wire type (``Retries``, ``Fault``, ``CircuitBreaker``, ``Match``) are
+have a wire type (``Retries``, ``Fault``, ``CircuitBreaker``, ``Match``,
+``StreamPolicy``) are
 used as they are, so the compiler only resolves versions and checks weights.
 """
 
@@ -26,6 +27,7 @@ from natsmesh_sidecar.config import (
     Match,
     Retries,
     Rule,
+    StreamPolicy,
     WeightedDestination,
 )
 
@@ -49,6 +51,8 @@ class RouteRule:
     retries: Retries = field(default_factory=lambda: Retries())
     fault: Fault | None = None
     circuit_breaker: CircuitBreaker | None = None
+    max_body_bytes: int = 0
+    stream: StreamPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,8 @@ def compile_rules(
                 retries=r.retries,
                 fault=r.fault,
                 circuit_breaker=r.circuit_breaker,
+                max_body_bytes=r.max_body_bytes,
+                stream=r.stream,
             )
         )
     if dropped:

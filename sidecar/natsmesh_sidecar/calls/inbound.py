@@ -221,14 +221,15 @@ class InboundHandler:
     ) -> None:
         """A request whose body streams (natsmesh_sidecar.transport.stream.callee), or a
         WebSocket upgrade (natsmesh_sidecar.transport.stream.tunnel): done at its answer's head."""
-        from natsmesh_sidecar.transport.stream import callee
+        from natsmesh_sidecar.transport.stream import callee, protocol
 
         status, error = 500, "internal"
         extra = () if codec.REQUEST_ID in hdrs else ((codec.REQUEST_ID, rid),)
         # What the upload may hold (a window of chunks in flight to the app,
         # one more in its socket's buffer) counts against the byte budget
-        # like a body in hand, until the response head.
-        limits = self.pool.stream_limits
+        # like a body in hand, until the response head. The window is the
+        # caller's route's, if it sets one.
+        limits = protocol.limits_of(hdrs, self.pool.stream_limits)
         serve, reserve = callee.serve_upload, (limits.window + 1) * limits.chunk_bytes
         if codec.H_UPGRADE in hdrs:
             from natsmesh_sidecar.transport.stream import tunnel
@@ -256,7 +257,7 @@ class InboundHandler:
                 msg,
                 head,
                 fast=fast,
-                limits=self.pool.stream_limits,
+                limits=limits,
                 app_host=self.pool.host,
                 app_port=self.pool.port,
                 may_subscribe=self.may_stream,

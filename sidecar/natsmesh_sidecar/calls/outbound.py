@@ -24,12 +24,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from natsmesh_sidecar import codec
-from natsmesh_sidecar.calls.route import Mesh, Plan, Planner, Result, refusal
+from natsmesh_sidecar.calls.route import Mesh, Plan, Planner, Result, body_limit, refusal
 from natsmesh_sidecar.edge.listener import EVENTS_PREFIX, Done, Request, StreamedRequest
 from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.policy import resilience
 from natsmesh_sidecar.transport.natsfast import Reply
-from natsmesh_sidecar.wire import StreamLimits
+from natsmesh_sidecar.wire import Rule, StreamLimits
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.observe.metrics import Metrics
@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 #: The outcome of a reply that says the response streams (natsmesh_sidecar.transport.stream).
 STREAMED = "streamed"
+#: A streamed request body outgrew its rule's ``max_body_bytes``
+#: (natsmesh_sidecar.transport.stream.caller.CallerStream.feed).
+BODY_LIMIT = "body_limit"
 #: Outcomes of an upload whose stream broke before any response.
 _STREAM_BROKE = frozenset({"aborted", "bad_stream", "cut", "bad_subject"})
 #: An event's publish (natsmesh_sidecar.events.publisher): (status, headers, body).
@@ -309,6 +312,9 @@ class OutboundHandler:
         if not protocol.same_namespace(plan.subject):
             status, code, message = req.stream.CROSS_NAMESPACE
             return refusal(status, code, message, rid, plan.dest_key, rule.name)
+        if req.stream.limit_body(rule.max_body_bytes):
+            return body_limit(rule, rid, plan.dest_key)
+        req.stream.limits = self._limits(rule)
         fast = mesh.fast
         reply: Reply | None = None
         streamed: CallerStream | None = None
@@ -329,6 +335,9 @@ class OutboundHandler:
             else:
                 outcome, streamed = STREAMED, answer
                 answer.destination, answer.route = plan.dest_key, rule.name
+        if outcome == BODY_LIMIT:
+            # A chunked body outgrew the rule's limit on its way: the callee was told.
+            return body_limit(rule, rid, plan.dest_key, 1)
         if outcome in _STREAM_BROKE:
             # The stream broke before a response (an abort, a protocol error).
             if plan.breaker is not None:
@@ -359,7 +368,7 @@ class OutboundHandler:
             if fast is None:
                 raise StreamError("NATS connection lost")
             stream = CallerStream.from_head(
-                fast, self.stream_limits, plan.subject, reply, keep_alive=req.keep_alive
+                fast, self._limits(plan.rule), plan.subject, reply, keep_alive=req.keep_alive
             )
         except StreamError as exc:
             return refusal(
@@ -373,6 +382,17 @@ class OutboundHandler:
             )
         stream.destination, stream.route = plan.dest_key, plan.rule.name
         return stream
+
+    def _limits(self, rule: Rule) -> StreamLimits:
+        """The stream limits of a call by ``rule``: its ``stream`` settings, else the sidecar's."""
+        base, policy = self.stream_limits, rule.stream
+        if policy is None:
+            return base
+        return StreamLimits(
+            chunk_bytes=base.chunk_bytes,
+            window=policy.window or base.window,
+            idle_timeout_s=policy.idle_timeout_ms / 1000.0 or base.idle_timeout_s,
+        )
 
     # -- settling an attempt -------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 :meth:`Planner.plan` resolves the request's host in the route table (or, for
 a service of our own namespace, in its target policy), selects the rule,
 picks the weighted destination, checks the sidecar's own publish permission,
-the body size and the rule's circuit breaker, and draws the rule's faults.
+the body size (NATS's limit and the rule's ``maxBodyBytes``) and the rule's
+circuit breaker, and draws the rule's faults.
 What comes out is a :class:`Plan` to send, a refusal to answer with (a
 :data:`Result`), or the name of a target whose policy must be fetched first.
 Nothing here awaits: the handler (natsmesh_sidecar.calls.outbound) calls it
@@ -81,6 +82,13 @@ def refusal(
     if extra:
         headers.extend(extra)
     return status, headers, codec.error_body(code, message, rid), dest_key, route, attempts, code
+
+
+def body_limit(rule: Rule, rid: str, dest_key: str, attempts: int = 0) -> Result:
+    """413 for a request body past its rule's ``max_body_bytes``."""
+    limit, name = rule.max_body_bytes, rule.name
+    message = f"request body exceeds {limit} bytes, the maxBodyBytes of route {name}"
+    return refusal(413, "payload_too_large", message, rid, dest_key, name, attempts)
 
 
 class Plan:
@@ -171,6 +179,8 @@ class Planner:
         if len(req.body) > self.mesh.max_body():
             message = "request body exceeds the NATS max_payload"
             return refusal(413, "payload_too_large", message, rid, dest_key, rule.name)
+        if rule.max_body_bytes and len(req.body) > rule.max_body_bytes:
+            return body_limit(rule, rid, dest_key)
         breaker = None
         if rule.circuit_breaker is not None:
             checked = self._breaker(rid, dest_key, rule, rule.circuit_breaker, subject)
@@ -181,6 +191,10 @@ class Planner:
         if rule.fault is not None:
             delay, abort = resilience.fault_decision(rule.fault, self._rand(), self._rand())
         head = request_head(req, rid, self.source, self.tracer)
+        stream = rule.stream
+        if stream is not None:
+            # The callee's end of a stream takes these (its response may stream too).
+            head += codec.stream_lines(stream.window, stream.idle_timeout_ms)
         return Plan(dest_key, rule, subject, breaker, delay, abort, head)
 
     def _unresolved(

@@ -173,15 +173,21 @@ async def start_sidecar(
     *,
     app_port: int = 0,
     rule: dict[str, Any] | None = None,
+    rules: list[dict[str, Any]] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> SidecarProc:
     """``python -m natsmesh_sidecar`` for ``service`` of namespace shop; ready when it returns.
 
-    Without an app it is a caller of orders (with ``rule``'s settings)."""
+    Without an app it is a caller of orders (with ``rule``'s settings, or
+    ``rules``, in order)."""
     if app_port:
         t = table("shop", service)
     else:
-        t = table("shop", service, destinations=[destination("shop", "orders", **(rule or {}))])
+        orders = destination("shop", "orders", **(rule or {}))
+        if rules is not None:
+            each = tuple(destination("shop", "orders", **r).rules[0] for r in rules)
+            orders = orders.model_copy(update={"rules": each})
+        t = table("shop", service, destinations=[orders])
     table_file = workdir / f"{service}.json"
     table_file.write_bytes(t.to_json())
     listen_port, admin_port = free_port(), free_port()
@@ -269,13 +275,18 @@ class Mesh:
 
 @contextlib.asynccontextmanager
 async def running_mesh(
-    nats_url: str, workdir: Path, *, rule: dict[str, Any] | None = None, **env: str
+    nats_url: str,
+    workdir: Path,
+    *,
+    rule: dict[str, Any] | None = None,
+    rules: list[dict[str, Any]] | None = None,
+    **env: str,
 ) -> AsyncIterator[Mesh]:
     state = AppState()
     runner, app_port = await start_app(state)
     started = await asyncio.gather(
         start_sidecar("orders", nats_url, workdir, app_port=app_port, env=env),
-        start_sidecar("web", nats_url, workdir, rule=rule, env=env),
+        start_sidecar("web", nats_url, workdir, rule=rule, rules=rules, env=env),
         return_exceptions=True,
     )
     sides = [s for s in started if isinstance(s, SidecarProc)]

@@ -358,6 +358,42 @@ CASES: tuple[Case, ...] = (
         f"{_RULE}.circuitBreaker.consecutiveFailures",
         "greater than or equal to 1",
     ),
+    _route(
+        "max-body-zero",
+        {"spec.rules.0.maxBodyBytes": 0},
+        f"{_RULE}.maxBodyBytes",
+        "greater than or equal to 1",
+    ),
+    _route(
+        "max-body-not-a-number",
+        {"spec.rules.0.maxBodyBytes": "16Mi"},
+        f"{_RULE}.maxBodyBytes",
+        'must be of type integer: "string"',
+    ),
+    _route(
+        "stream-window-zero",
+        {"spec.rules.0.stream": {"window": 0}},
+        f"{_RULE}.stream.window",
+        "greater than or equal to 1",
+    ),
+    _route(
+        "stream-window-too-large",
+        {"spec.rules.0.stream": {"window": 65}},
+        f"{_RULE}.stream.window",
+        "less than or equal to 64",
+    ),
+    _route(
+        "stream-idle-too-short",
+        {"spec.rules.0.stream": {"idleTimeout": "500ms"}},
+        f"{_RULE}.stream.idleTimeout",
+        "must be between 1s and 1h",
+    ),
+    _route(
+        "stream-idle-not-duration",
+        {"spec.rules.0.stream": {"idleTimeout": 60}},
+        f"{_RULE}.stream.idleTimeout",
+        'must be of type string: "integer"',
+    ),
     _route("no-rules", {"spec.rules": []}, "spec.rules", "should have at least 1 items"),
     _route(
         "too-many-rules",

@@ -92,6 +92,8 @@ def handmade_tables() -> list[config.MeshTable]:
             RouteRule(
                 name="split",
                 destinations=(RouteDestination("v1", 70), RouteDestination("v2", 30)),
+                max_body_bytes=5 << 20,
+                stream=config.StreamPolicy(idle_timeout_ms=2500, window=16),
             ),
         ),
     )
@@ -148,6 +150,7 @@ def test_the_examples_cover_the_interesting_fields() -> None:
         b"natsmesh.jsapi.shop",
         b"exactlyOnce",
         b'"headers":{"x-canary"',
+        b'"maxBodyBytes":5242880,"stream":{"idleTimeoutMs":2500,"window":16}',
     ):
         assert needle in raw, needle
 
@@ -200,6 +203,9 @@ LAX: list[dict[str, Any]] = [
     {"destinations": [], "retries": {"retryNonIdempotent": "true"}},
     {"destinations": [], "retries": {"retryNonIdempotent": "No"}},
     {"destinations": [], "retries": {"retryNonIdempotent": 1}},
+    {"destinations": [], "maxBodyBytes": "1024", "stream": {"window": "4"}},
+    {"destinations": [], "stream": {}},
+    {"destinations": [], "stream": None},
 ]
 
 
@@ -238,6 +244,10 @@ BAD: list[tuple[str, Any]] = [
         {"rules": [{"destinations": [], "circuitBreaker": {"consecutiveFailures": 0}}]},
     ),
     ("unknown rule field", {"rules": [{"destinations": [], "weights": 1}]}),
+    ("negative body limit", {"rules": [{"destinations": [], "maxBodyBytes": -1}]}),
+    ("window over 256", {"rules": [{"destinations": [], "stream": {"window": 257}}]}),
+    ("negative idle", {"rules": [{"destinations": [], "stream": {"idleTimeoutMs": -5}}]}),
+    ("unknown stream field", {"rules": [{"destinations": [], "stream": {"chunk": 1}}]}),
     ("no rules", {}),
     ("word as bool", {"rules": [{"destinations": [], "retries": {"retryNonIdempotent": "maybe"}}]}),
     ("two as bool", {"rules": [{"destinations": [], "retries": {"retryNonIdempotent": 2}}]}),

@@ -12,6 +12,7 @@ from natsmesh_sidecar.transport.stream import protocol
 from natsmesh_sidecar.transport.stream.protocol import StreamError
 from natsmesh_sidecar.transport.stream.receiver import Receiver
 from natsmesh_sidecar.transport.stream.sender import Sender
+from natsmesh_sidecar.wire import StreamLimits
 
 pytestmark = pytest.mark.unit
 
@@ -219,3 +220,52 @@ def test_small_pieces_are_sent_at_once_not_held_for_a_full_chunk() -> None:
     w.open()
     w.sender.feed(b"data: 1\n\n")
     assert [p for _, p in w.flight] == [b"data: 1\n\n"]
+
+
+# -- a route rule's stream settings on the head ------------------------------------------
+
+BASE = StreamLimits(chunk_bytes=64 * 1024, window=8, idle_timeout_s=60.0)
+
+
+def test_a_head_without_stream_settings_keeps_the_sidecars_limits() -> None:
+    assert protocol.limits_of({"Nm-Stream": CALL}, BASE) is BASE
+    assert codec.stream_lines(0, 0) == b""
+
+
+def test_the_rules_window_and_idle_timeout_travel_on_the_head() -> None:
+    head = b"NATS/1.0\r\n" + codec.stream_lines(16, 2500) + b"\r\n"
+    limits = protocol.limits_of(parse_headers(head), BASE)
+    assert limits == StreamLimits(chunk_bytes=64 * 1024, window=16, idle_timeout_s=2.5)
+    # One of the two: the other stays the sidecar's.
+    only_idle = parse_headers(b"NATS/1.0\r\n" + codec.stream_lines(0, 1000) + b"\r\n")
+    assert protocol.limits_of(only_idle, BASE) == StreamLimits(64 * 1024, 8, 1.0)
+    only_window = parse_headers(b"NATS/1.0\r\n" + codec.stream_lines(2, 0) + b"\r\n")
+    assert protocol.limits_of(only_window, BASE) == StreamLimits(64 * 1024, 2, 60.0)
+
+
+@pytest.mark.parametrize(
+    ("window", "idle", "expected"),
+    [
+        ("1000", "1", (protocol.MAX_WINDOW, 1.0)),  # clamped to the API's bounds
+        ("0", "99999999999", (1, 3600.0)),
+        ("-3", "abc", (8, 60.0)),  # not numbers: the sidecar's
+        ("", "", (8, 60.0)),
+    ],
+)
+def test_what_a_head_asks_for_is_clamped(
+    window: str, idle: str, expected: tuple[int, float]
+) -> None:
+    limits = protocol.limits_of({protocol.H_WINDOW: window, protocol.H_IDLE: idle}, BASE)
+    assert (limits.window, limits.idle_timeout_s) == expected
+
+
+def test_the_api_and_the_callee_bound_a_rule_alike() -> None:
+    from natsmesh_operator.api import route
+    from natsmesh_operator.api.common import parse_duration_ms
+
+    assert route.MAX_STREAM_WINDOW == protocol.MAX_WINDOW
+    bounds = route.STREAM_IDLE_RANGE
+    assert (
+        parse_duration_ms(bounds.low),
+        parse_duration_ms(bounds.high),
+    ) == protocol.IDLE_MS_BOUNDS

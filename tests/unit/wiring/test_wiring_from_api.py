@@ -5,6 +5,7 @@ A contract test between the api models, the handler's conversion and the wiring.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from natsmesh_operator.api import NatsRoute, NatsService
 from natsmesh_operator.handlers.intents import route_intent, service_intent
 from natsmesh_operator.wiring.plan import plan
+from natsmesh_sidecar import config as wire
 
 pytestmark = pytest.mark.unit
 
@@ -24,6 +26,16 @@ def svc(name: str, spec: dict[str, Any]) -> NatsService:
         "spec": {"selector": {"matchLabels": {"app": name}}, "port": 8080, **spec},
     }
     return NatsService.from_body(body)
+
+
+def orders_route(name: str, rules: list[dict[str, Any]]) -> NatsRoute:
+    body = {
+        "apiVersion": "natsmesh.io/v1alpha1",
+        "kind": "NatsRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"service": "orders", "rules": rules},
+    }
+    return NatsRoute.from_body(body)
 
 
 def test_shop_resources_plan_like_the_shop_intents() -> None:
@@ -74,32 +86,33 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
     (sub,) = intents[2].subscriptions
     assert (sub.max_deliver, sub.ack_wait_ms, sub.backoff_ms) == (3, 10_000, (1000, 5000))
 
-    route = NatsRoute.from_body(
-        {
-            "apiVersion": "natsmesh.io/v1alpha1",
-            "kind": "NatsRoute",
-            "metadata": {"name": "orders-canary", "namespace": "shop"},
-            "spec": {
-                "service": "orders",
-                "rules": [
-                    {
-                        "name": "canary",
-                        "destinations": [
-                            {"version": "v1", "weight": 80},
-                            {"version": "v2", "weight": 20},
-                        ],
-                        "timeout": "3s",
-                        "retries": {"attempts": 1, "perTryTimeout": "1s", "retryOnCodes": [503]},
-                        "fault": {"abort": {"httpStatus": 503, "percent": 5}},
-                        "circuitBreaker": {"consecutiveFailures": 4, "openDuration": "30s"},
-                    }
+    route = orders_route(
+        "orders-canary",
+        [
+            {
+                "name": "canary",
+                "destinations": [
+                    {"version": "v1", "weight": 80},
+                    {"version": "v2", "weight": 20},
                 ],
+                "timeout": "3s",
+                "retries": {"attempts": 1, "perTryTimeout": "1s", "retryOnCodes": [503]},
+                "fault": {"abort": {"httpStatus": 503, "percent": 5}},
+                "circuitBreaker": {"consecutiveFailures": 4, "openDuration": "30s"},
+                "maxBodyBytes": 1048576,
+                "stream": {"idleTimeout": "1m30s", "window": 32},
             },
-        }
+            {
+                "name": "plain",
+                "match": {"pathPrefix": "/plain"},
+                "destinations": [{"version": "v1"}],
+                "stream": {},
+            },
+        ],
     )
     p = plan(intents, [route_intent(route)])
     assert p.problems == ()
-    (rule,) = p.targets[("shop", "orders")].rules
+    rule, plain, *_ = p.targets[("shop", "orders")].rules
     assert [(d.subject, d.weight) for d in rule.destinations] == [
         ("mesh.shop.orders.v1", 80),
         ("mesh.shop.orders.v2", 20),
@@ -112,7 +125,41 @@ def test_shop_resources_plan_like_the_shop_intents() -> None:
     assert rule.fault.abort.status == 503
     assert rule.circuit_breaker
     assert rule.circuit_breaker.open_ms == 30_000
+    assert rule.max_body_bytes == 1 << 20
+    assert rule.stream == wire.StreamPolicy(idle_timeout_ms=90_000, window=32)
+    # Unset (or empty) means the sidecar's settings.
+    assert (plain.max_body_bytes, plain.stream) == (0, None)
     assert {u.resource for u in p.users} == {"gateway", "orders", "orders-v2", "payments"}
+
+
+#: A compiled rule's keys before NatsRoute had maxBodyBytes and stream: what
+#: a sidecar of then accepts (its Rule forbids unknown keys).
+OLD_RULE_KEYS = {"name", "match", "destinations", "timeoutMs", "retries", "fault", "circuitBreaker"}
+
+
+def test_a_rule_without_stream_limits_compiles_to_the_old_keys() -> None:
+    """A new operator keeps serving old sidecars during an upgrade: the new
+    fields are written only for the rules that set them."""
+    intents = [svc("orders", {}), svc("gateway", {})]
+    v1 = {"destinations": [{"version": "v1"}]}
+    route = orders_route(
+        "orders",
+        [
+            {"name": "big", "match": {"pathPrefix": "/b"}, "maxBodyBytes": 10, **v1},
+            {"name": "sse", "match": {"pathPrefix": "/s"}, "stream": {"window": 2}, **v1},
+            {"name": "empty", "match": {"pathPrefix": "/e"}, "stream": {}, **v1},
+            {"name": "bare", **v1},
+        ],
+    )
+    p = plan([service_intent(r) for r in intents], [route_intent(route)])
+    assert p.problems == ()
+    stored = json.loads(p.targets[("shop", "orders")].to_json())
+    keys = {rule["name"]: set(rule) for rule in stored["rules"]}
+    assert keys["big"] == OLD_RULE_KEYS | {"maxBodyBytes"}
+    assert keys["sse"] == OLD_RULE_KEYS | {"stream"}
+    assert keys["empty"] == keys["bare"] == OLD_RULE_KEYS
+    # And the sidecar reads both shapes back to the same rules.
+    assert wire.Target.model_validate_json(json.dumps(stored)) == p.targets[("shop", "orders")]
 
 
 def test_creation_order_reaches_the_plan() -> None:

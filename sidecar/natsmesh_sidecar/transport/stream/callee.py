@@ -292,6 +292,8 @@ async def begin_response(
     grant) gets the body whole if it fits one message, else a 502.
     """
     stream.set_head(status, lines, length)
+    # The caller's route may ask for its own idle timeout: both ends keep one clock.
+    stream.limits = protocol.limits_of(msg.headers, stream.limits)
     if not streamable(msg, may_subscribe) or not stream.bind(fast, msg, protocol.new_call_id()):
         await _whole(stream, fast, msg, status, lines, max_inline)
         return

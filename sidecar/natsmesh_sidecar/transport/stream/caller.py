@@ -69,6 +69,8 @@ class CallerStream(Peer):
         #: The request body still coming from the client (uploads only).
         self.upload: Sender | None = None
         self.upload_length = length
+        #: The route rule's maxBodyBytes (0: none), known once the request is routed.
+        self.max_body = 0
         self.body_complete = True
         self.upload_sent_at = 0.0
         self.answer: asyncio.Future[CallerStream | Reply | str] | None = None
@@ -132,8 +134,38 @@ class CallerStream(Peer):
         return s
 
     def feed(self, data: bytes) -> None:
-        if self.upload is not None and not self.finished:
-            self.upload.feed(data)
+        upload = self.upload
+        if upload is not None and not self.finished:
+            upload.feed(data)
+            if self.max_body and upload.sent_bytes + upload.buffered > self.max_body:
+                self._over_limit()
+
+    def limit_body(self, limit: int) -> bool:
+        """Hold the body to ``limit`` bytes (0: no limit); True, and the stream
+        stopped, if it is over already (its Content-Length or what came)."""
+        upload = self.upload
+        if not limit or upload is None:
+            return False
+        self.max_body = limit
+        over = (self.upload_length or 0) > limit or upload.sent_bytes + upload.buffered > limit
+        if over:
+            self.finished = True
+            self._stop()
+        return over
+
+    def _over_limit(self) -> None:
+        """A body (chunked: no length told) outgrew its limit on its way: the
+        callee is told (its app sees the request cut) and the client gets 413,
+        or a reset if its response had begun."""
+        if self.conn is not None:
+            self.cut("the request body outgrew the route's maxBodyBytes")
+            return
+        logger.info("stream %s: request body over %d bytes, cut", self.call or "-", self.max_body)
+        # Told even before its first credit: the callee may be subscribed already.
+        self._publish(protocol.abort_block("the request body outgrew the route's maxBodyBytes"))
+        self.finished = True
+        self._stop()
+        self._answer("body_limit")
 
     def end_body(self) -> None:
         self.body_complete = True

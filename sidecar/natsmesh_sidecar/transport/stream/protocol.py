@@ -27,11 +27,13 @@ for a complete one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
 
-from natsmesh_sidecar import subjects
+from natsmesh_sidecar import codec, subjects
+from natsmesh_sidecar.wire import StreamLimits
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ H_ABORT = "Nm-Abort"
 H_BEAT = "Nm-Beat"
 #: The body's length when the sender knows it (a Content-Length).
 H_LENGTH = "Nm-Length"
+
+H_WINDOW = codec.H_STREAM_WINDOW
+H_IDLE = codec.H_STREAM_IDLE
+#: What a head may ask for: NatsRoute's bounds of a rule's ``stream``
+#: (natsmesh_operator.api.route.StreamSettings); anything outside is clamped.
+MAX_WINDOW = 64
+IDLE_MS_BOUNDS = (1_000, 3_600_000)
 
 #: What a message on a stream is (:func:`kind`).
 CHUNK, CREDIT, HEAD, FINAL, ABORT, BEAT, NO_RESPONDERS, INVALID = (
@@ -156,6 +165,34 @@ def length_of(headers: Mapping[str, str]) -> int | None:
     if H_LENGTH not in headers:
         return None
     return _number(headers, H_LENGTH)
+
+
+def limits_of(headers: Mapping[str, str], base: StreamLimits) -> StreamLimits:
+    """The limits of the call whose head has ``headers``: what its route rule
+    asked for (``Nm-Window``, ``Nm-Idle-Ms``), clamped to the API's bounds,
+    else ``base`` (this sidecar's settings).
+
+    The idle timeout must be the caller's: each end beats every quarter of
+    its own and gives up after a whole one, so a callee on a longer clock
+    would beat too rarely for a caller on a shorter one.
+    """
+    window, idle = headers.get(H_WINDOW), headers.get(H_IDLE)
+    if window is None and idle is None:
+        return base
+    low, high = IDLE_MS_BOUNDS
+    idle_ms = _clamped(idle, low, high)
+    return dataclasses.replace(
+        base,
+        window=_clamped(window, 1, MAX_WINDOW) or base.window,
+        idle_timeout_s=idle_ms / 1000 if idle_ms else base.idle_timeout_s,
+    )
+
+
+def _clamped(raw: str | None, low: int, high: int) -> int:
+    """``raw`` as a number within ``[low, high]``; 0 when absent or not a number."""
+    if raw is None or not raw.isdigit() or len(raw) > 18:
+        return 0
+    return min(max(int(raw), low), high)
 
 
 def grant(consumed: int, granted: int, window: int) -> int | None:

@@ -358,6 +358,10 @@ class CallerTunnel(_End):
             self._stop()
         return result
 
+    def limit_body(self, limit: int) -> bool:
+        """An upgrade has no body to limit (a route's maxBodyBytes is for requests)."""
+        return False
+
     def _on_inbox(self, msg: Reply | str) -> None:
         if isinstance(msg, str):
             self._settle(UNAVAILABLE)
