@@ -11,7 +11,9 @@ Streams of one call (a body larger than one message, natsmesh_sidecar.transport.
            caller's chunks and credits to the one callee instance that took the
            call; the caller's own request permission covers it (its identity is
            still last), only the callee may subscribe (no queue group), and the
-           ``_`` keeps it apart from every service subject
+           ``_`` keeps it apart from every service subject; across namespaces
+           the callee's account exports it per admitted caller (response type
+           Stream) and the caller's imports it
 Events:    ``events.<namespace>.<service>.<topic>``
 Streams:   ``EVENTS_<service>`` in the namespace's account (one per publisher)
 Route KV:  bucket ``natsmesh-routes`` in the namespace's account, key ``<service>``
@@ -99,7 +101,8 @@ STREAM_MARK = "_"
 
 def stream_serve_subject(namespace: str, service: str, caller_ns: str, caller: str) -> str:
     """What a callee may subscribe to for the streamed calls of ``caller`` (``*``: all
-    of ``caller_ns``): every call id, without a queue group."""
+    of ``caller_ns``): every call id, without a queue group. Across namespaces
+    also what its account exports to the caller's."""
     return f"{REQUEST_PREFIX}.{STREAM_MARK}{namespace}.{service}.*.{caller_ns}.{caller}"
 
 

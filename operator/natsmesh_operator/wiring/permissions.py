@@ -31,12 +31,13 @@ subscribe:
     ``mesh.<ns>.<self>.<version>.<caller-ns>.<caller>`` per other admitted
     caller, each with queue group ``<self>`` only
   * ``mesh._<ns>.<self>.*.<ns>.*`` when it admits its own namespace, and
-    ``mesh._<ns>.<self>.*.<ns>.<caller>`` per other admitted caller of its
-    namespace, without a queue group: the call subjects of streamed bodies
+    ``mesh._<ns>.<self>.*.<caller-ns>.<caller>`` per other admitted caller,
+    without a queue group: the call subjects of streamed bodies
     (natsmesh_sidecar.transport.stream), which the instance that took a call
     subscribes to for that call alone. The callers' side needs nothing new:
     their request permission already ends in their identity, and the
-    callee answers into their inboxes as for any reply
+    callee answers into their inboxes (across namespaces: the ``_R_`` reply
+    of the call subjects' service import, see natsmesh_operator.wiring.plan)
   * ``_INBOX.mesh.<self>.>`` (its own inbox prefix), ``$KV.natsmesh-routes.<self>``
     and ``$KV.natsmesh-routes.to.*``
   * the micro-service discovery subjects for its own name
@@ -176,8 +177,7 @@ def service_permissions(
         serve.append(subjects.serve_subject(namespace, service, version, ns, svc))
         if ns == namespace:
             replies.append(f"{subjects.inbox_prefix(svc)}.>")
-            # Streams stay within a namespace (a service import answers once).
-            streams.append(subjects.stream_serve_subject(namespace, service, ns, svc))
+        streams.append(subjects.stream_serve_subject(namespace, service, ns, svc))
     if any(ns != namespace for ns, _ in callers):
         replies.append(f"{subjects.SERVICE_REPLY_PREFIX}>")
     pub: list[str] = [subjects.caller_publish(namespace, service), *replies]

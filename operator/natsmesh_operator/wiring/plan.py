@@ -9,7 +9,12 @@ takes the rest of the mesh down.
 
 Account layout: one account per namespace. A cross-namespace call is a service
 export of ``mesh.<ns>.<svc>.*.<caller-ns>.<caller>`` in the target's account
-and the same import in the caller's account, one per admitted caller.
+and the same import in the caller's account, one per admitted caller; beside
+it, for that caller's streamed calls, a service export of its call subjects
+``mesh._<ns>.<svc>.*.<caller-ns>.<caller>`` answered with many replies
+(``Stream``: the callee's chunks, credit and beats go back on the one reply
+subject the caller's first credit opened; see
+natsmesh_sidecar.transport.stream.protocol), imported the same way.
 Cross-namespace subscriptions use a consumer in the publisher's account
 (consumers live beside their stream) whose pull/info API subjects are
 exported as services and imported under ``natsmesh.jsapi.<publisher-ns>``,
@@ -523,6 +528,14 @@ def _accounts(
             label = f"{t_svc}.{t_ns} from {caller_svc}"
             exports[t_ns].add(Export(subject, "service", label))
             imports[caller_ns].add(Import(subject, t_ns, "", "service", label))
+            # Its streamed calls' subjects: only this caller can publish them
+            # (its identity last) and only into this callee's account. The
+            # unary subject above stays Singleton: a Stream reply mapping
+            # outlives its answer until nats-server's response threshold.
+            calls = subjects.stream_serve_subject(t_ns, t_svc, caller_ns, caller_svc)
+            streams = f"{label} (streams)"
+            exports[t_ns].add(Export(calls, "service", streams, "Stream"))
+            imports[caller_ns].add(Import(calls, t_ns, "", "service", streams))
     for s in subs:
         if not s.cross:
             continue

@@ -306,12 +306,7 @@ class OutboundHandler:
         return self._respond(req, rid, t0, result)
 
     async def _streamed(self, req: StreamedRequest, rid: str, plan: Plan) -> Result | CallerStream:
-        from natsmesh_sidecar.transport.stream import protocol
-
         mesh, rule = self.mesh, plan.rule
-        if not protocol.same_namespace(plan.subject):
-            status, code, message = req.stream.CROSS_NAMESPACE
-            return refusal(status, code, message, rid, plan.dest_key, rule.name)
         if req.stream.limit_body(rule.max_body_bytes):
             return body_limit(rule, rid, plan.dest_key)
         req.stream.limits = self._limits(rule)

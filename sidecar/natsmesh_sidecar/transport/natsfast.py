@@ -388,6 +388,21 @@ class FastPath:
             self.loop.call_soon(self._flush)
         return True
 
+    def publish_empty(self, subject: bytes) -> bool:
+        """A PUB with neither headers nor payload: what ends a ``Stream`` reply
+        mapping of a service import (natsmesh_sidecar.transport.stream.callee.Answers)."""
+        nc = self.nc
+        if nc.is_closed:
+            return False
+        cmd = b"PUB %s 0\r\n\r\n" % subject
+        nc._pending.append(cmd)
+        nc._pending_data_size += len(cmd)
+        nc.stats["out_msgs"] += 1
+        if not self._flush_soon and nc.is_connected:
+            self._flush_soon = True
+            self.loop.call_soon(self._flush)
+        return True
+
     def _flush(self) -> None:
         """Write nats-py's pending commands, as its flusher task would.
 

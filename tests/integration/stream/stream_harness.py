@@ -301,13 +301,15 @@ async def running_mesh(
         await runner.cleanup()
 
 
-async def curl(*args: str, within: float = 60) -> tuple[int, bytes, bytes]:
+async def curl(
+    *args: str, within: float = 60, host: str = "orders.shop"
+) -> tuple[int, bytes, bytes]:
     """curl (Debian's) through the caller's sidecar: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         "curl",
         "-sS",
         "-H",
-        "Host: orders.shop",
+        f"Host: {host}",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -111,8 +111,9 @@ async def _refuse(request: web.Request) -> web.Response:
     return web.json_response({"error": "no token"}, status=401, headers={"x-refused": "yes"})
 
 
-def make_app(state: WsState) -> web.Application:
-    app = web.Application()
+def make_app(state: WsState, app: web.Application | None = None) -> web.Application:
+    """The WebSocket routes, in a new app or added to ``app``."""
+    app = web.Application() if app is None else app
     app[STATE] = state
     app.router.add_get("/echo", _echo)
     app.router.add_get("/ping", _ping)

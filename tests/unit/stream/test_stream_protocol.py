@@ -61,9 +61,22 @@ def test_new_call_ids_are_valid_and_distinct() -> None:
     assert all(protocol.valid_call_id(i) for i in ids)
 
 
-def test_same_namespace() -> None:
-    assert protocol.same_namespace("mesh.shop.orders.v1.shop.web")
-    assert not protocol.same_namespace("mesh.shop.orders.v1.other.web")
+def test_crossing_namespaces() -> None:
+    assert not protocol.crosses("mesh.shop.orders.v1.shop.web")
+    assert protocol.crosses("mesh.shop.orders.v1.other.web")
+    # A reply through a service import is the server's _R_ subject, never an inbox.
+    assert protocol.answers_once("_R_.abc.def")
+    assert not protocol.answers_once("_INBOX.mesh.web.x.s1")
+
+
+def test_a_callee_across_namespaces_beats_within_the_reply_threshold() -> None:
+    """nats-server drops a Stream reply mapping quiet for 2 minutes: a callee
+    across namespaces beats every 30 s at most, whatever the idle timeout."""
+    hour = StreamLimits(chunk_bytes=1024, window=8, idle_timeout_s=3600.0)
+    assert protocol.beat_period(hour, crossing=False) == 900.0
+    assert protocol.beat_period(hour, crossing=True) == protocol.CROSS_BEAT_S == 30.0
+    short = StreamLimits(chunk_bytes=1024, window=8, idle_timeout_s=2.0)
+    assert protocol.beat_period(short, crossing=True) == 0.5
 
 
 def test_kind_of_each_message() -> None:
@@ -73,8 +86,10 @@ def test_kind_of_each_message() -> None:
     assert protocol.kind(parse_headers(protocol.BEAT_BLOCK), b"") == protocol.BEAT
     assert protocol.kind({protocol.H_STREAM_STATUS: "200"}, b"") == protocol.HEAD
     assert protocol.kind({codec.H_STATUS: "413"}, b"{}") == protocol.FINAL
+    # What closes a reply mapping across namespaces: nothing at all.
+    assert protocol.kind({}, b"") == protocol.END
+    assert protocol.kind({}, b"x") == protocol.INVALID
     assert protocol.kind({"Status": "503"}, b"") == protocol.NO_RESPONDERS
-    assert protocol.kind({}, b"") == protocol.INVALID
     # the header codec's constant is the protocol's
     assert codec.H_STREAM == protocol.H_STREAM
 

@@ -137,29 +137,94 @@ def test_cross_namespace_caller_is_an_export_and_import() -> None:
         ServiceIntent("web", "frontend"),
     ]
     p = plan(intents)
+    streams = "orders.shop from frontend (streams)"
     assert p.accounts["shop"].exports == (
+        # its streamed calls' chunks and credit: many answers on one reply
+        Export("mesh._shop.orders.*.web.frontend", "service", streams, "Stream"),
+        # unary calls: one answer each (Singleton, as before)
         Export("mesh.shop.orders.*.web.frontend", "service", "orders.shop from frontend"),
     )
     assert p.accounts["web"].imports == (
+        Import("mesh._shop.orders.*.web.frontend", "shop", "", "service", streams),
         Import(
             "mesh.shop.orders.*.web.frontend", "shop", "", "service", "orders.shop from frontend"
         ),
     )
     orders = p.user("shop", "orders").permissions
     assert "mesh.shop.orders.v1.web.frontend orders" in orders.sub_allow
+    # the call subjects of frontend's streamed calls, without a queue group
+    assert "mesh._shop.orders.*.web.frontend" in orders.sub_allow
     assert "_R_.>" in orders.pub_allow
     ring = KeyRing()
     claims = account_claims(
         p.accounts["web"], ring.account("web").public, lambda ns: ring.account(ns).public
     )
-    (imp,) = claims["nats"]["imports"]
-    assert imp["account"] == ring.account("shop").public
-    assert imp["type"] == "service"
+    assert [(i["subject"], i["account"], i["type"]) for i in claims["nats"]["imports"]] == [
+        ("mesh._shop.orders.*.web.frontend", ring.account("shop").public, "service"),
+        ("mesh.shop.orders.*.web.frontend", ring.account("shop").public, "service"),
+    ]
+    exported = account_claims(
+        p.accounts["shop"], ring.account("shop").public, lambda ns: ring.account(ns).public
+    )["nats"]["exports"]
+    assert {e["subject"]: e["response_type"] for e in exported} == {
+        "mesh._shop.orders.*.web.frontend": "Stream",
+        "mesh.shop.orders.*.web.frontend": "Singleton",
+    }
     # JetStream is on for any non-zero storage limit; -1 is "unlimited", no reservation.
     assert claims["nats"]["limits"]["disk_storage"] == -1
     assert claims["nats"]["limits"]["mem_storage"] == -1
     assert p.tables[("web", "frontend")].known == ("orders.shop",)
     assert set(p.tables[("web", "frontend")].destinations) == {"orders.shop"}
+
+
+def test_streamed_calls_cross_only_where_a_caller_is_admitted() -> None:
+    """Least privilege of the call subjects across namespaces: a caller can
+    publish only its own (its identity last), its account imports only the
+    call subjects of services that admit it, and a callee hears only the
+    streamed calls of callers it admits; a namespace with no grant is as
+    before (no export, no import)."""
+    intents = [
+        ServiceIntent(
+            "shop",
+            "orders",
+            allow_same_namespace=False,
+            allowed_callers=(CallerRef("frontend", "web"),),
+        ),
+        ServiceIntent("shop", "payments", allowed_callers=(CallerRef("orders"),)),
+        ServiceIntent("web", "frontend"),
+        ServiceIntent("web", "other"),
+        ServiceIntent("third", "evil"),
+    ]
+    p = plan(intents)
+    assert p.problems == ()
+    call = "0123456789abcdef01234567"
+    chunks = f"mesh._shop.orders.{call}.web.frontend"
+    frontend = p.user("web", "frontend").permissions
+    assert may_publish(frontend, chunks)
+    # Its publish permission would name payments' call subjects too, but
+    # nothing imports them into web's account: they reach nobody.
+    imported = {i.subject for i in p.accounts["web"].imports}
+    assert not any(
+        subjects.subject_matches(i, f"mesh._shop.payments.{call}.web.frontend") for i in imported
+    )
+    assert any(subjects.subject_matches(i, chunks) for i in imported)
+    # Another caller of web cannot publish frontend's chunks, and its own
+    # (which it may publish) are not imported.
+    other = p.user("web", "other").permissions
+    assert not may_publish(other, chunks)
+    assert not any(
+        subjects.subject_matches(i, f"mesh._shop.orders.{call}.web.other") for i in imported
+    )
+    # orders hears frontend's chunks, never another namespace's or caller's.
+    sub = [e for e in p.user("shop", "orders").permissions.sub_allow if e.startswith("mesh._")]
+    assert sub == ["mesh._shop.orders.*.web.frontend"]
+    assert not any(subjects.subject_matches(e, f"mesh._shop.orders.{call}.third.evil") for e in sub)
+    # No other account changes: a third namespace has nothing to import, and
+    # a namespace's own streams need no export.
+    assert p.accounts["third"].exports == ()
+    assert p.accounts["third"].imports == ()
+    exported = {e.subject for e in p.accounts["shop"].exports}
+    assert exported == {"mesh.shop.orders.*.web.frontend", "mesh._shop.orders.*.web.frontend"}
 
 
 def test_cross_namespace_subscription_exports_the_consumer_api() -> None:

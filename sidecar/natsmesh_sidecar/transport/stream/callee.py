@@ -13,11 +13,11 @@ One :class:`CalleeStream` per call, made
 
 The response goes back as a head on the request's reply subject, then as
 chunks sent within the caller's credit to the inbox the caller named with
-it; the app's socket is paused while the caller's client is slower than the
-app. The app's connection dropping mid-body, or the caller going silent
-past the idle timeout, aborts the stream (the caller resets its client);
-the caller's abort closes the app's connection (the app sees its client
-go away).
+it (across namespaces: see :class:`Answers`); the app's socket is paused
+while the caller's client is slower than the app. The app's connection
+dropping mid-body, or the caller going silent past the idle timeout, aborts
+the stream (the caller resets its client); the caller's abort closes the
+app's connection (the app sees its client go away).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, cast
 import httptools
 
 from natsmesh_sidecar import codec, subjects
-from natsmesh_sidecar.transport.natsfast import FastPath, Reply
+from natsmesh_sidecar.transport.natsfast import FastPath, Reply, encode_headers
 from natsmesh_sidecar.transport.stream import protocol
 from natsmesh_sidecar.transport.stream.peer import Peer
 from natsmesh_sidecar.transport.stream.receiver import Receiver
@@ -42,6 +42,68 @@ from natsmesh_sidecar.wire import StreamLimits
 logger = logging.getLogger(__name__)
 
 MAX_RESPONSE_HEADER_BYTES = 256 * 1024
+
+
+class Answers:
+    """Where a callee's messages to its caller go.
+
+    Within a namespace: the head's reply subject (the caller's inbox) until
+    the caller's first credit names one, then that one.
+
+    Across namespaces the head's reply is a service import's ``_R_`` subject,
+    which takes one answer (the unary export is ``Singleton``): it carries
+    the first (a response head, an upload's first credit, a 101), and what
+    follows waits for the caller's first credit. That comes over the call
+    subjects' own import, a ``Stream`` export, so its ``_R_`` reply takes
+    many: from then on everything goes there, without a reply subject of
+    ours (each would open a reply mapping in the caller's account), and an
+    empty message at the end closes it (nats-server keeps a ``Stream``
+    mapping until an empty message, a failed delivery or its response
+    threshold, refreshed by each answer: hence the beats, see
+    :func:`.protocol.beat_period`).
+    """
+
+    __slots__ = ("fast", "held", "inbox", "once", "reply", "target", "used")
+
+    def __init__(self, fast: FastPath, reply: str, caller: str) -> None:
+        self.fast = fast
+        self.reply = reply.encode()
+        self.once = protocol.answers_once(reply)
+        self.inbox = f"{subjects.inbox_prefix(caller)}."
+        self.target = b""
+        self.used = False
+        self.held: list[tuple[bytes, bytes, bytes]] = []
+
+    def send(self, block: bytes, payload: bytes = b"", reply: bytes = b"") -> bool:
+        """Publish to the caller (``reply``: ours, dropped across namespaces)."""
+        target = self.target
+        if not target:
+            if self.once and self.used:
+                self.held.append((block, payload, reply))
+                return True
+            self.used = True
+            target = self.reply
+        return self.fast.publish_block(target, b"" if self.once else reply, block, payload)
+
+    def bind(self, reply: str) -> None:
+        """The caller's first credit came with ``reply``: everything goes there now.
+
+        Only the caller can publish on its call subject (its identity is the
+        last token), and an ``_R_`` subject there is the server's own.
+        """
+        prefix = subjects.SERVICE_REPLY_PREFIX if self.once else self.inbox
+        if not reply.startswith(prefix):
+            raise protocol.StreamError("credit naming a reply subject not the caller's")
+        self.target = reply.encode()
+        held, self.held = self.held, []
+        for block, payload, ours in held:
+            self.send(block, payload, ours)
+
+    def close(self) -> None:
+        """The call is over: release the reply mapping across namespaces."""
+        if self.once and self.target:
+            self.fast.publish_empty(self.target)
+            self.target = b""
 
 
 class CalleeStream(Peer):
@@ -56,8 +118,7 @@ class CalleeStream(Peer):
         super().__init__(limits)
         self.close_app = close_app
         self.fast: FastPath | None = None
-        self.reply = b""
-        self.caller_inbox = ""
+        self.answers: Answers | None = None
         self.call = ""
         self.call_subject = ""
         self.sub: Any = None
@@ -73,7 +134,6 @@ class CalleeStream(Peer):
         self.length: int | None = None
         self.head_sent = False
         self.head_ready = False
-        self.target = b""
         #: Resolved with the status once the response head is sent (or the stream cut).
         self.headed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         #: Woken by every change of the response body (:func:`_whole` waits on it).
@@ -86,10 +146,9 @@ class CalleeStream(Peer):
         subject = protocol.call_subject(msg.subject, call)
         if subject is None:
             return False
-        caller = msg.subject.rsplit(".", 1)[-1]
         self.fast = fast
-        self.reply = msg.reply.encode()
-        self.caller_inbox = f"{subjects.inbox_prefix(caller)}."
+        self.answers = Answers(fast, msg.reply, msg.subject.rsplit(".", 1)[-1])
+        self.crossing = self.answers.once
         self.call = call
         self.call_subject = subject
         return True
@@ -107,9 +166,8 @@ class CalleeStream(Peer):
             raise protocol.StreamError(f"unexpected {what} message from the caller")
         credit = protocol.credit_of(msg.headers)
         if self.sender.publish is None:
-            if not msg.reply.startswith(self.caller_inbox):
-                raise protocol.StreamError("credit naming an inbox not the caller's")
-            self.target = msg.reply.encode()
+            assert self.answers is not None
+            self.answers.bind(msg.reply)
             self.sender.bind(self._publish_chunk, credit)
         else:
             self.sender.on_credit(credit)
@@ -122,13 +180,16 @@ class CalleeStream(Peer):
         self.cut(reason)
 
     def _publish_chunk(self, block: bytes, payload: bytes) -> bool:
-        fast = self.fast
-        return fast is not None and fast.publish_block(self.target, b"", block, payload)
+        answers = self.answers
+        return answers is not None and answers.send(block, payload)
 
-    def _to_caller(self, block: bytes) -> None:
-        fast = self.fast
-        if fast is not None:
-            fast.publish_block(self.target or self.reply, b"", block, b"")
+    def _to_caller(self, block: bytes, payload: bytes = b"") -> None:
+        if self.answers is not None:
+            self.answers.send(block, payload)
+
+    def final(self, status: int, code: str, message: str) -> None:
+        """A unary reply (an error) where the caller waits for the response head."""
+        self._to_caller(*unary_block(status, code, message))
 
     def send_credit(self, credit: int) -> None:
         self._to_caller(protocol.credit_block(credit))
@@ -159,7 +220,7 @@ class CalleeStream(Peer):
     def flush_head(self) -> None:
         """Send the response head once it is known and we are bound; a body
         complete by then and within one chunk goes with it."""
-        if self.head_sent or not self.head_ready or self.fast is None or self.finished:
+        if self.head_sent or not self.head_ready or self.answers is None or self.finished:
             return
         sender = self.sender
         whole = sender.ended and sender.buffered <= self.limits.chunk_bytes
@@ -174,7 +235,7 @@ class CalleeStream(Peer):
             sender.eof_sent = True
         block = f"NATS/1.0\r\n{self.lines}{extra}\r\n".encode("utf-8", "replace")
         self.head_sent = True
-        self.fast.publish_block(self.reply, b"", block, payload)
+        self._to_caller(block, payload)
         if not self.headed.done():
             self.headed.set_result(self.status)
         self._maybe_done()
@@ -232,6 +293,8 @@ class CalleeStream(Peer):
         self._stop_clock()
         sub, self.sub = self.sub, None
         drop_subscription(self.fast, sub)
+        if self.answers is not None:
+            self.answers.close()
 
 
 def drop_subscription(fast: FastPath | None, sub: Any) -> None:
@@ -250,12 +313,12 @@ def _quiet(task: asyncio.Task[Any]) -> None:
 
 
 def streamable(msg: Reply, may_subscribe: Callable[[str], bool]) -> bool:
-    """Whether a call's answers can stream: caller and callee in one namespace
-    (across, replies cross a service import once), the reply an inbox, and
-    this sidecar's user allowed to subscribe to call subjects."""
-    if not protocol.same_namespace(msg.subject):
-        return False
-    if not msg.reply.startswith(subjects.INBOX_ROOT + "."):
+    """Whether a call's answers can stream: the reply an inbox or a service
+    import's, and this sidecar's user allowed to subscribe to the caller's call
+    subjects (across namespaces the grant that comes with the call subjects'
+    import: a JWT from an older operator lacks it)."""
+    reply = msg.reply
+    if not reply.startswith(subjects.INBOX_ROOT + ".") and not protocol.answers_once(reply):
         return False
     probe = protocol.call_subject(msg.subject, "0" * (2 * protocol.CALL_ID_BYTES))
     return probe is not None and may_subscribe(probe)
@@ -312,6 +375,11 @@ async def _whole(
     """Collect the body for a one-message reply, refusing it past ``max_inline``."""
     sender = stream.sender
     sender.high = max_inline + 1  # never pause: read it all, up to the limit
+    if sender.paused:
+        # Paused at the stream's own mark before it was found unstreamable:
+        # else nothing more comes and the caller waits out the idle timeout.
+        sender.paused = False
+        sender.resume()
     changed = stream.changed = asyncio.Event()
     deadline = time.monotonic() + stream.limits.idle_timeout_s
     while not sender.ended and sender.buffered <= max_inline and not stream.finished:
@@ -333,16 +401,20 @@ async def _whole(
     unary_reply(fast, msg.reply, 502, "response_too_large", "the response does not fit one message")
 
 
-def unary_reply(fast: FastPath, reply: str, status: int, code: str, message: str) -> None:
-    """A refusal or an error as one reply (``Nm-Status``, a JSON error body)."""
-    if not reply:
-        return
+def unary_block(status: int, code: str, message: str) -> tuple[bytes, bytes]:
+    """A refusal or an error as one reply: (``Nm-Status`` header block, JSON error body)."""
     headers = {
         "content-type": "application/json",
         codec.H_STATUS: str(status),
         codec.H_ERROR: code,
     }
-    fast.publish(reply, "", headers, codec.error_body(code, message, ""))
+    return encode_headers(headers), codec.error_body(code, message, "")
+
+
+def unary_reply(fast: FastPath, reply: str, status: int, code: str, message: str) -> None:
+    """:func:`unary_block` to ``reply``, before anything else went there."""
+    if reply:
+        fast.publish_block(reply.encode(), b"", *unary_block(status, code, message))
 
 
 # -- an upload: a request whose body streams ---------------------------------------------
@@ -508,11 +580,11 @@ async def serve_upload(
         length=length,
     )
     ready = protocol.block((protocol.H_STREAM, call), (protocol.H_CREDIT, stream.receiver.open()))
-    fast.publish_block(stream.reply, b"", ready, b"")
-    return await _headed(stream, fast, msg.reply, timeout_s), ""
+    stream._to_caller(ready)
+    return await _headed(stream, timeout_s), ""
 
 
-async def _headed(stream: CalleeStream, fast: FastPath, reply: str, timeout_s: float) -> int:
+async def _headed(stream: CalleeStream, timeout_s: float) -> int:
     """Wait for the response head; the app gets ``timeout_s`` once it has the whole body."""
     done_at = 0.0
     while not stream.headed.done():
@@ -520,8 +592,8 @@ async def _headed(stream: CalleeStream, fast: FastPath, reply: str, timeout_s: f
         if receiver is not None and receiver.done and not done_at:
             done_at = time.monotonic()
         if done_at and time.monotonic() - done_at > timeout_s:
+            stream.final(504, "app_timeout", "the app did not answer in time")
             stream.cut("the app did not answer in time", tell=False)
-            unary_reply(fast, reply, 504, "app_timeout", "the app did not answer in time")
             return 504
         try:
             await asyncio.wait_for(asyncio.shield(stream.headed), 0.25)

@@ -48,14 +48,6 @@ class Client(Protocol):
 
 
 class CallerStream(Peer):
-    #: What a request that would stream across namespaces is answered: there
-    #: a callee answers once, through a service import.
-    CROSS_NAMESPACE = (
-        413,
-        "payload_too_large",
-        "request bodies larger than one NATS message do not cross namespaces",
-    )
-
     def __init__(
         self, limits: StreamLimits, *, keep_alive: bool, length: int | None = None
     ) -> None:
@@ -124,6 +116,7 @@ class CallerStream(Peer):
         s = cls(limits, keep_alive=keep_alive)
         s.fast = fast
         s.request_subject = request_subject
+        s.crossing = protocol.crosses(request_subject)
         s.inbox = fast.open_inbox(s.on_inbox)
         try:
             s._on_head(head)
@@ -188,6 +181,7 @@ class CallerStream(Peer):
         loop = asyncio.get_running_loop()
         self.fast = fast
         self.request_subject = subject
+        self.crossing = protocol.crosses(subject)
         self.call = protocol.new_call_id()
         call_subject = protocol.call_subject(subject, self.call)
         if call_subject is None:
@@ -278,6 +272,11 @@ class CallerStream(Peer):
             def publish(block: bytes, payload: bytes) -> bool:
                 return fast.publish_block(subject, b"", block, payload)
 
+            if self.crossing:
+                # Before the first chunk: the credit that opens where the
+                # callee answers from now on (its head's reply took one answer).
+                opening = protocol.block((protocol.H_STREAM, self.call), (protocol.H_CREDIT, 0))
+                self._publish(opening, credit=True)
             upload.bind(publish, credit)
         else:
             upload.on_credit(credit)
@@ -329,14 +328,15 @@ class CallerStream(Peer):
 
     # -- to the callee -------------------------------------------------------------------
 
-    def _publish(self, block: bytes) -> None:
+    def _publish(self, block: bytes, *, credit: bool = False) -> None:
         fast = self.fast
         if fast is not None and self.call_subject:
-            fast.publish_block(self.call_subject, self.inbox, block, b"")
+            reply = self.reply_to_callee(self.inbox, credit=credit)
+            fast.publish_block(self.call_subject, reply, block, b"")
 
     def _send_credit(self, credit: int) -> None:
         # Its reply subject is where the callee sends the response's chunks.
-        self._publish(protocol.credit_block(credit))
+        self._publish(protocol.credit_block(credit), credit=True)
 
     def silent(self) -> None:
         self.cut("the callee went silent past the stream idle timeout", answer=TIMEOUT)

@@ -1,9 +1,11 @@
 """What both ends of a streamed call share: the idle clock and its beat.
 
 Each end notes when it last heard from the other; every quarter of the idle
-timeout it either gives up (nothing heard for a whole timeout: the other
-sidecar, its app or NATS is gone) or sends a beat, so a stream with nothing
-to say (an idle Server-Sent Events feed) is not taken for a dead one.
+timeout (across namespaces at least every 30 s:
+:func:`.protocol.beat_period`) it either gives up (nothing heard for a whole
+timeout: the other sidecar, its app or NATS is gone) or sends a beat, so a
+stream with nothing to say (an idle Server-Sent Events feed) is not taken
+for a dead one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 class Peer:
     # Slots: a WebSocket tunnel (natsmesh_sidecar.transport.stream.tunnel) holds one per socket.
-    __slots__ = ("_timer", "finished", "last_heard", "limits", "receiver")
+    __slots__ = ("_timer", "crossing", "finished", "last_heard", "limits", "opened", "receiver")
 
     def __init__(self, limits: StreamLimits) -> None:
         self.limits = limits
@@ -31,6 +33,12 @@ class Peer:
         self._timer: asyncio.TimerHandle | None = None
         #: The receiving end of the direction that streams toward us, if any.
         self.receiver: Receiver | None = None
+        #: The call crosses namespaces (protocol's module docstring): the
+        #: callee answers on a reply mapping its beats keep alive
+        #: (protocol.beat_period), the caller names its inbox once.
+        self.crossing = False
+        #: The caller named its inbox (its first credit), across namespaces.
+        self.opened = False
 
     def on_message(self, msg: Reply) -> None:
         """A message from the other end: chunks to the receiver, the rest to :meth:`handle`."""
@@ -45,7 +53,7 @@ class Peer:
                 self.receiver.on_chunk(msg.headers, msg.data)
             elif what == protocol.ABORT:
                 self.aborted(msg.headers.get(protocol.H_ABORT, ""))
-            elif what != protocol.BEAT:
+            elif what != protocol.BEAT and what != protocol.END:
                 self.handle(what, msg)
         except protocol.StreamError as exc:
             self.broken(str(exc))
@@ -62,9 +70,22 @@ class Peer:
         """The other end broke the protocol."""
         raise NotImplementedError
 
+    def reply_to_callee(self, inbox: bytes, *, credit: bool) -> bytes:
+        """The reply subject of a caller's message to its callee: its inbox,
+        but across namespaces on its first credit only (each would open a
+        reply mapping in the callee's account; that one is where it answers)."""
+        if not self.crossing:
+            return inbox
+        if credit and not self.opened:
+            self.opened = True
+            return inbox
+        return b""
+
+    def beat_s(self) -> float:
+        return protocol.beat_period(self.limits, self.crossing)
+
     def _arm(self) -> None:
-        beat = self.limits.idle_timeout_s / 4
-        self._timer = asyncio.get_running_loop().call_later(beat, self._tick)
+        self._timer = asyncio.get_running_loop().call_later(self.beat_s(), self._tick)
 
     def _tick(self) -> None:
         if self.finished:

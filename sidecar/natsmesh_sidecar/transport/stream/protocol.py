@@ -11,10 +11,18 @@ travels as numbered chunks on two per-call subjects:
   only the callee's user may subscribe to it (``mesh._<ns>.<service>.*...``,
   granted beside its serve subjects, for the same callers). The leading
   ``_`` keeps it apart from every service subject (a namespace never starts
-  with one), the unguessable call id apart from other calls.
+  with one), the unguessable call id apart from other calls. Across
+  namespaces the callee's account exports these subjects, per admitted
+  caller, to the caller's account (a service export answered by ``Stream``).
 * callee -> caller: an inbox of the caller (``_INBOX.mesh.<caller>.…``), the
   reply subject of the head or of the caller's first credit: where a callee
-  may already answer.
+  may already answer. Across namespaces both are ``_R_`` subjects of service
+  imports: the head's takes one answer, the first credit's many; so the
+  caller gives its inbox to that one credit only (an upload's or a tunnel's
+  caller sends an empty credit for it as soon as the callee took the call),
+  and nothing else either way carries a reply subject (each would open a
+  reply mapping in the other account). See
+  natsmesh_sidecar.transport.stream.callee.Answers.
 
 Flow control is by credit: the receiving end tells the sending end up to
 which chunk number it may send (``Nm-Credit``, cumulative), a window of
@@ -57,17 +65,26 @@ H_IDLE = codec.H_STREAM_IDLE
 MAX_WINDOW = 64
 IDLE_MS_BOUNDS = (1_000, 3_600_000)
 
-#: What a message on a stream is (:func:`kind`).
-CHUNK, CREDIT, HEAD, FINAL, ABORT, BEAT, NO_RESPONDERS, INVALID = (
+#: What a message on a stream is (:func:`kind`). END: an empty message, which
+#: closes a reply mapping across namespaces (:func:`answers_once`).
+CHUNK, CREDIT, HEAD, FINAL, ABORT, BEAT, END, NO_RESPONDERS, INVALID = (
     "chunk",
     "credit",
     "head",
     "final",
     "abort",
     "beat",
+    "end",
     "no_responders",
     "invalid",
 )
+
+#: The longest an end of a call across namespaces stays quiet: each of the
+#: callee's messages keeps its reply mapping alive, which nats-server drops
+#: after its response threshold without one (2 minutes by default, and a
+#: threshold in an account JWT is not applied when the account is updated
+#: in place, only when it is first loaded).
+CROSS_BEAT_S = 30.0
 
 CALL_ID_BYTES = 12
 STREAM_MARK = subjects.STREAM_MARK
@@ -112,14 +129,24 @@ def call_subject(request_subject: str, call: str) -> str | None:
     return ".".join(tokens)
 
 
-def same_namespace(request_subject: str) -> bool:
-    """Whether a request subject's callee and caller share a namespace.
-
-    Only then does a stream run: across namespaces the callee's answers
-    cross a service import (one reply each), see docs/architecture.md.
-    """
+def crosses(request_subject: str) -> bool:
+    """Whether a request subject's callee is in another namespace than its caller
+    (then the call's messages cross service imports: see the module docstring)."""
     tokens = request_subject.split(".")
-    return len(tokens) == 6 and tokens[1] == tokens[4]
+    return len(tokens) == 6 and tokens[1] != tokens[4]
+
+
+def answers_once(reply: str) -> bool:
+    """Whether ``reply`` is a service import's reply subject (``_R_.``): a
+    callee reached across namespaces, whose own messages cross back."""
+    return reply.startswith(subjects.SERVICE_REPLY_PREFIX)
+
+
+def beat_period(limits: StreamLimits, crossing: bool) -> float:
+    """How often an end beats: a quarter of the idle timeout, and at most
+    :data:`CROSS_BEAT_S` apart in a call across namespaces."""
+    beat = limits.idle_timeout_s / 4
+    return min(beat, CROSS_BEAT_S) if crossing else beat
 
 
 def kind(headers: Mapping[str, str], data: bytes) -> str:
@@ -138,6 +165,8 @@ def kind(headers: Mapping[str, str], data: bytes) -> str:
         return BEAT
     if not data and headers.get("Status") == "503":
         return NO_RESPONDERS
+    if not data and not headers:
+        return END
     return INVALID
 
 

@@ -33,7 +33,9 @@ Beats keep an idle tunnel alive for as long as both sidecars are (a
 WebSocket may be quiet for hours; the app's own pings are its business).
 A beat or a chunk sent with a reply subject comes back as "no responders"
 when the other sidecar's subscription is gone: a killed sidecar is noticed
-within a quarter of the idle timeout, not a whole one.
+within a quarter of the idle timeout, not a whole one. Across namespaces
+messages carry no reply subject (:class:`.callee.Answers`), so there a
+killed sidecar is noticed at the idle timeout.
 """
 
 from __future__ import annotations
@@ -45,10 +47,16 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from natsmesh_sidecar import codec, subjects
+from natsmesh_sidecar import codec
 from natsmesh_sidecar.transport.natsfast import TIMEOUT, UNAVAILABLE, FastPath, Reply
 from natsmesh_sidecar.transport.stream import protocol
-from natsmesh_sidecar.transport.stream.callee import drop_subscription, streamable, unary_reply
+from natsmesh_sidecar.transport.stream.callee import (
+    Answers,
+    drop_subscription,
+    streamable,
+    unary_block,
+    unary_reply,
+)
 from natsmesh_sidecar.transport.stream.peer import Peer
 from natsmesh_sidecar.transport.stream.receiver import Receiver
 from natsmesh_sidecar.transport.stream.sender import Sender
@@ -104,8 +112,7 @@ class _Clock:
 _CLOCKS: dict[float, _Clock] = {}
 
 
-def _clock(limits: StreamLimits) -> _Clock:
-    period = limits.idle_timeout_s / 4
+def _clock(period: float) -> _Clock:
     clock = _CLOCKS.get(period)
     if clock is None:
         clock = _CLOCKS[period] = _Clock(period)
@@ -230,14 +237,14 @@ class _End(Peer, asyncio.Protocol):
             return "NATS connection lost"
         return None
 
-    def _tell(self, block: bytes) -> None:
+    def _tell(self, block: bytes, *, credit: bool = False) -> None:
         raise NotImplementedError
 
     def beat(self) -> None:
         self._tell(protocol.BEAT_BLOCK)
 
     def _send_credit(self, credit: int) -> None:
-        self._tell(protocol.credit_block(credit))
+        self._tell(protocol.credit_block(credit), credit=True)
 
     def cut(self, reason: str, *, tell: bool = True, transport: bool = True) -> None:
         """Break the tunnel: the other side is told, our socket reset."""
@@ -254,10 +261,10 @@ class _End(Peer, asyncio.Protocol):
     # -- the clock ---------------------------------------------------------------------
 
     def _arm(self) -> None:
-        _clock(self.limits).add(self)
+        _clock(self.beat_s()).add(self)
 
     def _stop_clock(self) -> None:
-        clock = _CLOCKS.get(self.limits.idle_timeout_s / 4)
+        clock = _CLOCKS.get(self.beat_s())
         if clock is not None:
             clock.ends.discard(self)
 
@@ -298,9 +305,6 @@ class CallerTunnel(_End):
     )
 
     side = "client"
-    #: A tunnel's callee answers through a service import across namespaces:
-    #: once, with no subject to stream on.
-    CROSS_NAMESPACE = (501, "upgrade_not_supported", "WebSockets do not cross namespaces")
 
     def __init__(self, limits: StreamLimits, transport: asyncio.Transport, early: bytes) -> None:
         super().__init__(limits)
@@ -332,6 +336,7 @@ class CallerTunnel(_End):
         if call_subject is None:
             return "bad_subject"
         self.fast = fast
+        self.crossing = protocol.crosses(subject)
         self.call, self.call_subject = call, call_subject.encode()
         answer: asyncio.Future[CallerTunnel | Reply | str]
         answer = self.answer = asyncio.get_running_loop().create_future()
@@ -408,19 +413,22 @@ class CallerTunnel(_End):
     def _first_credit(self, msg: Reply, credit: int) -> None:
         if msg.headers.get(protocol.H_STREAM) != self.call or not self.status:
             raise protocol.StreamError("credit before the upgrade, or for another call")
-        fast, subject, inbox = self.fast, self.call_subject, self.inbox
+        fast, subject = self.fast, self.call_subject
+        # With our inbox as reply: a callee gone answers "no responders"
+        # (not across namespaces: each would open a reply mapping there).
+        inbox = b"" if self.crossing else self.inbox
         assert fast is not None
 
         def publish(block: bytes, payload: bytes) -> bool:
-            # With our inbox as reply: a callee gone answers "no responders".
             return fast.publish_block(subject, inbox, block, payload)
 
         self._joined(publish, credit)
 
-    def _tell(self, block: bytes) -> None:
+    def _tell(self, block: bytes, *, credit: bool = False) -> None:
         fast = self.fast
         if fast is not None and self.call_subject:
-            fast.publish_block(self.call_subject, self.inbox, block, b"")
+            reply = self.reply_to_callee(self.inbox, credit=credit)
+            fast.publish_block(self.call_subject, reply, block, b"")
 
     def attach(self, conn: _Conn, req: object, done: object) -> None:
         """Take the client's socket over from ``conn``: the 101 now, then the bytes."""
@@ -476,25 +484,21 @@ class CalleeTunnel(_End):
     """
 
     __slots__ = (
+        "answers",
         "body",
         "call",
         "call_subject",
-        "caller_inbox",
         "headed",
         "headers",
         "parser",
-        "reply",
         "sub",
-        "target",
     )
 
     side = "app"
 
     def __init__(self, limits: StreamLimits) -> None:
         super().__init__(limits)
-        self.reply = b""
-        self.target = b""
-        self.caller_inbox = ""
+        self.answers: Answers | None = None
         self.call = ""
         self.call_subject = ""
         self.sub: Any = None
@@ -510,8 +514,8 @@ class CalleeTunnel(_End):
         if subject is None:
             return False
         self.fast = fast
-        self.reply = msg.reply.encode()
-        self.caller_inbox = f"{subjects.inbox_prefix(msg.subject.rsplit('.', 1)[-1])}."
+        self.answers = Answers(fast, msg.reply, msg.subject.rsplit(".", 1)[-1])
+        self.crossing = self.answers.once
         self.call, self.call_subject = call, subject
         return True
 
@@ -567,11 +571,10 @@ class CalleeTunnel(_End):
     def _answered(self, status: int) -> None:
         """Any answer but 101: relayed as a unary reply, the app's connection closed."""
         self.parser = None
-        fast = self.fast
-        if fast is not None and self.reply:
+        if self.answers is not None:
             head = f"NATS/1.0\r\n{codec.nats_lines(self.headers)}Nm-Status: {status}\r\n\r\n"
             body = b"".join(self.body or ())
-            fast.publish_block(self.reply, b"", head.encode("utf-8", "replace"), body)
+            self.answers.send(head.encode("utf-8", "replace"), body)
         self.body = None
         self.finished = True
         self._stop()
@@ -581,8 +584,8 @@ class CalleeTunnel(_End):
 
     def _refused(self, status: int, code: str, message: str) -> None:
         self.parser = None
-        if self.fast is not None and not self.headed.done():
-            unary_reply(self.fast, self.reply.decode(), status, code, message)
+        if self.answers is not None and not self.headed.done():
+            self.answers.send(*unary_block(status, code, message))
         self._headed(status, code)
         self.cut(message, tell=False)
 
@@ -592,14 +595,14 @@ class CalleeTunnel(_End):
         if parser is None or parser.get_status_code() != 101:
             self._refused(502, "app_bad_response", "the app upgraded without a 101")
             return
-        fast = self.fast
-        assert fast is not None
+        answers = self.answers
+        assert answers is not None
         head = (
             f"NATS/1.0\r\n{codec.nats_lines(self.headers)}{protocol.H_STREAM}: {self.call}\r\n"
             f"{protocol.H_STREAM_STATUS}: 101\r\n\r\n"
         )
         self.headers = []
-        fast.publish_block(self.reply, b"", head.encode("utf-8", "replace"), b"")
+        answers.send(head.encode("utf-8", "replace"))
         receiver = self.receiver = Receiver(
             self.limits.window,
             deliver=self._write,
@@ -607,7 +610,8 @@ class CalleeTunnel(_End):
             send_credit=self._send_credit,
         )
         ready = protocol.block((protocol.H_STREAM, self.call), (protocol.H_CREDIT, receiver.open()))
-        fast.publish_block(self.reply, self.call_subject.encode(), ready, b"")
+        # Across namespaces it waits for the caller's first credit (Answers).
+        answers.send(ready, b"", self.call_subject.encode())
         self._arm()
         if rest:
             self.sender.feed(rest)
@@ -636,22 +640,20 @@ class CalleeTunnel(_End):
     # -- the caller ----------------------------------------------------------------------
 
     def _first_credit(self, msg: Reply, credit: int) -> None:
-        if self.receiver is None or not msg.reply.startswith(self.caller_inbox):
-            raise protocol.StreamError("credit before the upgrade, or naming another inbox")
-        fast, target, own = self.fast, msg.reply.encode(), self.call_subject.encode()
-        assert fast is not None
-        self.target = target
+        answers, own = self.answers, self.call_subject.encode()
+        if self.receiver is None or answers is None:
+            raise protocol.StreamError("credit before the upgrade")
+        answers.bind(msg.reply)
 
         def publish(block: bytes, payload: bytes) -> bool:
             # With our call subject as reply: a caller gone answers "no responders".
-            return fast.publish_block(target, own, block, payload)
+            return answers.send(block, payload, own)
 
         self._joined(publish, credit)
 
-    def _tell(self, block: bytes) -> None:
-        fast = self.fast
-        if fast is not None:
-            fast.publish_block(self.target or self.reply, self.call_subject.encode(), block, b"")
+    def _tell(self, block: bytes, *, credit: bool = False) -> None:
+        if self.answers is not None:
+            self.answers.send(block, b"", self.call_subject.encode())
 
     def cut(self, reason: str, *, tell: bool = True, transport: bool = True) -> None:
         self.parser = None
@@ -662,6 +664,8 @@ class CalleeTunnel(_End):
         super()._stop()
         sub, self.sub = self.sub, None
         drop_subscription(self.fast, sub)
+        if self.answers is not None:
+            self.answers.close()
 
 
 async def serve(
