@@ -88,6 +88,8 @@ class Server(Protocol):
     @property
     def idle_timeout(self) -> float: ...
     @property
+    def header_timeout(self) -> float: ...
+    @property
     def draining(self) -> bool: ...
     @property
     def connections(self) -> set[Any]: ...
@@ -294,6 +296,9 @@ class H2Server(asyncio.Protocol):
         self.calls: dict[int, H2Stream] = {}
         self.closed = False
         self.last = time.monotonic()
+        #: The client's first bytes until they are the whole preface (then None):
+        #: nothing of HTTP/2 is said to a client that only looked like one.
+        self.preface: bytes | None = b""
         #: The listener's sweep and drain ask these of every connection.
         self.queue: tuple[()] = ()
 
@@ -305,9 +310,6 @@ class H2Server(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -319,6 +321,18 @@ class H2Server(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last = time.monotonic()
+        if self.preface is not None:
+            got = self.preface + data
+            if not got.startswith(PREFACE):
+                if PREFACE.startswith(got):
+                    self.preface = got  # more to come
+                    return
+                self._not_http2()
+                return
+            self.preface = None
+            self.h2.initiate_connection()
+            self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+            data = got
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -335,6 +349,21 @@ class H2Server(asyncio.Protocol):
                 if sid:
                     self._reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
         self._send()
+
+    def _not_http2(self) -> None:
+        """``PRI * HTTP/2.0`` but not the rest of the preface: an HTTP/1.1 400."""
+        self.preface = None
+        rid = codec.new_request_id()
+        if self.transport is not None and not self.closed:
+            self.transport.write(
+                codec.render_response(
+                    400,
+                    [("content-type", "application/json"), ("x-request-id", rid)],
+                    codec.error_body("bad_request", "malformed HTTP/2 preface", rid),
+                    keep_alive=False,
+                )
+            )
+            self.transport.close()
 
     def _event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
@@ -606,6 +635,9 @@ class H2Server(asyncio.Protocol):
             self.transport.write(data)
 
     def _close(self) -> None:
+        if self.preface is not None:
+            self._not_http2()
+            return
         if self.transport is not None and not self.closed:
             try:
                 self.h2.close_connection()
@@ -616,7 +648,9 @@ class H2Server(asyncio.Protocol):
 
     def sweep(self, now: float) -> None:
         """The listener's periodic sweep: an idle connection is closed."""
-        if not self.calls and now - self.last > self.server.idle_timeout:
+        if self.preface is not None and now - self.last > self.server.header_timeout:
+            self._not_http2()  # a preface that stalls half-way: slowloris again
+        elif not self.calls and now - self.last > self.server.idle_timeout:
             self._close()
 
 

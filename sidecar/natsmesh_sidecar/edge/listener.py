@@ -135,7 +135,13 @@ class OutboundConnection(asyncio.Protocol):
             status, code, message = self.reject or (400, "bad_request", "malformed HTTP request")
             self._fail(status, code, message)
         except httptools.HttpParserError as exc:
-            if self._url == b"*" and self.parser.get_method() == b"PRI" and not self.busy:
+            if (
+                self._url == b"*"
+                and self.parser.get_method() == b"PRI"
+                and self.parser.get_http_version() == "2.0"
+                and not self._headers
+                and not self.busy
+            ):
                 # The HTTP/2 preface (h2c with prior knowledge, as gRPC
                 # clients connect): the socket is HTTP/2's from here on.
                 from natsmesh_sidecar.edge import h2

@@ -241,3 +241,16 @@ async def _raw_call(port: int, path: str, extra: list[tuple[str, str]]) -> dict[
             writer.write(conn.data_to_send())
     finally:
         writer.close()
+
+
+async def test_what_only_looks_like_the_http2_preface_gets_an_http1_400(mesh: GrpcMesh) -> None:
+    """Found by the fuzz test: ``PRI * HTTP/1.1`` with headers was taken for HTTP/2."""
+    for data in (
+        b"PRI * HTTP/1.1\r\nHost: orders\r\n\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.port())
+        writer.write(data)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), (data, answer[:60])
