@@ -165,6 +165,7 @@ class Sidecar:
             app_failed=self._app_failed,
             tracer=self.tracer,
             may_stream=self._may_stream,
+            app_protocol=settings.app_protocol,
         )
         self.outbound_handler = OutboundHandler(
             self,

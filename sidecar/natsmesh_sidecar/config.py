@@ -217,6 +217,10 @@ class SidecarSettings(_Wire):
     """NATS user creds (JWT + seed); reloaded when the file changes."""
     app_port: int = Field(8080, ge=1, le=65535)
     app_host: str = "127.0.0.1"
+    app_protocol: str = Field("http", pattern="^(http|grpc)$")
+    """How this sidecar calls its app: ``http`` (HTTP/1.1) or ``grpc`` (HTTP/2
+    cleartext with prior knowledge, natsmesh_sidecar.edge.h2app): the
+    NatsService's ``protocol``."""
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(15001, ge=0, le=65535)
     # All interfaces: probes and metric scrapes come from outside the pod.

@@ -184,6 +184,7 @@ class Settings:
     creds_file: str | None = None
     app_port: int = 8080
     app_host: str = "127.0.0.1"
+    app_protocol: str = "http"
     listen_host: str = "127.0.0.1"
     listen_port: int = 15001
     # All interfaces: probes and metric scrapes come from outside the pod.
@@ -483,6 +484,7 @@ _SETTINGS = (
         _F("creds_file", _opt(_str), None),
         _F("app_port", _int(1, 65535), None),
         _F("app_host", _str, None),
+        _F("app_protocol", _literal("http", "grpc"), None),
         _F("listen_host", _str, None),
         _F("listen_port", _int(0, 65535), None),
         _F("admin_host", _str, None),

@@ -283,6 +283,11 @@ class NatsServiceSpec(ApiModel):
     """Pods of this service: they get the sidecar and this service's identity."""
     port: Port
     """The app's HTTP port inside the pod; the sidecar delivers requests and events there."""
+    protocol: Literal["http", "grpc"] = "http"
+    """How the sidecar calls the app on `port`: `http` (HTTP/1.1) or `grpc` (HTTP/2
+    cleartext with prior knowledge, for a gRPC server). Callers reach either the same way
+    (gRPC clients with HTTP/2 to their sidecar's outbound listener). Events are delivered
+    over HTTP/1.1 whatever the protocol."""
     service: Name | None = None
     """Mesh service these pods serve; unset means the resource's own name. NatsServices
     that share a service name are version subsets of one service, e.g. `orders` (v1)

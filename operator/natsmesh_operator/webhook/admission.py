@@ -50,6 +50,7 @@ def target_of(svc: NatsService) -> Target:
         namespace=str(svc.metadata.namespace),
         version=svc.spec.version,
         port=svc.spec.port,
+        protocol=svc.spec.protocol,
         creds_secret=creds_secret_name(str(svc.metadata.name)),
         receives=bool(
             svc.spec.allow_same_namespace

@@ -101,6 +101,8 @@ class Target:
     """Whether mesh traffic can reach the app: some caller is admitted or an
     event subscription delivers to it. A pure client receives nothing, so its
     sidecar has nothing to gate on the app's readiness."""
+    protocol: str = "http"
+    """How the sidecar calls the app (NatsService ``protocol``)."""
 
 
 class InvalidInjection(ValueError):
@@ -209,6 +211,7 @@ def sidecar_container(
         "NATSMESH_NATS_URL": settings.nats_url,
         "NATSMESH_CREDS_FILE": f"{CREDS_DIR}/{CREDS_KEY}",
         "NATSMESH_APP_PORT": str(target.port),
+        "NATSMESH_APP_PROTOCOL": target.protocol,
         "NATSMESH_LISTEN_PORT": str(OUTBOUND_PORT),
         "NATSMESH_ADMIN_PORT": str(ADMIN_PORT),
         "NATSMESH_READY_PERIOD_SECONDS": str(settings.ready_period_seconds),

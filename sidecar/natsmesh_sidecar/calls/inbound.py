@@ -24,6 +24,7 @@ from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.observe.metrics import Metrics
 
 if TYPE_CHECKING:
+    from natsmesh_sidecar.edge.h2app import AppH2
     from natsmesh_sidecar.observe.tap import Tap
     from natsmesh_sidecar.observe.tracing import Tracer
     from natsmesh_sidecar.transport.natsfast import FastPath
@@ -113,8 +114,12 @@ class InboundHandler:
         app_failed: Callable[[], None] | None = None,
         tracer: Tracer | None = None,
         may_stream: Callable[[str], bool] = lambda subject: True,
+        app_protocol: str = "http",
     ) -> None:
         self.pool = pool
+        #: ``grpc``: streamed calls reach the app over HTTP/2 (natsmesh_sidecar.edge.h2app).
+        self.app_protocol = app_protocol
+        self._app_h2: AppH2 | None = None
         #: Whether our NATS user may subscribe to a call subject (a stream's).
         self.may_stream = may_stream
         #: Streamed responses being set up (natsmesh_sidecar.transport.stream.callee).
@@ -236,6 +241,8 @@ class InboundHandler:
 
             # Nothing flows until the app's answer.
             serve, reserve = tunnel.serve, 0
+        elif self.app_protocol == "grpc":
+            serve = self._h2_app().serve
         if self.held_bytes and self.held_bytes + reserve > self.limits.max_bytes:
             self._overloaded(msg, "sidecar memory budget for requests in hand is full")
             self.inflight -= 1
@@ -268,6 +275,14 @@ class InboundHandler:
         finally:
             self.held_bytes -= reserve
             self._end(msg, t0, rid, method, target, status, error)
+
+    def _h2_app(self) -> AppH2:
+        """The app's HTTP/2 connection (made at the first gRPC call)."""
+        if self._app_h2 is None:
+            from natsmesh_sidecar.edge.h2app import AppH2
+
+            self._app_h2 = AppH2(self.pool.host, self.pool.port, self.app_host)
+        return self._app_h2
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)

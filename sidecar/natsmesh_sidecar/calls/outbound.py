@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from natsmesh_sidecar import codec
 from natsmesh_sidecar.calls.route import Mesh, Plan, Planner, Result, body_limit, refusal
-from natsmesh_sidecar.edge.listener import EVENTS_PREFIX, Done, Request, StreamedRequest
+from natsmesh_sidecar.edge.listener import EVENTS_PREFIX
+from natsmesh_sidecar.edge.request import Done, Request, StreamedRequest
 from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.policy import resilience
 from natsmesh_sidecar.transport.natsfast import Reply
@@ -482,6 +483,10 @@ class OutboundHandler:
         if outcome == resilience.TIMEOUT:
             message = f"{subject} did not answer within {plan.rule.timeout_ms} ms"
             return refusal(504, "timeout", message, rid, dest_key, route, attempts)
+        if outcome == resilience.CANCELLED:
+            # Nobody reads it: for the access log and metrics (nginx's 499).
+            message = "the client cancelled the call"
+            return refusal(499, "client_closed", message, rid, dest_key, route, attempts)
         return None
 
     def _from_reply(self, rid: str, plan: Plan, attempts: int, reply: Reply) -> Result:

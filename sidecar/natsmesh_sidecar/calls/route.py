@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from natsmesh_sidecar import codec, subjects
-from natsmesh_sidecar.edge.listener import Request
+from natsmesh_sidecar.edge.request import Request
 from natsmesh_sidecar.policy import resilience
 from natsmesh_sidecar.policy.table import FORBIDDEN, UNKNOWN
 from natsmesh_sidecar.policy.targets import MISS

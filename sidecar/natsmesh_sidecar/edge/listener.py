@@ -12,7 +12,7 @@ with what arrived and the rest follows as the client sends it. An
 ``Upgrade: websocket`` is routed the same way and, once the callee's app
 switched protocols, tunnelled (natsmesh_sidecar.transport.stream.tunnel).
 
-What a parsed request becomes is the :class:`Handler`'s business
+What a parsed request (natsmesh_sidecar.edge.request) becomes is the handler's business
 (natsmesh_sidecar.calls.outbound); this module knows only its ``start``.
 """
 
@@ -22,12 +22,22 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import httptools
 
 from natsmesh_sidecar import codec
+from natsmesh_sidecar.edge.request import (
+    _DROPPED,
+    _FORWARD,
+    _HOST,
+    _NAMES,
+    Handler,
+    Request,
+    StreamedRequest,
+    _name,
+)
 from natsmesh_sidecar.wire import StreamLimits
 
 if TYPE_CHECKING:
@@ -35,107 +45,11 @@ if TYPE_CHECKING:
     from natsmesh_sidecar.transport.stream.caller import CallerStream
 
 logger = logging.getLogger(__name__)
-R = TypeVar("R", bound="Request")
+R = TypeVar("R", bound=Request)
 
 MAX_URL = 8192
 EVENTS_PREFIX = "/_events/"
 _EVENTS_PREFIX_B = EVENTS_PREFIX.encode()
-#: Headers the handler needs by name; everything else is only forwarded.
-_SPECIAL = frozenset(
-    {
-        "host",
-        "x-request-id",
-        "traceparent",
-        "idempotency-key",
-        "content-type",
-        # Never forwarded: a streamed body's length travels as Nm-Length, and
-        # the listener answers 100 Continue itself.
-        "content-length",
-        "expect",
-        # Kept aside, never forwarded: which protocol an Upgrade asks for.
-        "upgrade",
-    }
-)
-_DROP = codec.HOP_BY_HOP | {"x-request-id", "traceparent"}
-#: What on_header does with a header: forward it, keep it aside (the host
-#: both), or drop it.
-_FORWARD, _SPECIAL_ONLY, _HOST, _DROPPED = 0, 1, 2, 3
-#: Header name as received -> (name, lower-case name, what to do): the same
-#: few names come with every request. Bounded: names come from clients.
-_NAMES: dict[bytes, tuple[str, str, int]] = {}
-
-
-def _name(name: bytes) -> tuple[str, str, int]:
-    n = name.decode("latin-1")
-    low = n.lower()
-    if low in _SPECIAL:
-        kind = _HOST if low == "host" else _SPECIAL_ONLY
-    elif low in _DROP or low.startswith(codec.MESH_PREFIX_LOWER):
-        kind = _DROPPED
-    else:
-        kind = _FORWARD
-    if len(_NAMES) >= 4096:
-        _NAMES.clear()
-    found = _NAMES[name] = (n, low, kind)
-    return found
-
-
-class Request:
-    __slots__ = (
-        "body",
-        "headers",
-        "host",
-        "keep_alive",
-        "method",
-        "path",
-        "special",
-        "target",
-        "traceparent",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        host: str,
-        headers: list[tuple[str, str]],
-        special: dict[str, str],
-        body: bytes,
-        keep_alive: bool,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.path = target.split("?", 1)[0]
-        self.host = host
-        self.headers = headers
-        self.special = special
-        self.body = body
-        self.keep_alive = keep_alive
-        #: The traceparent sent on (the outbound span's, when tracing).
-        self.traceparent: str | None = None
-
-    def lower_headers(self) -> dict[str, str]:
-        return {k.lower(): v for k, v in self.headers} | self.special
-
-
-class StreamedRequest(Request):
-    """A request whose body is still arriving: ``stream`` carries it (and its answer)."""
-
-    __slots__ = ("stream",)
-
-    stream: CallerStream  # or a WebSocket's natsmesh_sidecar.transport.stream.tunnel.CallerTunnel
-
-
-#: How a handler hands a later answer to the connection.
-Done = Callable[[Request, "bytes | CallerStream"], None]
-
-
-class Handler(Protocol):
-    """What turns a parsed request into its response (natsmesh_sidecar.calls.outbound)."""
-
-    def start(self, req: Request, done: Done) -> bytes | None:
-        """The response now, or None when ``done(req, response)`` will be called later."""
-        ...
 
 
 class _Reject(Exception):
@@ -221,6 +135,20 @@ class OutboundConnection(asyncio.Protocol):
             status, code, message = self.reject or (400, "bad_request", "malformed HTTP request")
             self._fail(status, code, message)
         except httptools.HttpParserError as exc:
+            if (
+                self._url == b"*"
+                and self.parser.get_method() == b"PRI"
+                and self.parser.get_http_version() == "2.0"
+                and not self._headers
+                and not self.busy
+            ):
+                # The HTTP/2 preface (h2c with prior knowledge, as gRPC
+                # clients connect): the socket is HTTP/2's from here on.
+                from natsmesh_sidecar.edge import h2
+
+                self.stopped = True
+                h2.take_over(self, data)
+                return
             self._fail(400, "bad_request", f"malformed HTTP request: {exc}")
 
     # -- httptools callbacks -----------------------------------------------
@@ -473,6 +401,21 @@ class OutboundConnection(asyncio.Protocol):
             self._close()
 
 
+class Connection(Protocol):
+    """What the server asks of each connection: an HTTP/1.1 one, or an HTTP/2
+    one (natsmesh_sidecar.edge.h2.H2Server)."""
+
+    @property
+    def busy(self) -> bool: ...
+
+    @property
+    def queue(self) -> Sized: ...
+
+    def sweep(self, now: float) -> None: ...
+
+    def _close(self) -> None: ...
+
+
 class OutboundServer:
     """The listener plus its connection set (for sweeping and draining)."""
 
@@ -499,7 +442,7 @@ class OutboundServer:
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
-        self.connections: set[OutboundConnection] = set()
+        self.connections: set[Connection] = set()
         self.server: asyncio.Server | None = None
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None

@@ -20,7 +20,7 @@ from nats.js import errors as js_errors
 from natsmesh_sidecar import codec, subjects
 
 if TYPE_CHECKING:
-    from natsmesh_sidecar.edge.listener import Request
+    from natsmesh_sidecar.edge.request import Request
     from natsmesh_sidecar.observe.metrics import Metrics
     from natsmesh_sidecar.observe.tracing import Tracer
     from natsmesh_sidecar.policy.permissions import Permissions

@@ -26,7 +26,9 @@ UNDELIVERED = "undelivered"
 UNAVAILABLE = "unavailable"
 VIOLATION = "permission_violation"
 TOO_LARGE = "too_large"
-CALLER_SIDE = frozenset({UNAVAILABLE, VIOLATION, TOO_LARGE})
+#: The client went away (an HTTP/2 stream reset, a gRPC cancel) before the answer.
+CANCELLED = "cancelled"
+CALLER_SIDE = frozenset({UNAVAILABLE, VIOLATION, TOO_LARGE, CANCELLED})
 
 
 def matches(match: Match, method: str, path: str, headers: Mapping[str, str]) -> bool:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from natsmesh_sidecar import codec
 from natsmesh_sidecar.calls import inbound, route
-from natsmesh_sidecar.edge import listener
+from natsmesh_sidecar.edge import request
 from natsmesh_sidecar.transport import natsfast
 
 pytestmark = pytest.mark.unit
@@ -274,7 +274,7 @@ def test_request_head_matches_encoding_the_request_dict(
     headers: list[tuple[str, str]], method: str, rid: str, special: dict[str, str], ms: int
 ) -> None:
     """What outbound sent before: the dict of the app's and the mesh's headers, encoded."""
-    req = listener.Request(method, "/p?q", "app", headers, special, b"", True)
+    req = request.Request(method, "/p?q", "app", headers, special, b"", True)
     got = b"%sNm-Timeout-Ms: %d\r\n\r\n" % (route.request_head(req, rid, "gw.shop", None), ms)
     hdrs = codec.http_to_nats(headers)
     hdrs[codec.H_METHOD] = method
@@ -292,7 +292,7 @@ def test_request_head_matches_encoding_the_request_dict(
 
 def test_request_head_continues_the_callers_trace() -> None:
     incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    req = listener.Request("GET", "/", "app", [], {"traceparent": incoming}, b"", True)
+    req = request.Request("GET", "/", "app", [], {"traceparent": incoming}, b"", True)
     tp = natsfast.parse_headers(route.request_head(req, "r", "gw.shop", None) + b"\r\n")[
         codec.TRACEPARENT
     ]

@@ -99,3 +99,13 @@ def test_stream_is_imported_only_when_a_body_streams() -> None:
     and natsfast import them lazily."""
     for mods in (runtime_modules(), _with_a_sidecar(None)):
         assert [m for m in mods if m.startswith("natsmesh_sidecar.transport.stream")] == []
+
+
+def test_http2_is_imported_only_when_a_connection_speaks_it() -> None:
+    """No ``h2`` (nor our HTTP/2 edges) until a client sends the HTTP/2
+    preface or a gRPC call reaches a ``protocol: grpc`` app: the HTTP/1.1
+    path and idle RSS stay as they were."""
+    for mods in (runtime_modules(), _with_a_sidecar(None)):
+        assert [m for m in mods if m == "h2" or m.startswith(("h2.", "hpack", "hyperframe"))] == []
+        assert "natsmesh_sidecar.edge.h2" not in mods
+        assert "natsmesh_sidecar.edge.h2app" not in mods

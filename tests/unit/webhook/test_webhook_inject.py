@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 from natsmesh_operator.webhook import inject
@@ -58,11 +59,18 @@ def test_sidecar_env_names_the_service_and_mounted_creds() -> None:
     assert env["NATSMESH_NAMESPACE"] == "shop"
     assert env["NATSMESH_VERSION"] == "v2"
     assert env["NATSMESH_APP_PORT"] == "8080"
+    assert env["NATSMESH_APP_PROTOCOL"] == "http"
     assert env["NATSMESH_NATS_URL"] == "nats://nats.mesh:4222"
     assert env["NATSMESH_X"] == "y"
     mount = sidecar["volumeMounts"][0]
     assert env["NATSMESH_CREDS_FILE"] == f"{mount['mountPath']}/{inject.CREDS_KEY}"
     assert mount["readOnly"] is True
+
+
+def test_a_grpc_service_tells_its_sidecar_to_speak_http2_to_the_app() -> None:
+    target = dataclasses.replace(TARGET, protocol="grpc")
+    sidecar = inject.injection(pod(), target, InjectionSettings())["spec"]["initContainers"][0]
+    assert env_of(sidecar)["NATSMESH_APP_PROTOCOL"] == "grpc"
 
 
 def test_creds_volume_added_and_author_volumes_kept() -> None:

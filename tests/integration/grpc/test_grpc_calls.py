@@ -1,0 +1,256 @@
+"""gRPC through two sidecars: every call kind, metadata, errors, deadlines, cancels.
+
+One mesh for the module (grpc_harness: an operator-mode nats-server, the
+tenant applied by the wiring code, three orders replicas behind their own
+sidecars, web's and evil's sidecars): ``grpcio`` clients and servers on
+both ends, the sidecars in between speaking HTTP/2 to each and streams over
+NATS between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import pytest_asyncio
+
+from tests.fixtures.nats_operator import start_operator_nats
+from tests.integration.grpc.grpc_harness import (
+    MIB,
+    SERVICE,
+    SLOW_TIMEOUT_MS,
+    GrpcMesh,
+    running_grpc_mesh,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GrpcMesh]:
+    workdir = tmp_path_factory.mktemp("grpc")
+    on = start_operator_nats(workdir)
+    try:
+        async with running_grpc_mesh(on, workdir) as m:
+            yield m
+    finally:
+        on.server.stop()
+
+
+def method(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+async def test_unary_with_metadata_and_trailers(mesh: GrpcMesh) -> None:
+    async with mesh.channel() as channel:
+        call = channel.unary_unary(method("Echo"))(
+            b"hello", metadata=(("x-meta", "m1"), ("x-meta-bin", b"\x00\xff")), timeout=5
+        )
+        assert await call == b"hello"
+        assert await call.code() == grpc.StatusCode.OK
+        initial = dict(await call.initial_metadata())
+        trailing = dict(await call.trailing_metadata())
+    assert initial["x-head"] == "m1"
+    assert trailing["x-trail"] == "end"
+    assert trailing["x-trail-bin"] == b"\x00\x01\xff"
+    # What the app saw: the client's metadata, binary included, and a deadline.
+    seen = [s for s in mesh.states if s.metadata.get("x-meta") == "m1"]
+    assert len(seen) == 1
+    assert seen[0].metadata["x-meta-bin"] == b"\x00\xff"
+    assert seen[0].time_remaining is not None
+    assert 3 < seen[0].time_remaining <= 5
+
+
+async def test_an_app_error_arrives_with_its_status_message_and_trailers(mesh: GrpcMesh) -> None:
+    async with mesh.channel() as channel:
+        call = channel.unary_unary(method("Echo"))(b"fail", timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed.value.details() == "bad request ✓ 100%"
+    assert dict(failed.value.trailing_metadata() or ())["x-why"] == "because"
+
+
+async def test_server_streaming_with_flow_control(mesh: GrpcMesh) -> None:
+    """8 MiB in 64 messages: more than every window on the way."""
+    async with mesh.channel() as channel:
+        got = [m async for m in channel.unary_stream(method("Count"))(b"64:131072", timeout=20)]
+    assert len(got) == 64
+    assert all(len(m) == 131072 for m in got)
+    assert [m.split(b":")[0] for m in got] == [b"%d" % i for i in range(64)]
+
+
+async def test_client_streaming(mesh: GrpcMesh) -> None:
+    async def requests() -> AsyncIterator[bytes]:
+        for i in range(40):
+            yield os.urandom(100_000 + i)
+
+    async with mesh.channel() as channel:
+        answer = await channel.stream_unary(method("Sum"))(requests(), timeout=20)
+    assert answer == b"40:%d" % sum(100_000 + i for i in range(40))
+
+
+async def test_bidirectional_ping_pong_and_big_messages(mesh: GrpcMesh) -> None:
+    async with mesh.channel() as channel:
+        call = channel.stream_stream(method("Chat"))(timeout=20)
+        # Each answer before the next request: the response streams while the request does.
+        for i in range(20):
+            await call.write(b"m%d" % i)
+            assert await call.read() == b"re:m%d" % i
+        big = os.urandom(2 * MIB)
+        await call.write(big)
+        assert await call.read() == b"re:" + big
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_per_request_load_balancing_over_one_connection(mesh: GrpcMesh) -> None:
+    """One channel (one HTTP/2 connection): the calls still spread over every replica."""
+    mesh.reset()
+    async with mesh.channel() as channel:
+        who = channel.unary_unary(method("Who"))
+        answers = [await who(b"", timeout=5) for _ in range(60)]
+    spread = collections.Counter(answers)
+    assert set(spread) == {b"r0", b"r1", b"r2"}, spread
+    assert min(spread.values()) >= 5, spread
+
+
+async def test_mesh_refusals_are_grpc_statuses(mesh: GrpcMesh) -> None:
+    cases = [
+        # evil may call nobody: its own sidecar refuses.
+        ("evil", "orders.shop", grpc.StatusCode.PERMISSION_DENIED, "may not call"),
+        ("web", "nobody.shop", grpc.StatusCode.UNIMPLEMENTED, "no service"),
+        # ghost is known and allowed, but nothing serves it.
+        ("web", "ghost.shop", grpc.StatusCode.UNAVAILABLE, "no instance"),
+    ]
+    for side, authority, code, text in cases:
+        async with mesh.channel(side, authority) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(method("Echo"))(b"x", timeout=5)
+        assert refused.value.code() == code, (side, authority, refused.value)
+        assert text in (refused.value.details() or ""), refused.value.details()
+    # The legitimate call beside them is served.
+    async with mesh.channel() as channel:
+        assert await channel.unary_unary(method("Echo"))(b"ok", timeout=5) == b"ok"
+
+
+async def test_the_routes_timeout_is_a_deadline_and_cancels_the_app(mesh: GrpcMesh) -> None:
+    """The route's 1 s for Slow is shorter than the client's 10 s deadline."""
+    mesh.reset()
+    started = time.monotonic()
+    async with mesh.channel() as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await channel.unary_unary(method("Slow"))(b"", timeout=10)
+    elapsed = time.monotonic() - started
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert f"{SLOW_TIMEOUT_MS} ms" in (late.value.details() or "")
+    assert SLOW_TIMEOUT_MS / 1000 <= elapsed < 4
+    await asyncio.wait_for(_any_cancelled(mesh), 3)
+
+
+async def test_grpc_timeout_is_enforced_by_the_sidecar(mesh: GrpcMesh) -> None:
+    """A raw HTTP/2 client that sends ``grpc-timeout: 300m`` and never gives
+    up itself: the sidecar answers DEADLINE_EXCEEDED and cancels the app."""
+    mesh.reset()
+    started = time.monotonic()
+    headers = await _raw_call(mesh.port(), method("Slow"), [("grpc-timeout", "300m")])
+    elapsed = time.monotonic() - started
+    assert headers[":status"] == "200"
+    assert headers["grpc-status"] == "4", headers
+    assert 0.3 <= elapsed < 0.9, elapsed
+    await asyncio.wait_for(_any_cancelled(mesh), 3)
+
+
+async def test_a_client_cancel_cancels_the_apps_call(mesh: GrpcMesh) -> None:
+    mesh.reset()
+    async with mesh.channel() as channel:
+        call = channel.unary_stream(method("Ticks"))(b"", timeout=30)
+        ticks = [await call.read() for _ in range(3)]
+        assert ticks == [b"tick 0", b"tick 1", b"tick 2"]
+        call.cancel()
+        await asyncio.wait_for(_any_cancelled(mesh), 3)
+        # The connection goes on serving.
+        assert await channel.unary_unary(method("Echo"))(b"after", timeout=5) == b"after"
+
+
+async def test_http1_still_served_on_the_same_listener(mesh: GrpcMesh) -> None:
+    def get() -> tuple[int, dict[str, str]]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{mesh.port()}/x", headers={"Host": "nobody.shop"}
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            opener.open(req, timeout=5)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+        raise AssertionError("no error")
+
+    status, body = await asyncio.to_thread(get)
+    assert status == 404
+    assert body["error"] == "unknown_service"
+
+
+async def _any_cancelled(mesh: GrpcMesh) -> None:
+    await asyncio.wait(
+        [asyncio.ensure_future(s.cancelled.wait()) for s in mesh.states],
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+
+
+async def _raw_call(port: int, path: str, extra: list[tuple[str, str]]) -> dict[str, str]:
+    """One gRPC request by hand (h2): the response's headers and trailers, merged."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "orders.shop"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            *extra,
+        ],
+    )
+    conn.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
+    writer.write(conn.data_to_send())
+    got: dict[str, str] = {}
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "connection closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    got.update(dict(event.headers))  # type: ignore[arg-type]
+                if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    return got
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+
+
+async def test_what_only_looks_like_the_http2_preface_gets_an_http1_400(mesh: GrpcMesh) -> None:
+    """Found by the fuzz test: ``PRI * HTTP/1.1`` with headers was taken for HTTP/2."""
+    for data in (
+        b"PRI * HTTP/1.1\r\nHost: orders\r\n\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", mesh.port())
+        writer.write(data)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), (data, answer[:60])
