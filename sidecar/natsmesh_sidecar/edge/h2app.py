@@ -38,7 +38,7 @@ from natsmesh_sidecar.transport.natsfast import FastPath, Reply
 from natsmesh_sidecar.transport.stream import protocol
 from natsmesh_sidecar.transport.stream.callee import (
     CalleeStream,
-    _headed,
+    headed,
     streamable,
     unary_reply,
 )
@@ -393,10 +393,8 @@ class AppH2:
             send_credit=stream.send_credit,
             length=length,
         )
-        credit = stream.receiver.open()
-        ready = protocol.block((protocol.H_STREAM, call), (protocol.H_CREDIT, credit))
-        fast.publish_block(stream.reply, b"", ready, b"")
-        return await _headed(stream, fast, msg.reply, timeout_s), ""
+        stream.send_ready(stream.receiver.open())
+        return await headed(stream, timeout_s), ""
 
     def request_headers(
         self, hdrs: dict[str, str], length: int | None

@@ -194,6 +194,10 @@ class CalleeStream(Peer):
     def send_credit(self, credit: int) -> None:
         self._to_caller(protocol.credit_block(credit))
 
+    def send_ready(self, credit: int) -> None:
+        """Tell the caller the app is reached and how many request chunks it may send."""
+        self._to_caller(protocol.block((protocol.H_STREAM, self.call), (protocol.H_CREDIT, credit)))
+
     # -- the app's response ----------------------------------------------------------
 
     def set_head(self, status: int, lines: str, length: int | None) -> None:
@@ -579,12 +583,11 @@ async def serve_upload(
         send_credit=stream.send_credit,
         length=length,
     )
-    ready = protocol.block((protocol.H_STREAM, call), (protocol.H_CREDIT, stream.receiver.open()))
-    stream._to_caller(ready)
-    return await _headed(stream, timeout_s), ""
+    stream.send_ready(stream.receiver.open())
+    return await headed(stream, timeout_s), ""
 
 
-async def _headed(stream: CalleeStream, timeout_s: float) -> int:
+async def headed(stream: CalleeStream, timeout_s: float) -> int:
     """Wait for the response head; the app gets ``timeout_s`` once it has the whole body."""
     done_at = 0.0
     while not stream.headed.done():
