@@ -11,8 +11,19 @@ venv="${VENV:-$repo/.venv}"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
 stamp="$venv/.installed"
+
+# Bytecode: with PYTHONDONTWRITEBYTECODE set (as on the CI machine) and uv
+# compiling nothing by default, every Python process would compile each
+# module it imports from source, every time: 1.45 s instead of 0.6 s to start
+# a sidecar, paid by each of the hundreds the tests start. The project's own
+# sources are compiled on every call (only what changed is rewritten).
+compile_project() {
+  "$venv/bin/python" -m compileall -q -j0 "$repo/sidecar" "$repo/operator" "$repo/tests" \
+    "$repo/bench" "$repo/examples" >/dev/null || echo "venv: compileall reported errors" >&2
+}
 want="$(cat "$repo/requirements/dev.txt" "$repo/requirements/build.txt" "$repo/pyproject.toml" | sha256sum | cut -c1-16)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  compile_project
   echo "venv: up to date ($venv)"
   exit 0
 fi
@@ -24,7 +35,7 @@ uv_req="$(mktemp)"
 trap 'rm -f "$uv_req"' EXIT
 awk '/^uv==/ {p = 1} p {print} p && !/\\$/ {exit}' "$repo/requirements/dev.txt" >"$uv_req"
 if [[ -s "$uv_req" ]] && pip --require-hashes -r "$uv_req"; then
-  uv=("$venv/bin/uv" pip install -q --python "$venv/bin/python")
+  uv=("$venv/bin/uv" pip install -q --python "$venv/bin/python" --compile-bytecode)
   "${uv[@]}" --require-hashes -r "$repo/requirements/build.txt" -r "$repo/requirements/dev.txt"
   # The project itself: editable, no dependency resolution (the lock did that).
   "${uv[@]}" --no-build-isolation --no-deps -e "$repo"
@@ -34,5 +45,6 @@ else
   pip --require-hashes -r "$repo/requirements/dev.txt"
   pip --no-build-isolation --no-deps -e "$repo"
 fi
+compile_project
 echo "$want" > "$stamp"
 echo "venv: installed in $((SECONDS - start))s ($venv)"

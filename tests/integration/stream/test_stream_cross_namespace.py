@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -93,21 +92,9 @@ class Mesh:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.web.listen_port}{path}"
 
-    def reply_mappings(self) -> int:
-        """How many ``_R_`` mappings shop's account holds (nats-server's /accountz)."""
-        account = self.on.keyring.account("shop").public
-        url = f"{self.on.server.monitor_url}/accountz?acc={account}"
-        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - the test's own server
-            detail = json.load(r)["account_detail"]
-        return len(detail.get("responses") or {})
-
-    async def mappings_settle(self, want: int, within: float = 5.0) -> int:
-        deadline = time.monotonic() + within
-        while (got := await asyncio.to_thread(self.reply_mappings)) != want:
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        return got
+    async def mappings_settle(self, want: int) -> int:
+        """shop's ``_R_`` mappings once they are ``want`` (or 5 s passed)."""
+        return await self.on.reply_mappings_settle("shop", want)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -200,7 +187,7 @@ async def test_server_sent_events_cross_namespaces_as_they_are_written(mesh: Mes
             seen.append(time.monotonic() - t0)
             if len(seen) == 1:
                 # The stream's one reply mapping (the head's took its one answer).
-                live = await asyncio.to_thread(mesh.reply_mappings)
+                live = await asyncio.to_thread(mesh.on.reply_mappings, "shop")
     assert await asyncio.wait_for(proc.wait(), 5) == 0
     assert live == 1
     assert seen[0] < 1.0, seen
