@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +62,12 @@ class Retries(_Wire):
     backoff_max_ms: int = Field(250, ge=0, alias="backoffMaxMs")
     retry_non_idempotent: bool = Field(False, alias="retryNonIdempotent")
     """Retry POST/PATCH too; off by default because the app may have acted."""
+    # Written only when set, as Rule.max_body_bytes: older sidecars refuse the key.
+    grpc_retry_on: tuple[Annotated[int, Field(ge=1, le=16)], ...] = Field(
+        (), alias="grpcRetryOn", exclude_if=lambda v: not v
+    )
+    """gRPC statuses (numbers) that retry a gRPC call whose request the caller's
+    sidecar still holds whole (natsmesh_sidecar.calls.outbound); empty: none."""
 
 
 class FaultDelay(_Wire):

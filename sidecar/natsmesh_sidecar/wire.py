@@ -59,6 +59,7 @@ class Retries:
     backoff_base_ms: int = 25
     backoff_max_ms: int = 250
     retry_non_idempotent: bool = False
+    grpc_retry_on: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +412,7 @@ _RETRIES = (
     _F("backoff_base_ms", _int(0), None, "backoffBaseMs"),
     _F("backoff_max_ms", _int(0), None, "backoffMaxMs"),
     _F("retry_non_idempotent", _bool, None, "retryNonIdempotent"),
+    _F("grpc_retry_on", _tuple(_int(1, 16)), None, "grpcRetryOn"),
 )
 _DELAY = (_F("delay_ms", _int(0), alias="delayMs"), _F("percent", _float(0, 100)))
 _ABORT = (_F("status", _int(200, 599)), _F("percent", _float(0, 100)))

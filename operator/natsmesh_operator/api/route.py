@@ -41,6 +41,21 @@ from natsmesh_operator.api.resource import (
 
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 RetryCondition = Literal["noResponders", "timeout", "5xx"]
+#: gRPC statuses a route may retry, as gRPC's own service config spells them
+#: (``retryableStatusCodes``), and their numbers (what the route table carries).
+#: The transient ones (Istio's gRPC retryOn list): the others (INVALID_ARGUMENT,
+#: NOT_FOUND, PERMISSION_DENIED...) are the app's answer about the request,
+#: which a second try repeats.
+GRPC_RETRYABLE: dict[str, int] = {
+    "CANCELLED": 1,
+    "DEADLINE_EXCEEDED": 4,
+    "RESOURCE_EXHAUSTED": 8,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+}
+GrpcRetryStatus = Literal[
+    "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE"
+]
 #: Header names as the sidecar sees them: lower-case HTTP tokens.
 HEADER_NAME_PATTERN = r"^[a-z0-9][-a-z0-9_.]*$"
 _HEADER_NAME_RE = re.compile(HEADER_NAME_PATTERN)
@@ -56,7 +71,7 @@ _HEADER_NAMES = "header names must be lower-case, e.g. x-canary"
 _WEIGHTS = "destination weights must sum to 100"
 _PER_TRY = "retries.perTryTimeout must be shorter than timeout"
 _FAULT_DELAY = "fault.delay.fixedDelay must be shorter than timeout"
-_NOTHING_TO_RETRY = "retries with attempts > 0 need retryOn or retryOnCodes"
+_NOTHING_TO_RETRY = "retries with attempts > 0 need retryOn, retryOnCodes or retryOnGrpc"
 _BACKOFF_ORDER = "backoff.max must not be shorter than backoff.base"
 _FAULT_EMPTY = "fault must set delay or abort"
 _RULE_NAMES = "rule names must be unique"
@@ -128,7 +143,8 @@ class Retries(ApiModel):
         json_schema_extra=schema_extra(
             cel(
                 "self.attempts == 0 || size(self.retryOn) > 0"
-                " || (has(self.retryOnCodes) && size(self.retryOnCodes) > 0)",
+                " || (has(self.retryOnCodes) && size(self.retryOnCodes) > 0)"
+                " || (has(self.retryOnGrpc) && size(self.retryOnGrpc) > 0)",
                 _NOTHING_TO_RETRY,
                 field_path=".retryOn",
             )
@@ -150,6 +166,19 @@ class Retries(ApiModel):
         list[Annotated[int, Field(ge=400, le=599)]], Field(max_length=MAX_RETRY_CODES)
     ] = Field(default_factory=list, json_schema_extra=schema_extra(x_kubernetes_list_type="set"))
     """Further HTTP statuses to retry, e.g. `[429, 503]`."""
+    retry_on_grpc: Annotated[list[GrpcRetryStatus], Field(max_length=len(GRPC_RETRYABLE))] = Field(
+        default_factory=list, json_schema_extra=schema_extra(x_kubernetes_list_type="set")
+    )
+    """gRPC statuses that retry a gRPC call, e.g. `[UNAVAILABLE]`; empty (the
+    default): a gRPC call is retried only when nobody heard it (`noResponders`
+    in `retryOn`). Listing a status says the rule's methods are safe to call
+    twice (gRPC calls are all POST, so `retryNonIdempotent` does not apply to
+    them): match only idempotent methods, e.g. `pathPrefix:
+    /shop.Orders/Get`. A call is retried only while its caller's sidecar
+    still holds the whole request (the client's messages, up to 128 KiB) and
+    nothing of the response has reached the client: a trailers-only answer
+    with one of these statuses, or the mesh's own answer with it
+    (`DEADLINE_EXCEEDED`: a try that outlived `perTryTimeout`)."""
     backoff: RetryBackoff = Field(default_factory=RetryBackoff)
     """Wait between tries."""
     retry_non_idempotent: bool = False
@@ -157,7 +186,7 @@ class Retries(ApiModel):
 
     @model_validator(mode="after")
     def _something_to_retry(self) -> Self:
-        if self.attempts and not (self.retry_on or self.retry_on_codes):
+        if self.attempts and not (self.retry_on or self.retry_on_codes or self.retry_on_grpc):
             raise ValueError(_NOTHING_TO_RETRY)
         return self
 

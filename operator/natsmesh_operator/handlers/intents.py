@@ -65,6 +65,7 @@ def _retries(r: api_route.Retries | None) -> wire.Retries:
         backoff_base_ms=parse_duration_ms(r.backoff.base),
         backoff_max_ms=parse_duration_ms(r.backoff.max),
         retry_non_idempotent=r.retry_non_idempotent,
+        grpc_retry_on=tuple(api_route.GRPC_RETRYABLE[name] for name in r.retry_on_grpc),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -236,13 +237,16 @@ class InboundHandler:
         # caller's route's, if it sets one.
         limits = protocol.limits_of(hdrs, self.pool.stream_limits)
         serve, reserve = callee.serve_upload, (limits.window + 1) * limits.chunk_bytes
+        grpc: _GrpcEnd | None = None
         if codec.H_UPGRADE in hdrs:
             from natsmesh_sidecar.transport.stream import tunnel
 
             # Nothing flows until the app's answer.
             serve, reserve = tunnel.serve, 0
         elif self.app_protocol == "grpc":
-            serve = self._h2_app().serve
+            # Counted at the call's end, with its gRPC status (maybe after this returns).
+            grpc = _GrpcEnd(lambda got: self._observe(msg, t0, rid, method, target, *got))
+            serve = functools.partial(self._h2_app().serve, on_end=grpc.ended)
         if self.held_bytes and self.held_bytes + reserve > self.limits.max_bytes:
             self._overloaded(msg, "sidecar memory budget for requests in hand is full")
             self.inflight -= 1
@@ -259,6 +263,8 @@ class InboundHandler:
             fast = self.fast()
             if fast is None:
                 status, error = 503, "nats_unavailable"
+                if grpc is not None:
+                    grpc.ended(14)  # UNAVAILABLE, as the caller's sidecar tells its client
                 return
             status, error = await serve(
                 msg,
@@ -274,7 +280,11 @@ class InboundHandler:
             self._failed(msg, rid, exc)
         finally:
             self.held_bytes -= reserve
-            self._end(msg, t0, rid, method, target, status, error)
+            if grpc is None:
+                self._end(msg, t0, rid, method, target, status, error)
+            else:
+                self._release(msg)
+                grpc.answered(status, error)
 
     def _h2_app(self) -> AppH2:
         """The app's HTTP/2 connection (made at the first gRPC call)."""
@@ -395,15 +405,33 @@ class InboundHandler:
         self, msg: Msg, t0: float, rid: str, method: str, target: str, status: int, error: str
     ) -> None:
         """Count and log a finished call, free its slot."""
+        self._release(msg)
+        self._observe(msg, t0, rid, method, target, status, error)
+
+    def _release(self, msg: Msg) -> None:
+        """Free a call's slot and what its request held."""
         self.inflight -= 1
         self.held_bytes -= len(msg.data)
+
+    def _observe(
+        self,
+        msg: Msg,
+        t0: float,
+        rid: str,
+        method: str,
+        target: str,
+        status: int,
+        error: str,
+        grpc_status: str = "",
+    ) -> None:
+        """Count, trace and log a finished call (``grpc_status``: a gRPC call's)."""
         elapsed = time.perf_counter() - t0
         self.served += 1
         self.processing_ns += int(elapsed * 1e9)
         if status >= 500:
             self.errors += 1
         source = msg.headers.get(codec.H_SOURCE, "-") if msg.headers else "-"
-        self.metrics.observe("inbound", source, self.source, status, elapsed)
+        self.metrics.observe("inbound", source, self.source, status, elapsed, grpc_status)
         if self.tracer is not None:
             self._span(self.tracer, msg, elapsed, rid, method, target, status, error)
         if self.access_log:
@@ -418,6 +446,7 @@ class InboundHandler:
                 status=status,
                 duration_s=elapsed,
                 error=error,
+                grpc_status=grpc_status,
             )
         tap = self.tap
         if tap is not None:
@@ -522,3 +551,33 @@ class InboundHandler:
             codec.error_body(code, message, rid),
             code,
         )
+
+
+class _GrpcEnd:
+    """A gRPC call's count, once both its head's answer (HTTP status, error
+    code) and its end (its gRPC status, natsmesh_sidecar.edge.h2app) are known:
+    the end may come first (a call refused at once) or long after (a stream)."""
+
+    __slots__ = ("code", "head", "observe")
+
+    def __init__(self, observe: Callable[[tuple[int, str, str]], None]) -> None:
+        self.observe = observe
+        self.head: tuple[int, str] | None = None
+        self.code: int | None = None
+
+    def ended(self, code: int) -> None:
+        if self.code is None:
+            self.code = code
+            self._maybe()
+
+    def answered(self, status: int, error: str) -> None:
+        self.head = (status, error)
+        if self.code is None and status == 500 and error == "internal":
+            self.code = 13  # the sidecar failed (logged): nothing else will end it
+        self._maybe()
+
+    def _maybe(self) -> None:
+        head, code = self.head, self.code
+        if head is not None and code is not None:
+            self.head = None
+            self.observe((head[0], head[1], str(code)))

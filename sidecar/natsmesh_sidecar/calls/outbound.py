@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from natsmesh_sidecar import codec
 from natsmesh_sidecar.calls.route import Mesh, Plan, Planner, Result, body_limit, refusal
+from natsmesh_sidecar.edge import grpcwire
 from natsmesh_sidecar.edge.listener import EVENTS_PREFIX
 from natsmesh_sidecar.edge.request import Done, Request, StreamedRequest
 from natsmesh_sidecar.observe import accesslog
@@ -293,7 +294,7 @@ class OutboundHandler:
     # -- streamed bodies ---------------------------------------------------------------
 
     async def _stream_call(self, req: StreamedRequest, rid: str, t0: float) -> bytes | CallerStream:
-        """A request whose body streams: never retried (its body is read once)."""
+        """A request whose body streams: retried only as a gRPC call held whole."""
         try:
             step = await self._prepare(req, rid, None)
             if isinstance(step, tuple):
@@ -311,33 +312,44 @@ class OutboundHandler:
         return self._respond(req, rid, t0, result)
 
     async def _streamed(self, req: StreamedRequest, rid: str, plan: Plan) -> Result | CallerStream:
-        mesh, rule = self.mesh, plan.rule
+        """Tries of a streamed call until one settles it.
+
+        A gRPC call whose rule retries is held (a copy of its request while
+        it fits one chunk): a try may be repeated while the copy is whole and
+        nothing of the response went to the client (an answer that ended at
+        its head without a message: a trailers-only error, or the mesh's
+        own). Anything else (an HTTP/1.1 upload, a response that began) is
+        never tried again.
+        """
+        rule = plan.rule
         if req.stream.limit_body(rule.max_body_bytes):
             return body_limit(rule, rid, plan.dest_key)
-        req.stream.limits = self._limits(rule)
-        fast = mesh.fast
-        reply: Reply | None = None
-        streamed: CallerStream | None = None
-        if fast is None or mesh.nc is None or not mesh.nc.is_connected:
-            outcome: str | int = resilience.UNAVAILABLE
-        else:
-            # Nm-Stream-Method, not Nm-Method: a callee too old to stream
-            # answers 400 rather than call its app with an empty body.
-            start = plan.head.replace(b"\r\nNm-Method: ", b"\r\nNm-Stream-Method: ", 1)
-            head = b"%sNm-Timeout-Ms: %d\r\n" % (start, rule.timeout_ms)
-            answer = await req.stream.start_upload(
-                fast, plan.subject, head, rule.timeout_ms / 1000.0
-            )
-            if isinstance(answer, Reply):
-                outcome, reply = _received(answer)
-            elif isinstance(answer, str):
-                outcome = answer
-            else:
-                outcome, streamed = STREAMED, answer
-                answer.destination, answer.route = plan.dest_key, rule.name
+        retries = rule.retries
+        retried = bool(retries.attempts) and req.stream.grpc
+        if retried:
+            req.stream.hold(self.stream_limits.chunk_bytes)
+        deadline = time.monotonic() + rule.timeout_ms / 1000.0
+        attempt = 0
+        while True:
+            limit = rule.timeout_ms / 1000.0 if attempt == 0 else deadline - time.monotonic()
+            if retried and retries.per_try_timeout_ms:
+                limit = min(limit, retries.per_try_timeout_ms / 1000.0)
+            outcome, reply, streamed = await self._try_stream(req, plan, limit)
+            if retried and attempt < retries.attempts:
+                backoff = self._stream_backoff(
+                    req, plan, attempt, outcome, reply, streamed, deadline
+                )
+                if backoff is not None:
+                    if streamed is not None:
+                        streamed.discard()
+                    req.stream = req.stream.replay()
+                    await asyncio.sleep(backoff)
+                    attempt += 1
+                    continue
+            break
         if outcome == BODY_LIMIT:
             # A chunked body outgrew the rule's limit on its way: the callee was told.
-            return body_limit(rule, rid, plan.dest_key, 1)
+            return body_limit(rule, rid, plan.dest_key, attempt + 1)
         if outcome in _STREAM_BROKE:
             # The stream broke before a response (an abort, a protocol error).
             if plan.breaker is not None:
@@ -349,14 +361,61 @@ class OutboundHandler:
                 rid,
                 plan.dest_key,
                 rule.name,
-                1,
+                attempt + 1,
             )
-        # The last attempt's number: no retry.
+        if attempt and streamed is not None:
+            streamed.attempts = attempt + 1
         step = self._settle(
-            req, rid, plan, rule.retries.attempts, outcome, reply, 0.0, streamed=streamed
+            req, rid, plan, attempt, outcome, reply, 0.0, streamed=streamed, final=True
         )
         assert not isinstance(step, float)
         return step
+
+    async def _try_stream(
+        self, req: StreamedRequest, plan: Plan, limit_s: float
+    ) -> tuple[str | int, Reply | None, CallerStream | None]:
+        """One try of a streamed call: (outcome, a whole reply, the response's stream)."""
+        mesh, rule = self.mesh, plan.rule
+        fast = mesh.fast
+        if fast is None or mesh.nc is None or not mesh.nc.is_connected:
+            return resilience.UNAVAILABLE, None, None
+        if limit_s <= 0:
+            return resilience.TIMEOUT, None, None
+        req.stream.limits = self._limits(rule)
+        # Nm-Stream-Method, not Nm-Method: a callee too old to stream
+        # answers 400 rather than call its app with an empty body.
+        start = plan.head.replace(b"\r\nNm-Method: ", b"\r\nNm-Stream-Method: ", 1)
+        head = b"%sNm-Timeout-Ms: %d\r\n" % (start, int(limit_s * 1000))
+        answer = await req.stream.start_upload(fast, plan.subject, head, limit_s)
+        if isinstance(answer, Reply):
+            outcome, reply = _received(answer)
+            return outcome, reply, None
+        if isinstance(answer, str):
+            return answer, None, None
+        answer.destination, answer.route = plan.dest_key, rule.name
+        return STREAMED, None, answer
+
+    def _stream_backoff(
+        self,
+        req: StreamedRequest,
+        plan: Plan,
+        attempt: int,
+        outcome: str | int,
+        reply: Reply | None,
+        streamed: CallerStream | None,
+        deadline: float,
+    ) -> float | None:
+        """Seconds before a gRPC call's next try, or None if this one settles it."""
+        if req.stream.expired or not req.stream.replayable():
+            return None
+        status = _grpc_status(outcome, reply, streamed)
+        if not resilience.retryable_grpc(outcome, status, plan.rule.retries):
+            return None
+        backoff = resilience.backoff_seconds(attempt, plan.rule.retries, self._rand())
+        if time.monotonic() + backoff >= deadline:
+            return None
+        self.metrics.retries.labels(plan.dest_key).inc()
+        return backoff
 
     def _relay(self, req: Request, rid: str, plan: Plan, reply: Reply) -> Result | CallerStream:
         """A reply that says the response streams: the stream that relays it."""
@@ -407,15 +466,21 @@ class OutboundHandler:
         deadline: float,
         *,
         streamed: object = None,
+        final: bool = False,
     ) -> Result | float | CallerStream:
-        """An attempt's outcome: the result, or the backoff before the next attempt.
+        """An attempt's outcome: the result, or the backoff before the next attempt
+        (never when ``final``: a streamed call decided that itself).
 
         A streamed response is never retried: its first chunk may already be
         on the client's socket.
         """
         if outcome == STREAMED:
             return self._settle_streamed(req, rid, plan, reply, streamed)
-        if outcome not in resilience.CALLER_SIDE and attempt < plan.rule.retries.attempts:
+        if (
+            not final
+            and outcome not in resilience.CALLER_SIDE
+            and attempt < plan.rule.retries.attempts
+        ):
             backoff = self._backoff(req, plan, attempt, outcome, deadline)
             if backoff is not None:
                 return backoff
@@ -441,7 +506,14 @@ class OutboundHandler:
         if isinstance(streamed, tuple):
             outcome = streamed[0]
         else:
-            outcome = cast("CallerStream", streamed).status
+            stream = cast("CallerStream", streamed)
+            outcome = stream.status
+            if stream.grpc and outcome == 200:
+                # A gRPC server's failure is a 200 with its status: one answered
+                # with the head (trailers-only) counts as a 5xx would.
+                grpc_status = _grpc_status(STREAMED, None, stream)
+                if grpc_status in grpcwire.SERVER_ERRORS:
+                    outcome = 500
         if plan.breaker is not None:
             plan.breaker.record(resilience.verdict(outcome), time.monotonic())
         return cast("Result | CallerStream", streamed)
@@ -558,9 +630,19 @@ class OutboundHandler:
 
     def _streaming(self, req: Request, rid: str, t0: float, stream: CallerStream) -> CallerStream:
         """Count and log a request whose response streams, at its head (the
-        access log's duration is the time to the first byte)."""
+        access log's duration is the time to the first byte; a gRPC call's,
+        the whole call's, counted at its end with its gRPC status)."""
         self.inflight -= 1
-        self._record(req, rid, t0, stream.status, stream.destination, stream.route, 1, "")
+        status, dest, route = stream.status, stream.destination, stream.route
+        attempts = stream.attempts
+        if stream.grpc:
+            # Counted at its end: a gRPC call's status comes with its trailers.
+            def ended(grpc_status: int) -> None:
+                self._record(req, rid, t0, status, dest, route, attempts, "", str(grpc_status))
+
+            stream.on_end = ended
+            return stream
+        self._record(req, rid, t0, status, dest, route, attempts, "")
         return stream
 
     def _respond(self, req: Request, rid: str, t0: float, result: Result) -> bytes:
@@ -575,7 +657,8 @@ class OutboundHandler:
         except Exception as exc:
             return self._crashed(req, rid, t0, exc, dest_key, route, attempts)
         self.inflight -= 1
-        self._record(req, rid, t0, status, dest_key, route, attempts, error)
+        grpc_status = "" if req.__class__ is Request else _grpc_label(req, status, error)
+        self._record(req, rid, t0, status, dest_key, route, attempts, error, grpc_status)
         return resp
 
     def _crashed(
@@ -590,7 +673,8 @@ class OutboundHandler:
     ) -> bytes:
         logger.error("outbound request failed", exc_info=exc)
         self.inflight -= 1
-        self._record(req, rid, t0, 500, dest_key, route, attempts, "internal")
+        grpc_status = _grpc_label(req, 500, "internal")
+        self._record(req, rid, t0, 500, dest_key, route, attempts, "internal", grpc_status)
         return codec.render_response(
             500,
             [("content-type", "application/json"), ("x-request-id", rid)],
@@ -608,9 +692,11 @@ class OutboundHandler:
         route: str,
         attempts: int,
         error: str,
+        grpc_status: str = "",
     ) -> None:
+        """Count, trace, log and tap one request; ``grpc_status`` only for a gRPC call."""
         elapsed = time.perf_counter() - t0
-        self.metrics.observe("outbound", self.source, dest_key, status, elapsed)
+        self.metrics.observe("outbound", self.source, dest_key, status, elapsed, grpc_status)
         tracer = self.tracer
         if tracer is not None:
             tracer.outbound(
@@ -639,6 +725,7 @@ class OutboundHandler:
                 duration_s=elapsed,
                 attempts=attempts,
                 error=error,
+                grpc_status=grpc_status,
             )
         tap = self.mesh.tap
         if tap is not None:
@@ -669,3 +756,39 @@ def _received(reply: Reply | str) -> tuple[str | int, Reply | None]:
         if codec.H_STREAM in reply.headers and codec.H_STATUS not in reply.headers:
             return STREAMED, reply
     return status, reply
+
+
+def _grpc_status(
+    outcome: str | int, reply: Reply | None, streamed: CallerStream | None
+) -> int | None:
+    """The gRPC status a try's outcome would give the client, None when the
+    outcome is not one to retry whatever the rule says: a response that began
+    (a message, or its head without the end: gRPC's "committed"), the client
+    gone or its deadline passed, the caller's own side (the outbound handler
+    maps the rest as natsmesh_sidecar.edge.h2 answers it)."""
+    if streamed is not None:
+        if not streamed.complete or any(streamed.pending):
+            return None
+        found = grpcwire.status_in(streamed.trailers)
+        if found is None:
+            found = grpcwire.status_value(streamed.response_headers.get("grpc-status"))
+        return found
+    if isinstance(outcome, int):
+        code = reply.headers.get(codec.H_ERROR, "") if reply is not None else ""
+        return grpcwire.status_of(outcome, code)
+    if outcome in (resilience.NO_RESPONDERS, resilience.UNDELIVERED, "aborted", "bad_stream"):
+        return grpcwire.UNAVAILABLE
+    if outcome == resilience.TIMEOUT:
+        return grpcwire.DEADLINE_EXCEEDED
+    return None
+
+
+def _grpc_label(req: Request, status: int, error: str) -> str:
+    """The gRPC status a gRPC call answered whole gets (as natsmesh_sidecar.edge.h2
+    answers it), as a label; "" for anything else (HTTP adds no series)."""
+    stream = getattr(req, "stream", None)
+    if not getattr(stream, "grpc", False):
+        return ""
+    if getattr(stream, "expired", False):
+        return str(grpcwire.DEADLINE_EXCEEDED)
+    return str(grpcwire.status_of(status, error))

@@ -10,7 +10,8 @@ Pure functions, unit-tested (tests/unit/sidecar/test_grpcwire.py):
   deadline, not "unavailable";
 * :func:`encode_trailers` / :func:`decode_trailers`: the app's HTTP/2
   trailers as one NATS header (``Nm-Trailers``) on a stream's last message;
-* :func:`message`: a ``grpc-message`` value (percent-encoded, as the spec asks).
+* :func:`message`: a ``grpc-message`` value (percent-encoded, as the spec asks);
+* :func:`status_value`: a ``grpc-status`` value as a status code (a metric label's value).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ UNIMPLEMENTED = 12
 INTERNAL = 13
 UNAVAILABLE = 14
 UNAUTHENTICATED = 16
+DATA_LOSS = 15
+#: The status codes gRPC defines (0 OK to 16 UNAUTHENTICATED).
+_CODES = frozenset(str(n) for n in range(17))
+#: A server's own failure, gRPC's 5xx: what the circuit breaker, the error-rate
+#: panel and alert count (charts/natsmesh/files). The rest is the server's
+#: answer about the request (NOT_FOUND, INVALID_ARGUMENT...), UNIMPLEMENTED
+#: included: a method nobody serves is the caller's mistake, as a 404 is.
+SERVER_ERRORS = frozenset({UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS})
 
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
@@ -88,6 +97,23 @@ def status_of(http_status: int, code: str = "") -> int:
         # A mesh answer is never a 2xx without trailers: nothing says OK.
         return UNKNOWN
     return _BY_HTTP.get(http_status, UNKNOWN)
+
+
+def status_value(value: str | None) -> int:
+    """A ``grpc-status`` value as a code: anything but 0-16 (absent, garbled,
+    an app's own number) is UNKNOWN, as gRPC clients take it; so a label
+    made of it has at most 17 values."""
+    if value is not None and value in _CODES:
+        return int(value)
+    return UNKNOWN
+
+
+def status_in(headers: list[tuple[str, str]]) -> int | None:
+    """The ``grpc-status`` among (lower-case) headers or trailers, None if none."""
+    for name, value in headers:
+        if name == "grpc-status":
+            return status_value(value)
+    return None
 
 
 def message(text: str) -> str:

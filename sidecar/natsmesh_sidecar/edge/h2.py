@@ -159,9 +159,6 @@ class H2Stream(CallerStream):
         self.h2: H2Server | None = None
         self.stream_id = 0
         self.flow: _Flow | None = None
-        self.grpc = False
-        #: The response's trailers, from the stream's last message.
-        self.trailers: list[tuple[str, str]] = []
         #: The response's head went to the client; DATA waiting for its window.
         self.attached = False
         self.out: collections.deque[bytes] = collections.deque()
@@ -169,8 +166,28 @@ class H2Stream(CallerStream):
         self.ending = False
         self.closed_h2 = False
         self.deadline: asyncio.TimerHandle | None = None
-        #: Its ``grpc-timeout`` passed (whatever the handler then makes of the cut).
-        self.expired = False
+        #: The ``grpc-status`` the client was sent (at the end, the call's label).
+        self.sent_status: int | None = None
+
+    def replay(self) -> CallerStream:
+        """Another try of the call on the same HTTP/2 stream: its DATA goes to
+        the fresh stream from now on, and so does its deadline."""
+        deadline, self.deadline = self.deadline, None
+        fresh = cast(H2Stream, super().replay())
+        fresh.h2, fresh.stream_id, fresh.flow = self.h2, self.stream_id, self.flow
+        conn = self.h2
+        if conn is not None and conn.calls.get(self.stream_id) is self:
+            conn.calls[self.stream_id] = fresh
+        if deadline is not None:
+            deadline.cancel()
+            fresh.deadline = asyncio.get_running_loop().call_at(deadline.when(), fresh.expire)
+        return fresh
+
+    def ended(self, status: int | None) -> None:
+        """The call is over for its client: counted once, with the gRPC status it got."""
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(grpcwire.UNKNOWN if status is None else status)
 
     # -- from the callee -----------------------------------------------------------
 
@@ -236,6 +253,7 @@ class H2Stream(CallerStream):
     def client_lost(self) -> None:
         """The client reset the stream (a cancel) or went away: the callee is told."""
         self._stop_deadline()
+        self.ended(grpcwire.CANCELLED)  # once answered, it was counted already
         if self.finished:
             return
         super().client_lost()
@@ -576,6 +594,7 @@ class H2Server(asyncio.Protocol):
             self._reset(call.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
             return
         if end:
+            call.sent_status = grpcwire.status_in(headers)
             self._done(call)
         self._send()
 
@@ -598,6 +617,7 @@ class H2Server(asyncio.Protocol):
                     self.h2.send_headers(sid, trailers, end_stream=True)
                 else:
                     self.h2.end_stream(sid)
+                call.sent_status = grpcwire.status_in(trailers)
                 self._done(call)
         except h2.exceptions.H2Error as exc:
             logger.info("HTTP/2 stream %d: %s", sid, exc)
@@ -607,6 +627,7 @@ class H2Server(asyncio.Protocol):
     def _done(self, call: H2Stream) -> None:
         call.closed_h2 = True
         call._stop_deadline()
+        call.ended(call.sent_status)
         if self.calls.get(call.stream_id) is call:
             del self.calls[call.stream_id]
         if not call.finished:

@@ -60,6 +60,36 @@ class AppStream(CalleeStream):
         #: The ``Nm-Trailers`` header line, once the app sent its trailers.
         self.trailer = ""
         self._trailer_in_head = False
+        #: The app's ``grpc-status`` (its trailers', or a trailers-only head's).
+        self.app_status: int | None = None
+        #: Told the call's gRPC status once it is over (the callee's metrics).
+        self.on_end: Callable[[int], None] | None = None
+        #: What the mesh answered instead of the app, if it did (a timeout).
+        self.refused: int | None = None
+        self.caller_left = False
+
+    def ended(self, status: int | None = None) -> None:
+        """The call is over: its status is the app's, else what ended it."""
+        on_end, self.on_end = self.on_end, None
+        if on_end is None:
+            return
+        if status is None:
+            status = self.app_status
+        if status is None:
+            status = grpcwire.UNKNOWN if self.head_ready else grpcwire.UNAVAILABLE
+            if self.refused is not None:
+                status = self.refused
+            elif self.caller_left:
+                status = grpcwire.CANCELLED
+        on_end(status)
+
+    def final(self, status: int, code: str, message: str) -> None:
+        self.refused = grpcwire.status_of(status, code)
+        super().final(status, code, message)
+
+    def aborted(self, reason: str) -> None:
+        self.caller_left = True
+        super().aborted(reason)
 
     def _publish_chunk(self, block: bytes, payload: bytes) -> bool:
         if self.trailer and block.endswith(b"Nm-Eof: 1\r\n\r\n"):
@@ -118,6 +148,7 @@ class _Call:
     def close(self) -> None:
         """The caller aborted (or the stream broke): the app's call is cancelled."""
         self.conn.cancel(self)
+        self.stream.ended()
 
 
 class _AppConn(asyncio.Protocol):
@@ -201,7 +232,12 @@ class _AppConn(asyncio.Protocol):
                     self.going = True
                 continue
             elif isinstance(event, h2.events.ResponseReceived):
-                call.stream.set_head(*_head(event.headers))
+                status, lines, length, grpc_status = _head(event.headers)
+                call.stream.set_head(status, lines, length)
+                call.stream.app_status = grpc_status
+                if grpc_status is None and status != 200:
+                    # Not a gRPC server's answer: what a gRPC client makes of the HTTP status.
+                    call.stream.app_status = grpcwire.status_of(status)
             elif isinstance(event, h2.events.TrailersReceived):
                 trailers = [
                     (bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
@@ -209,9 +245,11 @@ class _AppConn(asyncio.Protocol):
                 ]
                 value = grpcwire.encode_trailers(trailers)
                 call.stream.trailer = f"{grpcwire.H_TRAILERS}: {value}\r\n"
+                call.stream.app_status = grpcwire.status_in(trailers)
             elif isinstance(event, h2.events.StreamEnded):
                 self._forget(call)
                 call.stream.end()
+                call.stream.ended()
             elif isinstance(event, h2.events.StreamReset):
                 self._forget(call)
                 self._lost(call, f"the app reset the stream ({event.error_code!r})")
@@ -227,6 +265,8 @@ class _AppConn(asyncio.Protocol):
             stream.cut(why)
         else:
             stream.app_lost()
+        # The caller is cut, or its client told UNAVAILABLE (edge.h2's fail).
+        stream.ended(grpcwire.UNAVAILABLE)
 
     def _forget(self, call: _Call) -> None:
         if self.calls.pop(call.stream_id, None) is not None:
@@ -289,10 +329,12 @@ def send_within_window(
         conn.send_data(sid, data)
 
 
-def _head(headers: Any) -> tuple[int, str, int | None]:
-    """(status, NATS header lines, Content-Length) of the app's response HEADERS."""
+def _head(headers: Any) -> tuple[int, str, int | None, int | None]:
+    """(status, NATS header lines, Content-Length, ``grpc-status`` of a
+    trailers-only answer) of the app's response HEADERS."""
     status = 0
     length: int | None = None
+    grpc_status: int | None = None
     out: list[tuple[str, str]] = []
     for name, value in headers or ():
         n, v = bytes(name).decode("latin-1"), bytes(value).decode("latin-1")
@@ -302,7 +344,9 @@ def _head(headers: Any) -> tuple[int, str, int | None]:
             length = int(v)
         elif not n.startswith(":") and n not in codec.HOP_BY_HOP:
             out.append((n, v))
-    return status, codec.nats_lines(out), length
+            if n == "grpc-status":
+                grpc_status = grpcwire.status_value(v)
+    return status, codec.nats_lines(out), length, grpc_status
 
 
 class AppH2:
@@ -344,11 +388,14 @@ class AppH2:
         app_port: int,
         may_subscribe: Callable[[str], bool],
         timeout_s: float,
+        on_end: Callable[[int], None] | None = None,
     ) -> tuple[int, str]:
         """Serve one streamed call on HTTP/2; (status, error code) once the response head is out.
 
         Takes what natsmesh_sidecar.transport.stream.callee.serve_upload takes
-        (the rendered HTTP/1.1 head ``request`` and the app's address are not used).
+        (the rendered HTTP/1.1 head ``request`` and the app's address are not
+        used), and ``on_end``: told the call's gRPC status once, when it is
+        over (the app's, or the mesh's answer instead), maybe before this returns.
         """
         hdrs = msg.headers
         call = hdrs.get(protocol.H_STREAM, "")
@@ -372,19 +419,29 @@ class AppH2:
             unary_reply(
                 fast, msg.reply, 413, "payload_too_large", "this callee cannot take a streamed body"
             )
-            return 413, "payload_too_large"
+            return _refused(on_end, 413, "payload_too_large")
         headers = self.request_headers(hdrs, length)
         if headers is None:
             unary_reply(fast, msg.reply, 400, "bad_request", "invalid method or target")
-            return 400, "bad_request"
+            return _refused(on_end, 400, "bad_request")
         await stream.open()
         try:
             conn = await self.connection()
+        except OSError as exc:
+            stream.cut(f"app unreachable: {exc}", tell=False)
+            # Nothing reached the app (it is starting, or gone): the caller
+            # may try another replica, as after no responders.
+            unary_reply(
+                fast, msg.reply, 502, "app_unreachable", f"app unreachable: {exc}", undelivered=True
+            )
+            return _refused(on_end, 502, "app_unreachable")
+        try:
             app = conn.start(headers, stream)
-        except (OSError, h2.exceptions.H2Error) as exc:
+        except h2.exceptions.H2Error as exc:
             stream.cut(f"app unreachable: {exc}", tell=False)
             unary_reply(fast, msg.reply, 502, "app_unreachable", f"app unreachable: {exc}")
-            return 502, "app_unreachable"
+            return _refused(on_end, 502, "app_unreachable")
+        stream.on_end = on_end
         holder.append(app)
         stream.receiver = Receiver(
             limits.window,
@@ -425,3 +482,10 @@ class AppH2:
             ("te", "trailers"),
             *out,
         ]
+
+
+def _refused(on_end: Callable[[int], None] | None, status: int, code: str) -> tuple[int, str]:
+    """A call the app never saw: its gRPC status told at once."""
+    if on_end is not None:
+        on_end(grpcwire.status_of(status, code))
+    return status, code

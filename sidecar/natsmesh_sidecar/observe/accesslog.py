@@ -36,12 +36,16 @@ def line(
     duration_s: float,
     attempts: int = 1,
     error: str = "",
+    grpc_status: str = "",
 ) -> str:
+    """The line; ``grpcStatus`` (a number) only on a gRPC call's."""
+    grpc = f',"grpcStatus":{int(grpc_status)}' if grpc_status else ""
     return (
         f'{{"ts":{time.time():.3f},"requestId":{_q(request_id)},"direction":"{direction}",'
         f'"source":{_q(source)},"destination":{_q(destination)},"route":{_q(route)},'
         f'"method":{_q(method)},"path":{_q(path)},"status":{status},'
-        f'"durationMs":{duration_s * 1000.0:.3f},"attempts":{attempts},"error":{_q(error)}}}'
+        f'"durationMs":{duration_s * 1000.0:.3f},"attempts":{attempts},"error":{_q(error)}'
+        f"{grpc}}}"
     )
 
 

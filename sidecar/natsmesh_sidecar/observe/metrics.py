@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LE = [repr(b) for b in _BUCKETS]
 _LABELS = ("direction", "source", "destination", "status")
+#: A gRPC call's status code (``grpc-status``, 0-16, what the client got), on
+#: gRPC calls only: an HTTP call's series has no such label (an empty label
+#: is no label to Prometheus), so HTTP traffic adds no series.
+GRPC_LABEL = "grpc_status"
+Key = tuple[str, str, str, int, str]
 #: Label sets kept apart; past this, destinations are folded into "_other"
 #: (hosts come from clients, so they must not grow the registry forever).
 MAX_SERIES = 2000
@@ -152,31 +157,38 @@ class _Series:
         self.buckets = [0] * (len(_BUCKETS) + 1)
 
 
+def _labels(key: Key) -> dict[str, str]:
+    direction, source, dest, status, grpc_status = key
+    labels = dict(zip(_LABELS, (direction, source, dest, str(status)), strict=True))
+    if grpc_status:
+        labels[GRPC_LABEL] = grpc_status
+    return labels
+
+
 class _RequestCount(_Family):
     kind = "counter"
     help = "Requests handled"
 
-    def __init__(self, prefix: str, series: dict[tuple[str, str, str, int], _Series]) -> None:
+    def __init__(self, prefix: str, series: dict[Key, _Series]) -> None:
         self.name = prefix + "requests_total"
         self.series = series
 
     def samples(self) -> Iterator[Sample]:
-        for (direction, source, dest, status), s in list(self.series.items()):
-            labels = dict(zip(_LABELS, (direction, source, dest, str(status)), strict=True))
-            yield self.name, labels, float(s.count)
+        for key, s in list(self.series.items()):
+            yield self.name, _labels(key), float(s.count)
 
 
 class _RequestDuration(_Family):
     kind = "histogram"
     help = "Request latency as seen by this sidecar"
 
-    def __init__(self, prefix: str, series: dict[tuple[str, str, str, int], _Series]) -> None:
+    def __init__(self, prefix: str, series: dict[Key, _Series]) -> None:
         self.name = prefix + "request_duration_seconds"
         self.series = series
 
     def samples(self) -> Iterator[Sample]:
-        for (direction, source, dest, status), s in list(self.series.items()):
-            labels = dict(zip(_LABELS, (direction, source, dest, str(status)), strict=True))
+        for key, s in list(self.series.items()):
+            labels = _labels(key)
             acc = 0
             for le, n in zip(_LE, s.buckets, strict=False):
                 acc += n
@@ -220,7 +232,7 @@ class _RequestCollector:
     """
 
     def __init__(self, prefix: str) -> None:
-        self.series: dict[tuple[str, str, str, int], _Series] = {}
+        self.series: dict[Key, _Series] = {}
         self.families = (_RequestCount(prefix, self.series), _RequestDuration(prefix, self.series))
 
 
@@ -312,10 +324,18 @@ class Metrics:
         self.inflight_in = self.inflight.labels("inbound")
 
     def observe(
-        self, direction: str, source: str, destination: str, status: int, seconds: float
+        self,
+        direction: str,
+        source: str,
+        destination: str,
+        status: int,
+        seconds: float,
+        grpc_status: str = "",
     ) -> None:
+        """One request; ``grpc_status`` (a code, natsmesh_sidecar.edge.grpcwire.status_value)
+        for a gRPC call only."""
         series = self.requests.series
-        key = (direction, source, destination, status)
+        key = (direction, source, destination, status, grpc_status)
         s = series.get(key)
         if s is None:
             # Only a new label set pays for the checks: known ones were admitted.
@@ -323,7 +343,7 @@ class Metrics:
             destination = self._admit(self._destinations, destination, MAX_SERIES)
             if len(series) >= MAX_SERIES:
                 destination = OTHER
-            key = (direction, source, destination, status)
+            key = (direction, source, destination, status, grpc_status)
             s = series.get(key)
             if s is None:
                 s = series[key] = _Series()

@@ -88,6 +88,26 @@ def retryable(outcome: str | int, retries: Retries, method: str) -> bool:
     return str(outcome) in retries.retry_on
 
 
+def retryable_grpc(outcome: str | int, status: int | None, retries: Retries) -> bool:
+    """Whether a gRPC call's try may be retried (its request is held whole and
+    nothing of its response reached the client: the caller checks that).
+
+    ``outcome`` is the mesh's (as for :func:`retryable`), ``status`` the gRPC
+    status the client would get (None: nothing to retry, e.g. the client
+    left). Nobody having heard the call (no responders, a replica's app
+    refusing the connection) is retried as for any method when
+    ``noResponders`` is in ``retryOn``; anything else only for the statuses
+    the rule lists (``grpc_retry_on``): listing them says the rule's methods
+    are safe to call twice, which an HTTP method says for HTTP (every gRPC
+    call is a POST).
+    """
+    if retries.attempts <= 0 or status is None or outcome in CALLER_SIDE:
+        return False
+    if outcome in (NO_RESPONDERS, UNDELIVERED) and NO_RESPONDERS in retries.retry_on:
+        return True
+    return status in retries.grpc_retry_on
+
+
 def backoff_seconds(attempt: int, retries: Retries, r: float) -> float:
     """Exponential backoff with jitter for retry number ``attempt`` (0-based)."""
     base = retries.backoff_base_ms * (2**attempt)

@@ -7,7 +7,9 @@ protobuf code generation is needed. The mesh is an operator-mode nats-server
 with a tenant and a NatsRoute applied by the operator's wiring code:
 ``web`` may call ``orders`` (three replicas, each an app and a sidecar with
 ``NATSMESH_APP_PROTOCOL=grpc``) and ``ghost`` (no instance at all);
-``evil`` may call nobody.
+``evil`` may call nobody. The route retries ``/test.Echo/Retry*`` on
+UNAVAILABLE and nothing gRPC of ``/test.Echo/Write``; those methods answer
+UNAVAILABLE while the replicas' shared :class:`Flaky` budget lasts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from natsmesh_operator.wiring import users
 from natsmesh_operator.wiring.desired import CallerRef, ServiceIntent
 from natsmesh_operator.wiring.plan import plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
-from natsmesh_sidecar.config import Match
+from natsmesh_sidecar.config import Match, Retries
 from tests.fixtures.nats_operator import OperatorNats
 from tests.fixtures.nats_server import free_port
 from tests.integration.stream.stream_harness import SidecarProc, start_sidecar, stop_sidecar
@@ -44,6 +46,23 @@ OPTIONS = [
 ]
 
 
+#: What the retried rule and the not-retried one say (backoff short: tests are quick).
+RETRIED = Retries.model_validate(
+    {"attempts": 2, "grpcRetryOn": [14], "backoffBaseMs": 10, "backoffMaxMs": 20}
+)
+NOT_RETRIED = Retries.model_validate({"attempts": 2, "backoffBaseMs": 10, "backoffMaxMs": 20})
+
+
+@dataclass
+class Flaky:
+    """Shared by the replicas: the next ``left`` calls of the flaky methods, on
+    whichever replica, answer UNAVAILABLE (trailers-only, as a server shedding load)."""
+
+    left: int = 0
+    #: Calls of the flaky methods, by replica, failed or not.
+    seen: list[str] = field(default_factory=list)
+
+
 @dataclass
 class AppState:
     replica: str
@@ -59,8 +78,32 @@ class AppState:
 class EchoApp:
     """The test service's methods, on raw bytes."""
 
-    def __init__(self, state: AppState) -> None:
+    def __init__(self, state: AppState, flaky: Flaky) -> None:
         self.state = state
+        self.flaky = flaky
+
+    async def _shed(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.flaky.seen.append(self.state.replica)
+        if self.flaky.left > 0:
+            self.flaky.left -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.state.replica} is shedding")
+
+    async def flaky_read(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """Unary, UNAVAILABLE while the budget lasts: the replica that answered."""
+        await self._shed(context)
+        return self.state.replica.encode()
+
+    async def flaky_upload(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """Client streaming: reads it all, then UNAVAILABLE while the budget lasts."""
+        total = 0
+        async for message in requests:
+            total += len(message)
+        await self._shed(context)
+        return b"%d" % total
 
     def _seen(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.state.calls += 1
@@ -137,11 +180,14 @@ class EchoApp:
             raise
 
 
-def handler(state: AppState) -> grpc.GenericRpcHandler:
-    app = EchoApp(state)
+def handler(state: AppState, flaky: Flaky) -> grpc.GenericRpcHandler:
+    app = EchoApp(state, flaky)
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
+            "RetryRead": grpc.unary_unary_rpc_method_handler(app.flaky_read),
+            "RetryUpload": grpc.stream_unary_rpc_method_handler(app.flaky_upload),
+            "Write": grpc.unary_unary_rpc_method_handler(app.flaky_read),
             "Echo": grpc.unary_unary_rpc_method_handler(app.echo),
             "Who": grpc.unary_unary_rpc_method_handler(app.who),
             "Count": grpc.unary_stream_rpc_method_handler(app.count),
@@ -153,9 +199,9 @@ def handler(state: AppState) -> grpc.GenericRpcHandler:
     )
 
 
-async def start_app(state: AppState) -> tuple[grpc.aio.Server, int]:
+async def start_app(state: AppState, flaky: Flaky | None = None) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=OPTIONS)
-    server.add_generic_rpc_handlers((handler(state),))
+    server.add_generic_rpc_handlers((handler(state, flaky or Flaky()),))
     port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
     await server.start()
     return server, port
@@ -174,11 +220,26 @@ def tenant() -> list[ServiceIntent]:
 
 
 def route() -> RouteIntent:
-    """``/test.Echo/Slow`` has a 1 s timeout; the rest the default rule's 5 s."""
+    """``/test.Echo/Slow`` has a 1 s timeout; the rest the default rule's 5 s.
+    ``Retry*`` is retried on UNAVAILABLE; ``Write`` has retries, but lists no gRPC status."""
     return RouteIntent(
         NS,
         "orders",
         rules=(
+            RouteRule(
+                name="retried",
+                destinations=(RouteDestination("v1"),),
+                match=Match.model_validate({"pathPrefix": f"/{SERVICE}/Retry"}),
+                timeout_ms=5000,
+                retries=RETRIED,
+            ),
+            RouteRule(
+                name="writes",
+                destinations=(RouteDestination("v1"),),
+                match=Match.model_validate({"pathPrefix": f"/{SERVICE}/Write"}),
+                timeout_ms=5000,
+                retries=NOT_RETRIED,
+            ),
             RouteRule(
                 name="slow",
                 destinations=(RouteDestination("v1"),),
@@ -207,6 +268,7 @@ async def applied(on: OperatorNats) -> dict[str, str]:
 class GrpcMesh:
     states: list[AppState]
     sides: dict[str, SidecarProc]
+    flaky: Flaky = field(default_factory=Flaky)
 
     def port(self, name: str = "web") -> int:
         return self.sides[name].listen_port
@@ -227,6 +289,8 @@ class GrpcMesh:
         for state in self.states:
             state.calls = 0
             state.cancelled.clear()
+        self.flaky.left = 0
+        self.flaky.seen.clear()
 
 
 @contextlib.asynccontextmanager
@@ -236,8 +300,9 @@ async def running_grpc_mesh(on: OperatorNats, workdir: Path, **env: str) -> Asyn
     for name, text in creds.items():
         (workdir / f"{name}.creds").write_text(text)
     states = [AppState(f"r{i}") for i in range(REPLICAS)]
-    apps = [await start_app(state) for state in states]
-    mesh = GrpcMesh(states, {})
+    flaky = Flaky()
+    apps = [await start_app(state, flaky) for state in states]
+    mesh = GrpcMesh(states, {}, flaky)
 
     def side(name: str, service: str, app_port: int = 0) -> Any:
         dirname = workdir / name

@@ -1,4 +1,5 @@
-"""gRPC through two sidecars: every call kind, metadata, errors, deadlines, cancels.
+"""gRPC through two sidecars: every call kind, metadata, errors, deadlines, cancels,
+retries on UNAVAILABLE and the gRPC status in the metrics.
 
 One mesh for the module (grpc_harness: an operator-mode nats-server, the
 tenant applied by the wiring code, three orders replicas behind their own
@@ -13,6 +14,7 @@ import asyncio
 import collections
 import json
 import os
+import re
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -34,6 +36,7 @@ from tests.integration.grpc.grpc_harness import (
     GrpcMesh,
     running_grpc_mesh,
 )
+from tests.integration.sidecar.sidecar_harness import request
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -277,3 +280,110 @@ async def test_what_only_looks_like_the_http2_preface_gets_an_http1_400(mesh: Gr
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 400 "), (data, answer[:60])
+
+
+# -- policy: retries, the gRPC status as a label -----------------------------------------
+
+
+async def test_unavailable_is_retried_where_the_route_says_so(mesh: GrpcMesh) -> None:
+    """The first try is answered UNAVAILABLE (trailers-only); the route's
+    ``retryOnGrpc: [UNAVAILABLE]`` sends the call again and the client sees OK."""
+    mesh.reset()
+    retries = await _retries(mesh)
+    mesh.flaky.left = 1
+    async with mesh.channel() as channel:
+        answer = await channel.unary_unary(method("RetryRead"))(b"x", timeout=5)
+    assert answer in {b"r0", b"r1", b"r2"}
+    assert len(mesh.flaky.seen) == 2, mesh.flaky.seen  # the failed try and the retry
+    assert mesh.flaky.left == 0
+    assert await _retries(mesh) == retries + 1
+
+
+async def test_a_method_not_opted_in_is_not_retried(mesh: GrpcMesh) -> None:
+    """Write's rule has retries, but lists no gRPC status: the app sees one call."""
+    mesh.reset()
+    mesh.flaky.left = 1
+    async with mesh.channel() as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await channel.unary_unary(method("Write"))(b"x", timeout=5)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "is shedding" in (failed.value.details() or "")
+    assert len(mesh.flaky.seen) == 1, mesh.flaky.seen
+
+
+async def test_a_client_stream_past_the_buffer_is_not_retried(mesh: GrpcMesh) -> None:
+    """256 KiB of request (more than the 128 KiB the caller's sidecar holds)
+    is not sent twice; 3 KiB under the same rule is."""
+
+    async def messages(n: int, size: int) -> AsyncIterator[bytes]:
+        for _ in range(n):
+            yield os.urandom(size)
+
+    mesh.reset()
+    mesh.flaky.left = 1
+    async with mesh.channel() as channel:
+        upload = channel.stream_unary(method("RetryUpload"))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await upload(messages(4, 64 * 1024), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(mesh.flaky.seen) == 1, mesh.flaky.seen
+        mesh.flaky.left = 1
+        assert await upload(messages(3, 1024), timeout=10) == b"3072"
+    assert len(mesh.flaky.seen) == 3, mesh.flaky.seen
+
+
+async def test_metrics_count_the_grpc_status(mesh: GrpcMesh) -> None:
+    """Both sidecars label a gRPC call with the status its client got (an app's
+    error is an HTTP 200); an HTTP call's series has no such label."""
+    mesh.reset()
+    mesh.flaky.left = 1
+    async with mesh.channel() as channel:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel.unary_unary(method("Write"))(b"x", timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel.unary_unary(method("Echo"))(b"fail", timeout=5)
+        assert await channel.unary_unary(method("Echo"))(b"ok", timeout=5) == b"ok"
+    async with mesh.channel(authority="ghost.shop") as channel:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel.unary_unary(method("Echo"))(b"x", timeout=5)
+    await test_http1_still_served_on_the_same_listener(mesh)
+    web = await _samples(mesh, "web")
+    out = {
+        (lab["destination"], lab["status"], lab.get("grpc_status"))
+        for name, lab, _ in web
+        if name == "natsmesh_sidecar_requests_total" and lab["direction"] == "outbound"
+    }
+    assert ("orders.shop", "200", "14") in out, out  # the app's UNAVAILABLE
+    assert ("orders.shop", "200", "3") in out, out  # INVALID_ARGUMENT
+    assert ("orders.shop", "200", "0") in out, out
+    assert ("ghost.shop", "503", "14") in out, out  # the mesh's: no responders
+    assert ("-", "404", None) in out, out  # HTTP/1.1: no grpc_status
+    inbound: collections.Counter[str] = collections.Counter()
+    for i in range(3):
+        for name, lab, value in await _samples(mesh, f"orders-{i}"):
+            if name == "natsmesh_sidecar_requests_total" and lab["direction"] == "inbound":
+                inbound[lab.get("grpc_status", "")] += int(value)
+    assert inbound["14"] >= 1, inbound
+    assert inbound["3"] >= 1, inbound
+    assert inbound["0"] >= 1, inbound
+
+
+async def _samples(mesh: GrpcMesh, side: str) -> list[tuple[str, dict[str, str], float]]:
+    """A sidecar's /metrics, parsed: (name, labels, value) per sample."""
+    text = (await request(mesh.sides[side].admin_port, "GET", "/metrics")).body.decode()
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        out.append((name, labels, float(value)))
+    return out
+
+
+async def _retries(mesh: GrpcMesh) -> float:
+    for name, labels, value in await _samples(mesh, "web"):
+        if name == "natsmesh_sidecar_retries_total" and labels["destination"] == "orders.shop":
+            return value
+    return 0.0

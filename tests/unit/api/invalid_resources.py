@@ -308,7 +308,22 @@ CASES: tuple[Case, ...] = (
         "retry-on-nothing",
         {"spec.rules.0.retries.retryOn": []},
         f"{_RULE}.retries.retryOn",
-        "need retryOn or retryOnCodes",
+        "need retryOn, retryOnCodes or retryOnGrpc",
+    ),
+    _route(
+        # Istio spells them in lower case: the message lists gRPC's own names.
+        "retry-on-grpc-spelling",
+        {"spec.rules.0.retries.retryOnGrpc": ["unavailable"]},
+        f"{_RULE}.retries.retryOnGrpc[0]",
+        'Unsupported value: "unavailable"',
+        '"UNAVAILABLE"',
+    ),
+    _route(
+        # The app's answer about the request: a second try repeats it.
+        "retry-on-grpc-not-transient",
+        {"spec.rules.0.retries.retryOnGrpc": ["NOT_FOUND"]},
+        f"{_RULE}.retries.retryOnGrpc[0]",
+        'Unsupported value: "NOT_FOUND"',
     ),
     _route(
         "retry-code-not-error",

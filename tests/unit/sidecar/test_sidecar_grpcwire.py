@@ -107,3 +107,17 @@ def test_the_http2_preface_may_come_in_pieces(cut: int) -> None:
     assert h2.PREFACE[:18] + h2.after_preface_line(stopped_in) == stream[:18] + (
         stream[18:] if cut < 18 else first[18:]
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [("0", 0), ("14", 14), ("16", 16), ("17", 2), ("-1", 2), ("014", 2), ("x", 2), (None, 2)],
+)
+def test_a_status_value_is_one_of_gRPCs_codes_or_unknown(value: str | None, code: int) -> None:
+    """A metric label made of it has at most 17 values, whatever an app sends."""
+    assert grpcwire.status_value(value) == code
+
+
+def test_status_in_headers() -> None:
+    assert grpcwire.status_in([("x-a", "1"), ("grpc-status", "14")]) == 14
+    assert grpcwire.status_in([("grpc-message", "x")]) is None

@@ -91,7 +91,7 @@ def test_sources_are_capped_per_label_and_junk_is_folded() -> None:
     assert folded == 102
     # A source admitted before the cap keeps its own series.
     m.observe("inbound", "caller0.ns", "orders.shop", 200, 0.001)
-    assert ("inbound", "caller0.ns", "orders.shop", 200) in m.requests.series
+    assert ("inbound", "caller0.ns", "orders.shop", 200, "") in m.requests.series
 
 
 def _without_created(text: bytes) -> list[str]:
@@ -168,3 +168,22 @@ def test_creds_times_come_from_the_jwt(tmp_path: Path) -> None:
     m.creds_expiry.set_function(lambda: float(held.expires))
     text = m.render().decode()
     assert "natsmesh_sidecar_creds_expiry_timestamp_seconds 87400.0\n" in text
+
+
+def test_the_grpc_status_is_a_label_of_grpc_calls_only() -> None:
+    m = metrics.Metrics()
+    m.observe("outbound", "a.ns", "d.ns", 200, 0.001)
+    m.observe("outbound", "a.ns", "d.ns", 200, 0.001, "14")
+    m.observe("outbound", "a.ns", "d.ns", 200, 0.001, "14")
+    m.observe("outbound", "a.ns", "d.ns", 200, 0.001, "0")
+    get = m.registry.get_sample_value
+    base = {"direction": "outbound", "source": "a.ns", "destination": "d.ns", "status": "200"}
+    assert get("natsmesh_sidecar_requests_total", base) == 1.0
+    assert get("natsmesh_sidecar_requests_total", {**base, "grpc_status": "14"}) == 2.0
+    assert get("natsmesh_sidecar_requests_total", {**base, "grpc_status": "0"}) == 1.0
+    text = m.render().decode()
+    assert 'grpc_status=""' not in text
+    assert (
+        'natsmesh_sidecar_request_duration_seconds_count{destination="d.ns",'
+        'direction="outbound",grpc_status="14",source="a.ns",status="200"} 2.0'
+    ) in text

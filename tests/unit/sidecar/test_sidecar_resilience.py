@@ -166,3 +166,35 @@ def test_a_call_no_app_received_is_retried_like_no_responders_whatever_the_metho
     assert not r.retryable(502, rt, "GET")
     assert not r.retryable(r.UNDELIVERED, Retries(attempts=2, retry_on=("5xx",)), "GET")
     assert not r.retryable(r.UNDELIVERED, Retries(attempts=0), "GET")
+
+
+GRPC = Retries(attempts=2, grpc_retry_on=(14,))
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status", "retries", "expected"),
+    [
+        # The app's (or the mesh's) UNAVAILABLE, listed: retried.
+        (200, 14, GRPC, True),
+        (503, 14, GRPC, True),
+        # Listed statuses only: the app's INVALID_ARGUMENT is its answer.
+        (200, 3, GRPC, False),
+        (r.TIMEOUT, 4, GRPC, False),
+        (r.TIMEOUT, 4, Retries(attempts=2, grpc_retry_on=(4, 14)), True),
+        # Nobody heard the call: as for HTTP, whatever the statuses, with noResponders.
+        (r.NO_RESPONDERS, 14, Retries(attempts=2), True),
+        (r.UNDELIVERED, 14, Retries(attempts=2), True),
+        (r.NO_RESPONDERS, 14, Retries(attempts=2, retry_on=("timeout",)), False),
+        # Not opted in: a rule with retries but no gRPC status retries no answer.
+        (200, 14, Retries(attempts=2), False),
+        # No retries at all, a committed response (no status), the caller's own side.
+        (200, 14, Retries(attempts=0, grpc_retry_on=(14,)), False),
+        (200, None, GRPC, False),
+        (r.UNAVAILABLE, 14, GRPC, False),
+        (r.CANCELLED, 1, Retries(attempts=2, grpc_retry_on=(1, 14)), False),
+    ],
+)
+def test_retryable_grpc(
+    outcome: str | int, status: int | None, retries: Retries, expected: bool
+) -> None:
+    assert r.retryable_grpc(outcome, status, retries) is expected

@@ -206,6 +206,8 @@ LAX: list[dict[str, Any]] = [
     {"destinations": [], "maxBodyBytes": "1024", "stream": {"window": "4"}},
     {"destinations": [], "stream": {}},
     {"destinations": [], "stream": None},
+    {"destinations": [], "retries": {"attempts": 2, "grpcRetryOn": [14, "8"]}},
+    {"destinations": [], "retries": {"grpcRetryOn": []}},
 ]
 
 
@@ -249,6 +251,9 @@ BAD: list[tuple[str, Any]] = [
     ("negative idle", {"rules": [{"destinations": [], "stream": {"idleTimeoutMs": -5}}]}),
     ("unknown stream field", {"rules": [{"destinations": [], "stream": {"chunk": 1}}]}),
     ("no rules", {}),
+    ("gRPC status 17", {"rules": [{"destinations": [], "retries": {"grpcRetryOn": [17]}}]}),
+    ("gRPC status OK", {"rules": [{"destinations": [], "retries": {"grpcRetryOn": [0]}}]}),
+    ("gRPC status name", {"rules": [{"destinations": [], "retries": {"grpcRetryOn": ["x"]}}]}),
     ("word as bool", {"rules": [{"destinations": [], "retries": {"retryNonIdempotent": "maybe"}}]}),
     ("two as bool", {"rules": [{"destinations": [], "retries": {"retryNonIdempotent": 2}}]}),
     ("word as int", {"rules": [{"destinations": [{"subject": "s", "weight": "five"}]}]}),

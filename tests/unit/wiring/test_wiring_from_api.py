@@ -162,6 +162,33 @@ def test_a_rule_without_stream_limits_compiles_to_the_old_keys() -> None:
     assert wire.Target.model_validate_json(json.dumps(stored)) == p.targets[("shop", "orders")]
 
 
+def test_grpc_retry_statuses_compile_to_numbers_and_only_where_set() -> None:
+    """``retryOnGrpc`` names become gRPC's numbers in the table; a rule without
+    them keeps the retries keys older sidecars accept."""
+    intents = [svc("orders", {}), svc("gateway", {})]
+    v1 = {"destinations": [{"version": "v1"}]}
+    retries = {"attempts": 2, "retryOnGrpc": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
+    route = orders_route(
+        "orders",
+        [
+            {
+                "name": "reads",
+                "match": {"pathPrefix": "/shop.Orders/Get"},
+                "retries": retries,
+                **v1,
+            },
+            {"name": "http", "retries": {"attempts": 2}, **v1},
+        ],
+    )
+    p = plan([service_intent(r) for r in intents], [route_intent(route)])
+    assert p.problems == ()
+    stored = json.loads(p.targets[("shop", "orders")].to_json())
+    by_name = {rule["name"]: rule["retries"] for rule in stored["rules"]}
+    assert by_name["reads"]["grpcRetryOn"] == [14, 8]
+    assert "grpcRetryOn" not in by_name["http"]
+    assert wire.Target.model_validate_json(json.dumps(stored)) == p.targets[("shop", "orders")]
+
+
 def test_creation_order_reaches_the_plan() -> None:
     def claimant(name: str, created: str, uid: str) -> NatsService:
         body = {

@@ -405,20 +405,28 @@ async def _whole(
     unary_reply(fast, msg.reply, 502, "response_too_large", "the response does not fit one message")
 
 
-def unary_block(status: int, code: str, message: str) -> tuple[bytes, bytes]:
-    """A refusal or an error as one reply: (``Nm-Status`` header block, JSON error body)."""
+def unary_block(
+    status: int, code: str, message: str, *, undelivered: bool = False
+) -> tuple[bytes, bytes]:
+    """A refusal or an error as one reply: (``Nm-Status`` header block, JSON error body);
+    ``undelivered``: nothing reached the app (``Nm-Undelivered``, safe to try elsewhere)."""
     headers = {
         "content-type": "application/json",
         codec.H_STATUS: str(status),
         codec.H_ERROR: code,
     }
+    if undelivered:
+        headers[codec.H_UNDELIVERED] = "1"
     return encode_headers(headers), codec.error_body(code, message, "")
 
 
-def unary_reply(fast: FastPath, reply: str, status: int, code: str, message: str) -> None:
+def unary_reply(
+    fast: FastPath, reply: str, status: int, code: str, message: str, *, undelivered: bool = False
+) -> None:
     """:func:`unary_block` to ``reply``, before anything else went there."""
     if reply:
-        fast.publish_block(reply.encode(), b"", *unary_block(status, code, message))
+        block = unary_block(status, code, message, undelivered=undelivered)
+        fast.publish_block(reply.encode(), b"", *block)
 
 
 # -- an upload: a request whose body streams ---------------------------------------------

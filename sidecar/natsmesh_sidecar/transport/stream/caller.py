@@ -79,6 +79,20 @@ class CallerStream(Peer):
         #: For the access log and metrics (the outbound handler sets them).
         self.destination = "-"
         self.route = "-"
+        self.attempts = 1
+        #: The response's trailers, from the stream's last message (gRPC: edge.h2).
+        self.trailers: list[tuple[str, str]] = []
+        #: A gRPC call (natsmesh_sidecar.edge.h2): counted at its end, with its
+        #: gRPC status (``on_end``, set by the outbound handler).
+        self.grpc = False
+        self.on_end: Callable[[int], None] | None = None
+        #: Its client's deadline passed (a cut that no retry may undo).
+        self.expired = False
+        #: A copy of the request body while it fits ``hold_limit`` (else None):
+        #: what a retry sends again (:meth:`hold`, :meth:`replay`).
+        self.held: list[bytes] | None = None
+        self.held_bytes = 0
+        self.hold_limit = 0
 
     # -- made by the outbound side ---------------------------------------------------
 
@@ -128,10 +142,61 @@ class CallerStream(Peer):
 
     def feed(self, data: bytes) -> None:
         upload = self.upload
+        if self.held is not None:
+            self.held_bytes += len(data)
+            if self.held_bytes > self.hold_limit:
+                self.held = None  # too big to hold: this call is not retried
+            else:
+                self.held.append(data)
         if upload is not None and not self.finished:
             upload.feed(data)
             if self.max_body and upload.sent_bytes + upload.buffered > self.max_body:
                 self._over_limit()
+
+    def hold(self, limit: int) -> None:
+        """Keep a copy of the request body while it is at most ``limit`` bytes,
+        so that the call can be sent again (:meth:`replay`). Called before the
+        upload starts: what came so far is all still in its buffer."""
+        upload = self.upload
+        if upload is None or upload.publish is not None:
+            return
+        self.hold_limit = limit
+        self.held_bytes = upload.buffered
+        self.held = list(upload.buf) if upload.buffered <= limit else None
+
+    def replayable(self) -> bool:
+        """Whether :meth:`replay` can send the request again: held whole so far."""
+        return self.held is not None and self.upload is not None
+
+    def replay(self) -> CallerStream:
+        """A fresh stream for another try of this call: the held body fed again
+        (and ended, if the client ended it), the rest of it to come as for
+        this one. This stream is stopped; only call when :meth:`replayable`."""
+        upload = self.upload
+        assert self.held is not None
+        assert upload is not None
+        fresh = self.__class__(self.limits, keep_alive=self.keep_alive, length=self.upload_length)
+        fresh.body_complete = False
+        fresh.upload = Sender(
+            self.limits.chunk_bytes, pause=upload.pause, resume=upload.resume, high=upload.high
+        )
+        fresh.max_body = self.max_body
+        fresh.grpc, fresh.expired = self.grpc, self.expired
+        fresh.hold(self.hold_limit)
+        self.discard()
+        for data in self.held:
+            fresh.feed(data)
+        if self.body_complete:
+            fresh.end_body()
+        return fresh
+
+    def discard(self) -> None:
+        """A try that will not be answered on: stopped, the callee told if it
+        still waits for the body."""
+        if not self.finished:
+            self._abort_upload("the call is tried again")
+            self.finished = True
+            self._stop()
 
     def limit_body(self, limit: int) -> bool:
         """Hold the body to ``limit`` bytes (0: no limit); True, and the stream

@@ -303,6 +303,11 @@ class CallerTunnel(_End):
     )
 
     side = "client"
+    #: What the outbound handler asks of a streamed call (as of a CallerStream):
+    #: a WebSocket is no gRPC call, and it is tried once.
+    grpc = False
+    expired = False
+    attempts = 1
 
     def __init__(self, limits: StreamLimits, transport: asyncio.Transport, early: bytes) -> None:
         super().__init__(limits)
