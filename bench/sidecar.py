@@ -355,13 +355,18 @@ async def wait_ready(procs: Procs, admin_port: int, within: float = 15.0) -> Non
 
 
 async def measure_max(
-    target: Any, mode: Mode, pids: dict[str, int], spy: Callable[[], list[Any]] | None = None
+    target: Any,
+    mode: Any,
+    pids: dict[str, int],
+    spy: Callable[[], list[Any]] | None = None,
+    conns: int = CONNS,
 ) -> dict[str, Any]:
-    """One max-throughput run with the CPU time of every process around it."""
+    """One max-throughput run (``conns`` closed loops, ``mode.max_s`` seconds)
+    with the CPU time of every process around it."""
     cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
     box0 = box_busy_seconds()
     spies = spy() if spy is not None else []
-    row: dict[str, Any] = dict(await max_throughput(target.call, CONNS, mode.max_s))
+    row: dict[str, Any] = dict(await max_throughput(target.call, conns, mode.max_s))
     cpu1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
     box1 = box_busy_seconds()
     for s in spies:
