@@ -33,17 +33,19 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.sidecar import (
+    Mode,
     Procs,
     emit,
     fixed_rate,
     free_port,
     loadavg,
     measure_max,
+    print_paths,
+    print_rss,
     rss_mb,
     sequential,
     wait_port,
@@ -55,17 +57,6 @@ BODY = b"x" * 1024
 METHOD = "/bench.Echo/Echo"
 #: The caller's view of the callee, as in tests/integration/stream (namespace shop).
 AUTHORITY = "orders.shop"
-
-
-@dataclass(frozen=True)
-class Mode:
-    """How much of each phase to run; every loop is bounded by these."""
-
-    sequential: int
-    rates: tuple[int, ...]
-    phase_s: float
-    max_s: float
-    warmup_s: float
 
 
 # 500/s is past what the sidecar path sustains on a 2-core box (it shows how
@@ -203,60 +194,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> None:
-    paths: dict[str, dict[str, dict[str, Any]]] = r["paths"]
-    direct, side = paths["direct"], paths["sidecars"]
     quick = " (--quick: tiny counts, figures not comparable)" if r["quick"] else ""
     print(
         f"\nnatsmesh gRPC benchmark, unary 1 KiB both ways, grpcio client and server "
         f"({r['cpus']} CPUs, one box){quick}"
     )
-    before, after = r["loadavg_before"], r["loadavg_after"]
-    print(f"load average (1 min) before {before[0]:.2f}, after {after[0]:.2f}\n")
-    print(f"{'path':<10} {'load':<11} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for name, rows in paths.items():
-        for load, v in rows.items():
-            if load == "max":
-                continue
-            err = int(v["errors"])
-            print(f"{name:<10} {load:<11} {v['p50']:8.3f} {v['p90']:8.3f} {v['p99']:8.3f} {err:7d}")
-    print("\nadded latency of the two-sidecar path vs direct (ms):")
-    for load in side:
-        if load == "max":
-            continue
-        added = [side[load][p] - direct[load][p] for p in ("p50", "p90", "p99")]
-        print(f"  {load:<11} p50 {added[0]:+.3f}  p90 {added[1]:+.3f}  p99 {added[2]:+.3f}")
-
-    print(f"\nmax throughput, {r['streams']} concurrent calls on one channel:")
-    for name, rows in paths.items():
-        m = rows["max"]
-        print(
-            f"  {name:<10} {m['rps']:9.0f} calls/s  p50 {m['p50']:.2f} ms  "
-            f"p99 {m['p99']:.2f} ms  errors {int(m['errors'])}  "
-            f"(box {m['box_cores']:.2f} of {r['cpus']} cores busy, load {m['loadavg'][0]:.2f})"
-        )
-    ratio = side["max"]["rps"] / direct["max"]["rps"] if direct["max"]["rps"] else 0.0
-    print(f"  sidecar path / direct = {ratio:.3f}x")
-
-    print("\nCPU per call in the max runs (us of CPU time per call answered; cores busy):")
-    for name, rows in paths.items():
-        m = rows["max"]
-        parts = ", ".join(
-            f"{k} {m['cpu_us_per_request'][k]:.0f} us / {m['cores'][k]:.2f}" for k in m["cores"]
-        )
-        total_us = sum(m["cpu_us_per_request"].values())
-        print(f"  {name:<10} {parts}; all {total_us:.0f} us")
+    title = f"max throughput, {r['streams']} concurrent calls on one channel"
+    print_paths(r, title, "call", "calls/s")
+    direct, side = r["paths"]["direct"], r["paths"]["sidecars"]
     us = side["max"]["cpu_us_per_request"]
     added_us = sum(us.values()) - sum(direct["max"]["cpu_us_per_request"].values())
     print(
         f"  CPU per call per sidecar: A {us['sidecar A']:.1f} us, B {us['sidecar B']:.1f} us; "
         f"the mesh adds {added_us:.0f} us per call in all"
     )
-    idle: dict[str, float] = r["rss_idle_mb"]
-    loaded: dict[str, float] = r["rss_loaded_mb"]
-    print(
-        f"\nsidecar RSS idle: A {idle['A']:.1f} MB, B {idle['B']:.1f} MB; "
-        f"after the runs: A {loaded['A']:.1f} MB, B {loaded['B']:.1f} MB"
-    )
+    print_rss(r, "after the runs")
 
 
 def cli() -> int:
