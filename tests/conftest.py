@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.operator",
     "tests.fixtures.jaeger",
+    "tests.fixtures.cpu_budget",
 ]

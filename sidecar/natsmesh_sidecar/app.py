@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -919,6 +920,7 @@ class Sidecar:
             logger.warning("drain grace over with %d requests in flight", self.inflight())
         if self.inbound.tasks:
             await asyncio.wait(list(self.inbound.tasks), timeout=max(0.05, deadline - loop.time()))
+        await _drain_streams(deadline)
         self._stop.set()
         await self.outbound.close()
         if self.tracer is not None:
@@ -959,3 +961,26 @@ def _mtime(path: str) -> float | None:
         return os.stat(path).st_mtime
     except OSError:
         return None
+
+
+async def _drain_streams(deadline: float) -> None:
+    """Let the streams in flight (bodies, Server-Sent Events, WebSockets, gRPC
+    calls) end within the drain grace, as requests in flight do; then cut
+    what is left, telling each other end at once (a stream that merely
+    stopped would hang its peer until the idle timeout)."""
+    peer = sys.modules.get("natsmesh_sidecar.transport.stream.peer")
+    if peer is None:
+        return  # no stream was ever opened: the module was never loaded
+    loop = asyncio.get_running_loop()
+    ends = peer.open_ends()
+    if ends:
+        logger.info("draining %d open streams", len(ends))
+    while ends and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        ends = peer.open_ends()
+    for end in ends:
+        end.cut("the sidecar is shutting down")
+    if ends:
+        logger.warning("drain grace over: cut %d open streams", len(ends))
+        # Let the aborts reach NATS before the connection closes.
+        await asyncio.sleep(0)

@@ -90,6 +90,10 @@ class OutboundHandler:
 
     # -- the entry ------------------------------------------------------------
 
+    def tunnel_refusal(self, authority: str) -> tuple[int, str, str] | None:
+        """(status, code, message) refusing a CONNECT to ``authority``; None to open it."""
+        return self.planner.tunnel_refusal(authority)
+
     def start(self, req: Request, done: Done) -> bytes | None:
         """The response now, or None when ``done(req, response)`` will be called later."""
         t0 = time.perf_counter()

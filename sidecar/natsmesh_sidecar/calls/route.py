@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from natsmesh_sidecar import codec, subjects
 from natsmesh_sidecar.edge.request import Request
 from natsmesh_sidecar.policy import resilience
-from natsmesh_sidecar.policy.table import FORBIDDEN, UNKNOWN
+from natsmesh_sidecar.policy.table import FORBIDDEN, FOUND, UNKNOWN
 from natsmesh_sidecar.policy.targets import MISS
 from natsmesh_sidecar.wire import CircuitBreaker, Destination, Rule, Target
 
@@ -222,6 +222,34 @@ class Planner:
             )
         assert found == UNKNOWN
         return refusal(404, "unknown_service", f"no service {dest_key} in the mesh", rid)
+
+    def tunnel_refusal(self, authority: str) -> tuple[int, str, str] | None:
+        """Why a CONNECT to ``authority`` is refused; None to open it.
+
+        The tunnel ends here, at our own listener: each request inside is
+        routed and authorised as any other, so opening one grants nothing.
+        It is refused only where no request inside could succeed: a name the
+        mesh does not know (a service of our own namespace may still be
+        found, see :meth:`_unresolved`) or one we may not call.
+        """
+        found, dest_key, _ = self.mesh.router.resolve(authority)
+        if found == UNKNOWN:
+            svc, _, ns = dest_key.partition(".")
+            targets = self.mesh.targets
+            # Of our own namespace and not looked up yet: the first request
+            # inside will look (and be refused if it must).
+            policy = targets.cached(svc) if ns == self.namespace and targets else None
+            if isinstance(policy, Target):
+                found = FOUND if policy.admits(self.service) else FORBIDDEN
+            elif policy is not MISS:
+                return (
+                    404,
+                    "unknown_service",
+                    f"no service {dest_key} in the mesh (CONNECT reaches mesh services only)",
+                )
+        if found == FORBIDDEN:
+            return 403, "forbidden", f"{self.source} may not call {dest_key}"
+        return None
 
     def _rule(self, req: Request, dest: Destination) -> Rule | None:
         """The first of the destination's rules that matches the request."""

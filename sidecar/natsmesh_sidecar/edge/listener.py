@@ -92,6 +92,9 @@ class OutboundConnection(asyncio.Protocol):
         self.stream: Any = None
         #: The stream of the request whose body is arriving now.
         self._upload: Any = None
+        #: The CONNECT target this connection is a tunnel to (what the client
+        #: asked of us as its proxy), else "".
+        self.tunnelled = ""
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -135,6 +138,12 @@ class OutboundConnection(asyncio.Protocol):
             status, code, message = self.reject or (400, "bad_request", "malformed HTTP request")
             self._fail(status, code, message)
         except httptools.HttpParserError as exc:
+            if self.tunnelled and data[:1] == b"\x16":
+                # A TLS ClientHello: an https:// URL through us as a proxy.
+                logger.info("CONNECT %s: TLS inside is not carried, closing", self.tunnelled)
+                self.stopped = True
+                self._close()
+                return
             if (
                 self._url == b"*"
                 and self.parser.get_method() == b"PRI"
@@ -250,6 +259,9 @@ class OutboundConnection(asyncio.Protocol):
 
         if self.stopped or self.transport is None:
             return  # pipelined after a request that closes the connection
+        if self.parser.get_method() == b"CONNECT":
+            self._connect(rest)
+            return
         refused = tunnel.refusal(self.parser.get_method(), self._special.get("upgrade", ""))
         if refused is not None:
             self._fail(400, "upgrade_not_supported", refused)
@@ -266,6 +278,36 @@ class OutboundConnection(asyncio.Protocol):
         upgrade = tunnel.CallerTunnel(limits, self.transport, rest)
         req.stream = self.stream = cast("CallerStream", upgrade)
         self._enqueue(req)
+
+    def _connect(self, rest: bytes) -> None:
+        """A CONNECT (a client told to use us as its HTTP proxy: gRPC's
+        ``http_proxy``, ``curl -p``): answered 200 here, and the bytes inside
+        are parsed as a new connection of ours, HTTP/1.1 or h2c.
+
+        Nothing is relayed raw: each request inside is routed and authorised
+        as any other, so a tunnel opens only to a mesh service (see
+        :meth:`natsmesh_sidecar.calls.route.Planner.tunnel_refusal`). TLS
+        inside (an ``https://`` URL through the proxy) cannot be read: the
+        connection is closed with a log line, since the client would not
+        read an HTTP answer.
+        """
+        if self.busy or self.queue:
+            self._fail(400, "bad_request", "CONNECT pipelined behind other requests")
+            return
+        authority = self._url.decode("latin-1")
+        if ":" not in authority or authority.startswith(("/", "*")):
+            self._fail(400, "bad_request", "CONNECT needs a host:port target")
+            return
+        refused = self.handler.tunnel_refusal(authority)
+        if refused is not None:
+            self._fail(*refused)
+            return
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.parser = httptools.HttpRequestParser(self)
+        self.tunnelled = authority
+        if rest:
+            self.data_received(rest)
 
     def _request(self, cls: type[R], body: bytes) -> R:
         parser = self.parser

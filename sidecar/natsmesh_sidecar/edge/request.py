@@ -116,3 +116,7 @@ class Handler(Protocol):
     def start(self, req: Request, done: Done) -> bytes | None:
         """The response now, or None when ``done(req, response)`` will be called later."""
         ...
+
+    def tunnel_refusal(self, authority: str) -> tuple[int, str, str] | None:
+        """(status, code, message) refusing a CONNECT to ``authority``; None to open it."""
+        ...

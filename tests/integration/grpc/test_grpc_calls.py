@@ -28,6 +28,7 @@ import pytest_asyncio
 from tests.fixtures.nats_operator import start_operator_nats
 from tests.integration.grpc.grpc_harness import (
     MIB,
+    OPTIONS,
     SERVICE,
     SLOW_TIMEOUT_MS,
     GrpcMesh,
@@ -114,6 +115,28 @@ async def test_bidirectional_ping_pong_and_big_messages(mesh: GrpcMesh) -> None:
         await call.done_writing()
         assert await call.read() == grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_client_using_the_sidecar_as_its_http_proxy(mesh: GrpcMesh) -> None:
+    """gRPC honours ``http_proxy`` (the webhook sets it with natsmesh.io/proxy-env):
+    the channel names the service itself and tunnels through a CONNECT, which
+    the sidecar opens and reads as its own connection."""
+    proxied = [*OPTIONS, ("grpc.http_proxy", f"http://127.0.0.1:{mesh.port()}")]
+    async with grpc.aio.insecure_channel("orders.shop:80", options=proxied) as channel:
+        assert await channel.unary_unary(method("Echo"))(b"proxied", timeout=5) == b"proxied"
+        got = [m async for m in channel.unary_stream(method("Count"))(b"3:10", timeout=5)]
+    assert [m[:2] for m in got] == [b"0:", b"1:", b"2:"]
+    # A caller that may not call orders gets the same status through a proxy.
+    served = sum(s.calls for s in mesh.states)
+    evil = [*OPTIONS, ("grpc.http_proxy", f"http://127.0.0.1:{mesh.port('evil')}")]
+    async with grpc.aio.insecure_channel("orders.shop:80", options=evil) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary(method("Echo"))(b"x", timeout=5)
+    assert refused.value.code() in (
+        grpc.StatusCode.PERMISSION_DENIED,  # refused inside the tunnel
+        grpc.StatusCode.UNAVAILABLE,  # the tunnel refused: gRPC reports a failed connect
+    ), refused.value
+    assert sum(s.calls for s in mesh.states) == served
 
 
 async def test_per_request_load_balancing_over_one_connection(mesh: GrpcMesh) -> None:

@@ -173,3 +173,42 @@ async def test_a_stalled_upload_is_cut_after_the_idle_timeout(
         assert 0.9 < time.monotonic() - t0 < 5
         writer.close()
         assert mesh.state.uploads == 0  # the app never got a whole body
+
+
+async def test_a_stream_in_flight_finishes_while_its_callee_sidecar_drains(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A rollout's SIGTERM to the callee's sidecar: the stream it serves runs to
+    its end within the drain grace, as a unary call in flight does."""
+    async with running_mesh(nats_server.url, tmp_path, NATSMESH_DRAIN_SECONDS="5") as mesh:
+        proc = await start_curl(mesh, "/sse?n=4&every=0.5")
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 5)
+        assert first, "no first event"
+        mesh.callee.proc.terminate()
+        rest = await asyncio.wait_for(proc.stdout.read(), 10)
+        events = [line for line in (first + rest).splitlines() if line.startswith(b"data: event")]
+        assert len(events) == 4, first + rest
+        assert await asyncio.wait_for(proc.wait(), 5) == 0
+        # Having drained its stream, the sidecar exits on its own, before its grace is up.
+        assert await asyncio.to_thread(mesh.callee.proc.wait, 10) == 0
+
+
+async def test_a_stream_outliving_the_drain_grace_is_cut_at_its_end(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """What is still open when the grace is over is cut, and the caller is told
+    at once: its client sees a reset then, not after the idle timeout (60 s)."""
+    async with running_mesh(nats_server.url, tmp_path, NATSMESH_DRAIN_SECONDS="1") as mesh:
+        proc = await endless(mesh)
+        t0 = time.monotonic()
+        mesh.callee.proc.terminate()
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.read(), 10)
+        code = await asyncio.wait_for(proc.wait(), 5)
+        took = time.monotonic() - t0
+        assert code in CUT, code
+        # Not before the grace (the stream was served until then), not much after.
+        assert 0.9 < took < 5, took
+        # The app's connection was closed: its endless writer stopped.
+        await asyncio.wait_for(mesh.state.endless_closed.wait(), 5)

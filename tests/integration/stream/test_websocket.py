@@ -19,10 +19,11 @@ import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
@@ -160,10 +161,6 @@ async def test_an_unknown_route_and_other_upgrades_are_refused(mesh: WsMesh) -> 
             "upgrade_not_supported",
         ),
         (
-            b"CONNECT orders.shop:443 HTTP/1.1\r\nHost: orders.shop:443\r\n\r\n",
-            "upgrade_not_supported",
-        ),
-        (
             b"POST /echo HTTP/1.1\r\nHost: orders.shop\r\n" + upgrade + b"\r\n",
             "upgrade_not_supported",
         ),
@@ -179,6 +176,59 @@ async def test_an_unknown_route_and_other_upgrades_are_refused(mesh: WsMesh) -> 
         status, _, body = answer.partition(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 400 "), answer
         assert json.loads(body)["error"] == code, answer
+
+
+async def raw_connect(port: int, target: bytes, then: bytes = b"") -> bytes:
+    """A CONNECT to ``target`` on a sidecar's listener, ``then`` inside; all it answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n" + then)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_clients_using_the_sidecar_as_their_proxy_connect_to_mesh_services(
+    mesh: WsMesh, tmp_path: Path
+) -> None:
+    """A client told to use the sidecar as its proxy (HTTP_PROXY, which the
+    websockets package and gRPC honour) opens a CONNECT tunnel: the sidecar
+    answers it and parses what comes inside as its own connection."""
+    proxy = f"http://127.0.0.1:{mesh.port()}"
+    async with connect("ws://orders.shop/echo", proxy=proxy, open_timeout=5) as ws:
+        assert await echo_once(ws, "through CONNECT") == "through CONNECT"
+    # curl -p: plain HTTP inside the tunnel, the app's own answer comes back.
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-p", "-x", proxy, "-D", "-", "-o", str(tmp_path / "body"),
+        "http://orders.shop/refuse",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0, err
+    assert b"HTTP/1.1 200 Connection established" in out
+    assert b"HTTP/1.1 401" in out, out
+    assert b"x-refused: yes" in out.lower(), out
+    # A tunnel grants nothing: evil's request inside is refused as outside,
+    # and never reaches the app (whose answer would be its 401). The tunnel
+    # itself may be refused at once, if evil's sidecar already knows.
+    inside = b"GET /refuse HTTP/1.1\r\nHost: orders.shop\r\nConnection: close\r\n\r\n"
+    answer = await raw_connect(mesh.port("evil"), b"orders.shop:80", inside)
+    assert b"HTTP/1.1 403 " in answer, answer
+    assert b'"forbidden"' in answer, answer
+    assert b"401" not in answer, answer
+    # Refused where no request inside could succeed, with the mesh's JSON error.
+    for port, target, status, code in (
+        (mesh.port(), b"example.com:443", 404, "unknown_service"),
+        (mesh.port(), b"orders.shop", 400, "bad_request"),
+    ):
+        answer = await raw_connect(port, target)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), answer
+        assert json.loads(body)["error"] == code, answer
+    # TLS inside (an https:// URL through the proxy) is not carried: closed.
+    hello = b"\x16\x03\x01\x00\x05hello"
+    answer = await raw_connect(mesh.port(), b"orders.shop:443", hello)
+    assert answer == b"HTTP/1.1 200 Connection established\r\n\r\n", answer
 
 
 async def test_the_app_refusing_the_upgrade_is_relayed(mesh: WsMesh) -> None:

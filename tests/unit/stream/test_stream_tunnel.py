@@ -17,8 +17,7 @@ def test_a_websocket_get_is_tunnelled(upgrade: str) -> None:
 @pytest.mark.parametrize(
     ("method", "upgrade", "why"),
     [
-        (b"CONNECT", "", "CONNECT is not supported"),
-        (b"CONNECT", "websocket", "CONNECT is not supported"),
+        (b"CONNECT", "websocket", "a WebSocket upgrade must be a GET"),
         (b"GET", "h2c", "upgrade to 'h2c' is not supported"),
         (b"GET", "", "upgrade to '' is not supported"),
         (b"GET", "websockets", "upgrade to 'websockets' is not supported"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 
 from natsmesh_sidecar.transport.natsfast import Reply
 from natsmesh_sidecar.transport.stream import protocol
@@ -21,10 +22,30 @@ from natsmesh_sidecar.wire import StreamLimits
 
 logger = logging.getLogger(__name__)
 
+#: Every stream end of this process that is still referenced: a draining
+#: sidecar waits for the open ones, then cuts what is left, telling the other
+#: end (a stream that merely stopped would hang its peer until the idle
+#: timeout). Weak: a finished end is nobody's to keep.
+_ENDS: weakref.WeakSet[Peer] = weakref.WeakSet()
+
+
+def open_ends() -> list[Peer]:
+    """The stream ends not finished yet (callee and caller, bodies and tunnels)."""
+    return [end for end in _ENDS if not end.finished]
+
 
 class Peer:
     # Slots: a WebSocket tunnel (natsmesh_sidecar.transport.stream.tunnel) holds one per socket.
-    __slots__ = ("_timer", "crossing", "finished", "last_heard", "limits", "opened", "receiver")
+    __slots__ = (
+        "__weakref__",
+        "_timer",
+        "crossing",
+        "finished",
+        "last_heard",
+        "limits",
+        "opened",
+        "receiver",
+    )
 
     def __init__(self, limits: StreamLimits) -> None:
         self.limits = limits
@@ -39,6 +60,7 @@ class Peer:
         self.crossing = False
         #: The caller named its inbox (its first credit), across namespaces.
         self.opened = False
+        _ENDS.add(self)
 
     def on_message(self, msg: Reply) -> None:
         """A message from the other end: chunks to the receiver, the rest to :meth:`handle`."""
@@ -64,6 +86,10 @@ class Peer:
 
     def aborted(self, reason: str) -> None:
         """The other end gave up."""
+        raise NotImplementedError
+
+    def cut(self, reason: str) -> None:
+        """Break the stream here, telling the other end and our client or app."""
         raise NotImplementedError
 
     def broken(self, reason: str) -> None:

@@ -72,8 +72,6 @@ MAX_RESPONSE_HEADER_BYTES = 64 * 1024
 
 def refusal(method: bytes, upgrade: str) -> str | None:
     """Why an upgrade request (or CONNECT) is not tunnelled; None for a WebSocket."""
-    if method == b"CONNECT":
-        return "CONNECT is not supported: the mesh carries HTTP and WebSocket, not raw TCP"
     tokens = {t.strip().lower() for t in upgrade.split(",")}
     if WEBSOCKET not in tokens:
         return f"upgrade to {upgrade[:40]!r} is not supported (only websocket)"
