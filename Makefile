@@ -94,13 +94,15 @@ test-e2e e2e-local: venv tools ## the whole flow on the local control plane
 e2e-kind: venv tools kind-tools ## the whole flow on kind with real pods (Docker from Debian; builds the node image offline)
 	NATSMESH_E2E_KIND=1 hack/with-docker.sh $(PYTEST) tests/e2e/test_e2e_kind.py
 
-bench: venv tools ## benchmarks (not timed tests): sidecar, namespace scale and operator
+bench: venv tools ## benchmarks (not timed tests): sidecar, gRPC, namespace scale and operator
 	$(BIN)/python -m bench.sidecar
+	$(BIN)/python -m bench.grpc
 	$(BIN)/python -m bench.namespace_scale
 	hack/with-cluster.sh $(BIN)/python -m bench.operator_scale
 
 bench-quick: venv tools ## the benchmarks with tiny counts (CI runs these via tests/integration/bench)
 	$(BIN)/python -m bench.sidecar --quick
+	$(BIN)/python -m bench.grpc --quick
 	$(BIN)/python -m bench.namespace_scale --quick
 	hack/with-cluster.sh $(BIN)/python -m bench.operator_scale --quick
 

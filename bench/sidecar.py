@@ -355,13 +355,18 @@ async def wait_ready(procs: Procs, admin_port: int, within: float = 15.0) -> Non
 
 
 async def measure_max(
-    target: Any, mode: Mode, pids: dict[str, int], spy: Callable[[], list[Any]] | None = None
+    target: Any,
+    mode: Mode,
+    pids: dict[str, int],
+    spy: Callable[[], list[Any]] | None = None,
+    conns: int = CONNS,
 ) -> dict[str, Any]:
-    """One max-throughput run with the CPU time of every process around it."""
+    """One max-throughput run (``conns`` closed loops, ``mode.max_s`` seconds)
+    with the CPU time of every process around it."""
     cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
     box0 = box_busy_seconds()
     spies = spy() if spy is not None else []
-    row: dict[str, Any] = dict(await max_throughput(target.call, CONNS, mode.max_s))
+    row: dict[str, Any] = dict(await max_throughput(target.call, conns, mode.max_s))
     cpu1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
     box1 = box_busy_seconds()
     for s in spies:
@@ -520,11 +525,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def report(r: dict[str, Any]) -> None:
+def print_paths(r: dict[str, Any], max_title: str, unit: str, rate: str) -> None:
+    """What the request benchmarks (this one, bench.grpc) print alike: the load,
+    latency per path and load, what the two sidecars add, and each path's max
+    run with its CPU per ``unit`` (answered) split over the processes it crosses."""
     paths: dict[str, dict[str, dict[str, Any]]] = r["paths"]
     direct, side = paths["direct"], paths["sidecars"]
-    quick = " (--quick: tiny counts, figures not comparable)" if r["quick"] else ""
-    print(f"\nnatsmesh sidecar benchmark ({r['cpus']} CPUs, 1 KiB bodies, one box){quick}")
     before, after = r["loadavg_before"], r["loadavg_after"]
     print(f"load average (1 min) before {before[0]:.2f}, after {after[0]:.2f}\n")
     print(f"{'path':<10} {'load':<11} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7}")
@@ -541,18 +547,18 @@ def report(r: dict[str, Any]) -> None:
         added = [side[load][p] - direct[load][p] for p in ("p50", "p90", "p99")]
         print(f"  {load:<11} p50 {added[0]:+.3f}  p90 {added[1]:+.3f}  p99 {added[2]:+.3f}")
 
-    print(f"\nmax throughput at {CONNS} connections:")
+    print(f"\n{max_title}:")
     for name, rows in paths.items():
         m = rows["max"]
         print(
-            f"  {name:<10} {m['rps']:9.0f} req/s  p50 {m['p50']:.2f} ms  "
+            f"  {name:<10} {m['rps']:9.0f} {rate}  p50 {m['p50']:.2f} ms  "
             f"p99 {m['p99']:.2f} ms  errors {int(m['errors'])}  "
             f"(box {m['box_cores']:.2f} of {r['cpus']} cores busy, load {m['loadavg'][0]:.2f})"
         )
     ratio = side["max"]["rps"] / direct["max"]["rps"] if direct["max"]["rps"] else 0.0
     print(f"  sidecar path / direct = {ratio:.3f}x")
 
-    print("\nCPU per request in the max runs (us of CPU time per request answered; cores busy):")
+    print(f"\nCPU per {unit} in the max runs (us of CPU time per {unit} answered; cores busy):")
     for name, rows in paths.items():
         m = rows["max"]
         parts = ", ".join(
@@ -561,17 +567,27 @@ def report(r: dict[str, Any]) -> None:
         total_us = sum(m["cpu_us_per_request"].values())
         total_cores = sum(m["cores"].values())
         print(f"  {name:<10} {parts}; all {total_us:.0f} us / {total_cores:.2f} cores")
+
+
+def report(r: dict[str, Any]) -> None:
+    quick = " (--quick: tiny counts, figures not comparable)" if r["quick"] else ""
+    print(f"\nnatsmesh sidecar benchmark ({r['cpus']} CPUs, 1 KiB bodies, one box){quick}")
+    print_paths(r, f"max throughput at {CONNS} connections", "request", "req/s")
+    side = r["paths"]["sidecars"]
     us = side["max"]["cpu_us_per_request"]
     print(
         f"  CPU per request per sidecar: A {us['sidecar A']:.1f} us, B {us['sidecar B']:.1f} us "
         f"(target <= {TARGET_CPU_US:.0f} us)"
     )
+    print_rss(r, "loaded (peak)")
 
+
+def print_rss(r: dict[str, Any], loaded_as: str) -> None:
     idle: dict[str, float] = r["rss_idle_mb"]
     loaded: dict[str, float] = r["rss_loaded_mb"]
     print(
         f"\nsidecar RSS idle: A {idle['A']:.1f} MB, B {idle['B']:.1f} MB; "
-        f"loaded (peak): A {loaded['A']:.1f} MB, B {loaded['B']:.1f} MB"
+        f"{loaded_as}: A {loaded['A']:.1f} MB, B {loaded['B']:.1f} MB"
     )
 
 

@@ -6,7 +6,8 @@ local processes the way a kubelet would:
 
 * images map to local commands (``natsmesh/sidecar:*`` -> ``python -m
   natsmesh_sidecar``, ``natsmesh/example-shop:*`` -> ``python -m
-  examples.apps.shop``); the container's ``args`` follow;
+  examples.apps.shop``, ``natsmesh/example-stock:*`` -> ``python -m
+  examples.apps.stock``); the container's ``args`` follow;
 * the environment is the container's ``env``/``envFrom`` (plain values,
   ``secretKeyRef``, ``configMapKeyRef``, ``fieldRef``, ``$(VAR)`` references),
   nothing of the test process leaks in;
@@ -85,6 +86,9 @@ DEFAULT_IMAGES: dict[str, list[str]] = {
     "natsmesh/sidecar": [sys.executable, "-m", "natsmesh_sidecar"],
     "natsmesh/operator": [sys.executable, "-m", "natsmesh_operator.cli"],
     "natsmesh/example-shop": [sys.executable, "-m", "examples.apps.shop"],
+    # The shop's gRPC service (examples/shop/grpc): needs grpcio, which the
+    # dev venv has and the standard-library example image does not.
+    "natsmesh/example-stock": [sys.executable, "-m", "examples.apps.stock"],
     "nats": ["nats-server"],
 }
 #: Commands (``command[0]`` of a container) other than python -> local program.

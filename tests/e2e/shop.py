@@ -35,6 +35,15 @@ WORKLOADS: dict[str, dict[str, str]] = {
     "payments": {"app": "payments"},
     "inventory": {"app": "inventory"},
 }
+#: The shop's optional gRPC service (examples/shop/grpc): its app needs grpcio,
+#: which the example image lacks, so only the local flavour installs it.
+SHOP_GRPC = SHOP / "grpc"
+SHOP_GRPC_APPS = SHOP_GRPC / "apps"
+GRPC_WORKLOADS: dict[str, dict[str, str]] = {"stock": {"app": "stock"}}
+#: The stock levels examples/apps/stock.py starts with.
+STOCK = {"book": 12, "lamp": 3}
+#: The Watch call's updates and their spacing.
+WATCH_UPDATES, WATCH_EVERY = 4, 0.2
 CANARY_REQUESTS = 1000
 #: What a release of the chart may create, in its namespace and cluster-wide:
 #: ``helm uninstall`` must leave none of it behind (but what the chart keeps).
@@ -418,3 +427,59 @@ def check_websocket_echo(shop: ShopEndpoints) -> None:
         assert ws.ping(b"are you there").wait(10)
         ws.close(code=4000, reason="done")
     assert ws.close_code == 4000
+
+
+def check_grpc_stock(shop: ShopEndpoints) -> None:
+    """gRPC through the shop: a grpcio client in the gateway's pod (its sidecar's
+    outbound listener, h2c) calls stock (``protocol: grpc``) unary and
+    server-streaming; the same call from payments' pod, which stock does not
+    admit, is PERMISSION_DENIED by payments' sidecar."""
+    import grpc
+
+    def channel(caller: str, authority: str) -> grpc.Channel:
+        host, port = _host_port(shop.outbound(caller))
+        options = [("grpc.default_authority", authority), ("grpc.enable_http_proxy", 0)]
+        return grpc.insecure_channel(f"{host}:{port}", options=options)
+
+    def failed(call: Callable[[], Any]) -> grpc.RpcError:
+        try:
+            call()
+        except grpc.RpcError as exc:
+            return exc
+        raise AssertionError("the call succeeded")
+
+    book = json.dumps({"item": "book"}).encode()
+    with channel("gateway", "stock") as gateway:
+        level = gateway.unary_unary("/shop.Stock/Level")
+        answer = json.loads(level(book, timeout=10))
+        assert answer == {
+            "item": "book",
+            "level": STOCK["book"],
+            "service": "stock",
+            "version": "v1",
+        }
+        # The app's own status and message cross the mesh as it answered them.
+        err = failed(lambda: level(json.dumps({"item": "piano"}).encode(), timeout=10))
+        assert err.code() == grpc.StatusCode.NOT_FOUND, err
+        assert err.details() == "no such item: piano", err
+    # Server streaming, naming the service with its namespace: each update
+    # reaches the client when stock writes it, not at the end of the call.
+    with channel("gateway", f"stock.{shop.namespace}") as gateway:
+        watch = gateway.unary_stream("/shop.Stock/Watch")
+        request = {"item": "lamp", "n": WATCH_UPDATES, "every": WATCH_EVERY}
+        t0 = time.monotonic()
+        updates = [
+            (time.monotonic() - t0, json.loads(m))
+            for m in watch(json.dumps(request).encode(), timeout=10)
+        ]
+    assert [u["seq"] for _, u in updates] == list(range(WATCH_UPDATES)), updates
+    assert [u["level"] for _, u in updates] == [STOCK["lamp"] - i for i in range(WATCH_UPDATES)]
+    first, last = updates[0][0], updates[-1][0]
+    assert last - first > (WATCH_UPDATES - 1) * WATCH_EVERY * 0.6, updates
+    # The attack: the same call from a pod stock does not admit. Its own
+    # sidecar refuses it with gRPC's status for it, not an HTTP page.
+    with channel("payments", "stock") as payments:
+        err = failed(lambda: payments.unary_unary("/shop.Stock/Level")(book, timeout=10))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    trailers = dict(err.trailing_metadata() or ())
+    assert trailers.get("x-natsmesh-error") == "forbidden", trailers

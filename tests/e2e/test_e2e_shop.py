@@ -45,7 +45,9 @@ from tests.fixtures.prometheus import Prometheus, prometheus
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180), LOCAL_ONLY]
 
 SIDECAR = "natsmesh-sidecar"
-MESH_RESOURCES = len(scenarios.WORKLOADS) + 2  # the NatsServices and two NatsRoutes
+#: The shop's workloads here: with the optional gRPC service (kind runs without it).
+WORKLOADS = {**scenarios.WORKLOADS, **scenarios.GRPC_WORKLOADS}
+MESH_RESOURCES = len(WORKLOADS) + 2  # the NatsServices and two NatsRoutes
 OPERATOR = {"app.kubernetes.io/component": "operator"}
 
 
@@ -84,14 +86,16 @@ def shop(release: LocalRelease) -> Iterator[LocalShop]:
     sim = release.watch(ns)
     try:
         release.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP))
+        release.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP_GRPC))
         release.wait_for(
             "the shop's mesh resources Ready",
             lambda: release.ready_count(ns) == MESH_RESOURCES,
         )
         # After the NatsServices: the webhook injects pods of services it knows.
         release.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP_APPS))
+        release.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP_GRPC_APPS))
         pods: dict[str, SimPod] = {}
-        for resource, labels in scenarios.WORKLOADS.items():
+        for resource, labels in WORKLOADS.items():
             (pod,) = sim.wait_ready(1, timeout=60, **labels)
             pods[resource] = pod
         endpoints = LocalShop(
@@ -135,8 +139,12 @@ def test_pods_run_the_injected_spec(shop: LocalShop) -> None:
             assert "BEGIN NATS USER JWT" in f.read()
         volumes = {v["name"]: v for v in pod.spec["volumes"]}
         assert volumes["natsmesh-creds"]["secret"]["secretName"] == f"natsmesh-{resource}-creds"
+        # The NatsService's protocol tells the sidecar how to call its app.
+        grpc = resource in scenarios.GRPC_WORKLOADS
+        assert env["NATSMESH_APP_PROTOCOL"] == ("grpc" if grpc else "http")
         app = pod.container("app")
-        assert app.argv[-1] == ("orders" if resource.startswith("orders") else resource)
+        role = "orders" if resource.startswith("orders") else resource
+        assert app.argv[-1] == (f"examples.apps.{resource}" if grpc else role)
         assert app.env["PORT"] == env["NATSMESH_APP_PORT"]
         assert app.env["NATSMESH_OUTBOUND"].endswith(":" + env["NATSMESH_LISTEN_PORT"])
 
@@ -171,6 +179,10 @@ def test_order_status_feed_arrives_event_by_event(shop: LocalShop) -> None:
 
 def test_websocket_echo_through_the_shop(shop: LocalShop) -> None:
     scenarios.check_websocket_echo(shop)
+
+
+def test_grpc_unary_and_server_stream_through_the_shop(shop: LocalShop) -> None:
+    scenarios.check_grpc_stock(shop)
 
 
 def test_dashboard_and_alert_queries_return_data(
@@ -264,7 +276,9 @@ def test_natsmesh_check_and_status_on_the_installed_chart(
         line.startswith("PASS  nats") and "operator mode, JetStream on" in line for line in lines
     ), check.stdout
     assert any(
-        line.startswith(f"PASS  namespace {shop.namespace}") and "5/5" in line for line in lines
+        line.startswith(f"PASS  namespace {shop.namespace}")
+        and f"{len(WORKLOADS)}/{len(WORKLOADS)}" in line
+        for line in lines
     ), check.stdout
     # The chart leaves the root key in a Secret for the admin to take offline.
     assert any(line.startswith("WARN  bootstrap root key") for line in lines), check.stdout
@@ -277,9 +291,7 @@ def test_natsmesh_check_and_status_on_the_installed_chart(
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)
     # Every sidecar answers $SRV.PING: one endpoint per service, as counted by the operator.
-    assert {s["name"]: s["endpoints"] for s in data["services"]} == {
-        w: "1" for w in scenarios.WORKLOADS
-    }
+    assert {s["name"]: s["endpoints"] for s in data["services"]} == {w: "1" for w in WORKLOADS}
     assert data["lagNote"] == f"from {url}"
     assert all(e["pending"] in ("0", "-") for e in data["events"]), data["events"]
 
@@ -374,9 +386,9 @@ def test_one_operator_replica_acts_the_other_stands_by(
     operators = release.sims[release.namespace].select(**OPERATOR)
     assert len(operators) == 2
     handled = [reconciled(p) for p in operators]
-    # The shop's five NatsServices were all handled, and all by one replica.
+    # The shop's NatsServices were all handled, and all by one replica.
     assert sorted(handled)[0] == 0, release.describe()
-    assert sorted(handled)[1] >= len(scenarios.WORKLOADS), release.describe()
+    assert sorted(handled)[1] >= len(WORKLOADS), release.describe()
 
 
 def test_standby_takes_over_when_the_active_replica_goes(

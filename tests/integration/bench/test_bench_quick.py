@@ -50,6 +50,23 @@ def test_sidecar_bench_quick() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_grpc_bench_quick() -> None:
+    """Needs nats-server (the venv's) and grpcio, as tests/integration/grpc."""
+    out = run_bench(["bench.grpc", "--quick"], dict(os.environ), timeout=100)
+    assert "natsmesh gRPC benchmark, unary 1 KiB" in out
+    assert "load average" in out
+    for path in ("direct", "sidecars"):
+        assert re.search(rf"\n{path} +sequential +[0-9.]+ +[0-9.]+ +[0-9.]+ +\d+\n", out), out
+        assert re.search(rf"\n{path} +200/s +[0-9.]+", out), out
+        assert re.search(rf"\n  {path} +\d+ calls/s", out), out
+    assert "added latency of the two-sidecar path vs direct" in out
+    assert "concurrent calls on one channel" in out
+    assert "sidecar path / direct" in out
+    assert "CPU per call per sidecar: A " in out
+    assert "sidecar RSS idle" in out
+
+
+@pytest.mark.timeout(120)
 def test_stream_bench_quick() -> None:
     """Needs nats-server (the venv's) and curl, as tests/integration/stream."""
     out = run_bench(["bench.stream", "--quick"], dict(os.environ), timeout=100)
