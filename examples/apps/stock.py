@@ -50,6 +50,10 @@ async def _request(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> d
         item = body["item"]
     except (ValueError, TypeError, KeyError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'want JSON {"item": ...}')
+    if item == "offline":
+        # A failure on demand, as the shop's HTTP apps have (FAIL_FIRST): a
+        # retryable status for the error-rate alert and dashboard to count.
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "warehouse offline")
     if item not in LEVELS:
         await context.abort(grpc.StatusCode.NOT_FOUND, f"no such item: {item}")
     result: dict[str, Any] = body

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
@@ -427,6 +428,21 @@ def check_websocket_echo(shop: ShopEndpoints) -> None:
         assert ws.ping(b"are you there").wait(10)
         ws.close(code=4000, reason="done")
     assert ws.close_code == 4000
+
+
+def grpc_unavailable(shop: ShopEndpoints, calls: int = 3) -> None:
+    """A few gRPC calls stock answers UNAVAILABLE (its ``offline`` item), from
+    the gateway's pod: the gRPC errors the alert and the dashboard count."""
+    import grpc
+
+    host, port = _host_port(shop.outbound("gateway"))
+    options = [("grpc.default_authority", "stock"), ("grpc.enable_http_proxy", 0)]
+    with grpc.insecure_channel(f"{host}:{port}", options=options) as channel:
+        level = channel.unary_unary("/shop.Stock/Level")
+        for _ in range(calls):
+            with pytest.raises(grpc.RpcError) as failed:
+                level(b'{"item": "offline"}', timeout=10)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
 
 
 def check_grpc_stock(shop: ShopEndpoints) -> None:

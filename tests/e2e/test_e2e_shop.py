@@ -194,14 +194,16 @@ def test_dashboard_and_alert_queries_return_data(
     metric selector in them returns data, and every rule evaluates cleanly.
     A metric or label the code does not expose shows up here as no data."""
     # A counter's first sample is rate()'s baseline: the 503 series must exist
-    # before the first scrape and grow after it.
+    # before the first scrape and grow after it. So must gRPC's errors.
     scenarios.check_chaos(shop)
+    scenarios.grpc_unavailable(shop)
     operators = release.sims[release.namespace].select(**OPERATOR)
     targets = observability.scrape_targets(shop.namespace, shop.pods.values(), operators)
     with prometheus(tmp_path, targets, [observability.RULES]) as prom:
         # rate() wants two samples of a series in its window: three scrapes each.
         prom.wait_for("3 scrapes of every target", lambda: scraped(prom, len(targets), 3), 30)
         scenarios.check_chaos(shop)
+        scenarios.grpc_unavailable(shop)
         (errors,) = [q for w, q in observability.rule_queries() if w == "NatsmeshHighErrorRate"]
         payments = f"payments.{shop.namespace}"
 
