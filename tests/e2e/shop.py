@@ -430,14 +430,21 @@ def check_websocket_echo(shop: ShopEndpoints) -> None:
     assert ws.close_code == 4000
 
 
+def grpc_channel(shop: ShopEndpoints, caller: str, authority: str) -> Any:
+    """A grpcio channel to the sidecar of ``caller``'s pod (outbound listener, h2c)."""
+    import grpc
+
+    host, port = _host_port(shop.outbound(caller))
+    options = [("grpc.default_authority", authority), ("grpc.enable_http_proxy", 0)]
+    return grpc.insecure_channel(f"{host}:{port}", options=options)
+
+
 def grpc_unavailable(shop: ShopEndpoints, calls: int = 3) -> None:
     """A few gRPC calls stock answers UNAVAILABLE (its ``offline`` item), from
     the gateway's pod: the gRPC errors the alert and the dashboard count."""
     import grpc
 
-    host, port = _host_port(shop.outbound("gateway"))
-    options = [("grpc.default_authority", "stock"), ("grpc.enable_http_proxy", 0)]
-    with grpc.insecure_channel(f"{host}:{port}", options=options) as channel:
+    with grpc_channel(shop, "gateway", "stock") as channel:
         level = channel.unary_unary("/shop.Stock/Level")
         for _ in range(calls):
             with pytest.raises(grpc.RpcError) as failed:
@@ -453,9 +460,7 @@ def check_grpc_stock(shop: ShopEndpoints) -> None:
     import grpc
 
     def channel(caller: str, authority: str) -> grpc.Channel:
-        host, port = _host_port(shop.outbound(caller))
-        options = [("grpc.default_authority", authority), ("grpc.enable_http_proxy", 0)]
-        return grpc.insecure_channel(f"{host}:{port}", options=options)
+        return grpc_channel(shop, caller, authority)
 
     def failed(call: Callable[[], Any]) -> grpc.RpcError:
         try:
