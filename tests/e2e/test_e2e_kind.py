@@ -703,6 +703,18 @@ def _orders_versions(shop: KindShop, n: int = 20) -> set[str]:
     return {body["orders_version"] for status, _, body in answers if status == 200}
 
 
+def _orders_v1_pods(kind: Kind, ns: str) -> set[str]:
+    selector = "app=orders,version=v1"
+    return set(kind.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "name").split())
+
+
+def _gone(kind: Kind, ns: str, pods: set[str]) -> None:
+    """Waits until ``pods`` are deleted: every container exited, the sidecar's drain over."""
+    if pods:
+        kind.kubectl("wait", "--for=delete", "-n", ns, *sorted(pods), "--timeout=120s",
+                     timeout=150)  # fmt: skip
+
+
 def _canary_weights(kind: Kind, ns: str, v1: int, v2: int) -> None:
     patch = [
         {"op": "replace", "path": "/spec/rules/1/destinations/0/weight", "value": v1},
@@ -726,9 +738,11 @@ def test_the_mesh_changing_under_traffic_fails_no_request(shop: KindShop, releas
         kind.kubectl("rollout", "status", "-n", ns, "deploy/orders-v1", "--timeout=180s",
                      timeout=240)  # fmt: skip
         steps.append("orders-v1 scaled to 3")
+        before = _orders_v1_pods(kind, ns)
         kind.kubectl("scale", "-n", ns, "deploy/orders-v1", "--replicas=1")
         kind.kubectl("rollout", "status", "-n", ns, "deploy/orders-v1", "--timeout=180s",
                      timeout=240)  # fmt: skip
+        removed = before - _orders_v1_pods(kind, ns)
         steps.append("orders-v1 scaled to 1")
         _canary_weights(kind, ns, 0, 100)
         scenarios.wait_until("all of orders on v2", lambda: _orders_versions(shop) == {"v2"}, 60)
@@ -741,9 +755,10 @@ def test_the_mesh_changing_under_traffic_fails_no_request(shop: KindShop, releas
         kind.kubectl("wait", "pod", "-n", SYSTEM_NS, "-l", operator, "--for=condition=Ready",
                      "--timeout=180s", timeout=240)  # fmt: skip
         steps.append("operator pod replaced")
+        # Traffic stays on until the removed pods' drain is over, and a while after.
+        _gone(kind, ns, removed)
         done = time.monotonic()
-        # Past the removed pods' drain (the sidecar's grace) with traffic still on.
-        scenarios.wait_until("checkouts after", lambda: traffic.ok_since(done + 20) >= 20, 90)
+        scenarios.wait_until("checkouts after", lambda: traffic.ok_since(done) >= 20, 90)
     failures = traffic.failures()
     total = len(traffic.outcomes)
     changes = "; ".join(steps)
@@ -762,12 +777,14 @@ def test_rolling_update_of_orders_under_traffic_loses_no_request(
 
     with Traffic(checkouts(shop, "roll")) as traffic:
         scenarios.wait_until("checkouts before", lambda: traffic.ok_since(0) >= 20, 30)
+        old = _orders_v1_pods(kind, ns)
         kind.kubectl("rollout", "restart", "-n", ns, "deploy/orders-v1")
         kind.kubectl("rollout", "status", "-n", ns, "deploy/orders-v1", "--timeout=180s",
                      timeout=240)  # fmt: skip
+        # Traffic stays on until the old pod's drain is over, and a while after.
+        _gone(kind, ns, old)
         done = time.monotonic()
-        # Past the old pod's drain (the sidecar's grace) with traffic still on.
-        scenarios.wait_until("checkouts after", lambda: traffic.ok_since(done + 25) >= 20, 90)
+        scenarios.wait_until("checkouts after", lambda: traffic.ok_since(done) >= 20, 90)
     failures = traffic.failures()
     total = len(traffic.outcomes)
     print(f"\nrolling update of orders-v1: {total} checkouts, {len(failures)} failed")
