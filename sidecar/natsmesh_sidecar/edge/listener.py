@@ -48,6 +48,11 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Request)
 
 MAX_URL = 8192
+#: After an error answer, the connection closes once its client has sent
+#: nothing for this long (or has closed its side), at the latest after
+#: LINGER_MAX_SECONDS: see Connection._linger.
+LINGER_IDLE_SECONDS = 2.0
+LINGER_MAX_SECONDS = 30.0
 EVENTS_PREFIX = "/_events/"
 _EVENTS_PREFIX_B = EVENTS_PREFIX.encode()
 
@@ -79,6 +84,8 @@ class OutboundConnection(asyncio.Protocol):
         self.started = 0.0
         self.last = 0.0
         self.reject: tuple[int, str, str] | None = None
+        #: When the connection started lingering after an error answer, else 0.
+        self.lingering = 0.0
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._special: dict[str, str] = {}
@@ -128,6 +135,8 @@ class OutboundConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.stopped:
+            if self.lingering:
+                self.last = time.monotonic()
             return
         self.last = time.monotonic()
         try:
@@ -370,7 +379,7 @@ class OutboundConnection(asyncio.Protocol):
                 item = self.queue.popleft()
                 if isinstance(item, bytes):
                     self._write(item)
-                    self._close()
+                    self._linger()
                     break
                 resp = self.handler.start(item, self._resume_cb)
                 if resp is None:
@@ -427,9 +436,45 @@ class OutboundConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
 
+    def _linger(self) -> None:
+        """After an error answer: stop sending, drop what still arrives, then close.
+
+        The client is often still sending the request we refused (the body of
+        a 413, the rest of a request past a 408 or 431). Closing a socket with
+        unread bytes makes the kernel answer with a RST, and the client's
+        stack then discards our answer before the client reads it: it sees
+        "connection reset" instead of the status. So the answer is followed
+        by a half-close, and the connection stays open, reading and dropping,
+        until the client closes its side or sends nothing for
+        LINGER_IDLE_SECONDS (nginx's lingering close, for the same reason).
+        """
+        transport = self.transport
+        self.stopped = True
+        if transport is None or self.closed:
+            return
+        if not transport.can_write_eof():
+            self._close()
+            return
+        self.lingering = self.last = time.monotonic()
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_IDLE_SECONDS, self._linger_check)
+
+    def _linger_check(self) -> None:
+        if self.closed:
+            return
+        now = time.monotonic()
+        quiet_until = self.last + LINGER_IDLE_SECONDS
+        if now >= quiet_until or now - self.lingering >= LINGER_MAX_SECONDS:
+            self._close()
+            return
+        asyncio.get_running_loop().call_later(quiet_until - now, self._linger_check)
+
     def sweep(self, now: float) -> None:
         """Called periodically: enforce the header deadline and the idle timeout."""
-        if self.closed or self.busy:
+        if self.closed or self.busy or self.lingering:
             return
         if self.in_headers and now - self.started > self.server.header_timeout:
             self._fail(408, "request_timeout", "request headers not received in time")

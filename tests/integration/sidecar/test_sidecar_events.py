@@ -200,6 +200,37 @@ async def test_publish_202_after_ack_and_idempotency_key_stored_once(js_server: 
         await stop_event_mesh(m)
 
 
+async def test_an_oversized_event_sent_whole_gets_its_413(js_server: NatsServer) -> None:
+    """A client that writes its whole body before reading (most do) reads the
+    413, not a connection reset: the sidecar reads and drops the rest of the
+    body before it closes (closing with unread bytes makes the kernel send a
+    RST, which discards the answer on its way). Nothing is published, and the
+    next event on a new connection is stored."""
+    m = await start_event_mesh(js_server)
+    try:
+        port = m.publisher.outbound_port
+        body = b"x" * (4 * 1024 * 1024)  # past the server's 1 MiB max_payload
+        head = (
+            f"POST /_events/{TOPIC} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.split(b" ")[:2] == [b"HTTP/1.1", b"413"], answer[:300]
+        payload = json.loads(rest.partition(b"\r\n\r\n")[2])
+        assert payload["error"] == "payload_too_large"
+        assert await stream_msgs(js_server.url) == 0
+        ok = await request(port, "POST", f"/_events/{TOPIC}", body=b'{"id":2}')
+        assert ok.status == 202
+        assert await stream_msgs(js_server.url) == 1
+    finally:
+        await stop_event_mesh(m)
+
+
 async def test_fails_twice_then_succeeds_delivered_three_times_acked_once(
     js_server: NatsServer,
 ) -> None:
