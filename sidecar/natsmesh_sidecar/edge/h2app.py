@@ -23,7 +23,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h2.config
 import h2.connection
@@ -44,6 +44,9 @@ from natsmesh_sidecar.transport.stream.callee import (
 )
 from natsmesh_sidecar.transport.stream.receiver import Receiver
 from natsmesh_sidecar.wire import StreamLimits
+
+if TYPE_CHECKING:
+    from natsmesh_sidecar.transport.budget import Hold
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +283,9 @@ class _AppConn(asyncio.Protocol):
         try:
             send_within_window(self.h2, sid, out)
             receiver = call.stream.receiver
-            if receiver is not None and not receiver.done and bool(out) != receiver.blocked:
-                # No credit to the caller while the app's window holds DATA back.
+            if receiver is not None and bool(out) != receiver.blocked:
+                # No credit to the caller while the app's window holds DATA back
+                # (and, after the last chunk, the byte budget counts what waits).
                 receiver.set_blocked(bool(out))
             if call.ending and not out:
                 call.ending = False
@@ -389,6 +393,7 @@ class AppH2:
         may_subscribe: Callable[[str], bool],
         timeout_s: float,
         on_end: Callable[[int], None] | None = None,
+        hold: Hold | None = None,
     ) -> tuple[int, str]:
         """Serve one streamed call on HTTP/2; (status, error code) once the response head is out.
 
@@ -449,6 +454,7 @@ class AppH2:
             finish=app.finish,
             send_credit=stream.send_credit,
             length=length,
+            hold=hold,
         )
         stream.send_ready(stream.receiver.open())
         return await headed(stream, timeout_s), ""
