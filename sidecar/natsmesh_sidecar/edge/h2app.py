@@ -154,7 +154,37 @@ class _Call:
         self.stream.ended()
 
 
-class _AppConn(asyncio.Protocol):
+class FrameWriter(asyncio.Protocol):
+    """An HTTP/2 connection's writes: what its h2 state machine has to send
+    goes out once per event-loop iteration, in one write.
+
+    One callback often makes several frames (a unary gRPC call's response
+    HEADERS, DATA and trailers; a request's DATA and END_STREAM), each
+    written as it came before: a syscall each (docs/performance.md). What
+    closes the connection writes first (:meth:`_flush`).
+    """
+
+    h2: h2.connection.H2Connection
+    transport: asyncio.Transport | None
+    closed: bool
+    _flush_due = False
+
+    def _send(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            return
+        data = self.h2.data_to_send()
+        if data:
+            transport.write(data)
+
+
+class _AppConn(FrameWriter):
     """One HTTP/2 connection to the app."""
 
     def __init__(self, owner: AppH2) -> None:
@@ -209,7 +239,7 @@ class _AppConn(asyncio.Protocol):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             logger.warning("the app broke HTTP/2: %s", exc)
-            self._send()
+            self._flush()
             if self.transport is not None:
                 self.transport.close()
             return
@@ -308,11 +338,6 @@ class _AppConn(asyncio.Protocol):
         with contextlib.suppress(h2.exceptions.H2Error):
             self.h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
         self._send()
-
-    def _send(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
 
 
 def send_within_window(
