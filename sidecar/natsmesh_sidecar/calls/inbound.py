@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -23,6 +23,7 @@ from natsmesh_sidecar import codec
 from natsmesh_sidecar.edge.appclient import AppCall, AppError, AppPool, AppRefused, AppResponse
 from natsmesh_sidecar.observe import accesslog
 from natsmesh_sidecar.observe.metrics import Metrics
+from natsmesh_sidecar.transport.budget import Budget
 
 if TYPE_CHECKING:
     from natsmesh_sidecar.edge.h2app import AppH2
@@ -88,7 +89,8 @@ class InboundLimits:
     max_inflight: int
     """Concurrent calls into the app."""
     max_bytes: int
-    """Request bytes held at once (backlog plus calls in flight)."""
+    """Request bytes held at once (backlog, calls in flight, streamed bodies'
+    holds: natsmesh_sidecar.transport.budget)."""
     max_timeout_s: float
     """Ceiling on a caller's ``Nm-Timeout-Ms``; also the default without one."""
 
@@ -148,8 +150,9 @@ class InboundHandler:
         #: Messages taken from NATS while every slot was busy, served in order.
         self.backlog: collections.deque[Msg] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: Payload bytes of the backlog and of the calls in flight.
-        self.held_bytes = 0
+        #: Payload bytes of the backlog and of the calls in flight, and what
+        #: streamed bodies hold.
+        self.budget = Budget(limits.max_bytes)
 
     def on_msg(self, msg: Msg) -> None:
         """Called straight from the NATS parser: start the app call, never block.
@@ -164,17 +167,18 @@ class InboundHandler:
             # Before anything renders the message for the app.
             self.tracer.adopt(msg.headers)
         size = len(msg.data)
-        if self.held_bytes and self.held_bytes + size > self.limits.max_bytes:
+        budget = self.budget
+        if budget.used and budget.used + size > budget.capacity:
             self._overloaded(msg, "sidecar memory budget for requests in hand is full")
             return
         if self.inflight >= self.limit:
             if len(self.backlog) >= MAX_BACKLOG:
                 self._overloaded(msg, "sidecar backlog full")
                 return
-            self.held_bytes += size
+            budget.used += size
             self.backlog.append(msg)
             return
-        self.held_bytes += size
+        budget.used += size
         self._start(msg)
 
     def _overloaded(self, msg: Msg, why: str) -> None:
@@ -231,28 +235,28 @@ class InboundHandler:
 
         status, error = 500, "internal"
         extra = () if codec.REQUEST_ID in hdrs else ((codec.REQUEST_ID, rid),)
-        # What the upload may hold (a window of chunks in flight to the app,
-        # one more in its socket's buffer) counts against the byte budget
-        # like a body in hand, until the response head. The window is the
-        # caller's route's, if it sets one.
+        # The window is the caller's route's, if it sets one.
         limits = protocol.limits_of(hdrs, self.pool.stream_limits)
-        serve, reserve = callee.serve_upload, (limits.window + 1) * limits.chunk_bytes
         grpc: _GrpcEnd | None = None
+        hold = None
         if codec.H_UPGRADE in hdrs:
             from natsmesh_sidecar.transport.stream import tunnel
 
             # Nothing flows until the app's answer.
-            serve, reserve = tunnel.serve, 0
-        elif self.app_protocol == "grpc":
-            # Counted at the call's end, with its gRPC status (maybe after this returns).
-            grpc = _GrpcEnd(lambda got: self._observe(msg, t0, rid, method, target, *got))
-            serve = functools.partial(self._h2_app().serve, on_end=grpc.ended)
-        if self.held_bytes and self.held_bytes + reserve > self.limits.max_bytes:
-            self._overloaded(msg, "sidecar memory budget for requests in hand is full")
-            self.inflight -= 1
-            self.held_bytes -= len(msg.data)
-            return
-        self.held_bytes += reserve
+            serve: Callable[..., Awaitable[tuple[int, str]]] = tunnel.serve
+        else:
+            # The body's first chunk must fit the byte budget; the rest is
+            # credit its receiver grants as the budget allows (transport.budget).
+            hold = self.budget.hold(limits.chunk_bytes)
+            if hold is None:
+                self._overloaded(msg, "sidecar memory budget for requests in hand is full")
+                self._release(msg)
+                return
+            serve = functools.partial(callee.serve_upload, hold=hold)
+            if self.app_protocol == "grpc":
+                # Counted at the call's end, with its gRPC status (maybe after this returns).
+                grpc = _GrpcEnd(lambda got: self._observe(msg, t0, rid, method, target, *got))
+                serve = functools.partial(self._h2_app().serve, on_end=grpc.ended, hold=hold)
 
         def head(length: int | None) -> bytes | None:
             return codec.render_request_head_from_nats(
@@ -279,7 +283,8 @@ class InboundHandler:
         except Exception as exc:
             self._failed(msg, rid, exc)
         finally:
-            self.held_bytes -= reserve
+            if hold is not None and not hold.adopted:
+                hold.close()  # no body streamed: refused, or the app unreachable
             if grpc is None:
                 self._end(msg, t0, rid, method, target, status, error)
             else:
@@ -411,7 +416,7 @@ class InboundHandler:
     def _release(self, msg: Msg) -> None:
         """Free a call's slot and what its request held."""
         self.inflight -= 1
-        self.held_bytes -= len(msg.data)
+        self.budget.used -= len(msg.data)
 
     def _observe(
         self,

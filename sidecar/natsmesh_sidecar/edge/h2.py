@@ -43,7 +43,7 @@ import h2.settings
 
 from natsmesh_sidecar import codec
 from natsmesh_sidecar.edge import grpcwire
-from natsmesh_sidecar.edge.h2app import send_within_window
+from natsmesh_sidecar.edge.h2app import FrameWriter, send_within_window
 from natsmesh_sidecar.edge.request import (
     _FORWARD,
     _HOST,
@@ -293,7 +293,7 @@ def _trailer_headers(trailers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     ]
 
 
-class H2Server(asyncio.Protocol):
+class H2Server(FrameWriter):
     """One client's HTTP/2 connection: its streams, each a call."""
 
     def __init__(self, server: Server) -> None:
@@ -355,7 +355,6 @@ class H2Server(asyncio.Protocol):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             logger.info("HTTP/2 client broke the protocol: %s", exc)
-            self._send()
             self._close()
             return
         for event in events:
@@ -650,11 +649,6 @@ class H2Server(asyncio.Protocol):
         if self.server.draining and not self.calls:
             self._close()
 
-    def _send(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
-
     def _close(self) -> None:
         if self.preface is not None:
             self._not_http2()
@@ -662,7 +656,7 @@ class H2Server(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             try:
                 self.h2.close_connection()
-                self._send()
+                self._flush()
             except h2.exceptions.H2Error:
                 pass
             self.transport.close()

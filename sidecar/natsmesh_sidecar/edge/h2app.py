@@ -23,7 +23,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h2.config
 import h2.connection
@@ -44,6 +44,9 @@ from natsmesh_sidecar.transport.stream.callee import (
 )
 from natsmesh_sidecar.transport.stream.receiver import Receiver
 from natsmesh_sidecar.wire import StreamLimits
+
+if TYPE_CHECKING:
+    from natsmesh_sidecar.transport.budget import Hold
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +154,37 @@ class _Call:
         self.stream.ended()
 
 
-class _AppConn(asyncio.Protocol):
+class FrameWriter(asyncio.Protocol):
+    """An HTTP/2 connection's writes: what its h2 state machine has to send
+    goes out once per event-loop iteration, in one write.
+
+    One callback often makes several frames (a unary gRPC call's response
+    HEADERS, DATA and trailers; a request's DATA and END_STREAM), each
+    written as it came before: a syscall each (docs/performance.md). What
+    closes the connection writes first (:meth:`_flush`).
+    """
+
+    h2: h2.connection.H2Connection
+    transport: asyncio.Transport | None
+    closed: bool
+    _flush_due = False
+
+    def _send(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            return
+        data = self.h2.data_to_send()
+        if data:
+            transport.write(data)
+
+
+class _AppConn(FrameWriter):
     """One HTTP/2 connection to the app."""
 
     def __init__(self, owner: AppH2) -> None:
@@ -206,7 +239,7 @@ class _AppConn(asyncio.Protocol):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             logger.warning("the app broke HTTP/2: %s", exc)
-            self._send()
+            self._flush()
             if self.transport is not None:
                 self.transport.close()
             return
@@ -280,8 +313,9 @@ class _AppConn(asyncio.Protocol):
         try:
             send_within_window(self.h2, sid, out)
             receiver = call.stream.receiver
-            if receiver is not None and not receiver.done and bool(out) != receiver.blocked:
-                # No credit to the caller while the app's window holds DATA back.
+            if receiver is not None and bool(out) != receiver.blocked:
+                # No credit to the caller while the app's window holds DATA back
+                # (and, after the last chunk, the byte budget counts what waits).
                 receiver.set_blocked(bool(out))
             if call.ending and not out:
                 call.ending = False
@@ -304,11 +338,6 @@ class _AppConn(asyncio.Protocol):
         with contextlib.suppress(h2.exceptions.H2Error):
             self.h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
         self._send()
-
-    def _send(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
 
 
 def send_within_window(
@@ -389,6 +418,7 @@ class AppH2:
         may_subscribe: Callable[[str], bool],
         timeout_s: float,
         on_end: Callable[[int], None] | None = None,
+        hold: Hold | None = None,
     ) -> tuple[int, str]:
         """Serve one streamed call on HTTP/2; (status, error code) once the response head is out.
 
@@ -449,6 +479,7 @@ class AppH2:
             finish=app.finish,
             send_credit=stream.send_credit,
             length=length,
+            hold=hold,
         )
         stream.send_ready(stream.receiver.open())
         return await headed(stream, timeout_s), ""

@@ -29,7 +29,7 @@ from natsmesh_operator.wiring.desired import CallerRef, ServiceIntent
 from natsmesh_operator.wiring.plan import plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
 from natsmesh_sidecar.config import Match, Retries
-from tests.fixtures.nats_operator import OperatorNats
+from tests.fixtures.nats_operator import OperatorNats, start_operator_nats
 from tests.fixtures.nats_server import free_port
 from tests.integration.stream.stream_harness import SidecarProc, start_sidecar, stop_sidecar
 
@@ -294,12 +294,15 @@ class GrpcMesh:
 
 
 @contextlib.asynccontextmanager
-async def running_grpc_mesh(on: OperatorNats, workdir: Path, **env: str) -> AsyncIterator[GrpcMesh]:
-    """The tenant applied, three orders replicas (app + sidecar), web's and evil's sidecars."""
+async def running_grpc_mesh(
+    on: OperatorNats, workdir: Path, replicas: int = REPLICAS, **env: str
+) -> AsyncIterator[GrpcMesh]:
+    """The tenant applied, ``replicas`` orders replicas (app + sidecar), web's and
+    evil's sidecars."""
     creds = await applied(on)
     for name, text in creds.items():
         (workdir / f"{name}.creds").write_text(text)
-    states = [AppState(f"r{i}") for i in range(REPLICAS)]
+    states = [AppState(f"r{i}") for i in range(replicas)]
     flaky = Flaky()
     apps = [await start_app(state, flaky) for state in states]
     mesh = GrpcMesh(states, {}, flaky)
@@ -332,3 +335,19 @@ async def running_grpc_mesh(on: OperatorNats, workdir: Path, **env: str) -> Asyn
             stop_sidecar(proc)
         for server, _ in apps:
             await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def grpc_mesh(workdir: Path, replicas: int = REPLICAS, **env: str) -> AsyncIterator[GrpcMesh]:
+    """:func:`running_grpc_mesh` on an operator-mode nats-server of its own."""
+    on = start_operator_nats(workdir)
+    try:
+        async with running_grpc_mesh(on, workdir, replicas, **env) as mesh:
+            yield mesh
+    finally:
+        on.server.stop()
+
+
+def method(name: str) -> str:
+    """The test service's method ``name`` as a gRPC path."""
+    return f"/{SERVICE}/{name}"

@@ -27,14 +27,13 @@ import h2.events
 import pytest
 import pytest_asyncio
 
-from tests.fixtures.nats_operator import start_operator_nats
 from tests.integration.grpc.grpc_harness import (
     MIB,
     OPTIONS,
-    SERVICE,
     SLOW_TIMEOUT_MS,
     GrpcMesh,
-    running_grpc_mesh,
+    grpc_mesh,
+    method,
 )
 from tests.integration.sidecar.sidecar_harness import request
 
@@ -43,17 +42,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GrpcMesh]:
-    workdir = tmp_path_factory.mktemp("grpc")
-    on = start_operator_nats(workdir)
-    try:
-        async with running_grpc_mesh(on, workdir) as m:
-            yield m
-    finally:
-        on.server.stop()
-
-
-def method(name: str) -> str:
-    return f"/{SERVICE}/{name}"
+    async with grpc_mesh(tmp_path_factory.mktemp("grpc")) as m:
+        yield m
 
 
 async def test_unary_with_metadata_and_trailers(mesh: GrpcMesh) -> None:

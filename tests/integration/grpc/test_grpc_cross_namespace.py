@@ -25,7 +25,7 @@ import pytest_asyncio
 
 from natsmesh_operator.wiring.desired import CallerRef, ServiceIntent
 from tests.fixtures.nats_operator import OperatorNats, start_operator_nats
-from tests.integration.grpc.grpc_harness import MIB, OPTIONS, SERVICE, AppState, start_app
+from tests.integration.grpc.grpc_harness import MIB, OPTIONS, AppState, method, start_app
 from tests.integration.stream.stream_harness import SidecarProc, start_sidecar, stop_sidecar
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -103,10 +103,6 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
             stop_sidecar(proc)
         await server.stop(None)
         on.server.stop()
-
-
-def method(name: str) -> str:
-    return f"/{SERVICE}/{name}"
 
 
 async def test_every_call_kind_across_namespaces(mesh: Mesh) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.sidecar import rss_mb
+from natsmesh_sidecar.wire import StreamLimits
 from tests.fixtures.nats_server import NatsServer
 from tests.integration.stream.stream_harness import (
     BLOCK,
@@ -29,6 +30,8 @@ MIB = 1024 * 1024
 SIZE = 64 * MIB
 #: What a sidecar may grow by while carrying a body of any size.
 RSS_BUDGET_MB = 16.0
+#: The sidecars' stream chunk (NATSMESH_STREAM_CHUNK_BYTES's default).
+CHUNK_BYTES = StreamLimits().chunk_bytes
 
 
 class Peaks:
@@ -128,23 +131,43 @@ async def start_upload(port: int, size: int) -> tuple[asyncio.StreamReader, asyn
 async def test_uploads_in_hand_count_against_the_callees_byte_budget(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    """Each upload reserves its window of NATSMESH_INBOUND_MAX_BYTES until its
-    response head: past the budget the next one is answered 503 at once, so
-    concurrent uploads cannot grow the callee's memory without bound."""
-    size = 4 * MIB
+    """Each open upload holds at least one chunk of NATSMESH_INBOUND_MAX_BYTES
+    (more for the credit it has not used): past what its credit may take an
+    upload is slowed, not refused, but once the budget cannot take the first
+    chunk of another the next is answered 503 at once, so concurrent uploads
+    cannot grow the callee's memory without bound; the ones in hand finish."""
+    size = 2 * MIB
+    most = MIB // CHUNK_BYTES
     async with running_mesh(nats_server.url, tmp_path, NATSMESH_INBOUND_MAX_BYTES=str(MIB)) as mesh:
         port = mesh.caller.listen_port
-        first = await start_upload(port, size)
-        await asyncio.sleep(0.3)  # its head is in the callee's hands
-        reader, writer = await start_upload(port, size)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert head.startswith(b"HTTP/1.1 503"), head
-        writer.close()
-        # The first is unaffected: the rest of its body, its answer.
-        reader, writer = first
-        writer.write((BLOCK * 4)[size // 2 : size])
-        await writer.drain()
-        response = await asyncio.wait_for(reader.read(), 20)
-        writer.close()
-        assert response.startswith(b"HTTP/1.1 200"), response[:200]
-        assert json.loads(response.partition(b"\r\n\r\n")[2])["sha256"] == pattern_sha256(size)
+        uploads = await asyncio.gather(*(start_upload(port, size) for _ in range(most + 1)))
+
+        async def answered(reader: asyncio.StreamReader) -> bytes | None:
+            try:
+                return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1.0)
+            except TimeoutError:
+                return None  # its head is in the callee's hands
+
+        heads = await asyncio.gather(*(answered(reader) for reader, _ in uploads))
+        in_hand, refused = [], []
+        for (reader, writer), head in zip(uploads, heads, strict=True):
+            if head is None:
+                in_hand.append((reader, writer))
+            else:
+                refused.append(head)
+                writer.close()
+        assert refused, f"{most + 1} uploads in hand on a budget of {most} chunks"
+        assert all(head.startswith(b"HTTP/1.1 503") for head in refused), refused
+        # Fewer than the budget's chunks, more than one: the first did not
+        # take the budget for a window of its own.
+        assert 2 <= len(in_hand) <= most, len(in_hand)
+
+        async def rest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write((BLOCK * 4)[size // 2 : size])
+            await writer.drain()
+            response = await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+            assert response.startswith(b"HTTP/1.1 200"), response[:200]
+            assert json.loads(response.partition(b"\r\n\r\n")[2])["sha256"] == pattern_sha256(size)
+
+        await asyncio.gather(*(rest(*upload) for upload in in_hand))

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -38,6 +38,9 @@ from natsmesh_sidecar.transport.stream.peer import Peer
 from natsmesh_sidecar.transport.stream.receiver import Receiver
 from natsmesh_sidecar.transport.stream.sender import Sender
 from natsmesh_sidecar.wire import StreamLimits
+
+if TYPE_CHECKING:
+    from natsmesh_sidecar.transport.budget import Hold
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +298,8 @@ class CalleeStream(Peer):
 
     def _stop(self) -> None:
         self._stop_clock()
+        if self.receiver is not None:
+            self.receiver.close()  # its hold of the byte budget goes back
         sub, self.sub = self.sub, None
         drop_subscription(self.fast, sub)
         if self.answers is not None:
@@ -531,10 +536,12 @@ async def serve_upload(
     app_port: int,
     may_subscribe: Callable[[str], bool],
     timeout_s: float,
+    hold: Hold | None = None,
 ) -> tuple[int, str]:
     """Serve one streamed request; (status, error code) once the response head is out.
 
-    ``request(length)`` renders the request head for the app.
+    ``request(length)`` renders the request head for the app; ``hold``: the
+    call's share of the byte budget, which the body's receiver takes over.
     """
     hdrs = msg.headers
     call = hdrs.get(protocol.H_STREAM, "")
@@ -590,6 +597,7 @@ async def serve_upload(
         finish=app.end_body,
         send_credit=stream.send_credit,
         length=length,
+        hold=hold,
     )
     stream.send_ready(stream.receiver.open())
     return await headed(stream, timeout_s), ""
