@@ -277,9 +277,14 @@ load_images() {
 kubectl_() { "$(bin_of kubectl)" --kubeconfig "$kubeconfig" "$@"; }
 
 up() {
+  mkdir -p "$state"
+  # One `up` per cluster at a time: a second one (the e2e fixture while
+  # hack/kind-ahead.sh's is still creating the cluster) waits, then finds
+  # everything in place and only re-checks it.
+  exec 8>"$state.lock"
+  flock 8
   node_image
   local kind_bin; kind_bin="$(bin_of kind)"
-  mkdir -p "$state"
   if "$kind_bin" get clusters 2>/dev/null | grep -qx "$name"; then
     log "cluster $name exists"
     "$kind_bin" get kubeconfig --name "$name" >"$kubeconfig"
@@ -317,7 +322,7 @@ down() {
   docker_up >/dev/null
   local kind_bin; kind_bin="$(bin_of kind)"
   "$kind_bin" delete cluster --name "$name" --kubeconfig "$kubeconfig" || true
-  rm -rf "$state"
+  rm -rf "$state" "$state.lock"
 }
 
 case "${1:-up}" in
