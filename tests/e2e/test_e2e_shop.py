@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from natsmesh_operator.webhook.tls import make_client_certs
+from natsmesh_operator.webhook.certgen import make_client_certs
 from tests.e2e import observability
 from tests.e2e import shop as scenarios
 from tests.e2e.local import (

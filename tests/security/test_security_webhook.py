@@ -28,9 +28,10 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 
 from natsmesh_operator.handlers import kube as kube_mod
+from natsmesh_operator.webhook.certgen import make_ca_and_cert, make_client_certs
 from natsmesh_operator.webhook.inject import InjectionSettings
 from natsmesh_operator.webhook.server import ClientIdentity, WebhookServer
-from natsmesh_operator.webhook.tls import ServingCert, make_ca_and_cert, make_client_certs
+from natsmesh_operator.webhook.tls import ServingCert
 from tests.fixtures import admission
 from tests.fixtures.cluster import Cluster, fresh_namespace
 from tests.fixtures.nats_server import free_port

@@ -16,9 +16,9 @@ import pytest
 from cryptography import x509
 
 from natsmesh_operator.api import NatsService
+from natsmesh_operator.webhook.certgen import make_ca_and_cert
 from natsmesh_operator.webhook.inject import InjectionSettings
 from natsmesh_operator.webhook.server import WebhookServer
-from natsmesh_operator.webhook.tls import make_ca_and_cert
 from tests.fixtures.nats_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from natsmesh_operator.webhook.tls import make_ca_and_cert
+from natsmesh_operator.webhook.certgen import make_ca_and_cert
 from natsmesh_operator.wiring.apply import connect_creds
 from natsmesh_sidecar import subjects
 from tests.fixtures.cluster import Cluster

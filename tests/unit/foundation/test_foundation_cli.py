@@ -22,25 +22,37 @@ def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
+OPERATOR = "natsmesh_operator.main, natsmesh_operator.handlers.runtime"
+"""What ``natsmesh operator`` imports before it runs."""
+
+
+def loaded(imports: str, expression: str) -> str:
+    """``expression`` printed by a fresh interpreter after ``import sys, <imports>``."""
+    code = f"import sys, {imports}; print({expression})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def test_cli_import_is_lazy() -> None:
     """Importing the CLI must not pull kopf in: `natsmesh sidecar` stays light."""
-    code = "import sys, natsmesh_operator.cli; print('kopf' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert loaded("natsmesh_operator.cli", "'kopf' in sys.modules") == "False"
 
 
 def test_operator_does_not_load_the_user_commands() -> None:
     """`natsmesh operator` imports what it runs; the user commands stay out of it."""
-    code = (
-        "import sys, natsmesh_operator.main, natsmesh_operator.handlers.runtime; "
-        "print(sorted(m for m in sys.modules if m.startswith('natsmesh_operator.usercli')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    usercli = "sorted(m for m in sys.modules if m.startswith('natsmesh_operator.usercli'))"
+    assert loaded(OPERATOR, usercli) == "[]"
     # ...while the command module itself does load them (the check can fail).
-    code = (
-        "import sys, natsmesh_operator.usercli.check; "
-        "print('natsmesh_operator.usercli.probes' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
+    probes = "'natsmesh_operator.usercli.probes' in sys.modules"
+    assert loaded("natsmesh_operator.usercli.check", probes) == "True"
+
+
+def test_operator_does_not_load_cryptography() -> None:
+    """The webhook's certificates come from files (the chart's): making them is
+    the test bed's (``webhook.certgen``), and cryptography's x509 and key
+    modules were ~8 MB of the operator's RSS (docs/performance.md)."""
+    crypto = "sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography')"
+    assert loaded(OPERATOR, crypto) == "[]"
+    # ...while making a certificate does load it (the check can fail).
+    x509 = "'cryptography.x509' in sys.modules"
+    assert loaded("natsmesh_operator.webhook.certgen", x509) == "True"

@@ -26,7 +26,7 @@ from natsmesh_operator.usercli.checks import (
     server_version,
 )
 from natsmesh_operator.usercli.view import ConsumerLag
-from natsmesh_operator.webhook.tls import make_ca_and_cert
+from natsmesh_operator.webhook.certgen import make_ca_and_cert
 
 pytestmark = pytest.mark.unit
 

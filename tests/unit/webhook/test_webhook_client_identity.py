@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from natsmesh_operator.webhook.certgen import make_ca_and_cert, make_client_certs
 from natsmesh_operator.webhook.server import ClientIdentity
-from natsmesh_operator.webhook.tls import make_ca_and_cert, make_client_certs
 
 pytestmark = pytest.mark.unit
 
