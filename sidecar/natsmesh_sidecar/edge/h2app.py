@@ -230,6 +230,13 @@ class _AppConn(asyncio.Protocol):
             elif call is None:
                 if isinstance(event, h2.events.ConnectionTerminated):
                     self.going = True
+                elif isinstance(event, h2.events.RemoteSettingsChanged) and (
+                    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings
+                ):
+                    # Every stream's window moved, with no WINDOW_UPDATE of its
+                    # own: what grpc-go's BDP estimator does when it raises it.
+                    for each in list(self.calls.values()):
+                        self.flush(each)
                 continue
             elif isinstance(event, h2.events.ResponseReceived):
                 status, lines, length, grpc_status = _head(event.headers)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,15 +293,34 @@ class GrpcMesh:
         self.flaky.seen.clear()
 
 
+def request_headers(path: str) -> list[tuple[str, str]]:
+    """A gRPC request's HEADERS to orders, for a client by hand (``h2``)."""
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "orders.shop"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+
+
 @contextlib.asynccontextmanager
-async def running_grpc_mesh(on: OperatorNats, workdir: Path, **env: str) -> AsyncIterator[GrpcMesh]:
-    """The tenant applied, three orders replicas (app + sidecar), web's and evil's sidecars."""
+async def running_grpc_mesh(
+    on: OperatorNats, workdir: Path, *, app_ports: Sequence[int] = (), **env: str
+) -> AsyncIterator[GrpcMesh]:
+    """The tenant applied, three orders replicas (app + sidecar), web's and evil's sidecars.
+
+    ``app_ports``: the orders replicas' apps are these, already listening
+    (one replica each), instead of three ``grpcio`` servers of ours.
+    """
     creds = await applied(on)
     for name, text in creds.items():
         (workdir / f"{name}.creds").write_text(text)
-    states = [AppState(f"r{i}") for i in range(REPLICAS)]
+    states = [] if app_ports else [AppState(f"r{i}") for i in range(REPLICAS)]
     flaky = Flaky()
     apps = [await start_app(state, flaky) for state in states]
+    ports = list(app_ports) or [port for _, port in apps]
     mesh = GrpcMesh(states, {}, flaky)
 
     def side(name: str, service: str, app_port: int = 0) -> Any:
@@ -316,9 +335,7 @@ async def running_grpc_mesh(on: OperatorNats, workdir: Path, **env: str) -> Asyn
             extra["NATSMESH_APP_PROTOCOL"] = "grpc"
         return start_sidecar(service, on.url, dirname, app_port=app_port, env=extra)
 
-    starts = {
-        f"orders-{i}": side(f"orders-{i}", "orders", port) for i, (_, port) in enumerate(apps)
-    }
+    starts = {f"orders-{i}": side(f"orders-{i}", "orders", port) for i, port in enumerate(ports)}
     starts |= {"web": side("web", "web"), "evil": side("evil", "evil")}
     started = await asyncio.gather(*starts.values(), return_exceptions=True)
     try:
