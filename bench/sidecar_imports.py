@@ -7,7 +7,7 @@ commit: ``git archive HEAD sidecar | tar -x -C /tmp/before`` then pass
 ``/tmp/before/sidecar``.
 
 Runs a fresh interpreter that imports what ``python -m natsmesh_sidecar``
-loads (aiohttp blocked, as ``__main__`` does for non-websocket URLs) under
+loads (aiohttp and importlib.metadata blocked, as ``__main__`` does for non-websocket URLs) under
 ``-X importtime``, then prints the total, the RSS and the top cumulative imports.
 """
 
@@ -24,6 +24,7 @@ import re, sys, time
 t = time.perf_counter()
 import natsmesh_sidecar.__main__ as m
 m._block_websocket_deps("nats://127.0.0.1:4222")
+m._import_nats_without_metadata()
 import natsmesh_sidecar.app
 dt = time.perf_counter() - t
 rss = int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024

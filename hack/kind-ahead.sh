@@ -24,14 +24,26 @@ mkdir -p "$(dirname "$log")"
 if "$("$here/docker.sh" cli)" info >/dev/null 2>&1; then
   # In a session of its own, so that cleanup stops the whole group (kind,
   # docker and kubectl children included) and the lock goes with it.
-  setsid "$here/kind.sh" up >"$log" 2>&1 &
+  # The kind toolchain first (seconds warm; on a new machine ~15 min of Go
+  # builds, which the local tiers would otherwise wait for at the end), at a
+  # low priority: the tests beside it keep the cores they ask for, the
+  # builds take what the tests leave idle (most of it: the tiers wait more
+  # than they compute). `make e2e-kind` asks for the same tools later and
+  # waits on the build's lock.
+  setsid nice -n 15 bash -c '"$1/kind-tools.sh" && "$1/kind.sh" up' _ "$here" >"$log" 2>&1 &
   ahead=$!
   echo "kind-ahead: creating kind cluster $NATSMESH_KIND_CLUSTER in the background (log: $log)" >&2
 else
   ahead=""
 fi
 
+started=$SECONDS
 cleanup() {
+  if [[ -n "$ahead" ]]; then
+    # Where the cluster's start went (the log stays in .work/ for a closer look).
+    echo "kind-ahead: background log ($((SECONDS - started))s since start), last lines:" >&2
+    tail -n 5 "$log" | sed 's/^/kind-ahead:   /' >&2 || true
+  fi
   if [[ -n "$ahead" ]] && kill -0 "$ahead" 2>/dev/null; then
     kill -- "-$ahead" 2>/dev/null || true
     wait "$ahead" 2>/dev/null || true

@@ -2,7 +2,8 @@
 
 Memory is a target (DESIGN.md): nats-py imports aiohttp only for its websocket
 transport (about 10 MB RSS). The sidecar talks plain TCP/TLS to NATS, so unless
-the URL is ``ws://`` the import is blocked before nats is first imported.
+the URL is ``ws://`` the import is blocked before nats is first imported; so
+is ``importlib.metadata``, which nats-py imports only to learn its version.
 """
 
 from __future__ import annotations
@@ -40,6 +41,32 @@ def _block_websocket_deps(nats_url: str) -> None:
     # ``None`` in sys.modules makes ``import aiohttp`` raise ImportError, which
     # nats.aio.transport handles by disabling only the websocket transport.
     sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
+
+
+def _import_nats_without_metadata() -> None:
+    """Import nats-py without ``importlib.metadata`` (1.5 MB of RSS).
+
+    nats.aio.client asks ``importlib.metadata`` for its own version at import,
+    only to name it in CONNECT, and that import drags in zipfile, csv, bz2,
+    lzma, tempfile and importlib.resources, which the sidecar never uses.
+    Blocked for that one import (nats-py falls back to "0.0.0"), the version
+    is then read from the installed distribution's directory name instead.
+    A later import of ``importlib.metadata`` (someone else's) works as usual.
+    """
+    if "importlib.metadata" in sys.modules or "nats.aio.client" in sys.modules:
+        return
+    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]
+    try:
+        import nats.aio.client as client
+    finally:
+        del sys.modules["importlib.metadata"]
+    # .../site-packages/nats/aio/client.py -> .../site-packages
+    site = os.path.dirname(os.path.dirname(os.path.dirname(client.__file__ or "")))
+    for entry in os.listdir(site or "."):
+        name, _, rest = entry.partition("-")
+        if name == "nats_py" and rest.endswith(".dist-info"):
+            client.__version__ = rest.removesuffix(".dist-info")
+            break
 
 
 def _trim_heap() -> None:
@@ -101,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=log_level.upper(), handlers=[handler], force=True)
 
     _block_websocket_deps(os.environ.get("NATSMESH_NATS_URL", ""))
+    _import_nats_without_metadata()
     from natsmesh_sidecar.app import Sidecar
     from natsmesh_sidecar.wire import Settings
 

@@ -27,6 +27,7 @@ def modules_after(code: str) -> list[str]:
         "import sys, json\n"
         "import natsmesh_sidecar.__main__ as m\n"
         "m._block_websocket_deps('nats://127.0.0.1:4222')\n"
+        "m._import_nats_without_metadata()\n"
         "import natsmesh_sidecar.app\n"
         f"{code}\n"
         "print(json.dumps(sorted(sys.modules)))\n"
@@ -52,6 +53,26 @@ def test_main_module_imports_nothing_forbidden() -> None:
     ]
     assert bad == []
     assert "natsmesh_sidecar.calls.outbound" in mods
+
+
+def test_sidecar_runtime_does_not_import_importlib_metadata() -> None:
+    """nats-py imports it only to learn its version (1.5 MB RSS with what it
+    drags in); CONNECT still names the real version."""
+    mods = runtime_modules()
+    assert [m for m in mods if m.startswith("importlib.metadata") or m == "zipfile"] == []
+    assert "nats.aio.client" in mods
+    script = (
+        "import natsmesh_sidecar.__main__ as m, importlib\n"
+        "m._import_nats_without_metadata()\n"
+        "import nats.aio.client\n"
+        "print(nats.aio.client.__version__)\n"
+        # Whoever needs it later still gets the real module.
+        "print(importlib.import_module('importlib.metadata').version('nats-py'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == out[1] != "0.0.0"
 
 
 def test_sidecar_runtime_does_not_import_pydantic() -> None:
