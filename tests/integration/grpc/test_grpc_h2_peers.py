@@ -1,15 +1,19 @@
-"""HTTP/2 flow control as grpc-go does it, through two sidecars.
+"""HTTP/2 as grpc-go speaks it, through two sidecars.
 
-grpc-go's BDP estimator grows its receive windows by sending a connection
-WINDOW_UPDATE and then a SETTINGS frame raising ``INITIAL_WINDOW_SIZE``,
-which moves every open stream's window with no WINDOW_UPDATE of its own
-(RFC 9113, 6.9.2). When the two frames reach a sidecar in separate reads, a
-sidecar that only resumed a stream on WINDOW_UPDATE left the DATA it held
-for that stream waiting for ever: found running grpc-go (client and server)
-through the mesh. Both ends are reproduced by hand with ``h2`` (a Go build
-would cost CI a minute): a client of web's outbound listener that opens a
-response's window by SETTINGS only, and an app behind orders' sidecar that
-opens a request's window so.
+Found running a grpc-go client and server through the mesh, reproduced here
+by hand with ``h2`` (a Go build would cost CI a minute):
+
+* grpc-go's BDP estimator grows its receive windows with a connection
+  WINDOW_UPDATE and then a SETTINGS frame raising ``INITIAL_WINDOW_SIZE``,
+  which moves every open stream's window with no WINDOW_UPDATE of its own
+  (RFC 9113, 6.9.2). When the two came in separate reads, a sidecar that
+  resumed a stream only on WINDOW_UPDATE held its DATA for ever: a client
+  of web's outbound listener and an app behind orders' sidecar that open
+  windows by SETTINGS only.
+* A grpc-go server with ``MaxConnectionAge`` (or in ``GracefulStop``)
+  sends GOAWAY and a PING, then finishes the calls it took: h2 took the
+  GOAWAY for the connection's end and the PING for a protocol error, and
+  every call in flight to the app was cut.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import h2.events
 import h2.settings
 import pytest
 import pytest_asyncio
+from hyperframe.frame import GoAwayFrame, PingFrame
 
 from natsmesh_sidecar.edge.h2app import send_within_window
 from tests.fixtures.nats_operator import start_operator_nats
@@ -38,6 +43,8 @@ SMALL = 1000
 RAISED = 1_000_000
 BIG = 200_000
 WINDOW = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+#: What ``/raw.Test/GoAway`` answers, its GOAWAY after the first DATA frame.
+GOAWAY_BODY = b"\x00" + struct.pack(">I", 40_000) + b"g" * 40_000
 
 
 def text(headers: Any) -> dict[str, str]:
@@ -64,6 +71,8 @@ class RawApp(asyncio.Protocol):
     ``/raw.Test/Upload``: once the request stalls on that window, SETTINGS
     raise it (and nothing else does); the answer is the request's length.
     ``/raw.Test/Download``: the answer is a ``BIG`` message.
+    ``/raw.Test/GoAway``: ``GOAWAY_BODY``, with grpc-go's graceful GOAWAY
+    after its first DATA frame, and the connection closed after it.
     """
 
     def __init__(self) -> None:
@@ -110,14 +119,34 @@ class RawApp(asyncio.Protocol):
         got = self.got.pop(sid)[0]
         if path.endswith("/Download"):
             body = grpc_frame(b"d" * BIG)
+        elif path.endswith("/GoAway"):
+            body = GOAWAY_BODY
         else:
             body = grpc_frame(str(got).encode())
             self.conn.update_settings({WINDOW: SMALL})  # for the next upload
         self.conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
         step = self.conn.max_outbound_frame_size
         for i in range(0, len(body), step):
+            if path.endswith("/GoAway") and i == step:
+                self._go_away()
             self.conn.send_data(sid, body[i : i + step])
         self.conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+        if path.endswith("/GoAway"):
+            # grpc-go's second GOAWAY names the last stream it took; then it closes.
+            self._send()
+            assert self.transport is not None
+            self.transport.write(GoAwayFrame(0, last_stream_id=sid).serialize())
+            self.transport.close()
+
+    def _go_away(self) -> None:
+        """grpc-go's graceful GOAWAY mid-response (bypassing our h2, which
+        would refuse to send anything after it): "no new streams", and a PING."""
+        self._send()
+        assert self.transport is not None
+        self.transport.write(
+            GoAwayFrame(0, last_stream_id=2**31 - 1).serialize()
+            + PingFrame(0, opaque_data=b"graceful").serialize()
+        )
 
     def _send(self) -> None:
         if self.transport is not None:
@@ -212,3 +241,18 @@ async def test_a_request_resumes_when_the_app_raises_its_window_by_settings(
     assert trailers.get("grpc-status") == "0"
     # The app's answer: every request byte reached it.
     assert got == grpc_frame(str(len(body)).encode())
+
+
+async def test_a_call_in_flight_survives_the_apps_graceful_goaway(mesh: GrpcMesh) -> None:
+    """The app says GOAWAY (and PINGs) mid-response: that call completes, and
+    the next goes on a new connection (before the fix: UNAVAILABLE, cut)."""
+    got, trailers = await asyncio.wait_for(
+        call(mesh.port(), "/raw.Test/GoAway", grpc_frame(b"go")), 10
+    )
+    assert trailers.get("grpc-status") == "0", trailers
+    assert got == GOAWAY_BODY
+    got, trailers = await asyncio.wait_for(
+        call(mesh.port(), "/raw.Test/Download", grpc_frame(b"go")), 10
+    )
+    assert trailers.get("grpc-status") == "0", trailers
+    assert got == grpc_frame(b"d" * BIG)
