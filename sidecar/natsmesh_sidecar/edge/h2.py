@@ -403,9 +403,12 @@ class H2Server(FrameWriter):
                 if found is not None:
                     self.flush(found)
             else:
-                for call in list(self.calls.values()):
-                    if call.out or call.ending:
-                        self.flush(call)
+                self._flush_all()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                # Every stream's window moved by the difference, with no
+                # WINDOW_UPDATE of its own (grpc-go's BDP estimator raises it so).
+                self._flush_all()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._close()
         # Anything else (settings, pings, a request's trailers: gRPC clients
@@ -481,6 +484,11 @@ class H2Server(FrameWriter):
         if n and not self.closed:
             self.h2.acknowledge_received_data(n, sid)
             self._send()
+
+    def _flush_all(self) -> None:
+        for call in list(self.calls.values()):
+            if call.out or call.ending:
+                self.flush(call)
 
     # -- answers ------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import Frame, GoAwayFrame
 
 from natsmesh_sidecar import codec
 from natsmesh_sidecar.edge import grpcwire
@@ -184,13 +185,34 @@ class FrameWriter(asyncio.Protocol):
             transport.write(data)
 
 
+class _GracefulH2(h2.connection.H2Connection):
+    """h2 takes any GOAWAY for the connection's end: it drops what it has to
+    send and refuses every later frame, so the calls in flight were cut. A
+    gRPC server's GOAWAY is graceful (grpc-go's ``MaxConnectionAge``,
+    ``GracefulStop``: GOAWAY, a PING, the streams it took answered, a second
+    GOAWAY naming the last of them, the close): those streams go on here,
+    and no new one is opened (:attr:`_AppConn.going`)."""
+
+    def _receive_goaway_frame(
+        self, frame: GoAwayFrame
+    ) -> tuple[list[Frame], list[h2.events.Event]]:
+        event = h2.events.ConnectionTerminated()
+        try:
+            event.error_code = h2.errors.ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
 class _AppConn(FrameWriter):
     """One HTTP/2 connection to the app."""
 
     def __init__(self, owner: AppH2) -> None:
         self.owner = owner
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = _GracefulH2(config=config)
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -263,6 +285,17 @@ class _AppConn(FrameWriter):
             elif call is None:
                 if isinstance(event, h2.events.ConnectionTerminated):
                     self.going = True
+                    last = event.last_stream_id or 0
+                    for each in [c for sid, c in self.calls.items() if sid > last]:
+                        self._forget(each)
+                        self._lost(each, "the app went away before taking the call")
+                elif isinstance(event, h2.events.RemoteSettingsChanged) and (
+                    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings
+                ):
+                    # Every stream's window moved, with no WINDOW_UPDATE of its
+                    # own: what grpc-go's BDP estimator does when it raises it.
+                    for each in list(self.calls.values()):
+                        self.flush(each)
                 continue
             elif isinstance(event, h2.events.ResponseReceived):
                 status, lines, length, grpc_status = _head(event.headers)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,18 +293,40 @@ class GrpcMesh:
         self.flaky.seen.clear()
 
 
+def request_headers(path: str) -> list[tuple[str, str]]:
+    """A gRPC request's HEADERS to orders, for a client by hand (``h2``)."""
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "orders.shop"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+
+
 @contextlib.asynccontextmanager
 async def running_grpc_mesh(
-    on: OperatorNats, workdir: Path, replicas: int = REPLICAS, **env: str
+    on: OperatorNats,
+    workdir: Path,
+    replicas: int = REPLICAS,
+    *,
+    app_ports: Sequence[int] = (),
+    **env: str,
 ) -> AsyncIterator[GrpcMesh]:
     """The tenant applied, ``replicas`` orders replicas (app + sidecar), web's and
-    evil's sidecars."""
+    evil's sidecars.
+
+    ``app_ports``: the orders replicas' apps are these, already listening
+    (one replica each), instead of ``grpcio`` servers of ours.
+    """
     creds = await applied(on)
     for name, text in creds.items():
         (workdir / f"{name}.creds").write_text(text)
-    states = [AppState(f"r{i}") for i in range(replicas)]
+    states = [] if app_ports else [AppState(f"r{i}") for i in range(replicas)]
     flaky = Flaky()
     apps = [await start_app(state, flaky) for state in states]
+    ports = list(app_ports) or [port for _, port in apps]
     mesh = GrpcMesh(states, {}, flaky)
 
     def side(name: str, service: str, app_port: int = 0) -> Any:
@@ -319,9 +341,7 @@ async def running_grpc_mesh(
             extra["NATSMESH_APP_PROTOCOL"] = "grpc"
         return start_sidecar(service, on.url, dirname, app_port=app_port, env=extra)
 
-    starts = {
-        f"orders-{i}": side(f"orders-{i}", "orders", port) for i, (_, port) in enumerate(apps)
-    }
+    starts = {f"orders-{i}": side(f"orders-{i}", "orders", port) for i, port in enumerate(ports)}
     starts |= {"web": side("web", "web"), "evil": side("evil", "evil")}
     started = await asyncio.gather(*starts.values(), return_exceptions=True)
     try:
@@ -342,7 +362,7 @@ async def grpc_mesh(workdir: Path, replicas: int = REPLICAS, **env: str) -> Asyn
     """:func:`running_grpc_mesh` on an operator-mode nats-server of its own."""
     on = start_operator_nats(workdir)
     try:
-        async with running_grpc_mesh(on, workdir, replicas, **env) as mesh:
+        async with running_grpc_mesh(on, workdir, replicas, app_ports=(), **env) as mesh:
             yield mesh
     finally:
         on.server.stop()

@@ -34,6 +34,7 @@ from tests.integration.grpc.grpc_harness import (
     GrpcMesh,
     grpc_mesh,
     method,
+    request_headers,
 )
 from tests.integration.sidecar.sidecar_harness import request
 
@@ -230,18 +231,7 @@ async def _raw_call(port: int, path: str, extra: list[tuple[str, str]]) -> dict[
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
     conn.initiate_connection()
-    conn.send_headers(
-        1,
-        [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "orders.shop"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-            *extra,
-        ],
-    )
+    conn.send_headers(1, [*request_headers(path), *extra])
     conn.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
     writer.write(conn.data_to_send())
     got: dict[str, str] = {}
