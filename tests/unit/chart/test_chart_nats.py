@@ -105,6 +105,11 @@ def test_statefulset_details() -> None:
         assert command[:2] == ["sh", "-c"]
         assert "http://127.0.0.1:${NATS_MONITOR_PORT}/healthz" in command[2]
     assert "ldm" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    # A restarted server is Ready seconds after it is up, yet a big store
+    # still has 15 minutes to recover before the kubelet gives up on it.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] <= 2
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == "data"
     assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
