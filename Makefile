@@ -68,8 +68,7 @@ crds: venv ## regenerate crds/, the chart's copy and docs/resources.md from the 
 test: venv tools ## everything CI runs: checks and unit tier, the local tiers on one local cluster, then real pods on kind
 	@# lint/types and the unit tier are each one CPU-bound process: side by side on two cores.
 	$(MAKE) --no-print-directory -j2 --output-sync=target check test-unit
-	@# The kind cluster is created beside the local tiers (its start mostly waits);
-	@# the kind tier then installs the chart and the shop on it.
+	@# What the kind tier needs is built beside the local tiers (nice'd; cache hits when warm).
 	hack/with-docker.sh hack/kind-ahead.sh $(MAKE) --no-print-directory test-local e2e-kind
 
 # One tier at a time on one cluster: side by side on two cores (tiers, or

@@ -140,6 +140,11 @@ json.dump(spec, sys.stdout, indent=4)'
 
 node_image() {
   local start=$SECONDS
+  # One build of the node image at a time (hack/kind-ahead.sh builds it in
+  # the background while a kind tier may already ask for it).
+  mkdir -p "$cache"
+  exec 7>"$cache/.lock-node-image"
+  flock 7
   "$here/tools.sh" >/dev/null
   "$here/kind-tools.sh" >/dev/null
   docker_up
@@ -278,8 +283,7 @@ kubectl_() { "$(bin_of kubectl)" --kubeconfig "$kubeconfig" "$@"; }
 
 up() {
   mkdir -p "$state"
-  # One `up` per cluster at a time: a second one (the e2e fixture while
-  # hack/kind-ahead.sh's is still creating the cluster) waits, then finds
+  # One `up` per cluster at a time: a second one waits, then finds
   # everything in place and only re-checks it.
   exec 8>"$state.lock"
   flock 8

@@ -11,9 +11,7 @@ on a PVC), applies the shop and its Deployments, reaches the pods with
 (tests/e2e/shop.py). Finally ``helm uninstall`` must leave nothing of the
 release behind but what the chart keeps on purpose (the CRDs with
 ``crds.keep``, the NATS bootstrap Secret). The cluster is deleted unless it
-was reused or ``NATSMESH_KIND_KEEP=1``; a cluster made for this run by
-someone else (``make test``'s hack/kind-ahead.sh) says so with
-``NATSMESH_KIND_DISPOSABLE=1`` and is deleted too.
+was reused or ``NATSMESH_KIND_KEEP=1``.
 
 Skips with the reason where Docker is absent.
 """
@@ -143,10 +141,7 @@ def kind() -> Iterator[Kind]:
         check=True,
     ).stdout  # fmt: skip
     kubeconfig = Path(exports.split("KUBECONFIG=", 1)[1].split()[0])
-    # Ours to delete when this run made it, or when whoever made it for us
-    # says so (hack/kind-ahead.sh, which creates it beside the local tiers).
-    made_for_us = name not in existing or os.environ.get("NATSMESH_KIND_DISPOSABLE") == "1"
-    disposable = made_for_us and not os.environ.get("NATSMESH_KIND_KEEP")
+    disposable = name not in existing and not os.environ.get("NATSMESH_KIND_KEEP")
     try:
         yield Kind(name, kubeconfig, disposable)
     finally:
