@@ -43,7 +43,7 @@ import h2.settings
 
 from natsmesh_sidecar import codec
 from natsmesh_sidecar.edge import grpcwire
-from natsmesh_sidecar.edge.h2app import FrameWriter, send_within_window
+from natsmesh_sidecar.edge.h2app import FrameWriter, GracefulH2, send_within_window
 from natsmesh_sidecar.edge.request import (
     _FORWARD,
     _HOST,
@@ -301,7 +301,7 @@ class H2Server(FrameWriter):
         self.handler = server.handler
         self.limits = server.stream_limits
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = GracefulH2(config=config)
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -313,6 +313,8 @@ class H2Server(FrameWriter):
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, H2Stream] = {}
         self.closed = False
+        #: The client said GOAWAY (NO_ERROR): close once its open calls are answered.
+        self.going = False
         self.last = time.monotonic()
         #: The client's first bytes until they are the whole preface (then None):
         #: nothing of HTTP/2 is said to a client that only looked like one.
@@ -410,7 +412,12 @@ class H2Server(FrameWriter):
                 # WINDOW_UPDATE of its own (grpc-go's BDP estimator raises it so).
                 self._flush_all()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._close()
+            if event.error_code == h2.errors.ErrorCodes.NO_ERROR and self.calls:
+                # A client closing gracefully opens nothing more but still
+                # reads the answers of the calls it has open.
+                self.going = True
+            else:
+                self._close()
         # Anything else (settings, pings, a request's trailers: gRPC clients
         # send none, and they are not carried) needs nothing of us.
 
@@ -654,7 +661,7 @@ class H2Server(FrameWriter):
 
     def _idle(self) -> None:
         self.last = time.monotonic()
-        if self.server.draining and not self.calls:
+        if (self.server.draining or self.going) and not self.calls:
             self._close()
 
     def _close(self) -> None:

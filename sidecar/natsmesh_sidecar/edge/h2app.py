@@ -185,13 +185,15 @@ class FrameWriter(asyncio.Protocol):
             transport.write(data)
 
 
-class _GracefulH2(h2.connection.H2Connection):
+class GracefulH2(h2.connection.H2Connection):
     """h2 takes any GOAWAY for the connection's end: it drops what it has to
     send and refuses every later frame, so the calls in flight were cut. A
     gRPC server's GOAWAY is graceful (grpc-go's ``MaxConnectionAge``,
     ``GracefulStop``: GOAWAY, a PING, the streams it took answered, a second
     GOAWAY naming the last of them, the close): those streams go on here,
-    and no new one is opened (:attr:`_AppConn.going`)."""
+    and no new one is opened (:attr:`_AppConn.going`). A client's GOAWAY
+    with NO_ERROR is graceful too (natsmesh_sidecar.edge.h2: its open calls
+    are answered, then the connection closes)."""
 
     def _receive_goaway_frame(
         self, frame: GoAwayFrame
@@ -212,7 +214,7 @@ class _AppConn(FrameWriter):
     def __init__(self, owner: AppH2) -> None:
         self.owner = owner
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = _GracefulH2(config=config)
+        self.h2 = GracefulH2(config=config)
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={

@@ -14,6 +14,9 @@ by hand with ``h2`` (a Go build would cost CI a minute):
   sends GOAWAY and a PING, then finishes the calls it took: h2 took the
   GOAWAY for the connection's end and the PING for a protocol error, and
   every call in flight to the app was cut.
+* The same from a client: an HTTP/2 client that closes its connection
+  gracefully says GOAWAY (NO_ERROR) and still reads the answers of the
+  calls it has open; web's sidecar closed the connection at once.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ BIG = 200_000
 WINDOW = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
 #: What ``/raw.Test/GoAway`` answers, its GOAWAY after the first DATA frame.
 GOAWAY_BODY = b"\x00" + struct.pack(">I", 40_000) + b"g" * 40_000
+#: How long ``/raw.Test/Late`` takes to answer.
+LATE = 0.5
 
 
 def text(headers: Any) -> dict[str, str]:
@@ -73,6 +78,7 @@ class RawApp(asyncio.Protocol):
     ``/raw.Test/Download``: the answer is a ``BIG`` message.
     ``/raw.Test/GoAway``: ``GOAWAY_BODY``, with grpc-go's graceful GOAWAY
     after its first DATA frame, and the connection closed after it.
+    ``/raw.Test/Late``: the request's length, answered after ``LATE`` seconds.
     """
 
     def __init__(self) -> None:
@@ -105,7 +111,14 @@ class RawApp(asyncio.Protocol):
                 # Never acknowledged: only SETTINGS open the window.
                 self.got[event.stream_id][0] += len(event.data)
             elif isinstance(event, h2.events.StreamEnded):
-                self._answer(event.stream_id)
+                if self.paths[event.stream_id].endswith("/Late"):
+                    asyncio.get_running_loop().call_later(LATE, self._late, event.stream_id)
+                else:
+                    self._answer(event.stream_id)
+        self._send()
+
+    def _late(self, sid: int) -> None:
+        self._answer(sid)
         self._send()
 
     async def _raise(self, got: list[int]) -> None:
@@ -256,3 +269,37 @@ async def test_a_call_in_flight_survives_the_apps_graceful_goaway(mesh: GrpcMesh
     )
     assert trailers.get("grpc-status") == "0", trailers
     assert got == grpc_frame(b"d" * BIG)
+
+
+async def test_a_clients_graceful_goaway_lets_its_open_call_finish(mesh: GrpcMesh) -> None:
+    """The client sends its request, then GOAWAY (NO_ERROR: "I open nothing
+    more"), as an HTTP/2 client closing a connection gracefully does: it
+    still gets the answer, then web's sidecar closes the connection (before
+    the fix: closed at the GOAWAY, the call cut)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", mesh.port())
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    body = grpc_frame(b"late")
+    conn.send_headers(1, request_headers("/raw.Test/Late"))
+    conn.send_data(1, body, end_stream=True)
+    writer.write(conn.data_to_send())
+    await writer.drain()
+    writer.write(GoAwayFrame(0, last_stream_id=0).serialize())
+    answer, trailers, ended = bytearray(), {}, False
+    try:
+        async with asyncio.timeout(10):
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        answer += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = text(event.headers)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended = True
+                writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert ended, "the call was cut"
+    assert trailers.get("grpc-status") == "0", trailers
+    assert bytes(answer) == grpc_frame(str(len(body)).encode())
