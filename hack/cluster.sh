@@ -188,7 +188,9 @@ up() {
       }
   fi
   nodes_yaml | kubectl --kubeconfig "$kubeconfig" apply -f - >/dev/null
-  kubectl --kubeconfig "$kubeconfig" wait --for=condition=Ready node --all --timeout=60s >/dev/null
+  # kwok marks the nodes Ready within seconds; on a box loaded by other work
+  # it once took over a minute (a CI run failed on the 60 s this was).
+  kubectl --kubeconfig "$kubeconfig" wait --for=condition=Ready node --all --timeout=180s >/dev/null
   echo "cluster: $name up in $((SECONDS - start))s; kubeconfig $kubeconfig"
   kubectl --kubeconfig "$kubeconfig" get nodes
 }
