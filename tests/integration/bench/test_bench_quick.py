@@ -3,6 +3,9 @@
 Each is started as a subprocess exactly as a user would (``python -m bench.<name>
 --quick`` from the repository root). Only completion and the printed table
 are asserted: no timing, the figures of a tiny run on a shared box mean nothing.
+That is also why all of them start at once, at the module's first test, and
+each test then waits for its own: on their own they took ~65 s of the tier,
+mostly waiting for processes to start and phases to end.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -20,25 +26,73 @@ from tests.fixtures.cluster import Cluster
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[3]
+#: Every benchmark's quick run, from start to end (all share the two cores).
+TIMEOUT = 280
 
 
-def run_bench(argv: list[str], env: dict[str, str], timeout: float) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+class Benches:
+    """The quick runs in flight: their processes and output files."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path) -> None:
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
+        env = dict(os.environ)
+        argvs = {
+            "bench.sidecar": ["--quick"],
+            "bench.grpc": ["--quick"],
+            "bench.stream": ["--quick"],
+            "bench.websocket": ["--quick"],
+            "bench.namespace_scale": ["--quick"],
+            # On the tier's shared cluster, so scoped to the benchmark's own namespaces.
+            "bench.operator_scale": ["--quick", "--scoped"],
+        }
+        for name, args in argvs.items():
+            out = (workdir / f"{name}.out").open("w+b")
+            run_env = dict(env, NATSMESH_KUBECONFIG=str(kubeconfig)) if "operator" in name else env
+            proc = subprocess.Popen(
+                [sys.executable, "-m", name, *args],
+                cwd=REPO,
+                env=run_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            self.procs[name] = (proc, out)
+
+    def output(self, name: str) -> str:
+        """``name``'s whole output once it has exited 0 (else the test fails with it)."""
+        proc, out = self.procs[name]
+        try:
+            code = proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            code = -9
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+        assert code == 0, f"python -m {name} exited {code}\n{text[-6000:]}"
+        return text
+
+    def stop(self) -> None:
+        for proc, out in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            out.close()
 
 
-@pytest.mark.timeout(120)
-def test_sidecar_bench_quick() -> None:
+@pytest.fixture(scope="module")
+def benches(crds: Cluster) -> Iterator[Benches]:
+    with tempfile.TemporaryDirectory(prefix="natsmesh-bench-quick-") as tmp:
+        running = Benches(crds.kubeconfig, Path(tmp))
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+@pytest.mark.timeout(TIMEOUT + 20)
+def test_sidecar_bench_quick(benches: Benches) -> None:
     """Needs only nats-server (from the venv, as the integration tier's)."""
-    out = run_bench(["bench.sidecar", "--quick"], dict(os.environ), timeout=100)
+    out = benches.output("bench.sidecar")
     assert "natsmesh sidecar benchmark" in out
     assert "load average" in out
     for path in ("direct", "nats", "sidecars"):
@@ -49,10 +103,10 @@ def test_sidecar_bench_quick() -> None:
     assert "sidecar RSS idle" in out
 
 
-@pytest.mark.timeout(120)
-def test_grpc_bench_quick() -> None:
+@pytest.mark.timeout(TIMEOUT + 20)
+def test_grpc_bench_quick(benches: Benches) -> None:
     """Needs nats-server (the venv's) and grpcio, as tests/integration/grpc."""
-    out = run_bench(["bench.grpc", "--quick"], dict(os.environ), timeout=100)
+    out = benches.output("bench.grpc")
     assert "natsmesh gRPC benchmark, unary 1 KiB" in out
     assert "load average" in out
     for path in ("direct", "sidecars"):
@@ -66,10 +120,10 @@ def test_grpc_bench_quick() -> None:
     assert "sidecar RSS idle" in out
 
 
-@pytest.mark.timeout(120)
-def test_stream_bench_quick() -> None:
+@pytest.mark.timeout(TIMEOUT + 20)
+def test_stream_bench_quick(benches: Benches) -> None:
     """Needs nats-server (the venv's) and curl, as tests/integration/stream."""
-    out = run_bench(["bench.stream", "--quick"], dict(os.environ), timeout=100)
+    out = benches.output("bench.stream")
     assert "natsmesh streamed bodies, 8 MiB each way" in out
     for path in ("direct", "sidecars"):
         assert re.search(rf"\n{path} +[0-9.]+ +[0-9.]+\n", out), out
@@ -78,10 +132,10 @@ def test_stream_bench_quick() -> None:
     assert "sidecar RSS idle" in out
 
 
-@pytest.mark.timeout(120)
-def test_websocket_bench_quick() -> None:
+@pytest.mark.timeout(TIMEOUT + 20)
+def test_websocket_bench_quick(benches: Benches) -> None:
     """Needs nats-server (the venv's), as tests/integration/stream."""
-    out = run_bench(["bench.websocket", "--quick"], dict(os.environ), timeout=100)
+    out = benches.output("bench.websocket")
     assert "natsmesh WebSocket, 100 round trips each" in out
     for size in ("32 B text", "64 KiB binary"):
         for path in ("direct", "sidecars"):
@@ -90,11 +144,10 @@ def test_websocket_bench_quick() -> None:
     assert re.search(r"RSS per open idle socket \(50 sockets\): A -?[0-9.]+ KB", out), out
 
 
-@pytest.mark.timeout(300)
-def test_operator_bench_quick(crds: Cluster) -> None:
+@pytest.mark.timeout(TIMEOUT + 20)
+def test_operator_bench_quick(benches: Benches) -> None:
     """On the tier's shared cluster, so scoped to the benchmark's own namespaces."""
-    env = dict(os.environ, NATSMESH_KUBECONFIG=str(crds.kubeconfig))
-    out = run_bench(["bench.operator_scale", "--quick", "--scoped"], env, timeout=280)
+    out = benches.output("bench.operator_scale")
     assert "natsmesh operator benchmark" in out
     assert "apply -> Ready, 3 services one at a time" in out
     assert "10 services in 2 namespace(s) created at once" in out
@@ -102,9 +155,9 @@ def test_operator_bench_quick(crds: Cluster) -> None:
     assert "operator RSS peak" in out
 
 
-@pytest.mark.timeout(120)
-def test_namespace_scale_bench_quick() -> None:
-    out = run_bench(["bench.namespace_scale", "--quick"], dict(os.environ), timeout=100)
+@pytest.mark.timeout(TIMEOUT + 20)
+def test_namespace_scale_bench_quick(benches: Benches) -> None:
+    out = benches.output("bench.namespace_scale")
     assert "largest JWT" in out
     assert "30 services in one namespace" in out
     assert "20/20 random calls answered by the right service" in out
