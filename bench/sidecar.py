@@ -40,14 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.fixtures.ports import free_port as free_port  # most callers import it from here
-
 ROOT = Path(__file__).resolve().parent.parent
 # `python bench/sidecar.py` works too: then bench/ is sys.path[0] and the
 # repository root and the sidecar's source tree have to be added.
 for _p in (ROOT / "sidecar", ROOT):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+
+# After the path above (the other benchmarks import it from here).
+from tests.fixtures.ports import free_port as free_port  # noqa: E402
 
 BODY = b"x" * 1024
 CONNS = 32
