@@ -31,7 +31,6 @@ import contextlib
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.fixtures.ports import free_port as free_port  # most callers import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 # `python bench/sidecar.py` works too: then bench/ is sys.path[0] and the
@@ -67,12 +68,6 @@ class Mode:
 
 FULL = Mode(sequential=200, rates=(100, 500, 1000), phase_s=3.0, max_s=5.0, warmup_s=0.5)
 QUICK = Mode(sequential=20, rates=(100, 500), phase_s=0.3, max_s=1.0, warmup_s=0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float:

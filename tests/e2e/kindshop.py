@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.e2e import shop as scenarios
+from tests.fixtures.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ def stop(forwards: list[subprocess.Popen[bytes]]) -> None:
             fwd.wait(timeout=10)
         except subprocess.TimeoutExpired:
             fwd.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 30) -> None:

@@ -74,6 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests.fixtures.ports import free_port
+
 if TYPE_CHECKING:
     from tests.e2e.netsim import ServiceNetwork
 
@@ -112,12 +114,6 @@ _LOOPBACK_PORT = re.compile(r"(127\.0\.0\.1|localhost|0\.0\.0\.0):(\d+)")
 
 class PodSimError(Exception):
     """The pod cannot be emulated (unknown image, missing Secret, failed init...)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def image_repository(image: str) -> str:
