@@ -79,16 +79,12 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         # with a 15 s timer), an unbounded queue in the operator and load on
         # the API server. Our meaningful Normal events use kopf.event().
         settings.posting.level = logging.WARNING
-        # A drift timer still running when its NatsService is deleted holds the
-        # finalizer until kopf checks again: 60 s by default, which made a
-        # deletion under load take a minute. The timer only waits for a pass.
-        settings.background.cancellation_polling = 1
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.peering.name = cfg.peering or "natsmesh"
         settings.peering.mandatory = cfg.peering is not None
         settings.peering.standalone = cfg.peering is None
-        runtime = Runtime.build(cfg)
+        runtime = Runtime.build(cfg, identity=memo.identity)
         memo.runtime = runtime
         await runtime.start()
 
@@ -129,6 +125,10 @@ def main(argv: list[str]) -> int:
 
         uvloop.install()
     registry = build_registry(settings)
+    # kopf's default peering identity is user@host, and getpass.getuser()
+    # raises for a uid with no passwd entry (runAsUser: any number). The drift
+    # loop finds this replica in the peering object by it (handlers/drift.py).
+    identity = f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}"
     kopf.run(
         registry=registry,
         clusterwide=not settings.watch_namespaces,
@@ -136,12 +136,10 @@ def main(argv: list[str]) -> int:
         standalone=settings.peering is None,
         peering_name=settings.peering,
         priority=settings.peering_priority,
-        memo=kopf.Memo(config=settings),
+        memo=kopf.Memo(config=settings, identity=identity),
         liveness_endpoint=None,
-        # kopf's default peering identity is user@host, and getpass.getuser()
-        # raises for a uid with no passwd entry (runAsUser: any number).
         # (kopf types it as a NewType of str it does not export.)
-        identity=cast(Any, f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}"),
+        identity=cast(Any, identity),
     )
     return 0
 

@@ -129,7 +129,7 @@ async def test_poisoned_secrets_neither_stop_the_pass_nor_revoke_anyone(
     # The mesh keeps working: a new service becomes Ready through the poison.
     kubectl("apply", "-n", ns, "-f", "-", input=nats_service("orders"))
     op.wait_ready("natsservice", "orders", ns, timeout=60)
-    # Several passes over the poison (the drift timer runs every 2 s here).
+    # Several passes over the poison (the drift loop asks for one every 2 s here).
     await asyncio.sleep(5)
     assert op.condition("natsservice", "victim", ns)["status"] == "True"
     assert await connects(op.nats.url, victim_creds, tmp_path), "the victim was revoked"

@@ -33,6 +33,7 @@ from natsmesh_operator.api import GROUP, VERSION
 from natsmesh_operator.handlers import kube as kube_mod
 from natsmesh_operator.handlers import rollout
 from natsmesh_operator.handlers.creds_watch import CredsWatch
+from natsmesh_operator.handlers.drift import DriftLoop, Peering
 from natsmesh_operator.handlers.followup import AfterPass
 from natsmesh_operator.handlers.mesh import MeshReconciler
 from natsmesh_operator.handlers.presence import EndpointTracker
@@ -59,11 +60,13 @@ class Runtime:
     creds_watch: CredsWatch
     stream_watch: StreamWatch
     after_pass: AfterPass
+    drift: DriftLoop
     webhook: WebhookServer | None = None
     _metrics_runner: web.AppRunner | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, settings: OperatorSettings) -> Runtime:
+    def build(cls, settings: OperatorSettings, *, identity: str = "") -> Runtime:
+        """``identity``: this replica's kopf peering identity (main.py sets it)."""
         kube = kube_mod.client_from_env()
         mesh = MeshReconciler(
             kube_client=kube,
@@ -98,6 +101,15 @@ class Runtime:
             )
         retry = settings.reconcile.retry_delay
         endpoints = EndpointTracker(kube, mesh, watched=settings.watches, retry_delay=retry)
+        peering = None
+        if settings.peering is not None:
+            peering = Peering(
+                kube,
+                name=settings.peering,
+                identity=identity,
+                priority=settings.peering_priority,
+                clusterwide=not settings.watch_namespaces,
+            )
         return cls(
             settings=settings,
             kube=kube,
@@ -110,6 +122,13 @@ class Runtime:
                 restart=functools.partial(rollout.restart_selected, kube, injecting=True),
                 recount=functools.partial(endpoints.mark, again=True),
             ),
+            drift=DriftLoop(
+                mesh,
+                endpoints,
+                interval=settings.reconcile.endpoints_interval,
+                drift_interval=settings.reconcile.drift_interval,
+                peering=peering,
+            ),
             webhook=webhook,
         )
 
@@ -118,6 +137,7 @@ class Runtime:
         self.endpoints.start()
         self.creds_watch.start()
         self.stream_watch.start()
+        self.drift.start()
         await self._start_metrics()
         if self.webhook is not None:
             await self.webhook.start()
@@ -125,6 +145,7 @@ class Runtime:
                 await self.register_webhooks(self.settings.webhook.self_register_url)
 
     async def stop(self) -> None:
+        await self.drift.stop()
         await self.after_pass.stop()
         await self.stream_watch.stop()
         await self.creds_watch.stop()

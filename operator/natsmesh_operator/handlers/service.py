@@ -1,4 +1,7 @@
-"""kopf handlers for NatsService: reconcile, drift check, delete.
+"""kopf handlers for NatsService: reconcile, delete.
+
+The periodic drift check is one operator-level loop (:mod:`natsmesh_operator.handlers.drift`),
+not a kopf timer per object.
 
 One action per handler run: ask the mesh reconciler for a pass that includes
 this change; the pass writes what it found into status, and the follow-up
@@ -60,29 +63,6 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 started=time.perf_counter(),
             )
         )
-
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        PLURAL,
-        interval=settings.reconcile.endpoints_interval,
-        initial_delay=settings.reconcile.endpoints_interval,
-        idle=settings.reconcile.endpoints_interval,
-        registry=registry,
-    )
-    async def service_drift(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        # A pass repairs drift (deleted Secrets, streams, consumers come back);
-        # passes are shared, so all services' timers cost one pass per interval.
-        # Asked for, not waited for: during a burst the passes run long, and
-        # 1,000 timers each waiting inside kopf for one held ~40 KiB apiece.
-        rt = from_memo(memo)
-        rt.mesh.refresh(settings.reconcile.drift_interval)
-        # The safety net under the advisories: the namespace's timers share one count.
-        rt.endpoints.refresh(body["metadata"]["namespace"])
-        last = rt.mesh.last
-        METRICS.reconciles.labels(
-            kind="NatsService", result="retry" if last is not None and last.fatal else "drift"
-        ).inc()
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, retries=60)
     async def service_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -7,7 +7,7 @@ holds one connection per namespace account it manages, as a user of its own
 that may subscribe to those two advisories and publish nothing, and asks for
 a mesh pass (without waiting for it) when one arrives. The user expires
 after :data:`WATCH_TTL` seconds and is replaced before then; a deletion in
-that short gap, or while NATS is away, is repaired by the drift timer.
+that short gap, or while NATS is away, is repaired by the drift loop (handlers/drift.py).
 The operator's own prunes announce themselves too; a deletion of something
 the last pass did not plan is ignored, so they start no pass.
 """
