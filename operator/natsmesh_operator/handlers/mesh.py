@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -200,6 +200,12 @@ class MeshReconciler:
         self._warned_legacy = False
         self._requested = 0
         self._done = 0
+        #: With kopf peering: whether kopf has paused this replica now
+        #: (natsmesh_operator.handlers.drift.Peering). Pokes ask for no pass
+        #: then: they come from our own watches, which kopf does not pause,
+        #: and the active replica's watches see the same event.
+        self.paused: Callable[[], Awaitable[bool]] | None = None
+        self._pokes: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._finished = asyncio.Condition()
         self._loop_task = Background("natsmesh-mesh-reconciler", self._loop)
@@ -248,7 +254,20 @@ class MeshReconciler:
         return self._done
 
     def poke(self) -> None:
-        """Ask for a pass without waiting for it (an event saw something to repair)."""
+        """Ask for a pass without waiting for it (an event saw something to
+        repair), unless kopf has paused this replica (:attr:`paused`)."""
+        paused = self.paused
+        if paused is None:
+            self.ask()
+            return
+        task = asyncio.get_running_loop().create_task(self._poke_unless(paused))
+        self._pokes.add(task)
+        task.add_done_callback(self._pokes.discard)
+
+    async def _poke_unless(self, paused: Callable[[], Awaitable[bool]]) -> None:
+        if await paused():
+            logger.debug("a poke on a paused replica: the active one repairs it")
+            return
         self.ask()
 
     def refresh(self, max_age: float) -> None:

@@ -110,6 +110,9 @@ class Runtime:
                 priority=settings.peering_priority,
                 clusterwide=not settings.watch_namespaces,
             )
+            # Any namespace this replica serves tells (kopf keeps a peering in each).
+            first = settings.watch_namespaces[0] if settings.watch_namespaces else ""
+            mesh.paused = functools.partial(peering.paused, first)
         return cls(
             settings=settings,
             kube=kube,

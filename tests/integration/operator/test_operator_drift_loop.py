@@ -4,7 +4,9 @@ One operator with kopf peering (namespaced: a KopfPeering per namespace) and
 a drift loop every second. A peer of a higher priority written into the
 peering objects (what a second, preferred replica's keep-alive writes) makes
 kopf pause this replica; the loop must run no drift check meanwhile (two
-replicas would both write), and run again once the peer is gone.
+replicas would both write), and run again once the peer is gone. Nor may the
+operator's own watches start a pass on the paused replica: a deleted creds
+Secret is left to the active replica, and repaired here once this one is.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from natsmesh_operator.webhook.inject import creds_secret_name
 from tests.fixtures.cluster import Cluster
 from tests.fixtures.operator import (
     OperatorProcess,
@@ -71,6 +74,15 @@ def test_standby_replica_runs_no_drift_check(crds: Cluster, tmp_path: Path) -> N
         kopf_peering(op.cluster, PEERING, ns)
         op.cluster.kubectl("apply", "-n", ns, "-f", "-", input=SERVICE)
         op.wait_ready("natsservice", "ledger", ns, timeout=30)
+        secret = creds_secret_name("ledger")
+
+        def present() -> bool:
+            out = op.cluster.kubectl(
+                "get", "secret", secret, "-n", ns, "--ignore-not-found", "-o", "name"
+            )
+            return bool(out.stdout.strip())
+
+        assert present()
         # Active: the loop checks every second.
         before = drift_checks(op)
         op.wait_for("a drift check", lambda: drift_checks(op) > before, timeout=10)
@@ -81,8 +93,12 @@ def test_standby_replica_runs_no_drift_check(crds: Cluster, tmp_path: Path) -> N
             op.wait_for("kopf to pause", lambda: "Pausing operations" in op.tail(), timeout=15)
             time.sleep(1.5)  # a tick that read the peering before the patch
             paused_at = drift_checks(op)
+            # What the creds watch sees and would repair at once when active.
+            op.cluster.kubectl("delete", "secret", secret, "-n", ns)
             time.sleep(4)  # four intervals
             assert drift_checks(op) == paused_at
+            assert not present(), "a paused replica repaired the Secret"
         finally:
             set_other_peer(op, peerings, present=False)
         op.wait_for("a drift check again", lambda: drift_checks(op) > paused_at, timeout=10)
+        op.wait_for("the Secret repaired", present, timeout=15)
