@@ -699,8 +699,14 @@ def _orders_versions(shop: KindShop, n: int = 20) -> set[str]:
 
 
 def _orders_v1_pods(kind: Kind, ns: str) -> set[str]:
-    selector = "app=orders,version=v1"
-    return set(kind.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "name").split())
+    """orders-v1's pods not being deleted: a draining pod still lists, and
+    ``rollout status`` of a scale-down returns while it drains."""
+    out = kind.kubectl("get", "pods", "-n", ns, "-l", "app=orders,version=v1", "-o", "json")
+    return {
+        f"pod/{pod['metadata']['name']}"
+        for pod in json.loads(out)["items"]
+        if not pod["metadata"].get("deletionTimestamp")
+    }
 
 
 def _gone(kind: Kind, ns: str, pods: set[str]) -> None:
