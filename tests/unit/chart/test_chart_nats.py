@@ -87,6 +87,14 @@ def test_operator_mode_jetstream_config() -> None:
     assert "max_control_line: 16384" in conf
 
 
+def test_a_single_server_stops_without_lame_duck() -> None:
+    """Lame duck mode moves clients to other servers; with none, it would only
+    keep the one server (and the mesh) down for its whole duration."""
+    sts = render({"nats": {"replicas": 1}}).get("StatefulSet", NATS)
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert "lifecycle" not in container
+
+
 def test_statefulset_details() -> None:
     manifest = render()
     sts = manifest.get("StatefulSet", NATS)
@@ -104,6 +112,7 @@ def test_statefulset_details() -> None:
         command = container[probe]["exec"]["command"]
         assert command[:2] == ["sh", "-c"]
         assert "http://127.0.0.1:${NATS_MONITOR_PORT}/healthz" in command[2]
+    # Three servers (the default): a stopping one sends its clients to the others first.
     assert "ldm" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     # A restarted server is Ready seconds after it is up, yet a big store
     # still has 15 minutes to recover before the kubelet gives up on it.
