@@ -27,7 +27,7 @@ from natsmesh_operator.wiring.desired import CallerRef, Publish, ServiceIntent, 
 from natsmesh_operator.wiring.plan import MeshPlan
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
-from tests.fixtures.nats_operator import OperatorNats, Probe, call, serve_as
+from tests.fixtures.nats_operator import OperatorNats, Probe, call, request_served, serve_as
 from tests.integration.sidecar.sidecar_harness import TestApp, request, settings
 
 NS = "t"
@@ -138,7 +138,7 @@ async def test_a_callee_cannot_answer_outside_its_callers_inboxes(t: Tenant) -> 
 
     await serve_as(b.nc, t.plan, NS, "b", answer)
     try:
-        assert (await x.nc.request(call(NS, "b", NS, "x"), b"", timeout=2)).data == b"from b"
+        assert (await request_served(x.nc, call(NS, "b", NS, "x"))).data == b"from b"
         for elsewhere in (f"{subjects.inbox_prefix('a')}.zzz", "_INBOX.zzz", "mesh.t.a.v1.t.x"):
             await b.nc.publish(elsewhere, b"forged answer")
             await b.nc.flush()

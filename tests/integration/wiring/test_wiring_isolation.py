@@ -18,7 +18,14 @@ from natsmesh_operator.wiring import users
 from natsmesh_operator.wiring.desired import CallerRef, Publish, ServiceIntent, Subscribe
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 from natsmesh_sidecar import subjects
-from tests.fixtures.nats_operator import OperatorNats, Probe, call, serve_as, shop_intents
+from tests.fixtures.nats_operator import (
+    OperatorNats,
+    Probe,
+    call,
+    request_served,
+    serve_as,
+    shop_intents,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +86,7 @@ async def test_cross_namespace_allowed_caller_works(nats_operator: OperatorNats)
     orders = await responder(nats_operator, p, "shop", "orders")
     frontend = await connect(nats_operator, p, "web", "frontend")
     try:
-        reply = await frontend.nc.request(call("shop", "orders", "web", "frontend"), b"", 2)
+        reply = await request_served(frontend.nc, call("shop", "orders", "web", "frontend"))
         assert reply.data == b"orders.shop"
         assert not frontend.errors
         # spy, in the same namespace as frontend, may name only itself: nobody listens.

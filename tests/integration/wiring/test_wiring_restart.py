@@ -10,7 +10,14 @@ from natsmesh_operator.wiring.apply import admin_creds
 from natsmesh_operator.wiring.plan import plan
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.config import MeshTable
-from tests.fixtures.nats_operator import OperatorNats, Probe, call, serve_as, shop_intents
+from tests.fixtures.nats_operator import (
+    OperatorNats,
+    Probe,
+    call,
+    request_served,
+    serve_as,
+    shop_intents,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +66,7 @@ async def test_restart_keeps_accounts_streams_consumers_and_tables(
 
     await serve_as(payments.nc, p, "shop", "payments", reply)
     orders = await Probe.connect(nats_operator, orders_creds.creds, "orders")
-    assert (await orders.nc.request(call("shop", "payments", "shop", "orders"), b"", 2)).data == (
+    assert (await request_served(orders.nc, call("shop", "payments", "shop", "orders"))).data == (
         b"paid"
     )
     sub = await payments.nc.jetstream().pull_subscribe_bind(
