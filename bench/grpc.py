@@ -42,12 +42,12 @@ from bench.sidecar import (
     emit,
     fixed_rate,
     free_port,
+    latency_rows,
     loadavg,
     measure_max,
     print_paths,
     print_rss,
     rss_mb,
-    sequential,
     wait_port,
 )
 
@@ -166,12 +166,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         }
         for t in targets.values():  # the channels' connections, the sidecars' first plans
             await fixed_rate(t.call, 200, mode.warmup_s)
-        rows: dict[str, dict[str, Any]] = {}
-        for name, t in targets.items():
-            rows[name] = {"sequential": await sequential(t.call, mode.sequential)}
-            for rate in mode.rates:
-                rows[name][f"{rate}/s"] = await fixed_rate(t.call, rate, mode.phase_s)
-            procs.check()
+        rows = await latency_rows({name: t.call for name, t in targets.items()}, mode)
+        procs.check()
         for name, t in targets.items():
             rows[name]["max"] = await measure_max(t, mode, crossed[name], conns=args.streams)
             procs.check()

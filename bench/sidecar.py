@@ -67,7 +67,7 @@ class Mode:
     warmup_s: float
 
 
-FULL = Mode(sequential=200, rates=(100, 500, 1000), phase_s=3.0, max_s=5.0, warmup_s=0.5)
+FULL = Mode(sequential=300, rates=(100, 500, 1000), phase_s=6.0, max_s=5.0, warmup_s=0.5)
 QUICK = Mode(sequential=20, rates=(100, 500), phase_s=0.3, max_s=1.0, warmup_s=0.2)
 
 
@@ -190,7 +190,8 @@ class NatsTarget:
 Call = Callable[[], Awaitable[int]]
 
 
-async def sequential(call: Call, count: int) -> dict[str, float]:
+async def sequential_samples(call: Call, count: int) -> tuple[list[float], int]:
+    """``count`` calls one after another: latencies (ms) of the good ones, errors."""
     lat: list[float] = []
     errors = 0
     for _ in range(count):
@@ -203,11 +204,16 @@ async def sequential(call: Call, count: int) -> dict[str, float]:
             lat.append((time.perf_counter() - s) * 1000.0)
         else:
             errors += 1
-    return summary(lat, errors)
+    return lat, errors
 
 
 async def fixed_rate(call: Call, rate: int, seconds: float) -> dict[str, float]:
     """Open loop: request i starts at t0 + i/rate."""
+    return summary(*await fixed_rate_samples(call, rate, seconds))
+
+
+async def fixed_rate_samples(call: Call, rate: int, seconds: float) -> tuple[list[float], int]:
+    """:func:`fixed_rate`'s latencies (ms) of the good calls, and the errors."""
     loop = asyncio.get_running_loop()
     lat: list[float] = []
     errors = 0
@@ -233,7 +239,41 @@ async def fixed_rate(call: Call, rate: int, seconds: float) -> dict[str, float]:
             await asyncio.sleep(delay)
         tasks.append(loop.create_task(one()))
     await asyncio.gather(*tasks)
-    return summary(lat, errors)
+    return lat, errors
+
+
+#: Each path's share of a latency phase per turn (see :func:`latency_rows`).
+TURN_S = 1.0
+
+
+async def latency_rows(calls: dict[str, Call], mode: Mode) -> dict[str, dict[str, Any]]:
+    """Every path's sequential and fixed-rate latency, the paths taking turns.
+
+    Each phase (``mode.sequential`` calls, ``mode.phase_s`` at each rate) is
+    cut into turns of about :data:`TURN_S` and the paths alternate, first one
+    then the other leading: a slow stretch of the shared box falls on every
+    path instead of on whichever ran then, so "added latency" compares
+    samples of the same minutes. (Path after path, the direct baseline's own
+    p99 moved by several ms between runs and the difference even went
+    negative.)"""
+    turns = max(1, round(mode.phase_s / TURN_S))
+    loads = ["sequential", *(f"{rate}/s" for rate in mode.rates)]
+    lat: dict[str, dict[str, list[float]]] = {n: {load: [] for load in loads} for n in calls}
+    errors: dict[str, dict[str, int]] = {n: dict.fromkeys(loads, 0) for n in calls}
+    names = list(calls)
+    for turn in range(turns):
+        order = names if turn % 2 == 0 else names[::-1]
+        for load in loads:
+            for name in order:
+                if load == "sequential":
+                    count = -(-mode.sequential // turns)
+                    got, bad = await sequential_samples(calls[name], count)
+                else:
+                    rate = int(load.removesuffix("/s"))
+                    got, bad = await fixed_rate_samples(calls[name], rate, mode.phase_s / turns)
+                lat[name][load] += got
+                errors[name][load] += bad
+    return {n: {load: summary(lat[n][load], errors[n][load]) for load in loads} for n in calls}
 
 
 async def max_throughput(call: Call, conns: int, seconds: float) -> dict[str, float]:
@@ -478,12 +518,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for t in targets.values():  # connections, pools, caches
             await fixed_rate(t.call, 200, mode.warmup_s)
 
-        rows: dict[str, dict[str, Any]] = {}
-        for name, t in targets.items():
-            rows[name] = {"sequential": await sequential(t.call, mode.sequential)}
-            for rate in mode.rates:
-                rows[name][f"{rate}/s"] = await fixed_rate(t.call, rate, mode.phase_s)
-            procs.check()
+        rows = await latency_rows({name: t.call for name, t in targets.items()}, mode)
+        procs.check()
 
         peak = {"A": 0.0, "B": 0.0}
         for name, t in targets.items():
