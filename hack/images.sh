@@ -110,7 +110,19 @@ base_image() {
     echo "images: mmdebstrap $suite ($packages) into $dir"
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
     local args; mapfile -t args < <(mmdebstrap_args "$packages")
-    SOURCE_DATE_EPOCH=$epoch nice -n 10 mmdebstrap --quiet "${args[@]}" "$dir.tmp/rootfs.tar"
+    # Downloads from the Debian mirror fail now and then ("apt download
+    # failed" three times within a minute in one cold CI run, fine a minute
+    # later): a few tries, further apart each time, before giving up.
+    local try
+    for try in 1 2 3 4; do
+      SOURCE_DATE_EPOCH=$epoch nice -n 10 mmdebstrap --quiet "${args[@]}" "$dir.tmp/rootfs.tar" && break
+      if ((try == 4)); then
+        echo "images: mmdebstrap of $name failed $try times; giving up" >&2
+        exit 1
+      fi
+      echo "images: mmdebstrap of $name failed (try $try of 4); again in $((try * 20))s" >&2
+      sleep $((try * 20))
+    done
     touch "$dir.tmp/.complete"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
   fi
