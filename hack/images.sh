@@ -113,11 +113,14 @@ base_image() {
     # Downloads from the Debian mirror fail now and then ("apt download
     # failed" three times within a minute in one cold CI run, fine a minute
     # later): a few tries, further apart each time, before giving up.
-    local try
+    # Its whole output goes to a log, and on failure apt's own last words to
+    # stderr: with --quiet a failed download only says "apt download failed".
+    local try log="$dir.tmp/mmdebstrap.log"
     for try in 1 2 3 4; do
-      SOURCE_DATE_EPOCH=$epoch nice -n 10 mmdebstrap --quiet "${args[@]}" "$dir.tmp/rootfs.tar" && break
+      SOURCE_DATE_EPOCH=$epoch nice -n 10 mmdebstrap "${args[@]}" "$dir.tmp/rootfs.tar" >"$log" 2>&1 && break
+      grep -E '^(E|W):|[Ee]rr(or)?[: ]|[Ff]ailed' "$log" | tail -n 20 | sed "s/^/images: mmdebstrap: /" >&2 || true
       if ((try == 4)); then
-        echo "images: mmdebstrap of $name failed $try times; giving up" >&2
+        echo "images: mmdebstrap of $name failed $try times; giving up (log: $log)" >&2
         exit 1
       fi
       echo "images: mmdebstrap of $name failed (try $try of 4); again in $((try * 20))s" >&2

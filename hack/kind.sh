@@ -29,13 +29,17 @@
 #   NetworkPolicies;
 # * rancher's local-path-provisioner (hack/kind/local-path.yaml) is the
 #   default StorageClass "standard";
-# both built by hack/kind-tools.sh onto one Debian add-ons base, loaded into
+# both built by hack/kind-tools.sh onto the cluster's Debian base, loaded into
 # the nodes and applied on every `up`.
 #
 # Everything is cached by content: the binaries under ~/.cache/natsmesh/bin,
 # the root file systems under ~/.cache/natsmesh/images, the images in Docker
 # (natsmesh/kind-node:<k8s version>-<key>, key = hash of every input).
 set -euo pipefail
+# A failure inside $(...) stops the function that ran it, not only the
+# substitution (a failed base build once surfaced as Docker's "FROM requires
+# either one or three arguments").
+shopt -s inherit_errexit
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -45,11 +49,13 @@ state="${NATSMESH_STATE:-$repo/.work}/kind-$name"
 kubeconfig="$state/kubeconfig"
 k8s_version="$(awk -F'"' '/^k8s_version=/ {print $2}' "$here/lib/tools.sh")"
 NODE_OS_PACKAGES=systemd,dbus,jq,conntrack,iptables,nftables,iproute2,ethtool,util-linux,mount,kmod,libseccomp2,procps,bash,pigz,socat,ebtables
-PROXY_OS_PACKAGES=iptables,nftables,conntrack
-# One Debian base for the cluster's add-ons: kube-router's iptables and ipset,
-# a shell for local-path's helper pods, and sh + wget for the chart's NATS
-# probes (exec probes against the loopback-only monitoring port).
-ADDONS_OS_PACKAGES=iptables,ipset,wget
+# One Debian base for every image in the cluster that is more than a static
+# binary: kube-proxy's iptables, nftables and conntrack, kube-router's
+# iptables and ipset, a shell for local-path's helper pods, and sh + wget for
+# the chart's NATS probes (exec probes against the loopback-only monitoring
+# port). One base is one download from the Debian mirror, made while the node
+# image is built (hack/kind-ahead.sh): `up` only finds it.
+CLUSTER_OS_PACKAGES=iptables,nftables,conntrack,ipset,wget
 
 log() { echo "kind: $*" >&2; }
 
@@ -109,7 +115,7 @@ component_image() {
 
 component_images() {
   local kubeadm; kubeadm="$(bin_of kubeadm)"
-  local proxy_os; proxy_os="$("$here/images.sh" --rootfs kube-proxy-os "$PROXY_OS_PACKAGES")"
+  local proxy_os; proxy_os="$("$here/images.sh" --rootfs kind-cluster-os "$CLUSTER_OS_PACKAGES")"
   local ref n
   COMPONENT_IMAGES=()
   while read -r ref; do
@@ -249,14 +255,14 @@ nats_image() {
   echo "natsmesh/nats:${v#v}"
 }
 
-# addon_image <tools module> <binary>: the binary on the add-ons' Debian base
+# addon_image <tools module> <binary>: the binary on the cluster's Debian base
 # (built once, cached in Docker); prints the image name.
 addon_image() {
   local module="$1" bin="$2" mod v
   mod="$(awk '$1 == "tool" {print $2}' "$here/tools/$module/go.mod")"
   v="$(awk -v m="$mod" 'index(m, $1) == 1 && $2 ~ /^v/ {print $2}' "$here/tools/$module/go.mod" | head -1)"
   local image="natsmesh/$bin:$v"
-  local os; os="$("$here/images.sh" --rootfs kind-addons-os "$ADDONS_OS_PACKAGES")"
+  local os; os="$("$here/images.sh" --rootfs kind-cluster-os "$CLUSTER_OS_PACKAGES")"
   component_image "$image" "$(bin_of "$bin")" "$os" entry
   echo "$image"
 }
@@ -268,12 +274,12 @@ apply_addon() {
 
 # Every image the cluster runs that no registry serves, loaded in one go (one
 # tar, imported into each node): the add-ons, natsmesh's images, and the
-# chart's NATS server (nats-server on the add-ons' base: its probes exec
+# chart's NATS server (nats-server on the cluster's Debian base: its probes exec
 # `sh -c wget ...`).
 load_images() {
   "$here/images.sh" >&2
   NATS_IMAGE="$(nats_image)"
-  local os; os="$("$here/images.sh" --rootfs kind-addons-os "$ADDONS_OS_PACKAGES")"
+  local os; os="$("$here/images.sh" --rootfs kind-cluster-os "$CLUSTER_OS_PACKAGES")"
   component_image "$NATS_IMAGE" "$(bin_of nats-server)" "$os"
   local images; mapfile -t images < <("$here/images.sh" --print | tail -3)
   "$(bin_of kind)" load docker-image --name "$name" "$@" "${images[@]}" "$NATS_IMAGE" >&2
