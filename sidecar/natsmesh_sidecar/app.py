@@ -27,8 +27,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-import nats
 from nats import errors as nats_errors
+from nats.aio.client import Client as NatsClient
 
 from natsmesh_sidecar import codec, readiness, subjects
 from natsmesh_sidecar.calls.inbound import InboundHandler, InboundLimits
@@ -67,6 +67,11 @@ DEFAULT_MAX_PAYLOAD = 1024 * 1024
 #: reaches it, e.g. through a Service, is refused and the next server tried).
 MOVE_ATTEMPTS = 5
 MOVE_CONNECT_SECONDS = 5.0
+#: Bound of each step of a make-before-break move (subscribing and flushing
+#: on the new connection, unsubscribing and flushing the old, closing it): a
+#: step that does not finish in time is logged and the move carries on or
+#: backs out, it never holds the creds watch or the membership lock.
+MOVE_STEP_SECONDS = 5.0
 #: Room kept for NATS headers when deciding 413 up front: the server counts
 #: headers and payload against max_payload together.
 HEADER_ROOM = 16 * 1024
@@ -450,15 +455,23 @@ class Sidecar:
         return opts
 
     async def _open(self, *, retry: bool = True) -> Any:
-        """A new connection (retrying until the server is there unless not ``retry``)."""
+        """A new connection (retrying until the server is there unless not ``retry``).
+
+        Without ``retry`` the connect is bounded by
+        :data:`MOVE_CONNECT_SECONDS`: with ``max_reconnect_attempts=-1``
+        nats.py's own connect never gives up on a server that refuses it
+        (new creds it does not accept yet), and a creds take-up would wait
+        for it forever, holding the creds watch.
+        """
         box: list[Any] = []
         while not self._stop.is_set():
             try:
-                nc = await nats.connect(**self._options(box))
+                nc = await _connect(self._options(box), None if retry else MOVE_CONNECT_SECONDS)
                 box.append(nc)
                 return nc
             except Exception as exc:
-                logger.warning("NATS connect to %s failed: %s", self.settings.nats_url, exc)
+                why = exc or type(exc).__name__
+                logger.warning("NATS connect to %s failed: %s", self.settings.nats_url, why)
                 if not retry:
                     return None
                 with contextlib.suppress(TimeoutError):
@@ -575,23 +588,27 @@ class Sidecar:
                 logger.error("route table watch on %s failed: %s", self.kv_watch.subject, exc)
         self._sync_consumers()
 
-    async def _renew(self) -> None:
+    async def _renew(self) -> bool:
         """Take up new creds without failing a request: make before break
         (see :meth:`_move_to`). A forced reconnect instead failed every call
-        in flight and every call of the gap."""
+        in flight and every call of the gap. False: not taken up (yet)."""
         async with self._moving:
             if self.nc is None or self.draining:
-                return
+                return True
             nc = await self._open(retry=False)
             if nc is None:
                 # The old connection carries on (and re-signs with the new creds
-                # if the server ever drops it).
+                # if the server ever drops it); the creds watch tries again.
                 logger.error(
                     "new creds: connecting with them failed; keeping the current connection"
                 )
-                return
-            await self._move_to(nc, "creds renewed")
+                self.metrics.creds_renewal_failures.inc()
+                return False
+            if not await self._move_to(nc, "creds renewed"):
+                self.metrics.creds_renewal_failures.inc()
+                return False
             self.metrics.creds_renewals.inc()
+            return True
 
     def _on_lame_duck(self, nc: Any) -> None:
         """Our server entered lame duck mode (it is about to stop): move to
@@ -613,8 +630,8 @@ class Sidecar:
                 # connection then reconnects elsewhere by itself.
                 logger.error("no other NATS server reachable; staying until dropped")
                 return
-            await self._move_to(nc, f"left lame-duck server {netloc}")
-            self.metrics.lame_duck_moves.inc()
+            if await self._move_to(nc, f"left lame-duck server {netloc}"):
+                self.metrics.lame_duck_moves.inc()
 
     async def _open_elsewhere(self, old_nc: Any, netloc: str, server_id: str | None) -> Any:
         """A connection to any known server but the one at ``netloc`` / ``server_id``.
@@ -630,7 +647,7 @@ class Sidecar:
             box: list[Any] = []
             opts = self._options(box, servers)
             try:
-                nc = await asyncio.wait_for(nats.connect(**opts), MOVE_CONNECT_SECONDS)
+                nc = await _connect(opts, MOVE_CONNECT_SECONDS)
             except Exception as exc:
                 logger.warning("moving off %s: connect failed (%s)", netloc, exc)
                 continue
@@ -643,45 +660,60 @@ class Sidecar:
                 await nc.close()
         return None
 
-    async def _move_to(self, nc: Any, why: str) -> None:
+    async def _move_to(self, nc: Any, why: str) -> bool:
         """Make before break onto ``nc``: it subscribes like the current
         connection (same queue groups, so both share the load meanwhile); new
         calls go out on it; then the old one stops hearing requests, its calls
         in flight get their answers (bounded by the longest route timeout),
-        its event deliveries in hand finish, and it closes."""
+        its event deliveries in hand finish, and it closes.
+
+        Every step on a connection is bounded (:data:`MOVE_STEP_SECONDS`). If
+        the new connection cannot be set up, it is closed and the current one
+        carries on (False); after the switch, a slow step of the old
+        connection's teardown is logged and skipped, never waited out.
+        """
+        started = time.monotonic()
         old_nc, old_fast = self.nc, self.fast
         async with self._membership:
             old_serving, join = self.serving, self._want_joined()
-            fast, serving = await self._serve_on(nc, join)
+            try:
+                fast, serving, tap_sub, micro_subs = await asyncio.wait_for(
+                    self._listen_on(nc, join), MOVE_STEP_SECONDS
+                )
+            except Exception as exc:
+                logger.error(
+                    "%s: the new connection could not be set up (%s); keeping the current one",
+                    why,
+                    exc or type(exc).__name__,
+                )
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), MOVE_STEP_SECONDS)
+                return False
             old_micro = list(self.micro.subs)
-            self.micro.subs.clear()
-            await self.micro.start(nc)
+            self.micro.subs[:] = micro_subs
             if self._tap_sub is not None:
                 old_micro.append(self._tap_sub)
-            self._tap_sub = await self._tap_listen(nc)
-            await nc.flush()
+            self._tap_sub = tap_sub
             self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
             self.joined = join
         self.metrics.nats_connected.set(1)
         logger.info("%s: new connection serving %s; draining the old", why, sorted(serving))
+        # Bounded by their own timeouts (a flush, a 2 s direct get): waited
+        # for, not cut short, or the new connection would miss table updates.
         if self.targets is not None:
-            with contextlib.suppress(Exception):
-                await self.targets.start(nc)
+            await self._step(why, "target watch", self.targets.start(nc), within=None)
         if self.kv_watch is not None:
-            with contextlib.suppress(Exception):
-                await self.kv_watch.start(nc)
+            await self._step(why, "route table watch", self.kv_watch.start(nc), within=None)
         old_consumers = list(self.consumers.values())
         self.consumers.clear()
         self._sync_consumers()
         for sub in [*old_serving.values(), *old_micro]:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await self._step(why, "unsubscribe", sub.unsubscribe())
         # A round trip after the UNSUBs: every request the server routed to
         # the old connection before it took them has then been read (and is
         # served; its answer goes out on the new connection). Closing before
         # it dropped the requests still in the pipe.
-        with contextlib.suppress(Exception):
-            await old_nc.flush(timeout=5)
+        await self._step(why, "old connection's flush", old_nc.flush(timeout=MOVE_STEP_SECONDS))
         grace = self.settings.drain_seconds
         await asyncio.gather(*(c.close(grace) for c in old_consumers))
         # Calls in flight on the old connection: at most the longest timeout.
@@ -689,8 +721,30 @@ class Sidecar:
             if old_fast is None or not old_fast.waiters:
                 break
             await asyncio.sleep(0.05)
-        with contextlib.suppress(Exception):
-            await old_nc.close()
+        await self._step(why, "old connection's close", old_nc.close())
+        logger.info("%s: old connection closed, %.2fs after the new one opened", why,
+                    time.monotonic() - started)  # fmt: skip
+        return True
+
+    async def _listen_on(
+        self, nc: Any, join: bool
+    ) -> tuple[FastPath, dict[str, Any], Any, list[Any]]:
+        """What the current connection listens to, on ``nc`` too, confirmed by
+        the server (flush): fast path, request subscriptions, micro, tap."""
+        fast, serving = await self._serve_on(nc, join)
+        micro_subs = await self.micro.subscribe(nc)
+        tap_sub = await self._tap_listen(nc)
+        await nc.flush()
+        return fast, serving, tap_sub, micro_subs
+
+    async def _step(
+        self, why: str, step: str, aw: Any, within: float | None = MOVE_STEP_SECONDS
+    ) -> None:
+        """One step of a move after the switch: bounded, logged if it fails."""
+        try:
+            await asyncio.wait_for(aw, within)
+        except Exception as exc:
+            logger.warning("%s: %s failed (%s); carrying on", why, step, exc or type(exc).__name__)
 
     # -- tap ----------------------------------------------------------------------
 
@@ -807,28 +861,32 @@ class Sidecar:
         return self.creds.sign(nonce)
 
     async def _watch_creds(self, path: str) -> None:
-        """Poll the mounted creds (Secrets update in place) and reconnect on change."""
+        """Poll the mounted creds (Secrets update in place) and take new ones
+        up; a take-up that failed is tried again at every poll."""
         last = _mtime(path)
+        pending = False
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.creds_poll)
             now = _mtime(path)
-            if now == last or now is None:
-                continue
-            last = now
-            try:
-                creds = permissions.Creds.read(path)
-            except (OSError, ValueError) as exc:
-                logger.error("new creds at %s unreadable (%s); keeping the current ones", path, exc)
-                continue
-            if self.creds is not None and creds.jwt == self.creds.jwt:
-                continue
-            self.creds = creds
-            self.permissions = creds.permissions
-            if self.nc is not None:
+            if now != last and now is not None:
+                last = now
+                try:
+                    creds = permissions.Creds.read(path)
+                except (OSError, ValueError) as exc:
+                    logger.error(
+                        "new creds at %s unreadable (%s); keeping the current ones", path, exc
+                    )
+                else:
+                    if self.creds is None or creds.jwt != self.creds.jwt:
+                        self.creds = creds
+                        self.permissions = creds.permissions
+                        pending = True
+            if pending:
                 # The new JWT may admit other callers: the new connection
-                # serves exactly those.
-                await self._renew()
+                # serves exactly those. Not connected yet: the connect signs
+                # with the new creds.
+                pending = self.nc is not None and not await self._renew()
 
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)
@@ -954,6 +1012,19 @@ class Sidecar:
         logger.info("signal received")
         await self.stop()
         return 0
+
+
+async def _connect(options: dict[str, Any], within: float | None) -> Any:
+    """``nats.connect`` within ``within`` seconds (None: as long as it takes);
+    a connect cut short is closed, not left to reconnect in the background."""
+    nc = NatsClient()
+    try:
+        await asyncio.wait_for(nc.connect(**options), within)
+    except Exception:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), MOVE_STEP_SECONDS)
+        raise
+    return nc
 
 
 def _mtime(path: str) -> float | None:

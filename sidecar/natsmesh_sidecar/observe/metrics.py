@@ -292,6 +292,13 @@ class Metrics:
             "New creds taken up: a second connection opened, then the old one drained",
             "counter",
         )
+        self.creds_renewal_failures = metric(
+            "creds_renewal_failures",
+            "New creds not taken up (yet): the server refused them or the new connection"
+            " could not be set up in time; the current connection carries on, tried again"
+            " at the next creds poll",
+            "counter",
+        )
         self.lame_duck_moves = metric(
             "nats_lame_duck_moves",
             "Moves off a server in lame duck mode: a connection to another, then the old drained",

@@ -64,9 +64,16 @@ class MicroService:
         return out
 
     async def start(self, nc: Any) -> None:
+        self.subs += await self.subscribe(nc)
+
+    async def subscribe(self, nc: Any) -> list[Any]:
+        """The service's subscriptions on ``nc``, not yet its own (a
+        connection being moved to takes them over once it is set up)."""
+        subs = []
         for subject in self.subjects():
             verb = subject.split(".")[1]
-            self.subs.append(await nc.subscribe(subject, cb=self._handler(verb, nc)))
+            subs.append(await nc.subscribe(subject, cb=self._handler(verb, nc)))
+        return subs
 
     async def stop(self) -> None:
         for sub in self.subs:

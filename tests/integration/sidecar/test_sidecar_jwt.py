@@ -389,3 +389,50 @@ async def test_creds_reload_reconnects_with_the_reissued_jwt(jwt_mesh: JwtMesh) 
     r = await request(jwt_mesh.port, "GET", "/after", host="orders")
     assert r.status == 200
     assert jwt_mesh.gateway.permissions.can_publish(call(NS, "orders", "gateway"))
+
+
+async def test_creds_the_server_refuses_leave_the_current_connection_serving(
+    jwt_mesh: JwtMesh,
+) -> None:
+    """New creds the server refuses (here: a key revoked as soon as issued)
+    are not taken up: the connect with them gives up within seconds instead
+    of retrying forever, the current connection keeps serving every call, and
+    the next good creds written are taken up as usual."""
+    ring = jwt_mesh.on.keyring
+    name = f"natsmesh-sidecar gateway.{NS}"
+    gateway = jwt_mesh.gateway
+    old_key, refused_key = ring.rotate_user(NS, "gateway")
+    assert old_key is not None
+    refused = users.issue(jwt_mesh.plan.user(NS, "gateway"), ring.account(NS), user_key=refused_key)
+    await jwt_mesh.apply(
+        jwt_mesh.plan, revocations={NS: {refused_key.public: int(time.time()) + 1}}
+    )
+    renewals = metric(gateway, "natsmesh_sidecar_creds_renewals_total")
+    failures = metric(gateway, "natsmesh_sidecar_creds_renewal_failures_total")
+
+    load = Load(jwt_mesh.port)
+    load.start()
+    await asyncio.sleep(0.3)
+    write_creds(jwt_mesh.creds["gateway"], refused.creds)
+    await wait_for(
+        lambda: metric(gateway, "natsmesh_sidecar_creds_renewal_failures_total") > failures,
+        10,
+        "the refused take-up to give up",
+    )
+    assert metric(gateway, "natsmesh_sidecar_creds_renewals_total") == renewals
+    assert connected_user(jwt_mesh, name) == old_key.public
+
+    # The operator's next creds for the key in use: taken up, make before break.
+    good = users.issue(jwt_mesh.plan.user(NS, "gateway"), ring.account(NS), user_key=old_key)
+    write_creds(jwt_mesh.creds["gateway"], good.creds)
+    await wait_for(
+        lambda: metric(gateway, "natsmesh_sidecar_creds_renewals_total") > renewals,
+        10,
+        "the good creds taken up",
+    )
+    await asyncio.sleep(0.3)
+    await load.finish()
+    failed = [(t, s, b) for t, s, b in load.results if s != 200]
+    assert not failed, failed[:5]
+    assert len(load.results) > 50
+    assert await drained_to_one(jwt_mesh, name) == old_key.public
