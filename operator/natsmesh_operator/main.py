@@ -8,10 +8,12 @@ set the same ones.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -27,6 +29,28 @@ from natsmesh_operator.settings import OperatorSettings
 logger = logging.getLogger(__name__)
 
 FINALIZER = "natsmesh.io/finalizer"
+
+#: kopf's retries of a failed API call once the operator is stopping: one,
+#: half a second later. While running, kopf waits out API errors for up to
+#: 54 s (1+1+2+3+5+8+13+21), which keeps its watches alive through an API
+#: server restart. On the way out the one call left is kopf removing this
+#: replica from the peering object, and after `helm uninstall` its RBAC is
+#: already gone: every try is a 403 and the pod stayed until the kubelet's
+#: SIGKILL at the end of the termination grace (30 s). A peer that is not
+#: removed expires by its lifetime anyway.
+EXIT_BACKOFFS = (0.5,)
+
+
+def stop_on_sigterm(settings: kopf.OperatorSettings, stop: asyncio.Event) -> None:
+    """Take SIGTERM over from kopf's handler: stop kopf through ``stop``
+    (the flag ``kopf.run`` was given) with :data:`EXIT_BACKOFFS`."""
+
+    def on_sigterm() -> None:
+        logger.info("SIGTERM: stopping (API errors are retried once from now on)")
+        settings.networking.error_backoffs = EXIT_BACKOFFS
+        stop.set()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
 
 
 def api_connection_limit(settings: OperatorSettings) -> int:
@@ -87,6 +111,9 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         runtime = Runtime.build(cfg, identity=memo.identity)
         memo.runtime = runtime
         await runtime.start()
+        # kopf installs its own handler one loop iteration after starting
+        # this handler's task, long before the awaits above return.
+        stop_on_sigterm(settings, memo.stop)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -129,6 +156,7 @@ def main(argv: list[str]) -> int:
     # raises for a uid with no passwd entry (runAsUser: any number). The drift
     # loop finds this replica in the peering object by it (handlers/drift.py).
     identity = f"{socket.gethostname()}/{os.getpid()}/{int(time.time())}"
+    stop = asyncio.Event()
     kopf.run(
         registry=registry,
         clusterwide=not settings.watch_namespaces,
@@ -136,7 +164,8 @@ def main(argv: list[str]) -> int:
         standalone=settings.peering is None,
         peering_name=settings.peering,
         priority=settings.peering_priority,
-        memo=kopf.Memo(config=settings, identity=identity),
+        memo=kopf.Memo(config=settings, identity=identity, stop=stop),
+        stop_flag=stop,
         liveness_endpoint=None,
         # (kopf types it as a NewType of str it does not export.)
         identity=cast(Any, identity),

@@ -394,6 +394,9 @@ class PodSim:
         self.pods: dict[str, SimPod] = {}
         self.lock = threading.Lock()
         self.errors: list[str] = []
+        #: "<pod>/<container>" of every container SIGKILLed after its grace
+        #: (one that ignored or outlived SIGTERM), in order.
+        self.killed: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
@@ -1045,6 +1048,7 @@ class PodSim:
             for c in group:
                 if not c.wait(deadline - time.monotonic()):
                     log.warning("pod %s container %s killed after the grace", sim.name, c.name)
+                    self.killed.append(f"{sim.name}/{c.name}")
                     c.signal(signal.SIGKILL)
                     c.wait(5)
         if sim.thread is not None and sim.thread is not threading.current_thread():

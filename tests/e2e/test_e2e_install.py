@@ -129,6 +129,18 @@ def test_uninstall_leaves_nothing_behind(defaults: LocalRelease) -> None:
     out = defaults.uninstall()
     assert "uninstalled" in out, out
     ns = defaults.namespace
+    # Every pod stops on SIGTERM, the operator too although its RBAC went
+    # first (it used to wait out 54 s of 403s, until the kill at the grace).
+    sim = defaults.sims[ns]
+
+    def servers_running() -> list[str]:
+        components = ("operator", "nats")
+        with sim.lock:
+            pods = list(sim.pods.values())
+        return [p.name for p in pods if p.labels.get("app.kubernetes.io/component") in components]
+
+    sim.wait_for("the operator and NATS pods to stop", lambda: not servers_running(), timeout=30)
+    assert sim.killed == [], sim.killed
     # Kept on purpose, as the chart documents: the NATS data
     # (persistence.retentionPolicy.whenDeleted: Retain), the CRDs (crds.keep)
     # and the NATS trust root.
