@@ -205,7 +205,11 @@ class MeshReconciler:
         #: then: they come from our own watches, which kopf does not pause,
         #: and the active replica's watches see the same event.
         self.paused: Callable[[], Awaitable[bool]] | None = None
-        self._pokes: set[asyncio.Task[None]] = set()
+        #: The one pause check in flight for pokes, and whether more pokes
+        #: came while it ran (a burst of events is one peering read, not one
+        #: per event).
+        self._poking: asyncio.Task[None] | None = None
+        self._poked_again = False
         self._wakeup = asyncio.Event()
         self._finished = asyncio.Condition()
         self._loop_task = Background("natsmesh-mesh-reconciler", self._loop)
@@ -255,20 +259,33 @@ class MeshReconciler:
 
     def poke(self) -> None:
         """Ask for a pass without waiting for it (an event saw something to
-        repair), unless kopf has paused this replica (:attr:`paused`)."""
+        repair), unless kopf has paused this replica (:attr:`paused`).
+
+        Pokes while a pause check is in flight share it: if it finds the
+        replica active, the pass it asks for meets them all; if paused, it
+        checks once more only if pokes came meanwhile (the pause may have
+        ended since it read the peering object)."""
         paused = self.paused
         if paused is None:
             self.ask()
             return
-        task = asyncio.get_running_loop().create_task(self._poke_unless(paused))
-        self._pokes.add(task)
-        task.add_done_callback(self._pokes.discard)
+        if self._poking is not None:
+            self._poked_again = True
+            return
+        self._poking = asyncio.get_running_loop().create_task(self._poke_unless(paused))
 
     async def _poke_unless(self, paused: Callable[[], Awaitable[bool]]) -> None:
-        if await paused():
-            logger.debug("a poke on a paused replica: the active one repairs it")
-            return
-        self.ask()
+        try:
+            while True:
+                self._poked_again = False
+                if not await paused():
+                    self.ask()
+                    return
+                if not self._poked_again:
+                    logger.debug("a poke on a paused replica: the active one repairs it")
+                    return
+        finally:
+            self._poking = None
 
     def refresh(self, max_age: float) -> None:
         """Ask for a pass unless one started less than ``max_age`` seconds ago or is
