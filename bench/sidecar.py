@@ -257,20 +257,24 @@ async def latency_rows(calls: dict[str, Call], mode: Mode) -> dict[str, dict[str
     p99 moved by several ms between runs and the difference even went
     negative.)"""
     turns = max(1, round(mode.phase_s / TURN_S))
-    loads = ["sequential", *(f"{rate}/s" for rate in mode.rates)]
+
+    def sequential(call: Call) -> Awaitable[tuple[list[float], int]]:
+        return sequential_samples(call, -(-mode.sequential // turns))
+
+    def at(rate: int) -> Callable[[Call], Awaitable[tuple[list[float], int]]]:
+        return lambda call: fixed_rate_samples(call, rate, mode.phase_s / turns)
+
+    # Each row's label and what takes one turn's samples of it.
+    phases = {"sequential": sequential, **{f"{rate}/s": at(rate) for rate in mode.rates}}
+    loads = list(phases)
     lat: dict[str, dict[str, list[float]]] = {n: {load: [] for load in loads} for n in calls}
     errors: dict[str, dict[str, int]] = {n: dict.fromkeys(loads, 0) for n in calls}
     names = list(calls)
     for turn in range(turns):
         order = names if turn % 2 == 0 else names[::-1]
-        for load in loads:
+        for load, samples in phases.items():
             for name in order:
-                if load == "sequential":
-                    count = -(-mode.sequential // turns)
-                    got, bad = await sequential_samples(calls[name], count)
-                else:
-                    rate = int(load.removesuffix("/s"))
-                    got, bad = await fixed_rate_samples(calls[name], rate, mode.phase_s / turns)
+                got, bad = await samples(calls[name])
                 lat[name][load] += got
                 errors[name][load] += bad
     return {n: {load: summary(lat[n][load], errors[n][load]) for load in loads} for n in calls}
