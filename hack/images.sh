@@ -119,6 +119,11 @@ base_image() {
     for try in 1 2 3 4; do
       SOURCE_DATE_EPOCH=$epoch nice -n 10 mmdebstrap "${args[@]}" "$dir.tmp/rootfs.tar" >"$log" 2>&1 && break
       grep -E '^(E|W):|[Ee]rr(or)?[: ]|[Ff]ailed' "$log" | tail -n 20 | sed "s/^/images: mmdebstrap: /" >&2 || true
+      # A package that does not exist stays missing: no point waiting.
+      if grep -qE "Unable to locate package|has no installation candidate|Couldn't find any package" "$log"; then
+        echo "images: mmdebstrap of $name: a package of ($packages) is not in $suite (log: $log)" >&2
+        exit 1
+      fi
       if ((try == 4)); then
         echo "images: mmdebstrap of $name failed $try times; giving up (log: $log)" >&2
         exit 1
