@@ -83,6 +83,31 @@ def bounded_session(info: kopf.ConnectionInfo, limit: int) -> kopf.AiohttpSessio
     )
 
 
+class BoundedLogin:
+    """One bounded session per credentials (:func:`bounded_session`).
+
+    kopf logs in again after a 401 and keeps credentials it has seen fail
+    out of use (it compares them with the last few invalidated ones); if
+    they are all that is left, the API call fails with ``LoginError`` and
+    the operator stops. A new session object for the same token every time
+    defeated that comparison: after ``helm uninstall`` deleted the service
+    account, its token got 401s and the operator logged in again ~100 times
+    a second until the kubelet's SIGKILL. The same token therefore gets the
+    same session back; a new token (a rotated projected token) a new one.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._last: tuple[kopf.ConnectionInfo, kopf.AiohttpSession] | None = None
+
+    def session(self, info: kopf.ConnectionInfo) -> kopf.AiohttpSession:
+        if self._last is not None and self._last[0] == info:
+            return self._last[1]
+        session = bounded_session(info, self.limit)
+        self._last = (info, session)
+        return session
+
+
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
@@ -119,15 +144,16 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await from_memo(memo).stop()
 
+    bounded = BoundedLogin(api_connection_limit(settings))
+
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> kopf.ConnectionInfo | kopf.AiohttpSession | None:
         # No Kubernetes client library is installed (lightkube is ours), so
         # kopf's own minimal login: the pod's service account, else KUBECONFIG.
         info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-        limit = api_connection_limit(settings)
-        if info is None or not limit:
+        if info is None or not bounded.limit:
             return info
-        return bounded_session(info, limit)
+        return bounded.session(info)
 
     service.register(registry, settings)
     route.register(registry, settings)

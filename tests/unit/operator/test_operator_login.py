@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import kopf
 
-from natsmesh_operator.main import api_connection_limit, bounded_session
+from natsmesh_operator.main import BoundedLogin, api_connection_limit, bounded_session
 from natsmesh_operator.settings import OperatorSettings
 
 
@@ -34,3 +34,24 @@ async def test_bounded_session_keeps_the_credentials() -> None:
         assert session.headers["Authorization"] == "Bearer t0ken"
     finally:
         await ctx.aiohttp_session.close()
+
+
+async def test_the_same_token_gets_the_same_session_so_kopf_can_tell_it_failed() -> None:
+    """kopf drops credentials equal to ones that just got a 401; a fresh
+    session per login made them look new and re-login spin forever."""
+
+    def info(token: str) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server="https://127.0.0.1:6443", token=token, insecure=True)
+
+    login = BoundedLogin(5)
+    first = login.session(info("t0ken"))
+    again = login.session(info("t0ken"))
+    rotated = login.session(info("r0tated"))
+    try:
+        assert again == first
+        assert again.aiohttp_session is first.aiohttp_session
+        assert rotated != first
+        assert rotated.aiohttp_session.headers["Authorization"] == "Bearer r0tated"
+    finally:
+        await first.aiohttp_session.close()
+        await rotated.aiohttp_session.close()
