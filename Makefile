@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/pytest -p no:cacheprovider --durations=12 --durations-min=3
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
-        test-unit test-local test-integration test-security test-change test-e2e e2e-local e2e-kind bench bench-quick \
+        test-unit test-unit-halves test-unit-a test-unit-b test-local test-integration test-security test-change test-e2e e2e-local e2e-kind bench bench-quick \
         clean images docker-down kind-tools kind-image kind-up kind-down demo-kind demo-kind-down
 
 help: ## list targets
@@ -66,8 +66,8 @@ crds: venv ## regenerate crds/, the chart's copy and docs/resources.md from the 
 	$(BIN)/natsmesh crds --dir charts/natsmesh/files/crds --no-docs
 
 test: venv tools ## everything CI runs: checks and unit tier, the local tiers on one local cluster, then real pods on kind
-	@# lint/types and the unit tier are each one CPU-bound process: side by side on two cores.
-	$(MAKE) --no-print-directory -j2 --output-sync=target check test-unit
+	@# lint/types and the unit tier in two halves: three CPU-bound processes on two cores.
+	$(MAKE) --no-print-directory -j3 --output-sync=target check test-unit-halves
 	@# What the kind tier needs is built beside the local tiers (nice'd; cache hits when warm).
 	hack/with-docker.sh hack/kind-ahead.sh $(MAKE) --no-print-directory test-local e2e-kind
 
@@ -79,6 +79,17 @@ test-local: venv tools ## the server tiers on one local control plane (integrati
 
 test-unit: venv ## fast tier: pure logic, no servers (< 1 min)
 	$(PYTEST) tests/unit
+
+# The unit tier as two processes of about equal length (for `make test`):
+# the chart's tests (helm template runs) and a few small folders, and every
+# other folder (a new one lands there by itself).
+UNIT_A := $(addprefix tests/unit/,chart api stream tap usercli)
+UNIT_B := $(filter-out $(UNIT_A) tests/unit/__pycache__,$(patsubst %/,%,$(wildcard tests/unit/*/)))
+test-unit-halves: test-unit-a test-unit-b
+test-unit-a: venv
+	$(PYTEST) $(UNIT_A)
+test-unit-b: venv
+	$(PYTEST) $(UNIT_B)
 
 test-integration: venv tools ## real nats-server and real kube-apiserver
 	hack/with-cluster.sh $(PYTEST) tests/integration
