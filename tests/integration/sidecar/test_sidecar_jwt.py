@@ -24,6 +24,7 @@ from natsmesh_operator.wiring import users
 from natsmesh_operator.wiring.apply import admin_creds, put_table
 from natsmesh_operator.wiring.plan import MeshPlan, plan
 from natsmesh_operator.wiring.routes import RouteDestination, RouteIntent, RouteRule
+from natsmesh_sidecar import app as sidecar_app
 from natsmesh_sidecar import subjects
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import Fault, FaultAbort, Match, MeshTable
@@ -392,12 +393,14 @@ async def test_creds_reload_reconnects_with_the_reissued_jwt(jwt_mesh: JwtMesh) 
 
 
 async def test_creds_the_server_refuses_leave_the_current_connection_serving(
-    jwt_mesh: JwtMesh,
+    jwt_mesh: JwtMesh, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """New creds the server refuses (here: a key revoked as soon as issued)
     are not taken up: the connect with them gives up within seconds instead
     of retrying forever, the current connection keeps serving every call, and
     the next good creds written are taken up as usual."""
+    # The bound of a take-up's connect (5 s), shorter for the test's sake.
+    monkeypatch.setattr(sidecar_app, "MOVE_CONNECT_SECONDS", 1.0)
     ring = jwt_mesh.on.keyring
     name = f"natsmesh-sidecar gateway.{NS}"
     gateway = jwt_mesh.gateway
