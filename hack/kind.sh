@@ -88,26 +88,28 @@ kind_module_dir() {
   echo "$dir"
 }
 
-hash_files() { sha256sum "$@" | awk '{print $1}' | sha256sum | cut -c1-12; }
 
 # component_image <ref> <binary> <from> [entrypoint]
 component_image() {
   local ref="$1" bin="$2" from="$3" entry="${4:-}"
-  local ctx; ctx="$(mktemp -d)"
-  cp "$bin" "$ctx/"
   local b; b="$(basename "$bin")"
-  {
+  local dockerfile
+  dockerfile="$(
     echo "FROM $from"
     echo "COPY $b /usr/local/bin/$b"
     echo "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
-    [[ -n "$entry" ]] && echo "ENTRYPOINT [\"/usr/local/bin/$b\"]"
-  } >"$ctx/Dockerfile"
-  local key; key="$(hash_files "$ctx/Dockerfile" "$ctx/$b")"
+    if [[ -n "$entry" ]]; then echo "ENTRYPOINT [\"/usr/local/bin/$b\"]"; fi
+  )"
+  # Keyed by the binary's path, which names its build (each tool's cache
+  # directory is keyed by what it was built from): reading 100 MB binaries
+  # to hash them took seconds on every `up`.
+  local key; key="$(printf '%s\n%s\n' "$dockerfile" "${bin#"$cache"/}" | sha256sum | cut -c1-12)"
   if [[ "$("$DOCKER" image inspect -f '{{index .Config.Labels "natsmesh.key"}}' "$ref" 2>/dev/null)" == "$key" ]]; then
-    rm -rf "$ctx"
     return
   fi
-  echo "LABEL natsmesh.key=$key" >>"$ctx/Dockerfile"
+  local ctx; ctx="$(mktemp -d)"
+  cp "$bin" "$ctx/"
+  printf '%s\nLABEL natsmesh.key=%s\n' "$dockerfile" "$key" >"$ctx/Dockerfile"
   DOCKER_BUILDKIT=1 nice -n 10 "$DOCKER" build -q -t "$ref" "$ctx" >/dev/null
   rm -rf "$ctx"
   log "built $ref"
@@ -159,27 +161,37 @@ node_image() {
   addon_images
   local kind_dir; kind_dir="$(kind_module_dir)"
 
+  local node_bins=(containerd containerd-shim-runc-v2 ctr runc crictl kubelet kubeadm kubectl)
+  local cni_bins=(host-local loopback ptp bridge portmap)
+  local b bins=()
+  for b in "${node_bins[@]}" "${cni_bins[@]}"; do bins+=("$(bin_of "$b")"); done
+  # The key, without copying or reading the ~300 MB of binaries (seconds on
+  # every `up`): their paths name them (each tool's cache directory is keyed
+  # by what it was built from), kind's base files and ours are hashed.
+  local ids
+  ids="$("$DOCKER" image inspect -f '{{.Id}}' "$os" "${COMPONENT_IMAGES[@]}" "${ADDON_IMAGES[@]}")"
+  local key
+  key="$( {
+    printf '%s\n' "${bins[@]#"$cache"/}"
+    (cd "$kind_dir/images/base/files" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
+    sha256sum "$here/kind/node.Dockerfile" | cut -d' ' -f1
+    cri_base_json
+    echo "$ids"
+  } | sha256sum | cut -c1-12)"
+  NODE_IMAGE="natsmesh/kind-node:$k8s_version-$key"
+  if "$DOCKER" image inspect "$NODE_IMAGE" >/dev/null 2>&1; then
+    log "node image $NODE_IMAGE present"
+    return
+  fi
+
   CLEANUP_DIR="$(mktemp -d)"
   local ctx="$CLEANUP_DIR"
   cp -r "$kind_dir/images/base/files" "$ctx/files" && chmod -R u+w "$ctx/files"
   mkdir -p "$ctx/bin" "$ctx/cni"
-  local b
-  for b in containerd containerd-shim-runc-v2 ctr runc crictl kubelet kubeadm kubectl; do
-    cp "$(bin_of "$b")" "$ctx/bin/"
-  done
-  for b in host-local loopback ptp bridge portmap; do cp "$(bin_of "$b")" "$ctx/cni/"; done
+  for b in "${node_bins[@]}"; do cp "$(bin_of "$b")" "$ctx/bin/"; done
+  for b in "${cni_bins[@]}"; do cp "$(bin_of "$b")" "$ctx/cni/"; done
   cri_base_json >"$ctx/cri-base.json"
   cp "$here/kind/node.Dockerfile" "$ctx/Dockerfile"
-  local ids
-  ids="$("$DOCKER" image inspect -f '{{.Id}}' "$os" "${COMPONENT_IMAGES[@]}" "${ADDON_IMAGES[@]}")"
-  local key
-  key="$( (cd "$ctx" && find . -type f -print0 | sort -z | xargs -0 sha256sum; echo "$ids") | sha256sum | cut -c1-12)"
-  NODE_IMAGE="natsmesh/kind-node:$k8s_version-$key"
-  if "$DOCKER" image inspect "$NODE_IMAGE" >/dev/null 2>&1; then
-    log "node image $NODE_IMAGE present"
-    rm -rf "$ctx"
-    return
-  fi
   log "building $NODE_IMAGE"
   DOCKER_BUILDKIT=1 nice -n 10 "$DOCKER" build -q -t "$NODE_IMAGE-base" \
     --build-arg "OS_IMAGE=$os" --build-arg "KUBERNETES_VERSION=$k8s_version" \
