@@ -84,7 +84,8 @@ test-unit: venv ## fast tier: pure logic, no servers (< 1 min)
 # the chart's tests (helm template runs) and a few small folders, and every
 # other folder (a new one lands there by itself).
 UNIT_A := $(addprefix tests/unit/,chart api stream tap usercli)
-UNIT_B := $(filter-out $(UNIT_A) tests/unit/__pycache__,$(patsubst %/,%,$(wildcard tests/unit/*/)))
+UNIT_B := $(filter-out $(UNIT_A) tests/unit/__pycache__,$(patsubst %/,%,$(wildcard tests/unit/*/))) \
+          $(wildcard tests/unit/test_*.py)
 test-unit-halves: test-unit-a test-unit-b
 test-unit-a: venv
 	$(PYTEST) $(UNIT_A)

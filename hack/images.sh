@@ -115,14 +115,19 @@ base_image() {
     # later): a few tries, further apart each time, before giving up.
     # Its whole output goes to a log, and on failure apt's own last words to
     # stderr: with --quiet a failed download only says "apt download failed".
-    local try log="$dir.tmp/mmdebstrap.log"
+    local try log="$dir.tmp/mmdebstrap.log" seen_missing=0
+    local missing="Unable to locate package|has no installation candidate|Couldn't find any package"
     for try in 1 2 3 4; do
       SOURCE_DATE_EPOCH=$epoch nice -n 10 mmdebstrap "${args[@]}" "$dir.tmp/rootfs.tar" >"$log" 2>&1 && break
       grep -E '^(E|W):|[Ee]rr(or)?[: ]|[Ff]ailed' "$log" | tail -n 20 | sed "s/^/images: mmdebstrap: /" >&2 || true
-      # A package that does not exist stays missing: no point waiting.
-      if grep -qE "Unable to locate package|has no installation candidate|Couldn't find any package" "$log"; then
-        echo "images: mmdebstrap of $name: a package of ($packages) is not in $suite (log: $log)" >&2
-        exit 1
+      # A package that does not exist stays missing: after the second try
+      # that says so (the first could be a bad index fetch), no more waiting.
+      if grep -qE "$missing" "$log"; then
+        if ((seen_missing)); then
+          echo "images: mmdebstrap of $name: a package of ($packages) is not in $suite (log: $log)" >&2
+          exit 1
+        fi
+        seen_missing=1
       fi
       if ((try == 4)); then
         echo "images: mmdebstrap of $name failed $try times; giving up (log: $log)" >&2

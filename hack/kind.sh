@@ -101,9 +101,11 @@ component_image() {
     if [[ -n "$entry" ]]; then echo "ENTRYPOINT [\"/usr/local/bin/$b\"]"; fi
   )"
   # Keyed by the binary's path, which names its build (each tool's cache
-  # directory is keyed by what it was built from): reading 100 MB binaries
-  # to hash them took seconds on every `up`.
-  local key; key="$(printf '%s\n%s\n' "$dockerfile" "${bin#"$cache"/}" | sha256sum | cut -c1-12)"
+  # directory is keyed by what it was built from), size and mtime: reading
+  # 100 MB binaries to hash them took seconds on every `up`.
+  local key
+  key="$(printf '%s\n%s %s\n' "$dockerfile" "${bin#"$cache"/}" "$(stat -c '%s %Y' "$bin")" |
+    sha256sum | cut -c1-12)"
   if [[ "$("$DOCKER" image inspect -f '{{index .Config.Labels "natsmesh.key"}}' "$ref" 2>/dev/null)" == "$key" ]]; then
     return
   fi
@@ -167,12 +169,14 @@ node_image() {
   for b in "${node_bins[@]}" "${cni_bins[@]}"; do bins+=("$(bin_of "$b")"); done
   # The key, without copying or reading the ~300 MB of binaries (seconds on
   # every `up`): their paths name them (each tool's cache directory is keyed
-  # by what it was built from), kind's base files and ours are hashed.
+  # by what it was built from), with size and mtime for a binary rebuilt in
+  # place; kind's base files and ours are hashed.
   local ids
   ids="$("$DOCKER" image inspect -f '{{.Id}}' "$os" "${COMPONENT_IMAGES[@]}" "${ADDON_IMAGES[@]}")"
   local key
   key="$( {
     printf '%s\n' "${bins[@]#"$cache"/}"
+    stat -c '%s %Y' "${bins[@]}"
     (cd "$kind_dir/images/base/files" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
     sha256sum "$here/kind/node.Dockerfile" | cut -d' ' -f1
     cri_base_json
@@ -300,12 +304,12 @@ addon_images() {
   ADDON_IMAGES=("$ROUTER_IMAGE" "$PATH_IMAGE" "$NATS_IMAGE")
 }
 
-# natsmesh's images, which change with every commit: loaded in one go (one
-# tar, imported into each node).
+# natsmesh's images, which change with every commit (and any images given):
+# loaded in one go (one tar, imported into each node).
 load_images() {
   "$here/images.sh" >&2
   local images; mapfile -t images < <("$here/images.sh" --print | tail -3)
-  "$(bin_of kind)" load docker-image --name "$name" "${images[@]}" >&2
+  "$(bin_of kind)" load docker-image --name "$name" "${images[@]}" "$@" >&2
 }
 
 kubectl_() { "$(bin_of kubectl)" --kubeconfig "$kubeconfig" "$@"; }
@@ -318,9 +322,13 @@ up() {
   flock 8
   node_image
   local kind_bin; kind_bin="$(bin_of kind)"
+  local extra=()
   if "$kind_bin" get clusters 2>/dev/null | grep -qx "$name"; then
     log "cluster $name exists"
     "$kind_bin" get kubeconfig --name "$name" >"$kubeconfig"
+    # Made from an older node image, it may lack this toolchain's add-on
+    # and NATS images (kind load skips the ones a node has).
+    extra=("${ADDON_IMAGES[@]}")
   else
     local start=$SECONDS
     kind_config >"$state/kind.yaml"
@@ -329,7 +337,7 @@ up() {
     log "cluster created in $((SECONDS - start))s"
   fi
   install_cni
-  load_images
+  load_images "${extra[@]}"
   kubectl_ wait --for=condition=Ready nodes --all --timeout=180s >&2
   # NetworkPolicy enforcement: kube-router's firewall on the ptp network.
   apply_addon kube-router.yaml "$ROUTER_IMAGE"

@@ -72,6 +72,8 @@ MOVE_CONNECT_SECONDS = 5.0
 #: step that does not finish in time is logged and the move carries on or
 #: backs out, it never holds the creds watch or the membership lock.
 MOVE_STEP_SECONDS = 5.0
+#: Longest wait before trying again to take up creds the server refused.
+CREDS_RETRY_MAX_SECONDS = 60.0
 #: Room kept for NATS headers when deciding 413 up front: the server counts
 #: headers and payload against max_payload together.
 HEADER_ROOM = 16 * 1024
@@ -470,7 +472,7 @@ class Sidecar:
                 box.append(nc)
                 return nc
             except Exception as exc:
-                why = exc or type(exc).__name__
+                why = str(exc) or type(exc).__name__
                 logger.warning("NATS connect to %s failed: %s", self.settings.nats_url, why)
                 if not retry:
                     return None
@@ -684,7 +686,7 @@ class Sidecar:
                 logger.error(
                     "%s: the new connection could not be set up (%s); keeping the current one",
                     why,
-                    exc or type(exc).__name__,
+                    str(exc) or type(exc).__name__,
                 )
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.close(), MOVE_STEP_SECONDS)
@@ -744,7 +746,8 @@ class Sidecar:
         try:
             await asyncio.wait_for(aw, within)
         except Exception as exc:
-            logger.warning("%s: %s failed (%s); carrying on", why, step, exc or type(exc).__name__)
+            reason = str(exc) or type(exc).__name__
+            logger.warning("%s: %s failed (%s); carrying on", why, step, reason)
 
     # -- tap ----------------------------------------------------------------------
 
@@ -865,6 +868,10 @@ class Sidecar:
         up; a take-up that failed is tried again at every poll."""
         last = _mtime(path)
         pending = False
+        # A take-up the server refused is tried again after `backoff`
+        # seconds, doubling up to a minute: each try is a connect of up to
+        # MOVE_CONNECT_SECONDS that the server logs as an auth failure.
+        backoff, retry_at = self.creds_poll, 0.0
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.creds_poll)
@@ -881,12 +888,15 @@ class Sidecar:
                     if self.creds is None or creds.jwt != self.creds.jwt:
                         self.creds = creds
                         self.permissions = creds.permissions
-                        pending = True
-            if pending:
+                        pending, backoff, retry_at = True, self.creds_poll, 0.0
+            if pending and time.monotonic() >= retry_at:
                 # The new JWT may admit other callers: the new connection
                 # serves exactly those. Not connected yet: the connect signs
                 # with the new creds.
                 pending = self.nc is not None and not await self._renew()
+                if pending:
+                    retry_at = time.monotonic() + backoff
+                    backoff = min(backoff * 2, CREDS_RETRY_MAX_SECONDS)
 
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)
@@ -1020,7 +1030,7 @@ async def _connect(options: dict[str, Any], within: float | None) -> Any:
     nc = NatsClient()
     try:
         await asyncio.wait_for(nc.connect(**options), within)
-    except Exception:
+    except BaseException:  # a cancelled connect (the sidecar stopping) too
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), MOVE_STEP_SECONDS)
         raise

@@ -278,7 +278,15 @@ class MeshReconciler:
         try:
             while True:
                 self._poked_again = False
-                if not await paused():
+                try:
+                    is_paused = await paused()
+                except Exception as exc:
+                    # As for an unreadable peering object: no pass (two
+                    # writers would be worse); the drift loop's next tick
+                    # repairs what the poke was about.
+                    logger.warning("a poke's pause check failed: %s", exc)
+                    return
+                if not is_paused:
                     self.ask()
                     return
                 if not self._poked_again:

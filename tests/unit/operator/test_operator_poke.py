@@ -99,3 +99,21 @@ async def test_without_peering_a_poke_asks_at_once() -> None:
     mesh.poke()
     assert asked == [1]
     assert peering.reads == 0
+
+
+async def test_a_failed_pause_check_asks_for_nothing_and_the_next_poke_checks_again() -> None:
+    reads = 0
+
+    async def broken() -> bool:
+        nonlocal reads
+        reads += 1
+        raise RuntimeError("peering unreadable")
+
+    mesh, asked = reconciler(Peering(False))
+    mesh.paused = broken
+    mesh.poke()
+    await settle()
+    assert (reads, asked) == (1, [])
+    mesh.poke()
+    await settle()
+    assert (reads, asked) == (2, [])
