@@ -88,7 +88,6 @@ kind_module_dir() {
   echo "$dir"
 }
 
-
 # component_image <ref> <binary> <from> [entrypoint]
 component_image() {
   local ref="$1" bin="$2" from="$3" entry="${4:-}"
@@ -119,7 +118,6 @@ component_image() {
 
 component_images() {
   local kubeadm; kubeadm="$(bin_of kubeadm)"
-  local proxy_os; proxy_os="$("$here/images.sh" --rootfs kind-cluster-os "$CLUSTER_OS_PACKAGES")"
   local ref n
   COMPONENT_IMAGES=()
   while read -r ref; do
@@ -127,7 +125,7 @@ component_images() {
     case "$n" in
       kube-apiserver | kube-controller-manager | kube-scheduler)
         component_image "$ref" "$(bin_of "$n")" scratch ;;
-      kube-proxy) component_image "$ref" "$(bin_of kube-proxy)" "$proxy_os" ;;
+      kube-proxy) component_image "$ref" "$(bin_of kube-proxy)" "$CLUSTER_OS" ;;
       etcd) component_image "$ref" "$(bin_of etcd)" scratch ;;
       coredns) component_image "$ref" "$(bin_of coredns)" scratch entry ;;
       pause) component_image "$ref" "$(bin_of pause)" scratch entry; PAUSE_IMAGE="$ref" ;;
@@ -159,6 +157,9 @@ node_image() {
   "$here/kind-tools.sh" >/dev/null
   docker_up
   local os; os="$("$here/images.sh" --rootfs kind-os "$NODE_OS_PACKAGES")"
+  # The cluster's one Debian base, which component_images and addon_images
+  # put kube-proxy, the add-ons and NATS on.
+  CLUSTER_OS="$("$here/images.sh" --rootfs kind-cluster-os "$CLUSTER_OS_PACKAGES")"
   component_images
   addon_images
   local kind_dir; kind_dir="$(kind_module_dir)"
@@ -192,8 +193,8 @@ node_image() {
   local ctx="$CLEANUP_DIR"
   cp -r "$kind_dir/images/base/files" "$ctx/files" && chmod -R u+w "$ctx/files"
   mkdir -p "$ctx/bin" "$ctx/cni"
-  for b in "${node_bins[@]}"; do cp "$(bin_of "$b")" "$ctx/bin/"; done
-  for b in "${cni_bins[@]}"; do cp "$(bin_of "$b")" "$ctx/cni/"; done
+  cp "${bins[@]:0:${#node_bins[@]}}" "$ctx/bin/"
+  cp "${bins[@]:${#node_bins[@]}}" "$ctx/cni/"
   cri_base_json >"$ctx/cri-base.json"
   cp "$here/kind/node.Dockerfile" "$ctx/Dockerfile"
   log "building $NODE_IMAGE"
@@ -280,8 +281,7 @@ addon_image() {
   mod="$(awk '$1 == "tool" {print $2}' "$here/tools/$module/go.mod")"
   v="$(awk -v m="$mod" 'index(m, $1) == 1 && $2 ~ /^v/ {print $2}' "$here/tools/$module/go.mod" | head -1)"
   local image="natsmesh/$bin:$v"
-  local os; os="$("$here/images.sh" --rootfs kind-cluster-os "$CLUSTER_OS_PACKAGES")"
-  component_image "$image" "$(bin_of "$bin")" "$os" entry
+  component_image "$image" "$(bin_of "$bin")" "$CLUSTER_OS" entry
   echo "$image"
 }
 
@@ -299,8 +299,7 @@ addon_images() {
   ROUTER_IMAGE="$(addon_image kuberouter kube-router)"
   PATH_IMAGE="$(addon_image localpath local-path-provisioner)"
   NATS_IMAGE="$(nats_image)"
-  local os; os="$("$here/images.sh" --rootfs kind-cluster-os "$CLUSTER_OS_PACKAGES")"
-  component_image "$NATS_IMAGE" "$(bin_of nats-server)" "$os"
+  component_image "$NATS_IMAGE" "$(bin_of nats-server)" "$CLUSTER_OS"
   ADDON_IMAGES=("$ROUTER_IMAGE" "$PATH_IMAGE" "$NATS_IMAGE")
 }
 

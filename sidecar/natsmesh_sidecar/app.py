@@ -559,13 +559,10 @@ class Sidecar:
             return
         async with self._membership:
             join = self._want_joined()
-            fast, serving = await self._serve_on(nc, join)
+            fast, serving, self._tap_sub, self.micro.subs[:] = await self._listen_on(nc, join)
             self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
             self.metrics.nats_connected.set(1)
-            await self.micro.start(nc)
-            self._tap_sub = await self._tap_listen(nc)
-            await nc.flush()
-            # Ready only once the server has our subscriptions.
+            # Ready only once the server has our subscriptions (flushed).
             self.joined = join
         logger.info(
             "connected to %s; %s",
@@ -599,18 +596,16 @@ class Sidecar:
                 return True
             nc = await self._open(retry=False)
             if nc is None:
-                # The old connection carries on (and re-signs with the new creds
-                # if the server ever drops it); the creds watch tries again.
                 logger.error(
                     "new creds: connecting with them failed; keeping the current connection"
                 )
-                self.metrics.creds_renewal_failures.inc()
-                return False
-            if not await self._move_to(nc, "creds renewed"):
-                self.metrics.creds_renewal_failures.inc()
-                return False
-            self.metrics.creds_renewals.inc()
-            return True
+            elif await self._move_to(nc, "creds renewed"):
+                self.metrics.creds_renewals.inc()
+                return True
+            # The old connection carries on (and re-signs with the new creds
+            # if the server ever drops it); the creds watch tries again.
+            self.metrics.creds_renewal_failures.inc()
+            return False
 
     def _on_lame_duck(self, nc: Any) -> None:
         """Our server entered lame duck mode (it is about to stop): move to
@@ -865,13 +860,14 @@ class Sidecar:
 
     async def _watch_creds(self, path: str) -> None:
         """Poll the mounted creds (Secrets update in place) and take new ones
-        up; a take-up that failed is tried again at every poll."""
+        up; a take-up that failed is tried again, less and less often."""
         last = _mtime(path)
-        pending = False
-        # A take-up the server refused is tried again after `backoff`
-        # seconds, doubling up to a minute: each try is a connect of up to
-        # MOVE_CONNECT_SECONDS that the server logs as an auth failure.
-        backoff, retry_at = self.creds_poll, 0.0
+        # When to take up the creds read last (None: taken up). A take-up
+        # the server refused is tried again after `backoff` seconds, doubling
+        # up to a minute: each try is a connect of up to MOVE_CONNECT_SECONDS
+        # that the server logs as an auth failure.
+        retry_at: float | None = None
+        backoff = self.creds_poll
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.creds_poll)
@@ -888,13 +884,14 @@ class Sidecar:
                     if self.creds is None or creds.jwt != self.creds.jwt:
                         self.creds = creds
                         self.permissions = creds.permissions
-                        pending, backoff, retry_at = True, self.creds_poll, 0.0
-            if pending and time.monotonic() >= retry_at:
+                        retry_at, backoff = 0.0, self.creds_poll
+            if retry_at is not None and time.monotonic() >= retry_at:
                 # The new JWT may admit other callers: the new connection
                 # serves exactly those. Not connected yet: the connect signs
                 # with the new creds.
-                pending = self.nc is not None and not await self._renew()
-                if pending:
+                if self.nc is None or await self._renew():
+                    retry_at = None
+                else:
                     retry_at = time.monotonic() + backoff
                     backoff = min(backoff * 2, CREDS_RETRY_MAX_SECONDS)
 

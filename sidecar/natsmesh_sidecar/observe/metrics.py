@@ -296,7 +296,7 @@ class Metrics:
             "creds_renewal_failures",
             "New creds not taken up (yet): the server refused them or the new connection"
             " could not be set up in time; the current connection carries on, tried again"
-            " at the next creds poll",
+            " after a backoff (up to a minute)",
             "counter",
         )
         self.lame_duck_moves = metric(

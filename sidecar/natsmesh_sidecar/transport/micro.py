@@ -63,12 +63,10 @@ class MicroService:
             ]
         return out
 
-    async def start(self, nc: Any) -> None:
-        self.subs += await self.subscribe(nc)
-
     async def subscribe(self, nc: Any) -> list[Any]:
-        """The service's subscriptions on ``nc``, not yet its own (a
-        connection being moved to takes them over once it is set up)."""
+        """The service's subscriptions on ``nc``; the caller makes them
+        :attr:`subs` once the connection is set up (a connection being moved
+        to takes them over only then)."""
         subs = []
         for subject in self.subjects():
             verb = subject.split(".")[1]
