@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import aiohttp
@@ -41,14 +42,19 @@ FINALIZER = "natsmesh.io/finalizer"
 EXIT_BACKOFFS = (0.5,)
 
 
+def request_stop(settings: kopf.OperatorSettings, stop: asyncio.Event) -> None:
+    """Stop kopf through ``stop`` (the flag ``kopf.run`` was given), with
+    :data:`EXIT_BACKOFFS` for the API calls still to come."""
+    settings.networking.error_backoffs = EXIT_BACKOFFS
+    stop.set()
+
+
 def stop_on_sigterm(settings: kopf.OperatorSettings, stop: asyncio.Event) -> None:
-    """Take SIGTERM over from kopf's handler: stop kopf through ``stop``
-    (the flag ``kopf.run`` was given) with :data:`EXIT_BACKOFFS`."""
+    """Take SIGTERM over from kopf's handler: :func:`request_stop`."""
 
     def on_sigterm() -> None:
         logger.info("SIGTERM: stopping (API errors are retried once from now on)")
-        settings.networking.error_backoffs = EXIT_BACKOFFS
-        stop.set()
+        request_stop(settings, stop)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
 
@@ -83,29 +89,48 @@ def bounded_session(info: kopf.ConnectionInfo, limit: int) -> kopf.AiohttpSessio
     )
 
 
-class BoundedLogin:
-    """One bounded session per credentials (:func:`bounded_session`).
+class ApiLogin:
+    """kopf's login: one session per credentials, a stop when they are refused.
 
-    kopf logs in again after a 401 and keeps credentials it has seen fail
-    out of use (it compares them with the last few invalidated ones); if
-    they are all that is left, the API call fails with ``LoginError`` and
-    the operator stops. A new session object for the same token every time
-    defeated that comparison: after ``helm uninstall`` deleted the service
-    account, its token got 401s and the operator logged in again ~100 times
-    a second until the kubelet's SIGKILL. The same token therefore gets the
-    same session back; a new token (a rotated projected token) a new one.
+    kopf logs in again only once every credential it holds got a 401, and
+    keeps credentials equal to ones that just failed out of use (it compares
+    them with the last few invalidated ones): if they are all that is left,
+    API calls fail with ``LoginError``. Two consequences for a login:
+
+    - The same token must give the same session back (:func:`bounded_session`
+      makes a new object each time). A new session per login defeated the
+      comparison: after ``helm uninstall`` deleted the service account, its
+      token got 401s and the operator logged in again ~100 times a second
+      until the kubelet's SIGKILL.
+    - A login that reads the same token again means the API server refused
+      it, and nothing this process does will change that. kopf would go on
+      retrying every object's handlers once a second, each retry a new 401
+      and a new re-login; ``on_refused`` stops the operator instead, and the
+      pod restarts with the token the kubelet mounts then. A rotated token
+      (a new projected one) is a new login, not a refusal.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._last: tuple[kopf.ConnectionInfo, kopf.AiohttpSession] | None = None
+        """At most this many API connections (0: kopf's own, unbounded)."""
+        self._last: tuple[kopf.ConnectionInfo, kopf.ConnectionInfo | kopf.AiohttpSession] | None
+        self._last = None
 
-    def session(self, info: kopf.ConnectionInfo) -> kopf.AiohttpSession:
+    def login(
+        self, info: kopf.ConnectionInfo | None, on_refused: Callable[[], None]
+    ) -> kopf.ConnectionInfo | kopf.AiohttpSession | None:
+        if info is None:
+            return None
         if self._last is not None and self._last[0] == info:
+            logger.error(
+                "the API server refused the operator's credentials (401) and no new ones"
+                " were found: stopping, to start again with the ones mounted then"
+            )
+            on_refused()
             return self._last[1]
-        session = bounded_session(info, self.limit)
-        self._last = (info, session)
-        return session
+        credentials = bounded_session(info, self.limit) if self.limit else info
+        self._last = (info, credentials)
+        return credentials
 
 
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
@@ -144,16 +169,17 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await from_memo(memo).stop()
 
-    bounded = BoundedLogin(api_connection_limit(settings))
+    api_login = ApiLogin(api_connection_limit(settings))
 
     @kopf.on.login(registry=registry)
-    async def login(**kwargs: Any) -> kopf.ConnectionInfo | kopf.AiohttpSession | None:
+    async def login(
+        settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any
+    ) -> kopf.ConnectionInfo | kopf.AiohttpSession | None:
         # No Kubernetes client library is installed (lightkube is ours), so
         # kopf's own minimal login: the pod's service account, else KUBECONFIG.
-        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-        if info is None or not bounded.limit:
-            return info
-        return bounded.session(info)
+        found = kopf.login_with_service_account(settings=settings, **kwargs)
+        info = found or kopf.login_with_kubeconfig(settings=settings, **kwargs)
+        return api_login.login(info, on_refused=lambda: request_stop(settings, memo.stop))
 
     service.register(registry, settings)
     route.register(registry, settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import kopf
 
-from natsmesh_operator.main import BoundedLogin, api_connection_limit, bounded_session
+from natsmesh_operator.main import ApiLogin, api_connection_limit, bounded_session
 from natsmesh_operator.settings import OperatorSettings
 
 
@@ -36,22 +36,38 @@ async def test_bounded_session_keeps_the_credentials() -> None:
         await ctx.aiohttp_session.close()
 
 
+def info(token: str) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(server="https://127.0.0.1:6443", token=token, insecure=True)
+
+
 async def test_the_same_token_gets_the_same_session_so_kopf_can_tell_it_failed() -> None:
     """kopf drops credentials equal to ones that just got a 401; a fresh
     session per login made them look new and re-login spin forever."""
-
-    def info(token: str) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server="https://127.0.0.1:6443", token=token, insecure=True)
-
-    login = BoundedLogin(5)
-    first = login.session(info("t0ken"))
-    again = login.session(info("t0ken"))
-    rotated = login.session(info("r0tated"))
+    refusals: list[str] = []
+    login = ApiLogin(5)
+    first = login.login(info("t0ken"), lambda: refusals.append("t0ken"))
+    assert refusals == []
+    # kopf asks again only after a 401 for every credential it holds.
+    again = login.login(info("t0ken"), lambda: refusals.append("t0ken"))
+    assert refusals == ["t0ken"]
+    rotated = login.login(info("r0tated"), lambda: refusals.append("r0tated"))
+    assert refusals == ["t0ken"]
+    assert isinstance(first, kopf.AiohttpSession)
+    assert isinstance(rotated, kopf.AiohttpSession)
     try:
-        assert again == first
-        assert again.aiohttp_session is first.aiohttp_session
+        assert again is first
         assert rotated != first
         assert rotated.aiohttp_session.headers["Authorization"] == "Bearer r0tated"
     finally:
         await first.aiohttp_session.close()
         await rotated.aiohttp_session.close()
+
+
+def test_unbounded_logins_hand_kopf_the_credentials_and_stop_on_a_refusal() -> None:
+    refusals: list[str] = []
+    login = ApiLogin(0)
+    assert login.login(None, lambda: refusals.append("none")) is None
+    assert login.login(info("t0ken"), lambda: refusals.append("t0ken")) == info("t0ken")
+    assert login.login(info("r0tated"), lambda: refusals.append("r0tated")) == info("r0tated")
+    assert login.login(info("r0tated"), lambda: refusals.append("again")) == info("r0tated")
+    assert refusals == ["again"]
