@@ -125,7 +125,13 @@ class Sidecar:
         self.permissions = permissions.Permissions.allow_all()
         self.nc: Any = None
         self.fast: FastPath | None = None
+        #: The grant of the connection in use: what it serves, what the
+        #: metrics show, what ``permissions`` says it may call.
         self.creds: permissions.Creds | None = None
+        #: The newest creds read: what a connect signs with (a reconnect of the
+        #: current connection too). Ahead of ``creds`` while a take-up is
+        #: pending, e.g. after the server refused them.
+        self.signing_creds: permissions.Creds | None = None
         self.kv_watch: KvWatch | None = None
         #: Policies of our namespace's services, read on first call (KV mode only).
         self.targets: TargetCache | None = None
@@ -362,7 +368,7 @@ class Sidecar:
         s = self.settings
         accesslog.setup(self.access_log)
         if s.creds_file:
-            self.creds = permissions.Creds.read(s.creds_file)
+            self.creds = self.signing_creds = permissions.Creds.read(s.creds_file)
             self.permissions = self.creds.permissions
             self.micro.reply_prefix = subjects.OPERATOR_INBOX_ROOT + "."
         if self._static_table is None and s.table_file:
@@ -450,7 +456,7 @@ class Sidecar:
             # The user may only read replies under its own inbox prefix.
             "inbox_prefix": subjects.inbox_prefix(s.service),
         }
-        if self.creds is not None:
+        if self.signing_creds is not None:
             # Signed from the in-memory copy checked when the file was read.
             opts["user_jwt_cb"] = self._user_jwt
             opts["signature_cb"] = self._sign
@@ -480,16 +486,18 @@ class Sidecar:
                     await asyncio.wait_for(self._stop.wait(), 0.5)
         return None
 
-    async def _serve_on(self, nc: Any, join: bool) -> tuple[FastPath, dict[str, Any]]:
+    async def _serve_on(
+        self, nc: Any, join: bool, creds: permissions.Creds | None
+    ) -> tuple[FastPath, dict[str, Any]]:
         """A fast path on ``nc``, subscribed to our requests if ``join``."""
         fast = FastPath(nc)
         await fast.start(subjects.inbox_prefix(self.settings.service))
-        return fast, await self._subscribe(fast) if join else {}
+        return fast, await self._subscribe(fast, creds) if join else {}
 
-    async def _subscribe(self, fast: FastPath) -> dict[str, Any]:
+    async def _subscribe(self, fast: FastPath, creds: permissions.Creds | None) -> dict[str, Any]:
         return {
             subject: await fast.subscribe(subject, queue, self._on_request)
-            for subject, queue in self._serve_wanted().items()
+            for subject, queue in self._serve_wanted(creds).items()
         }
 
     # -- queue-group membership ---------------------------------------------------
@@ -526,7 +534,7 @@ class Sidecar:
             if fast is None:
                 return  # the connect loop joins once connected
             if self._want_joined() and not self.joined:
-                serving = await self._subscribe(fast)
+                serving = await self._subscribe(fast, self.creds)
                 # Joined once the server has the subscriptions (a reconnect
                 # in between resends them: nats-py keeps them).
                 with contextlib.suppress(Exception):
@@ -559,8 +567,15 @@ class Sidecar:
             return
         async with self._membership:
             join = self._want_joined()
-            fast, serving, self._tap_sub, self.micro.subs[:] = await self._listen_on(nc, join)
+            # What the connect signed with (newer creds read meanwhile sign
+            # the next connect, and are taken up by the creds watch).
+            creds = self.signing_creds
+            listening = await self._listen_on(nc, join, creds)
+            fast, serving, self._tap_sub, self.micro.subs[:] = listening
             self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
+            self.creds = creds
+            if creds is not None:
+                self.permissions = creds.permissions
             self.metrics.nats_connected.set(1)
             # Ready only once the server has our subscriptions (flushed).
             self.joined = join
@@ -594,12 +609,13 @@ class Sidecar:
         async with self._moving:
             if self.nc is None or self.draining:
                 return True
+            creds = self.signing_creds
             nc = await self._open(retry=False)
             if nc is None:
                 logger.error(
                     "new creds: connecting with them failed; keeping the current connection"
                 )
-            elif await self._move_to(nc, "creds renewed"):
+            elif await self._move_to(nc, "creds renewed", creds):
                 self.metrics.creds_renewals.inc()
                 return True
             # The old connection carries on (and re-signs with the new creds
@@ -621,13 +637,15 @@ class Sidecar:
         async with self._moving:
             if self.nc is not old_nc or self.draining:
                 return  # moved already (a renewal, an earlier notice)
+            creds = self.signing_creds  # what the new connection signs with
             nc = await self._open_elsewhere(old_nc, netloc, server_id)
             if nc is None:
                 # The server drops us at the end of its grace period; the
                 # connection then reconnects elsewhere by itself.
                 logger.error("no other NATS server reachable; staying until dropped")
                 return
-            if await self._move_to(nc, f"left lame-duck server {netloc}"):
+            moved = await self._move_to(nc, f"left lame-duck server {netloc}", creds)
+            if moved:
                 self.metrics.lame_duck_moves.inc()
 
     async def _open_elsewhere(self, old_nc: Any, netloc: str, server_id: str | None) -> Any:
@@ -657,9 +675,10 @@ class Sidecar:
                 await nc.close()
         return None
 
-    async def _move_to(self, nc: Any, why: str) -> bool:
-        """Make before break onto ``nc``: it subscribes like the current
-        connection (same queue groups, so both share the load meanwhile); new
+    async def _move_to(self, nc: Any, why: str, creds: permissions.Creds | None) -> bool:
+        """Make before break onto ``nc``, signed with ``creds``: it subscribes
+        like the current connection, for what ``creds`` grant (same queue
+        groups, so both share the load meanwhile); new
         calls go out on it; then the old one stops hearing requests, its calls
         in flight get their answers (bounded by the longest route timeout),
         its event deliveries in hand finish, and it closes.
@@ -675,7 +694,7 @@ class Sidecar:
             old_serving, join = self.serving, self._want_joined()
             try:
                 fast, serving, tap_sub, micro_subs = await asyncio.wait_for(
-                    self._listen_on(nc, join), MOVE_STEP_SECONDS
+                    self._listen_on(nc, join, creds), MOVE_STEP_SECONDS
                 )
             except Exception as exc:
                 logger.error(
@@ -693,6 +712,9 @@ class Sidecar:
             self._tap_sub = tap_sub
             self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
             self.joined = join
+            self.creds = creds
+            if creds is not None:
+                self.permissions = creds.permissions
         self.metrics.nats_connected.set(1)
         logger.info("%s: new connection serving %s; draining the old", why, sorted(serving))
         # Bounded by their own timeouts (a flush, a 2 s direct get): waited
@@ -724,13 +746,14 @@ class Sidecar:
         return True
 
     async def _listen_on(
-        self, nc: Any, join: bool
+        self, nc: Any, join: bool, creds: permissions.Creds | None
     ) -> tuple[FastPath, dict[str, Any], Any, list[Any]]:
-        """What the current connection listens to, on ``nc`` too, confirmed by
-        the server (flush): fast path, request subscriptions, micro, tap."""
-        fast, serving = await self._serve_on(nc, join)
+        """What the current connection listens to, on ``nc`` too, for what
+        ``creds`` grant, confirmed by the server (flush): fast path, request
+        subscriptions, micro, tap."""
+        fast, serving = await self._serve_on(nc, join, creds)
         micro_subs = await self.micro.subscribe(nc)
-        tap_sub = await self._tap_listen(nc)
+        tap_sub = await self._tap_listen(nc, creds)
         await nc.flush()
         return fast, serving, tap_sub, micro_subs
 
@@ -746,13 +769,13 @@ class Sidecar:
 
     # -- tap ----------------------------------------------------------------------
 
-    async def _tap_listen(self, nc: Any) -> Any:
+    async def _tap_listen(self, nc: Any, creds: permissions.Creds | None) -> Any:
         """The one idle subscription tapping costs: our tap control subject
-        (every replica, no queue group), if the JWT allows it."""
+        (every replica, no queue group), if ``creds`` allow it."""
         s = self.settings
         subject = subjects.tap_control(s.namespace, s.service)
-        if self.creds is not None and not any(
-            subjects.subject_matches(p.split(" ")[0], subject) for p in self.creds.subscribe
+        if creds is not None and not any(
+            subjects.subject_matches(p.split(" ")[0], subject) for p in creds.subscribe
         ):
             return None  # creds from an operator without tap
         try:
@@ -795,10 +818,10 @@ class Sidecar:
         """The account whose key signs our route tables (None: a dev server, no creds)."""
         return self.creds.account if self.creds is not None else None
 
-    def _serve_wanted(self) -> dict[str, str]:
-        """Request subscriptions: exactly the callers the JWT lets us hear."""
-        if self.creds is not None:
-            return dict(subjects.serve_subjects(self.creds.subscribe, self.subject))
+    def _serve_wanted(self, creds: permissions.Creds | None) -> dict[str, str]:
+        """Request subscriptions: exactly the callers ``creds`` let us hear."""
+        if creds is not None:
+            return dict(subjects.serve_subjects(creds.subscribe, self.subject))
         # No creds (a dev server without accounts): every caller.
         return {f"{self.subject}.*.*": subjects.queue_group(self.settings.service)}
 
@@ -851,12 +874,12 @@ class Sidecar:
         return found
 
     def _user_jwt(self) -> bytearray:
-        assert self.creds is not None
-        return self.creds.user_jwt()
+        assert self.signing_creds is not None
+        return self.signing_creds.user_jwt()
 
     def _sign(self, nonce: str) -> bytes:
-        assert self.creds is not None
-        return self.creds.sign(nonce)
+        assert self.signing_creds is not None
+        return self.signing_creds.sign(nonce)
 
     async def _watch_creds(self, path: str) -> None:
         """Poll the mounted creds (Secrets update in place) and take new ones
@@ -881,9 +904,12 @@ class Sidecar:
                         "new creds at %s unreadable (%s); keeping the current ones", path, exc
                     )
                 else:
-                    if self.creds is None or creds.jwt != self.creds.jwt:
-                        self.creds = creds
-                        self.permissions = creds.permissions
+                    newest = self.signing_creds
+                    if newest is None or creds.jwt != newest.jwt:
+                        self.signing_creds = creds
+                        if self.nc is None:
+                            # Not connected yet: the connect takes these up.
+                            self.creds, self.permissions = creds, creds.permissions
                         retry_at, backoff = 0.0, self.creds_poll
             if retry_at is not None and time.monotonic() >= retry_at:
                 # The new JWT may admit other callers: the new connection

@@ -406,6 +406,9 @@ async def test_creds_the_server_refuses_leave_the_current_connection_serving(
     gateway = jwt_mesh.gateway
     old_key, refused_key = ring.rotate_user(NS, "gateway")
     assert old_key is not None
+    in_use = gateway.creds
+    assert in_use is not None
+    await asyncio.sleep(1.1)  # a JWT's iat is in seconds: the refused one's is later
     refused = users.issue(jwt_mesh.plan.user(NS, "gateway"), ring.account(NS), user_key=refused_key)
     await jwt_mesh.apply(
         jwt_mesh.plan, revocations={NS: {refused_key.public: int(time.time()) + 1}}
@@ -424,6 +427,15 @@ async def test_creds_the_server_refuses_leave_the_current_connection_serving(
     )
     assert metric(gateway, "natsmesh_sidecar_creds_renewals_total") == renewals
     assert connected_user(jwt_mesh, name) == old_key.public
+    # Read but not in use: the next connect signs with them, while the grant,
+    # the permissions and the metrics stay those of the connection serving.
+    issued = metric(gateway, "natsmesh_sidecar_creds_issued_timestamp_seconds")
+    assert issued == in_use.issued, (issued, in_use.issued)
+    assert gateway.creds is in_use
+    assert gateway.permissions is in_use.permissions
+    signing = gateway.signing_creds
+    assert signing is not None
+    assert signing.jwt == refused.jwt
 
     # The operator's next creds for the key in use: taken up, make before break.
     good = users.issue(jwt_mesh.plan.user(NS, "gateway"), ring.account(NS), user_key=old_key)
@@ -433,6 +445,10 @@ async def test_creds_the_server_refuses_leave_the_current_connection_serving(
         10,
         "the good creds taken up",
     )
+    assert gateway.creds is gateway.signing_creds
+    assert gateway.creds is not None
+    assert gateway.creds.jwt != in_use.jwt
+    assert metric(gateway, "natsmesh_sidecar_creds_issued_timestamp_seconds") > in_use.issued
     await asyncio.sleep(0.3)
     await load.finish()
     failed = [(t, s, b) for t, s, b in load.results if s != 200]
