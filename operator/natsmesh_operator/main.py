@@ -106,8 +106,11 @@ class ApiLogin:
       it, and nothing this process does will change that. kopf would go on
       retrying every object's handlers once a second, each retry a new 401
       and a new re-login; ``on_refused`` stops the operator instead, and the
-      pod restarts with the token the kubelet mounts then. A rotated token
-      (a new projected one) is a new login, not a refusal.
+      restarted container reads the token mounted then (a refreshed
+      projected one; a deleted service account's stays refused, as it
+      should, until the pod goes). A rotated token is a new login, not a
+      refusal. kopf also logs in again when a session was closed under it
+      (``APISessionClosed``): a restart is the cure for that too.
     """
 
     def __init__(self, limit: int) -> None:
@@ -123,8 +126,8 @@ class ApiLogin:
             return None
         if self._last is not None and self._last[0] == info:
             logger.error(
-                "the API server refused the operator's credentials (401) and no new ones"
-                " were found: stopping, to start again with the ones mounted then"
+                "the operator's credentials failed (a 401, or a closed session) and no new"
+                " ones were found: stopping, to start again with the ones mounted then"
             )
             on_refused()
             return self._last[1]

@@ -562,14 +562,16 @@ class Sidecar:
     async def _connect_loop(self) -> None:
         """Connect, then subscribe everything."""
         s = self.settings
+        # Labelled with the creds read before connecting: if newer ones come
+        # while it retries, the connect may sign with those, and the creds
+        # watch, which waits for a connection, then moves to a connection
+        # labelled right (one move too many, never a grant mislabelled as newer).
+        creds = self.signing_creds
         nc = await self._open()
         if nc is None:
             return
         async with self._membership:
             join = self._want_joined()
-            # What the connect signed with (newer creds read meanwhile sign
-            # the next connect, and are taken up by the creds watch).
-            creds = self.signing_creds
             listening = await self._listen_on(nc, join, creds)
             fast, serving, self._tap_sub, self.micro.subs[:] = listening
             self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
@@ -607,9 +609,11 @@ class Sidecar:
         (see :meth:`_move_to`). A forced reconnect instead failed every call
         in flight and every call of the gap. False: not taken up (yet)."""
         async with self._moving:
+            creds = self.signing_creds
             if self.nc is None or self.draining:
                 return True
-            creds = self.signing_creds
+            if creds is None or (self.creds is not None and self.creds.jwt == creds.jwt):
+                return True  # in use already (the connect took them, or the file came back)
             nc = await self._open(retry=False)
             if nc is None:
                 logger.error(
@@ -907,15 +911,13 @@ class Sidecar:
                     newest = self.signing_creds
                     if newest is None or creds.jwt != newest.jwt:
                         self.signing_creds = creds
-                        if self.nc is None:
-                            # Not connected yet: the connect takes these up.
-                            self.creds, self.permissions = creds, creds.permissions
                         retry_at, backoff = 0.0, self.creds_poll
-            if retry_at is not None and time.monotonic() >= retry_at:
+            # Not connected yet: the take-up waits for the connection (which
+            # may have signed with older creds; see _connect_loop).
+            if retry_at is not None and time.monotonic() >= retry_at and self.nc is not None:
                 # The new JWT may admit other callers: the new connection
-                # serves exactly those. Not connected yet: the connect signs
-                # with the new creds.
-                if self.nc is None or await self._renew():
+                # serves exactly those.
+                if await self._renew():
                     retry_at = None
                 else:
                     retry_at = time.monotonic() + backoff

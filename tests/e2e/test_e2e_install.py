@@ -166,6 +166,10 @@ spec: {{selector: {{matchLabels: {{app: {name}}}}}, port: 8080}}
     )
     defaults.kubectl("delete", "serviceaccount", account, "-n", ns)
 
+    def refused() -> bool:
+        texts = (c.log_path.read_text(errors="replace") for c in operators)
+        return any("the operator's credentials failed" in t for t in texts)
+
     def token_refused() -> bool:
         # The webhook validates with the operator's token too: once the API
         # server refuses that token (it caches a good one for a few seconds),
@@ -176,12 +180,13 @@ spec: {{selector: {{matchLabels: {{app: {name}}}}}, port: 8080}}
         )
         return "could not validate" in dry.stderr
 
-    defaults.wait_for("the API server to refuse the operator's token", token_refused, timeout=30)
+    # A kopf call may meet the 401 first and stop the operator, webhook and all.
+    defaults.wait_for(
+        "the API server to refuse the operator's token",
+        lambda: refused() or token_refused(),
+        timeout=30,
+    )
     defaults.kubectl("delete", *probe_ref, "--wait=false")
-
-    def refused() -> bool:
-        texts = (c.log_path.read_text(errors="replace") for c in operators)
-        return any("refused the operator's credentials" in t for t in texts)
 
     defaults.wait_for("the operator to stop on its refused token", refused, timeout=30)
     out = defaults.uninstall()
@@ -199,13 +204,14 @@ spec: {{selector: {{matchLabels: {{app: {name}}}}}, port: 8080}}
     assert sim.killed == killed_before, sim.killed
     # The first re-login that reads the refused token again stops the
     # operator (main.ApiLogin); before, every object's handler retry (once a
-    # second) was one more 401 and one more re-login until the SIGTERM. At
-    # most two per run of the process: a consumer already past its 401 when
-    # the stop begins may still ask once. (Exited, the kubelet restarts it.)
+    # second) was one more 401 and one more re-login until the SIGTERM, and
+    # before that ~100 a second. A few per run of the process: every request
+    # already in flight on the refused session may still ask once (1 was
+    # seen). (Exited, the kubelet restarts it.)
     for c in operators:
         text = c.log_path.read_text(errors="replace")
         logins = text.count("Re-authentication has been initiated")
-        assert logins <= 2 * (1 + c.restarts), f"{c.log_path}: {logins} re-authentications"
+        assert logins <= 5 * (1 + c.restarts), f"{c.log_path}: {logins} re-authentications"
     # No operator is left to remove the probe's finalizer.
     defaults.kubectl("patch", *probe_ref, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
     defaults.kubectl("wait", "--for=delete", *probe_ref, "--timeout=20s")
