@@ -93,7 +93,7 @@ test-unit-b: venv
 	$(PYTEST) $(UNIT_B)
 
 test-integration: venv tools ## real nats-server and real kube-apiserver
-	hack/with-cluster.sh $(PYTEST) tests/integration
+	hack/with-cluster.sh hack/with-docker.sh $(PYTEST) tests/integration
 
 test-security: venv tools ## each known attack against real servers: it fails, the legitimate call beside it works
 	hack/with-cluster.sh $(PYTEST) tests/security

@@ -15,8 +15,10 @@ images; warm, it only asks Docker's layer cache. Then:
   file cache, as the kubelet counts it; and RSS), idle and after a burst, and
   written to ``.work/measurements/sidecar-container.json``.
 
-Skipped only when Docker is not installed; an installed engine that is not
-running is started by hack/docker.sh.
+Skipped only when Docker is not installed and cannot be; ``make
+test-integration`` runs the tier through hack/with-docker.sh, which starts an
+engine that is not running (installing Debian's docker.io if missing) and
+stops afterwards the one it started.
 """
 
 from __future__ import annotations
