@@ -574,13 +574,8 @@ class Sidecar:
             join = self._want_joined()
             listening = await self._listen_on(nc, join, creds)
             fast, serving, self._tap_sub, self.micro.subs[:] = listening
-            self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
-            self.creds = creds
-            if creds is not None:
-                self.permissions = creds.permissions
-            self.metrics.nats_connected.set(1)
             # Ready only once the server has our subscriptions (flushed).
-            self.joined = join
+            self._use(nc, fast, serving, join, creds)
         logger.info(
             "connected to %s; %s",
             s.nats_url,
@@ -714,12 +709,7 @@ class Sidecar:
             if self._tap_sub is not None:
                 old_micro.append(self._tap_sub)
             self._tap_sub = tap_sub
-            self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
-            self.joined = join
-            self.creds = creds
-            if creds is not None:
-                self.permissions = creds.permissions
-        self.metrics.nats_connected.set(1)
+            self._use(nc, fast, serving, join, creds)
         logger.info("%s: new connection serving %s; draining the old", why, sorted(serving))
         # Bounded by their own timeouts (a flush, a 2 s direct get): waited
         # for, not cut short, or the new connection would miss table updates.
@@ -748,6 +738,23 @@ class Sidecar:
         logger.info("%s: old connection closed, %.2fs after the new one opened", why,
                     time.monotonic() - started)  # fmt: skip
         return True
+
+    def _use(
+        self,
+        nc: Any,
+        fast: FastPath,
+        serving: dict[str, Any],
+        join: bool,
+        creds: permissions.Creds | None,
+    ) -> None:
+        """Make ``nc``, set up by :meth:`_listen_on`, the connection in use, with
+        the grant of ``creds`` (under the membership lock)."""
+        self.nc, self.fast, self.serving, self._js = nc, fast, serving, None
+        self.joined = join
+        self.creds = creds
+        if creds is not None:
+            self.permissions = creds.permissions
+        self.metrics.nats_connected.set(1)
 
     async def _listen_on(
         self, nc: Any, join: bool, creds: permissions.Creds | None
