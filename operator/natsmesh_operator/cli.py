@@ -45,6 +45,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: Commands that reach NATS over TCP/TLS: started without nats-py's websocket
+#: transport (aiohttp), a third of their start-up; a websocket URL brings it
+#: back when it is connected to (natsmesh_sidecar.natsload).
+LEAN_NATS = frozenset({"bootstrap", "check", "status", "tap", "analyze"})
+
+
 def usage() -> str:
     lines = ["usage: natsmesh <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
@@ -61,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"natsmesh: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
+    if name in LEAN_NATS:
+        from natsmesh_sidecar import natsload
+
+        natsload.without_websocket_transport()
     func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
     if name == "operator":
         # After the imports: traced, they took 35x the CPU (44.5 s against

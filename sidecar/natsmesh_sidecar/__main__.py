@@ -16,6 +16,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from natsmesh_sidecar import natsload
+
 if TYPE_CHECKING:
     from natsmesh_sidecar.app import Sidecar
 
@@ -38,9 +40,7 @@ class _JsonFormatter(logging.Formatter):
 def _block_websocket_deps(nats_url: str) -> None:
     if "ws://" in nats_url or "wss://" in nats_url:
         return
-    # ``None`` in sys.modules makes ``import aiohttp`` raise ImportError, which
-    # nats.aio.transport handles by disabling only the websocket transport.
-    sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
+    natsload.without_websocket_transport()
 
 
 def _import_nats_without_metadata() -> None:

@@ -53,7 +53,7 @@ from natsmesh_operator.wiring.jetstream import (
 from natsmesh_operator.wiring.keys import Key, KeyRing, Role
 from natsmesh_operator.wiring.plan import MeshPlan
 from natsmesh_operator.wiring.users import managed_user_nats
-from natsmesh_sidecar import signing, subjects
+from natsmesh_sidecar import natsload, signing, subjects
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ async def connect_creds(url: str | list[str], creds: str, **kwargs: Any) -> NATS
     # A comma-separated list too (as nats-server and the nats CLI take it):
     # the servers of a cluster without one Service in front of them.
     servers = url if isinstance(url, list) else [u.strip() for u in url.split(",") if u.strip()]
+    natsload.websocket_transport_for(servers)
     options: dict[str, Any] = {
         "allow_reconnect": False,
         "max_reconnect_attempts": 1,
