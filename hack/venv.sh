@@ -28,19 +28,31 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
 start=$SECONDS
-[[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
 pip() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
 # uv's own pin, cut from the lock: one requirement with its hashes.
 uv_req="$(mktemp)"
 trap 'rm -f "$uv_req"' EXIT
 awk '/^uv==/ {p = 1} p {print} p && !/\\$/ {exit}' "$repo/requirements/dev.txt" >"$uv_req"
-if [[ -s "$uv_req" ]] && pip --require-hashes -r "$uv_req"; then
-  uv=("$venv/bin/uv" pip install -q --python "$venv/bin/python" --compile-bytecode)
+# uv itself is kept under ~/.cache/natsmesh, keyed by its pin: a venv made
+# with uv needs no pip of its own (ensurepip and installing uv were ~10 s of
+# every fresh clone's ~25).
+uv_dir="${NATSMESH_CACHE:-$HOME/.cache/natsmesh}/uv-$(sha256sum "$uv_req" | cut -c1-12)"
+if [[ -s "$uv_req" && ! -x "$uv_dir/bin/uv" ]]; then
+  tmp="$uv_dir.tmp.$$"
+  "$python" -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+    --require-hashes --target "$tmp" -r "$uv_req" && mv -T "$tmp" "$uv_dir" 2>/dev/null
+  rm -rf "$tmp"
+fi
+if [[ -x "$uv_dir/bin/uv" ]]; then
+  [[ -x "$venv/bin/python" ]] || "$python" -m venv --without-pip "$venv"
+  uv=("$uv_dir/bin/uv" pip install -q --python "$venv/bin/python" --compile-bytecode)
   "${uv[@]}" --require-hashes -r "$repo/requirements/build.txt" -r "$repo/requirements/dev.txt"
   # The project itself: editable, no dependency resolution (the lock did that).
   "${uv[@]}" --no-build-isolation --no-deps -e "$repo"
 else
   echo "venv: uv is not installable, falling back to pip" >&2
+  [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip --version >/dev/null 2>&1 || "$venv/bin/python" -m ensurepip -q
   pip --require-hashes -r "$repo/requirements/build.txt"
   pip --require-hashes -r "$repo/requirements/dev.txt"
   pip --no-build-isolation --no-deps -e "$repo"
