@@ -67,10 +67,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-all_bin_dirs() { "$here/tools.sh" --print; "$here/kind-tools.sh" --print; }
+# The tools' directories, asked once per run (here, not in bin_of: that runs
+# in $(...) subshells): each ask hashes the tools' sources, and bin_of is
+# called ~25 times by a warm `up`.
+_bin_dirs="$("$here/tools.sh" --print; "$here/kind-tools.sh" --print)"
+all_bin_dirs() { echo "$_bin_dirs"; }
 bin_of() {
   local d
-  for d in $(all_bin_dirs); do
+  for d in $_bin_dirs; do
     if [[ -x "$d/$1" ]]; then echo "$d/$1"; return; fi
   done
   log "$1 is not built (hack/tools.sh, hack/kind-tools.sh)"
@@ -240,6 +244,9 @@ kubeadmConfigPatches:
 - |
   kind: KubeletConfiguration
   failCgroupV1: false
+  # Ready is reported on the kubelet's next status update after the CNI
+  # config lands (install_cni): every 10 s by default, ~15 s of every up.
+  nodeStatusUpdateFrequency: 2s
 EOF
 }
 
