@@ -320,26 +320,6 @@ load_images() {
 
 kubectl_() { "$(bin_of kubectl)" --kubeconfig "$kubeconfig" "$@"; }
 
-# Made ahead (hack/kind-ahead.sh sets NATSMESH_KIND_AHEAD_SHARES, e.g. 64):
-# the cluster starts and idles beside the local tiers with that CPU weight, so
-# it takes what they leave idle instead of slowing them; "$state.ahead" marks
-# it as made for one run (the kind tier deletes it afterwards). Any other `up`
-# gives the default weight back. The weight (cgroup v1 cpu.shares) is set on
-# Docker's parent cgroup, which competes with each test process's 1024 (the
-# nodes' own weights only divide that parent among containers), and on the
-# node containers, so that another container (the image tests') keeps the
-# parent's share. Without a cgroup v1 "docker" parent (cgroup v2, the systemd
-# driver) only the containers' weights are set.
-ahead_shares="${NATSMESH_KIND_AHEAD_SHARES:-}"
-docker_cgroup=/sys/fs/cgroup/cpu/docker/cpu.shares
-node_shares() {
-  local c
-  for c in $("$DOCKER" ps -q --filter "label=io.x-k8s.kind.cluster=$name"); do
-    "$DOCKER" update --cpu-shares "$1" "$c" >/dev/null 2>&1 || true
-  done
-  [[ ! -w "$docker_cgroup" ]] || echo "$1" >"$docker_cgroup" 2>/dev/null || true
-}
-
 up() {
   mkdir -p "$state"
   # One `up` per cluster at a time: a second one waits, then finds
@@ -356,21 +336,12 @@ up() {
     # and NATS images (kind load skips the ones a node has).
     extra=("${ADDON_IMAGES[@]}")
   else
-    local start=$SECONDS watcher=""
+    local start=$SECONDS
     kind_config >"$state/kind.yaml"
-    if [[ -n "$ahead_shares" ]]; then
-      touch "$state.ahead"  # before: a create cut short is deleted too
-      # The node containers appear early in `kind create`: their weight is
-      # set as they do, before kubeadm starts the control plane in them.
-      (while sleep 0.5; do node_shares "$ahead_shares"; done) &
-      watcher=$!
-    fi
     "$kind_bin" create cluster --name "$name" --image "$NODE_IMAGE" \
       --config "$state/kind.yaml" --kubeconfig "$kubeconfig" --retain
-    [[ -z "$watcher" ]] || kill "$watcher" 2>/dev/null || true
     log "cluster created in $((SECONDS - start))s"
   fi
-  node_shares "${ahead_shares:-1024}"
   install_cni
   load_images "${extra[@]}"
   kubectl_ wait --for=condition=Ready nodes --all --timeout=180s >&2
@@ -395,9 +366,7 @@ down() {
   docker_up >/dev/null
   local kind_bin; kind_bin="$(bin_of kind)"
   "$kind_bin" delete cluster --name "$name" --kubeconfig "$kubeconfig" || true
-  # Made ahead: Docker's weight back to the default.
-  [[ ! -e "$state.ahead" || ! -w "$docker_cgroup" ]] || echo 1024 >"$docker_cgroup" 2>/dev/null || true
-  rm -rf "$state" "$state.lock" "$state.ahead"
+  rm -rf "$state" "$state.lock"
 }
 
 case "${1:-up}" in

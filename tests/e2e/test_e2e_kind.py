@@ -141,10 +141,7 @@ def kind() -> Iterator[Kind]:
         check=True,
     ).stdout  # fmt: skip
     kubeconfig = Path(exports.split("KUBECONFIG=", 1)[1].split()[0])
-    # Made ahead for this run (hack/kind-ahead.sh marks it) counts as made here.
-    ahead = REPO / ".work" / f"kind-{name}.ahead"
-    made_here = name not in existing or ahead.exists()
-    disposable = made_here and not os.environ.get("NATSMESH_KIND_KEEP")
+    disposable = name not in existing and not os.environ.get("NATSMESH_KIND_KEEP")
     try:
         yield Kind(name, kubeconfig, disposable)
     finally:
