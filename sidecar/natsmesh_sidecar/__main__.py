@@ -38,9 +38,8 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _block_websocket_deps(nats_url: str) -> None:
-    if "ws://" in nats_url or "wss://" in nats_url:
-        return
-    natsload.without_websocket_transport()
+    if not any(natsload.is_websocket(url) for url in nats_url.split(",")):
+        natsload.without_websocket_transport()
 
 
 def _import_nats_without_metadata() -> None:

@@ -14,13 +14,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from natsmesh_operator import cli
 from natsmesh_operator.wiring import bootstrap
-from tests.fixtures.nats_server import NatsServer, free_port
+from tests.fixtures.nats_server import NatsServer, free_port, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -48,9 +49,11 @@ asyncio.run(main())
 """
 
 
+@dataclass
 class WsServer:
-    def __init__(self, server: NatsServer, ws_port: int, creds: str) -> None:
-        self.server, self.ws_port, self.creds = server, ws_port, creds
+    server: NatsServer
+    ws_port: int
+    creds: str
 
 
 @pytest.fixture
@@ -58,12 +61,8 @@ def ws_nats(tmp_path: Path) -> Iterator[WsServer]:
     boot = bootstrap.create_or_load(tmp_path / "bootstrap", resolver_dir=str(tmp_path / "jwt"))
     ws_port = free_port()
     websocket = f"websocket {{ listen: 127.0.0.1:{ws_port}, no_tls: true }}\n"
-    server = NatsServer(tmp_path / "nats", extra_config=boot.auth_conf() + websocket)
-    server.start()
-    try:
+    with running(tmp_path / "nats", boot.auth_conf() + websocket) as server:
         yield WsServer(server, ws_port, boot.system_user_creds)
-    finally:
-        server.stop()
 
 
 def connect_in_fresh_process(url: str, creds: str) -> dict[str, object]:
