@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/pytest -p no:cacheprovider --durations=12 --durations-min=3
 
 .PHONY: help venv tools cluster-up cluster-down demo demo-down test check crds \
-        test-unit test-unit-halves test-unit-a test-unit-b test-local test-integration test-security test-change test-e2e e2e-local e2e-kind bench bench-quick \
+        test-unit test-unit-halves test-unit-a test-unit-b test-local test-integration test-integration-a test-integration-b test-security test-security-a test-security-b test-change test-e2e e2e-local e2e-kind bench bench-quick \
         clean images docker-down kind-tools kind-image kind-up kind-down demo-kind demo-kind-down
 
 help: ## list targets
@@ -77,11 +77,22 @@ test: venv tools ## everything CI runs: checks and unit tier, the local tiers on
 	@# What the kind tier needs is built beside the local tiers (nice'd; cache hits when warm).
 	hack/with-docker.sh hack/kind-ahead.sh $(MAKE) --no-print-directory test-local e2e-kind
 
-# One tier at a time on one cluster: side by side on two cores (tiers, or
-# pytest-xdist workers) the timing-bound tests stop being reliable
-# (docs/architecture.md, "CI, cold and warm").
+# One tier after another: side by side on two cores (tiers, or pytest-xdist
+# workers sharing a cluster) the timing-bound tests stop being reliable
+# (docs/architecture.md, "CI, cold and warm"). The integration and security
+# tiers, which wait on one test's round trips at a time and left a core idle,
+# run in two halves each (below).
 test-local: venv tools ## the server tiers on one local control plane (integration, security, change, e2e)
 	hack/with-cluster.sh $(MAKE) --no-print-directory test-integration test-security test-change test-e2e
+
+# A tier in two halves: two pytest processes, each on a local control plane of
+# its own (no cluster-scoped object of one half meets the other's: webhooks,
+# CRDs, ClusterRoles), picking its tests' ports from its own slice
+# (tests/fixtures/ports.py). The first half takes the cluster it is given.
+HALF_A = NATSMESH_PORT_SLICE=0/2 hack/with-cluster.sh
+HALF_B = env -u NATSMESH_KUBECONFIG NATSMESH_PORT_SLICE=1/2 \
+           NATSMESH_TEST_CLUSTER=$${NATSMESH_TEST_CLUSTER:-natsmesh-test}-b hack/with-cluster.sh
+HALVES = $(MAKE) --no-print-directory -j2 --output-sync=target
 
 test-unit: venv ## fast tier: pure logic, no servers (< 1 min)
 	$(PYTEST) tests/unit
@@ -99,10 +110,26 @@ test-unit-b: venv
 	$(PYTEST) $(UNIT_B)
 
 test-integration: venv tools ## real nats-server and real kube-apiserver
-	hack/with-cluster.sh hack/with-docker.sh $(PYTEST) tests/integration
+	hack/with-docker.sh $(HALVES) test-integration-a test-integration-b
+
+# Halves of about equal length (a new folder lands in the second by itself).
+INTEGRATION_A := $(addprefix tests/integration/,sidecar grpc usercli api foundation bench tracing)
+INTEGRATION_B := $(filter-out $(INTEGRATION_A) tests/integration/__pycache__,$(patsubst %/,%,$(wildcard tests/integration/*/))) \
+                 $(wildcard tests/integration/test_*.py)
+test-integration-a: venv tools
+	$(HALF_A) $(PYTEST) $(INTEGRATION_A)
+test-integration-b: venv tools
+	$(HALF_B) $(PYTEST) $(INTEGRATION_B)
 
 test-security: venv tools ## each known attack against real servers: it fails, the legitimate call beside it works
-	hack/with-cluster.sh $(PYTEST) tests/security
+	$(HALVES) test-security-a test-security-b
+
+SECURITY_A := $(addprefix tests/security/test_security_,secrets.py lifecycle.py callee.py dedup.py events.py memory.py monitoring.py replies.py)
+SECURITY_B := $(filter-out $(SECURITY_A),$(wildcard tests/security/test_*.py))
+test-security-a: venv tools
+	$(HALF_A) $(PYTEST) $(SECURITY_A)
+test-security-b: venv tools
+	$(HALF_B) $(PYTEST) $(SECURITY_B)
 
 test-change: venv tools ## continuous traffic through two hops while the mesh changes: 0 failed, 0 lost
 	hack/with-cluster.sh $(PYTEST) -s tests/change

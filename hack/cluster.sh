@@ -33,6 +33,7 @@ repo="$(dirname "$here")"
 name="${NATSMESH_CLUSTER:-natsmesh}"
 state="${NATSMESH_STATE:-$repo/.work}/$name"
 kubeconfig="$state/kubeconfig"
+cache="${NATSMESH_CACHE:-$HOME/.cache/natsmesh}"
 export KWOK_WORKDIR="$state/kwok"
 
 bins() { "$here/tools.sh" --print; }
@@ -174,7 +175,13 @@ up() {
     webhook_client_certs "$state/webhook-client"
     admission_config >"$state/admission.yaml"
     kwokctl_config "$(cat "$state/service-proxy")" "$state/admission.yaml" >"$state/kwokctl.yaml"
-    kwokctl create cluster --name "$name" --runtime binary --config "$state/kwokctl.yaml" \
+    # kwokctl takes its components' ports by probing for free ones: two
+    # clusters created at once (the integration tier's two halves) were
+    # handed the same apiserver port. One create at a time on this machine
+    # (-o: the lock is not inherited by the servers kwokctl leaves running).
+    mkdir -p "$cache"
+    flock -o "$cache/kwokctl-create.lock" \
+      kwokctl create cluster --name "$name" --runtime binary --config "$state/kwokctl.yaml" \
       --kube-apiserver-binary "$(bin_of kube-apiserver)" \
       --kube-controller-manager-binary "$(bin_of kube-controller-manager)" \
       --kube-scheduler-binary "$(bin_of kube-scheduler)" \
