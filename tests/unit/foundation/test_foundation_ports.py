@@ -29,3 +29,15 @@ def test_free_port_stays_in_the_slice_of_the_environment(
 def test_a_bad_slice_is_refused_with_the_expected_form(spec: str) -> None:
     with pytest.raises(ValueError, match="NATSMESH_PORT_SLICE"):
         ports.port_range(spec)
+
+
+def test_no_port_is_handed_out_twice_among_the_recent_picks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A narrow slice makes a repeat likely within a few hundred random picks,
+    # were picks not remembered (none of them is bound meanwhile).
+    monkeypatch.setenv("NATSMESH_PORT_SLICE", "3/32")
+    low, high = ports.port_range()
+    picked = [ports.free_port() for _ in range(300)]
+    assert len(set(picked)) == len(picked)
+    assert all(low <= port < high for port in picked)
