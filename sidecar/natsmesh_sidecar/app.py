@@ -206,7 +206,13 @@ class Sidecar:
             header_timeout=header_timeout,
             idle_timeout=settings.idle_timeout_seconds if idle_timeout is None else idle_timeout,
         )
-        self.admin = AdminServer(self.metrics, self.healthy, self.ready)
+        self.admin = AdminServer(
+            self.metrics,
+            self.healthy,
+            self.ready,
+            prestop=self.prepare_stop,
+            prestop_token=settings.prestop_token,
+        )
         # Read at scrape time: no lock and no call per request.
         self.metrics.inflight_out.set_function(lambda: float(self.outbound_handler.inflight))
         self.metrics.inflight_in.set_function(lambda: float(self.inbound.pending()))
@@ -253,6 +259,11 @@ class Sidecar:
         self.outbound_port = 0
         self.admin_port = 0
         self.draining = False
+        #: The pod is stopping (the app's preStop hook called /prestop): out
+        #: of the queue group while the app finishes, until our SIGTERM.
+        self.stopping = False
+        #: Event consumers being closed: a preStop waits for their deliveries.
+        self._closing: set[asyncio.Task[None]] = set()
         self.stopped = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -351,16 +362,19 @@ class Sidecar:
         for key, consumer in list(self.consumers.items()):
             if key not in wanted or consumer.d != wanted[key]:
                 del self.consumers[key]
-                self._spawn(consumer.close(self.settings.drain_seconds))
+                closing = self._spawn(consumer.close(self.settings.drain_seconds))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
         for key, d in wanted.items():
             if key not in self.consumers:
                 c = self.consumers[key] = EventConsumer(self.event_context, d)
                 c.start()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        return task
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -503,7 +517,51 @@ class Sidecar:
     # -- queue-group membership ---------------------------------------------------
 
     def _want_joined(self) -> bool:
-        return not self.draining and (self.app_ready is None or self.app_ready.ready)
+        return (
+            not self.draining
+            and not self.stopping
+            and (self.app_ready is None or self.app_ready.ready)
+        )
+
+    async def prepare_stop(self) -> None:
+        """The pod is stopping: the kubelet runs the app container's preStop
+        hook (``GET /prestop``) and sends the app SIGTERM only once it returns.
+
+        A native sidecar gets its own SIGTERM only after the app has exited,
+        so without this the app closes its listener while we are still in the
+        queue group, and requests routed here meanwhile are refused (a
+        ``502 app_unreachable`` once the caller's retries run out: the kind
+        tier's scale-down saw one in 493). So: leave the queue group and the
+        event consumers now, then wait (within the drain grace) until the app
+        has answered what it holds. The outbound listener stays open: the app
+        may call out while it finishes. We join again if no SIGTERM comes
+        within ``prestop_hold_seconds``.
+        """
+        if self.draining:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_seconds
+        if not self.stopping:
+            self.stopping = True
+            logger.info("pod stopping (preStop hook): leaving the queue group before the app stops")
+            self._spawn(self._end_stop_hold())
+        await self._sync_membership()
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=max(0.05, deadline - loop.time()))
+        while self.inbound.pending() > 0 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        logger.info("preStop done: %d calls into the app still open", self.inbound.pending())
+
+    async def _end_stop_hold(self) -> None:
+        await asyncio.sleep(self.settings.prestop_hold_seconds)
+        if self.draining:
+            return
+        logger.warning(
+            "no SIGTERM %.0fs after the preStop hook: joining the queue group again",
+            self.settings.prestop_hold_seconds,
+        )
+        self.stopping = False
+        await self._sync_membership()
 
     async def _check_app(self) -> bool:
         s = self.settings
@@ -978,7 +1036,7 @@ class Sidecar:
             self.targets.reset()
         if self.kv_watch is not None and self.nc is not None:
             # Puts made while we were away are not replayed to a subscription.
-            self._spawn(self.kv_watch.refresh(self.nc))
+            self.kv_watch.refresh_soon(self.nc)
 
     async def _on_closed(self) -> None:
         self.metrics.nats_connected.set(0)
@@ -1026,6 +1084,8 @@ class Sidecar:
         if self.tracer is not None:
             # The drain's own spans too; bounded, a dead collector cannot hold it.
             await self.tracer.exporter.flush(1.0)
+        if self.kv_watch is not None:
+            await self.kv_watch.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

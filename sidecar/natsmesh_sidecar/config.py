@@ -237,6 +237,15 @@ class SidecarSettings(_Wire):
     max_inflight: int = Field(256, ge=1)
     """Concurrent calls into the app."""
     drain_seconds: float = Field(20.0, ge=0)
+    prestop_token: str = Field("", repr=False)
+    """What the app container's preStop hook sends in ``Nm-Prestop-Token`` to
+    ``GET /prestop`` on the admin port (the webhook writes a random one per
+    pod into both). Empty: ``/prestop`` answers 404."""
+    prestop_hold_seconds: float = Field(60.0, gt=0)
+    """After ``/prestop`` the sidecar stays out of its queue group this long
+    waiting for its own SIGTERM, then joins again: a pod that was not
+    stopping after all (or a leaked token) is out of service for a bounded
+    time. The webhook sets the pod's grace period plus a margin."""
     idle_timeout_seconds: float = Field(120.0, gt=0)
     """An app's keep-alive connection to the outbound listener idle this long is
     closed silently (never answered): longer than common client pools keep theirs."""

@@ -194,6 +194,9 @@ class Settings:
     table_file: str | None = None
     max_inflight: int = 256
     drain_seconds: float = 20.0
+    # Not in a repr: settings may end up in a log line.
+    prestop_token: str = field(default="", repr=False)
+    prestop_hold_seconds: float = 60.0
     idle_timeout_seconds: float = 120.0
     app_idle_timeout_seconds: float = 4.0
     inbound_timeout_seconds: float = 30.0
@@ -494,6 +497,8 @@ _SETTINGS = (
         _F("table_file", _opt(_str), None),
         _F("max_inflight", _int(1), None),
         _F("drain_seconds", _float(0), None),
+        _F("prestop_token", _str, None),
+        _F("prestop_hold_seconds", _float(0), None),
         _F("idle_timeout_seconds", _float(0), None),
         _F("app_idle_timeout_seconds", _float(0), None),
         _F("inbound_timeout_seconds", _float(0), None),

@@ -709,6 +709,21 @@ def _orders_v1_pods(kind: Kind, ns: str) -> set[str]:
     }
 
 
+def _assert_prestop_hooks_ran(kind: Kind, ns: str) -> None:
+    """orders' app container carries the webhook's preStop hook, and no
+    kubelet reported a failed one (a sidecar that refused or missed the
+    call would leave its queue group only after its app had stopped)."""
+    out = kind.kubectl("get", "pods", "-n", ns, "-l", "app=orders", "-o", "json")
+    for pod in json.loads(out)["items"]:
+        (app,) = pod["spec"]["containers"]
+        get = app["lifecycle"]["preStop"]["httpGet"]
+        assert (get["path"], get["port"]) == ("/prestop", 15020), pod["metadata"]["name"]
+    failed = kind.kubectl(
+        "get", "events", "-n", ns, "--field-selector", "reason=FailedPreStopHook", "-o", "name"
+    )  # fmt: skip
+    assert failed.split() == [], f"failed preStop hooks: {failed}"
+
+
 def _gone(kind: Kind, ns: str, pods: set[str]) -> None:
     """Waits until ``pods`` are deleted: every container exited, the sidecar's drain over."""
     if pods:
@@ -765,6 +780,7 @@ def test_the_mesh_changing_under_traffic_fails_no_request(shop: KindShop, releas
     changes = "; ".join(steps)
     print(f"\nchanges under traffic ({changes}): {total} checkouts, {len(failures)} failed")
     assert failures == [], f"{len(failures)} of {total} failed: {failures[:5]}"
+    _assert_prestop_hooks_ran(kind, ns)
 
 
 def test_rolling_update_of_orders_under_traffic_loses_no_request(
@@ -790,6 +806,7 @@ def test_rolling_update_of_orders_under_traffic_loses_no_request(
     total = len(traffic.outcomes)
     print(f"\nrolling update of orders-v1: {total} checkouts, {len(failures)} failed")
     assert failures == [], f"{len(failures)} of {total} failed: {failures[:5]}"
+    _assert_prestop_hooks_ran(kind, ns)
 
 
 def test_helm_uninstall_leaves_nothing_behind(shop: KindShop, release: Kind) -> None:

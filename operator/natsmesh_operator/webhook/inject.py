@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,12 @@ it, derived from the app container's readinessProbe."""
 ANNOTATION_INJECTED = "natsmesh.io/injected"
 ANNOTATION_SERVICE = "natsmesh.io/service"
 LABEL_INJECTED = "natsmesh.io/injected"
+#: The app container's preStop hook calls this on the sidecar's admin port.
+PRESTOP_PATH = "/prestop"
+PRESTOP_HEADER = "Nm-Prestop-Token"
+#: How long past the pod's grace period a sidecar told "stopping" waits for
+#: its SIGTERM before it joins its queue group again.
+PRESTOP_HOLD_MARGIN_SECONDS = 30
 
 JsonDict = dict[str, Any]
 
@@ -202,7 +209,7 @@ def _probe_port(port: object, container: Mapping[str, Any]) -> int | None:
 
 
 def sidecar_container(
-    target: Target, settings: InjectionSettings, ready_env: Mapping[str, str] | None = None
+    target: Target, settings: InjectionSettings, pod_env: Mapping[str, str] | None = None
 ) -> JsonDict:
     env = {
         "NATSMESH_SERVICE": target.service,
@@ -218,8 +225,9 @@ def sidecar_container(
         "NATSMESH_READY_FAILURE_THRESHOLD": str(settings.ready_failure_threshold),
         **settings.tracing_env(),
         **settings.extra_env,
-        # The pod's own probe is more specific than an operator-wide setting.
-        **(ready_env or {}),
+        # The pod's own (its probe, its preStop token) is more specific than
+        # an operator-wide setting.
+        **(pod_env or {}),
     }
     probe_port = {"port": ADMIN_PORT}
     return {
@@ -272,15 +280,69 @@ def _with_proxy_env(container: JsonDict) -> JsonDict:
     return container
 
 
-def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSettings) -> JsonDict:
+def _prestop_target(pod: Mapping[str, Any], target: Target) -> int | None:
+    """Index of the app container to give the preStop hook, None for none.
+
+    The hook (``GET /prestop`` on the sidecar's admin port) runs before the
+    kubelet sends the app SIGTERM, and returns once the sidecar has left its
+    queue group and the app has answered what it holds: a native sidecar is
+    only told to stop after the app has exited, too late to stop requests
+    reaching an app that closed its listener. None when nothing reaches the
+    app over the mesh (a pure client), when no container is the app's, or
+    when the app has a preStop of its own (there is one per container, and
+    the author's wins: that pod relies on the sidecar's readiness check and
+    the callers' retries instead).
+    """
+    if not target.receives:
+        return None
+    containers = (pod.get("spec") or {}).get("containers") or []
+    app = _app_container(containers, target.port)
+    if app is None or (app.get("lifecycle") or {}).get("preStop"):
+        return None
+    return next(i for i, c in enumerate(containers) if c is app)
+
+
+def _with_prestop(container: JsonDict, token: str) -> JsonDict:
+    container = copy.deepcopy(container)
+    container.setdefault("lifecycle", {})["preStop"] = {
+        "httpGet": {
+            "path": PRESTOP_PATH,
+            "port": ADMIN_PORT,
+            # The admin port is open to the pod network (probes, scrapes): the
+            # token (readable only by who can read the pod) keeps others out.
+            "httpHeaders": [{"name": PRESTOP_HEADER, "value": token}],
+        }
+    }
+    return container
+
+
+def injection(
+    pod: Mapping[str, Any],
+    target: Target,
+    settings: InjectionSettings,
+    *,
+    prestop_token: str | None = None,
+) -> JsonDict:
     """The changed top-level parts of the pod: ``metadata.annotations`` and ``spec.*`` lists.
 
     :class:`InvalidInjection` when the pod's annotations ask for the impossible.
 
     Lists are returned whole (merge semantics replace lists), each built from
     the pod's own list plus our additions, so nothing of the author's is lost.
+    ``prestop_token`` (a fresh random one when None) ties the app container's
+    preStop hook to this pod's sidecar.
     """
     spec = pod.get("spec") or {}
+    hooked = _prestop_target(pod, target)
+    token = prestop_token or secrets.token_hex(16)
+    prestop_env: dict[str, str] = {}
+    if hooked is not None:
+        grace = spec.get("terminationGracePeriodSeconds")
+        grace = grace if isinstance(grace, int) and grace >= 0 else 30
+        prestop_env = {
+            "NATSMESH_PRESTOP_TOKEN": token,
+            "NATSMESH_PRESTOP_HOLD_SECONDS": str(grace + PRESTOP_HOLD_MARGIN_SECONDS),
+        }
     metadata = pod.get("metadata") or {}
     annotations = dict(metadata.get("annotations") or {})
     annotations[ANNOTATION_INJECTED] = "true"
@@ -295,7 +357,9 @@ def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSetting
     init.insert(
         0,
         sidecar_container(
-            target, settings, readiness_env(pod, target.port, receives=target.receives)
+            target,
+            settings,
+            {**readiness_env(pod, target.port, receives=target.receives), **prestop_env},
         ),
     )
 
@@ -310,6 +374,12 @@ def injection(pod: Mapping[str, Any], target: Target, settings: InjectionSetting
         "metadata": {"annotations": annotations, "labels": labels},
         "spec": {"initContainers": init, "volumes": volumes},
     }
-    if str(annotations.get(ANNOTATION_PROXY_ENV, "")).lower() == "true":
-        result["spec"]["containers"] = [_with_proxy_env(c) for c in (spec.get("containers") or [])]
+    proxy_env = str(annotations.get(ANNOTATION_PROXY_ENV, "")).lower() == "true"
+    if proxy_env or hooked is not None:
+        containers = [copy.deepcopy(c) for c in (spec.get("containers") or [])]
+        if proxy_env:
+            containers = [_with_proxy_env(c) for c in containers]
+        if hooked is not None:
+            containers[hooked] = _with_prestop(containers[hooked], token)
+        result["spec"]["containers"] = containers
     return result

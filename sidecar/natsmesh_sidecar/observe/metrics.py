@@ -1,4 +1,4 @@
-"""Prometheus metrics and the admin HTTP server (/metrics, /healthz, /readyz).
+"""Prometheus metrics and the admin HTTP server (/metrics, /healthz, /readyz, /prestop).
 
 Each sidecar instance owns its metrics (tests run several in one process).
 The text exposition (format 0.0.4) is written here, not by prometheus_client:
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hmac
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+
+from natsmesh_sidecar.logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -376,15 +379,34 @@ class Metrics:
         return self.registry.render()
 
 
+#: The header the app container's preStop hook carries its pod's token in.
+PRESTOP_HEADER = b"nm-prestop-token"
+
+
 class AdminServer:
-    """A tiny HTTP/1.0-style server: one request per connection, GET only."""
+    """A tiny HTTP/1.0-style server: one request per connection, GET only.
+
+    ``/prestop`` is the kubelet's preStop hook of the app container (an
+    ``httpGet`` the webhook adds): it awaits ``prestop`` (leave the queue
+    group, finish what the app holds) before the kubelet sends the app its
+    SIGTERM. The port is open to the pod network (probes, scrapes), so the
+    call must carry the pod's token; without one configured it is 404.
+    """
 
     def __init__(
-        self, metrics: Metrics, healthy: Callable[[], bool], ready: Callable[[], bool]
+        self,
+        metrics: Metrics,
+        healthy: Callable[[], bool],
+        ready: Callable[[], bool],
+        prestop: Callable[[], Awaitable[None]] | None = None,
+        prestop_token: str = "",
     ) -> None:
         self.metrics = metrics
         self.healthy = healthy
         self.ready = ready
+        self.prestop = prestop
+        self._token = prestop_token.encode()
+        self._refusals = LogThrottle(30.0)
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -412,6 +434,16 @@ class AdminServer:
             elif path == "/readyz":
                 ok = self.ready()
                 status, body = (200, b"ready\n") if ok else (503, b"not ready\n")
+            elif path == "/prestop" and self.prestop is not None and self._token:
+                if hmac.compare_digest(_header(head, PRESTOP_HEADER), self._token):
+                    await self.prestop()
+                    status, body = 200, b"left the queue group\n"
+                else:
+                    held = self._refusals.allow("prestop")
+                    if held is not None:
+                        # Throttled: whoever probes the port must not flood the log.
+                        logger.warning("/prestop refused: no or wrong token (%d more)", held)
+                    status, body = 403, b"forbidden\n"
             else:
                 status, body = 404, b"not found\n"
             writer.write(
@@ -430,3 +462,12 @@ class AdminServer:
             logger.exception("admin request failed")
         finally:
             writer.close()
+
+
+def _header(head: bytes, name: bytes) -> bytes:
+    """The value of header ``name`` (lower case) in a request head, b"" if absent."""
+    for line in head.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip()
+    return b""

@@ -121,7 +121,17 @@ class KvWatch:
     value at start and after every reconnect (puts while disconnected are
     not replayed to a plain subscription). Both are exactly what the user's
     JWT allows.
+
+    A read that fails (a NATS server too slow to answer within its wait,
+    JetStream not back yet after a restart) is tried again in the background,
+    with backoff, until one succeeds or a put arrives: otherwise the sidecar
+    would serve without its table until the operator's next put, which may
+    never come for a service nobody changes.
     """
+
+    #: Seconds before the first retry of a failed read; doubled up to RETRY_MAX.
+    RETRY_FIRST = 0.25
+    RETRY_MAX = 10.0
 
     def __init__(
         self,
@@ -145,26 +155,57 @@ class KvWatch:
         self.parse = parse
         self.sub: Any = None
         self.last: bytes | None = None
+        #: Entries heard on the subscription: a put arriving ends a retry loop.
+        self.heard = 0
+        self._retry: asyncio.Task[None] | None = None
 
     async def start(self, nc: Any) -> None:
+        """Subscribe on ``nc`` and read the current value (again on every new
+        connection); a failed read is retried in the background."""
         self.sub = await nc.subscribe(self.subject, cb=self._on_msg)
-        await nc.flush()
-        await self.refresh(nc)
+        try:
+            await nc.flush()
+        except Exception as exc:
+            # The SUB goes out with the next write; the read does not need it.
+            logger.warning("route table %s: subscribe not confirmed: %s", self.subject, exc)
+        if not await self.refresh(nc):
+            self.refresh_soon(nc)
 
     async def _on_msg(self, msg: Any) -> None:
+        self.heard += 1
         self._apply(msg.headers or {}, msg.data)
 
-    async def refresh(self, nc: Any, wait: float = 2.0) -> None:
-        """Read the key's current value (a direct get); a miss is logged, never raised."""
+    def refresh_soon(self, nc: Any) -> None:
+        """Read the current value in the background until a read succeeds
+        (one loop at a time: a newer call replaces a running one)."""
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = asyncio.get_running_loop().create_task(self._refresh_until_read(nc))
+
+    async def _refresh_until_read(self, nc: Any) -> None:
+        heard, delay = self.heard, 0.0
+        # Not bounded by a count: a sidecar without its table serves nothing
+        # right, so it keeps asking (at most every RETRY_MAX) until stopped.
+        while True:
+            if delay:
+                await asyncio.sleep(delay)
+            if self.heard != heard or await self.refresh(nc):
+                return
+            delay = min(self.RETRY_MAX, max(self.RETRY_FIRST, delay * 2))
+
+    async def refresh(self, nc: Any, wait: float = 2.0) -> bool:
+        """Read the key's current value (a direct get): True once the server
+        answered (a value, or no key yet); False when the read failed (logged,
+        never raised)."""
         try:
             msg = await nc.request(self.direct, b"", timeout=wait)
         except Exception as exc:
             logger.warning("route table %s: direct get failed: %s", self.subject, exc)
-            return
+            return False
         hdrs = msg.headers or {}
         if hdrs.get("Status") == "404":
             logger.warning("route table key %s not found; waiting for the operator", self.service)
-            return
+            return True
         if hdrs.get("Status"):
             logger.warning(
                 "route table %s: direct get answered %s %s",
@@ -172,8 +213,9 @@ class KvWatch:
                 hdrs.get("Status"),
                 hdrs.get("Description", ""),
             )
-            return
+            return False
         self._apply(hdrs, msg.data)
+        return True
 
     def _apply(self, hdrs: dict[str, str], data: bytes) -> None:
         deleted = signing.is_delete(hdrs, data)
@@ -202,6 +244,11 @@ class KvWatch:
         self.on_table(table)
 
     async def stop(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+            self._retry = None
         if self.sub is not None:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()

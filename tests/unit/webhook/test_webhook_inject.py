@@ -79,9 +79,12 @@ def test_creds_volume_added_and_author_volumes_kept() -> None:
     assert volumes[1]["secret"]["secretName"] == "natsmesh-orders-creds"
 
 
-def test_app_containers_untouched_without_proxy_annotation() -> None:
-    out = inject.injection(pod(), TARGET, InjectionSettings())
-    assert "containers" not in out["spec"]
+def test_app_container_only_gets_its_prestop_hook_without_proxy_annotation() -> None:
+    source = pod()
+    out = inject.injection(source, TARGET, InjectionSettings())
+    (app,) = out["spec"]["containers"]
+    del app["lifecycle"]
+    assert app == source["spec"]["containers"][0]
     assert out["metadata"]["annotations"][inject.ANNOTATION_INJECTED] == "true"
     assert out["metadata"]["labels"] == {"app": "orders", inject.LABEL_INJECTED: "true"}
 
@@ -110,3 +113,61 @@ def test_opt_out_and_already_injected_are_left_alone() -> None:
         "spec"
     ]["initContainers"]
     assert not inject.wants_injection(injected)
+
+
+def prestop_of(out: dict[str, Any], index: int = 0) -> dict[str, Any] | None:
+    hook: dict[str, Any] | None = (
+        out["spec"].get("containers", [{}] * (index + 1))[index].get("lifecycle") or {}
+    ).get("preStop")
+    return hook
+
+
+def test_app_prestop_hook_calls_its_own_sidecar_with_the_pod_token() -> None:
+    source = pod()
+    source["spec"]["terminationGracePeriodSeconds"] = 45
+    out = inject.injection(source, TARGET, InjectionSettings())
+    hook = prestop_of(out)
+    assert hook is not None
+    get = hook["httpGet"]
+    assert (get["path"], get["port"]) == ("/prestop", inject.ADMIN_PORT)
+    (header,) = get["httpHeaders"]
+    assert header["name"] == inject.PRESTOP_HEADER
+    env = env_of(out["spec"]["initContainers"][0])
+    assert env["NATSMESH_PRESTOP_TOKEN"] == header["value"]
+    assert len(header["value"]) == 32
+    # Past the pod's grace period: by then a stopping pod is gone.
+    assert env["NATSMESH_PRESTOP_HOLD_SECONDS"] == "75"
+    again = inject.injection(pod(), TARGET, InjectionSettings())
+    other = env_of(again["spec"]["initContainers"][0])["NATSMESH_PRESTOP_TOKEN"]
+    assert other != header["value"], "a token per pod, not per service"
+
+
+def test_no_prestop_hook_where_the_author_has_one_or_nothing_reaches_the_app() -> None:
+    own = pod()
+    own["spec"]["containers"][0]["lifecycle"] = {"preStop": {"sleep": {"seconds": 5}}}
+    out = inject.injection(own, TARGET, InjectionSettings())
+    assert "containers" not in out["spec"], "the author's hook is kept as it is"
+    assert "NATSMESH_PRESTOP_TOKEN" not in env_of(out["spec"]["initContainers"][0])
+    client = dataclasses.replace(TARGET, receives=False)
+    out = inject.injection(pod(), client, InjectionSettings())
+    assert "containers" not in out["spec"]
+    assert "NATSMESH_PRESTOP_TOKEN" not in env_of(out["spec"]["initContainers"][0])
+
+
+def test_prestop_hook_goes_on_the_container_with_the_app_port_only() -> None:
+    source = pod(**{inject.ANNOTATION_PROXY_ENV: "true"})
+    source["spec"]["containers"] = [
+        {"name": "logs", "image": "l:1"},
+        {"name": "app", "image": "a:1", "ports": [{"containerPort": 8080}]},
+    ]
+    out = inject.injection(source, TARGET, InjectionSettings(), prestop_token="t0k")
+    assert prestop_of(out, 0) is None
+    hook = prestop_of(out, 1)
+    assert hook is not None
+    assert hook["httpGet"]["httpHeaders"][0]["value"] == "t0k"
+    assert env_of(out["spec"]["containers"][1])["HTTP_PROXY"] == "http://127.0.0.1:15001"
+    # Two containers and none with the app port: no guess.
+    del source["spec"]["containers"][1]["ports"]
+    out = inject.injection(source, TARGET, InjectionSettings())
+    assert prestop_of(out, 0) is None
+    assert prestop_of(out, 1) is None
