@@ -1,5 +1,6 @@
-# Two images from one file, built by hack/images.sh (`make images`):
-#   hack/images.sh            base images, wheels, then both targets
+# Three images from one file, built by hack/images.sh (`make images`): the
+# sidecar, the operator, and the shop's gRPC example app (example-stock):
+#   hack/images.sh            base images, wheels, then the targets
 # or by hand, once the base images and .work/wheels exist:
 #   docker build --build-arg BASE_IMAGE=... --build-arg BUILD_IMAGE=... \
 #     --target sidecar -t natsmesh/sidecar:dev .
@@ -20,6 +21,8 @@
 
 ARG BASE_IMAGE=natsmesh/base:bookworm
 ARG BUILD_IMAGE=natsmesh/build:bookworm
+# The base image plus libstdc++6, which grpcio's extension needs (example-stock).
+ARG STOCK_BASE_IMAGE=natsmesh/base-cxx:bookworm
 
 FROM ${BUILD_IMAGE} AS build
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -65,3 +68,20 @@ USER 65532:65532
 EXPOSE 8080 9443
 ENTRYPOINT ["python3", "-m", "natsmesh_operator.cli"]
 CMD ["operator"]
+
+# ---- example-stock: the shop's gRPC example app (examples/apps/stock.py) ----
+# Its one dependency, grpcio (and typing-extensions), from its own lock
+# (requirements/example-stock.txt); no natsmesh code.
+FROM build AS example-stock-deps
+RUN python3 -m venv --without-pip /venv && /venv/bin/python /pip/pip install \
+      --no-index --find-links /wheels --require-hashes -r /wheels/example-stock.txt
+COPY examples/apps/stock.py /app/stock.py
+RUN python3 -m compileall -q --invalidation-mode unchecked-hash /app
+
+FROM ${STOCK_BASE_IMAGE} AS example-stock
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin
+COPY --from=example-stock-deps /venv /venv
+COPY --from=example-stock-deps /app /app
+USER 65532:65532
+EXPOSE 9090
+ENTRYPOINT ["python3", "/app/stock.py"]

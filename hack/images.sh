@@ -3,20 +3,22 @@
 #
 #   1. a Docker engine (hack/docker.sh up: docker.io and mmdebstrap from the
 #      distribution if missing, dockerd started if none answers);
-#   2. two Debian bookworm base images from mmdebstrap | docker import:
+#   2. three Debian bookworm base images from mmdebstrap | docker import:
 #        natsmesh/base:<key>   python3 only (the runtime base)
 #        natsmesh/build:<key>  python3 + python3-venv (build stages only)
+#        natsmesh/base-cxx:<key> python3 + libstdc++6 (the gRPC example app)
 #      --variant=essential: no apt, no compilers; no docs, man pages or
 #      locales; no apt sources (no registry hostname in any image);
 #   3. wheels built on the host from the hashed lock files
 #      (pip wheel --require-hashes), installed in the image with --no-index;
-#   4. the Dockerfile's sidecar and operator targets and the shop's demo app
-#      (examples/apps), each tagged natsmesh/<name>:$NATSMESH_IMAGE_TAG
-#      (default: the chart's appVersion).
+#   4. the Dockerfile's sidecar, operator and example-stock (the shop's gRPC
+#      app, grpcio) targets and the shop's demo app (examples/apps), each
+#      tagged natsmesh/<name>:$NATSMESH_IMAGE_TAG (default: the chart's
+#      appVersion).
 #
 #   hack/images.sh            build what is missing, print the sizes
 #   hack/images.sh --print    print the image names (base, build, sidecar,
-#                             operator, app), build nothing
+#                             operator, app, stock), build nothing
 #   hack/images.sh --rootfs <name> <pkg,pkg,...>
 #                             only make the mmdebstrap image natsmesh/<name>:<key>
 #                             with those packages (the kind node's OS, the
@@ -59,9 +61,13 @@ image_of() { echo "natsmesh/$1:$suite-$(rootfs_key "$2")"; }
 
 BASE_PACKAGES=python3
 BUILD_PACKAGES=python3,python3-venv
+#: The gRPC example app's runtime: grpcio's extension links libstdc++.
+STOCK_PACKAGES=python3,libstdc++6
+#: The lock files (requirements/) whose wheels the images install.
+LOCKS=(sidecar.txt operator.txt example-stock.txt)
 
 wheels_key() {
-  { cat "$repo/requirements/sidecar.txt" "$repo/requirements/operator.txt"; py_tag; } | sha256sum | cut -c1-12
+  { cat "${LOCKS[@]/#/$repo/requirements/}"; py_tag; } | sha256sum | cut -c1-12
 }
 
 host_python() {
@@ -81,6 +87,7 @@ if [[ "${1:-}" == "--print" ]]; then
   echo "natsmesh/sidecar:$tag"
   echo "natsmesh/operator:$tag"
   echo "natsmesh/example-shop:$tag"
+  echo "natsmesh/example-stock:$tag"
   exit 0
 fi
 
@@ -149,10 +156,12 @@ wheels() {
   local dir; dir="$cache/wheels-$(wheels_key)"
   if [[ ! -f "$dir/.complete" ]]; then
     local start=$SECONDS
-    echo "images: building wheels from requirements/{sidecar,operator}.txt into $dir"
+    echo "images: building wheels from requirements/{${LOCKS[*]}} into $dir"
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+    local reqs=() lock
+    for lock in "${LOCKS[@]}"; do reqs+=(-r "$repo/requirements/$lock"); done
     nice -n 10 "$(host_python)" -m pip wheel -q --disable-pip-version-check --require-hashes \
-      -r "$repo/requirements/sidecar.txt" -r "$repo/requirements/operator.txt" -w "$dir.tmp"
+      "${reqs[@]}" -w "$dir.tmp"
     touch "$dir.tmp/.complete"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
     timer "wheels built" "$start"
@@ -164,7 +173,7 @@ wheels() {
   # a package published only as an sdist (nkeys) becomes a wheel of another
   # hash here. So each image installs from a lock of the wheelhouse itself:
   # the lock's pins, each with the hash of the wheel built from it.
-  for t in sidecar operator; do
+  for t in "${LOCKS[@]%.txt}"; do
     "$(host_python)" - "$repo/requirements/$t.txt" "$repo/.work/wheels" >"$repo/.work/wheels/$t.txt" <<'PY'
 import hashlib, pathlib, re, sys
 lock, wheels = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -196,15 +205,19 @@ fi
 total=$SECONDS
 base_image base "$BASE_PACKAGES"
 base_image build "$BUILD_PACKAGES"
+base_image base-cxx "$STOCK_PACKAGES"
 wheels
 base="$(image_of base "$BASE_PACKAGES")"
 buildimg="$(image_of build "$BUILD_PACKAGES")"
 args=(--build-arg "BASE_IMAGE=$base" --build-arg "BUILD_IMAGE=$buildimg")
 build "natsmesh/sidecar:$tag" "${args[@]}" --target sidecar "$repo"
 build "natsmesh/operator:$tag" "${args[@]}" --target operator "$repo"
+build "natsmesh/example-stock:$tag" "${args[@]}" --target example-stock \
+  --build-arg "STOCK_BASE_IMAGE=$(image_of base-cxx "$STOCK_PACKAGES")" "$repo"
 build "natsmesh/example-shop:$tag" --build-arg "PYTHON_IMAGE=$base" "$repo/examples/apps"
 timer "all images ready" "$total"
 
-for image in "$base" "natsmesh/sidecar:$tag" "natsmesh/operator:$tag" "natsmesh/example-shop:$tag"; do
+for image in "$base" "natsmesh/sidecar:$tag" "natsmesh/operator:$tag" "natsmesh/example-shop:$tag" \
+  "natsmesh/example-stock:$tag"; do
   "$DOCKER" image inspect -f '{{.Size}}' "$image" | awk -v i="$image" '{printf "  %-44s %6.1f MB\n", i, $1 / 1e6}'
 done

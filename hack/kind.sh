@@ -314,7 +314,7 @@ addon_images() {
 # loaded in one go (one tar, imported into each node).
 load_images() {
   "$here/images.sh" >&2
-  local images; mapfile -t images < <("$here/images.sh" --print | tail -3)
+  local images; mapfile -t images < <("$here/images.sh" --print | tail -4)
   "$(bin_of kind)" load docker-image --name "$name" "${images[@]}" "$@" >&2
 }
 

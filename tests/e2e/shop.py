@@ -37,7 +37,7 @@ WORKLOADS: dict[str, dict[str, str]] = {
     "inventory": {"app": "inventory"},
 }
 #: The shop's optional gRPC service (examples/shop/grpc): its app needs grpcio,
-#: which the example image lacks, so only the local flavour installs it.
+#: so it has an image of its own (natsmesh/example-stock); both flavours install it.
 SHOP_GRPC = SHOP / "grpc"
 SHOP_GRPC_APPS = SHOP_GRPC / "apps"
 GRPC_WORKLOADS: dict[str, dict[str, str]] = {"stock": {"app": "stock"}}

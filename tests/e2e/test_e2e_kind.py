@@ -117,7 +117,7 @@ class Kind:
 
 def _image_names() -> dict[str, str]:
     out = run(str(REPO / "hack" / "images.sh"), "--print").split()
-    return dict(zip(("base", "build", "sidecar", "operator", "app"), out, strict=True))
+    return dict(zip(("base", "build", "sidecar", "operator", "app", "stock"), out, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +202,16 @@ def shop(release: Kind, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ki
     kind.kubectl("label", "namespace", ns, "natsmesh.io/inject=enabled")
     forwarded: kindshop.ForwardedShop | None = None
     try:
-        kind.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP))
+        # The shop with its gRPC service (stock, natsmesh/example-stock).
+        kind.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP), "-f", str(scenarios.SHOP_GRPC))
         kind.kubectl(
             "wait", "-n", ns, "--for=condition=Ready", "--timeout=120s",
             "natsservices", "--all",
         )  # fmt: skip
-        kind.kubectl("apply", "-n", ns, "-f", str(scenarios.SHOP_APPS))
-        for deploy in ("gateway", "orders-v1", "orders-v2", "payments", "inventory"):
+        kind.kubectl(
+            "apply", "-n", ns, "-f", str(scenarios.SHOP_APPS), "-f", str(scenarios.SHOP_GRPC_APPS)
+        )  # fmt: skip
+        for deploy in ("gateway", "orders-v1", "orders-v2", "payments", "inventory", "stock"):
             kind.kubectl("rollout", "status", "-n", ns, f"deploy/{deploy}", "--timeout=180s")
         forwarded = kindshop.forward_shop(
             [kind.kubectl_bin, "--kubeconfig", str(kind.kubeconfig)],
@@ -258,6 +261,14 @@ def test_file_upload_streams_through_the_shop(shop: KindShop) -> None:
 
 def test_order_status_feed_arrives_event_by_event(shop: KindShop) -> None:
     scenarios.check_order_status_feed(shop)
+
+
+def test_grpc_unary_and_streaming_through_real_pods(shop: KindShop) -> None:
+    """The shop's gRPC service on real pods: stock's image (grpcio) behind its
+    sidecar speaking h2c to it; a grpcio client at the gateway's sidecar gets
+    unary answers, the app's own NOT_FOUND, and a server stream update by
+    update; the same call from payments' pod is PERMISSION_DENIED."""
+    scenarios.check_grpc_stock(shop)
 
 
 def test_websocket_echo_through_the_shop(shop: KindShop) -> None:

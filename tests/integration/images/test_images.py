@@ -2,10 +2,11 @@
 
 ``hack/images.sh`` (``make images``) builds the base images (mmdebstrap), the
 wheels (host, from the hashed locks) and the sidecar, operator and demo-app
-images; warm, it only asks Docker's layer cache. Then:
+images (the shop's HTTP app and its gRPC app); warm, it only asks Docker's layer cache. Then:
 
 * every image runs as the numeric non-root user, carries no compiler, pip or
   setuptools, and the sidecar image has no kopf and no Kubernetes client;
+* the gRPC example app's image imports grpcio and nothing of natsmesh;
 * the sidecar container, run the way the injected pod spec runs it
   (``--read-only``, ``--user 65532:65532``, ``--cap-drop ALL``,
   ``no-new-privileges``), serves ``/healthz`` and ``/readyz``, answers a real
@@ -47,7 +48,7 @@ if shutil.which("docker") is None and shutil.which("dockerd") is None:
 class Images:
     def __init__(self, docker: str, names: list[str]) -> None:
         self.docker = docker
-        self.base, self.build, self.sidecar, self.operator, self.app = names
+        self.base, self.build, self.sidecar, self.operator, self.app, self.stock = names
 
     def run(self, *argv: str, timeout: float = 120, check: bool = True) -> str:
         proc = subprocess.run([self.docker, *argv], capture_output=True, text=True, timeout=timeout)
@@ -78,7 +79,7 @@ def images() -> Images:
 
 
 def test_images_run_as_the_numeric_non_root_user(images: Images) -> None:
-    for image in (images.sidecar, images.operator, images.app):
+    for image in (images.sidecar, images.operator, images.app, images.stock):
         assert images.run("image", "inspect", "-f", "{{.Config.User}}", image) == f"{UID}:{UID}"
         # No --user here: the image's own default is what a pod without a
         # securityContext would get.
@@ -95,7 +96,7 @@ def test_runtime_images_carry_no_build_tools(images: Images) -> None:
         "print([t for t in ('gcc','cc','make','apt-get','pip','pip3') if shutil.which(t)],"
         " [m for m in ('pip','setuptools','ensurepip') if u.find_spec(m)])"
     )
-    for image in (images.sidecar, images.operator, images.app):
+    for image in (images.sidecar, images.operator, images.app, images.stock):
         assert images.python(image, code) == "[] []", image
 
 
@@ -256,3 +257,12 @@ async def _serve_and_drain(
     diff = (await adocker(images, "diff", cid)).splitlines()
     assert sorted(diff) == ["A /etc/natsmesh", "C /etc"]
     return {"idle": idle, "after_500_calls_1KiB": loaded}
+
+
+def test_stock_image_has_grpcio_and_nothing_of_natsmesh(images: Images) -> None:
+    code = (
+        "import importlib.util as u, grpc;"
+        "print(grpc.__version__,"
+        " [m for m in ('natsmesh_sidecar', 'nats', 'kopf') if u.find_spec(m)])"
+    )
+    assert images.python(images.stock, code) == "1.85.1 []"
