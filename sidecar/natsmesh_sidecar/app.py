@@ -700,10 +700,13 @@ class Sidecar:
                 # The server drops us at the end of its grace period; the
                 # connection then reconnects elsewhere by itself.
                 logger.error("no other NATS server reachable; staying until dropped")
+                self.metrics.lame_duck_move_failures.inc()
                 return
             moved = await self._move_to(nc, f"left lame-duck server {netloc}", creds)
             if moved:
                 self.metrics.lame_duck_moves.inc()
+            else:
+                self.metrics.lame_duck_move_failures.inc()
 
     async def _open_elsewhere(self, old_nc: Any, netloc: str, server_id: str | None) -> Any:
         """A connection to any known server but the one at ``netloc`` / ``server_id``.

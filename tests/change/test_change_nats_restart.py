@@ -63,8 +63,8 @@ def stream_replicas(cluster: NatsCluster) -> dict[str, int]:
     return out
 
 
-def lame_duck_moves(fleet: Fleet) -> int:
-    name = "natsmesh_sidecar_nats_lame_duck_moves_total"
+def lame_duck_moves(fleet: Fleet, outcome: str = "moves") -> int:
+    name = f"natsmesh_sidecar_nats_lame_duck_{outcome}_total"
     return int(sum(r.sidecar.metrics.registry.get_sample_value(name) or 0 for r in fleet.replicas))
 
 
@@ -86,6 +86,8 @@ async def test_rolling_restart_of_the_nats_cluster(
             print(f"[change] NATS server {index} restarted in {seconds:.1f}s")
     # Every sidecar was on some server, and each server went: each moved at least once.
     assert lame_duck_moves(fleet) >= len(fleet.replicas), lame_duck_moves(fleet)
+    # ... and no notice went without a move (another server was always up).
+    assert lame_duck_moves(fleet, "move_failures") == 0
     report[0].check()
 
     # The operator's own connections came back: a new service is wired and Ready.

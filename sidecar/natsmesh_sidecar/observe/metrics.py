@@ -307,6 +307,12 @@ class Metrics:
             "Moves off a server in lame duck mode: a connection to another, then the old drained",
             "counter",
         )
+        self.lame_duck_move_failures = metric(
+            "nats_lame_duck_move_failures",
+            "Lame duck notices not followed by a move (no other server reachable, or the"
+            " new connection failed): the connection stays until the server drops it",
+            "counter",
+        )
         self.nats_errors = metric(
             "nats_async_errors", "Asynchronous NATS errors", "counter", "kind"
         )
