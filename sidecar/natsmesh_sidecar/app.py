@@ -262,6 +262,10 @@ class Sidecar:
         #: The pod is stopping (the app's preStop hook called /prestop): out
         #: of the queue group while the app finishes, until our SIGTERM.
         self.stopping = False
+        #: A preStop was honoured and not re-armed since (by an app restart).
+        self._prestop_spent = False
+        self._app_down_since_prestop = False
+        self._hold: asyncio.Task[None] | None = None
         #: Event consumers being closed: a preStop waits for their deliveries.
         self._closing: set[asyncio.Task[None]] = set()
         self.stopped = asyncio.Event()
@@ -516,6 +520,9 @@ class Sidecar:
 
     # -- queue-group membership ---------------------------------------------------
 
+    def _want_app(self) -> bool:
+        return self.app_ready is None or self.app_ready.ready
+
     def _want_joined(self) -> bool:
         return (
             not self.draining
@@ -523,7 +530,7 @@ class Sidecar:
             and (self.app_ready is None or self.app_ready.ready)
         )
 
-    async def prepare_stop(self) -> None:
+    async def prepare_stop(self) -> bool:
         """The pod is stopping: the kubelet runs the app container's preStop
         hook (``GET /prestop``) and sends the app SIGTERM only once it returns.
 
@@ -532,25 +539,46 @@ class Sidecar:
         queue group, and requests routed here meanwhile are refused (a
         ``502 app_unreachable`` once the caller's retries run out: the kind
         tier's scale-down saw one in 493). So: leave the queue group and the
-        event consumers now, then wait (within the drain grace) until the app
-        has answered what it holds. The outbound listener stays open: the app
-        may call out while it finishes. We join again if no SIGTERM comes
-        within ``prestop_hold_seconds``.
+        event consumers now (and wait for a connection move under way, whose
+        old connection is still subscribed), then wait, at most
+        ``prestop_wait_seconds``, until the app has answered what it holds.
+        The outbound listener stays open: the app may call out while it
+        finishes.
+
+        The kubelet also runs the hook when it restarts only the app (a
+        failed liveness probe): the app going down and passing its check
+        again ends the stop, and arms the hook again. Without SIGTERM or
+        restart, we join again after ``prestop_hold_seconds``, and a later
+        call is refused (False) until the app is seen restarting: whoever can
+        read the pod spec, and so the token, can take a replica out once per
+        app lifetime, not again and again.
         """
         if self.draining:
-            return
+            return True
+        if self._prestop_spent and not self.stopping:
+            logger.warning("preStop hook called again with no app restart since the last: refused")
+            return False
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.drain_seconds
+        s = self.settings
+        deadline = loop.time() + min(s.drain_seconds, s.prestop_wait_seconds)
         if not self.stopping:
-            self.stopping = True
+            self.stopping = self._prestop_spent = True
+            # An app already down when the hook came and ready later restarted too.
+            self._app_down_since_prestop = not self._want_app()
             logger.info("pod stopping (preStop hook): leaving the queue group before the app stops")
-            self._spawn(self._end_stop_hold())
+            self._hold = self._spawn(self._end_stop_hold())
         await self._sync_membership()
+        if self._moving.locked():
+            # A move's old connection stays subscribed until the move ends.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.05, deadline - loop.time())), self._moving:
+                    pass
         if self._closing:
             await asyncio.wait(list(self._closing), timeout=max(0.05, deadline - loop.time()))
         while self.inbound.pending() > 0 and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         logger.info("preStop done: %d calls into the app still open", self.inbound.pending())
+        return True
 
     async def _end_stop_hold(self) -> None:
         await asyncio.sleep(self.settings.prestop_hold_seconds)
@@ -562,6 +590,22 @@ class Sidecar:
         )
         self.stopping = False
         await self._sync_membership()
+
+    def _prestop_seen_app(self, ready: bool) -> None:
+        """After a preStop: the app down, then ready again, is a restarted app
+        container (the pod goes on): end the stop and arm the hook again."""
+        if not self._prestop_spent:
+            return
+        if not ready:
+            self._app_down_since_prestop = True
+            return
+        if not self._app_down_since_prestop:
+            return
+        logger.info("the app restarted after the preStop hook: the pod goes on, joining again")
+        self.stopping = self._prestop_spent = self._app_down_since_prestop = False
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
 
     async def _check_app(self) -> bool:
         s = self.settings
@@ -575,6 +619,7 @@ class Sidecar:
 
     async def _app_changed(self, ready: bool) -> None:
         s = self.settings
+        self._prestop_seen_app(ready)
         if ready:
             logger.info("app ready (%s check, port %d)", s.ready_check, s.ready_port or s.app_port)
         else:
@@ -1037,7 +1082,7 @@ class Sidecar:
         logger.info("NATS reconnected")
         if self.targets is not None:
             self.targets.reset()
-        if self.kv_watch is not None and self.nc is not None:
+        if self.kv_watch is not None and self.nc is not None and not self.draining:
             # Puts made while we were away are not replayed to a subscription.
             self.kv_watch.refresh_soon(self.nc)
 

@@ -241,6 +241,10 @@ class SidecarSettings(_Wire):
     """What the app container's preStop hook sends in ``Nm-Prestop-Token`` to
     ``GET /prestop`` on the admin port (the webhook writes a random one per
     pod into both). Empty: ``/prestop`` answers 404."""
+    prestop_wait_seconds: float = Field(10.0, gt=0)
+    """The longest ``/prestop`` waits for the calls the app holds (and never
+    longer than ``drain_seconds``); the webhook sets half the pod's grace
+    period, so the app keeps the other half for its own shutdown."""
     prestop_hold_seconds: float = Field(60.0, gt=0)
     """After ``/prestop`` the sidecar stays out of its queue group this long
     waiting for its own SIGTERM, then joins again: a pod that was not

@@ -196,6 +196,7 @@ class Settings:
     drain_seconds: float = 20.0
     # Not in a repr: settings may end up in a log line.
     prestop_token: str = field(default="", repr=False)
+    prestop_wait_seconds: float = 10.0
     prestop_hold_seconds: float = 60.0
     idle_timeout_seconds: float = 120.0
     app_idle_timeout_seconds: float = 4.0
@@ -498,6 +499,7 @@ _SETTINGS = (
         _F("max_inflight", _int(1), None),
         _F("drain_seconds", _float(0), None),
         _F("prestop_token", _str, None),
+        _F("prestop_wait_seconds", _float(0), None),
         _F("prestop_hold_seconds", _float(0), None),
         _F("idle_timeout_seconds", _float(0), None),
         _F("app_idle_timeout_seconds", _float(0), None),

@@ -304,7 +304,9 @@ def _prestop_target(pod: Mapping[str, Any], target: Target) -> int | None:
 
 def _with_prestop(container: JsonDict, token: str) -> JsonDict:
     container = copy.deepcopy(container)
-    container.setdefault("lifecycle", {})["preStop"] = {
+    # ``lifecycle: null`` is as good as absent.
+    container["lifecycle"] = {**(container.get("lifecycle") or {})}
+    container["lifecycle"]["preStop"] = {
         "httpGet": {
             "path": PRESTOP_PATH,
             "port": ADMIN_PORT,
@@ -341,6 +343,8 @@ def injection(
         grace = grace if isinstance(grace, int) and grace >= 0 else 30
         prestop_env = {
             "NATSMESH_PRESTOP_TOKEN": token,
+            # The hook waits at most half the grace: the app keeps the rest.
+            "NATSMESH_PRESTOP_WAIT_SECONDS": str(max(1, grace // 2)),
             "NATSMESH_PRESTOP_HOLD_SECONDS": str(grace + PRESTOP_HOLD_MARGIN_SECONDS),
         }
     metadata = pod.get("metadata") or {}

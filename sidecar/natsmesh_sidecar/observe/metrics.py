@@ -394,8 +394,8 @@ class AdminServer:
 
     ``/prestop`` is the kubelet's preStop hook of the app container (an
     ``httpGet`` the webhook adds): it awaits ``prestop`` (leave the queue
-    group, finish what the app holds) before the kubelet sends the app its
-    SIGTERM. The port is open to the pod network (probes, scrapes), so the
+    group, finish what the app holds; False: refused, 409) before the
+    kubelet sends the app its SIGTERM. The port is open to the pod network (probes, scrapes), so the
     call must carry the pod's token; without one configured it is 404.
     """
 
@@ -404,7 +404,7 @@ class AdminServer:
         metrics: Metrics,
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
-        prestop: Callable[[], Awaitable[None]] | None = None,
+        prestop: Callable[[], Awaitable[bool]] | None = None,
         prestop_token: str = "",
     ) -> None:
         self.metrics = metrics
@@ -442,8 +442,10 @@ class AdminServer:
                 status, body = (200, b"ready\n") if ok else (503, b"not ready\n")
             elif path == "/prestop" and self.prestop is not None and self._token:
                 if hmac.compare_digest(_header(head, PRESTOP_HEADER), self._token):
-                    await self.prestop()
-                    status, body = 200, b"left the queue group\n"
+                    if await self.prestop():
+                        status, body = 200, b"left the queue group\n"
+                    else:
+                        status, body = 409, b"already stopped once; the app has not restarted\n"
                 else:
                     held = self._refusals.allow("prestop")
                     if held is not None:

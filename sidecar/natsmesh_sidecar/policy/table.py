@@ -162,6 +162,9 @@ class KvWatch:
     async def start(self, nc: Any) -> None:
         """Subscribe on ``nc`` and read the current value (again on every new
         connection); a failed read is retried in the background."""
+        if self._retry is not None:
+            self._retry.cancel()  # it asks on an older connection
+            self._retry = None
         self.sub = await nc.subscribe(self.subject, cb=self._on_msg)
         try:
             await nc.flush()
@@ -197,11 +200,15 @@ class KvWatch:
         """Read the key's current value (a direct get): True once the server
         answered (a value, or no key yet); False when the read failed (logged,
         never raised)."""
+        heard = self.heard
         try:
             msg = await nc.request(self.direct, b"", timeout=wait)
         except Exception as exc:
             logger.warning("route table %s: direct get failed: %s", self.subject, exc)
             return False
+        if self.heard != heard:
+            # A put arrived meanwhile: as new as what the get read, or newer.
+            return True
         hdrs = msg.headers or {}
         if hdrs.get("Status") == "404":
             logger.warning("route table key %s not found; waiting for the operator", self.service)
@@ -246,7 +253,7 @@ class KvWatch:
     async def stop(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._retry
             self._retry = None
         if self.sub is not None:

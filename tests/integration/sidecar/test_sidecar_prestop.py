@@ -122,5 +122,37 @@ async def test_without_sigterm_after_the_hold_the_replica_joins_again(shop: Rout
         await wait_for(lambda: orders.joined, 5, "orders joining again after the hold")
         r = await request(gateway.outbound_port, "GET", "/ok", host="orders")
         assert r.status == 200
+        # The attack again, with the token read from the pod spec: refused
+        # until the app is seen restarting, so it cannot keep the replica out.
+        assert await prestop(orders, TOKEN) == 409
+        assert orders.joined
+        r = await request(gateway.outbound_port, "GET", "/ok", host="orders")
+        assert r.status == 200
+    finally:
+        await app.stop()
+
+
+async def test_an_app_restart_after_the_hook_joins_again_and_arms_it(shop: RoutedShop) -> None:
+    """The kubelet runs the hook when it restarts only the app container (a
+    failed liveness probe): the pod goes on. The app going down and passing
+    its check again ends the stop long before the hold, and arms the hook."""
+    app = await TestApp().start()
+    port = app.port
+    try:
+        orders = await shop.orders(port, prestop_token=TOKEN, prestop_hold_seconds=60.0, **CHECKS)
+        await orders.wait_ready()
+        gateway = await shop.gateway()
+        assert await prestop(orders, TOKEN) == 200
+        assert not orders.joined
+        await app.stop()  # the kubelet kills the app container...
+        checks = orders.app_ready
+        assert checks is not None
+        await wait_for(lambda: not checks.ready, 5, "the app seen down")
+        app = await TestApp().start(port)  # ... and starts it again
+        await wait_for(lambda: orders.joined, 5, "orders joining again, long before the hold")
+        r = await request(gateway.outbound_port, "GET", "/ok", host="orders")
+        assert r.status == 200
+        assert await prestop(orders, TOKEN) == 200, "the hook is armed again"
+        assert not orders.joined
     finally:
         await app.stop()

@@ -93,3 +93,34 @@ async def test_a_put_heard_ends_the_retries_and_stop_cancels_them() -> None:
     gets = nc.gets
     await asyncio.sleep(0.1)
     assert nc.gets == gets, "stopped: no more reads"
+
+
+async def test_a_new_connection_replaces_the_old_ones_retries() -> None:
+    applied: list[bytes] = []
+    old = SlowNats(failures=10**6)
+    w = watch(applied)
+    await w.start(old)
+    await asyncio.sleep(0.05)
+    new = SlowNats(failures=0, value=b"table-3")
+    await w.start(new)  # a move: its first read succeeds
+    assert applied == [b"table-3"]
+    gets = old.gets
+    await asyncio.sleep(0.1)
+    assert old.gets == gets, "nothing asks on the old connection any more"
+    await w.stop()
+
+
+class PutDuringGet(SlowNats):
+    """A put of a newer table arrives while the direct get is on its way."""
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:  # noqa: ASYNC109
+        await self.cb(Msg(b"table-new"))
+        return Msg(b"table-old")
+
+
+async def test_a_put_heard_during_a_get_is_not_overwritten_by_the_get() -> None:
+    applied: list[bytes] = []
+    w = watch(applied)
+    await w.start(PutDuringGet(failures=0))
+    assert applied == [b"table-new"]
+    await w.stop()

@@ -137,6 +137,8 @@ def test_app_prestop_hook_calls_its_own_sidecar_with_the_pod_token() -> None:
     assert len(header["value"]) == 32
     # Past the pod's grace period: by then a stopping pod is gone.
     assert env["NATSMESH_PRESTOP_HOLD_SECONDS"] == "75"
+    # The hook holds the app back at most half the grace.
+    assert env["NATSMESH_PRESTOP_WAIT_SECONDS"] == "22"
     again = inject.injection(pod(), TARGET, InjectionSettings())
     other = env_of(again["spec"]["initContainers"][0])["NATSMESH_PRESTOP_TOKEN"]
     assert other != header["value"], "a token per pod, not per service"
@@ -171,3 +173,16 @@ def test_prestop_hook_goes_on_the_container_with_the_app_port_only() -> None:
     out = inject.injection(source, TARGET, InjectionSettings())
     assert prestop_of(out, 0) is None
     assert prestop_of(out, 1) is None
+
+
+def test_a_null_lifecycle_gets_the_hook_and_other_handlers_are_kept() -> None:
+    source = pod()
+    source["spec"]["containers"][0]["lifecycle"] = None
+    assert prestop_of(inject.injection(source, TARGET, InjectionSettings())) is not None
+    started = {"postStart": {"exec": {"command": ["true"]}}}
+    source["spec"]["containers"][0]["lifecycle"] = started
+    out = inject.injection(source, TARGET, InjectionSettings())
+    lifecycle = out["spec"]["containers"][0]["lifecycle"]
+    assert lifecycle["postStart"] == started["postStart"]
+    assert "preStop" in lifecycle
+    assert "preStop" not in started, "input not mutated"
