@@ -520,15 +520,12 @@ class Sidecar:
 
     # -- queue-group membership ---------------------------------------------------
 
-    def _want_app(self) -> bool:
+    def _app_passes(self) -> bool:
+        """The app passes its readiness check (or the sidecar has none)."""
         return self.app_ready is None or self.app_ready.ready
 
     def _want_joined(self) -> bool:
-        return (
-            not self.draining
-            and not self.stopping
-            and (self.app_ready is None or self.app_ready.ready)
-        )
+        return not self.draining and not self.stopping and self._app_passes()
 
     async def prepare_stop(self) -> bool:
         """The pod is stopping: the kubelet runs the app container's preStop
@@ -564,7 +561,7 @@ class Sidecar:
         if not self.stopping:
             self.stopping = self._prestop_spent = True
             # An app already down when the hook came and ready later restarted too.
-            self._app_down_since_prestop = not self._want_app()
+            self._app_down_since_prestop = not self._app_passes()
             logger.info("pod stopping (preStop hook): leaving the queue group before the app stops")
             self._hold = self._spawn(self._end_stop_hold())
         await self._sync_membership()
