@@ -324,6 +324,8 @@ class InboundHandler:
                 self._track(self._serve_upload(msg, hdrs, t0, rid, method, target), self.tasks)
                 return True
             return False
+        if self.app_protocol == "grpc":
+            return False  # refused in _call_app: the app speaks HTTP/2 only
         rid = hdrs.get(codec.REQUEST_ID) or codec.new_request_id()
         data = self._render(msg, hdrs, rid, method, target)
         if data is None:
@@ -507,6 +509,18 @@ class InboundHandler:
         """(status, reply NATS headers, body, error code)."""
         if not method or not target:
             return self._error(400, "bad_request", "message lacks Nm-Method/Nm-Target", rid)
+        if self.app_protocol == "grpc":
+            # A gRPC call always arrives as a stream (natsmesh_sidecar.edge.h2);
+            # a unary message is an HTTP/1.1 caller, and a gRPC server
+            # answers HTTP/1.1 with a dropped connection: a 502 that would
+            # count against the callee. Refused here, the caller's mistake.
+            return self._error(
+                415,
+                "grpc_only",
+                f"{self.source} serves gRPC over HTTP/2 only: call it with a gRPC client"
+                " (HTTP/2 cleartext to your sidecar's outbound port)",
+                rid,
+            )
         data = self._render(msg, hdrs, rid, method, target)
         if data is None:
             return self._error(400, "bad_request", "invalid method or target", rid)

@@ -219,6 +219,38 @@ async def test_http1_still_served_on_the_same_listener(mesh: GrpcMesh) -> None:
     assert body["error"] == "unknown_service"
 
 
+async def test_an_http1_caller_of_a_grpc_service_gets_415_and_the_app_nothing(
+    mesh: GrpcMesh,
+) -> None:
+    """An HTTP/1.1 POST to a ``protocol: grpc`` service: its sidecar answers
+    415 ``grpc_only`` (the caller's mistake, not a 502 counted against the
+    callee) and no app sees it; the same method over gRPC is served."""
+    mesh.reset()
+
+    def post() -> tuple[int, dict[str, str]]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{mesh.port()}{method('Echo')}",
+            data=b"hello",
+            headers={"Host": "orders.shop", "Content-Type": "application/json"},
+            method="POST",
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            opener.open(req, timeout=5)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+        raise AssertionError("no error")
+
+    status, body = await asyncio.to_thread(post)
+    assert status == 415, body
+    assert body["error"] == "grpc_only"
+    assert "gRPC client" in body["message"]
+    assert sum(s.calls for s in mesh.states) == 0
+    async with mesh.channel() as channel:
+        assert await channel.unary_unary(method("Echo"))(b"hello", timeout=5) == b"hello"
+    assert sum(s.calls for s in mesh.states) == 1
+
+
 async def _any_cancelled(mesh: GrpcMesh) -> None:
     await asyncio.wait(
         [asyncio.ensure_future(s.cancelled.wait()) for s in mesh.states],
