@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 CHECK_PATTERN = r"^(?:tcp|none|/[!-~]{0,1023})$"
 TCP = "tcp"
 NONE = "none"
+#: The app container's preStop hook (the webhook writes it, the admin server
+#: answers it): leave the queue group before the app gets its SIGTERM.
+PRESTOP_PATH = "/prestop"
+#: The header carrying the pod's token on that call.
+PRESTOP_HEADER = "Nm-Prestop-Token"
 #: A starting or failing app is checked this much more often than a ready one.
 FAST_FACTOR = 5
 _MAX_STATUS_LINE = 4096

@@ -1004,13 +1004,15 @@ class PodSim:
                 raise PodSimError(f"container {c.name}: probe port {port} is not declared")
         return sim.ports.get(int(port), int(port))
 
+    def _get_url(self, sim: SimPod, c: ContainerProc, get: JsonDict) -> str:
+        """Where an ``httpGet`` (probe or hook) of container ``c`` goes."""
+        return f"http://127.0.0.1:{self._probe_port(sim, c, get['port'])}{get.get('path', '/')}"
+
     def _probe_once(self, sim: SimPod, c: ContainerProc, probe: JsonDict) -> bool:
         if "httpGet" in probe:
-            get = probe["httpGet"]
-            port = self._probe_port(sim, c, get["port"])
-            url = f"http://127.0.0.1:{port}{get.get('path', '/')}"
+            url = self._get_url(sim, c, probe["httpGet"])
             try:
-                with urllib.request.urlopen(url, timeout=1) as r:
+                with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 -- _get_url: http
                     return bool(200 <= r.status < 400)
             except (OSError, urllib.error.URLError):
                 return False
@@ -1042,8 +1044,7 @@ class PodSim:
         if not get or not c.alive():
             return
         try:
-            port = self._probe_port(sim, c, get["port"])
-            req = urllib.request.Request(f"http://127.0.0.1:{port}{get.get('path', '/')}")
+            req = urllib.request.Request(self._get_url(sim, c, get))  # noqa: S310 -- http
             for h in get.get("httpHeaders") or []:
                 req.add_header(h["name"], h["value"])
             with urllib.request.urlopen(req, timeout=max(0.1, deadline - time.monotonic())) as r:  # noqa: S310 -- http, built here

@@ -44,9 +44,6 @@ it, derived from the app container's readinessProbe."""
 ANNOTATION_INJECTED = "natsmesh.io/injected"
 ANNOTATION_SERVICE = "natsmesh.io/service"
 LABEL_INJECTED = "natsmesh.io/injected"
-#: The app container's preStop hook calls this on the sidecar's admin port.
-PRESTOP_PATH = "/prestop"
-PRESTOP_HEADER = "Nm-Prestop-Token"
 #: How long past the pod's grace period a sidecar told "stopping" waits for
 #: its SIGTERM before it joins its queue group again.
 PRESTOP_HOLD_MARGIN_SECONDS = 30
@@ -308,11 +305,11 @@ def _with_prestop(container: JsonDict, token: str) -> JsonDict:
     container["lifecycle"] = {**(container.get("lifecycle") or {})}
     container["lifecycle"]["preStop"] = {
         "httpGet": {
-            "path": PRESTOP_PATH,
+            "path": readiness.PRESTOP_PATH,
             "port": ADMIN_PORT,
             # The admin port is open to the pod network (probes, scrapes): the
             # token (readable only by who can read the pod) keeps others out.
-            "httpHeaders": [{"name": PRESTOP_HEADER, "value": token}],
+            "httpHeaders": [{"name": readiness.PRESTOP_HEADER, "value": token}],
         }
     }
     return container
@@ -380,7 +377,8 @@ def injection(
     }
     proxy_env = str(annotations.get(ANNOTATION_PROXY_ENV, "")).lower() == "true"
     if proxy_env or hooked is not None:
-        containers = [copy.deepcopy(c) for c in (spec.get("containers") or [])]
+        # Each helper returns a copy of the container it changes.
+        containers = list(spec.get("containers") or [])
         if proxy_env:
             containers = [_with_proxy_env(c) for c in containers]
         if hooked is not None:

@@ -20,6 +20,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 
 from natsmesh_sidecar.logthrottle import LogThrottle
+from natsmesh_sidecar.readiness import PRESTOP_HEADER, PRESTOP_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -385,10 +386,6 @@ class Metrics:
         return self.registry.render()
 
 
-#: The header the app container's preStop hook carries its pod's token in.
-PRESTOP_HEADER = b"nm-prestop-token"
-
-
 class AdminServer:
     """A tiny HTTP/1.0-style server: one request per connection, GET only.
 
@@ -440,8 +437,8 @@ class AdminServer:
             elif path == "/readyz":
                 ok = self.ready()
                 status, body = (200, b"ready\n") if ok else (503, b"not ready\n")
-            elif path == "/prestop" and self.prestop is not None and self._token:
-                if hmac.compare_digest(_header(head, PRESTOP_HEADER), self._token):
+            elif path == PRESTOP_PATH and self.prestop is not None and self._token:
+                if hmac.compare_digest(_header(head, _PRESTOP_KEY), self._token):
                     if await self.prestop():
                         status, body = 200, b"left the queue group\n"
                     else:
@@ -479,3 +476,7 @@ def _header(head: bytes, name: bytes) -> bytes:
         if sep and key.strip().lower() == name:
             return value.strip()
     return b""
+
+
+#: PRESTOP_HEADER as :func:`_header` looks it up.
+_PRESTOP_KEY = PRESTOP_HEADER.lower().encode()

@@ -202,19 +202,21 @@ async def test_a_client_cancel_cancels_the_apps_call(mesh: GrpcMesh) -> None:
         assert await channel.unary_unary(method("Echo"))(b"after", timeout=5) == b"after"
 
 
-async def test_http1_still_served_on_the_same_listener(mesh: GrpcMesh) -> None:
-    def get() -> tuple[int, dict[str, str]]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{mesh.port()}/x", headers={"Host": "nobody.shop"}
-        )
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            opener.open(req, timeout=5)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-        raise AssertionError("no error")
+def _http1_error(req: urllib.request.Request) -> tuple[int, dict[str, str]]:
+    """An HTTP/1.1 request the mesh refuses: its status and JSON error body."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        opener.open(req, timeout=5)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    raise AssertionError("no error")
 
-    status, body = await asyncio.to_thread(get)
+
+async def test_http1_still_served_on_the_same_listener(mesh: GrpcMesh) -> None:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{mesh.port()}/x", headers={"Host": "nobody.shop"}
+    )
+    status, body = await asyncio.to_thread(_http1_error, req)
     assert status == 404
     assert body["error"] == "unknown_service"
 
@@ -226,22 +228,13 @@ async def test_an_http1_caller_of_a_grpc_service_gets_415_and_the_app_nothing(
     415 ``grpc_only`` (the caller's mistake, not a 502 counted against the
     callee) and no app sees it; the same method over gRPC is served."""
     mesh.reset()
-
-    def post() -> tuple[int, dict[str, str]]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{mesh.port()}{method('Echo')}",
-            data=b"hello",
-            headers={"Host": "orders.shop", "Content-Type": "application/json"},
-            method="POST",
-        )
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            opener.open(req, timeout=5)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-        raise AssertionError("no error")
-
-    status, body = await asyncio.to_thread(post)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{mesh.port()}{method('Echo')}",
+        data=b"hello",
+        headers={"Host": "orders.shop", "Content-Type": "application/json"},
+        method="POST",
+    )
+    status, body = await asyncio.to_thread(_http1_error, req)
     assert status == 415, body
     assert body["error"] == "grpc_only"
     assert "gRPC client" in body["message"]

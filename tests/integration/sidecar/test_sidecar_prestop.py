@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from natsmesh_operator.webhook.inject import PRESTOP_HEADER
 from natsmesh_operator.wiring.routes import RouteDestination, RouteRule
 from natsmesh_sidecar.app import Sidecar
 from natsmesh_sidecar.config import Retries
+from natsmesh_sidecar.readiness import PRESTOP_HEADER
 from tests.fixtures.nats_operator import OperatorNats
 from tests.integration.sidecar.jwt_harness import Load, RoutedShop, wait_for
 from tests.integration.sidecar.sidecar_harness import TestApp, request

@@ -131,7 +131,7 @@ def test_app_prestop_hook_calls_its_own_sidecar_with_the_pod_token() -> None:
     get = hook["httpGet"]
     assert (get["path"], get["port"]) == ("/prestop", inject.ADMIN_PORT)
     (header,) = get["httpHeaders"]
-    assert header["name"] == inject.PRESTOP_HEADER
+    assert header["name"] == "Nm-Prestop-Token"
     env = env_of(out["spec"]["initContainers"][0])
     assert env["NATSMESH_PRESTOP_TOKEN"] == header["value"]
     assert len(header["value"]) == 32
