@@ -1,6 +1,6 @@
 """Sidecar benchmark: direct HTTP vs raw nats-py request-reply vs two sidecars.
 
-Run from the repository root (about 45 s; ``--quick`` is a smoke run of a few
+Run from the repository root (about 55 s; ``--quick`` is a smoke run of a few
 seconds with tiny counts, what CI runs)::
 
     .venv/bin/python -m bench.sidecar            # full run
@@ -10,11 +10,16 @@ One process tree on this machine: nats-server, the app, a raw NATS responder,
 sidecar B (in front of the app) and sidecar A (the caller's), each its own
 process: the app and the responder are this module again (``python -m
 bench.sidecar --role ...``), the sidecars ``python -m natsmesh_sidecar`` with
-NATSMESH_* env. The load generator (this process, uvloop, raw asyncio +
-httptools keep-alive connections) sends 1 KiB bodies sequentially, at fixed
-rates (open loop: requests start on schedule whether or not earlier ones
-finished) and then as fast as 32 connections go. Latency is measured from
-send to full response.
+NATSMESH_* env. The app is the test harness's bare asyncio server, so the
+"direct" baseline is about as cheap as loopback HTTP gets in Python. An
+aiohttp app (DESIGN.md's baseline, with sidecar C in front of it) is measured
+beside it at max throughput: the ratio a typical Python service would see.
+
+The load generator (this process, uvloop, raw asyncio + httptools keep-alive
+connections) sends 1 KiB bodies sequentially, at fixed rates (open loop:
+requests start on schedule whether or not earlier ones finished) and then as
+fast as 32 connections go, the paths taking turns in both phases. Latency is
+measured from send to full response.
 
 During each max-throughput run every process's CPU time is read from /proc:
 CPU per request (CPU seconds / requests answered) does not depend on how busy
@@ -28,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import subprocess
@@ -36,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,9 @@ BODY = b"x" * 1024
 CONNS = 32
 #: The CPU per request per sidecar the design aims at (DESIGN.md).
 TARGET_CPU_US = 60.0
+#: The paths to the aiohttp app, DESIGN.md's direct baseline (max throughput only).
+AIO_DIRECT = "aio-direct"
+AIO_SIDECARS = "aio-sidecars"
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,22 @@ async def role_app(port: int) -> None:
         return reply
 
     await TestApp(slow, fast=fast).start(port)
+    await asyncio.Event().wait()
+
+
+async def role_aiohttp_app(port: int) -> None:
+    """What DESIGN.md's baseline measured: an aiohttp server answering each body with 1 KiB."""
+    from aiohttp import web
+
+    async def bench(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=BODY, content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_post("/bench", bench)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     await asyncio.Event().wait()
 
 
@@ -282,6 +305,16 @@ async def latency_rows(calls: dict[str, Call], mode: Mode) -> dict[str, dict[str
 
 async def max_throughput(call: Call, conns: int, seconds: float) -> dict[str, float]:
     """``conns`` closed loops for ``seconds``: requests/s, latency, and the count."""
+    lat, errors, count, elapsed = await max_throughput_samples(call, conns, seconds)
+    out = summary(lat, errors)
+    out.update(rps=count / elapsed, count=count, elapsed=elapsed)
+    return out
+
+
+async def max_throughput_samples(
+    call: Call, conns: int, seconds: float
+) -> tuple[list[float], int, int, float]:
+    """:func:`max_throughput`'s latencies (ms), errors, answered count and elapsed seconds."""
     loop = asyncio.get_running_loop()
     stop = loop.time() + seconds
     count = 0
@@ -305,10 +338,7 @@ async def max_throughput(call: Call, conns: int, seconds: float) -> dict[str, fl
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(conns)))
-    elapsed = time.perf_counter() - t0
-    out = summary(lat, errors)
-    out.update(rps=count / elapsed, count=count, elapsed=elapsed)
-    return out
+    return lat, errors, count, time.perf_counter() - t0
 
 
 # -- orchestration -----------------------------------------------------------------
@@ -420,6 +450,69 @@ async def measure_max(
     return row
 
 
+#: Each path's share of the max-throughput phase per turn (see :func:`measure_max_turns`).
+MAX_TURN_S = 1.0
+
+
+@dataclass
+class _MaxSoFar:
+    """One path's max-throughput turns, summed."""
+
+    cpu: dict[str, float]
+    lat: list[float] = field(default_factory=list)
+    errors: int = 0
+    count: int = 0
+    elapsed: float = 0.0
+    box: float = 0.0
+
+
+async def measure_max_turns(
+    targets: dict[str, Any],
+    mode: Mode,
+    crossed: dict[str, dict[str, int]],
+    conns: int = CONNS,
+) -> dict[str, dict[str, Any]]:
+    """Every path's max-throughput run (``conns`` closed loops, ``mode.max_s``
+    seconds in all) with the CPU time of every process it crosses, the paths
+    taking turns of about :data:`MAX_TURN_S` as in :func:`latency_rows`.
+
+    Run path after path, the "sidecar path / direct" ratio compared two
+    different minutes of this shared box: in five runs of one afternoon it
+    went from 0.18x to 0.27x with the code unchanged, while each path's CPU
+    per request moved with the box. Taking turns puts a slow stretch on
+    every path."""
+    turns = max(1, round(mode.max_s / MAX_TURN_S))
+    acc = {name: _MaxSoFar(cpu=dict.fromkeys(crossed[name], 0.0)) for name in targets}
+    names = list(targets)
+    for turn in range(turns):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            pids, so_far = crossed[name], acc[name]
+            cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            box0 = box_busy_seconds()[0]
+            lat, errors, count, elapsed = await max_throughput_samples(
+                targets[name].call, conns, mode.max_s / turns
+            )
+            box1 = box_busy_seconds()[0]
+            for k, pid in pids.items():
+                so_far.cpu[k] += cpu_seconds(pid) - cpu0[k]
+            so_far.lat += lat
+            so_far.errors += errors
+            so_far.count += count
+            so_far.elapsed += elapsed
+            so_far.box += box1 - box0
+    rows: dict[str, dict[str, Any]] = {}
+    for name, so_far in acc.items():
+        elapsed, count = so_far.elapsed, max(1, so_far.count)
+        row: dict[str, Any] = dict(summary(so_far.lat, so_far.errors))
+        row.update(rps=so_far.count / elapsed, count=so_far.count, elapsed=elapsed)
+        row["cores"] = {k: v / elapsed for k, v in so_far.cpu.items()}
+        row["cpu_us_per_request"] = {k: v / count * 1e6 for k, v in so_far.cpu.items()}
+        row["box_cores"] = so_far.box / elapsed
+        row["loadavg"] = list(os.getloadavg())
+        rows[name] = row
+    return rows
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     import nats
 
@@ -430,8 +523,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="natsmesh-bench-"))
     procs = Procs(tmp)
     py = sys.executable
-    nats_port, app_port = free_port(), free_port()
+    nats_port, app_port, aio_port = free_port(), free_port(), free_port()
     a_out, a_admin, b_out, b_admin = free_port(), free_port(), free_port(), free_port()
+    c_out, c_admin = free_port(), free_port()
     url = f"nats://127.0.0.1:{nats_port}"
     results: dict[str, Any] = {
         "cpus": os.cpu_count(),
@@ -447,10 +541,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         me = [py, "-m", "bench.sidecar"]
         procs.start("app", [*me, "--role", "app", "--port", str(app_port)])
         procs.start("responder", [*me, "--role", "responder", "--url", url])
+        procs.start("aiohttp-app", [*me, "--role", "aiohttp-app", "--port", str(aio_port)])
         (tmp / "b.json").write_bytes(table("bench", "app").to_json())
-        (tmp / "a.json").write_bytes(
-            table("bench", "client", destinations=[destination("bench", "app")]).to_json()
-        )
+        (tmp / "c.json").write_bytes(table("bench", "web").to_json())
+        callee = [destination("bench", "app"), destination("bench", "web")]
+        (tmp / "a.json").write_bytes(table("bench", "client", destinations=callee).to_json())
         base = {
             **os.environ,
             "NATSMESH_NAMESPACE": "bench",
@@ -476,6 +571,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "NATSMESH_TABLE_FILE": str(tmp / "b.json"),
             },
         )
+        # In front of the aiohttp app (service "web").
+        c_pid = procs.start(
+            "sidecar-C",
+            sidecar,
+            {
+                **base,
+                "NATSMESH_SERVICE": "web",
+                "NATSMESH_APP_PORT": str(aio_port),
+                "NATSMESH_LISTEN_PORT": str(c_out),
+                "NATSMESH_ADMIN_PORT": str(c_admin),
+                "NATSMESH_TABLE_FILE": str(tmp / "c.json"),
+            },
+        )
         a_pid = procs.start(
             "sidecar-A",
             sidecar,
@@ -490,8 +598,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             },
         )
         await wait_port(procs, app_port)
+        await wait_port(procs, aio_port)
         await wait_ready(procs, a_admin)
         await wait_ready(procs, b_admin)
+        await wait_ready(procs, c_admin)
         await asyncio.sleep(0.5)
         results["rss_idle_mb"] = {"A": rss_mb(a_pid), "B": rss_mb(b_pid)}
 
@@ -500,6 +610,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "direct": HttpTarget(app_port, "app"),
             "nats": NatsTarget(nc),
             "sidecars": HttpTarget(a_out, subjects.host_of("bench", "app")),
+            # DESIGN.md's baseline: the same two paths to an aiohttp app.
+            AIO_DIRECT: HttpTarget(aio_port, "web"),
+            AIO_SIDECARS: HttpTarget(a_out, subjects.host_of("bench", "web")),
         }
         pid = {name: p.pid for name, p in procs.procs.items()}
         me_pid = os.getpid()
@@ -518,32 +631,46 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "sidecar B": b_pid,
                 "app": pid["app"],
             },
+            AIO_DIRECT: {"load generator": me_pid, "aiohttp app": pid["aiohttp-app"]},
+            AIO_SIDECARS: {
+                "load generator": me_pid,
+                "sidecar A": a_pid,
+                "nats-server": pid["nats-server"],
+                "sidecar C": c_pid,
+                "aiohttp app": pid["aiohttp-app"],
+            },
         }
         for t in targets.values():  # connections, pools, caches
             await fixed_rate(t.call, 200, mode.warmup_s)
 
-        rows = await latency_rows({name: t.call for name, t in targets.items()}, mode)
+        # Latency: the request path's own cost, beside the fastest baseline only.
+        latency = {name: targets[name].call for name in ("direct", "nats", "sidecars")}
+        rows: dict[str, dict[str, Any]] = await latency_rows(latency, mode)
         procs.check()
 
         peak = {"A": 0.0, "B": 0.0}
-        for name, t in targets.items():
-            stop = asyncio.Event()
+        stop = asyncio.Event()
 
-            async def sample(stop: asyncio.Event) -> None:
-                while not stop.is_set():
-                    peak["A"] = max(peak["A"], rss_mb(a_pid))
-                    peak["B"] = max(peak["B"], rss_mb(b_pid))
-                    await asyncio.sleep(0.2)
+        async def sample() -> None:
+            while not stop.is_set():
+                peak["A"] = max(peak["A"], rss_mb(a_pid))
+                peak["B"] = max(peak["B"], rss_mb(b_pid))
+                await asyncio.sleep(0.2)
 
-            sampler = asyncio.create_task(sample(stop))
-            spy = None
-            if args.profile and name == "sidecars":
-                seconds = mode.max_s - 0.5 if mode.max_s > 1.5 else mode.max_s
-                spy = functools.partial(profile, args.profile, {"A": a_pid, "B": b_pid}, seconds)
-            rows[name]["max"] = await measure_max(t, mode, crossed[name], spy)
-            stop.set()
-            await sampler
-            procs.check()
+        sampler = asyncio.create_task(sample())
+        # py-spy skips idle samples: a sidecar's other paths' turns add nothing.
+        spies = (
+            profile(args.profile, {"A": a_pid, "B": b_pid}, mode.max_s * len(targets))
+            if args.profile
+            else []
+        )
+        for name, row in (await measure_max_turns(targets, mode, crossed)).items():
+            rows.setdefault(name, {})["max"] = row
+        for s in spies:
+            s.wait(30)
+        stop.set()
+        await sampler
+        procs.check()
         results["rss_loaded_mb"] = peak
         results["paths"] = rows
         for t in targets.values():
@@ -609,6 +736,9 @@ def report(r: dict[str, Any]) -> None:
     quick = " (--quick: tiny counts, figures not comparable)" if r["quick"] else ""
     print(f"\nnatsmesh sidecar benchmark ({r['cpus']} CPUs, 1 KiB bodies, one box){quick}")
     print_paths(r, f"max throughput at {CONNS} connections", "request", "req/s")
+    aio_direct, aio_side = r["paths"][AIO_DIRECT]["max"], r["paths"][AIO_SIDECARS]["max"]
+    aio_ratio = aio_side["rps"] / aio_direct["rps"] if aio_direct["rps"] else 0.0
+    print(f"  with an aiohttp app (DESIGN.md's baseline): sidecar path / direct = {aio_ratio:.3f}x")
     side = r["paths"]["sidecars"]
     us = side["max"]["cpu_us_per_request"]
     print(
@@ -629,7 +759,9 @@ def print_rss(r: dict[str, Any], loaded_as: str) -> None:
 
 def cli() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--role", choices=["bench", "app", "responder"], default="bench")
+    parser.add_argument(
+        "--role", choices=["bench", "app", "aiohttp-app", "responder"], default="bench"
+    )
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--url", default="")
     parser.add_argument(
@@ -655,6 +787,9 @@ def cli() -> int:
 
     if args.role == "app":
         uvloop.run(role_app(args.port))
+        return 0
+    if args.role == "aiohttp-app":
+        uvloop.run(role_aiohttp_app(args.port))
         return 0
     if args.role == "responder":
         uvloop.run(role_responder(args.url))

@@ -99,6 +99,10 @@ def test_sidecar_bench_quick(benches: Benches) -> None:
         assert f"{path:<10} sequential" in out
     assert "added latency of the two-sidecar path vs direct" in out
     assert "sidecar path / direct" in out
+    # Every path's max run, the aiohttp app's two included, answered every call.
+    for path in ("direct", "nats", "sidecars", "aio-direct", "aio-sidecars"):
+        assert re.search(rf"\n  {path} +[1-9]\d* req/s .* errors 0 ", out), out
+    assert "with an aiohttp app (DESIGN.md's baseline): sidecar path / direct = " in out
     assert "CPU per request per sidecar: A " in out
     assert "sidecar RSS idle" in out
 
