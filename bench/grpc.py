@@ -44,7 +44,7 @@ from bench.sidecar import (
     free_port,
     latency_rows,
     loadavg,
-    measure_max,
+    measure_max_turns,
     print_paths,
     print_rss,
     rss_mb,
@@ -168,9 +168,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await fixed_rate(t.call, 200, mode.warmup_s)
         rows = await latency_rows({name: t.call for name, t in targets.items()}, mode)
         procs.check()
-        for name, t in targets.items():
-            rows[name]["max"] = await measure_max(t, mode, crossed[name], conns=args.streams)
-            procs.check()
+        turns = await measure_max_turns(targets, mode, crossed, conns=args.streams)
+        for name, row in turns.items():
+            rows[name]["max"] = row
+        procs.check()
         results["rss_loaded_mb"] = {"A": rss_mb(caller.pid), "B": rss_mb(callee.pid)}
         results["paths"] = rows
     except Exception:

@@ -21,7 +21,8 @@ requests start on schedule whether or not earlier ones finished) and then as
 fast as 32 connections go, the paths taking turns in both phases. Latency is
 measured from send to full response.
 
-During each max-throughput run every process's CPU time is read from /proc:
+During each max-throughput run every process's CPU time (and its kernel
+share) is read from /proc:
 CPU per request (CPU seconds / requests answered) does not depend on how busy
 the shared box is, so it is the figure to compare between runs; the latency
 and throughput figures are only meaningful beside the baselines of the same
@@ -88,9 +89,15 @@ def rss_mb(pid: int) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def box_busy_seconds() -> tuple[float, float]:
@@ -424,32 +431,6 @@ async def wait_ready(procs: Procs, admin_port: int, within: float = 15.0) -> Non
     raise TimeoutError(f"sidecar with admin port {admin_port} not ready after {within:.0f} s")
 
 
-async def measure_max(
-    target: Any,
-    mode: Mode,
-    pids: dict[str, int],
-    spy: Callable[[], list[Any]] | None = None,
-    conns: int = CONNS,
-) -> dict[str, Any]:
-    """One max-throughput run (``conns`` closed loops, ``mode.max_s`` seconds)
-    with the CPU time of every process around it."""
-    cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
-    box0 = box_busy_seconds()
-    spies = spy() if spy is not None else []
-    row: dict[str, Any] = dict(await max_throughput(target.call, conns, mode.max_s))
-    cpu1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
-    box1 = box_busy_seconds()
-    for s in spies:
-        s.wait(30)
-    elapsed, count = row["elapsed"], max(1, int(row["count"]))
-    used = {k: cpu1[k] - cpu0[k] for k in pids}
-    row["cores"] = {k: v / elapsed for k, v in used.items()}
-    row["cpu_us_per_request"] = {k: v / count * 1e6 for k, v in used.items()}
-    row["box_cores"] = (box1[0] - box0[0]) / elapsed
-    row["loadavg"] = list(os.getloadavg())
-    return row
-
-
 #: Each path's share of the max-throughput phase per turn (see :func:`measure_max_turns`).
 MAX_TURN_S = 1.0
 
@@ -459,6 +440,8 @@ class _MaxSoFar:
     """One path's max-throughput turns, summed."""
 
     cpu: dict[str, float]
+    #: The kernel's share of :attr:`cpu` (system calls, wake-ups).
+    system: dict[str, float]
     lat: list[float] = field(default_factory=list)
     errors: int = 0
     count: int = 0
@@ -482,19 +465,26 @@ async def measure_max_turns(
     per request moved with the box. Taking turns puts a slow stretch on
     every path."""
     turns = max(1, round(mode.max_s / MAX_TURN_S))
-    acc = {name: _MaxSoFar(cpu=dict.fromkeys(crossed[name], 0.0)) for name in targets}
+    acc = {
+        name: _MaxSoFar(
+            cpu=dict.fromkeys(crossed[name], 0.0), system=dict.fromkeys(crossed[name], 0.0)
+        )
+        for name in targets
+    }
     names = list(targets)
     for turn in range(turns):
         for name in names if turn % 2 == 0 else names[::-1]:
             pids, so_far = crossed[name], acc[name]
-            cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            cpu0 = {k: cpu_split(pid) for k, pid in pids.items()}
             box0 = box_busy_seconds()[0]
             lat, errors, count, elapsed = await max_throughput_samples(
                 targets[name].call, conns, mode.max_s / turns
             )
             box1 = box_busy_seconds()[0]
             for k, pid in pids.items():
-                so_far.cpu[k] += cpu_seconds(pid) - cpu0[k]
+                user, system = cpu_split(pid)
+                so_far.cpu[k] += user + system - sum(cpu0[k])
+                so_far.system[k] += system - cpu0[k][1]
             so_far.lat += lat
             so_far.errors += errors
             so_far.count += count
@@ -507,6 +497,7 @@ async def measure_max_turns(
         row.update(rps=so_far.count / elapsed, count=so_far.count, elapsed=elapsed)
         row["cores"] = {k: v / elapsed for k, v in so_far.cpu.items()}
         row["cpu_us_per_request"] = {k: v / count * 1e6 for k, v in so_far.cpu.items()}
+        row["system_us_per_request"] = {k: v / count * 1e6 for k, v in so_far.system.items()}
         row["box_cores"] = so_far.box / elapsed
         row["loadavg"] = list(os.getloadavg())
         rows[name] = row
@@ -721,11 +712,16 @@ def print_paths(r: dict[str, Any], max_title: str, unit: str, rate: str) -> None
     ratio = side["max"]["rps"] / direct["max"]["rps"] if direct["max"]["rps"] else 0.0
     print(f"  sidecar path / direct = {ratio:.3f}x")
 
-    print(f"\nCPU per {unit} in the max runs (us of CPU time per {unit} answered; cores busy):")
+    print(
+        f"\nCPU per {unit} in the max runs: us of CPU time per {unit} answered "
+        "(of it in the kernel) / cores busy:"
+    )
     for name, rows in paths.items():
         m = rows["max"]
+        system = m["system_us_per_request"]
         parts = ", ".join(
-            f"{k} {m['cpu_us_per_request'][k]:.0f} us / {m['cores'][k]:.2f}" for k in m["cores"]
+            f"{k} {m['cpu_us_per_request'][k]:.0f} us ({system[k]:.0f}) / {m['cores'][k]:.2f}"
+            for k in m["cores"]
         )
         total_us = sum(m["cpu_us_per_request"].values())
         total_cores = sum(m["cores"].values())
@@ -740,10 +736,11 @@ def report(r: dict[str, Any]) -> None:
     aio_ratio = aio_side["rps"] / aio_direct["rps"] if aio_direct["rps"] else 0.0
     print(f"  with an aiohttp app (DESIGN.md's baseline): sidecar path / direct = {aio_ratio:.3f}x")
     side = r["paths"]["sidecars"]
-    us = side["max"]["cpu_us_per_request"]
+    us, system = side["max"]["cpu_us_per_request"], side["max"]["system_us_per_request"]
     print(
         f"  CPU per request per sidecar: A {us['sidecar A']:.1f} us, B {us['sidecar B']:.1f} us "
-        f"(target <= {TARGET_CPU_US:.0f} us)"
+        f"(target <= {TARGET_CPU_US:.0f} us); in the kernel: A {system['sidecar A']:.1f} us, "
+        f"B {system['sidecar B']:.1f} us"
     )
     print_rss(r, "loaded (peak)")
 
