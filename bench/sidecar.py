@@ -705,7 +705,7 @@ def print_paths(r: dict[str, Any], max_title: str, unit: str, rate: str) -> None
     for name, rows in paths.items():
         m = rows["max"]
         print(
-            f"  {name:<10} {m['rps']:9.0f} {rate}  p50 {m['p50']:.2f} ms  "
+            f"  {name:<12} {m['rps']:9.0f} {rate}  p50 {m['p50']:.2f} ms  "
             f"p99 {m['p99']:.2f} ms  errors {int(m['errors'])}  "
             f"(box {m['box_cores']:.2f} of {r['cpus']} cores busy, load {m['loadavg'][0]:.2f})"
         )
@@ -725,7 +725,7 @@ def print_paths(r: dict[str, Any], max_title: str, unit: str, rate: str) -> None
         )
         total_us = sum(m["cpu_us_per_request"].values())
         total_cores = sum(m["cores"].values())
-        print(f"  {name:<10} {parts}; all {total_us:.0f} us / {total_cores:.2f} cores")
+        print(f"  {name:<12} {parts}; all {total_us:.0f} us / {total_cores:.2f} cores")
 
 
 def report(r: dict[str, Any]) -> None:
