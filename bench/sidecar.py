@@ -1,6 +1,6 @@
 """Sidecar benchmark: direct HTTP vs raw nats-py request-reply vs two sidecars.
 
-Run from the repository root (about 55 s; ``--quick`` is a smoke run of a few
+Run from the repository root (about 90 s; ``--quick`` is a smoke run of a few
 seconds with tiny counts, what CI runs)::
 
     .venv/bin/python -m bench.sidecar            # full run
@@ -310,18 +310,11 @@ async def latency_rows(calls: dict[str, Call], mode: Mode) -> dict[str, dict[str
     return {n: {load: summary(lat[n][load], errors[n][load]) for load in loads} for n in calls}
 
 
-async def max_throughput(call: Call, conns: int, seconds: float) -> dict[str, float]:
-    """``conns`` closed loops for ``seconds``: requests/s, latency, and the count."""
-    lat, errors, count, elapsed = await max_throughput_samples(call, conns, seconds)
-    out = summary(lat, errors)
-    out.update(rps=count / elapsed, count=count, elapsed=elapsed)
-    return out
-
-
 async def max_throughput_samples(
     call: Call, conns: int, seconds: float
 ) -> tuple[list[float], int, int, float]:
-    """:func:`max_throughput`'s latencies (ms), errors, answered count and elapsed seconds."""
+    """``conns`` closed loops for ``seconds``: the latencies (ms) of the good
+    calls, the errors, the count answered and the seconds elapsed."""
     loop = asyncio.get_running_loop()
     stop = loop.time() + seconds
     count = 0
@@ -679,6 +672,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def max_ratio(paths: dict[str, dict[str, dict[str, Any]]], over: str, under: str) -> float:
+    """Path ``over``'s max throughput as a share of path ``under``'s (0 if that had none)."""
+    base = paths[under]["max"]["rps"]
+    return float(paths[over]["max"]["rps"] / base) if base else 0.0
+
+
 def print_paths(r: dict[str, Any], max_title: str, unit: str, rate: str) -> None:
     """What the request benchmarks (this one, bench.grpc) print alike: the load,
     latency per path and load, what the two sidecars add, and each path's max
@@ -709,8 +708,7 @@ def print_paths(r: dict[str, Any], max_title: str, unit: str, rate: str) -> None
             f"p99 {m['p99']:.2f} ms  errors {int(m['errors'])}  "
             f"(box {m['box_cores']:.2f} of {r['cpus']} cores busy, load {m['loadavg'][0]:.2f})"
         )
-    ratio = side["max"]["rps"] / direct["max"]["rps"] if direct["max"]["rps"] else 0.0
-    print(f"  sidecar path / direct = {ratio:.3f}x")
+    print(f"  sidecar path / direct = {max_ratio(paths, 'sidecars', 'direct'):.3f}x")
 
     print(
         f"\nCPU per {unit} in the max runs: us of CPU time per {unit} answered "
@@ -732,8 +730,7 @@ def report(r: dict[str, Any]) -> None:
     quick = " (--quick: tiny counts, figures not comparable)" if r["quick"] else ""
     print(f"\nnatsmesh sidecar benchmark ({r['cpus']} CPUs, 1 KiB bodies, one box){quick}")
     print_paths(r, f"max throughput at {CONNS} connections", "request", "req/s")
-    aio_direct, aio_side = r["paths"][AIO_DIRECT]["max"], r["paths"][AIO_SIDECARS]["max"]
-    aio_ratio = aio_side["rps"] / aio_direct["rps"] if aio_direct["rps"] else 0.0
+    aio_ratio = max_ratio(r["paths"], AIO_SIDECARS, AIO_DIRECT)
     print(f"  with an aiohttp app (DESIGN.md's baseline): sidecar path / direct = {aio_ratio:.3f}x")
     side = r["paths"]["sidecars"]
     us, system = side["max"]["cpu_us_per_request"], side["max"]["system_us_per_request"]
